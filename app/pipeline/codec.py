@@ -1,0 +1,110 @@
+"""Message format between the API and the subscriber.
+
+One message per (request, table) chunk, so a table's activities stay in order under its
+ordering key and no message passes the broker's size limit. The body is JSON:
+
+    {"v": 1, "batch_id": "...", "table": "t", "activities": [
+        {"operation": "insert", "col_names": [...], "col_types": [...], "col_values": [...]}]}
+
+Attributes: `table`, `count`, `batch_id` and `dedup_id` (`<batch_id>:<table>:<chunk>`),
+which the warehouse records so a redelivered or re-published chunk applies once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Iterable, Sequence
+
+import orjson
+
+from app.broker.base import OutgoingMessage, ReceivedMessage
+from app.schema.activity import Activity
+from app.warehouse.base import Envelope
+
+FORMAT_VERSION = 1
+# Pub/Sub refuses messages over 10 MB; stay well below it including attributes.
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+class UndecodableMessage(Exception):
+    """The message body is not a valid chunk: it can never apply (dead-letter it)."""
+
+
+def new_batch_id(idempotency_key: str | None) -> str:
+    """Random for plain requests; derived from the key so a retry re-publishes the same ids."""
+    if idempotency_key is None:
+        return uuid.uuid4().hex
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+
+
+def _activity_body(a: Activity) -> dict:
+    return {"operation": a.operation, "col_names": a.col_names, "col_types": a.col_types, "col_values": a.col_values}
+
+
+def encode_batch(
+    activities: Sequence[Activity], batch_id: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[OutgoingMessage]:
+    """Split a validated batch into per-table messages, keeping each table's order."""
+    by_table: dict[str, list[dict]] = {}
+    for a in activities:
+        by_table.setdefault(a.table, []).append(_activity_body(a))
+    messages: list[OutgoingMessage] = []
+    for table, bodies in by_table.items():
+        for chunk_index, chunk in enumerate(_chunks(bodies, max_message_bytes)):
+            data = orjson.dumps({"v": FORMAT_VERSION, "batch_id": batch_id, "table": table, "activities": chunk})
+            messages.append(
+                OutgoingMessage(
+                    data=data,
+                    ordering_key=table,
+                    attributes={
+                        "table": table,
+                        "count": str(len(chunk)),
+                        "batch_id": batch_id,
+                        "dedup_id": f"{batch_id}:{table}:{chunk_index}",
+                    },
+                )
+            )
+    return messages
+
+
+def _chunks(bodies: list[dict], max_bytes: int) -> Iterable[list[dict]]:
+    whole = orjson.dumps(bodies)
+    if len(whole) <= max_bytes:
+        yield bodies
+        return
+    chunk: list[dict] = []
+    size = 0
+    for body in bodies:
+        body_size = len(orjson.dumps(body)) + 1
+        if chunk and size + body_size > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(body)
+        size += body_size
+    if chunk:
+        yield chunk
+
+
+def decode_message(message: ReceivedMessage) -> Envelope:
+    """Turn a delivered message back into an Envelope; raise UndecodableMessage if it is not one."""
+    try:
+        body = orjson.loads(message.data)
+        if not isinstance(body, dict) or body.get("v") != FORMAT_VERSION:
+            raise ValueError(f"unknown message format version {body.get('v') if isinstance(body, dict) else None!r}")
+        table = body["table"]
+        activities = [
+            Activity(
+                operation=item["operation"],
+                table=table,
+                col_names=list(item["col_names"]),
+                col_types=list(item["col_types"]),
+                col_values=list(item["col_values"]),
+            )
+            for item in body["activities"]
+        ]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UndecodableMessage(f"undecodable message {message.message_id}: {exc}") from exc
+    return Envelope(
+        dedup_id=message.dedup_id, table=table, activities=activities, delivery_attempt=message.delivery_attempt
+    )

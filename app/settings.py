@@ -1,0 +1,78 @@
+"""One `Settings` object for both processes, read from environment variables.
+
+Every knob the README's configuration table lists lives here, so there is exactly one
+place to look up a name, its default and its meaning.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # --- API edge ---
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8787, description="Port the API listens on.")
+    max_body_bytes: int = Field(5 * 1024 * 1024, description="Largest request body accepted (after gzip decompression).")
+    max_activities: int = Field(10_000, description="Most activities in one request.")
+    max_columns: int = Field(10_000, description="Most columns in one activity (BigQuery's limit).")
+    max_value_bytes: int = Field(1024 * 1024, description="Largest single value (string, bytes, record, geography).")
+    max_record_depth: int = Field(15, description="Deepest nesting of a record value.")
+    publish_timeout_seconds: float = Field(10.0, description="How long the API waits for the broker before answering 503.")
+
+    # --- where things live ---
+    data_dir: Path = Field(Path("data"), description="Folder for the local broker, warehouse and dead-letter files.")
+    broker: Literal["local", "pubsub"] = Field("local", description="Which broker: `local` (SQLite file) or `pubsub`.")
+    warehouse: Literal["duckdb", "bigquery"] = Field("duckdb", description="Which warehouse: `duckdb` (file) or `bigquery`.")
+    duckdb_path: Path | None = Field(None, description="DuckDB file; default `$DATA_DIR/warehouse.duckdb`.")
+    broker_path: Path | None = Field(None, description="Local broker file; default `$DATA_DIR/broker.sqlite`.")
+    dead_letter_path: Path | None = Field(None, description="Dead-letter store; default `$DATA_DIR/dead_letters.sqlite`.")
+
+    # --- delivery semantics ---
+    ack_deadline_seconds: float = Field(30.0, description="Unacked messages are redelivered after this long.")
+    max_delivery_attempts: int = Field(5, description="Attempts before a message is dead-lettered.")
+    pull_max_messages: int = Field(500, description="Most messages the subscriber takes per pull.")
+    retry_backoff_max_seconds: float = Field(30.0, description="Cap of the subscriber's exponential backoff on transient errors.")
+
+    # --- subscriber admin port (metrics, read path for `query`) ---
+    subscriber_host: str = Field("127.0.0.1", description="Address of the subscriber's admin HTTP port.")
+    subscriber_port: int = Field(8788, description="Subscriber's admin HTTP port (metrics, health, query).")
+
+    # --- Google Cloud ---
+    gcp_project: str = Field("local-project", description="Google Cloud project id.")
+    pubsub_topic: str = Field("user-activities", description="Pub/Sub topic the API publishes to.")
+    pubsub_subscription: str = Field("user-activities-sub", description="Pub/Sub subscription the subscriber pulls.")
+    pubsub_ordering: bool = Field(True, description="Publish with ordering key = table (about 1 MB/s per table).")
+    bigquery_dataset: str = Field("user_activity", description="BigQuery dataset the tables live in.")
+    bigquery_emulator_host: str | None = Field(None, description="host:port of a BigQuery REST emulator (anonymous credentials).")
+    bigquery_emulator_grpc_host: str | None = Field(None, description="host:port of the emulator's Storage Write gRPC endpoint.")
+    bigquery_insert_mode: Literal["storage_write", "insert_all"] = Field(
+        "storage_write", description="`storage_write` (default stream) or legacy `insert_all`."
+    )
+
+    # --- logging ---
+    log_level: str = Field("INFO", description="Log level for both processes.")
+
+    @property
+    def duckdb_file(self) -> Path:
+        return self.duckdb_path or self.data_dir / "warehouse.duckdb"
+
+    @property
+    def broker_file(self) -> Path:
+        return self.broker_path or self.data_dir / "broker.sqlite"
+
+    @property
+    def dead_letter_file(self) -> Path:
+        return self.dead_letter_path or self.data_dir / "dead_letters.sqlite"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,90 @@
+"""The warehouse seam: where the subscriber applies activities.
+
+Errors are split the way a retry loop needs them: a `TransientWarehouseError` means
+"nothing was committed, try the same messages again later"; a per-activity
+`Rejection` means "this activity can never apply" and goes to the dead-letter store.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from app.schema.activity import Activity
+
+
+class TransientWarehouseError(Exception):
+    """The warehouse is unreachable, locked or throttled; nothing was committed."""
+
+
+class WarehouseQueryError(Exception):
+    """A read-only query given to `Warehouse.query` failed (bad SQL, unknown table)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do, declared as data (after dlt's destination capabilities)."""
+
+    name: str
+    transactional: bool  # rows + applied ids commit atomically
+    max_alters_per_statement: int | None  # None: unlimited
+    supports_geometry: bool
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A decoded message: the activities of one (request, table) chunk, in order."""
+
+    dedup_id: str
+    table: str
+    activities: list[Activity]
+    delivery_attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An activity that can never apply (type conflict, unknown column in a delete)."""
+
+    dedup_id: str
+    index: int  # position of the activity inside its envelope
+    activity: Activity
+    reason: str
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    applied_envelopes: int = 0
+    skipped_duplicates: int = 0  # envelopes whose dedup_id was already applied
+    rows_inserted: int = 0
+    rows_deleted: int = 0
+    noop_deletes: int = 0  # deletes on a table that does not exist
+    schema_changes: int = 0  # tables created + columns added
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+class Warehouse(abc.ABC):
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
+        """Apply the envelopes of one table, in order, exactly once per dedup_id.
+
+        Consecutive inserts become one bulk write, a delete is a barrier. Activities that
+        can never apply come back as `rejections` (the rest still apply). Raises
+        `TransientWarehouseError` when nothing could be committed.
+        """
+
+    @abc.abstractmethod
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+        """Run a read-only query: (column names, rows)."""
+
+    @abc.abstractmethod
+    def table_schema(self, table: str) -> dict[str, str] | None:
+        """Column name -> activity type name, or None if the table does not exist."""
+
+    def ready(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def close(self) -> None:
+        """Release the connection / file lock."""
