@@ -18,6 +18,15 @@ class TransientWarehouseError(Exception):
     """The warehouse is unreachable, locked or throttled; nothing was committed."""
 
 
+class TerminalWarehouseError(Exception):
+    """These envelopes can never apply as they are (e.g. a value the warehouse refuses).
+
+    Nothing was committed. The pipeline retries each envelope alone to find the culprit
+    and dead-letters it after `max_delivery_attempts`; the others still apply.
+    Any exception other than `TransientWarehouseError` is treated the same way.
+    """
+
+
 class WarehouseQueryError(Exception):
     """A read-only query given to `Warehouse.query` failed (bad SQL, unknown table)."""
 

@@ -1,0 +1,188 @@
+"""`python -m app`: one CLI for running, provisioning, querying and dead letters."""
+
+from __future__ import annotations
+
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, Optional
+
+import orjson
+import typer
+
+from app.settings import get_settings
+
+cli = typer.Typer(help="User-activity ingest pipeline.", no_args_is_help=True, add_completion=False)
+dead_letters_cli = typer.Typer(help="Inspect and replay the dead-letter store.", no_args_is_help=True)
+cli.add_typer(dead_letters_cli, name="dead-letters")
+
+
+@cli.command()
+def api() -> None:
+    """Run the ingest API (POST /api-log/v1/) on API_HOST:API_PORT."""
+    from app.runtime import run_api
+
+    run_api()
+
+
+@cli.command()
+def subscriber() -> None:
+    """Run the subscriber: pull from the broker, apply to the warehouse."""
+    from app.runtime import run_subscriber
+
+    run_subscriber()
+
+
+@cli.command()
+def run() -> None:
+    """Run the API and the subscriber together (Ctrl-C stops both)."""
+    from app.runtime import run_both
+
+    raise typer.Exit(run_both())
+
+
+@cli.command()
+def provision() -> None:
+    """Create the Pub/Sub topic, subscription, dead-letter topic and BigQuery dataset (idempotent)."""
+    from app.provision import main as provision_main
+
+    raise typer.Exit(provision_main())
+
+
+def _query_via_subscriber(sql: str) -> tuple[list[str], list[list[Any]]] | None:
+    s = get_settings()
+    request = urllib.request.Request(
+        f"http://{s.subscriber_host}:{s.subscriber_port}/query",
+        data=orjson.dumps({"sql": sql}),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        message = orjson.loads(exc.read()).get("message", str(exc))
+        typer.echo(f"query failed: {message}", err=True)
+        raise typer.Exit(1) from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None  # no subscriber running: read the warehouse directly
+    return body["columns"], body["rows"]
+
+
+def _query_directly(sql: str) -> tuple[list[str], list[Any]]:
+    from app.warehouse import WarehouseQueryError, make_warehouse
+
+    s = get_settings()
+    if s.warehouse == "duckdb":
+        from app.warehouse.duckdb import query_file
+
+        try:
+            return query_file(s.duckdb_file, sql)
+        except WarehouseQueryError as exc:
+            typer.echo(f"query failed: {exc}", err=True)
+            raise typer.Exit(1) from None
+    warehouse = make_warehouse(s)
+    try:
+        return warehouse.query(sql)
+    except WarehouseQueryError as exc:
+        typer.echo(f"query failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        warehouse.close()
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+@cli.command()
+def query(
+    sql: str = typer.Argument(..., help="A read-only SQL query."),
+    output: str = typer.Option("table", "--format", help="table | json | csv"),
+) -> None:
+    """Run a read-only SQL query against the warehouse and print the result.
+
+    Goes through the running subscriber (which holds the DuckDB file) when there is one.
+    """
+    result = _query_via_subscriber(sql)
+    columns, rows = result if result is not None else _query_directly(sql)
+    if output == "json":
+        typer.echo(orjson.dumps([dict(zip(columns, r)) for r in rows], default=str, option=orjson.OPT_PASSTHROUGH_DATETIME).decode())
+        return
+    if output == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([[_format_cell(v) for v in r] for r in rows])
+        return
+    cells = [[_format_cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    typer.echo(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    typer.echo("-+-".join("-" * w for w in widths))
+    for r in cells:
+        typer.echo(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
+    typer.echo(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+@dead_letters_cli.command("list")
+def dead_letters_list(
+    limit: int = typer.Option(50, help="How many, newest first."),
+    include_replayed: bool = typer.Option(False, "--include-replayed", help="Also show entries already replayed."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """List dead letters with their reason, attempts and payload."""
+    from app.pipeline.deadletter import DeadLetterStore
+
+    store = DeadLetterStore(get_settings().dead_letter_file)
+    entries = store.list(limit=limit, include_replayed=include_replayed)
+    for e in entries:
+        if as_json:
+            typer.echo(
+                orjson.dumps(
+                    {
+                        "id": e.id, "created_at": e.created_at, "reason": e.reason, "kind": e.kind,
+                        "table": e.table_name, "attempts": e.attempts, "dedup_id": e.dedup_id,
+                        "activity_index": e.activity_index, "replayed_at": e.replayed_at,
+                        "payload": e.payload_json() if e.payload_json() is not None else e.payload.decode("utf-8", "replace"),
+                    }
+                ).decode()
+            )
+        else:
+            typer.echo(f"#{e.id} [{e.kind}] table={e.table_name} attempts={e.attempts} reason={e.reason}")
+            typer.echo(f"    payload: {e.payload[:300].decode('utf-8', 'replace')}")
+    if not as_json:
+        typer.echo(f"({len(entries)} dead letter{'s' if len(entries) != 1 else ''})")
+
+
+@dead_letters_cli.command("replay")
+def dead_letters_replay(
+    ids: Optional[list[int]] = typer.Argument(None, help="Ids to replay (see `dead-letters list`)."),
+    replay_all: bool = typer.Option(False, "--all", help="Replay every entry not replayed yet."),
+) -> None:
+    """Publish dead letters again (after fixing the table or the data); marks them replayed."""
+    from app.pipeline.replay import replay
+
+    if not ids and not replay_all:
+        typer.echo("name ids to replay, or --all", err=True)
+        raise typer.Exit(2)
+    done, failed = replay(get_settings(), ids or None)
+    typer.echo(f"replayed {done}, could not replay {failed}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@cli.command()
+def bench(args: Optional[list[str]] = typer.Argument(None, help="Arguments for scripts/bench.py.")) -> None:
+    """Run the benchmark suite (writes docs/benchmarks.md)."""
+    import runpy
+
+    sys.argv = ["scripts/bench.py", *(args or [])]
+    runpy.run_path("scripts/bench.py", run_name="__main__")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,32 @@
+"""Prometheus metrics of both processes, declared in one place so names stay consistent.
+
+The API exposes them on `/metrics`; the subscriber on its admin port's `/metrics`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("ingest_requests_total", "Ingest requests by HTTP status.", ["status"])
+ACTIVITIES_ACCEPTED = Counter("ingest_activities_accepted_total", "Activities accepted (durably published).")
+ACTIVITIES_REJECTED = Counter("ingest_activities_rejected_total", "Activities refused at the edge (4xx).")
+PUBLISH_SECONDS = Histogram(
+    "ingest_publish_seconds",
+    "Time from validated request to durable publish.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BACKLOG_MESSAGES = Gauge("broker_backlog_messages", "Messages waiting in the broker (local broker only).")
+BACKLOG_OLDEST_SECONDS = Gauge("broker_backlog_oldest_age_seconds", "Age of the oldest unacked message.")
+
+ROWS_APPLIED = Counter("pipeline_rows_applied_total", "Rows written or deleted, per table and operation.", ["table", "operation"])
+MESSAGES_ACKED = Counter("pipeline_messages_acked_total", "Messages acknowledged after the warehouse committed them.")
+DUPLICATES_SKIPPED = Counter("pipeline_duplicates_skipped_total", "Redelivered messages already applied (skipped).")
+NOOP_DELETES = Counter("pipeline_noop_deletes_total", "Deletes on tables that do not exist.")
+APPLY_SECONDS = Histogram(
+    "pipeline_apply_seconds",
+    "Time to apply one table's messages of a pull to the warehouse.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DEAD_LETTERED = Counter("pipeline_dead_lettered_total", "Activities or messages sent to the dead-letter store.", ["reason"])
+SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.")
+TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.")

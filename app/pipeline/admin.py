@@ -1,0 +1,119 @@
+"""The subscriber's small admin HTTP port: health, readiness, metrics, stats and queries.
+
+The DuckDB file admits one writing process, and the subscriber is that process; so
+`python -m app query` and the API's status page read through here while it runs.
+Bound to loopback by default: `/query` runs SQL (inside a transaction that is always
+rolled back) and must not be exposed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import metrics
+from app.warehouse.base import WarehouseQueryError
+
+if TYPE_CHECKING:
+    from app.pipeline.subscriber import Subscriber
+
+log = logging.getLogger("app.subscriber.admin")
+MAX_QUERY_BYTES = 64 * 1024
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+class AdminServer:
+    def __init__(self, subscriber: "Subscriber", host: str, port: int) -> None:
+        self.subscriber = subscriber
+        handler = type("Handler", (_Handler,), {"subscriber": subscriber})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="admin-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    subscriber: "Subscriber"
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep stderr for JSON logs
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        sub = self.subscriber
+        if self.path == "/healthz":
+            self._send(200, _dumps({"status": "ok"}))
+        elif self.path == "/readyz":
+            broker_ok, broker_reason = sub.broker.ready()
+            with sub.warehouse_lock:
+                wh_ok, wh_reason = sub.warehouse.ready()
+            ok = broker_ok and wh_ok
+            self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
+        elif self.path == "/metrics":
+            stats = sub.broker.backlog()
+            if stats is not None:
+                metrics.BACKLOG_MESSAGES.set(stats.messages)
+                metrics.BACKLOG_OLDEST_SECONDS.set(stats.oldest_age_seconds or 0)
+            self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+        elif self.path == "/stats":
+            t = sub.totals
+            self._send(
+                200,
+                _dumps(
+                    {
+                        "messages_acked": t.messages_acked,
+                        "rows_inserted": t.rows_inserted,
+                        "rows_deleted": t.rows_deleted,
+                        "duplicates_skipped": t.duplicates_skipped,
+                        "dead_lettered": t.dead_lettered,
+                        "last_write_by_table": t.last_write_by_table,
+                    }
+                ),
+            )
+        else:
+            self._send(404, _dumps({"error": True, "message": "not found", "details": []}))
+
+    def do_POST(self) -> None:
+        if self.path != "/query":
+            self._send(404, _dumps({"error": True, "message": "not found", "details": []}))
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_QUERY_BYTES:
+            self._send(413, _dumps({"error": True, "message": "query too large", "details": []}))
+            return
+        try:
+            request = orjson.loads(self.rfile.read(length))
+            sql, params = request["sql"], request.get("params") or []
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self._send(400, _dumps({"error": True, "message": 'body must be {"sql": ..., "params": [...]}', "details": []}))
+            return
+        try:
+            with self.subscriber.warehouse_lock:
+                columns, rows = self.subscriber.warehouse.query(sql, params)
+        except WarehouseQueryError as exc:
+            self._send(400, _dumps({"error": True, "message": str(exc), "details": []}))
+            return
+        except Exception as exc:  # the warehouse may be down; say so instead of dropping the connection
+            self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
+            return
+        self._send(200, _dumps({"columns": columns, "rows": [list(r) for r in rows]}))

@@ -1,0 +1,113 @@
+"""Starting and stopping the two long-lived processes.
+
+Entry points (`main.py`, `subscriber.py`, `python -m app ...`) call these and stay thin.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import subprocess
+import sys
+import threading
+
+from app.logs import configure_logging
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("app.runtime")
+
+
+def run_api(settings: Settings | None = None) -> None:
+    import uvicorn
+
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "app.api.app:create_app",
+        factory=True,
+        host=settings.api_host,
+        port=settings.api_port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def run_subscriber(settings: Settings | None = None) -> None:
+    from app.broker import make_broker
+    from app.pipeline.admin import AdminServer
+    from app.pipeline.deadletter import DeadLetterStore
+    from app.pipeline.subscriber import Subscriber
+    from app.warehouse import make_warehouse
+
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    broker = make_broker(settings)
+    warehouse = make_warehouse(settings)
+    dead_letters = DeadLetterStore(settings.dead_letter_file)
+    subscriber = Subscriber(settings, broker, warehouse, dead_letters)
+
+    def _stop(signum: int, frame: object) -> None:
+        log.info("signal %s: finishing in-flight work", signal.Signals(signum).name)
+        subscriber.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    admin = AdminServer(subscriber, settings.subscriber_host, settings.subscriber_port)
+    admin.start()
+    try:
+        subscriber.run()
+    finally:
+        admin.stop()
+        broker.close()
+        with subscriber.warehouse_lock:
+            warehouse.close()
+        dead_letters.close()
+
+
+def run_both(settings: Settings | None = None) -> int:
+    """`make run`: the API and the subscriber as two child processes; Ctrl-C stops both."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "app", "subscriber"]),
+        subprocess.Popen([sys.executable, "-m", "app", "api"]),
+    ]
+    stopping = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info(
+        "running: API on http://%s:%d, subscriber admin on http://%s:%d",
+        settings.api_host, settings.api_port, settings.subscriber_host, settings.subscriber_port,
+    )
+    while not stopping.wait(0.5):
+        if any(c.poll() is not None for c in children):
+            log.error("a child process exited; stopping the other")
+            break
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    code = 0
+    for child in children:
+        try:
+            code = max(code, child.wait(timeout=30) or 0)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = 1
+    return code if not stopping.is_set() else 0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,488 @@
+"""Batch validation at the API edge: JSON body -> canonical `Activity` list, or every problem.
+
+`validate_batch(body, ...)` takes the JSON-decoded request body (any Python value) and
+either returns the validated, canonical activities or raises:
+
+- `BatchInvalid(details)`: the body breaks the contract; `details` lists every problem
+  found (capped at `MAX_DETAILS`), each `{"loc": "user_activities[3].col_values[2]",
+  "message": "..."}`. The API answers 400/422 with it.
+- `LimitExceeded(message, limit_name)`: too many activities or columns, a value too large
+  or a record nested too deeply. The API answers 413. Raised at the first excess.
+
+It never raises anything else, whatever the input (fuzzed in tests).
+
+Contract (what the docs models `IngestRequest` / `ActivityIn` describe):
+
+- the body is an object with exactly one key, `user_activities`, a non-empty list;
+- each activity is an object with exactly the keys operation, table, col_names,
+  col_types, col_values (unknown keys refused, missing keys reported);
+- `operation` is "insert" or "delete" in any letter case (canonical: lower case);
+- `table` and each column name follow `app.schema.identifiers`;
+- col_names, col_types and col_values are lists of equal length with at least one entry
+  (a delete must name at least one column to match rows on);
+- column names are unique within an activity, compared case-insensitively (BigQuery
+  column names are case-insensitive); their spelling is kept as sent;
+- col_types are names from `app.schema.types.TYPES` in any letter case (canonical: lower);
+- each value is null or accepted by its type's normalizer (`app.schema.values`).
+
+Locations: `body` for the body itself, `user_activities`, `user_activities[i]` (the
+activity, also for unknown keys and unequal lengths), `user_activities[i].<key>` and
+`user_activities[i].<list>[j]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.schema.activity import ACTIVITY_FIELDS, Activity
+from app.schema.identifiers import check_column_name, check_table_name
+from app.schema.types import TYPE_NAMES, TYPES
+from app.schema.values import brief
+
+__all__ = [
+    "ActivityIn",
+    "IngestRequest",
+    "BatchInvalid",
+    "LimitExceeded",
+    "validate_batch",
+    "MAX_DETAILS",
+    "EXAMPLE_ACTIVITY",
+    "EXAMPLE_REQUEST",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_DETAILS = 1000
+
+EXAMPLE_ACTIVITY: dict[str, Any] = {
+    "operation": "insert",
+    "table": "user_activities_table",
+    "col_names": ["user_id", "event_type_id", "detail", "occured_at"],
+    "col_types": ["integer", "integer", "string", "datetime"],
+    "col_values": [1, 2, "logged in", "2021-03-30 06:12:44"],
+}
+EXAMPLE_REQUEST: dict[str, Any] = {"user_activities": [EXAMPLE_ACTIVITY]}
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+class BatchInvalid(Exception):
+    """The request body breaks the contract; `details` lists every problem found."""
+
+    def __init__(self, details: list[dict[str, str]]):
+        self.details = details
+        first = details[0]["message"] if details else "invalid batch"
+        super().__init__(f"{len(details)} problem(s); first: {first}")
+
+
+class LimitExceeded(Exception):
+    """The request is over a size limit (maps to HTTP 413)."""
+
+    def __init__(self, message: str, limit_name: str):
+        self.message = message
+        self.limit_name = limit_name
+        super().__init__(message)
+
+
+class _TooManyDetails(Exception):
+    pass
+
+
+# --- OpenAPI models (documentation of the contract) ---------------------------------
+
+
+class ActivityIn(BaseModel):
+    """One row-level change. Documents the contract; `validate_batch` enforces it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_ACTIVITY]})
+
+    operation: Literal["insert", "delete"] = Field(
+        description="`insert` adds a row; `delete` removes the rows whose named columns all equal "
+        "the given values. Any letter case is accepted.",
+        examples=["insert"],
+    )
+    table: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Target table: ASCII letters, digits and underscores, not starting with a digit; "
+        "created on first insert. Names starting with `_ingest_` are reserved.",
+        examples=["user_activities_table"],
+    )
+    col_names: list[str] = Field(
+        min_length=1,
+        description="Column names (same rules as table names, at most 300 characters, unique "
+        "case-insensitively; BigQuery's reserved prefixes such as `_TABLE_` are refused).",
+        examples=[EXAMPLE_ACTIVITY["col_names"]],
+    )
+    col_types: list[str] = Field(
+        min_length=1,
+        description="One type per column, any letter case: " + ", ".join(f"`{t}`" for t in TYPE_NAMES) + ".",
+        json_schema_extra={"items": {"type": "string", "enum": list(TYPE_NAMES)}},
+        examples=[EXAMPLE_ACTIVITY["col_types"]],
+    )
+    col_values: list[Any] = Field(
+        min_length=1,
+        description="One value per column (null allowed for every type), in the format of its type.",
+        examples=[EXAMPLE_ACTIVITY["col_values"]],
+    )
+
+    @field_validator("operation", mode="before")
+    @classmethod
+    def _lower_operation(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class IngestRequest(BaseModel):
+    """The body of `POST /api-log/v1/`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
+
+    user_activities: list[ActivityIn] = Field(
+        min_length=1, description="Activities, applied in order per table."
+    )
+
+
+# --- validation -------------------------------------------------------------------
+#
+# Two paths per activity. The fast path handles a well-formed activity whose
+# (table, col_names, col_types) combination was seen valid before (cached), normalizing
+# the values in one comprehension. Anything unusual (a new column set, any error, a
+# value over a limit) goes to the slow path, which checks everything and reports every
+# problem with its location.
+
+_FIELDS = frozenset(ACTIVITY_FIELDS)
+_OPERATIONS = {"insert": "insert", "delete": "delete"}
+_CACHE_MAX = 4096
+
+
+class _TooLarge(Exception):
+    """A value is over a limit; the slow path turns it into LimitExceeded with its loc."""
+
+    def __init__(self, message: str, limit_name: str):
+        self.message = message
+        self.limit_name = limit_name
+
+
+def _utf8_len(s: str) -> int:
+    if s.isascii():
+        return len(s)
+    return len(s.encode("utf-8", "surrogatepass"))
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True when a dict/list nests deeper than `limit` levels (the value itself is level 1)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        v, depth = pop()
+        if depth > limit:
+            return True
+        for c in v.values() if type(v) is dict else v:
+            tc = type(c)
+            if tc is dict or tc is list:
+                push((c, depth + 1))
+    return False
+
+
+class _Context:
+    """Limit-aware normalizers and the cache of valid column sets, per limit values."""
+
+    def __init__(self, max_value_bytes: int, max_record_depth: int):
+        safe_chars = max_value_bytes // 4  # a str this short cannot exceed the byte limit
+
+        def check_str(v: str) -> None:
+            if len(v) > safe_chars:
+                size = _utf8_len(v)
+                if size > max_value_bytes:
+                    raise _TooLarge(f"is {size} bytes; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes")
+
+        def check_dict(v: dict, depth_limited: bool) -> None:
+            if depth_limited and _too_deep(v, max_record_depth):
+                raise _TooLarge(f"nests deeper than {max_record_depth} levels", "max_record_depth")
+            try:
+                size = len(orjson.dumps(v))
+            except (orjson.JSONEncodeError, TypeError, RecursionError):
+                raise ValueError("the object holds values JSON cannot represent") from None
+            if size > max_value_bytes:
+                raise _TooLarge(
+                    f"is {size} bytes as JSON; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes"
+                )
+
+        def sized(normalize: Callable[[Any], Any], depth_limited: bool = False) -> Callable[[Any], Any]:
+            def normalize_sized(v: Any) -> Any:
+                t = type(v)
+                if t is str:
+                    check_str(v)
+                elif t is dict:
+                    check_dict(v, depth_limited)
+                return normalize(v)
+
+            return normalize_sized
+
+        self.normalizers: dict[str, Callable[[Any], Any]] = {}
+        for name, spec in TYPES.items():
+            if name in ("string", "bytes", "geography"):
+                self.normalizers[name] = sized(spec.normalize)
+            elif name == "record":
+                self.normalizers[name] = sized(spec.normalize, depth_limited=True)
+            else:
+                # Other types accept only short canonical text; a huge string is refused by
+                # the normalizer itself with a brief message.
+                self.normalizers[name] = spec.normalize
+        # (table, names tuple, types tuple) -> (lowered types, normalizers) for valid sets only
+        self.schemas: dict[tuple, tuple[list[str], tuple[Callable[[Any], Any], ...]]] = {}
+
+    def remember(self, key: tuple, lowered: list[str]) -> None:
+        if len(self.schemas) >= _CACHE_MAX:
+            self.schemas.clear()
+        self.schemas[key] = (lowered, tuple(self.normalizers[t] for t in lowered))
+
+
+_contexts: dict[tuple[int, int], _Context] = {}
+
+
+def _context(max_value_bytes: int, max_record_depth: int) -> _Context:
+    key = (max_value_bytes, max_record_depth)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        if len(_contexts) >= 16:
+            _contexts.clear()
+        ctx = _contexts[key] = _Context(max_value_bytes, max_record_depth)
+    return ctx
+
+
+def validate_batch(
+    body: Any,
+    *,
+    max_activities: int,
+    max_columns: int = 10000,
+    max_value_bytes: int = 1 << 20,
+    max_record_depth: int = 15,
+) -> list[Activity]:
+    """Validate and normalize a decoded request body (see the module docstring)."""
+    details: list[dict[str, str]] = []
+    try:
+        result = _validate(body, details, max_activities, max_columns, _context(max_value_bytes, max_record_depth))
+    except (LimitExceeded, BatchInvalid):
+        raise
+    except _TooManyDetails:
+        details.append({"loc": "body", "message": f"too many problems; only the first {MAX_DETAILS} are reported"})
+        raise BatchInvalid(details) from None
+    except Exception:  # a bug must not become a 500 with a stack trace for the client
+        log.exception("validate_batch failed unexpectedly")
+        details.append({"loc": "body", "message": "the request could not be validated (internal error)"})
+        raise BatchInvalid(details) from None
+    if details:
+        raise BatchInvalid(details)
+    return result
+
+
+def _validate(
+    body: Any, details: list[dict[str, str]], max_activities: int, max_columns: int, ctx: _Context
+) -> list[Activity]:
+    def add(loc: str, message: str) -> None:
+        if len(details) >= MAX_DETAILS:
+            raise _TooManyDetails
+        details.append({"loc": loc, "message": message})
+
+    if type(body) is not dict:
+        add("body", f"expected a JSON object with the key 'user_activities', got {brief(body)}")
+        return []
+    for key in body:
+        if key != "user_activities":
+            add("body", f"unknown key {brief(key)}; the body has only the key 'user_activities'")
+    if "user_activities" not in body:
+        add("user_activities", "missing: the body must have the key 'user_activities' (a list of activities)")
+        return []
+    activities = body["user_activities"]
+    if type(activities) is not list:
+        add("user_activities", f"expected a list of activities, got {brief(activities)}")
+        return []
+    if not activities:
+        add("user_activities", "at least one activity is required")
+        return []
+    if len(activities) > max_activities:
+        raise LimitExceeded(
+            f"{len(activities)} activities in one request; at most {max_activities} are allowed (split the batch)",
+            "max_activities",
+        )
+
+    out: list[Activity] = []
+    append_out = out.append
+    schemas_get = ctx.schemas.get
+
+    for i, act in enumerate(activities):
+        # Fast path: a well-formed activity with a known-valid column set and valid values.
+        if type(act) is dict and len(act) == 5:
+            try:
+                op = _OPERATIONS[act["operation"]]
+                table = act["table"]
+                names = act["col_names"]
+                types = act["col_types"]
+                vals = act["col_values"]
+                schema = schemas_get((table, tuple(names), tuple(types)))
+            except (KeyError, TypeError):  # missing key, unhashable or non-iterable garbage
+                schema = None
+            if schema is not None and type(vals) is list and type(names) is list and type(types) is list:
+                lowered, normalizers = schema
+                if len(vals) == len(lowered) <= max_columns:
+                    try:
+                        new_vals = [None if v is None else f(v) for f, v in zip(normalizers, vals)]
+                    except (ValueError, _TooLarge):
+                        pass
+                    else:
+                        append_out(Activity(op, table, list(names), lowered.copy(), new_vals))  # type: ignore[arg-type]
+                        continue
+        activity = _validate_activity(i, act, details, add, max_columns, ctx)
+        if activity is not None:
+            append_out(activity)
+    return out
+
+
+def _check_names(names: list) -> list[tuple[int, str]]:
+    """(index, message) for every bad or duplicate column name."""
+    problems: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for j, name in enumerate(names):
+        error = check_column_name(name)
+        if error is not None:
+            problems.append((j, error))
+            continue
+        low = name.lower()
+        first = seen.get(low)
+        if first is None:
+            seen[low] = j
+        else:
+            problems.append(
+                (
+                    j,
+                    f"duplicate column name {brief(name)}: same as col_names[{first}] {brief(names[first])} "
+                    "(column names are case-insensitive)",
+                )
+            )
+    return problems
+
+
+def _resolve_types(types: list) -> tuple[list[str], list[tuple[int, str]]]:
+    lowered: list[str] = []
+    problems: list[tuple[int, str]] = []
+    for j, t in enumerate(types):
+        if type(t) is not str:
+            problems.append((j, f"column type must be a string, got {brief(t)}"))
+            lowered.append("")
+            continue
+        low = t.lower()
+        if low not in TYPES:
+            problems.append((j, f"unknown column type {brief(t)}; expected one of {', '.join(TYPE_NAMES)}"))
+        lowered.append(low)
+    return lowered, problems
+
+
+def _validate_activity(
+    i: int, act: Any, details: list[dict[str, str]], add: Callable[[str, str], None], max_columns: int, ctx: _Context
+) -> Activity | None:
+    """Check one activity completely, reporting every problem; the Activity if it is valid."""
+    at = f"user_activities[{i}]"
+    if type(act) is not dict:
+        add(at, f"expected an activity object, got {brief(act)}")
+        return None
+    n_details = len(details)
+    if len(act) != 5 or act.keys() != _FIELDS:
+        for key in act:
+            if key not in _FIELDS:
+                add(at, f"unknown key {brief(key)}; an activity has exactly the keys {', '.join(ACTIVITY_FIELDS)}")
+        for f in ACTIVITY_FIELDS:
+            if f not in act:
+                add(f"{at}.{f}", "missing")
+
+    op: str | None = None
+    if "operation" in act:
+        op_raw = act["operation"]
+        if type(op_raw) is str and op_raw.lower() in _OPERATIONS:
+            op = op_raw.lower()
+        else:
+            add(f"{at}.operation", f"expected 'insert' or 'delete', got {brief(op_raw)}")
+
+    table = act.get("table")
+    table_ok = False
+    if "table" in act:
+        error = check_table_name(table)
+        if error is None:
+            table_ok = True
+        else:
+            add(f"{at}.table", error)
+
+    lists: dict[str, list | None] = {}
+    for field in ("col_names", "col_types", "col_values"):
+        lst = act.get(field)
+        lists[field] = None
+        if field not in act:
+            continue
+        if type(lst) is not list:
+            add(f"{at}.{field}", f"expected a list, got {brief(lst)}")
+            continue
+        if len(lst) > max_columns:
+            raise LimitExceeded(
+                f"{at}.{field} has {len(lst)} entries; at most {max_columns} columns are allowed", "max_columns"
+            )
+        lists[field] = lst
+    names, types, vals = lists["col_names"], lists["col_types"], lists["col_values"]
+
+    names_ok = types_ok = False
+    if names is not None:
+        problems = _check_names(names)
+        for j, msg in problems:
+            add(f"{at}.col_names[{j}]", msg)
+        names_ok = not problems
+    lowered: list[str] = []
+    if types is not None:
+        lowered, problems = _resolve_types(types)
+        for j, msg in problems:
+            add(f"{at}.col_types[{j}]", msg)
+        types_ok = not problems
+
+    if names is not None and types is not None and vals is not None:
+        n = len(names)
+        if n != len(types) or n != len(vals):
+            add(
+                at,
+                f"col_names, col_types and col_values must have the same length; got {n}, {len(types)} and {len(vals)}",
+            )
+        elif n == 0:
+            if op == "delete":
+                add(
+                    f"{at}.col_names",
+                    "a delete must name at least one column (rows whose columns equal all given values are deleted)",
+                )
+            else:
+                add(f"{at}.col_names", "at least one column is required")
+        elif names_ok and types_ok and table_ok:
+            ctx.remember((table, tuple(names), tuple(types)), lowered)
+
+    new_vals: list[Any] = []
+    if types is not None and vals is not None:
+        normalizers = ctx.normalizers
+        for j, (t, v) in enumerate(zip(lowered, vals)):
+            if v is None:
+                new_vals.append(None)
+                continue
+            f = normalizers.get(t)
+            if f is None:
+                continue  # unknown type, already reported
+            try:
+                new_vals.append(f(v))
+            except ValueError as exc:
+                add(f"{at}.col_values[{j}]", str(exc))
+            except _TooLarge as exc:
+                raise LimitExceeded(f"{at}.col_values[{j}] {exc.message}", exc.limit_name) from None
+
+    if len(details) != n_details or op is None or names is None:
+        return None
+    return Activity(op, table, list(names), lowered, new_vals)  # type: ignore[arg-type]
+

@@ -1,0 +1,549 @@
+"""DuckDB warehouse: one local file, one writing process (the subscriber).
+
+Exactly once: every `apply` runs in ONE transaction that skips dedup_ids already in
+`_ingest_applied`, runs the planned schema changes, inserts and deletes, records the new
+dedup_ids and commits. Anything failing rolls back everything and raises
+`TransientWarehouseError`, so the subscriber can nack and retry the same messages.
+`_ingest_applied` rows older than `REDELIVERY_WINDOW` (7 days, longer than any broker
+redelivery: Pub/Sub keeps unacked messages at most 7 days) are pruned now and then.
+
+Values arrive canonical (see `app.schema.types`). Inserts stage them column-major in an
+Arrow table and convert in SQL, vectorized (`INSERT ... SELECT CAST(c0 AS ...) FROM
+stage`); values never become SQL text. The activity types of the columns are kept in
+`_ingest_columns` (VARCHAR is ambiguous between string and bignumeric), maintained in
+the same transaction as the DDL. Tables starting with `_ingest_` are internal.
+
+Reads: `DuckDBWarehouse.query` runs one SELECT on the writer's database in a
+transaction that is always rolled back (the subscriber serves it on its admin port);
+`query_file` opens the file read-only when no subscriber holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from app.schema.types import TYPES
+from app.settings import Settings
+from app.warehouse.base import (
+    ApplyResult,
+    Capabilities,
+    Envelope,
+    Rejection,
+    TransientWarehouseError,
+    Warehouse,
+    WarehouseQueryError,
+)
+from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, plan_table
+
+log = logging.getLogger(__name__)
+
+INTERNAL_PREFIX = "_ingest_"
+APPLIED_TABLE = "_ingest_applied"
+COLUMNS_TABLE = "_ingest_columns"
+STAGE_VIEW = "_ingest_stage"  # connection-local Arrow view used while applying
+REDELIVERY_WINDOW_DAYS = 7
+PRUNE_EVERY_SECONDS = 3600.0
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class DuckDBFileLocked(WarehouseQueryError):
+    """`query_file` could not open the file: a writer (the subscriber) holds its lock."""
+
+
+def quote_ident(name: str) -> str:
+    """Double-quote an identifier after checking it is a plain name (defence in depth)."""
+    if not isinstance(name, str) or not _IDENT.match(name):
+        raise ValueError(f"refusing identifier {name!r}")
+    return '"' + name + '"'
+
+
+# --------------------------------------------------------------------------- type table
+
+
+def _floats(values: list[Any]) -> list[Any]:
+    # "NaN" / "Infinity" / "-Infinity" are the canonical non-finite floats; float() parses them.
+    return [float(v) if v.__class__ is str else v for v in values]
+
+
+def _json_texts(values: list[Any]) -> list[Any]:
+    # Sorted keys: the stored text is canonical, so deletes can compare records as text.
+    dumps = orjson.dumps
+    opt = orjson.OPT_SORT_KEYS
+    return [None if v is None else dumps(v, option=opt).decode() for v in values]
+
+
+@dataclass(frozen=True, slots=True)
+class DuckType:
+    """How one activity type is stored, staged and compared in DuckDB.
+
+    `value_sql` / `compare_value_sql` turn a staged value or bound parameter (`{}`) into
+    the column type; `compare_column_sql` is applied to the stored column in deletes.
+    """
+
+    sql_type: str
+    arrow_type: pa.DataType
+    convert: Callable[[list[Any]], list[Any]] | None = None
+    value_sql: str = "{}"
+    compare_column_sql: str = "{}"
+    compare_value_sql: str | None = None  # default: value_sql
+
+    def cmp_value(self, placeholder: str) -> str:
+        return (self.compare_value_sql or self.value_sql).format(placeholder)
+
+
+def duck_types(spatial: bool) -> dict[str, DuckType]:
+    """The per-type staging / cast table (geography depends on the spatial extension)."""
+    s = pa.string()
+    table = {
+        "string": DuckType("VARCHAR", s),
+        "bytes": DuckType("BLOB", s, value_sql="from_base64({})"),
+        "integer": DuckType("BIGINT", pa.int64()),
+        "float": DuckType("DOUBLE", pa.float64(), convert=_floats),
+        "numeric": DuckType("DECIMAL(38,9)", s, value_sql="CAST({} AS DECIMAL(38,9))"),
+        # 76 digits do not fit DECIMAL(38): keep the canonical decimal text (lossless).
+        "bignumeric": DuckType("VARCHAR", s),
+        "boolean": DuckType("BOOLEAN", pa.bool_()),
+        "timestamp": DuckType("TIMESTAMPTZ", s, value_sql="CAST({} AS TIMESTAMPTZ)"),
+        "date": DuckType("DATE", s, value_sql="CAST({} AS DATE)"),
+        "time": DuckType("TIME", s, value_sql="CAST({} AS TIME)"),
+        "datetime": DuckType("TIMESTAMP", s, value_sql="CAST({} AS TIMESTAMP)"),
+        # GEOMETRY equality compares the WKB, so "POINT(1 2)" matches "POINT (1 2)".
+        "geography": DuckType("GEOMETRY", s, value_sql="ST_GeomFromText({})")
+        if spatial
+        else DuckType("VARCHAR", s),
+        "record": DuckType(
+            "JSON",
+            s,
+            convert=_json_texts,
+            value_sql="CAST({} AS JSON)",
+            compare_column_sql="CAST({} AS VARCHAR)",
+            compare_value_sql="CAST(CAST({} AS JSON) AS VARCHAR)",
+        ),
+    }
+    assert set(table) == set(TYPES), "duck_types must cover app.schema.types.TYPES"
+    return table
+
+
+# information_schema data_type -> activity type, for columns missing from _ingest_columns
+_REVERSE_TYPES = {
+    "VARCHAR": "string",
+    "BLOB": "bytes",
+    "BIGINT": "integer",
+    "DOUBLE": "float",
+    "DECIMAL(38,9)": "numeric",
+    "BOOLEAN": "boolean",
+    "TIMESTAMP WITH TIME ZONE": "timestamp",
+    "TIMESTAMPTZ": "timestamp",
+    "DATE": "date",
+    "TIME": "time",
+    "TIMESTAMP": "datetime",
+    "GEOMETRY": "geography",
+    "JSON": "record",
+}
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def spatial_extension_path() -> Path | None:
+    try:
+        import duckdb_extension_spatial
+    except ImportError:
+        return None
+    path = (
+        Path(duckdb_extension_spatial.__file__).parent
+        / "extensions"
+        / f"v{duckdb.__version__}"
+        / "spatial.duckdb_extension"
+    )
+    return path if path.exists() else None
+
+
+def _load_spatial(con: duckdb.DuckDBPyConnection) -> tuple[bool, str]:
+    """Load spatial offline: LOAD (already installed), else INSTALL from the wheel, else LOAD the file."""
+    path = spatial_extension_path()
+    attempts: list[Callable[[], None]] = [lambda: con.execute("LOAD spatial")]
+    if path is not None:
+        literal = "'" + str(path).replace("'", "''") + "'"
+        attempts.append(lambda: (con.execute(f"INSTALL {literal}"), con.execute("LOAD spatial")))
+        attempts.append(lambda: con.execute(f"LOAD {literal}"))
+    last = "duckdb_extension_spatial is not installed"
+    for attempt in attempts:
+        try:
+            attempt()
+            return True, "spatial loaded"
+        except duckdb.Error as exc:
+            last = str(exc)
+    return False, last
+
+
+def _open(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnection, bool]:
+    con = duckdb.connect(str(path), read_only=read_only)
+    try:
+        spatial, detail = _load_spatial(con)
+        if not spatial:
+            log.warning("DuckDB spatial extension unavailable (%s): geography stored as WKT text", detail)
+        con.execute("SET TimeZone = 'UTC'")
+        # Queries can reach the file system through table functions (read_csv, COPY
+        # sources, ATTACH); the warehouse never needs that, so switch it off.
+        con.execute("SET enable_external_access = false")
+    except BaseException:
+        con.close()
+        raise
+    return con, spatial
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+
+
+def _check_select(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise WarehouseQueryError(str(exc)) from exc
+    if len(statements) != 1:
+        raise WarehouseQueryError(f"expected exactly one statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
+        raise WarehouseQueryError(f"only read-only SELECT queries are allowed, got {kind.name}")
+
+
+def _run_read_only(
+    cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None
+) -> tuple[list[str], list[tuple]]:
+    _check_select(cur, sql)
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        result = cur.execute(sql, list(params) if params else None)
+        arrow = result.to_arrow_table()
+        names = list(arrow.column_names)
+        rows = list(zip(*(col.to_pylist() for col in arrow.columns))) if arrow.num_columns else []
+        return names, rows
+    except duckdb.Error as exc:
+        raise WarehouseQueryError(str(exc)) from exc
+    finally:
+        try:
+            cur.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+
+
+def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+    """Run one SELECT on a DuckDB warehouse file opened read-only (no subscriber running).
+
+    Raises `DuckDBFileLocked` if a writer holds the file (query the subscriber's admin
+    port instead) and `WarehouseQueryError` for a missing file or a failing query.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WarehouseQueryError(f"no DuckDB warehouse at {path}")
+    try:
+        con, _ = _open(path, read_only=True)
+    except duckdb.Error as exc:
+        if _is_lock_error(exc):
+            raise DuckDBFileLocked(
+                f"{path} is locked by another process (a running subscriber); "
+                "query through the subscriber's admin port instead"
+            ) from exc
+        raise WarehouseQueryError(f"cannot open {path}: {exc}") from exc
+    try:
+        return _run_read_only(con, sql, params)
+    finally:
+        con.close()
+
+
+# --------------------------------------------------------------------------- warehouse
+
+
+class DuckDBWarehouse(Warehouse):
+    def __init__(self, settings: Settings) -> None:
+        self.path = Path(settings.duckdb_file)
+        self._lock = threading.RLock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._spatial = spatial_extension_path() is not None  # refined on first connect
+        self._types = duck_types(self._spatial)
+        self._last_prune = 0.0
+        self.capabilities = Capabilities(
+            name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=self._spatial
+        )
+        try:
+            self._connection()
+        except TransientWarehouseError as exc:
+            log.warning("DuckDB not available yet, will retry on the next apply: %s", exc)
+
+    # -- connection handling ------------------------------------------------------------
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._con is not None:
+                return self._con
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                con, spatial = _open(self.path, read_only=False)
+            except duckdb.Error as exc:
+                raise TransientWarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
+            except OSError as exc:
+                raise TransientWarehouseError(f"cannot create {self.path.parent}: {exc}") from exc
+            try:
+                con.execute(
+                    f"CREATE TABLE IF NOT EXISTS {APPLIED_TABLE} "
+                    "(dedup_id VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+                )
+                con.execute(
+                    f"CREATE TABLE IF NOT EXISTS {COLUMNS_TABLE} (table_name VARCHAR NOT NULL, "
+                    "column_name VARCHAR NOT NULL, activity_type VARCHAR NOT NULL, "
+                    "PRIMARY KEY (table_name, column_name))"
+                )
+            except duckdb.Error as exc:
+                con.close()
+                raise TransientWarehouseError(f"cannot prepare {self.path}: {exc}") from exc
+            if spatial != self._spatial:
+                self._spatial = spatial
+                self._types = duck_types(spatial)
+                self.capabilities = Capabilities(
+                    name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=spatial
+                )
+            self._con = con
+            return con
+
+    def _drop_connection(self) -> None:
+        con, self._con = self._con, None
+        if con is not None:
+            try:
+                con.close()
+            except duckdb.Error:
+                pass
+
+    def ready(self) -> tuple[bool, str]:
+        try:
+            with self._lock:
+                self._connection().execute("SELECT 1").fetchall()
+        except (TransientWarehouseError, duckdb.Error) as exc:
+            return False, str(exc)
+        return True, "ok" if self._spatial else "ok (no spatial extension: geography stored as WKT)"
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+    # -- schema -------------------------------------------------------------------------
+
+    def _schema(self, con: duckdb.DuckDBPyConnection, table: str) -> Schema | None:
+        rows = con.execute(
+            f"""SELECT c.column_name, c.data_type, m.activity_type
+                FROM information_schema.columns c
+                LEFT JOIN {COLUMNS_TABLE} m
+                  ON m.table_name = lower(c.table_name) AND lower(m.column_name) = lower(c.column_name)
+                WHERE c.table_schema = 'main' AND lower(c.table_name) = lower(?)
+                ORDER BY c.ordinal_position""",
+            [table],
+        ).fetchall()
+        if not rows:
+            return None
+        schema: Schema = {}
+        for name, data_type, activity_type in rows:
+            typ = activity_type or _REVERSE_TYPES.get(str(data_type).upper(), f"unsupported:{data_type}")
+            schema[name.lower()] = (name, typ)
+        return schema
+
+    def table_schema(self, table: str) -> dict[str, str] | None:
+        with self._lock:
+            con = self._connection()
+            try:
+                schema = self._schema(con, table)
+            except duckdb.Error as exc:
+                raise TransientWarehouseError(str(exc)) from exc
+        return None if schema is None else {name: typ for name, typ in schema.values()}
+
+    # -- apply ----------------------------------------------------------------------------
+
+    def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
+        result = ApplyResult()
+        if not envelopes:
+            return result
+        if not _IDENT.match(table) or table.lower().startswith(INTERNAL_PREFIX):
+            reason = f"table name {table!r} is not allowed (reserved or invalid)"
+            for env in envelopes:
+                result.rejections.extend(Rejection(env.dedup_id, i, a, reason) for i, a in enumerate(env.activities))
+            # Nothing to write: not recorded, a redelivery is rejected the same way.
+            result.applied_envelopes = len(envelopes)
+            return result
+        with self._lock:
+            con = self._connection()
+            try:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    self._apply_in_transaction(con, table, envelopes, result)
+                    con.execute("COMMIT")
+                except BaseException:
+                    try:
+                        con.execute("ROLLBACK")
+                    except duckdb.Error:
+                        pass
+                    raise
+            except duckdb.Error as exc:
+                if isinstance(exc, (duckdb.IOException, duckdb.FatalException, duckdb.ConnectionException)):
+                    self._drop_connection()  # reconnect on the next apply
+                raise TransientWarehouseError(f"DuckDB apply to {table} failed, rolled back: {exc}") from exc
+            finally:
+                try:
+                    con.unregister(STAGE_VIEW)
+                except duckdb.Error:
+                    pass
+            self._maybe_prune(con)
+        return result
+
+    def _apply_in_transaction(
+        self, con: duckdb.DuckDBPyConnection, table: str, envelopes: Sequence[Envelope], result: ApplyResult
+    ) -> None:
+        ids = [env.dedup_id for env in envelopes]
+        done = {
+            row[0]
+            for row in con.execute(
+                f"SELECT dedup_id FROM {APPLIED_TABLE} WHERE dedup_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+            ).fetchall()
+        }
+        todo: list[Envelope] = []
+        for env in envelopes:
+            if env.dedup_id in done:
+                result.skipped_duplicates += 1
+            else:
+                done.add(env.dedup_id)  # the same id twice in one call applies once
+                todo.append(env)
+        if not todo:
+            return
+        plan = plan_table(table, self._schema(con, table), todo)
+        result.rejections.extend(plan.rejections)
+        result.noop_deletes += plan.noop_deletes
+        result.schema_changes += plan.schema_changes
+        qtable = quote_ident(table)
+        lower_table = table.lower()
+        for step in plan.steps:
+            if isinstance(step, InsertRows):
+                result.rows_inserted += self._insert(con, qtable, step)
+            elif isinstance(step, DeleteRows):
+                result.rows_deleted += self._delete(con, qtable, step)
+            elif isinstance(step, CreateTable):
+                cols = ", ".join(f"{quote_ident(n)} {self._types[t].sql_type}" for n, t in step.columns)
+                con.execute(f"CREATE TABLE {qtable} ({cols})")
+                self._record_columns(con, lower_table, step.columns)
+            elif isinstance(step, AddColumns):
+                for n, t in step.columns:
+                    con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self._types[t].sql_type}")
+                self._record_columns(con, lower_table, step.columns)
+        con.execute(
+            f"INSERT INTO {APPLIED_TABLE} SELECT unnest(?::VARCHAR[]), now()", [[env.dedup_id for env in todo]]
+        )
+        result.applied_envelopes += len(todo)
+
+    def _record_columns(self, con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]]) -> None:
+        con.executemany(
+            f"INSERT OR REPLACE INTO {COLUMNS_TABLE} VALUES (?, ?, ?)", [[table, n, t] for n, t in columns]
+        )
+
+    def _stage(self, con: duckdb.DuckDBPyConnection, columns: list[tuple[str, list[Any]]]) -> None:
+        """Register an Arrow table with columns c0, c1, ... (type name, values) as STAGE_VIEW."""
+        arrays = []
+        for typ, values in columns:
+            spec = self._types[typ]
+            if spec.convert is not None:
+                values = spec.convert(values)
+            arrays.append(pa.array(values, type=spec.arrow_type))
+        stage = pa.Table.from_arrays(arrays, names=[f"c{i}" for i in range(len(arrays))])
+        con.register(STAGE_VIEW, stage)
+
+    def _insert(self, con: duckdb.DuckDBPyConnection, qtable: str, step: InsertRows) -> int:
+        self._stage(con, [(typ, step.values[name]) for name, typ in step.columns])
+        targets = ", ".join(quote_ident(name) for name, _ in step.columns)
+        exprs = ", ".join(self._types[typ].value_sql.format(f"c{i}") for i, (_, typ) in enumerate(step.columns))
+        con.execute(f"INSERT INTO {qtable} ({targets}) SELECT {exprs} FROM {STAGE_VIEW}")
+        con.unregister(STAGE_VIEW)
+        return step.count
+
+    def _delete(self, con: duckdb.DuckDBPyConnection, qtable: str, step: DeleteRows) -> int:
+        # Group deletes by (column, type, is-null) pattern: each group is one statement.
+        groups: dict[tuple, list[list[Any]]] = {}
+        for conds in step.conditions:
+            key = tuple((name, typ, value is None) for name, typ, value in conds)
+            groups.setdefault(key, []).append([value for _, _, value in conds if value is not None])
+        deleted = 0
+        for key, value_rows in groups.items():
+            null_terms = [
+                f"{self._types[typ].compare_column_sql.format(quote_ident(name))} IS NULL"
+                for name, typ, is_null in key
+                if is_null
+            ]
+            valued = [(name, typ) for name, typ, is_null in key if not is_null]
+            if not valued:
+                sql = f"DELETE FROM {qtable} WHERE {' AND '.join(null_terms)}"
+                deleted += con.execute(sql).fetchone()[0]
+                continue
+            if len(value_rows) == 1:
+                params = []
+                terms = []
+                for (name, typ), value in zip(valued, value_rows[0]):
+                    spec = self._types[typ]
+                    if spec.convert is not None:
+                        value = spec.convert([value])[0]
+                    params.append(value)
+                    terms.append(f"{spec.compare_column_sql.format(quote_ident(name))} = {spec.cmp_value('?')}")
+                sql = f"DELETE FROM {qtable} WHERE {' AND '.join(terms + null_terms)}"
+                deleted += con.execute(sql, params).fetchone()[0]
+                continue
+            columns = [(typ, list(col)) for (_, typ), col in zip(valued, zip(*value_rows))]
+            self._stage(con, columns)
+            match = " AND ".join(
+                f"{self._types[typ].compare_column_sql.format(qtable + '.' + quote_ident(name))} = "
+                f"{self._types[typ].cmp_value(f's.c{i}')}"
+                for i, (name, typ) in enumerate(valued)
+            )
+            null_sql = "".join(f" AND {t}" for t in null_terms)
+            sql = f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} s WHERE {match}){null_sql}"
+            deleted += con.execute(sql).fetchone()[0]
+            con.unregister(STAGE_VIEW)
+        return deleted
+
+    def _maybe_prune(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Forget dedup_ids older than the redelivery window (at most once per hour)."""
+        now = time.monotonic()
+        if self._last_prune and now - self._last_prune < PRUNE_EVERY_SECONDS:
+            return
+        self._last_prune = now
+        self.prune_applied()
+
+    def prune_applied(self, days: int = REDELIVERY_WINDOW_DAYS) -> int:
+        """Delete `_ingest_applied` rows older than `days`; returns how many were removed."""
+        with self._lock:
+            try:
+                con = self._connection()
+                return con.execute(
+                    f"DELETE FROM {APPLIED_TABLE} WHERE applied_at < now() - to_days(?)", [int(days)]
+                ).fetchone()[0]
+            except (duckdb.Error, TransientWarehouseError) as exc:
+                log.warning("pruning %s failed (will retry later): %s", APPLIED_TABLE, exc)
+                return 0
+
+    # -- read path --------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+        """One read-only SELECT, on its own cursor (safe from another thread), always rolled back."""
+        with self._lock:
+            cur = self._connection().cursor()
+        try:
+            cur.execute("SET TimeZone = 'UTC'")
+            return _run_read_only(cur, sql, params)
+        finally:
+            cur.close()

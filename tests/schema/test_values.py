@@ -1,0 +1,564 @@
+"""Per-type normalizers: canonical outputs for valid input, ValueError for invalid input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from app.schema import values as v
+from app.schema.types import TYPES
+
+INT64_MIN = -9223372036854775808
+INT64_MAX = 9223372036854775807
+
+
+def ok(normalize, value, expected):
+    result = normalize(value)
+    assert result == expected and type(result) is type(expected), (value, result)
+    # canonical values are fixed points
+    again = normalize(result)
+    assert again == result and type(again) is type(result)
+
+
+def refused(normalize, value, *fragments):
+    with pytest.raises(ValueError) as info:
+        normalize(value)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_every_type_has_a_real_normalizer():
+    for name, spec in TYPES.items():
+        assert spec.normalize is getattr(v, f"normalize_{name}")
+
+
+# --- string ---
+
+
+@pytest.mark.parametrize("value", ["", "logged in", "ünïcødé ✓", "a" * 10_000, "\x00nul"])
+def test_string_valid(value):
+    ok(v.normalize_string, value, value)
+
+
+@pytest.mark.parametrize("value", [1, 1.5, True, False, [], {}, ["a"]])
+def test_string_refuses_non_strings(value):
+    refused(v.normalize_string, value, "expected a string")
+
+
+def test_string_refuses_lone_surrogate():
+    refused(v.normalize_string, "a\ud800b", "surrogate")
+
+
+# --- bytes ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("", ""), ("QQ==", "QQ=="), ("QUI=", "QUI="), ("QUJD", "QUJD"), ("+/+/", "+/+/"), ("QR==", "QQ==")],
+)
+def test_bytes_valid(value, expected):
+    ok(v.normalize_bytes, value, expected)
+
+
+@pytest.mark.parametrize("value", ["QQ", "QQ=", "Q", "QUJD=", "QUJD====", "QQ==QQ==", "Q===", "QQ==QQ==x", "-_-_", "QU JD", "QUJD\n", "é==="])
+def test_bytes_bad_base64(value):
+    refused(v.normalize_bytes, value, "base64")
+
+
+@pytest.mark.parametrize("value", [1, b"QQ==", True, ["QQ=="]])
+def test_bytes_refuses_non_strings(value):
+    refused(v.normalize_bytes, value, "base64")
+
+
+# --- integer ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0, 0),
+        (42, 42),
+        (-1, -1),
+        (INT64_MAX, INT64_MAX),
+        (INT64_MIN, INT64_MIN),
+        ("42", 42),
+        ("+7", 7),
+        ("-0", 0),
+        ("007", 7),
+        ("9223372036854775807", INT64_MAX),
+        ("-9223372036854775808", INT64_MIN),
+        ("0000000000000000000000009", 9),
+    ],
+)
+def test_integer_valid(value, expected):
+    ok(v.normalize_integer, value, expected)
+
+
+@pytest.mark.parametrize(
+    "value", [INT64_MAX + 1, INT64_MIN - 1, "9223372036854775808", "-9223372036854775809", "1" * 30, 10**100]
+)
+def test_integer_out_of_range(value):
+    refused(v.normalize_integer, value, "out of INT64 range")
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        (True, "boolean"),
+        (False, "boolean"),
+        (1.5, "1.5"),
+        (2.0, "without a decimal point"),
+        ("1.5", "only digits"),
+        ("1e3", "only digits"),
+        ("", "only digits"),
+        ("   ", "only digits"),
+        (" 42", "only digits"),
+        ("42 ", "only digits"),
+        ("4_2", "only digits"),
+        ("٤٢", "only digits"),  # Arabic-Indic digits: int() would take them
+        ("0x1F", "only digits"),
+        ("-", "only digits"),
+        ([1], "expected an integer"),
+        ({}, "expected an integer"),
+    ],
+)
+def test_integer_refused(value, fragment):
+    refused(v.normalize_integer, value, fragment)
+
+
+def test_integer_float_beyond_int64_is_out_of_range():
+    # orjson decodes integers beyond 64 bits as floats
+    refused(v.normalize_integer, 1.8446744073709552e19, "out of INT64 range")
+
+
+# --- float ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (1.5, 1.5),
+        (0, 0.0),
+        (-3, -3.0),
+        (1e308, 1e308),
+        (-0.0, -0.0),
+        ("NaN", "NaN"),
+        ("Infinity", "Infinity"),
+        ("-Infinity", "-Infinity"),
+        ("1.5", 1.5),
+        ("-2e10", -2e10),
+        (".5", 0.5),
+    ],
+)
+def test_float_valid(value, expected):
+    ok(v.normalize_float, value, expected)
+
+
+def test_float_non_finite_python_floats_become_strings():
+    assert v.normalize_float(math.nan) == "NaN"
+    assert v.normalize_float(math.inf) == "Infinity"
+    assert v.normalize_float(-math.inf) == "-Infinity"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "infinity", "NAN", "", "1.5.5", "1,5", " 1", "e5", "."])
+def test_float_refused_strings(value):
+    refused(v.normalize_float, value, "expected a number")
+
+
+@pytest.mark.parametrize("value", [True, False, [1.0], {}])
+def test_float_refused_types(value):
+    refused(v.normalize_float, value, "expected a number")
+
+
+@pytest.mark.parametrize("value", [10**400, "1e400", "-1e400"])
+def test_float_out_of_range(value):
+    refused(v.normalize_float, value, "out of FLOAT64 range")
+
+
+# --- numeric / bignumeric ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0, "0"),
+        (-5, "-5"),
+        ("1.50", "1.5"),
+        ("1.0", "1"),
+        ("-0", "0"),
+        ("-0.000", "0"),
+        ("0e5", "0"),
+        ("1e3", "1000"),
+        ("1E-9", "0.000000001"),
+        ("-1.5e2", "-150"),
+        ("+2.5", "2.5"),
+        (".5", "0.5"),
+        ("5.", "5"),
+        ("-000123.4500", "-123.45"),
+        ("0.1234567890", "0.123456789"),  # the tenth digit is a zero: fits exactly
+        (0.1, "0.1"),
+        (-0.0, "0"),
+        (1e16, "10000000000000000"),
+        (1e-7, "0.0000001"),
+        (123.456, "123.456"),
+        ("9" * 29, "9" * 29),
+        ("9" * 29 + "." + "9" * 9, "9" * 29 + "." + "9" * 9),
+        (10**29 - 1, "9" * 29),
+        (-(10**29) + 1, "-" + "9" * 29),
+        ("0." + "0" * 8 + "1", "0.000000001"),
+    ],
+)
+def test_numeric_valid(value, expected):
+    ok(v.normalize_numeric, value, expected)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("1" * 30, "at most 29 integer digits, got 30"),
+        (10**29, "at most 29 integer digits"),
+        (-(10**29), "at most 29 integer digits"),
+        ("1e29", "at most 29 integer digits, got 30"),
+        ("0.1234567891", "at most 9 fraction digits, got 10"),
+        ("1e-10", "at most 9 fraction digits, got 10"),
+        (1e-10, "at most 9 fraction digits"),
+        (1e30, "at most 29 integer digits"),
+        ("1e999999999", "out of range"),
+        ("NaN", "expected a decimal number"),
+        ("Infinity", "expected a decimal number"),
+        (math.nan, "NaN or infinite"),
+        (math.inf, "NaN or infinite"),
+        ("", "expected a decimal number"),
+        (".", "expected a decimal number"),
+        ("1.2.3", "expected a decimal number"),
+        (" 1", "expected a decimal number"),
+        ("0x10", "expected a decimal number"),
+        ("1_000", "expected a decimal number"),
+        (True, "boolean"),
+        ([1], "expected a decimal number"),
+    ],
+)
+def test_numeric_refused(value, fragment):
+    refused(v.normalize_numeric, value, fragment)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("9" * 38, "9" * 38),
+        ("-" + "9" * 38 + "." + "9" * 38, "-" + "9" * 38 + "." + "9" * 38),
+        ("0." + "0" * 37 + "1", "0." + "0" * 37 + "1"),
+        ("1e37", "1" + "0" * 37),
+        ("1.2300", "1.23"),
+        (10**38 - 1, "9" * 38),
+        (0.1, "0.1"),
+    ],
+)
+def test_bignumeric_valid(value, expected):
+    ok(v.normalize_bignumeric, value, expected)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("1" * 39, "at most 38 integer digits, got 39"),
+        (10**38, "at most 38 integer digits"),
+        ("0." + "0" * 38 + "1", "at most 38 fraction digits, got 39"),
+        ("NaN", "expected a decimal number"),
+    ],
+)
+def test_bignumeric_refused(value, fragment):
+    refused(v.normalize_bignumeric, value, fragment)
+
+
+# --- boolean ---
+
+
+@pytest.mark.parametrize(
+    "value, expected", [(True, True), (False, False), ("true", True), ("FALSE", False), ("True", True)]
+)
+def test_boolean_valid(value, expected):
+    ok(v.normalize_boolean, value, expected)
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.0, "yes", "1", "t", "", " true", [True], {}])
+def test_boolean_refused(value):
+    refused(v.normalize_boolean, value, "expected a boolean")
+
+
+# --- timestamp ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("2021-03-30T06:12:44Z", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30 06:12:44", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30t06:12:44z", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30T06:12:44.5Z", "2021-03-30T06:12:44.500000Z"),
+        ("2021-03-30T06:12:44.123456Z", "2021-03-30T06:12:44.123456Z"),
+        ("2021-03-30T06:12:44.123456000Z", "2021-03-30T06:12:44.123456Z"),
+        ("2021-03-30T06:12:44+00:00", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30T06:12:44-00:00", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30T06:12:44.5+05:30", "2021-03-30T00:42:44.500000Z"),
+        ("2021-03-30T20:00:00-08:00", "2021-03-31T04:00:00.000000Z"),
+        ("2021-01-01T02:00:00+05:30", "2020-12-31T20:30:00.000000Z"),
+        ("2024-02-29T00:00:00Z", "2024-02-29T00:00:00.000000Z"),
+        ("2000-02-29T00:00:00Z", "2000-02-29T00:00:00.000000Z"),
+        ("2024-03-01T01:00:00+02:00", "2024-02-29T23:00:00.000000Z"),
+        ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000000Z"),
+        ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999999Z"),
+        ("0001-01-01T05:00:00+04:00", "0001-01-01T01:00:00.000000Z"),
+    ],
+)
+def test_timestamp_valid(value, expected):
+    ok(v.normalize_timestamp, value, expected)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("2023-02-29T00:00:00Z", "not a leap year"),
+        ("1900-02-29T00:00:00Z", "not a leap year"),
+        ("2021-04-31T00:00:00Z", "day is out of range for April"),
+        ("2021-13-01T00:00:00Z", "month 13"),
+        ("2021-00-01T00:00:00Z", "month 00"),
+        ("2021-01-00T00:00:00Z", "day is out of range"),
+        ("0000-01-01T00:00:00Z", "year 0000"),
+        ("2021-01-01T24:00:00Z", "hour 24"),
+        ("2021-01-01T00:60:00Z", "minute 60"),
+        ("2021-01-01T00:00:60Z", "second 60"),
+        ("2021-01-01T00:00:00.123456789Z", "sub-microsecond"),
+        ("2021-01-01T00:00:00.1234567891Z", "10 fraction digits"),
+        ("2021-01-01T00:00:00+24:00", "offset"),
+        ("2021-01-01T00:00:00+05:60", "offset"),
+        ("0001-01-01T00:00:00+01:00", "outside 0001-01-01 to 9999-12-31"),
+        ("9999-12-31T23:00:00-01:00", "outside 0001-01-01 to 9999-12-31"),
+        ("2021-01-01", "expected a timestamp"),
+        ("2021-01-01T00:00Z", "expected a timestamp"),
+        ("2021-01-01T00:00:00+0530", "expected a timestamp"),
+        ("2021-01-01T00:00:00 UTC", "expected a timestamp"),
+        ("2021-1-01T00:00:00Z", "expected a timestamp"),
+        ("21-01-01T00:00:00Z", "expected a timestamp"),
+        ("2021-01-01T00:00:00.Z", "expected a timestamp"),
+        ("２０２１-01-01T00:00:00Z", "expected a timestamp"),  # full-width digits
+        (" 2021-01-01T00:00:00Z", "expected a timestamp"),
+        (1617084764, "expected a timestamp"),
+        (True, "expected a timestamp"),
+    ],
+)
+def test_timestamp_refused(value, fragment):
+    refused(v.normalize_timestamp, value, fragment)
+
+
+# --- date ---
+
+
+@pytest.mark.parametrize("value", ["2021-03-30", "2024-02-29", "2000-02-29", "0001-01-01", "9999-12-31"])
+def test_date_valid(value):
+    ok(v.normalize_date, value, value)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("2021-02-30", "day is out of range for February"),
+        ("2023-02-29", "not a leap year"),
+        ("2100-02-29", "not a leap year"),
+        ("2021-13-01", "month 13"),
+        ("0000-01-01", "year 0000"),
+        ("2021-3-30", "expected a date"),
+        ("2021-03-30T00:00:00", "expected a date"),
+        ("20210330", "expected a date"),
+        ("", "expected a date"),
+        (20210330, "expected a date"),
+    ],
+)
+def test_date_refused(value, fragment):
+    refused(v.normalize_date, value, fragment)
+
+
+# --- time ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("06:12:44", "06:12:44"),
+        ("00:00:00", "00:00:00"),
+        ("23:59:59.999999", "23:59:59.999999"),
+        ("06:12:44.1", "06:12:44.100000"),
+        ("06:12:44.000", "06:12:44"),
+        ("06:12:44.000100", "06:12:44.000100"),
+    ],
+)
+def test_time_valid(value, expected):
+    ok(v.normalize_time, value, expected)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("24:00:00", "hour 24"),
+        ("12:60:00", "minute 60"),
+        ("12:00:60", "second 60"),
+        ("12:00:00.1234567", "7 fraction digits; at most 6"),
+        ("12:00", "expected a time"),
+        ("12:00:00.", "expected a time"),
+        ("12:00:00Z", "expected a time"),
+        ("1:00:00", "expected a time"),
+        (3600, "expected a time"),
+    ],
+)
+def test_time_refused(value, fragment):
+    refused(v.normalize_time, value, fragment)
+
+
+# --- datetime ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("2021-03-30 06:12:44", "2021-03-30T06:12:44"),
+        ("2021-03-30T06:12:44", "2021-03-30T06:12:44"),
+        ("2021-03-30t06:12:44", "2021-03-30T06:12:44"),
+        ("2021-03-30T06:12:44.5", "2021-03-30T06:12:44.500000"),
+        ("2021-03-30T06:12:44.000000", "2021-03-30T06:12:44"),
+        ("2024-02-29 23:59:59.999999", "2024-02-29T23:59:59.999999"),
+    ],
+)
+def test_datetime_valid(value, expected):
+    ok(v.normalize_datetime, value, expected)
+
+
+@pytest.mark.parametrize(
+    "value", ["2021-03-30T06:12:44Z", "2021-03-30 06:12:44+05:30", "2021-03-30T06:12:44-0800", "2021-03-30 06:12:44 UTC"]
+)
+def test_datetime_with_zone_suggests_timestamp(value):
+    refused(v.normalize_datetime, value, "time zone", "timestamp")
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("2023-02-29 00:00:00", "not a leap year"),
+        ("2021-03-30", "expected a datetime"),
+        ("2021-03-30 06:12", "expected a datetime"),
+        ("2021-03-30 25:00:00", "hour 25"),
+        ("2021-03-30 06:12:44.1234567", "7 fraction digits"),
+        ("2021-03-30  06:12:44", "expected a datetime"),
+        (0, "expected a datetime"),
+    ],
+)
+def test_datetime_refused(value, fragment):
+    msg = refused(v.normalize_datetime, value, fragment)
+    assert "time zone" not in msg
+
+
+# --- geography ---
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("POINT(1 2)", "POINT (1 2)"),
+        ("point (-122.35 37.55)", "POINT (-122.35 37.55)"),
+        ("POINT (180 90)", "POINT (180 90)"),
+        ("LINESTRING (0 0, 1 1)", "LINESTRING (0 0, 1 1)"),
+        ("POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))", "POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))"),
+        ({"type": "Point", "coordinates": [1.5, -2]}, "POINT (1.5 -2)"),
+        ({"type": "LineString", "coordinates": [[0, 0], [1, 1]]}, "LINESTRING (0 0, 1 1)"),
+        (
+            {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]},
+            "POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))",
+        ),
+        ({"type": "MultiPoint", "coordinates": [[0, 0], [1, 1]]}, "MULTIPOINT ((0 0), (1 1))"),
+        (
+            {"type": "GeometryCollection", "geometries": [{"type": "Point", "coordinates": [1, 2]}]},
+            "GEOMETRYCOLLECTION (POINT (1 2))",
+        ),
+        ('{"type": "Point", "coordinates": [3, 4]}', "POINT (3 4)"),
+        (' {"type":"LineString","coordinates":[[0,0],[2,2]]}', "LINESTRING (0 0, 2 2)"),
+    ],
+)
+def test_geography_valid(value, expected):
+    ok(v.normalize_geography, value, expected)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("garbage", "not valid WKT"),
+        ("POINT (1)", "not valid WKT"),
+        ("LINESTRING (0 0)", "not valid WKT"),
+        ("POINT (1 2", "not valid WKT"),
+        ("", "empty string"),
+        ("POINT EMPTY", "empty"),
+        ("POINT Z (1 2 3)", "2-D"),
+        ("POINT M (1 2 3)", "2-D"),
+        ("POINT (181 0)", "longitude in [-180, 180]"),
+        ("POINT (0 -91)", "latitude in [-90, 90]"),
+        ("POINT (nan 0)", "longitude"),
+        ("POLYGON ((0 0, 1 1, 1 0, 0 1, 0 0))", "not valid: Self-intersection"),
+        ({"type": "Point", "coordinates": [1, 2, 3]}, "2-D"),
+        ({"type": "Point"}, "needs a 'coordinates' list"),
+        ({"type": "Point", "coordinates": "1 2"}, "needs a 'coordinates' list"),
+        ({"type": "Point", "coordinates": ["a", "b"]}, "invalid GeoJSON Point"),
+        ({"type": "Point", "coordinates": []}, "empty"),
+        ({"type": "LineString", "coordinates": [[0, 0]]}, "invalid GeoJSON LineString"),
+        ({"type": "Polygon", "coordinates": [[[0, 0], [1, 0]]]}, "invalid GeoJSON Polygon"),
+        ({"type": "Circle", "coordinates": [0, 0]}, "GeoJSON geometry has type 'Circle'"),
+        ({"coordinates": [0, 0]}, "GeoJSON geometry has type null"),
+        ({"type": "Feature", "geometry": None}, "send its 'geometry'"),
+        ({"type": "FeatureCollection", "features": []}, "send its 'geometry'"),
+        ({"type": "GeometryCollection"}, "'geometries' list"),
+        ({"type": "GeometryCollection", "geometries": [1]}, "member"),
+        ('{"type": "Point", "coordinates": [3, 4]', "not valid JSON"),
+        ("[1, 2]", "not valid WKT"),
+        (12, "expected a geography"),
+        ([1, 2], "expected a geography"),
+        (True, "expected a geography"),
+    ],
+)
+def test_geography_refused(value, fragment):
+    refused(v.normalize_geography, value, fragment)
+
+
+# --- record ---
+
+
+@pytest.mark.parametrize("value", [{}, {"a": 1}, {"a": {"b": [1, 2, {"c": None}]}}])
+def test_record_valid(value):
+    assert v.normalize_record(value) is value
+
+
+@pytest.mark.parametrize("value", [[], [{"a": 1}], "{}", '{"a": 1}', 1, 1.5, True])
+def test_record_refused(value):
+    refused(v.normalize_record, value, "expected a JSON object")
+
+
+# --- messages ---
+
+
+def test_messages_truncate_long_values():
+    long = "x" * 10_000
+    for name, spec in TYPES.items():
+        if name in ("string", "record"):
+            continue
+        with pytest.raises(ValueError) as info:
+            spec.normalize(long + "!")
+        assert len(str(info.value)) < 400, (name, str(info.value))
+
+
+def test_brief():
+    assert v.brief("abc") == "'abc'"
+    assert v.brief("a" * 60) == repr("a" * 50) + "... (60 characters)"
+    assert v.brief(None) == "null"
+    assert v.brief(True) == "true"
+    assert v.brief([1, 2]) == "a list of 2 items"
+    assert v.brief({"a": 1}) == "an object with 1 key"
+    assert v.brief(10**5000).startswith("an integer with about")

@@ -1,0 +1,220 @@
+"""The warehouse contract, backend-neutral: only the `Warehouse` interface and `read_rows`."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from app.schema.activity import Activity
+from app.schema.types import TYPE_NAMES
+from app.warehouse.base import Envelope
+
+if TYPE_CHECKING:
+    from tests.warehouse.conftest import Backend
+
+UTC = dt.timezone.utc
+BIG = "-" + "9" * 38 + "." + "1234567890" * 3 + "12345678"  # 38 + 38 digits
+
+# type -> [(canonical value sent, expected normalized value read back)]
+ROUND_TRIP: dict[str, list[tuple[Any, Any]]] = {
+    "string": [("plain", "plain"), ("quote ' \" ; -- /* x */ é 𝄞", "quote ' \" ; -- /* x */ é 𝄞"), ("", "")],
+    "bytes": [(base64.b64encode(b"\x00\xff\x10bin").decode(), b"\x00\xff\x10bin"), ("", b"")],
+    "integer": [(-(2**63), -(2**63)), (2**63 - 1, 2**63 - 1), (0, 0)],
+    "float": [(1.5, 1.5), (-0.1, -0.1), ("NaN", "NaN"), ("Infinity", float("inf")), ("-Infinity", float("-inf"))],
+    "numeric": [
+        ("-12345678901234567890123456789.123456789", Decimal("-12345678901234567890123456789.123456789")),
+        ("0.000000001", Decimal("0.000000001")),
+        ("42", Decimal(42)),
+    ],
+    "bignumeric": [(BIG, Decimal(BIG)), ("0." + "0" * 37 + "1", Decimal("1e-38"))],
+    "boolean": [(True, True), (False, False)],
+    "timestamp": [
+        ("2024-02-29T23:59:59.123456Z", dt.datetime(2024, 2, 29, 23, 59, 59, 123456, tzinfo=UTC)),
+        ("1970-01-01T00:00:00.000000Z", dt.datetime(1970, 1, 1, tzinfo=UTC)),
+    ],
+    "date": [("2024-02-29", dt.date(2024, 2, 29)), ("0001-01-01", dt.date(1, 1, 1)), ("9999-12-31", dt.date(9999, 12, 31))],
+    "time": [("23:59:59.999999", dt.time(23, 59, 59, 999999)), ("00:00:00", dt.time(0))],
+    "datetime": [
+        ("2024-01-02T03:04:05.000001", dt.datetime(2024, 1, 2, 3, 4, 5, 1)),
+        ("1999-12-31T23:59:59", dt.datetime(1999, 12, 31, 23, 59, 59)),
+    ],
+    "geography": [
+        # expected WKT goes through the same normalization as what is read back
+        ("POINT(1.5 -2.25)", "POINT(1.5 -2.25)"),
+        ("LINESTRING(0 0, 1 1, 2 0)", "LINESTRING (0 0, 1 1, 2 0)"),
+    ],
+    "record": [
+        ({"a": 1, "b": [1, 2, {"c": None}], "s": "x'y"}, {"a": 1, "b": [1, 2, {"c": None}], "s": "x'y"}),
+        ({}, {}),
+    ],
+}
+
+
+def test_round_trip_covers_every_type() -> None:
+    assert set(ROUND_TRIP) == set(TYPE_NAMES)
+
+
+def ins(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
+    return Activity("insert", table, [c for c, _ in cols], [t for _, t in cols], list(values))
+
+
+def dele(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
+    return Activity("delete", table, [c for c, _ in cols], [t for _, t in cols], list(values))
+
+
+def env(table: str, *activities: Activity, dedup_id: str | None = None) -> Envelope:
+    return Envelope(dedup_id or f"{uuid.uuid4().hex}:{table}:0", table, list(activities))
+
+
+def ids(backend: Backend, table: str) -> list[int]:
+    return sorted(r[0] for r in backend.read_rows(table, [("id", "integer")]))
+
+
+@pytest.mark.parametrize("typ", TYPE_NAMES)
+def test_type_round_trip_and_null(backend: Backend, table: str, typ: str) -> None:
+    cols = [("id", "integer"), ("v", typ)]
+    cases = ROUND_TRIP[typ] + [(None, None)]
+    result = backend.warehouse.apply(table, [env(table, *(ins(table, cols, [i, sent]) for i, (sent, _) in enumerate(cases)))])
+    assert result.rejections == []
+    assert result.rows_inserted == len(cases)
+    assert backend.warehouse.table_schema(table) == {"id": "integer", "v": typ}
+    got = dict(backend.read_rows(table, cols))
+    if typ == "geography":
+        cases = [(sent, backend.normalize(typ, expected)) for sent, expected in cases]
+    assert got == {i: expected for i, (_, expected) in enumerate(cases)}
+
+
+@pytest.mark.parametrize("typ", TYPE_NAMES)
+def test_delete_by_each_type(backend: Backend, table: str, typ: str) -> None:
+    cols = [("id", "integer"), ("v", typ)]
+    cases = ROUND_TRIP[typ] + [(None, None)]
+    wh = backend.warehouse
+    wh.apply(table, [env(table, *(ins(table, cols, [i, sent]) for i, (sent, _) in enumerate(cases)))])
+    # delete the first value and the null by the typed column only
+    result = wh.apply(table, [env(table, dele(table, [("v", typ)], [cases[0][0]]), dele(table, [("v", typ)], [None]))])
+    assert result.rejections == []
+    assert result.rows_deleted == 2
+    assert ids(backend, table) == list(range(1, len(cases) - 1))
+
+
+def test_insert_and_delete_multi_column_with_null(backend: Backend, table: str) -> None:
+    cols = [("id", "integer"), ("name", "string"), ("team", "string")]
+    rows = [[1, "ann", "a"], [2, "bob", None], [3, "bob", "b"], [4, "cy", None]]
+    wh = backend.warehouse
+    assert wh.table_schema(table) is None
+    r = wh.apply(table, [env(table, *(ins(table, cols, row) for row in rows))])
+    assert (r.rows_inserted, r.schema_changes, r.applied_envelopes) == (4, 1, 1)
+    # (name = bob AND team IS NULL) deletes only row 2; (id=1, name=ann) deletes row 1; no match deletes none
+    r = wh.apply(
+        table,
+        [
+            env(
+                table,
+                dele(table, [("name", "string"), ("team", "string")], ["bob", None]),
+                dele(table, [("id", "integer"), ("name", "string")], [1, "ann"]),
+                dele(table, [("id", "integer"), ("name", "string")], [3, "nobody"]),
+            )
+        ],
+    )
+    assert r.rows_deleted == 2 and r.rejections == []
+    assert ids(backend, table) == [3, 4]
+
+
+def test_insert_delete_insert_order_in_one_apply(backend: Backend, table: str) -> None:
+    cols = [("id", "integer"), ("k", "string")]
+    e1 = env(table, ins(table, cols, [1, "x"]), ins(table, cols, [2, "y"]))
+    e2 = env(table, dele(table, [("k", "string")], ["x"]), ins(table, cols, [3, "x"]), ins(table, cols, [4, "z"]))
+    e3 = env(table, dele(table, [("k", "string")], ["z"]))
+    r = backend.warehouse.apply(table, [e1, e2, e3])
+    assert (r.rows_inserted, r.rows_deleted, r.applied_envelopes) == (4, 2, 3)
+    assert backend.read_rows(table, cols) and sorted(backend.read_rows(table, cols)) == [(2, "y"), (3, "x")]
+
+
+def test_schema_evolution_adds_columns(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer")], [1]))])
+    r = wh.apply(
+        table,
+        [
+            env(table, ins(table, [("id", "integer"), ("note", "string")], [2, "n"])),
+            env(table, ins(table, [("ID", "integer"), ("when", "date"), ("Note", "string")], [3, "2024-01-01", None])),
+        ],
+    )
+    assert r.rejections == [] and r.schema_changes == 2 and r.rows_inserted == 2
+    assert wh.table_schema(table) == {"id": "integer", "note": "string", "when": "date"}
+    rows = sorted(backend.read_rows(table, [("id", "integer"), ("note", "string"), ("when", "date")]))
+    assert rows == [(1, None, None), (2, "n", None), (3, None, dt.date(2024, 1, 1))]
+    # a delete on a column added in the same apply
+    r = wh.apply(table, [env(table, ins(table, [("id", "integer"), ("flag", "boolean")], [4, True]),
+                         dele(table, [("flag", "boolean")], [True]))])
+    assert r.rows_deleted == 1 and ids(backend, table) == [1, 2, 3]
+
+
+def test_type_conflict_is_rejected_rest_applies(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer"), ("x", "integer")], [1, 1]))])
+    e = env(
+        table,
+        ins(table, [("id", "integer"), ("x", "integer")], [2, 2]),
+        ins(table, [("id", "integer"), ("x", "string")], [3, "three"]),
+        ins(table, [("id", "integer")], [4]),
+    )
+    r = wh.apply(table, [e])
+    assert r.rows_inserted == 2
+    assert [(j.dedup_id, j.index) for j in r.rejections] == [(e.dedup_id, 1)]
+    assert r.rejections[0].reason == f"column 'x' is integer in table {table}, activity sends string"
+    assert ids(backend, table) == [1, 2, 4]
+    assert wh.table_schema(table) == {"id": "integer", "x": "integer"}
+
+
+def test_delete_unknown_column_is_rejected(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer")], [1]), ins(table, [("id", "integer")], [2]))])
+    e = env(table, dele(table, [("nope", "integer")], [1]), dele(table, [("id", "integer")], [2]))
+    r = wh.apply(table, [e])
+    assert [(j.index, j.activity.operation) for j in r.rejections] == [(0, "delete")]
+    assert "nope" in r.rejections[0].reason
+    assert r.rows_deleted == 1 and ids(backend, table) == [1]
+
+
+def test_delete_on_missing_table_is_noop(backend: Backend, table: str) -> None:
+    r = backend.warehouse.apply(table, [env(table, dele(table, [("id", "integer")], [1]))])
+    assert (r.noop_deletes, r.rows_deleted, r.rejections, r.applied_envelopes) == (1, 0, [], 1)
+    assert backend.warehouse.table_schema(table) is None
+
+
+def test_redelivery_applies_once(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    e = env(table, ins(table, [("id", "integer")], [1]), ins(table, [("id", "integer")], [2]))
+    first = wh.apply(table, [e])
+    assert (first.applied_envelopes, first.skipped_duplicates, first.rows_inserted) == (1, 0, 2)
+    again = wh.apply(table, [e, env(table, ins(table, [("id", "integer")], [3]))])
+    assert (again.applied_envelopes, again.skipped_duplicates, again.rows_inserted) == (1, 1, 1)
+    assert ids(backend, table) == [1, 2, 3]
+    # the same dedup_id twice inside one call also applies once
+    e4 = env(table, ins(table, [("id", "integer")], [4]))
+    twice = wh.apply(table, [e4, e4])
+    assert (twice.applied_envelopes, twice.skipped_duplicates) == (1, 1)
+    assert ids(backend, table) == [1, 2, 3, 4]
+
+
+def test_mixed_column_sets_merge(backend: Backend, table: str) -> None:
+    acts = []
+    for i in range(300):
+        if i % 3 == 0:
+            acts.append(ins(table, [("id", "integer"), ("a", "string")], [i, f"a{i}"]))
+        elif i % 3 == 1:
+            acts.append(ins(table, [("b", "float"), ("id", "integer")], [i / 2, i]))
+        else:
+            acts.append(ins(table, [("id", "integer")], [i]))
+    r = backend.warehouse.apply(table, [env(table, *acts[:150]), env(table, *acts[150:])])
+    assert r.rows_inserted == 300 and r.rejections == []
+    rows = sorted(backend.read_rows(table, [("id", "integer"), ("a", "string"), ("b", "float")]))
+    assert rows == [
+        (i, f"a{i}" if i % 3 == 0 else None, i / 2 if i % 3 == 1 else None) for i in range(300)
+    ]

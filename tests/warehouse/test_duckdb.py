@@ -1,0 +1,194 @@
+"""DuckDB specifics: file lock, read-only queries, injection, exact decimals, internals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from app.schema.activity import Activity
+from app.settings import Settings
+from app.warehouse.base import Envelope, TransientWarehouseError, WarehouseQueryError
+from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, query_file
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "nested" / "data")
+
+
+@pytest.fixture
+def wh(settings: Settings) -> Iterator[DuckDBWarehouse]:
+    w = DuckDBWarehouse(settings)
+    yield w
+    w.close()
+
+
+def ins(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
+    return Activity("insert", table, [c for c, _ in cols], [t for _, t in cols], list(values))
+
+
+def dele(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
+    return Activity("delete", table, [c for c, _ in cols], [t for _, t in cols], list(values))
+
+
+def env(table: str, *acts: Activity) -> Envelope:
+    return Envelope(f"{uuid.uuid4().hex}:{table}:0", table, list(acts))
+
+
+HOLD_LOCK = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.readline()
+con.close()
+"""
+
+
+def test_creates_parent_dir_and_declares_spatial(wh: DuckDBWarehouse, settings: Settings) -> None:
+    assert settings.duckdb_file.exists()
+    assert wh.capabilities.name == "duckdb" and wh.capabilities.transactional
+    assert wh.capabilities.supports_geometry  # the offline spatial wheel is a pinned dependency
+    assert wh.ready() == (True, "ok")
+
+
+def test_file_locked_by_other_process_is_transient_then_recovers(wh: DuckDBWarehouse, settings: Settings) -> None:
+    wh.close()  # release our lock, another process takes it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(settings.duckdb_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TransientWarehouseError, match="lock"):
+            wh.apply("t", [env("t", ins("t", [("id", "integer")], [1]))])
+        assert wh.ready()[0] is False
+        other = DuckDBWarehouse(settings)  # constructing while locked does not raise
+        other.close()
+        with pytest.raises(DuckDBFileLocked, match="admin port"):
+            query_file(settings.duckdb_file, "SELECT 1")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=30)
+    r = wh.apply("t", [env("t", ins("t", [("id", "integer")], [1]))])
+    assert r.rows_inserted == 1
+    assert wh.query('SELECT id FROM "t"') == (["id"], [(1,)])
+
+
+def test_query_file_read_only(settings: Settings) -> None:
+    w = DuckDBWarehouse(settings)
+    w.apply("t", [env("t", ins("t", [("id", "integer"), ("g", "geography")], [1, "POINT(1 2)"]))])
+    w.close()
+    assert query_file(settings.duckdb_file, 'SELECT id, ST_AsText(g) FROM "t"') == (["id", "st_astext(g)"], [(1, "POINT (1 2)")])
+    with pytest.raises(WarehouseQueryError):
+        query_file(settings.duckdb_file, 'DELETE FROM "t"')
+    with pytest.raises(WarehouseQueryError, match="no DuckDB warehouse"):
+        query_file(settings.duckdb_file.parent / "missing.duckdb", "SELECT 1")
+
+
+def test_query_cannot_change_data(wh: DuckDBWarehouse) -> None:
+    wh.apply("t", [env("t", ins("t", [("id", "integer")], [1]))])
+    for sql in [
+        'DELETE FROM "t"',
+        'DROP TABLE "t"',
+        'CREATE TABLE "u" (a INT)',
+        'SELECT 1; DROP TABLE "t"',
+        'COMMIT; DELETE FROM "t"',
+        "ATTACH 'x.duckdb' AS x",
+        "COPY t TO 'out.csv'",
+    ]:
+        with pytest.raises(WarehouseQueryError):
+            wh.query(sql)
+    with pytest.raises(WarehouseQueryError, match="(?i)disabled|permission"):
+        wh.query("SELECT * FROM read_text('/etc/hostname')")
+    with pytest.raises(WarehouseQueryError):
+        wh.query("SELECT * FROM no_such_table")
+    assert wh.query('SELECT count(*) AS n FROM "t" WHERE id = ?', [1]) == (["n"], [(1,)])
+    assert wh.table_schema("t") == {"id": "integer"}
+
+
+def test_failure_mid_apply_rolls_back_everything(wh: DuckDBWarehouse) -> None:
+    wh.apply("t", [env("t", ins("t", [("id", "integer")], [1]))])
+    bad = env(
+        "t",
+        ins("t", [("id", "integer"), ("extra", "string")], [2, "x"]),
+        dele("t", [("id", "integer")], [1]),
+        ins("t", [("id", "integer"), ("ts", "timestamp")], [3, "not a timestamp"]),  # not canonical: cast fails
+    )
+    with pytest.raises(TransientWarehouseError, match="rolled back"):
+        wh.apply("t", [bad])
+    assert wh.table_schema("t") == {"id": "integer"}  # DDL rolled back too
+    assert wh.query('SELECT id FROM "t"')[1] == [(1,)]
+    assert wh.query(f"SELECT count(*) FROM {APPLIED_TABLE} WHERE dedup_id = ?", [bad.dedup_id])[1] == [(0,)]
+    # the connection is still usable
+    assert wh.apply("t", [env("t", ins("t", [("id", "integer")], [4]))]).rows_inserted == 1
+
+
+def test_injection_is_stored_literally(wh: DuckDBWarehouse) -> None:
+    nasty = ["x'); DROP TABLE t; --", 'a"b', "/* c */ ; SELECT 1", "\\'", "$$", "\x00?"]
+    cols = [("id", "integer"), ("s", "string"), ("r", "record")]
+    acts = [ins("t", cols, [i, v, {v: v}]) for i, v in enumerate(nasty)]
+    r = wh.apply("t", [env("t", *acts)])
+    assert r.rows_inserted == len(nasty) and r.rejections == []
+    _, rows = wh.query('SELECT id, s, CAST(r AS VARCHAR) FROM "t" ORDER BY id')
+    assert [row[1] for row in rows] == nasty
+    # deletes bind values too: grouped (staged) and single (parameters)
+    r = wh.apply("t", [env("t", dele("t", [("s", "string")], [nasty[0]]), dele("t", [("s", "string")], [nasty[1]]))])
+    assert r.rows_deleted == 2
+    r = wh.apply("t", [env("t", dele("t", [("r", "record")], [{nasty[2]: nasty[2]}]))])
+    assert r.rows_deleted == 1
+    assert [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]] == [3, 4, 5]
+    # hostile identifiers never reach SQL: the activity / table is rejected
+    r = wh.apply("t", [env("t", ins("t", [('a" INT); DROP TABLE t; --', "integer")], [1]))])
+    assert len(r.rejections) == 1 and "invalid column name" in r.rejections[0].reason
+    bad_table = 't"; DROP TABLE t; --'
+    r = wh.apply(bad_table, [env(bad_table, ins(bad_table, [("id", "integer")], [1]))])
+    assert len(r.rejections) == 1 and "not allowed" in r.rejections[0].reason
+    r = wh.apply(APPLIED_TABLE, [env(APPLIED_TABLE, dele(APPLIED_TABLE, [("dedup_id", "string")], ["x"]))])
+    assert len(r.rejections) == 1
+    assert wh.table_schema("t") == {"id": "integer", "s": "string", "r": "record"}
+
+
+def test_bignumeric_76_digits_lossless(wh: DuckDBWarehouse) -> None:
+    values = ["9" * 38 + "." + "9" * 38, "-" + "1" * 38 + "." + "0" * 37 + "1", "0", "-0.5"]
+    cols = [("id", "integer"), ("b", "bignumeric")]
+    wh.apply("t", [env("t", *(ins("t", cols, [i, v]) for i, v in enumerate(values)))])
+    assert wh.table_schema("t") == {"id": "integer", "b": "bignumeric"}  # VARCHAR, but typed via metadata
+    _, rows = wh.query('SELECT b FROM "t" ORDER BY id')
+    assert [r[0] for r in rows] == values  # the canonical text itself
+    assert Decimal(rows[0][0]) == Decimal(values[0])
+    r = wh.apply("t", [env("t", dele("t", [("b", "bignumeric")], [values[1]]))])
+    assert r.rows_deleted == 1
+    # bignumeric does not silently merge with string
+    r = wh.apply("t", [env("t", ins("t", [("b", "string")], ["1"]))])
+    assert r.rejections[0].reason == "column 'b' is bignumeric in table t, activity sends string"
+
+
+def test_numeric_is_exact_decimal_38_9(wh: DuckDBWarehouse) -> None:
+    cols = [("n", "numeric")]
+    wh.apply("t", [env("t", *(ins("t", cols, ["0.1"]) for _ in range(10)), ins("t", cols, ["99999999999999999999999999999.999999999"]))])
+    _, rows = wh.query('SELECT sum(n) FILTER (WHERE n < 1), max(n), typeof(max(n)) FROM "t"')
+    assert rows == [(Decimal("1.000000000"), Decimal("99999999999999999999999999999.999999999"), "DECIMAL(38,9)")]
+    assert wh.apply("t", [env("t", dele("t", cols, ["0.100000000"]))]).rows_deleted == 10
+
+
+def test_prune_applied(wh: DuckDBWarehouse) -> None:
+    wh.apply("t", [env("t", ins("t", [("id", "integer")], [1]))])
+    con = wh._connection()
+    con.execute(f"INSERT INTO {APPLIED_TABLE} VALUES ('old', now() - INTERVAL 8 DAY)")
+    assert wh.prune_applied() == 1
+    assert wh.query(f"SELECT count(*) FROM {APPLIED_TABLE}")[1] == [(1,)]
+
+
+def test_table_names_case_insensitive(wh: DuckDBWarehouse) -> None:
+    wh.apply("Users", [env("Users", ins("Users", [("Id", "integer")], [1]))])
+    r = wh.apply("users", [env("users", ins("users", [("ID", "integer"), ("x", "date")], [2, "2024-01-01"]))])
+    assert r.rejections == [] and r.schema_changes == 1
+    assert wh.table_schema("USERS") == {"Id": "integer", "x": "date"}
+    assert wh.query('SELECT count(*) FROM "users"')[1] == [(2,)]

@@ -1,0 +1,201 @@
+"""The backend-neutral planner (app.warehouse.plan), without any warehouse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.schema.activity import Activity
+from app.warehouse.base import Envelope
+from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Plan, plan_table
+
+
+def ins(cols: list[tuple[str, str]], values: list[Any]) -> Activity:
+    return Activity("insert", "t", [c for c, _ in cols], [t for _, t in cols], list(values))
+
+
+def dele(cols: list[tuple[str, str]], values: list[Any]) -> Activity:
+    return Activity("delete", "t", [c for c, _ in cols], [t for _, t in cols], list(values))
+
+
+def env(n: int, *acts: Activity) -> Envelope:
+    return Envelope(f"b:t:{n}", "t", list(acts))
+
+
+def kinds(plan: Plan) -> list[str]:
+    return [type(s).__name__ for s in plan.steps]
+
+
+def test_inserts_merge_across_envelopes_and_column_sets() -> None:
+    plan = plan_table(
+        "t",
+        None,
+        [
+            env(0, ins([("id", "integer"), ("a", "string")], [1, "x"]), ins([("id", "integer"), ("a", "string")], [2, "y"])),
+            env(1, ins([("b", "float"), ("ID", "integer")], [0.5, 3])),
+            env(2, ins([("id", "integer")], [4]), ins([("id", "integer"), ("a", "string")], [5, "z"])),
+        ],
+    )
+    assert kinds(plan) == ["CreateTable", "InsertRows"]
+    create, insert = plan.steps
+    assert isinstance(create, CreateTable) and create.columns == [("id", "integer"), ("a", "string"), ("b", "float")]
+    assert isinstance(insert, InsertRows)
+    assert insert.count == 5 and plan.rows_to_insert == 5
+    assert insert.columns == [("id", "integer"), ("a", "string"), ("b", "float")]
+    assert insert.values == {"id": [1, 2, 3, 4, 5], "a": ["x", "y", None, None, "z"], "b": [None, None, 0.5, None, None]}
+    assert plan.schema_changes == 1  # one table created (its columns come with it)
+    assert plan.schema == {"id": ("id", "integer"), "a": ("a", "string"), "b": ("b", "float")}
+
+
+def test_existing_table_columns_added_once_and_hoisted() -> None:
+    schema = {"id": ("Id", "integer")}
+    plan = plan_table(
+        "t",
+        schema,
+        [
+            env(0, ins([("id", "integer")], [1]), dele([("ID", "integer")], [1])),
+            env(1, ins([("id", "integer"), ("New", "string")], [2, "n"]), ins([("id", "integer"), ("new", "string")], [3, "m"])),
+            env(2, ins([("x", "boolean")], [True])),
+        ],
+    )
+    assert kinds(plan) == ["AddColumns", "InsertRows", "DeleteRows", "InsertRows"]
+    add, first, delete, second = plan.steps
+    assert isinstance(add, AddColumns) and add.columns == [("New", "string"), ("x", "boolean")]
+    assert plan.schema_changes == 2
+    assert isinstance(first, InsertRows) and first.values == {"Id": [1]}
+    assert isinstance(delete, DeleteRows) and delete.conditions == [[("Id", "integer", 1)]]
+    assert isinstance(second, InsertRows)
+    assert second.columns == [("Id", "integer"), ("New", "string"), ("x", "boolean")]
+    assert second.values == {"Id": [2, 3, None], "New": ["n", "m", None], "x": [None, None, True]}
+    assert schema == {"id": ("Id", "integer")}  # input not mutated
+
+
+def test_consecutive_deletes_grouped_and_barrier() -> None:
+    c = [("k", "string")]
+    plan = plan_table(
+        "t",
+        {"k": ("k", "string")},
+        [env(0, dele(c, ["a"]), dele(c, [None]), ins(c, ["b"]), dele(c, ["b"]))],
+    )
+    assert kinds(plan) == ["DeleteRows", "InsertRows", "DeleteRows"]
+    assert plan.steps[0].conditions == [[("k", "string", "a")], [("k", "string", None)]]
+    assert plan.deletes == 3
+
+
+def test_rejections() -> None:
+    schema = {"x": ("x", "integer")}
+    e = env(
+        7,
+        ins([("x", "string")], ["s"]),  # 0 type conflict
+        dele([("y", "integer")], [1]),  # 1 unknown column
+        dele([("x", "float")], [1.0]),  # 2 delete type conflict
+        ins([("x", "integer"), ("X", "integer")], [1, 2]),  # 3 duplicate column
+        Activity("insert", "t", ["x"], ["integer"], [1, 2]),  # 4 length mismatch
+        ins([("z", "money")], [1]),  # 5 unknown type
+        Activity("upsert", "t", ["x"], ["integer"], [1]),  # 6 unknown operation
+        dele([], []),  # 7 delete everything: refused
+        ins([('a"; DROP TABLE t; --', "integer")], [1]),  # 8 invalid name
+        ins([("x", "integer")], [9]),  # 9 fine
+        ins([("x", "string")], ["again"]),  # 10 type conflict (cached shape)
+    )
+    plan = plan_table("t", schema, [e])
+    assert [r.index for r in plan.rejections] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert all(r.dedup_id == "b:t:7" for r in plan.rejections)
+    reasons = [r.reason for r in plan.rejections]
+    assert reasons[0] == "column 'x' is integer in table t, activity sends string"
+    assert reasons[1] == "delete names column 'y' which table t does not have"
+    assert reasons[2] == "column 'x' is integer in table t, activity sends float"
+    assert "invalid column name" in reasons[8]
+    assert reasons[9] == reasons[0]
+    assert kinds(plan) == ["InsertRows"] and plan.steps[0].values == {"x": [9]}
+
+
+def test_conflict_with_column_added_earlier_in_same_plan() -> None:
+    plan = plan_table("t", None, [env(0, ins([("a", "integer")], [1])), env(1, ins([("A", "date")], ["2024-01-01"]))])
+    assert [r.reason for r in plan.rejections] == ["column 'a' is integer in table t, activity sends date"]
+    assert plan.rows_to_insert == 1
+
+
+def test_delete_on_missing_table_is_noop_until_created() -> None:
+    c = [("k", "integer")]
+    plan = plan_table("t", None, [env(0, dele(c, [1]), dele([("other", "string")], ["x"]), ins(c, [1]), dele(c, [1]))])
+    assert plan.noop_deletes == 2 and plan.rejections == []
+    assert kinds(plan) == ["CreateTable", "InsertRows", "DeleteRows"]
+
+
+def test_empty() -> None:
+    plan = plan_table("t", None, [])
+    assert plan.steps == [] and plan.schema is None
+
+
+# --------------------------------------------------------------------------- property
+
+
+def _naive(schema: dict | None, envelopes: list[Envelope]) -> tuple[list[dict], list[int], int]:
+    """Row-at-a-time reference: table rows as dicts (lowercased names), rejected indexes, no-op deletes."""
+    rows: list[dict] = []
+    cols = dict(schema or {})
+    exists = schema is not None
+    rejected: list[int] = []
+    noop = 0
+    for e in envelopes:
+        for i, a in enumerate(e.activities):
+            lows = [n.lower() for n in a.col_names]
+            if a.operation == "insert":
+                if any(l in cols and cols[l][1] != t for l, t in zip(lows, a.col_types)):
+                    rejected.append(i)
+                    continue
+                for n, l, t in zip(a.col_names, lows, a.col_types):
+                    cols.setdefault(l, (n, t))
+                exists = True
+                rows.append(dict(zip(lows, a.col_values)))
+            else:
+                if not exists:
+                    noop += 1
+                    continue
+                if any(l not in cols or cols[l][1] != t for l, t in zip(lows, a.col_types)):
+                    rejected.append(i)
+                    continue
+                rows = [r for r in rows if not all(r.get(l) == v for l, v in zip(lows, a.col_values))]
+    return rows, rejected, noop
+
+
+def _execute(plan: Plan) -> list[dict]:
+    rows: list[dict] = []
+    for step in plan.steps:
+        if isinstance(step, InsertRows):
+            for j in range(step.count):
+                rows.append({n.lower(): step.values[n][j] for n, _ in step.columns})
+        elif isinstance(step, DeleteRows):
+            for conds in step.conditions:
+                rows = [r for r in rows if not all(r.get(n.lower()) == v for n, _, v in conds)]
+    return rows
+
+
+def _canon(rows: list[dict]) -> list[tuple]:
+    return sorted(tuple(sorted((k, v) for k, v in r.items() if v is not None)) for r in rows)
+
+
+_columns = st.sampled_from([("a", "integer"), ("A", "integer"), ("b", "string"), ("c", "integer"), ("b", "integer")])
+
+
+@st.composite
+def _activity(draw: Any) -> Activity:
+    cols = draw(st.lists(_columns, min_size=1, max_size=3, unique_by=lambda c: c[0].lower()))
+    values = [draw(st.one_of(st.none(), st.integers(0, 2))) if t == "integer" else draw(st.sampled_from([None, "x", "y"])) for _, t in cols]
+    op = draw(st.sampled_from(["insert", "insert", "delete"]))
+    return Activity(op, "t", [c for c, _ in cols], [t for _, t in cols], values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_activity(), min_size=1, max_size=6), max_size=5), st.booleans())
+def test_plan_matches_row_at_a_time(batches: list[list[Activity]], table_exists: bool) -> None:
+    schema = {"a": ("a", "integer")} if table_exists else None
+    envelopes = [Envelope(f"b:t:{n}", "t", acts) for n, acts in enumerate(batches)]
+    plan = plan_table("t", schema, envelopes)
+    want_rows, want_rejected, want_noop = _naive(schema, envelopes)
+    assert _canon(_execute(plan)) == _canon(want_rows)
+    assert [r.index for r in plan.rejections] == want_rejected
+    assert plan.noop_deletes == want_noop
