@@ -60,7 +60,8 @@ class Report:
 
 def subscription_ack_deadline(settings: Settings) -> int:
     """The subscription's ack deadline: ACK_DEADLINE_SECONDS within Pub/Sub's 10..600 s."""
-    return int(min(max(round(settings.ack_deadline_seconds), SUBSCRIPTION_ACK_DEADLINE_MIN), SUBSCRIPTION_ACK_DEADLINE_MAX))
+    seconds = round(settings.ack_deadline_seconds)
+    return int(min(max(seconds, SUBSCRIPTION_ACK_DEADLINE_MIN), SUBSCRIPTION_ACK_DEADLINE_MAX))
 
 
 def delivery_attempts(settings: Settings) -> int:
@@ -175,7 +176,7 @@ def provision_bigquery(settings: Settings, report: Report | None = None) -> Repo
 
         ensure = getattr(bq, "ensure_dataset", None)
     except ImportError:
-        bq = None
+        pass
     name = f"{settings.gcp_project}.{settings.bigquery_dataset}"
     if ensure is not None:
         result = ensure(settings)
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     do_ps = not args.no_pubsub and _env_flag("PROVISION_PUBSUB")
     target = []
     if do_ps:
-        target.append(f"Pub/Sub {'emulator ' + os.environ['PUBSUB_EMULATOR_HOST'] if os.environ.get('PUBSUB_EMULATOR_HOST') else 'Google Cloud'}")
+        ps_host = os.environ.get("PUBSUB_EMULATOR_HOST")
+        target.append(f"Pub/Sub {'emulator ' + ps_host if ps_host else 'Google Cloud'}")
     if do_bq:
         bq_host = settings.bigquery_emulator_host or os.environ.get("BIGQUERY_EMULATOR_HOST")
         target.append(f"BigQuery {'emulator ' + bq_host if bq_host else 'Google Cloud'}")

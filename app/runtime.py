@@ -23,6 +23,7 @@ def run_api(settings: Settings | None = None) -> None:
 
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    refuse_open_unauthenticated(settings)
     uvicorn.run(
         "app.api.app:create_app",
         factory=True,
@@ -102,6 +103,20 @@ def run_both(settings: Settings | None = None) -> int:
             child.kill()
             code = 1
     return code if not stopping.is_set() else 0
+
+
+class UnsafeConfiguration(SystemExit):
+    pass
+
+
+def refuse_open_unauthenticated(settings: Settings) -> None:
+    """An API reachable from other hosts must have keys, unless explicitly allowed."""
+    if not settings.api_keys and not settings.api_allow_unauthenticated and not is_loopback(settings.api_host):
+        log.error(
+            "refusing to start: API_HOST=%s is not loopback and API_KEYS is empty; "
+            "set API_KEYS or API_ALLOW_UNAUTHENTICATED=true", settings.api_host,
+        )
+        raise UnsafeConfiguration(2)
 
 
 def is_loopback(host: str) -> bool:

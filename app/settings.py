@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     max_columns: int = Field(10_000, description="Most columns in one activity (BigQuery's limit).")
     max_value_bytes: int = Field(1024 * 1024, description="Largest single value (string, bytes, record, geography).")
     max_record_depth: int = Field(15, description="Deepest nesting of a record value.")
+    api_keys: str | None = Field(None, description="Comma-separated API keys (plain or `sha256:<hex>`); when set, ingest needs one.")
+    api_allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without API keys.")
     publish_timeout_seconds: float = Field(10.0, description="How long the API waits for the broker before answering 503.")
 
     # --- where things live ---

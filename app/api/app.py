@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from app import __version__, metrics
+from app.api.auth import is_authorized, parse_api_keys
 from app.api.errors import ERROR_SCHEMA, ApiError, error_response
 from app.broker import Broker, BrokerUnavailable, IdempotencyConflict, make_broker
 from app.pipeline.codec import encode_batch, new_batch_id
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         redirect_slashes=False,
     )
     app.state.settings = settings
+    api_key_digests = parse_api_keys(settings.api_keys)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -130,6 +132,11 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         return error_response(500, "internal error; the batch was not accepted, retry later", [])
 
     async def ingest(request: Request) -> Response:
+        if not is_authorized(request, api_key_digests):
+            raise ApiError(
+                401, "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         content_type = request.headers.get("content-type", "")
         if content_type.split(";", 1)[0].strip().lower() != "application/json":
             raise ApiError(415, "Content-Type must be application/json")

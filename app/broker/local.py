@@ -125,6 +125,14 @@ class _PublishRequest:
     deadline: float  # time.monotonic()
     nbytes: int
     result: Any = field(default=None)  # PublishResult or an exception, set by the writer
+    # _PENDING -> _CLAIMED (the writer holds the write lock and will commit it) or
+    # _ABANDONED (the caller timed out first). Changed under `_CLAIM_LOCK` only, so a caller
+    # that got "timed out" knows its messages were not, and will not be, published.
+    state: int = 0
+
+
+_PENDING, _CLAIMED, _ABANDONED = 0, 1, 2
+_CLAIM_LOCK = threading.Lock()
 
 
 class LocalBroker(Broker):
@@ -282,7 +290,7 @@ class LocalBroker(Broker):
             self._queued_bytes += nbytes
             if len(self._queue) == 1:
                 self._cond.notify()
-        timer = loop.call_later(self.publish_timeout, _expire, future)
+        timer = loop.call_later(self.publish_timeout, _on_timeout, request, loop, self.publish_timeout)
         try:
             return await future
         finally:
@@ -325,31 +333,34 @@ class LocalBroker(Broker):
                 pass
 
     def _commit_group(self, group: list[_PublishRequest]) -> None:
-        now_mono = time.monotonic()
-        live: list[_PublishRequest] = []
-        for request in group:
-            if request.deadline <= now_mono:
-                request.result = BrokerUnavailable("publish timed out in the local broker queue")
-            else:
-                live.append(request)
+        claimed: list[_PublishRequest] = []
         try:
-            if live:
-                self._write(live)
+            self._write(group, claimed)
         except Exception as exc:  # the whole group failed: nothing of it is committed
-            log.warning("local broker group commit of %d requests failed: %s", len(live), exc)
+            log.warning("local broker group commit of %d requests failed: %s", len(group), exc)
             self._close_writer_conn()
-            for request in live:
+            for request in group:
                 request.result = BrokerUnavailable(f"local broker commit failed: {exc}")
         _resolve(group)
 
-    def _write(self, group: list[_PublishRequest]) -> None:
+    def _write(self, group: list[_PublishRequest], claimed: list[_PublishRequest]) -> None:
         if self._writer_conn is None:
             self._writer_conn = self._connect(synchronous="FULL", busy_timeout=self._writer_busy_timeout)
         conn = self._writer_conn
+        conn.execute("BEGIN IMMEDIATE")  # may wait up to the busy timeout for the write lock
         now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for request in group:
+            # Only now, holding the write lock, decide which callers are still waiting.
+            now_mono = time.monotonic()
+            with _CLAIM_LOCK:
+                for request in group:
+                    if request.state == _PENDING and request.deadline > now_mono:
+                        request.state = _CLAIMED
+                        claimed.append(request)
+                    else:
+                        request.state = _ABANDONED
+                        request.result = BrokerUnavailable("local broker publish timed out")
+            for request in claimed:
                 conn.execute("SAVEPOINT req")
                 try:
                     request.result = self._write_one(conn, request, now)
@@ -414,7 +425,8 @@ class LocalBroker(Broker):
             return
         mono = time.monotonic()
         try:
-            if mono - self._last_purge >= self.idempotency_purge_interval_seconds:
+            purge_every = self.maintenance_interval_seconds if idle else self.idempotency_purge_interval_seconds
+            if mono - self._last_purge >= purge_every:
                 self._last_purge = mono
                 conn = self._writer_conn or self._open_writer()
                 conn.execute(
@@ -690,9 +702,21 @@ def _handles(messages: Sequence[ReceivedMessage]) -> list[tuple[int, int]]:
     return out
 
 
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(BrokerUnavailable("local broker publish timed out"))
+def _on_timeout(request: _PublishRequest, loop: asyncio.AbstractEventLoop, grace: float) -> None:
+    """The caller's publish timeout: give up unless the writer is already committing it."""
+    if request.future.done():
+        return
+    with _CLAIM_LOCK:
+        if request.state == _PENDING:
+            request.state = _ABANDONED
+    if request.state == _ABANDONED:
+        request.future.set_exception(BrokerUnavailable("local broker publish timed out"))
+    elif grace > 0:
+        # Claimed: the commit holds the write lock and is only doing I/O; its outcome is
+        # the answer. Still bound the wait in case the disk hangs (then it may be stored).
+        loop.call_later(grace, _on_timeout, request, loop, 0.0)
+    else:
+        request.future.set_exception(BrokerUnavailable("local broker commit is hanging"))
 
 
 def _resolve(group: list[_PublishRequest]) -> None:

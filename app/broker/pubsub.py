@@ -221,7 +221,7 @@ class PubSubBroker(Broker):
         failed: list[OutgoingMessage] = []
         error: BaseException | None = None
         fatal = False
-        for index, m in enumerate(messages):
+        for m in messages:
             try:
                 f = publisher.publish(
                     self.topic_path,
@@ -238,7 +238,7 @@ class PubSubBroker(Broker):
             futures.append(asyncio.wrap_future(f))
         try:
             results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
-        except asyncio.TimeoutError as exc:
+        except asyncio.TimeoutError:
             return list(messages), TimeoutError(f"no answer within {timeout:.1f}s"), False
         for m, r in zip(messages, results):
             if isinstance(r, BaseException):

@@ -207,8 +207,8 @@ class _Context:
                 raise _TooLarge(f"nests deeper than {max_record_depth} levels", "max_record_depth")
             try:
                 size = len(orjson.dumps(v))
-            except (orjson.JSONEncodeError, TypeError, RecursionError):
-                raise ValueError("the object holds values JSON cannot represent") from None
+            except (orjson.JSONEncodeError, TypeError, RecursionError) as exc:
+                raise ValueError(f"the object holds a value that cannot be carried as JSON ({str(exc)[:80]})") from None
             if size > max_value_bytes:
                 raise _TooLarge(
                     f"is {size} bytes as JSON; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes"

@@ -466,3 +466,35 @@ def test_backlog_stats(broker):
     assert broker.backlog().messages == 2
     broker.ack(got)
     assert broker.backlog() == type(empty)(messages=0, oldest_age_seconds=None)
+
+
+def test_group_whose_transaction_dies_publishes_nothing_of_the_group(broker, monkeypatch):
+    """SQLite rolled the whole transaction back (as on SQLITE_FULL): every request in that group fails."""
+    real = LocalBroker._write_one
+
+    def failing(conn, request, now):
+        if request.batch_id == "doomed":
+            conn.execute("INSERT INTO messages (ordering_key, data, attributes, published_at) VALUES ('x', x'00', '{}', 0)")
+            conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(conn, request, now)
+
+    monkeypatch.setattr(LocalBroker, "_write_one", staticmethod(failing))
+
+    async def run():
+        return await asyncio.gather(
+            *[broker.publish([msg(f"a{i}"), msg(f"b{i}", "k2")], batch_id=f"g{i}") for i in range(10)],
+            broker.publish([msg("doomed")], batch_id="doomed"),
+            *[broker.publish([msg(f"c{i}")], batch_id=f"h{i}") for i in range(10)],
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(run())
+    assert isinstance(results[10], BrokerUnavailable)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    assert all(isinstance(r, BrokerUnavailable) for r in results if isinstance(r, BaseException))
+    # Exactly the acknowledged publishes are in the file, nothing of the failed group(s).
+    assert count_rows(broker.path) == sum(r.message_count for r in ok)
+    monkeypatch.setattr(LocalBroker, "_write_one", staticmethod(real))
+    publish(broker, msg("later"))  # the writer reconnected and works again
+    assert count_rows(broker.path) == sum(r.message_count for r in ok) + 1

@@ -277,3 +277,12 @@ def test_nack_delay_is_clamped_and_zero_means_plain_nack():
     assert m1.calls == ["modack 600", "drop"]
     assert m2.calls == ["nack"]
     assert b._blocked == {}
+
+
+def test_emulator_trouble_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(EmulatorUnavailable, match="CI=true"):
+        unavailable("no go toolchain")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no go toolchain"):
+        unavailable("no go toolchain")

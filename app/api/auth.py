@@ -1,0 +1,53 @@
+"""API keys: `API_KEYS` holds plain keys or `sha256:<hex>` digests; requests carry one.
+
+Keys are compared as SHA-256 digests with `hmac.compare_digest`, so the comparison
+takes the same time whichever key is tried, and config can hold digests only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from starlette.requests import Request
+
+
+def parse_api_keys(raw: str | None) -> list[bytes]:
+    """Digests of the configured keys; empty when authentication is off."""
+    digests: list[bytes] = []
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.lower().startswith("sha256:"):
+            hex_digest = item[len("sha256:"):]
+            try:
+                digest = bytes.fromhex(hex_digest)
+            except ValueError:
+                raise ValueError("API_KEYS: a sha256: entry must be followed by 64 hex digits") from None
+            if len(digest) != 32:
+                raise ValueError("API_KEYS: a sha256: entry must be followed by 64 hex digits")
+            digests.append(digest)
+        else:
+            digests.append(hashlib.sha256(item.encode()).digest())
+    return digests
+
+
+def presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth and auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def is_authorized(request: Request, digests: list[bytes]) -> bool:
+    if not digests:
+        return True
+    key = presented_key(request)
+    if key is None:
+        return False
+    candidate = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    matched = False
+    for digest in digests:  # no early exit: same work whichever key matches
+        matched |= hmac.compare_digest(candidate, digest)
+    return matched
