@@ -170,7 +170,16 @@ def dead_letters_replay(
     if not ids and not replay_all:
         typer.echo("name ids to replay, or --all", err=True)
         raise typer.Exit(2)
-    done, failed = replay(get_settings(), ids or None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # The bar goes to stderr (and only when it is a terminal), so stdout stays parseable.
+    with Progress(
+        TextColumn("replaying dead letters"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=False,
+    ) as bar:
+        task = bar.add_task("replay", total=None)
+        done, failed = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
     typer.echo(f"replayed {done}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
 

@@ -27,7 +27,11 @@ from starlette.responses import Response
 from app import __version__, metrics
 from app.api.auth import is_authorized, parse_api_keys
 from app.api.errors import ERROR_SCHEMA, ApiError, error_response
+from app.api.examples import REQUEST_EXAMPLES
+from app.api.middleware import RequestContextMiddleware
+from app.api.status import install_status_page
 from app.broker import Broker, BrokerUnavailable, IdempotencyConflict, make_broker
+from app.logs import batch_id_var
 from app.pipeline.codec import encode_batch, new_batch_id
 from app.schema.validation import BatchInvalid, IngestRequest, LimitExceeded, validate_batch
 from app.settings import Settings, get_settings
@@ -89,6 +93,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return out
 
 
+def _activity_count(body: Any) -> int:
+    activities = body.get("user_activities") if isinstance(body, dict) else None
+    return len(activities) if isinstance(activities, list) else 0
+
+
 def create_app(settings: Settings | None = None, broker: Broker | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -110,10 +119,11 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     )
     app.state.settings = settings
     api_key_digests = parse_api_keys(settings.api_keys)
+    app.add_middleware(RequestContextMiddleware, counted_paths=(INGEST_PATH, INGEST_PATH.rstrip("/")))
+    install_status_page(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        metrics.REQUESTS.labels(str(exc.status)).inc()
         return error_response(exc.status, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -128,7 +138,6 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error")
-        metrics.REQUESTS.labels("500").inc()
         return error_response(500, "internal error; the batch was not accepted, retry later", [])
 
     async def ingest(request: Request) -> Response:
@@ -157,13 +166,14 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
                 max_record_depth=settings.max_record_depth,
             )
         except LimitExceeded as exc:
+            metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
             raise ApiError(413, str(exc)) from None
         except BatchInvalid as exc:
-            count = len(body.get("user_activities") or ()) if isinstance(body, dict) and isinstance(body.get("user_activities"), list) else 0
-            metrics.ACTIVITIES_REJECTED.inc(count)
+            metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
             raise ApiError(422, f"batch rejected: {len(exc.details)} problem(s); nothing was published", exc.details) from None
 
         batch_id = new_batch_id(idempotency_key)
+        batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
         messages = encode_batch(activities, batch_id)
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         started = time.perf_counter()
@@ -172,6 +182,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
                 messages, batch_id=batch_id, idempotency_key=idempotency_key, request_fingerprint=fingerprint
             )
         except IdempotencyConflict:
+            metrics.ACTIVITIES_REJECTED.inc(len(activities))
             raise ApiError(409, "Idempotency-Key was already used with a different body") from None
         except BrokerUnavailable as exc:
             log.warning("broker unavailable: %s", exc)
@@ -179,9 +190,16 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
                 503, "the stream cannot take the batch right now; nothing was accepted, retry later",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             ) from None
-        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        publish_seconds = time.perf_counter() - started
+        metrics.PUBLISH_SECONDS.observe(publish_seconds)
         metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else len(activities))
-        metrics.REQUESTS.labels("200").inc()
+        if not result.duplicate:
+            request.app.state.event_rate.record(len(activities))  # the status page's chart
+        log.info(
+            "batch published",
+            extra={"activities": len(activities), "messages": len(messages), "duplicate": result.duplicate,
+                   "publish_ms": round(publish_seconds * 1000, 2)},
+        )
         headers = {"Idempotent-Replayed": "true"} if result.duplicate else None
         return _json(
             200,
@@ -220,7 +238,12 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
             openapi_extra={
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IngestRequest"}}},
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/IngestRequest"},
+                            "examples": REQUEST_EXAMPLES,
+                        }
+                    },
                 },
                 "parameters": [
                     {
@@ -245,7 +268,11 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:
-        stats = await asyncio.to_thread(request.app.state.broker.backlog)
+        try:
+            stats = await asyncio.to_thread(request.app.state.broker.backlog)
+        except Exception as exc:  # a scrape must still answer while the broker is down
+            log.warning("broker backlog unavailable for /metrics: %s", exc)
+            stats = None
         if stats is not None:
             metrics.BACKLOG_MESSAGES.set(stats.messages)
             metrics.BACKLOG_OLDEST_SECONDS.set(stats.oldest_age_seconds or 0)

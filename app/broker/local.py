@@ -10,7 +10,10 @@ Each request runs inside its own SAVEPOINT, so a request that fails (a constrain
 value) is rolled back alone while the rest of its group commits; if the group's
 transaction as a whole fails (disk full, I/O error, the file is locked) every caller in it
 gets `BrokerUnavailable` and nothing of the group is visible. The writer reconnects after
-any error, so the broker recovers by itself once the file is writable again.
+any error, so the broker recovers by itself once the file is writable again. The busy
+timeout is small (at most 2 s, at most half the publish timeout), so a file locked by
+another process answers `BrokerUnavailable` quickly; the queue is bounded (requests and
+bytes) and answers `BrokerUnavailable` when full.
 
 The subscriber side (pull/ack/nack) has its own connection with ``synchronous=NORMAL``:
 losing a lease or an ack on power loss only causes a redelivery, which at-least-once
@@ -173,7 +176,6 @@ class LocalBroker(Broker):
         self._writer_conn: sqlite3.Connection | None = None
         self._last_maintenance = time.monotonic()
         self._last_purge = 0.0
-        self._last_write = time.monotonic()
 
         self._sub_lock = threading.RLock()
         self._sub_conn_: sqlite3.Connection | None = None
@@ -207,6 +209,7 @@ class LocalBroker(Broker):
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute("PRAGMA journal_size_limit = 67108864")  # truncate a big WAL after checkpoints
             conn.execute("PRAGMA temp_store = MEMORY")
+            conn.execute("PRAGMA cache_size = -32768")  # 32 MiB: index pages of a big backlog stay hot
         except BaseException:
             conn.close()
             raise
@@ -253,9 +256,12 @@ class LocalBroker(Broker):
     ) -> PublishResult:
         """Publish all messages in one fsynced transaction (shared with concurrent calls).
 
-        Raises `BrokerUnavailable` when the queue is full, the commit fails or takes longer
-        than `publish_timeout_seconds` (a commit that was already under way at the timeout
-        may still land: at-least-once, like Pub/Sub), `IdempotencyConflict` when the key was
+        Raises `BrokerUnavailable` when the queue is full, the commit fails, or the write lock
+        could not be had within `publish_timeout_seconds`; in all these cases nothing of the
+        call is stored (the writer claims a request only once it holds the write lock, and a
+        claimed request's answer is its commit's outcome). Only if a claimed commit then hangs
+        for another `publish_timeout_seconds` (a stuck disk) does the caller get
+        `BrokerUnavailable` without that guarantee. `IdempotencyConflict` when the key was
         used with another fingerprint.
         """
         if not messages and idempotency_key is None:
@@ -383,7 +389,6 @@ class LocalBroker(Broker):
                 except sqlite3.Error:
                     pass
             raise
-        self._last_write = time.monotonic()
 
     @staticmethod
     def _rollback_savepoint(conn: sqlite3.Connection) -> None:

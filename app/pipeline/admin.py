@@ -1,4 +1,4 @@
-"""The subscriber's small admin HTTP port: health, readiness, metrics, stats and queries.
+"""The subscriber's small admin HTTP port: health, readiness, metrics, stats, tables, queries.
 
 The DuckDB file admits one writing process, and the subscriber is that process; so
 `python -m app query` and the API's status page read through here while it runs.
@@ -28,6 +28,58 @@ MAX_QUERY_BYTES = 64 * 1024
 
 def _dumps(value: Any) -> bytes:
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+MAX_TABLES_LISTED = 500
+_COUNTS_PER_QUERY = 50
+
+
+def table_stats(sub: "Subscriber") -> list[dict[str, Any]]:
+    """Per user table: row count (None if unknown) and this process's last write (epoch s).
+
+    Internal `_ingest_*` tables are left out. A warehouse may offer `table_stats()`
+    returning `[(name, rows), ...]`; DuckDB is counted exactly through `query`; any
+    other backend gets the tables this process wrote to, counted best-effort.
+    """
+    warehouse = sub.warehouse
+    last_write = dict(sub.totals.last_write_by_table)
+    own = getattr(warehouse, "table_stats", None)
+    counts: dict[str, int | None] = {}
+    if callable(own):
+        with sub.warehouse_lock:
+            counts = {name: rows for name, rows in own()}
+    elif warehouse.capabilities.name == "duckdb":
+        from app.warehouse.duckdb import quote_ident
+
+        with sub.warehouse_lock:
+            _, rows = warehouse.query(
+                "SELECT table_name FROM information_schema.tables"
+                " WHERE table_schema = 'main' AND table_type = 'BASE TABLE' ORDER BY table_name"
+            )
+        names: list[str] = []
+        for (name,) in rows:
+            try:
+                if not name.lower().startswith("_ingest_"):
+                    quote_ident(name)
+                    names.append(name)
+            except ValueError:
+                continue  # not created by the pipeline
+        names = names[:MAX_TABLES_LISTED]
+        for start in range(0, len(names), _COUNTS_PER_QUERY):
+            chunk = names[start:start + _COUNTS_PER_QUERY]
+            sql = " UNION ALL ".join(f"SELECT ? AS t, count(*) AS n FROM {quote_ident(n)}" for n in chunk)
+            with sub.warehouse_lock:
+                _, counted = warehouse.query(sql, chunk)
+            counts.update({t: int(n) for t, n in counted})
+    else:
+        for name in sorted(last_write)[:MAX_TABLES_LISTED]:
+            try:
+                with sub.warehouse_lock:
+                    _, counted = warehouse.query(f"SELECT count(*) FROM {name}")  # names are plain identifiers
+                counts[name] = int(counted[0][0])
+            except Exception:
+                counts[name] = None
+    return [{"table": name, "rows": counts[name], "last_write": last_write.get(name)} for name in sorted(counts)]
 
 
 class AdminServer:
@@ -70,11 +122,22 @@ class _Handler(BaseHTTPRequestHandler):
             ok = broker_ok and wh_ok
             self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
         elif self.path == "/metrics":
-            stats = sub.broker.backlog()
+            try:
+                stats = sub.broker.backlog()
+            except Exception as exc:  # a scrape must still answer while the broker is down
+                log.warning("broker backlog unavailable for /metrics: %s", exc)
+                stats = None
             if stats is not None:
                 metrics.BACKLOG_MESSAGES.set(stats.messages)
                 metrics.BACKLOG_OLDEST_SECONDS.set(stats.oldest_age_seconds or 0)
             self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+        elif self.path == "/tables":
+            try:
+                tables = table_stats(sub)
+            except Exception as exc:
+                self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
+                return
+            self._send(200, _dumps({"warehouse": sub.warehouse.capabilities.name, "tables": tables}))
         elif self.path == "/stats":
             t = sub.totals
             self._send(

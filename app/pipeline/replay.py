@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from app.broker import OutgoingMessage, make_broker
 from app.pipeline.codec import encode_batch, new_batch_id
@@ -35,28 +36,44 @@ def _messages_for(entry: DeadLetter) -> list[OutgoingMessage]:
     ]
 
 
-def replay(settings: Settings, ids: list[int] | None) -> tuple[int, int]:
-    """Replay the given entries (or all not yet replayed); returns (replayed, failed)."""
+def replay(
+    settings: Settings, ids: list[int] | None, progress: Callable[[int, int], None] | None = None
+) -> tuple[int, int]:
+    """Replay the given entries (or all not yet replayed); returns (replayed, failed).
+
+    `progress(handled, total)` is called once before the first entry and after each one.
+    """
     store = DeadLetterStore(settings.dead_letter_file)
     broker = make_broker(settings)
     entries = store.get(ids) if ids else store.list(limit=1_000_000)
     done = failed = 0
+    total = len(entries)
 
     async def _publish_all() -> None:
         nonlocal done, failed
-        for entry in sorted(entries, key=lambda e: e.id):
-            if entry.replayed_at is not None:
-                continue
+        if progress:
+            progress(0, total)
+        for handled, entry in enumerate(sorted(entries, key=lambda e: e.id), start=1):
             try:
-                messages = _messages_for(entry)
-            except (BatchInvalid, LimitExceeded, TypeError) as exc:
-                log.warning("dead letter %d cannot be replayed: %s", entry.id, exc)
-                failed += 1
-                continue
-            result = await broker.publish(messages, batch_id=messages[0].attributes["batch_id"])
-            store.mark_replayed([entry.id])
-            done += 1
-            log.info("replayed dead letter %d as batch %s", entry.id, result.batch_id)
+                await _replay_one(entry)
+            finally:
+                if progress:
+                    progress(handled, total)
+
+    async def _replay_one(entry: DeadLetter) -> None:
+        nonlocal done, failed
+        if entry.replayed_at is not None:
+            return
+        try:
+            messages = _messages_for(entry)
+        except (BatchInvalid, LimitExceeded, TypeError) as exc:
+            log.warning("dead letter %d cannot be replayed: %s", entry.id, exc)
+            failed += 1
+            return
+        result = await broker.publish(messages, batch_id=messages[0].attributes["batch_id"])
+        store.mark_replayed([entry.id])
+        done += 1
+        log.info("replayed dead letter %d as batch %s", entry.id, result.batch_id)
 
     try:
         asyncio.run(_publish_all())

@@ -19,6 +19,7 @@ import orjson
 
 from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
+from app.logs import bound
 from app.pipeline.codec import UndecodableMessage, decode_message
 from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
 from app.settings import Settings
@@ -98,7 +99,8 @@ class Subscriber:
             if self.stop_event.is_set():
                 self.broker.nack([m for m, _ in items])
                 continue
-            self._apply_table(table, items)
+            with bound(batch_id=_batch_ids(items)):  # on every line logged while applying
+                self._apply_table(table, items)
 
     def _apply_table(self, table: str, items: list[tuple[ReceivedMessage, Envelope]]) -> None:
         messages = [m for m, _ in items]
@@ -132,6 +134,12 @@ class Subscriber:
                 self.broker.nack([message], POISON_RETRY_DELAY_SECONDS)
             return
         self._record(table, result)
+        log.info(
+            "applied",
+            extra={"table": table, "messages": len(messages), "rows_inserted": result.rows_inserted,
+                   "rows_deleted": result.rows_deleted, "duplicates_skipped": result.skipped_duplicates,
+                   "rejected": len(result.rejections), "schema_changes": result.schema_changes},
+        )
         if result.rejections:
             self._dead_letter(
                 [
@@ -190,6 +198,12 @@ class Subscriber:
         self.broker.ack(messages)
         self.totals.messages_acked += len(messages)
         metrics.MESSAGES_ACKED.inc(len(messages))
+
+
+def _batch_ids(items: list[tuple[ReceivedMessage, Envelope]]) -> str:
+    """The batch id(s) of a table's messages in one pull, comma-separated in order."""
+    ids = dict.fromkeys(m.attributes.get("batch_id") or e.dedup_id.rsplit(":", 2)[0] for m, e in items)
+    return ",".join(ids)
 
 
 class _Stopping(Exception):

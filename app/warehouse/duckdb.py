@@ -1,11 +1,16 @@
 """DuckDB warehouse: one local file, one writing process (the subscriber).
 
-Exactly once: every `apply` runs in ONE transaction that skips dedup_ids already in
-`_ingest_applied`, runs the planned schema changes, inserts and deletes, records the new
-dedup_ids and commits. Anything failing rolls back everything and raises
-`TransientWarehouseError`, so the subscriber can nack and retry the same messages.
-`_ingest_applied` rows older than `REDELIVERY_WINDOW` (7 days, longer than any broker
-redelivery: Pub/Sub keeps unacked messages at most 7 days) are pruned now and then.
+Exactly once: every `apply` runs in ONE transaction that records the call's dedup_ids
+in `_ingest_applied` (`INSERT OR IGNORE ... RETURNING`, an index probe per id, so its
+cost does not grow with the table) and skips those already there, runs the planned
+schema changes, inserts and deletes, and commits. Anything failing rolls back
+everything and raises `TransientWarehouseError`, so the subscriber can nack and retry
+the same messages. `_ingest_applied` rows older than `REDELIVERY_WINDOW_DAYS` (7 days:
+Pub/Sub keeps an unacked message at most 7 days, so no redelivery comes later) are
+pruned at most once an hour; a chunk re-published after that window would apply again.
+
+Throughput: each apply is one COMMIT (a WAL fsync, ~1-3 ms), so give `apply` all the
+pulled envelopes of a table at once; one 500-row envelope per call is fsync-bound.
 
 Values arrive canonical (see `app.schema.types`). Inserts stage them column-major in an
 Arrow table and convert in SQL, vectorized (`INSERT ... SELECT CAST(c0 AS ...) FROM
@@ -15,7 +20,9 @@ the same transaction as the DDL. Tables starting with `_ingest_` are internal.
 
 Reads: `DuckDBWarehouse.query` runs one SELECT on the writer's database in a
 transaction that is always rolled back (the subscriber serves it on its admin port);
-`query_file` opens the file read-only when no subscriber holds it.
+`query_file` opens the file read-only when no subscriber holds it. Both switch off
+`enable_external_access` after loading spatial, so a query cannot read or write other
+files (read_csv, COPY, ATTACH).
 """
 
 from __future__ import annotations
@@ -276,6 +283,9 @@ class DuckDBWarehouse(Warehouse):
         self._spatial = spatial_extension_path() is not None  # refined on first connect
         self._types = duck_types(self._spatial)
         self._last_prune = 0.0
+        # Schemas of tables this process wrote, valid because it is the only writer (the
+        # file lock); dropped on any error or reconnect so a retry re-reads the catalog.
+        self._schemas: dict[str, Schema] = {}
         self.capabilities = Capabilities(
             name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=self._spatial
         )
@@ -320,6 +330,7 @@ class DuckDBWarehouse(Warehouse):
             return con
 
     def _drop_connection(self) -> None:
+        self._schemas.clear()
         con, self._con = self._con, None
         if con is not None:
             try:
@@ -386,18 +397,27 @@ class DuckDBWarehouse(Warehouse):
             try:
                 con.execute("BEGIN TRANSACTION")
                 try:
-                    self._apply_in_transaction(con, table, envelopes, result)
+                    schema = self._apply_in_transaction(con, table, envelopes, result)
                     con.execute("COMMIT")
+                    if schema is not None:
+                        self._schemas[table.lower()] = schema
                 except BaseException:
+                    self._schemas.clear()
                     try:
                         con.execute("ROLLBACK")
                     except duckdb.Error:
                         pass
                     raise
-            except duckdb.Error as exc:
+            except Exception as exc:
+                # Everything was rolled back. Terminal per-activity problems were already
+                # turned into rejections by the planner; whatever fails here (lock, disk,
+                # a value a normalizer should have refused) is retried, and the
+                # subscriber dead-letters the message after max_delivery_attempts.
                 if isinstance(exc, (duckdb.IOException, duckdb.FatalException, duckdb.ConnectionException)):
                     self._drop_connection()  # reconnect on the next apply
-                raise TransientWarehouseError(f"DuckDB apply to {table} failed, rolled back: {exc}") from exc
+                raise TransientWarehouseError(
+                    f"DuckDB apply to {table} failed, rolled back: {type(exc).__name__}: {exc}"
+                ) from exc
             finally:
                 try:
                     con.unregister(STAGE_VIEW)
@@ -406,31 +426,51 @@ class DuckDBWarehouse(Warehouse):
             self._maybe_prune(con)
         return result
 
+    def _claim_ids(self, con: duckdb.DuckDBPyConnection, ids: list[str]) -> set[str]:
+        """Record ids in `_ingest_applied` (same transaction); return those not recorded before.
+
+        `INSERT OR IGNORE ... RETURNING` checks each id through the primary-key index, so
+        the cost does not grow with the table (an `IN (...)` lookup scans it).
+        """
+        if len(ids) <= 16:  # small: bound parameters (binding big lists is slow in duckdb-python)
+            sql = (
+                f"INSERT OR IGNORE INTO {APPLIED_TABLE} VALUES "
+                + ", ".join(["(?, now())"] * len(ids))
+                + " RETURNING dedup_id"
+            )
+            rows = con.execute(sql, ids).fetchall()
+        else:
+            con.register(STAGE_VIEW, pa.table({"c0": pa.array(ids, type=pa.string())}))
+            rows = con.execute(
+                f"INSERT OR IGNORE INTO {APPLIED_TABLE} SELECT c0, now() FROM {STAGE_VIEW} RETURNING dedup_id"
+            ).fetchall()
+            con.unregister(STAGE_VIEW)
+        return {row[0] for row in rows}
+
     def _apply_in_transaction(
         self, con: duckdb.DuckDBPyConnection, table: str, envelopes: Sequence[Envelope], result: ApplyResult
-    ) -> None:
-        ids = [env.dedup_id for env in envelopes]
-        done = {
-            row[0]
-            for row in con.execute(
-                f"SELECT dedup_id FROM {APPLIED_TABLE} WHERE dedup_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
-            ).fetchall()
-        }
+    ) -> Schema | None:
+        """Returns the table's schema after the apply (for the cache)."""
+        unique = list(dict.fromkeys(env.dedup_id for env in envelopes))
+        new_ids = self._claim_ids(con, unique)
         todo: list[Envelope] = []
         for env in envelopes:
-            if env.dedup_id in done:
-                result.skipped_duplicates += 1
-            else:
-                done.add(env.dedup_id)  # the same id twice in one call applies once
+            if env.dedup_id in new_ids:
+                new_ids.discard(env.dedup_id)  # the same id twice in one call applies once
                 todo.append(env)
+            else:
+                result.skipped_duplicates += 1
+        lower_table = table.lower()
+        schema = self._schemas.get(lower_table)
+        if schema is None:
+            schema = self._schema(con, table)
         if not todo:
-            return
-        plan = plan_table(table, self._schema(con, table), todo)
+            return schema
+        plan = plan_table(table, schema, todo)
         result.rejections.extend(plan.rejections)
         result.noop_deletes += plan.noop_deletes
         result.schema_changes += plan.schema_changes
         qtable = quote_ident(table)
-        lower_table = table.lower()
         for step in plan.steps:
             if isinstance(step, InsertRows):
                 result.rows_inserted += self._insert(con, qtable, step)
@@ -444,10 +484,8 @@ class DuckDBWarehouse(Warehouse):
                 for n, t in step.columns:
                     con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self._types[t].sql_type}")
                 self._record_columns(con, lower_table, step.columns)
-        con.execute(
-            f"INSERT INTO {APPLIED_TABLE} SELECT unnest(?::VARCHAR[]), now()", [[env.dedup_id for env in todo]]
-        )
         result.applied_envelopes += len(todo)
+        return plan.schema
 
     def _record_columns(self, con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]]) -> None:
         con.executemany(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Sequence, Union
 
 from app.schema.types import TYPES
@@ -83,43 +84,43 @@ class Plan:
 
 
 class _InsertRun:
-    """Pending consecutive inserts, kept as segments of activities with the same shape."""
+    """Pending consecutive inserts, kept as segments of activities with the same shape.
 
-    __slots__ = ("columns", "col_index", "segments", "count")
+    Rows stay as the activities' own value lists until `build`, which transposes each
+    segment with C-level `map(itemgetter(i), rows)`: no per-row allocation, so the hot
+    path neither allocates nor wakes the cyclic garbage collector.
+    """
+
+    __slots__ = ("columns", "col_index", "segments")
 
     def __init__(self) -> None:
         self.columns: list[Column] = []
         self.col_index: set[str] = set()
-        # each segment: [stored names tuple, list of value lists]
-        self.segments: list[list[Any]] = []
-        self.count = 0
+        self.segments: list[tuple[tuple[str, ...], list[list[Any]]]] = []
 
-    def add(self, names: tuple[str, ...], columns: tuple[Column, ...], values: list[Any]) -> None:
-        segs = self.segments
-        if segs and segs[-1][0] is names:
-            segs[-1][1].append(values)
-        else:
-            for col in columns:
-                if col[0] not in self.col_index:
-                    self.col_index.add(col[0])
-                    self.columns.append(col)
-            segs.append([names, [values]])
-        self.count += 1
+    def new_segment(self, names: tuple[str, ...], columns: tuple[Column, ...]) -> list[list[Any]]:
+        for col in columns:
+            if col[0] not in self.col_index:
+                self.col_index.add(col[0])
+                self.columns.append(col)
+        rows: list[list[Any]] = []
+        self.segments.append((names, rows))
+        return rows
 
     def build(self) -> InsertRows:
-        total = self.count
         out: dict[str, list[Any]] = {name: [] for name, _ in self.columns}
-        if len(self.segments) == 1:
-            names, rows = self.segments[0]
-            for name, col in zip(names, zip(*rows)):
-                out[name] = list(col)
-            return InsertRows(columns=self.columns, values=out, count=total)
+        total = 0
+        single = len(self.segments) == 1
         for names, rows in self.segments:
             n = len(rows)
-            present = set(names)
-            for name, col in zip(names, zip(*rows)):
-                out[name].extend(col)
-            if len(present) != len(out):
+            total += n
+            for i, name in enumerate(names):
+                if single:
+                    out[name] = list(map(itemgetter(i), rows))
+                else:
+                    out[name].extend(map(itemgetter(i), rows))
+            if len(names) != len(out):
+                present = set(names)
                 pad = [None] * n
                 for name, lst in out.items():
                     if name not in present:
@@ -144,11 +145,18 @@ def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope])
     # Safe for the whole plan: the schema only grows and columns never change type.
     insert_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
 
+    seg_res: Any = None  # resolution of the shape of the open segment of `run`
+    seg_rows: list[list[Any]] = []
+    last_names: list[str] | None = None  # fast path: same shape as the previous insert
+    last_types: list[str] | None = None
+    last_res: Any = None
+
     def flush_inserts() -> None:
-        nonlocal run
+        nonlocal run, seg_res
         if run is not None:
             steps.append(run.build())
             run = None
+            seg_res = None
 
     def flush_deletes() -> None:
         nonlocal pending_deletes
@@ -214,14 +222,24 @@ def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope])
                 )
                 continue
             if op == "insert":
-                key = (tuple(names), tuple(types))
-                res = insert_cache.get(key)
-                if res is None:
-                    if not names:
-                        res = "insert without columns"
-                    else:
-                        res = resolve_insert(key[0], key[1])
-                    insert_cache[key] = res
+                if types == last_types and names == last_names:
+                    res = last_res
+                elif not all(x.__class__ is str for x in (*names, *types)):
+                    rejections.append(Rejection(dedup_id, index, act, "col_names and col_types must be strings"))
+                    continue
+                else:
+                    key = (tuple(names), tuple(types))
+                    res = insert_cache.get(key)
+                    if res is None:
+                        if not names:
+                            res = "insert without columns"
+                        else:
+                            res = resolve_insert(key[0], key[1])
+                        insert_cache[key] = res
+                    last_names, last_types, last_res = names, types, res
+                if res is seg_res:
+                    seg_rows.append(values)
+                    continue
                 if res.__class__ is str:
                     rejections.append(Rejection(dedup_id, index, act, res))
                     continue
@@ -229,7 +247,9 @@ def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope])
                     flush_deletes()
                 if run is None:
                     run = _InsertRun()
-                run.add(res[0], res[1], values)
+                seg_rows = run.new_segment(res[0], res[1])
+                seg_rows.append(values)
+                seg_res = res
             elif op == "delete":
                 if not names:
                     rejections.append(Rejection(dedup_id, index, act, "delete without columns would delete every row"))
@@ -241,6 +261,9 @@ def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope])
                 reason = None
                 seen: set[str] = set()
                 for name, typ, value in zip(names, types, values):
+                    if typ.__class__ is not str:
+                        reason = "col_types must be strings"
+                        break
                     if name.__class__ is not str or not _valid_name(name):
                         reason = f"invalid column name {name!r}"
                         break

@@ -436,8 +436,13 @@ def test_two_processes_publish_and_pull_lose_and_duplicate_nothing(tmp_path):
         )
         for name in ("p1", "p2")
     ]
-    for p in procs:
-        assert p.wait(timeout=120) == 0
+    try:
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     received = [tuple(r) for name in ("p1", "p2") for r in json.loads((tmp_path / f"{name}.json").read_text())]
     payloads = [r[2] for r in received]
     assert len(payloads) == 2 * n

@@ -431,7 +431,7 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies)
 def test_fuzz_never_raises_anything_else(b):
     try:

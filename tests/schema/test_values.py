@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.schema import values as v
 from app.schema.types import TYPES
@@ -562,3 +564,30 @@ def test_brief():
     assert v.brief([1, 2]) == "a list of 2 items"
     assert v.brief({"a": 1}) == "an object with 1 key"
     assert v.brief(10**5000).startswith("an integer with about")
+
+
+# --- fuzz ---
+
+
+_text = st.one_of(
+    st.text(max_size=40),
+    st.from_regex(r"[0-9+\-.eE:TZ ]{0,30}", fullmatch=True),
+    st.from_regex(r"(POINT|LINESTRING|POLYGON)\s*\(\(?[-0-9. ,()]{0,30}", fullmatch=True),
+)
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), _text),
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.sampled_from(["type", "coordinates", "geometries", "x"]), c, max_size=4)),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_json, st.sampled_from(sorted(TYPES)))
+def test_fuzz_normalizers_raise_only_value_error(value, type_name):
+    normalize = TYPES[type_name].normalize
+    try:
+        result = normalize(value)
+    except ValueError as exc:
+        assert str(exc)
+    else:
+        assert normalize(result) == result or result != result

@@ -192,3 +192,50 @@ def test_table_names_case_insensitive(wh: DuckDBWarehouse) -> None:
     assert r.rejections == [] and r.schema_changes == 1
     assert wh.table_schema("USERS") == {"Id": "integer", "x": "date"}
     assert wh.query('SELECT count(*) FROM "users"')[1] == [(2,)]
+
+
+def test_bad_value_is_transient_and_rolled_back(wh: DuckDBWarehouse) -> None:
+    # values are supposed to be canonical; one that is not fails the whole apply, atomically
+    good = env("t", ins("t", [("id", "integer")], [1]))
+    bad = env("t", ins("t", [("id", "integer")], ["not an int"]))
+    with pytest.raises(TransientWarehouseError, match="rolled back"):
+        wh.apply("t", [good, bad])
+    assert wh.table_schema("t") is None
+    assert wh.apply("t", [good]).rows_inserted == 1
+
+
+def test_many_envelopes_dedup(wh: DuckDBWarehouse) -> None:
+    envs = [env("t", ins("t", [("id", "integer")], [i])) for i in range(40)]
+    assert wh.apply("t", envs).applied_envelopes == 40
+    again = wh.apply("t", envs[::-1] + [env("t", ins("t", [("id", "integer")], [40]))] + envs[:3])
+    assert (again.applied_envelopes, again.skipped_duplicates, again.rows_inserted) == (1, 43, 1)
+    assert wh.query('SELECT count(*), count(DISTINCT id) FROM "t"')[1] == [(41, 41)]
+
+
+def test_query_from_another_thread_while_applying(wh: DuckDBWarehouse) -> None:
+    import threading
+
+    wh.apply("t", [env("t", ins("t", [("id", "integer")], [0]))])
+    errors: list[BaseException] = []
+    counts: list[int] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                counts.append(wh.query('SELECT count(*) FROM "t"')[1][0][0])
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(1, 30):
+            wh.apply("t", [env("t", *(ins("t", [("id", "integer")], [i * 100 + j]) for j in range(100)))])
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert errors == []
+    assert counts == sorted(counts)  # committed snapshots only, never going back
+    assert all((c - 1) % 100 == 0 for c in counts)  # never a half-applied batch

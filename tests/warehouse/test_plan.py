@@ -99,9 +99,11 @@ def test_rejections() -> None:
         ins([('a"; DROP TABLE t; --', "integer")], [1]),  # 8 invalid name
         ins([("x", "integer")], [9]),  # 9 fine
         ins([("x", "string")], ["again"]),  # 10 type conflict (cached shape)
+        Activity("insert", "t", ["x"], [["integer"]], [1]),  # 11 not a string (unhashable)
+        Activity("delete", "t", [{"x": 1}], ["integer"], [1]),  # 12 not a string
     )
     plan = plan_table("t", schema, [e])
-    assert [r.index for r in plan.rejections] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert [r.index for r in plan.rejections] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12]
     assert all(r.dedup_id == "b:t:7" for r in plan.rejections)
     reasons = [r.reason for r in plan.rejections]
     assert reasons[0] == "column 'x' is integer in table t, activity sends string"

@@ -1,0 +1,74 @@
+"""The OpenAPI document: request examples cover every type and a delete, and stay valid."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.app import INGEST_PATH, create_app
+from app.api.examples import REQUEST_EXAMPLES
+from app.schema.types import TYPE_NAMES
+from app.schema.validation import validate_batch
+from app.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def openapi(tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("openapi"))
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/openapi.json")
+        assert r.status_code == 200
+        return r.json()
+
+
+def _operation(openapi):
+    return openapi["paths"][INGEST_PATH]["post"]
+
+
+def test_examples_are_in_the_document(openapi):
+    body = _operation(openapi)["requestBody"]
+    assert body["required"] is True
+    content = body["content"]["application/json"]
+    assert content["schema"] == {"$ref": "#/components/schemas/IngestRequest"}
+    assert content["examples"] == REQUEST_EXAMPLES
+    for name, example in content["examples"].items():
+        assert example["summary"] and isinstance(example["value"], dict), name
+
+
+def test_every_type_has_an_example_and_a_delete_exists():
+    activities = [a for ex in REQUEST_EXAMPLES.values() for a in ex["value"]["user_activities"]]
+    used = {t.lower() for a in activities for t in a["col_types"]}
+    assert used >= set(TYPE_NAMES), set(TYPE_NAMES) - used
+    assert len(TYPE_NAMES) == 13
+    for type_name in TYPE_NAMES:  # and each type has an example of its own
+        own = REQUEST_EXAMPLES[f"type_{type_name}"]["value"]["user_activities"]
+        assert any(t == type_name for a in own for t in a["col_types"]), type_name
+    assert any(a["operation"] == "delete" for a in REQUEST_EXAMPLES["delete"]["value"]["user_activities"])
+
+
+@pytest.mark.parametrize("name", sorted(REQUEST_EXAMPLES))
+def test_every_example_validates(name):
+    body = REQUEST_EXAMPLES[name]["value"]
+    activities = validate_batch(body, max_activities=10_000)
+    assert len(activities) == len(body["user_activities"])
+
+
+@pytest.mark.parametrize("name", ["readme", "every_type", "delete", "type_geography"])
+def test_examples_are_accepted_by_the_api(tmp_path, name):
+    with TestClient(create_app(Settings(data_dir=tmp_path))) as c:
+        r = c.post(INGEST_PATH, json=REQUEST_EXAMPLES[name]["value"])
+        assert r.status_code == 200, r.text
+
+
+def test_error_responses_are_documented(openapi):
+    responses = _operation(openapi)["responses"]
+    for code in ("400", "401", "409", "413", "415", "422", "503"):
+        assert code in responses, code
+        schema = responses[code]["content"]["application/json"]["schema"]
+        assert schema["required"] == ["error", "message", "details"], code
+        assert responses[code]["description"]
+    assert responses["200"]["content"]["application/json"]["schema"]["required"] == ["error", "message", "accepted", "batch_id"]
+    params = {p["name"]: p for p in _operation(openapi)["parameters"]}
+    assert "Idempotency-Key" in params
+    # Internal pages stay out of the document.
+    assert "/status" not in openapi["paths"] and "/metrics" not in openapi["paths"]
