@@ -4,8 +4,9 @@ Exactly once: every `apply` runs in ONE transaction that records the call's dedu
 in `_ingest_applied` (`INSERT OR IGNORE ... RETURNING`, an index probe per id, so its
 cost does not grow with the table) and skips those already there, runs the planned
 schema changes, inserts and deletes, and commits. Anything failing rolls back
-everything and raises `TransientWarehouseError`, so the subscriber can nack and retry
-the same messages. `_ingest_applied` rows older than `REDELIVERY_WINDOW_DAYS` (7 days:
+everything: lock, disk and connection errors raise `TransientWarehouseError` (retry the
+same messages later), anything else `TerminalWarehouseError` (the subscriber isolates
+and eventually dead-letters the culprit). `_ingest_applied` rows older than `REDELIVERY_WINDOW_DAYS` (7 days:
 Pub/Sub keeps an unacked message at most 7 days, so no redelivery comes later) are
 pruned at most once an hour; a chunk re-published after that window would apply again.
 
@@ -47,6 +48,7 @@ from app.warehouse.base import (
     Capabilities,
     Envelope,
     Rejection,
+    TerminalWarehouseError,
     TransientWarehouseError,
     Warehouse,
     WarehouseQueryError,
@@ -63,6 +65,16 @@ REDELIVERY_WINDOW_DAYS = 7
 PRUNE_EVERY_SECONDS = 3600.0
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+# Errors that say nothing about the data: retry the same messages later.
+_TRANSIENT_ERRORS = (
+    duckdb.IOException,
+    duckdb.FatalException,
+    duckdb.ConnectionException,
+    duckdb.TransactionException,
+    duckdb.OutOfMemoryException,
+    TransientWarehouseError,
+)
 
 
 class DuckDBFileLocked(WarehouseQueryError):
@@ -409,15 +421,16 @@ class DuckDBWarehouse(Warehouse):
                         pass
                     raise
             except Exception as exc:
-                # Everything was rolled back. Terminal per-activity problems were already
-                # turned into rejections by the planner; whatever fails here (lock, disk,
-                # a value a normalizer should have refused) is retried, and the
-                # subscriber dead-letters the message after max_delivery_attempts.
-                if isinstance(exc, (duckdb.IOException, duckdb.FatalException, duckdb.ConnectionException)):
-                    self._drop_connection()  # reconnect on the next apply
-                raise TransientWarehouseError(
-                    f"DuckDB apply to {table} failed, rolled back: {type(exc).__name__}: {exc}"
-                ) from exc
+                # Everything was rolled back. Lock, disk and connection trouble is
+                # transient (retried in place, never dead-lettered). Anything else, e.g.
+                # a value DuckDB refuses, is terminal: the subscriber narrows it down to
+                # the message and dead-letters it after max_delivery_attempts.
+                message = f"DuckDB apply to {table} failed, rolled back: {type(exc).__name__}: {exc}"
+                if isinstance(exc, _TRANSIENT_ERRORS):
+                    if isinstance(exc, (duckdb.IOException, duckdb.FatalException, duckdb.ConnectionException)):
+                        self._drop_connection()  # reconnect on the next apply
+                    raise TransientWarehouseError(message) from exc
+                raise TerminalWarehouseError(message) from exc
             finally:
                 try:
                     con.unregister(STAGE_VIEW)

@@ -165,3 +165,31 @@ def _tail(path: Path, n: int = 3000) -> str:
         return path.read_bytes()[-n:].decode(errors="replace")
     except OSError:
         return "(no log)"
+
+
+_SHARED: BqEmulator | None = None
+_SHARED_CM: contextlib.AbstractContextManager | None = None
+
+
+def shared_emulator() -> BqEmulator:
+    """One emulator for the whole test session (started on first use, stopped at exit).
+
+    Tests share it safely by using fresh table (or dataset) names.
+    """
+    global _SHARED, _SHARED_CM
+    if _SHARED is None:
+        import atexit
+
+        cm = running_bqemulator()
+        emu = cm.__enter__()  # skips / raises like running_bqemulator
+        _SHARED, _SHARED_CM = emu, cm
+        atexit.register(_stop_shared)
+    return _SHARED
+
+
+def _stop_shared() -> None:
+    global _SHARED, _SHARED_CM
+    if _SHARED_CM is not None:
+        cm, _SHARED_CM, _SHARED = _SHARED_CM, None, None
+        with contextlib.suppress(Exception):
+            cm.__exit__(None, None, None)

@@ -13,7 +13,7 @@ import pytest
 
 from app.schema.activity import Activity
 from app.settings import Settings
-from app.warehouse.base import Envelope, TransientWarehouseError, WarehouseQueryError
+from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
 from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, query_file
 
 
@@ -121,7 +121,7 @@ def test_failure_mid_apply_rolls_back_everything(wh: DuckDBWarehouse) -> None:
         dele("t", [("id", "integer")], [1]),
         ins("t", [("id", "integer"), ("ts", "timestamp")], [3, "not a timestamp"]),  # not canonical: cast fails
     )
-    with pytest.raises(TransientWarehouseError, match="rolled back"):
+    with pytest.raises(TerminalWarehouseError, match="rolled back"):
         wh.apply("t", [bad])
     assert wh.table_schema("t") == {"id": "integer"}  # DDL rolled back too
     assert wh.query('SELECT id FROM "t"')[1] == [(1,)]
@@ -194,11 +194,11 @@ def test_table_names_case_insensitive(wh: DuckDBWarehouse) -> None:
     assert wh.query('SELECT count(*) FROM "users"')[1] == [(2,)]
 
 
-def test_bad_value_is_transient_and_rolled_back(wh: DuckDBWarehouse) -> None:
+def test_bad_value_is_terminal_and_rolled_back(wh: DuckDBWarehouse) -> None:
     # values are supposed to be canonical; one that is not fails the whole apply, atomically
     good = env("t", ins("t", [("id", "integer")], [1]))
     bad = env("t", ins("t", [("id", "integer")], ["not an int"]))
-    with pytest.raises(TransientWarehouseError, match="rolled back"):
+    with pytest.raises(TerminalWarehouseError, match="rolled back"):
         wh.apply("t", [good, bad])
     assert wh.table_schema("t") is None
     assert wh.apply("t", [good]).rows_inserted == 1
