@@ -169,6 +169,7 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 _SHARED: BqEmulator | None = None
 _SHARED_CM: contextlib.AbstractContextManager | None = None
+_FAILED: str | None = None
 
 
 def shared_emulator() -> BqEmulator:
@@ -176,12 +177,20 @@ def shared_emulator() -> BqEmulator:
 
     Tests share it safely by using fresh table (or dataset) names.
     """
-    global _SHARED, _SHARED_CM
+    global _SHARED, _SHARED_CM, _FAILED
+    if _FAILED is not None:
+        unavailable(_FAILED)  # do not retry a start that already failed this session
     if _SHARED is None:
         import atexit
 
+        import pytest
+
         cm = running_bqemulator()
-        emu = cm.__enter__()  # skips / raises like running_bqemulator
+        try:
+            emu = cm.__enter__()  # skips / raises like running_bqemulator
+        except (EmulatorUnavailable, pytest.skip.Exception) as exc:
+            _FAILED = str(exc)
+            raise
         _SHARED, _SHARED_CM = emu, cm
         atexit.register(_stop_shared)
     return _SHARED
