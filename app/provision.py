@@ -168,45 +168,12 @@ def provision_pubsub(settings: Settings, report: Report | None = None) -> Report
 
 
 def provision_bigquery(settings: Settings, report: Report | None = None) -> Report:
-    """Create the dataset (ok if it exists), via the warehouse module when it offers it."""
+    """Create the dataset (ok if it exists) with the warehouse's own client setup."""
+    from app.warehouse.bigquery import ensure_dataset
+
     report = report or Report()
-    ensure = None
-    try:
-        from app.warehouse import bigquery as bq  # type: ignore[attr-defined]
-
-        ensure = getattr(bq, "ensure_dataset", None)
-    except ImportError:
-        pass
-    name = f"{settings.gcp_project}.{settings.bigquery_dataset}"
-    if ensure is not None:
-        result = ensure(settings)
-        action = "created" if result is True else "exists" if result is False else "ensured"
-        report.add(f"bigquery dataset {name}", action)
-        return report
-
-    from google.api_core import exceptions as gexc
-    from google.cloud import bigquery
-
-    host = settings.bigquery_emulator_host or os.environ.get("BIGQUERY_EMULATOR_HOST")
-    if host:
-        from google.auth.credentials import AnonymousCredentials
-
-        client = bigquery.Client(
-            project=settings.gcp_project,
-            credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": host if "://" in host else f"http://{host}"},
-        )
-    else:
-        client = bigquery.Client(project=settings.gcp_project)
-    try:
-        try:
-            client.get_dataset(name)
-            report.add(f"bigquery dataset {name}", "exists")
-        except gexc.NotFound:
-            client.create_dataset(bigquery.Dataset(name), exists_ok=True)
-            report.add(f"bigquery dataset {name}", "created")
-    finally:
-        client.close()
+    created = ensure_dataset(settings)
+    report.add(f"bigquery dataset {settings.gcp_project}.{settings.bigquery_dataset}", "created" if created else "exists")
     return report
 
 

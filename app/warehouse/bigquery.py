@@ -174,14 +174,21 @@ def make_bigquery_client(settings: Settings):
     return bigquery.Client(project=settings.gcp_project)
 
 
-def ensure_dataset(settings: Settings, client: Any = None) -> None:
-    """Create `settings.bigquery_dataset` if it is missing (idempotent)."""
+def ensure_dataset(settings: Settings, client: Any = None) -> bool:
+    """Create `settings.bigquery_dataset` if it is missing (idempotent); True if it was created."""
+    from google.api_core import exceptions as gexc
     from google.cloud import bigquery
 
     own = client is None
     client = client or make_bigquery_client(settings)
+    name = f"{settings.gcp_project}.{settings.bigquery_dataset}"
     try:
-        client.create_dataset(bigquery.Dataset(f"{settings.gcp_project}.{settings.bigquery_dataset}"), exists_ok=True)
+        try:
+            client.get_dataset(name)
+            return False
+        except gexc.NotFound:
+            client.create_dataset(bigquery.Dataset(name), exists_ok=True)
+            return True
     finally:
         if own:
             client.close()

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.app import create_app
 from app.broker import make_broker
-from app.broker.base import BacklogStats, Broker, PublishResult
+from app.broker.base import Broker
 from app.settings import Settings
 from tests.support.processes import ROOT
 

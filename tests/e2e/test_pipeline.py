@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
-import orjson
 
 from tests.support.processes import ROOT, wait_until
 
