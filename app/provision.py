@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from app.broker.pubsub import DEAD_LETTER_SUFFIX
 from app.settings import Settings
 
 SUBSCRIPTION_ACK_DEADLINE_MIN = 10
@@ -38,7 +39,6 @@ MIN_DELIVERY_ATTEMPTS = 5
 MAX_DELIVERY_ATTEMPTS = 100
 RETRY_MIN_BACKOFF_SECONDS = 10
 RETRY_MAX_BACKOFF_SECONDS = 600
-DEAD_LETTER_SUFFIX = "-dead-letter"
 
 
 @dataclass

@@ -110,6 +110,11 @@ class Broker(abc.ABC):
         """Messages waiting and the oldest one's age, if the backend can tell cheaply."""
         return None
 
+    def forward_dead_letters(self, entries: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        """Also hand messages that were dead-lettered (with their reasons) to the broker's own
+        dead-letter destination, if it has one. The dead-letter store already holds them, so
+        this is best effort. Local: the store is the only destination; nothing to do."""
+
     def start_subscriber(self) -> None:
         """Open the subscriber side (streaming pull for Pub/Sub). Local: nothing to do."""
 

@@ -150,7 +150,9 @@ class LocalBroker(Broker):
     max_group_requests = 4_000
     max_group_bytes = 64 * 1024 * 1024
     # One pull returns at most this many bytes of message data (at least one message).
-    max_pull_bytes = 64 * 1024 * 1024
+    # Bounds the subscriber's memory: decoded activities take ~10x their JSON size, and
+    # ~100 messages of 500 activities per pull already amortize the per-pull costs.
+    max_pull_bytes = 8 * 1024 * 1024
     poll_interval_seconds = 0.02
     maintenance_interval_seconds = 60.0
     idempotency_purge_interval_seconds = 2.0

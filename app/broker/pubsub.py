@@ -60,6 +60,10 @@ READY_TIMEOUT = 3.0
 MAX_MODACK_SECONDS = 600
 
 
+# Suffix of the dead-letter topic and its subscription (provisioned by app.provision).
+DEAD_LETTER_SUFFIX = "-dead-letter"
+
+
 def emulator_host(settings: Settings) -> str | None:
     """The Pub/Sub emulator's host:port, from Settings (if it has the field) or the env."""
     return getattr(settings, "pubsub_emulator_host", None) or os.environ.get("PUBSUB_EMULATOR_HOST") or None
@@ -258,6 +262,25 @@ class PubSubBroker(Broker):
                 self._publisher.resume_publish(self.topic_path, key)
             except Exception:  # stopped publisher / unseen key
                 log.debug("resume_publish(%s) failed", key, exc_info=True)
+
+    def forward_dead_letters(self, entries: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        """Publish dead-lettered messages to `<topic>-dead-letter` with the reason attached.
+
+        The subscription's own dead-letter policy only fires when Pub/Sub counts too many
+        deliveries; messages the pipeline gives up on earlier (undecodable, rejected after
+        N attempts) are acked, so they are forwarded here to reach the same topic.
+        """
+        if not entries:
+            return
+        topic = f"{self.topic_path}{DEAD_LETTER_SUFFIX}"
+        futures = []
+        for message, reason in entries:
+            attributes = {k: v for k, v in message.attributes.items() if not k.startswith("dead_letter_")}
+            attributes["dead_letter_reason"] = reason.encode()[:1000].decode("utf-8", "ignore")
+            attributes["dead_letter_source_message_id"] = message.message_id
+            futures.append(self.publisher.publish(topic, bytes(message.data), retry=None, timeout=30.0, **attributes))
+        for f in futures:
+            f.result(timeout=30.0)
 
     # ------------------------------------------------------------------ subscribe
     def start_subscriber(self) -> None:

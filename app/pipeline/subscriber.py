@@ -68,7 +68,14 @@ class Subscriber:
                 self.stop_event.wait(1.0)
                 continue
             if messages:
-                self.process(messages)
+                try:
+                    self.process(messages)
+                except BrokerUnavailable as exc:
+                    # An ack/nack could not reach the broker (file locked, emulator gone):
+                    # the messages come back after their lease and the warehouse's dedup_id
+                    # drops what was already applied. Keep running instead of dying.
+                    log.warning("broker unavailable while settling messages (they will be redelivered): %s", exc)
+                    self.stop_event.wait(1.0)
         log.info("subscriber stopped")
 
     def stop(self) -> None:
@@ -94,6 +101,7 @@ class Subscriber:
             by_table.setdefault(envelope.table, []).append((message, envelope))
         if poison:
             self._dead_letter(poison, "undecodable")
+            self._forward(list(zip(poison_messages, (p.reason for p in poison))))
             self._ack(poison_messages)
         for table, items in by_table.items():
             if self.stop_event.is_set():
@@ -128,6 +136,7 @@ class Subscriber:
                     ],
                     "max_attempts",
                 )
+                self._forward([(message, f"failed {message.delivery_attempt} times: {exc}")])
                 self._ack([message])
             else:
                 log.warning("message %s to %s failed (attempt %d): %s", message.message_id, table, message.delivery_attempt, exc)
@@ -193,6 +202,13 @@ class Subscriber:
         metrics.DEAD_LETTERED.labels(category).inc(len(entries))
         for e in entries:
             log.warning("dead-lettered %s of %s: %s", e.kind, e.table_name, e.reason)
+
+    def _forward(self, entries: list[tuple[ReceivedMessage, str]]) -> None:
+        """Best effort: the dead-letter store already holds these durably."""
+        try:
+            self.broker.forward_dead_letters(entries)
+        except Exception as exc:
+            log.warning("could not forward %d dead letter(s) to the broker's dead-letter topic: %s", len(entries), exc)
 
     def _ack(self, messages: list[ReceivedMessage]) -> None:
         self.broker.ack(messages)

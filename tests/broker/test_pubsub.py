@@ -286,3 +286,22 @@ def test_emulator_trouble_fails_in_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match="no go toolchain"):
         unavailable("no go toolchain")
+
+
+def test_forwarded_dead_letter_reaches_the_dead_letter_subscription(settings, broker):
+    asyncio.run(broker.publish([msg("t", 1)], batch_id="b"))
+    [received] = pull_until(broker, 1, ack=False)
+    broker.forward_dead_letters([(received, "undecodable: not JSON")])
+    broker.ack([received])
+
+    dead = PubSubBroker(
+        settings.model_copy(update={"pubsub_subscription": f"{settings.pubsub_subscription}-dead-letter"})
+    )
+    try:
+        [letter] = pull_until(dead, 1)
+    finally:
+        dead.close()
+    assert letter.data == received.data
+    assert letter.attributes["dead_letter_reason"] == "undecodable: not JSON"
+    assert letter.attributes["dead_letter_source_message_id"] == received.message_id
+    assert letter.attributes["dedup_id"] == "b:t:1"
