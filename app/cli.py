@@ -46,7 +46,7 @@ def provision() -> None:
     """Create the Pub/Sub topic, subscription, dead-letter topic and BigQuery dataset (idempotent)."""
     from app.provision import main as provision_main
 
-    raise typer.Exit(provision_main())
+    raise typer.Exit(provision_main([]))  # not sys.argv: it holds the word `provision`
 
 
 def _query_via_subscriber(sql: str) -> tuple[list[str], list[list[Any]]] | None:
@@ -182,6 +182,45 @@ def dead_letters_replay(
         done, failed = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
     typer.echo(f"replayed {done}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
+
+
+@cli.command()
+def backlog(
+    wait: bool = typer.Option(False, "--wait", help="Show a progress bar until the backlog has drained."),
+    timeout: float = typer.Option(3600.0, help="With --wait: give up after this many seconds."),
+) -> None:
+    """Show the broker backlog (messages waiting, oldest age); --wait follows it to empty."""
+    import time
+
+    from app.broker import make_broker
+
+    broker = make_broker(get_settings())
+    try:
+        stats = broker.backlog()
+        if stats is None:
+            typer.echo("this broker does not report its backlog (Pub/Sub: see Cloud Monitoring)")
+            raise typer.Exit(0)
+        age = f"{stats.oldest_age_seconds:.1f}s" if stats.oldest_age_seconds is not None else "-"
+        typer.echo(f"{stats.messages} message(s) waiting, oldest {age}")
+        if not wait or stats.messages == 0:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        start = stats.messages
+        deadline = time.monotonic() + timeout
+        with Progress(TextColumn("draining"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
+            task = bar.add_task("drain", total=start)
+            while stats.messages > 0:
+                if time.monotonic() > deadline:
+                    typer.echo(f"still {stats.messages} waiting after {timeout:.0f}s", err=True)
+                    raise typer.Exit(1)
+                time.sleep(0.5)
+                stats = broker.backlog()
+                start = max(start, stats.messages)
+                bar.update(task, total=start, completed=start - stats.messages)
+        typer.echo("backlog empty")
+    finally:
+        broker.close()
 
 
 @cli.command()

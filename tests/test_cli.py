@@ -27,6 +27,7 @@ COMMANDS = {
     ("dead-letters", "list"): "List dead letters with their reason, attempts and payload.",
     ("dead-letters", "replay"): "Publish dead letters again (after fixing the table or the data); marks them replayed.",
     ("bench",): "Run the benchmark suite (writes docs/benchmarks.md).",
+    ("backlog",): "Show the broker backlog (messages waiting, oldest age); --wait follows it to empty.",
 }
 
 
@@ -88,3 +89,36 @@ def test_replay_with_progress(tmp_path):
     assert listed.returncode == 0
     entries = [json.loads(line) for line in listed.stdout.splitlines()]
     assert sorted(e["replayed_at"] is not None for e in entries) == [False, True]
+
+
+def test_backlog_reports_and_waits_for_drain(tmp_path):
+    import asyncio
+    import threading
+    import time
+
+    from app.broker.local import LocalBroker
+    from app.pipeline.codec import encode_batch
+    from app.schema.activity import Activity
+
+    settings = Settings(data_dir=tmp_path)
+    broker = LocalBroker(settings)
+    for i in range(3):
+        messages = encode_batch([Activity("insert", f"t{i}", ["n"], ["integer"], [i])], f"batch{i}")
+        asyncio.run(broker.publish(messages, batch_id=f"batch{i}"))
+    env = {"DATA_DIR": str(tmp_path)}
+    out = run_cli("backlog", env=env)
+    assert out.returncode == 0 and "3 message(s) waiting" in out.stdout, out.stdout + out.stderr
+
+    def consume():
+        time.sleep(1.0)
+        while broker.backlog().messages:
+            broker.ack(broker.pull(1, 0.5))
+            time.sleep(0.3)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    out = run_cli("backlog", "--wait", env=env)
+    consumer.join()
+    broker.close()
+    assert out.returncode == 0, out.stderr
+    assert "backlog empty" in out.stdout and "3/3" in out.stdout
