@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("app.subscriber.admin")
 MAX_QUERY_BYTES = 64 * 1024
+READY_LOCK_WAIT_SECONDS = 1.0
 
 
 def _dumps(value: Any) -> bytes:
@@ -117,8 +118,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _dumps({"status": "ok"}))
         elif self.path == "/readyz":
             broker_ok, broker_reason = sub.broker.ready()
-            with sub.warehouse_lock:
-                wh_ok, wh_reason = sub.warehouse.ready()
+            # An apply may hold the warehouse for a while (a slow or failing call): answer
+            # from what the retry loop last saw instead of waiting behind it.
+            if sub.warehouse_lock.acquire(timeout=READY_LOCK_WAIT_SECONDS):
+                try:
+                    wh_ok, wh_reason = sub.warehouse.ready()
+                finally:
+                    sub.warehouse_lock.release()
+            elif sub.last_transient_error is not None:
+                wh_ok, wh_reason = False, f"retrying: {sub.last_transient_error}"
+            else:
+                wh_ok, wh_reason = True, "ok (applying)"
             ok = broker_ok and wh_ok
             self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
         elif self.path == "/metrics":

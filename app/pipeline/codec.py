@@ -13,7 +13,7 @@ which the warehouse records so a redelivered or re-published chunk applies once.
 from __future__ import annotations
 
 import hashlib
-import uuid
+import os
 from typing import Iterable, Sequence
 
 import orjson
@@ -34,7 +34,7 @@ class UndecodableMessage(Exception):
 def new_batch_id(idempotency_key: str | None) -> str:
     """Random for plain requests; derived from the key so a retry re-publishes the same ids."""
     if idempotency_key is None:
-        return uuid.uuid4().hex
+        return os.urandom(16).hex()  # 128 random bits, as uuid4().hex but cheaper on the hot path
     return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
 
 
@@ -93,13 +93,15 @@ def decode_message(message: ReceivedMessage) -> Envelope:
         if not isinstance(body, dict) or body.get("v") != FORMAT_VERSION:
             raise ValueError(f"unknown message format version {body.get('v') if isinstance(body, dict) else None!r}")
         table = body["table"]
+        # The subscriber's hot loop: positional construction, and the lists orjson just
+        # made are used as they are (anything else is still turned into a list).
         activities = [
             Activity(
-                operation=item["operation"],
-                table=table,
-                col_names=list(item["col_names"]),
-                col_types=list(item["col_types"]),
-                col_values=list(item["col_values"]),
+                item["operation"],
+                table,
+                names if (names := item["col_names"]).__class__ is list else list(names),
+                types if (types := item["col_types"]).__class__ is list else list(types),
+                values if (values := item["col_values"]).__class__ is list else list(values),
             )
             for item in body["activities"]
         ]

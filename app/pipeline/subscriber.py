@@ -52,6 +52,7 @@ class Subscriber:
         self.dead_letters = dead_letters
         self.stop_event = threading.Event()
         self.totals = Totals()
+        self.last_transient_error: str | None = None  # for /readyz while a retry holds the warehouse
         # The warehouse connection is not shared across threads; the admin port's
         # queries take this lock too.
         self.warehouse_lock = threading.RLock()
@@ -172,8 +173,10 @@ class Subscriber:
                 with self.warehouse_lock:
                     result = self.warehouse.apply(table, envelopes)
                 metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+                self.last_transient_error = None
                 return result
             except TransientWarehouseError as exc:
+                self.last_transient_error = str(exc)
                 metrics.TRANSIENT_ERRORS.inc()
                 log.warning("warehouse unavailable, retrying %s in %.1fs: %s", table, delay, exc)
                 if self.stop_event.wait(delay):

@@ -187,7 +187,7 @@ def ensure_dataset(settings: Settings, client: Any = None) -> bool:
             client.get_dataset(name)
             return False
         except gexc.NotFound:
-            client.create_dataset(bigquery.Dataset(name), exists_ok=True)
+            client.create_dataset(bigquery.Dataset(name), exists_ok=True, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
             return True
     finally:
         if own:
@@ -213,6 +213,20 @@ def make_write_client(settings: Settings, credentials: Any = None):
 # --------------------------------------------------------------------------- errors
 
 _TRANSIENT_REASONS = ("ratelimitexceeded", "quotaexceeded", "backenderror", "internalerror", "jobratelimitexceeded")
+
+
+# The client library's default retry keeps going for up to 10 minutes; bound it so an
+# outage surfaces as TransientWarehouseError and the subscriber's own capped backoff
+# (and /readyz) take over.
+CALL_TIMEOUT_SECONDS = 30.0
+RETRY_DEADLINE_SECONDS = 10.0
+JOB_TIMEOUT_SECONDS = 120.0
+
+
+def _bounded_retry():
+    from google.cloud.bigquery.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_timeout(RETRY_DEADLINE_SECONDS)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -293,6 +307,18 @@ def _wrap(exc: BaseException, what: str) -> Exception:
     if _is_transient(exc):
         return TransientWarehouseError(f"BigQuery {what}: {exc}")
     return TerminalWarehouseError(f"BigQuery {what}: {exc}")
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    from google.api_core import exceptions as gexc
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # a wrapped error may be its own cause
+        if isinstance(exc, gexc.NotFound) or "404 Not found" in str(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return False
 
 
 def _is_schema_conflict(exc: BaseException) -> bool:
@@ -425,8 +451,8 @@ class BigQueryWarehouse(Warehouse):
 
     def _run_query(self, sql: str, params: list | None, kind: str):
         self.api_calls[kind] += 1
-        job = self._client.query(sql, job_config=self._job_config(params))
-        return job, job.result()
+        job = self._client.query(sql, job_config=self._job_config(params), retry=_bounded_retry(), job_retry=None, timeout=CALL_TIMEOUT_SECONDS)
+        return job, job.result(retry=_bounded_retry(), job_retry=None, timeout=JOB_TIMEOUT_SECONDS)
 
     # ----------------------------------------------------------------- metadata table
 
@@ -439,11 +465,11 @@ class BigQueryWarehouse(Warehouse):
         ref = self._ref(APPLIED_TABLE)
         try:
             self.api_calls["other"] += 1
-            self._client.get_table(ref.api)
+            self._client.get_table(ref.api, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
         except gexc.NotFound:
             self.api_calls["other"] += 1
             try:
-                self._client.create_dataset(bigquery.Dataset(f"{self.project}.{self.dataset}"), exists_ok=True)
+                self._client.create_dataset(bigquery.Dataset(f"{self.project}.{self.dataset}"), exists_ok=True, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
             except gexc.GoogleAPICallError as exc:
                 raise _wrap(exc, "create dataset") from exc
             t = bigquery.Table(
@@ -463,7 +489,7 @@ class BigQueryWarehouse(Warehouse):
             t.description = "ingest pipeline: dedup_ids already applied (one row per applied message chunk)"
             self.api_calls["metadata_update"] += 1
             try:
-                self._client.create_table(t, exists_ok=True)
+                self._client.create_table(t, exists_ok=True, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
             except gexc.GoogleAPICallError as exc:
                 raise _wrap(exc, f"create {APPLIED_TABLE}") from exc
         except Exception as exc:
@@ -507,7 +533,7 @@ class BigQueryWarehouse(Warehouse):
 
         self.api_calls["other"] += 1
         try:
-            t = self._client.get_table(self._ref(table).api)
+            t = self._client.get_table(self._ref(table).api, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
         except gexc.NotFound:
             self._tables.pop(table, None)
             return None
@@ -558,7 +584,7 @@ class BigQueryWarehouse(Warehouse):
             t.description = "ingest pipeline table; column descriptions carry the activity types"
             self.api_calls["metadata_update"] += 1
             try:
-                created = self._client.create_table(t)
+                created = self._client.create_table(t, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
             except gexc.Conflict as exc:
                 raise _SchemaRaced(str(exc)) from exc
             except Exception as exc:
@@ -575,7 +601,7 @@ class BigQueryWarehouse(Warehouse):
             # emulator only (or no etag known): it does not check etags, so read first
             self.api_calls["other"] += 1
             try:
-                t = self._client.get_table(ref.api)
+                t = self._client.get_table(ref.api, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
             except Exception as exc:
                 raise _wrap(exc, f"get table {table}") from exc
             fresh = self._state_from_table(t)
@@ -595,12 +621,16 @@ class BigQueryWarehouse(Warehouse):
                 self.api_calls["emulator_ddl"] += 1
                 sql = f"ALTER TABLE {ref.sql} ADD COLUMN IF NOT EXISTS {_quote(f.name)} {f.field_type}"
                 try:
-                    self._client.query(sql, job_config=self._job_config()).result()
+                    self._client.query(
+                        sql, job_config=self._job_config(), retry=_bounded_retry(), job_retry=None, timeout=CALL_TIMEOUT_SECONDS
+                    ).result(
+                        retry=_bounded_retry(), job_retry=None, timeout=JOB_TIMEOUT_SECONDS
+                    )
                 except Exception as exc:
                     raise _wrap(exc, f"add column {f.name}") from exc
         self.api_calls["metadata_update"] += 1
         try:
-            updated = self._client.update_table(t, ["schema"])
+            updated = self._client.update_table(t, ["schema"], retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
         except Exception as exc:
             if _is_schema_conflict(exc):
                 raise _SchemaRaced(str(exc)) from exc
@@ -648,6 +678,8 @@ class BigQueryWarehouse(Warehouse):
             planned.append(env if new_acts is None else Envelope(env.dedup_id, env.table, new_acts, env.delivery_attempt))
         schema = dict(state.schema) if state is not None else None
         plan = planner.plan_table(table, schema, planned)
+        # A few deletes among many inserts: one write and one DML instead of one each per delete.
+        plan.steps = planner.coalesce_steps(plan.steps)
         if swapped:
             plan.rejections = [
                 Rejection(r.dedup_id, r.index, *swapped[(r.dedup_id, r.index)]) if (r.dedup_id, r.index) in swapped else r
@@ -670,7 +702,21 @@ class BigQueryWarehouse(Warehouse):
                 result.applied_envelopes += 1
             return result
         with _table_lock((ref.project, ref.dataset, ref.table)):
-            return self._apply_locked(ref, list(envelopes), result)
+            try:
+                return self._apply_locked(ref, list(envelopes), result)
+            except Exception as exc:
+                if _is_not_found(exc):
+                    # The dataset, a table or the marker table vanished under the cache
+                    # (dropped by hand, a fresh emulator): forget what we knew and retry,
+                    # the next attempt creates what is missing.
+                    self._forget_cached_state()
+                    raise TransientWarehouseError(f"BigQuery {table}: something cached is gone, retrying: {exc}") from exc
+                raise
+
+    def _forget_cached_state(self) -> None:
+        with self._state_lock:
+            self._tables.clear()
+            self._meta_ready = False
 
     def _apply_locked(self, ref: _TableRef, envelopes: list[Envelope], result: ApplyResult) -> ApplyResult:
         table = ref.table
@@ -915,7 +961,7 @@ class BigQueryWarehouse(Warehouse):
         for rows, row_ids in chunks:
             self.api_calls["write"] += 1
             try:
-                errors = self._client.insert_rows_json(ref.api, rows, row_ids=row_ids, timeout=120)
+                errors = self._client.insert_rows_json(ref.api, rows, row_ids=row_ids, retry=_bounded_retry(), timeout=CALL_TIMEOUT_SECONDS)
             except Exception as exc:
                 raise _wrap(exc, f"insertAll to {ref.table}") from exc
             if errors:

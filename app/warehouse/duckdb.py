@@ -53,7 +53,7 @@ from app.warehouse.base import (
     Warehouse,
     WarehouseQueryError,
 )
-from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, plan_table
+from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, coalesce_steps, plan_table
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,11 @@ class DuckType:
     value_sql: str = "{}"
     compare_column_sql: str = "{}"
     compare_value_sql: str | None = None  # default: value_sql
+    # Arrow type to cast the staged column to before DuckDB sees it, where Arrow's cast is
+    # much faster than DuckDB's (VARCHAR -> DECIMAL(38,9) runs at ~150k values/s in DuckDB
+    # 1.5, ~3M/s in Arrow). If Arrow refuses a value, the column is staged uncast and the
+    # SQL cast in `value_sql` decides, as before.
+    stage_cast: pa.DataType | None = None
 
     def cmp_value(self, placeholder: str) -> str:
         return (self.compare_value_sql or self.value_sql).format(placeholder)
@@ -130,7 +135,9 @@ def duck_types(spatial: bool) -> dict[str, DuckType]:
         "bytes": DuckType("BLOB", s, value_sql="from_base64({})"),
         "integer": DuckType("BIGINT", pa.int64()),
         "float": DuckType("DOUBLE", pa.float64(), convert=_floats),
-        "numeric": DuckType("DECIMAL(38,9)", s, value_sql="CAST({} AS DECIMAL(38,9))"),
+        "numeric": DuckType(
+            "DECIMAL(38,9)", s, value_sql="CAST({} AS DECIMAL(38,9))", stage_cast=pa.decimal128(38, 9)
+        ),
         # 76 digits do not fit DECIMAL(38): keep the canonical decimal text (lossless).
         "bignumeric": DuckType("VARCHAR", s),
         "boolean": DuckType("BOOLEAN", pa.bool_()),
@@ -484,7 +491,7 @@ class DuckDBWarehouse(Warehouse):
         result.noop_deletes += plan.noop_deletes
         result.schema_changes += plan.schema_changes
         qtable = quote_ident(table)
-        for step in plan.steps:
+        for step in coalesce_steps(plan.steps):
             if isinstance(step, InsertRows):
                 result.rows_inserted += self._insert(con, qtable, step)
             elif isinstance(step, DeleteRows):
@@ -512,7 +519,13 @@ class DuckDBWarehouse(Warehouse):
             spec = self._types[typ]
             if spec.convert is not None:
                 values = spec.convert(values)
-            arrays.append(pa.array(values, type=spec.arrow_type))
+            array = pa.array(values, type=spec.arrow_type)
+            if spec.stage_cast is not None:
+                try:
+                    array = array.cast(spec.stage_cast)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    pass  # the SQL cast decides (same result, slower)
+            arrays.append(array)
         stage = pa.Table.from_arrays(arrays, names=[f"c{i}" for i in range(len(arrays))])
         con.register(STAGE_VIEW, stage)
 

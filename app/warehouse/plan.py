@@ -306,3 +306,71 @@ def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope])
             plan.schema_changes += len(step.columns)
     plan.schema = cur
     return plan
+
+
+# Types whose canonical values (see app.schema.types) are equal in Python exactly when
+# the warehouses compare them equal. Not float (NaN), geography (WKT spellings) or
+# record (JSON text): a delete on such a column keeps the plan's barriers.
+_EXACT_EQUALITY_TYPES = frozenset(
+    {"string", "bytes", "integer", "numeric", "bignumeric", "boolean", "timestamp", "date", "time", "datetime"}
+)
+
+
+def coalesce_steps(steps: list[Step]) -> list[Step]:
+    """The same plan as at most one `InsertRows` then one `DeleteRows`, when that is equivalent.
+
+    A delete is a barrier only for the rows inserted after it that it would match.
+    When no delete matches any row inserted later in the plan (checked exactly, in
+    memory, on the canonical values), running every insert first and every delete
+    after leaves the same rows: each delete then also sees the rows inserted before it
+    (as in order) and no row it must not see. A backlog with a few deletes among many
+    inserts then costs two statements instead of two per delete. Otherwise the steps
+    are returned unchanged. Schema steps (always first) stay first.
+    """
+    head = 0
+    while head < len(steps) and isinstance(steps[head], (CreateTable, AddColumns)):
+        head += 1
+    data = steps[head:]
+    inserts = [s for s in data if isinstance(s, InsertRows)]
+    deletes = [s for s in data if isinstance(s, DeleteRows)]
+    if len(inserts) + len(deletes) != len(data) or (len(inserts) <= 1 and len(deletes) <= 1):
+        return steps  # nothing to merge (consecutive steps of one kind are merged already)
+    later: dict[tuple[str, ...], set[tuple]] = {}
+    for step in deletes:
+        for conds in step.conditions:
+            if any(typ not in _EXACT_EQUALITY_TYPES for _, typ, _ in conds):
+                return steps
+            later.setdefault(tuple(name for name, _, _ in conds), set())
+    for step in reversed(data):
+        if isinstance(step, InsertRows):
+            for pattern, seen in later.items():
+                pad = None
+                cols = []
+                for name in pattern:
+                    col = step.values.get(name)
+                    if col is None:
+                        pad = pad or [None] * step.count
+                        col = pad
+                    cols.append(col)
+                seen.update(zip(*cols))
+        else:
+            for conds in step.conditions:
+                if tuple(value for _, _, value in conds) in later[tuple(name for name, _, _ in conds)]:
+                    return steps
+    columns: list[Column] = []
+    known: set[str] = set()
+    for step in inserts:
+        for col in step.columns:
+            if col[0] not in known:
+                known.add(col[0])
+                columns.append(col)
+    values: dict[str, list[Any]] = {name: [] for name, _ in columns}
+    total = 0
+    for step in inserts:
+        for name, lst in values.items():
+            col = step.values.get(name)
+            lst.extend(col if col is not None else [None] * step.count)
+        total += step.count
+    merged: list[Step] = [InsertRows(columns=columns, values=values, count=total)]
+    merged.append(DeleteRows(conditions=[conds for step in deletes for conds in step.conditions]))
+    return steps[:head] + merged

@@ -41,7 +41,7 @@ def test_api_kill9_under_concurrent_load_no_partial_batch(tmp_path):
 def test_broker_locked_answers_503_then_resumes_by_itself(tmp_path):
     o = faults.scenario_broker_locked(tmp_path)
     during = {k: v for k, v in o.statuses.items() if not k.startswith("after:")}
-    assert during == {"200": 0, "503": 12} or during == {"503": 12}, o.statuses
+    assert during == {"200": 1, "503": 6}, o.statuses  # the batch before the lock, then only 503s
     assert o.data["retry_after"] == ["1"]
     assert o.data["body_503"]["error"] is True
     assert o.data["landed_503"] == []  # a 503 means nothing of the batch was accepted

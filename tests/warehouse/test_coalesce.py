@@ -1,0 +1,85 @@
+"""`coalesce_steps`: inserts first, deletes after, only when that leaves the same rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.schema.activity import Activity
+from app.warehouse.base import Envelope
+from app.warehouse.plan import DeleteRows, InsertRows, Plan, coalesce_steps, plan_table
+
+
+def _rows(steps: list) -> list[tuple]:
+    rows: list[dict] = []
+    for step in steps:
+        if isinstance(step, InsertRows):
+            for j in range(step.count):
+                rows.append({n.lower(): step.values[n][j] for n, _ in step.columns})
+        elif isinstance(step, DeleteRows):
+            for conds in step.conditions:
+                rows = [r for r in rows if not all(r.get(n.lower()) == v for n, _, v in conds)]
+    return sorted(tuple(sorted((k, repr(v)) for k, v in r.items() if v is not None)) for r in rows)
+
+
+def _kinds(steps: list) -> list[str]:
+    return [type(s).__name__ for s in steps]
+
+
+def _plan(*acts: Activity) -> Plan:
+    return plan_table("t", {"k": ("k", "integer"), "s": ("s", "string"), "f": ("f", "float")}, [Envelope("b:t:0", "t", list(acts))])
+
+
+def test_unrelated_deletes_move_after_all_inserts() -> None:
+    plan = _plan(
+        Activity("insert", "t", ["k"], ["integer"], [1]),
+        Activity("delete", "t", ["k"], ["integer"], [1]),
+        Activity("insert", "t", ["k", "s"], ["integer", "string"], [2, "x"]),
+        Activity("delete", "t", ["s"], ["string"], ["zz"]),
+        Activity("insert", "t", ["k"], ["integer"], [3]),
+    )
+    assert _kinds(plan.steps) == ["InsertRows", "DeleteRows", "InsertRows", "DeleteRows", "InsertRows"]
+    merged = coalesce_steps(plan.steps)
+    assert _kinds(merged) == ["InsertRows", "DeleteRows"]
+    assert merged[0].values == {"k": [1, 2, 3], "s": [None, "x", None]} and merged[0].count == 3
+    assert _rows(merged) == _rows(plan.steps)
+
+
+def test_delete_matching_a_later_insert_keeps_the_barrier() -> None:
+    plan = _plan(
+        Activity("insert", "t", ["k"], ["integer"], [1]),
+        Activity("delete", "t", ["k"], ["integer"], [2]),
+        Activity("insert", "t", ["k"], ["integer"], [2]),
+    )
+    assert coalesce_steps(plan.steps) == plan.steps
+
+
+def test_inexact_types_keep_the_barrier() -> None:
+    plan = _plan(
+        Activity("insert", "t", ["f"], ["float"], [1.0]),
+        Activity("delete", "t", ["f"], ["float"], [2.0]),
+        Activity("insert", "t", ["f"], ["float"], [3.0]),
+    )
+    assert coalesce_steps(plan.steps) == plan.steps
+
+
+_cols = st.sampled_from([("a", "integer"), ("b", "string"), ("c", "integer")])
+
+
+@st.composite
+def _activity(draw: Any) -> Activity:
+    cols = draw(st.lists(_cols, min_size=1, max_size=3, unique_by=lambda c: c[0]))
+    values = [draw(st.one_of(st.none(), st.integers(0, 2))) if t == "integer" else draw(st.sampled_from([None, "x", "y"])) for _, t in cols]
+    op = draw(st.sampled_from(["insert", "insert", "delete"]))
+    return Activity(op, "t", [c for c, _ in cols], [t for _, t in cols], values)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_activity(), max_size=14))
+def test_coalesced_plan_leaves_the_same_rows(acts: list[Activity]) -> None:
+    plan = plan_table("t", {"a": ("a", "integer"), "b": ("b", "string"), "c": ("c", "integer")}, [Envelope("b:t:0", "t", acts)])
+    merged = coalesce_steps(plan.steps)
+    assert _rows(merged) == _rows(plan.steps)
+    assert sum(s.count for s in merged if isinstance(s, InsertRows)) == plan.rows_to_insert
