@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     broker: Literal["local", "pubsub"] = Field("local", description="Which broker: `local` (SQLite file) or `pubsub`.")
     warehouse: Literal["duckdb", "bigquery"] = Field("duckdb", description="Which warehouse: `duckdb` (file) or `bigquery`.")
     duckdb_path: Path | None = Field(None, description="DuckDB file; default `$DATA_DIR/warehouse.duckdb`.")
+    duckdb_memory_limit: str = Field("512MB", description="Cap on DuckDB's buffer pool in the subscriber (e.g. 128MB, 1GB).")
     broker_path: Path | None = Field(None, description="Local broker file; default `$DATA_DIR/broker.sqlite`.")
     dead_letter_path: Path | None = Field(None, description="Dead-letter store; default `$DATA_DIR/dead_letters.sqlite`.")
 

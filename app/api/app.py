@@ -225,11 +225,11 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else len(activities))
         if not result.duplicate:
             request.app.state.event_rate.record(len(activities))  # the status page's chart
-        log.info(
-            "batch published",
-            extra={"activities": len(activities), "messages": len(messages), "duplicate": result.duplicate,
-                   "publish_ms": round(publish_seconds * 1000, 2)},
-        )
+        # One INFO line per request: the middleware's `request finished` carries these.
+        request.scope["log_extra"] = {
+            "activities": len(activities), "messages": len(messages), "duplicate": result.duplicate,
+            "publish_ms": round(publish_seconds * 1000, 2),
+        }
         headers = {"Idempotent-Replayed": "true"} if result.duplicate else None
         return _json(
             200,

@@ -92,6 +92,7 @@ class RequestContextMiddleware:
                     "path": path,
                     "status": final,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    **scope.get("log_extra", {}),
                 },
             )
             batch_id_var.reset(batch_token)

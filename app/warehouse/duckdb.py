@@ -215,9 +215,13 @@ def _load_spatial(con: duckdb.DuckDBPyConnection) -> tuple[bool, str]:
     return False, last
 
 
-def _open(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnection, bool]:
+def _open(path: Path, read_only: bool, memory_limit: str | None = None) -> tuple[duckdb.DuckDBPyConnection, bool]:
     con = duckdb.connect(str(path), read_only=read_only)
     try:
+        if memory_limit:
+            # DuckDB's buffer pool defaults to 80% of RAM; the subscriber streams batches
+            # and needs little, so cap it (bigger work spills to a temp file instead).
+            con.execute(f"SET memory_limit = '{_memory_limit_literal(memory_limit)}'")
         spatial, detail = _load_spatial(con)
         if not spatial:
             log.warning("DuckDB spatial extension unavailable (%s): geography stored as WKT text", detail)
@@ -229,6 +233,12 @@ def _open(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnection, bool]
         con.close()
         raise
     return con, spatial
+
+
+def _memory_limit_literal(value: str) -> str:
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", value.strip(), flags=re.I):
+        raise ValueError(f"DUCKDB_MEMORY_LIMIT must look like 256MB, got {value!r}")
+    return value.strip()
 
 
 def _is_lock_error(exc: BaseException) -> bool:
@@ -297,6 +307,7 @@ def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | N
 class DuckDBWarehouse(Warehouse):
     def __init__(self, settings: Settings) -> None:
         self.path = Path(settings.duckdb_file)
+        self._memory_limit = settings.duckdb_memory_limit
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = None
         self._spatial = spatial_extension_path() is not None  # refined on first connect
@@ -321,7 +332,7 @@ class DuckDBWarehouse(Warehouse):
                 return self._con
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                con, spatial = _open(self.path, read_only=False)
+                con, spatial = _open(self.path, read_only=False, memory_limit=self._memory_limit)
             except duckdb.Error as exc:
                 raise TransientWarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
             except OSError as exc:
