@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     max_record_depth: int = Field(15, description="Deepest nesting of a record value.")
     api_keys: str | None = Field(None, description="Comma-separated API keys (plain or `sha256:<hex>`); when set, ingest needs one.")
     api_allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without API keys.")
+    max_in_flight_requests: int = Field(256, description="Ingest requests handled at once; more get 503 + Retry-After (bounds memory).")
     publish_timeout_seconds: float = Field(10.0, description="How long the API waits for the broker before answering 503.")
 
     # --- where things live ---

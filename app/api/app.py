@@ -170,7 +170,24 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         log.exception("unexpected error")
         return error_response(500, "internal error; the batch was not accepted, retry later", [])
 
+    in_flight = 0
+
     async def ingest(request: Request) -> Response:
+        # Bounded work in progress: bodies are read into memory, so refuse new requests
+        # beyond the limit instead of buffering without bound.
+        nonlocal in_flight
+        if in_flight >= settings.max_in_flight_requests:
+            raise ApiError(
+                503, f"too many requests in progress (limit {settings.max_in_flight_requests}); retry later",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        in_flight += 1
+        try:
+            return await _ingest(request)
+        finally:
+            in_flight -= 1
+
+    async def _ingest(request: Request) -> Response:
         if not is_authorized(request, api_key_digests):
             raise ApiError(
                 401, "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key",

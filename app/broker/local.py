@@ -138,6 +138,9 @@ _PENDING, _CLAIMED, _ABANDONED = 0, 1, 2
 _CLAIM_LOCK = threading.Lock()
 
 
+READY_WRITE_WAIT_SECONDS = 1.0
+
+
 class LocalBroker(Broker):
     """Durable SQLite-file broker with group commit; see the module docstring."""
 
@@ -635,9 +638,13 @@ class LocalBroker(Broker):
         try:
             if not self.path.exists():
                 return False, f"local broker file {self.path} does not exist"
-            conn = sqlite3.connect(str(self.path), timeout=1.0, isolation_level=None)
+            conn = sqlite3.connect(str(self.path), timeout=READY_WRITE_WAIT_SECONDS, isolation_level=None)
             try:
                 conn.execute("SELECT count(*) FROM messages WHERE id = 0").fetchone()
+                # Readable is not enough: a publish needs the write lock. Our own writer
+                # holds it only for a commit at a time, so a short wait gets it.
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
             finally:
                 conn.close()
         except sqlite3.Error as exc:

@@ -159,3 +159,25 @@ def test_openapi_documents_contract(client):
     assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
     assert "IngestRequest" in schema["components"]["schemas"]
     assert client.get("/docs").status_code == 200
+
+
+def test_requests_beyond_the_in_flight_limit_get_503(tmp_path):
+    import asyncio
+
+    import httpx
+
+    class _SlowBroker(_UnavailableBroker):
+        async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None):
+            await asyncio.sleep(0.3)
+            return PublishResult(batch_id, len(messages))
+
+    app = create_app(Settings(data_dir=tmp_path, max_in_flight_requests=2), broker=_SlowBroker())
+
+    async def burst():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await asyncio.gather(*(client.post(PATH, json=README_BODY) for _ in range(5)))
+
+    statuses = sorted(r.status_code for r in asyncio.run(burst()))
+    assert statuses == [200, 200, 503, 503, 503]

@@ -45,6 +45,7 @@ def test_broker_locked_answers_503_then_resumes_by_itself(tmp_path):
     assert o.data["retry_after"] == ["1"]
     assert o.data["body_503"]["error"] is True
     assert o.data["landed_503"] == []  # a 503 means nothing of the batch was accepted
+    assert o.data["readyz_while_locked"] == 503  # readiness tells the load balancer too
     assert o.lost == 0 and o.duplicated == 0
     assert o.recovery_seconds is not None  # a 200 came back without restarting anything
 
