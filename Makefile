@@ -35,7 +35,9 @@ test: $(VENV)/.dev emulators
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -m "not emulator and not slow"
 
-bench: $(VENV)/.dev
+# The load generator is Debian's wrk; install it when we can (root), else say how.
+bench: $(VENV)/.dev emulators
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk); } || { echo "bench: install wrk (apt-get install -y wrk)" >&2; exit 1; }
 	$(PY) scripts/bench.py
 
 reliability: $(VENV)/.dev emulators
