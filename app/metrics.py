@@ -5,7 +5,11 @@ The API exposes them on `/metrics`; the subscriber on its admin port's `/metrics
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("app.metrics")
 
 REQUESTS = Counter("ingest_requests_total", "Ingest requests by HTTP status.", ["status"])
 ACTIVITIES_ACCEPTED = Counter("ingest_activities_accepted_total", "Activities accepted (durably published).")
@@ -30,3 +34,20 @@ APPLY_SECONDS = Histogram(
 DEAD_LETTERED = Counter("pipeline_dead_lettered_total", "Activities or messages sent to the dead-letter store.", ["reason"])
 SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.")
 TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.")
+
+
+def render(broker) -> tuple[bytes, str]:
+    """The Prometheus page, with the backlog gauges refreshed from `broker` first.
+
+    A scrape must still answer while the broker is down, so a failing backlog read
+    leaves the gauges as they were.
+    """
+    try:
+        stats = broker.backlog()
+    except Exception as exc:
+        log.warning("broker backlog unavailable for /metrics: %s", exc)
+        stats = None
+    if stats is not None:
+        BACKLOG_MESSAGES.set(stats.messages)
+        BACKLOG_OLDEST_SECONDS.set(stats.oldest_age_seconds or 0)
+    return generate_latest(), CONTENT_TYPE_LATEST

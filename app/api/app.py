@@ -27,7 +27,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -325,15 +324,8 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:
-        try:
-            stats = await asyncio.to_thread(request.app.state.broker.backlog)
-        except Exception as exc:  # a scrape must still answer while the broker is down
-            log.warning("broker backlog unavailable for /metrics: %s", exc)
-            stats = None
-        if stats is not None:
-            metrics.BACKLOG_MESSAGES.set(stats.messages)
-            metrics.BACKLOG_OLDEST_SECONDS.set(stats.oldest_age_seconds or 0)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = await asyncio.to_thread(metrics.render, request.app.state.broker)
+        return Response(body, media_type=content_type)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

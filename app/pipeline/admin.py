@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import metrics
 from app.warehouse.base import WarehouseQueryError
@@ -132,15 +131,8 @@ class _Handler(BaseHTTPRequestHandler):
             ok = broker_ok and wh_ok
             self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
         elif self.path == "/metrics":
-            try:
-                stats = sub.broker.backlog()
-            except Exception as exc:  # a scrape must still answer while the broker is down
-                log.warning("broker backlog unavailable for /metrics: %s", exc)
-                stats = None
-            if stats is not None:
-                metrics.BACKLOG_MESSAGES.set(stats.messages)
-                metrics.BACKLOG_OLDEST_SECONDS.set(stats.oldest_age_seconds or 0)
-            self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+            body, content_type = metrics.render(sub.broker)
+            self._send(200, body, content_type)
         elif self.path == "/tables":
             try:
                 tables = table_stats(sub)

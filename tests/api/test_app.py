@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from app.api.app import create_app
 from app.broker import BrokerUnavailable, make_broker
-from app.broker.base import Broker, PublishResult
 from app.settings import Settings
+from tests.support.brokers import StubBroker
 from tests.support.processes import ROOT
 
 README_BODY = json.loads((ROOT / "examples" / "readme.json").read_text())
@@ -113,27 +113,8 @@ def test_gzip_body_accepted_and_bomb_refused(client, settings):
     assert r.status_code == 415
 
 
-class _UnavailableBroker(Broker):
-    name = "unavailable"
-
-    async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None) -> PublishResult:
-        raise BrokerUnavailable("disk full")
-
-    def pull(self, max_messages, timeout):
-        return []
-
-    def ack(self, messages):
-        pass
-
-    def nack(self, messages, delay_seconds=0.0):
-        pass
-
-    def ready(self):
-        return False, "disk full"
-
-
 def test_broker_unavailable_is_503_with_retry_after(settings):
-    with TestClient(create_app(settings, broker=_UnavailableBroker())) as c:
+    with TestClient(create_app(settings, broker=StubBroker(publish_error=BrokerUnavailable("disk full"), ready=(False, "disk full")))) as c:
         r = c.post(PATH, json=README_BODY)
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"] is True
         r = c.get("/readyz")
@@ -166,12 +147,7 @@ def test_requests_beyond_the_in_flight_limit_get_503(tmp_path):
 
     import httpx
 
-    class _SlowBroker(_UnavailableBroker):
-        async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None):
-            await asyncio.sleep(0.3)
-            return PublishResult(batch_id, len(messages))
-
-    app = create_app(Settings(data_dir=tmp_path, max_in_flight_requests=2), broker=_SlowBroker())
+    app = create_app(Settings(data_dir=tmp_path, max_in_flight_requests=2), broker=StubBroker(publish_delay=0.3))
 
     async def burst():
         async with app.router.lifespan_context(app):

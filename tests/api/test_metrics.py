@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.app import create_app
 from app.broker import make_broker
-from app.broker.base import Broker
 from app.settings import Settings
+from tests.support.brokers import StubBroker
 from tests.support.processes import ROOT
 
 README_BODY = json.loads((ROOT / "examples" / "readme.json").read_text())
@@ -112,30 +112,8 @@ def test_request_id_is_echoed_or_generated(client):
         assert len(r.headers["x-request-id"]) == 32 and r.headers["x-request-id"].isalnum(), bad
 
 
-class _Broken(Broker):
-    name = "broken"
-
-    async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None):
-        raise RuntimeError("boom")
-
-    def pull(self, max_messages, timeout):
-        return []
-
-    def ack(self, messages):
-        pass
-
-    def nack(self, messages, delay_seconds=0.0):
-        pass
-
-    def ready(self):
-        return False, "broker file missing: /nowhere/broker.sqlite"
-
-    def backlog(self):
-        raise RuntimeError("backlog unavailable")
-
-
 def test_unexpected_error_is_500_counted_with_request_id_and_readyz_says_why(tmp_path):
-    with TestClient(create_app(Settings(data_dir=tmp_path), broker=_Broken())) as c:
+    with TestClient(create_app(Settings(data_dir=tmp_path), broker=StubBroker(publish_error=RuntimeError("boom"), ready=(False, "broker file missing: /nowhere/broker.sqlite"), backlog_error=RuntimeError("backlog unavailable")))) as c:
         before = scrape(c)  # a broken backlog does not break the scrape
         r = c.post(PATH, json=README_BODY, headers={"X-Request-ID": "req-500"})
         assert r.status_code == 500 and r.json()["error"] is True

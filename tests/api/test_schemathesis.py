@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 from schemathesis.openapi import from_asgi
