@@ -51,15 +51,14 @@ def encode_batch(
         by_table.setdefault(a.table, []).append(_activity_body(a))
     messages: list[OutgoingMessage] = []
     for table, bodies in by_table.items():
-        for chunk_index, chunk in enumerate(_chunks(bodies, max_message_bytes)):
-            data = orjson.dumps({"v": FORMAT_VERSION, "batch_id": batch_id, "table": table, "activities": chunk})
+        for chunk_index, data, count in _encoded_chunks(batch_id, table, bodies, max_message_bytes):
             messages.append(
                 OutgoingMessage(
                     data=data,
                     ordering_key=table,
                     attributes={
                         "table": table,
-                        "count": str(len(chunk)),
+                        "count": str(count),
                         "batch_id": batch_id,
                         "dedup_id": f"{batch_id}:{table}:{chunk_index}",
                     },
@@ -68,22 +67,29 @@ def encode_batch(
     return messages
 
 
-def _chunks(bodies: list[dict], max_bytes: int) -> Iterable[list[dict]]:
-    whole = orjson.dumps(bodies)
+def _encode(batch_id: str, table: str, bodies: list[dict]) -> bytes:
+    return orjson.dumps({"v": FORMAT_VERSION, "batch_id": batch_id, "table": table, "activities": bodies})
+
+
+def _encoded_chunks(batch_id: str, table: str, bodies: list[dict], max_bytes: int) -> Iterable[tuple[int, bytes, int]]:
+    """(chunk index, message body, activity count); the common case is one chunk, encoded once."""
+    whole = _encode(batch_id, table, bodies)
     if len(whole) <= max_bytes:
-        yield bodies
+        yield 0, whole, len(bodies)
         return
     chunk: list[dict] = []
     size = 0
+    index = 0
     for body in bodies:
         body_size = len(orjson.dumps(body)) + 1
         if chunk and size + body_size > max_bytes:
-            yield chunk
+            yield index, _encode(batch_id, table, chunk), len(chunk)
+            index += 1
             chunk, size = [], 0
         chunk.append(body)
         size += body_size
     if chunk:
-        yield chunk
+        yield index, _encode(batch_id, table, chunk), len(chunk)
 
 
 def decode_message(message: ReceivedMessage) -> Envelope:
