@@ -244,11 +244,7 @@ class LocalBroker(Broker):
 
     def _drop_sub_conn(self) -> None:
         conn, self._sub_conn_ = self._sub_conn_, None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        _close_quietly(conn)
 
     # ------------------------------------------------------------------ publish
     async def publish(
@@ -337,11 +333,7 @@ class LocalBroker(Broker):
 
     def _close_writer_conn(self) -> None:
         conn, self._writer_conn = self._writer_conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        _close_quietly(conn)
 
     def _commit_group(self, group: list[_PublishRequest]) -> None:
         claimed: list[_PublishRequest] = []
@@ -718,6 +710,15 @@ def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
             time.sleep(_BUSY_RETRY_SECONDS)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+
+
+def _close_quietly(conn: sqlite3.Connection | None) -> None:
+    """Closing a connection that already failed may fail again; it is being dropped anyway."""
+    if conn is not None:
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
 
 
 def _deliverable_keys(conn: sqlite3.Connection, now: float) -> tuple[list[tuple[str, int]], float | None]:

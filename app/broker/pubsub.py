@@ -443,8 +443,8 @@ class PubSubBroker(Broker):
                 self._queue.get_nowait().nack()
             except queue.Empty:
                 break
-            except Exception:
-                pass
+            except Exception:  # not lost: an un-nacked message comes back after its ack deadline
+                log.debug("nack on close failed", exc_info=True)
         if streaming is not None:
             streaming.cancel()
             try:

@@ -72,10 +72,14 @@ def table_stats(sub: "Subscriber") -> list[dict[str, Any]]:
                 _, counted = warehouse.query(sql, chunk)
             counts.update({t: int(n) for t, n in counted})
     else:
+        from app.warehouse.plan import NAME_PATTERN
+
         for name in sorted(last_write)[:MAX_TABLES_LISTED]:
+            if not NAME_PATTERN.match(name):  # identifiers only ever reach SQL validated
+                continue
             try:
                 with sub.warehouse_lock:
-                    _, counted = warehouse.query(f"SELECT count(*) FROM {name}")  # names are plain identifiers
+                    _, counted = warehouse.query(f"SELECT count(*) FROM {name}")
                 counts[name] = int(counted[0][0])
             except Exception:
                 counts[name] = None

@@ -151,13 +151,14 @@ class Subscriber:
                    "rejected": len(result.rejections), "schema_changes": result.schema_changes},
         )
         if result.rejections:
+            message_of = {e.dedup_id: m for m, e in items}
             self._dead_letter(
                 [
                     NewDeadLetter(
                         reason=r.reason, kind="activity", payload=orjson.dumps(r.activity.to_dict()),
-                        attempts=next((m.delivery_attempt for m, e in items if e.dedup_id == r.dedup_id), 1),
+                        attempts=message_of[r.dedup_id].delivery_attempt if r.dedup_id in message_of else 1,
                         table_name=table, dedup_id=r.dedup_id, activity_index=r.index,
-                        message_id=next((m.message_id for m, e in items if e.dedup_id == r.dedup_id), None),
+                        message_id=message_of[r.dedup_id].message_id if r.dedup_id in message_of else None,
                     )
                     for r in result.rejections
                 ],
