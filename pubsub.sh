@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Provision the Google Cloud resources the pipeline uses (idempotent; safe to re-run):
 #   Pub/Sub topic $PUBSUB_TOPIC, dead-letter topic "$PUBSUB_TOPIC-dead-letter" with subscription
-#   "$PUBSUB_SUBSCRIPTION-dead-letter", subscription $PUBSUB_SUBSCRIPTION (ack deadline,
-#   message ordering, dead-letter + retry policy), and BigQuery dataset $BIGQUERY_DATASET.
+#   "$PUBSUB_SUBSCRIPTION-dead-letter" (never expires, keeps dead letters 7 days), subscription
+#   $PUBSUB_SUBSCRIPTION (never expires, ack deadline, message ordering, retry policy, dead-letter
+#   policy with $PUBSUB_MAX_DELIVERY_ATTEMPTS), the Pub/Sub service agent's roles for
+#   dead-lettering, and BigQuery dataset $BIGQUERY_DATASET in $BIGQUERY_LOCATION.
 #
 # Usage:
 #   Google Cloud:  gcloud auth application-default login
-#                  GCP_PROJECT=my-project ./pubsub.sh
+#                  GCP_PROJECT=my-project GCP_PROJECT_NUMBER=123456789012 ./pubsub.sh
 #   Emulators:     PUBSUB_EMULATOR_HOST=127.0.0.1:8085 BIGQUERY_EMULATOR_HOST=127.0.0.1:9050 ./pubsub.sh
 #   Pub/Sub only:  PROVISION_BIGQUERY=false ./pubsub.sh      (or: ./pubsub.sh --no-bigquery)
-# Other settings (PUBSUB_TOPIC, PUBSUB_SUBSCRIPTION, BIGQUERY_DATASET, ACK_DEADLINE_SECONDS,
-# MAX_DELIVERY_ATTEMPTS) are read from the environment like the API and subscriber do.
+# Other settings (PUBSUB_TOPIC, PUBSUB_SUBSCRIPTION, BIGQUERY_DATASET, ACK_DEADLINE_SECONDS, ...)
+# are read from the environment like the API and subscriber do.
 #
-# On Google Cloud, dead-lettering also needs the Pub/Sub service agent to publish to the
-# dead-letter topic and to subscribe to the main subscription, e.g.:
-#   SA="service-$(gcloud projects describe "$GCP_PROJECT" --format='value(projectNumber)')@gcp-sa-pubsub.iam.gserviceaccount.com"
-#   gcloud pubsub topics add-iam-policy-binding "${PUBSUB_TOPIC:-user-activities}-dead-letter" --member="serviceAccount:$SA" --role=roles/pubsub.publisher
-#   gcloud pubsub subscriptions add-iam-policy-binding "${PUBSUB_SUBSCRIPTION:-user-activities-sub}" --member="serviceAccount:$SA" --role=roles/pubsub.subscriber
+# Drifted subscription fields are updated in place. Whatever cannot be done (message ordering
+# on an existing subscription, a dataset in another location, an IAM grant without
+# GCP_PROJECT_NUMBER or without setIamPolicy rights) is listed under "NOT DONE" with the
+# exact gcloud command to run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

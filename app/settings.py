@@ -51,10 +51,17 @@ class Settings(BaseSettings):
 
     # --- Google Cloud ---
     gcp_project: str = Field("local-project", description="Google Cloud project id.")
+    gcp_project_number: int | None = Field(
+        None, gt=0, description="Project number; lets `pubsub.sh` grant the Pub/Sub service agent its dead-letter roles."
+    )
     pubsub_topic: str = Field("user-activities", description="Pub/Sub topic the API publishes to.")
     pubsub_subscription: str = Field("user-activities-sub", description="Pub/Sub subscription the subscriber pulls.")
     pubsub_ordering: bool = Field(True, description="Publish with ordering key = table (about 1 MB/s per table).")
+    pubsub_max_delivery_attempts: int = Field(
+        100, ge=5, le=100, description="Pub/Sub deliveries before Pub/Sub itself dead-letters a message (5..100)."
+    )
     bigquery_dataset: str = Field("user_activity", description="BigQuery dataset the tables live in.")
+    bigquery_location: str = Field("US", description="Location of the BigQuery dataset and its query jobs (e.g. US, EU, europe-west1).")
     bigquery_emulator_host: str | None = Field(None, description="host:port of a BigQuery REST emulator (anonymous credentials).")
     bigquery_emulator_grpc_host: str | None = Field(None, description="host:port of the emulator's Storage Write gRPC endpoint.")
     bigquery_insert_mode: Literal["storage_write", "insert_all"] = Field(
