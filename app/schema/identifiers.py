@@ -3,7 +3,10 @@
 Both kinds of name: ASCII letters, digits and underscores only, not starting with a
 digit, not empty. Table names at most 1024 characters, column names at most 300.
 Column names must not start with BigQuery's reserved prefixes (`_TABLE_`, `_FILE_`,
-`_PARTITION`, `_ROW_TIMESTAMP`, `__ROOT__`, `_COLIDENTIFIER`, any letter case). Neither
+`_PARTITION`, `_ROW_TIMESTAMP`, `__ROOT__`, `_COLIDENTIFIER`, and the change-data-capture
+pseudo-columns `_CHANGE_SEQUENCE_NUMBER`, `_CHANGE_TYPE`, `_CHANGE_TIMESTAMP`; any letter
+case), listed under "Column names" in
+https://cloud.google.com/bigquery/docs/schemas#column_names. Neither
 kind may start with `_ingest_` (any case): the pipeline keeps its own bookkeeping
 tables and columns under that prefix.
 
@@ -32,6 +35,9 @@ RESERVED_COLUMN_PREFIXES: tuple[str, ...] = (
     "_row_timestamp",
     "__root__",
     "_colidentifier",
+    "_change_sequence_number",
+    "_change_type",
+    "_change_timestamp",
 )
 INTERNAL_PREFIX = "_ingest_"
 

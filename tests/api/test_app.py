@@ -71,6 +71,18 @@ def test_invalid_activity_rejects_whole_batch_with_paths(client, settings):
     assert _pulled(settings) == []
 
 
+@pytest.mark.parametrize("column", ["_CHANGE_TYPE", "_change_sequence_number", "_Change_Timestamp"])
+def test_bigquery_change_data_capture_columns_are_refused_at_the_edge(client, settings, column):
+    good = README_BODY["user_activities"][0]
+    bad = dict(good, col_names=[*good["col_names"][:-1], column])
+    r = client.post(PATH, json={"user_activities": [good, bad]})
+    assert r.status_code == 422
+    [detail] = r.json()["details"]
+    assert detail["loc"] == f"user_activities[1].col_names[{len(good['col_names']) - 1}]"
+    assert f"reserved prefix '{column.upper()}'" in detail["message"]
+    assert _pulled(settings) == []
+
+
 @pytest.mark.parametrize(
     "content, headers, status",
     [

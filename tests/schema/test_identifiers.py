@@ -88,6 +88,12 @@ def test_length_limits():
         "__root__x",
         "_COLIDENTIFIER",
         "_colidentifier1",
+        "_CHANGE_TYPE",
+        "_change_type",
+        "_CHANGE_SEQUENCE_NUMBER",
+        "_change_sequence_number_x",
+        "_CHANGE_TIMESTAMP",
+        "_Change_Timestamp2",
     ],
 )
 def test_reserved_column_prefixes(name):
@@ -95,7 +101,26 @@ def test_reserved_column_prefixes(name):
     assert message is not None and "reserved prefix" in message, message
 
 
-@pytest.mark.parametrize("name", ["_TABLE_x", "_PARTITION", "__ROOT__"])
+@pytest.mark.parametrize(
+    "name, prefix",
+    [
+        ("_change_type", "_CHANGE_TYPE"),
+        ("_CHANGE_SEQUENCE_NUMBER", "_CHANGE_SEQUENCE_NUMBER"),
+        ("_change_timestamp_utc", "_CHANGE_TIMESTAMP"),
+    ],
+)
+def test_change_data_capture_pseudo_columns_are_named_in_the_refusal(name, prefix):
+    assert check_column_name(name) == (
+        f"column name {name!r} starts with the reserved prefix '{prefix}' (reserved by BigQuery)"
+    )
+
+
+@pytest.mark.parametrize("name", ["change_type", "_change", "_changes", "_change_kind", "x_change_type"])
+def test_names_near_the_change_prefixes_are_fine(name):
+    assert check_column_name(name) is None
+
+
+@pytest.mark.parametrize("name", ["_TABLE_x", "_PARTITION", "__ROOT__", "_CHANGE_TYPE"])
 def test_reserved_column_prefixes_are_fine_for_tables(name):
     assert check_table_name(name) is None
 
