@@ -197,22 +197,25 @@ def add_iam_binding(client: Any, resource: str, role: str, member: str) -> bool:
     """
     from google.api_core import exceptions as gexc
 
-    for attempt in range(IAM_SET_ATTEMPTS):
-        policy = client.get_iam_policy(request={"resource": resource})
-        unconditional = [b for b in policy.bindings if b.role == role and not b.HasField("condition")]
-        if any(member in b.members for b in unconditional):
-            return False
-        if unconditional:
-            unconditional[0].members.append(member)
-        else:
-            policy.bindings.add(role=role, members=[member])
+    for _ in range(IAM_SET_ATTEMPTS - 1):
         try:
-            client.set_iam_policy(request={"resource": resource, "policy": policy})
-            return True
+            return _add_iam_binding_once(client, resource, role, member)
         except gexc.Aborted:
-            if attempt == IAM_SET_ATTEMPTS - 1:
-                raise
-    return False  # unreachable
+            continue
+    return _add_iam_binding_once(client, resource, role, member)
+
+
+def _add_iam_binding_once(client: Any, resource: str, role: str, member: str) -> bool:
+    policy = client.get_iam_policy(request={"resource": resource})
+    unconditional = [b for b in policy.bindings if b.role == role and not b.HasField("condition")]
+    if any(member in b.members for b in unconditional):
+        return False
+    if unconditional:
+        unconditional[0].members.append(member)
+    else:
+        policy.bindings.add(role=role, members=[member])
+    client.set_iam_policy(request={"resource": resource, "policy": policy})
+    return True
 
 
 def _short(resource: str) -> str:

@@ -473,3 +473,11 @@ def test_permission_denied_grant_is_reported_with_its_command():
         '--member="serviceAccount:service-5@gcp-sa-pubsub.iam.gserviceaccount.com" --role=roles/pubsub.publisher'
     ]
     assert len(subscriber.sets) == 1  # the other grant still happened
+
+
+def test_add_iam_binding_gives_up_after_repeated_concurrent_changes():
+    client = FakeIamClient()
+    client.abort_next_set = prov.IAM_SET_ATTEMPTS
+    with pytest.raises(gexc.Aborted):
+        prov.add_iam_binding(client, "t", "roles/pubsub.publisher", "serviceAccount:sa@x")
+    assert client.sets == []
