@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     pubsub_topic: str = Field("user-activities", description="Pub/Sub topic the API publishes to.")
     pubsub_subscription: str = Field("user-activities-sub", description="Pub/Sub subscription the subscriber pulls.")
     pubsub_ordering: bool = Field(True, description="Publish with ordering key = table (about 1 MB/s per table).")
+    pubsub_endpoint: str | None = Field(
+        None, description="Locational Pub/Sub endpoint for both processes, e.g. `us-east1-pubsub.googleapis.com:443` (ordering holds within one region)."
+    )
+    pubsub_max_lease_seconds: float = Field(
+        600.0, description="The subscriber extends a held message's lease up to this long; then Pub/Sub redelivers it."
+    )
     bigquery_dataset: str = Field("user_activity", description="BigQuery dataset the tables live in.")
     bigquery_emulator_host: str | None = Field(None, description="host:port of a BigQuery REST emulator (anonymous credentials).")
     bigquery_emulator_grpc_host: str | None = Field(None, description="host:port of the emulator's Storage Write gRPC endpoint.")
