@@ -61,7 +61,7 @@ def msg(table: str, n: int) -> OutgoingMessage:
 
 
 def pull_until(broker: PubSubBroker, count: int, timeout: float = 20.0, ack: bool = True):
-    """Pull (acking as we go, since ordering hands out one message per key) until `count` arrived."""
+    """Pull until `count` arrived, acking as we go unless told not to (a busy key gives no more)."""
     got = []
     deadline = time.monotonic() + timeout
     while len(got) < count and time.monotonic() < deadline:
