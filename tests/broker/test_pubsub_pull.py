@@ -217,6 +217,16 @@ def test_the_lease_keeper_extends_held_messages_until_the_max_lease(client):
         puller.close()
 
 
+def test_leases_are_extended_on_the_keeper_s_interval_not_on_every_pull_and_ack(client, puller):
+    [held_ack] = client.deliver(("h0", "h"))
+    held = puller.pull(10, 5.0)
+    for n in range(5):
+        client.deliver((f"t{n}", "t"))
+        puller.ack(puller.pull(10, 5.0))
+    assert client.deadlines_of(held_ack) == [30]  # only when it arrived (next due after 10 s)
+    puller.ack(held)
+
+
 def test_the_puller_keeps_at_most_twice_pull_max_messages(client):
     puller = make_puller(client, pull_max_messages=3)
     try:

@@ -239,10 +239,10 @@ class Puller:
     def _keeper_loop(self) -> None:
         interval = max(1.0, self.ack_deadline / 3)
         while True:
-            with self._cond:
-                if self._closed:
-                    return
-                self._cond.wait(interval)
+            due = time.monotonic() + interval
+            with self._cond:  # woken by every pull/ack too: wait out the interval regardless
+                while not self._closed and (remaining := due - time.monotonic()) > 0:
+                    self._cond.wait(remaining)
                 if self._closed:
                     return
             try:
