@@ -184,6 +184,50 @@ def dead_letters_replay(
     raise typer.Exit(1 if failed else 0)
 
 
+@dead_letters_cli.command("pubsub-list")
+def dead_letters_pubsub_list(
+    limit: int = typer.Option(50, help="How many, oldest first."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """List the Pub/Sub dead-letter subscription (leased briefly, then given back)."""
+    from app.broker.pubsub.deadletters import DeadLetterSubscription, age
+
+    subscription = DeadLetterSubscription(get_settings())
+    try:
+        messages = subscription.list(limit)
+    finally:
+        subscription.close()
+    for m in messages:
+        if as_json:
+            typer.echo(orjson.dumps({
+                "message_id": m.message_id, "table": m.table, "reason": m.reason, "published_at": m.published_at,
+                "forwarded_by_pipeline": m.forwarded_by_pipeline, "attributes": m.attributes,
+                "data": m.data.decode("utf-8", "replace"),
+            }).decode())
+        else:
+            typer.echo(f"{m.message_id} table={m.table} age={age(m)} reason={m.reason}")
+    if not as_json:
+        typer.echo(f"({len(messages)} dead letter{'s' if len(messages) != 1 else ''} on {subscription.path})")
+
+
+@dead_letters_cli.command("pubsub-replay")
+def dead_letters_pubsub_replay(
+    limit: int = typer.Option(1000, help="Replay at most this many, oldest first."),
+    include_forwarded: bool = typer.Option(
+        False, "--include-forwarded", help="Also those the pipeline forwarded (they are in the dead-letter store too)."
+    ),
+) -> None:
+    """Re-publish what Pub/Sub dead-lettered to the main topic (same ordering key), then ack it."""
+    from app.broker.pubsub.deadletters import DeadLetterSubscription
+
+    subscription = DeadLetterSubscription(get_settings())
+    try:
+        replayed, left = subscription.replay(limit, include_forwarded=include_forwarded)
+    finally:
+        subscription.close()
+    typer.echo(f"replayed {replayed}, left {left} on {subscription.path}")
+
+
 @cli.command()
 def backlog(
     wait: bool = typer.Option(False, "--wait", help="Show a progress bar until the backlog has drained."),

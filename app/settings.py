@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     pubsub_max_delivery_attempts: int = Field(
         100, ge=5, le=100, description="Pub/Sub deliveries before Pub/Sub itself dead-letters a message (5..100)."
     )
+    pubsub_endpoint: str | None = Field(
+        None, description="Locational Pub/Sub endpoint for both processes, e.g. `us-east1-pubsub.googleapis.com:443` (ordering holds within one region)."
+    )
+    pubsub_max_lease_seconds: float = Field(
+        600.0, description="The subscriber extends a held message's lease up to this long; then Pub/Sub redelivers it."
+    )
     bigquery_dataset: str = Field("user_activity", description="BigQuery dataset the tables live in.")
     bigquery_location: str = Field("US", description="Location of the BigQuery dataset and its query jobs (e.g. US, EU, europe-west1).")
     bigquery_emulator_host: str | None = Field(None, description="host:port of a BigQuery REST emulator (anonymous credentials).")

@@ -218,10 +218,10 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
             metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
             raise ApiError(422, f"batch rejected: {len(exc.details)} problem(s); nothing was published", exc.details) from None
 
-        batch_id = new_batch_id(idempotency_key)
+        fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
+        batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
         messages = encode_batch(activities, batch_id)
-        fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         started = time.perf_counter()
         try:
             result = await request.app.state.broker.publish(

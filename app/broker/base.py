@@ -116,7 +116,7 @@ class Broker(abc.ABC):
         this is best effort. Local: the store is the only destination; nothing to do."""
 
     def start_subscriber(self) -> None:
-        """Open the subscriber side (streaming pull for Pub/Sub). Local: nothing to do."""
+        """Open the subscriber side (background Pull and lease keeper for Pub/Sub). Local: nothing to do."""
 
     def close(self) -> None:
         """Release connections; pending leases return to the broker."""

@@ -8,6 +8,12 @@ ordering key and no message passes the broker's size limit. The body is JSON:
 
 Attributes: `table`, `count`, `batch_id` and `dedup_id` (`<batch_id>:<table>:<chunk>`),
 which the warehouse records so a redelivered or re-published chunk applies once.
+
+Pub/Sub limits (https://cloud.google.com/pubsub/quotas#resource_limits): a message of at
+most 10 MB including attributes, at most 100 attributes, keys of at most 256 bytes,
+values and the ordering key of at most 1,024 bytes. Table names are ASCII of at most
+1,024 characters (app.schema.identifiers), so `table` and the ordering key fit; a
+`dedup_id` that would not fit is replaced by a stable `sha256:<hex>` of itself.
 """
 
 from __future__ import annotations
@@ -25,17 +31,35 @@ from app.warehouse.base import Envelope
 FORMAT_VERSION = 1
 # Pub/Sub refuses messages over 10 MB; stay well below it including attributes.
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+ATTRIBUTE_VALUE_MAX_BYTES = 1024
+HASHED_ID_PREFIX = "sha256:"
 
 
 class UndecodableMessage(Exception):
     """The message body is not a valid chunk: it can never apply (dead-letter it)."""
 
 
-def new_batch_id(idempotency_key: str | None) -> str:
-    """Random for plain requests; derived from the key so a retry re-publishes the same ids."""
+def new_batch_id(idempotency_key: str | None, request_fingerprint: str | None = None) -> str:
+    """Random for plain requests; derived from the key AND the body's fingerprint otherwise.
+
+    A retry (same key, same body) re-publishes the same dedup ids, which the warehouse
+    drops. The same key with another body gets its own batch id: on Pub/Sub, which keeps
+    no record of keys, it would otherwise be accepted and then dropped as a duplicate.
+    (The local broker answers that case with 409 before anything is published.)
+    """
     if idempotency_key is None:
         return os.urandom(16).hex()  # 128 random bits, as uuid4().hex but cheaper on the hot path
-    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+    seed = f"{idempotency_key}\n{request_fingerprint or ''}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:32]
+
+
+def dedup_id(batch_id: str, table: str, chunk_index: int) -> str:
+    """`<batch_id>:<table>:<chunk>`, or a stable hash of it when that would not fit in a
+    Pub/Sub attribute value (long table names)."""
+    readable = f"{batch_id}:{table}:{chunk_index}"
+    if len(readable.encode()) <= ATTRIBUTE_VALUE_MAX_BYTES:
+        return readable
+    return HASHED_ID_PREFIX + hashlib.sha256(readable.encode()).hexdigest()
 
 
 def _activity_body(a: Activity) -> dict:
@@ -60,7 +84,7 @@ def encode_batch(
                         "table": table,
                         "count": str(count),
                         "batch_id": batch_id,
-                        "dedup_id": f"{batch_id}:{table}:{chunk_index}",
+                        "dedup_id": dedup_id(batch_id, table, chunk_index),
                     },
                 )
             )

@@ -12,7 +12,7 @@ import logging
 from typing import Callable
 
 from app.broker import OutgoingMessage, make_broker
-from app.pipeline.codec import encode_batch, new_batch_id
+from app.pipeline.codec import dedup_id, encode_batch, new_batch_id
 from app.pipeline.deadletter import DeadLetter, DeadLetterStore
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.settings import Settings
@@ -31,7 +31,7 @@ def _messages_for(entry: DeadLetter) -> list[OutgoingMessage]:
         OutgoingMessage(
             data=entry.payload,
             ordering_key=table,
-            attributes={"table": table, "count": "0", "batch_id": batch_id, "dedup_id": f"{batch_id}:{table}:0"},
+            attributes={"table": table, "count": "0", "batch_id": batch_id, "dedup_id": dedup_id(batch_id, table, 0)},
         )
     ]
 

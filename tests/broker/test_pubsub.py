@@ -1,7 +1,8 @@
 """PubSubBroker against Google's pstest fake over the wire (few messages: pstest is slow).
 
 pstest enforces neither ordering keys nor dead-letter policies and does not set
-`delivery_attempt`; the ordering repair after a nack is tested with fake messages.
+`delivery_attempt`; the per-key gate and lease keeper are tested with a fake client in
+test_pubsub_pull.py, the behaviour shared with the local broker in test_contract.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import socket
 import time
 import uuid
-from types import SimpleNamespace
 
 import pytest
 
@@ -61,7 +61,7 @@ def msg(table: str, n: int) -> OutgoingMessage:
 
 
 def pull_until(broker: PubSubBroker, count: int, timeout: float = 20.0, ack: bool = True):
-    """Pull (acking as we go, since ordering hands out one message per key) until `count` arrived."""
+    """Pull until `count` arrived, acking as we go unless told not to (a busy key gives no more)."""
     got = []
     deadline = time.monotonic() + timeout
     while len(got) < count and time.monotonic() < deadline:
@@ -138,10 +138,11 @@ def test_delayed_nack_comes_back_after_the_delay(broker):
 def test_unacked_messages_return_to_a_new_subscriber_after_close(broker):
     asyncio.run(broker.publish([msg("t", 0)], batch_id="b"))
     assert broker.start_subscriber() is None
-    # Wait until the stream has handed the message to us but do not take it.
+    # Wait until the puller holds the message but do not take it.
     deadline = time.monotonic() + 15
-    while broker._queue.empty() and time.monotonic() < deadline:
+    while broker._puller._gate.waiting_count == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert broker._puller._gate.waiting_count == 1
     broker.close()  # nacks what nobody pulled
     fresh = PubSubBroker(broker.settings)
     try:
@@ -155,6 +156,20 @@ def test_ready_true_with_topic_false_without(broker, pubsub_emulator):
     assert broker.ready() == (True, "ok")
     missing = PubSubBroker(make_settings())  # never provisioned
     try:
+        ok, reason = missing.ready()
+        assert not ok and reason == f"{missing.topic_path} does not exist"
+    finally:
+        missing.close()
+
+
+def test_subscriber_readiness_checks_the_subscription_once_pulling(broker, pubsub_emulator):
+    broker.start_subscriber()
+    assert broker.ready() == (True, "ok")
+    missing = PubSubBroker(make_settings())
+    try:
+        missing.start_subscriber()
+        with pytest.raises(BrokerUnavailable, match="NotFound"):
+            missing.pull(10, 5.0)
         ok, reason = missing.ready()
         assert not ok and "NotFound" in reason
     finally:
@@ -172,8 +187,11 @@ def test_unreachable_broker_is_unavailable_within_the_timeout(monkeypatch, pubsu
         started = time.monotonic()
         ok, _ = b.ready()
         assert not ok and time.monotonic() - started < 6
+        b.start_subscriber()  # no call at start: the failing Pull shows in pull()
+        started = time.monotonic()
         with pytest.raises(BrokerUnavailable):
-            b.start_subscriber()
+            b.pull(10, 10.0)
+        assert time.monotonic() - started < 10
     finally:
         b.close()
 
@@ -210,73 +228,6 @@ def test_publish_after_close_is_unavailable(broker):
     with pytest.raises(BrokerUnavailable):
         asyncio.run(broker.publish([msg("a", 0)], batch_id="b"))
     assert broker.ready()[0] is False
-
-
-# --- ordering repair after a nack (no emulator: pstest does not enforce ordering) ---
-
-
-class FakeMessage(SimpleNamespace):
-    def __init__(self, message_id: str, key: str):
-        super().__init__(
-            message_id=message_id,
-            data=b"x",
-            attributes={"dedup_id": message_id},
-            ordering_key=key,
-            delivery_attempt=None,
-            calls=[],
-        )
-
-    def nack(self):
-        self.calls.append("nack")
-
-    def ack(self):
-        self.calls.append("ack")
-
-    def modify_ack_deadline(self, seconds):
-        self.calls.append(f"modack {seconds}")
-
-    def drop(self):
-        self.calls.append("drop")
-
-
-def fake_broker() -> PubSubBroker:
-    b = PubSubBroker(make_settings())
-    b._streaming = SimpleNamespace(done=lambda: False)  # pretend the stream is open
-    return b
-
-
-def test_after_a_nack_later_messages_of_the_key_are_given_back_until_it_returns():
-    b = fake_broker()
-    m1, m2, other = FakeMessage("1", "a"), FakeMessage("2", "a"), FakeMessage("3", "b")
-    b._queue.put(m1)
-    [r1] = b.pull(10, 0.1)
-    assert r1.delivery_attempt == 1 and r1.handle is m1
-    b.nack([r1], delay_seconds=5)
-    assert m1.calls == ["modack 5", "drop"]
-
-    # The library hands over the key's next message at once: it must not overtake m1.
-    b._queue.put(m2)
-    b._queue.put(other)
-    assert [m.message_id for m in b.pull(10, 0.1)] == ["3"]
-    assert m2.calls == ["nack"]
-
-    # m1's redelivery unblocks the key.
-    b._queue.put(FakeMessage("1", "a"))
-    b._queue.put(FakeMessage("2", "a"))
-    assert [m.message_id for m in b.pull(10, 0.1)] == ["1", "2"]
-
-
-def test_nack_delay_is_clamped_and_zero_means_plain_nack():
-    b = fake_broker()
-    m1, m2 = FakeMessage("1", ""), FakeMessage("2", "")
-    b._queue.put(m1)
-    b._queue.put(m2)
-    r1, r2 = b.pull(10, 0.1)
-    b.nack([r1], delay_seconds=10_000)
-    b.nack([r2], delay_seconds=-3)
-    assert m1.calls == ["modack 600", "drop"]
-    assert m2.calls == ["nack"]
-    assert b._blocked == {}
 
 
 def test_emulator_trouble_fails_in_ci_and_skips_elsewhere(monkeypatch):

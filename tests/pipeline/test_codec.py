@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import orjson
 import pytest
 
 from app.broker.base import ReceivedMessage
-from app.pipeline.codec import UndecodableMessage, decode_message, encode_batch, new_batch_id
+from app.pipeline.codec import UndecodableMessage, decode_message, dedup_id, encode_batch, new_batch_id
 from app.schema.activity import Activity
+from app.schema.identifiers import MAX_TABLE_NAME
 
 
 def _received(m, attempt=1) -> ReceivedMessage:
@@ -42,9 +45,35 @@ def test_large_batches_are_split_below_the_limit_in_order():
     assert sum(int(m.attributes["count"]) for m in messages) == 100
 
 
-def test_batch_id_is_derived_from_the_idempotency_key():
-    assert new_batch_id("key-1") == new_batch_id("key-1") != new_batch_id("key-2")
+def test_batch_id_is_derived_from_the_idempotency_key_and_the_body():
+    assert new_batch_id("key-1", "fp") == new_batch_id("key-1", "fp") != new_batch_id("key-2", "fp")
+    # Same key, another body: its own batch (never dropped as the first one's duplicate).
+    assert new_batch_id("key-1", "fp-a") != new_batch_id("key-1", "fp-b")
     assert new_batch_id(None) != new_batch_id(None)
+
+
+def test_attributes_fit_pub_sub_limits_for_the_longest_table_name():
+    table = "t" * MAX_TABLE_NAME
+    batch_id = new_batch_id("k", "fp")
+    messages = encode_batch([_act(table, i) for i in range(40)], batch_id, max_message_bytes=1500)
+    assert len(messages) > 1
+    dedup_ids = [m.attributes["dedup_id"] for m in messages]
+    assert len(set(dedup_ids)) == len(messages)  # one per chunk
+    for m in messages:
+        assert len(m.attributes) <= 100
+        assert all(len(k.encode()) <= 256 and len(v.encode()) <= 1024 for k, v in m.attributes.items())
+        assert len(m.ordering_key.encode()) <= 1024
+    # Hashed ids are stable: a retry of the same request produces the same ones.
+    again = encode_batch([_act(table, i) for i in range(40)], batch_id, max_message_bytes=1500)
+    assert [m.attributes["dedup_id"] for m in again] == dedup_ids
+    assert dedup_ids[0] == dedup_id(batch_id, table, 0) == "sha256:" + hashlib.sha256(f"{batch_id}:{table}:0".encode()).hexdigest()
+
+
+def test_readable_dedup_ids_are_kept_up_to_the_limit():
+    batch_id = "b" * 32
+    fits = "t" * (1024 - len(batch_id) - len("::0"))
+    assert dedup_id(batch_id, fits, 0) == f"{batch_id}:{fits}:0"
+    assert dedup_id(batch_id, fits + "x", 0).startswith("sha256:")
 
 
 @pytest.mark.parametrize(

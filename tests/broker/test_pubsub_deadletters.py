@@ -1,0 +1,124 @@
+"""Listing and replaying the Pub/Sub dead-letter subscription, on pstest.
+
+pstest has no dead-letter policy, so what Pub/Sub would forward is published to the
+dead-letter topic here the way Pub/Sub does it: the original data, attributes and
+ordering key plus its `CloudPubSubDeadLetterSource*` attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from app.broker.base import OutgoingMessage
+from app.broker.pubsub import PubSubBroker
+from app.broker.pubsub.deadletters import DeadLetterSubscription
+from app.broker.pubsub.publisher import Publisher
+from app.provision import provision_pubsub
+from tests.broker.test_pubsub import make_settings, msg, pull_until
+
+pytestmark = pytest.mark.emulator
+
+
+@pytest.fixture
+def settings(pubsub_emulator):
+    s = make_settings()
+    provision_pubsub(s)
+    return s
+
+
+def dead_lettered_by_pubsub(settings, table: str, n: int) -> OutgoingMessage:
+    """Publish to the dead-letter topic what Pub/Sub's dead-letter policy would."""
+    original = msg(table, n)
+    forwarded = OutgoingMessage(
+        data=original.data,
+        ordering_key="",  # the dead-letter topic's own subscription is not ordered
+        attributes=original.attributes | {
+            "CloudPubSubDeadLetterSourceDeliveryCount": "5",
+            "CloudPubSubDeadLetterSourceSubscription": settings.pubsub_subscription,
+            "CloudPubSubDeadLetterSourceSubscriptionProject": settings.gcp_project,
+            "CloudPubSubDeadLetterSourceTopicPublishTime": "2026-11-27T12:00:00Z",
+        },
+    )
+    publisher = Publisher(settings, f"projects/{settings.gcp_project}/topics/{settings.pubsub_topic}-dead-letter")
+    try:
+        asyncio.run(publisher.publish([forwarded]))
+    finally:
+        publisher.close()
+    return original
+
+
+def forwarded_by_pipeline(settings, broker: PubSubBroker, table: str, n: int) -> None:
+    asyncio.run(broker.publish([msg(table, n)], batch_id="b"))
+    [received] = pull_until(broker, 1, ack=False)
+    broker.forward_dead_letters([(received, "undecodable: not JSON")])
+    broker.ack([received])
+
+
+def listed(settings, expected: int):
+    subscription = DeadLetterSubscription(settings)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            got = subscription.list(50)
+            if len(got) >= expected or time.monotonic() > deadline:
+                return got
+    finally:
+        subscription.close()
+
+
+def test_list_shows_both_kinds_and_gives_them_back(settings):
+    broker = PubSubBroker(settings)
+    try:
+        dead_lettered_by_pubsub(settings, "orders", 1)
+        forwarded_by_pipeline(settings, broker, "users", 2)
+    finally:
+        broker.close()
+    first = listed(settings, 2)
+    assert sorted((m.table, m.forwarded_by_pipeline, m.reason) for m in first) == [
+        ("orders", False, "Pub/Sub dead-lettered it after 5 delivery attempts"),
+        ("users", True, "undecodable: not JSON"),
+    ]
+    # Listing consumed nothing.
+    assert sorted(m.message_id for m in listed(settings, 2)) == sorted(m.message_id for m in first)
+
+
+def test_replay_republishes_pubsub_s_dead_letters_with_their_key_and_acks_them(settings):
+    broker = PubSubBroker(settings)
+    try:
+        original = dead_lettered_by_pubsub(settings, "orders", 1)
+        forwarded_by_pipeline(settings, broker, "users", 2)
+        listed(settings, 2)  # both have arrived
+
+        subscription = DeadLetterSubscription(settings)
+        try:
+            assert subscription.replay() == (1, 1)
+        finally:
+            subscription.close()
+
+        [again] = pull_until(broker, 1)
+        assert (again.data, again.attributes, again.ordering_key) == (
+            original.data, original.attributes, "orders"
+        )
+        # What the pipeline forwarded stays (it is replayed from the dead-letter store).
+        [left] = listed(settings, 1)
+        assert left.forwarded_by_pipeline
+    finally:
+        broker.close()
+
+
+def test_cli_lists_the_dead_letter_subscription(settings, monkeypatch):
+    from app import cli
+
+    dead_lettered_by_pubsub(settings, "orders", 7)
+    listed(settings, 1)
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    result = CliRunner().invoke(cli.cli, ["dead-letters", "pubsub-list"])
+    assert result.exit_code == 0, result.output
+    assert "table=orders" in result.output and "after 5 delivery attempts" in result.output
+    assert "(1 dead letter on " in result.output
+    result = CliRunner().invoke(cli.cli, ["dead-letters", "pubsub-replay"])
+    assert result.exit_code == 0 and result.output.startswith("replayed 1, left 0"), result.output

@@ -1,0 +1,288 @@
+"""The Pub/Sub subscriber side (`app.broker.pubsub.pull`) against a scripted Pull API.
+
+A fake subscriber client answers Pull with the deliveries a test queues (as Pub/Sub
+would: a key's messages in order, several per response) and records every ack and
+ModifyAckDeadline, so hand-out order, gating and lease handling are checked exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from google.api_core import exceptions as gexc
+
+from app.broker.base import BrokerUnavailable
+from app.broker.pubsub.pull import PULL_MAX_PER_REQUEST, Puller
+from app.settings import Settings
+
+SUB = "projects/p/subscriptions/s"
+
+
+class FakeSubscriberClient:
+    def __init__(self) -> None:
+        self.responses: queue.Queue = queue.Queue()
+        self.acked: list[str] = []
+        self.modacks: list[tuple[tuple[str, ...], int]] = []
+        self.pull_sizes: list[int] = []
+        self.lock = threading.Lock()
+        self._ack_ids = itertools.count(1)
+
+    def deliver(self, *messages: tuple[str, str], attempt: int = 0) -> list[str]:
+        """Queue one Pull response of (message_id, key) deliveries; returns their ack ids."""
+        received = []
+        for message_id, key in messages:
+            ack_id = f"ack-{next(self._ack_ids)}"
+            received.append(
+                SimpleNamespace(
+                    ack_id=ack_id,
+                    delivery_attempt=attempt,
+                    message=SimpleNamespace(
+                        message_id=message_id, data=message_id.encode(), attributes={"dedup_id": message_id},
+                        ordering_key=key,
+                    ),
+                )
+            )
+        self.responses.put(received)
+        return [r.ack_id for r in received]
+
+    def fail_next_pull(self, exc: Exception) -> None:
+        self.responses.put(exc)
+
+    def pull(self, request, timeout, retry):
+        with self.lock:
+            self.pull_sizes.append(request["max_messages"])
+        try:
+            answer = self.responses.get(timeout=0.05)
+        except queue.Empty:
+            raise gexc.DeadlineExceeded("long poll ended") from None
+        if isinstance(answer, Exception):
+            raise answer
+        return SimpleNamespace(received_messages=answer)
+
+    def acknowledge(self, request, timeout):
+        with self.lock:
+            self.acked.extend(request["ack_ids"])
+
+    def modify_ack_deadline(self, request, timeout):
+        with self.lock:
+            self.modacks.append((tuple(request["ack_ids"]), request["ack_deadline_seconds"]))
+
+    def deadlines_of(self, ack_id: str) -> list[int]:
+        with self.lock:
+            return [seconds for ids, seconds in self.modacks if ack_id in ids]
+
+
+def make_puller(client: FakeSubscriberClient, **overrides) -> Puller:
+    values = dict(ack_deadline_seconds=30, pull_max_messages=500, pubsub_max_lease_seconds=600)
+    values.update(overrides)
+    return Puller(Settings(**values), SUB, lambda: client)
+
+
+@pytest.fixture
+def client():
+    return FakeSubscriberClient()
+
+
+@pytest.fixture
+def puller(client):
+    p = make_puller(client)
+    yield p
+    p.close()
+    p.join(2)
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def ids(messages) -> list[str]:
+    return [m.message_id for m in messages]
+
+
+def test_a_one_key_backlog_comes_out_in_one_pull_in_order(client, puller):
+    client.deliver(*[(f"m{i}", "t") for i in range(60)])
+    got = puller.pull(500, 5.0)
+    assert ids(got) == [f"m{i}" for i in range(60)]
+    assert all(m.ordering_key == "t" and m.delivery_attempt == 1 for m in got)
+
+
+def test_pull_respects_max_messages_and_keeps_the_rest_of_the_key_back(client, puller):
+    client.deliver(*[(f"m{i}", "t") for i in range(5)], ("u0", "u"))
+    first = puller.pull(3, 5.0)
+    assert ids(first) == ["m0", "m1", "m2"]
+    # "t" is busy until m0..m2 are settled; "u" is free.
+    assert ids(puller.pull(10, 0.5)) == ["u0"]
+    assert puller.pull(10, 0.2) == []
+    puller.ack(first)
+    assert ids(puller.pull(10, 1.0)) == ["m3", "m4"]
+
+
+def test_new_deliveries_move_to_our_ack_deadline_at_once(client, puller):
+    [ack_id] = client.deliver(("m0", "t"))
+    puller.pull(10, 5.0)
+    assert client.deadlines_of(ack_id) == [30]
+
+
+def test_ack_acknowledges_and_frees_the_key(client, puller):
+    ack_ids = client.deliver(("m0", "t"), ("m1", "t"))
+    got = puller.pull(10, 5.0)
+    puller.ack(got)
+    assert client.acked == ack_ids
+    client.deliver(("m2", "t"))
+    assert ids(puller.pull(10, 5.0)) == ["m2"]
+
+
+def test_a_redelivery_of_a_message_the_pipeline_holds_waits_and_is_acked_with_it(client, puller):
+    client.deliver(("m0", "t"), ("m1", "t"))
+    got = puller.pull(10, 5.0)
+    # Its lease ran out on Pub/Sub's side: the key comes again from m0.
+    again = client.deliver(("m0", "t"), ("m1", "t"), ("m2", "t"))
+    wait_for(lambda: puller._gate.waiting_count == 3)
+    assert puller.pull(10, 0.2) == []  # never two runs of one key at once
+    puller.ack(got)
+    # The copies of m0 and m1 were acked along with the originals; m2 is next.
+    assert set(again[:2]) <= set(client.acked)
+    assert ids(puller.pull(10, 1.0)) == ["m2"]
+
+
+def test_a_redelivery_of_a_waiting_message_replaces_its_ack_id(client, puller):
+    client.deliver(("m0", "t"))
+    holding = puller.pull(10, 5.0)
+    client.deliver(("m1", "t"))
+    wait_for(lambda: puller._gate.waiting_count == 1)
+    [new_ack] = client.deliver(("m1", "t"), attempt=2)
+    wait_for(lambda: client.deadlines_of(new_ack))
+    puller.ack(holding)
+    [m1] = puller.pull(10, 1.0)
+    assert (m1.message_id, m1.delivery_attempt, m1.handle.ack_id) == ("m1", 2, new_ack)
+
+
+def test_nack_with_delay_sets_the_deadline_and_gives_back_the_key_s_waiting_messages(client, puller):
+    first = client.deliver(("m0", "t"), ("u0", "u"))
+    got = puller.pull(10, 5.0)
+    later = client.deliver(("m1", "t"))
+    wait_for(lambda: puller._gate.waiting_count == 1)
+    t_message = [m for m in got if m.ordering_key == "t"]
+    puller.nack(t_message, delay_seconds=7)
+    assert client.modacks[-1] == ((first[0], later[0]), 7)
+    # m1 must not overtake m0, which Pub/Sub redelivers after the delay (with m1).
+    assert puller.pull(10, 0.2) == []
+    puller.ack([m for m in got if m.ordering_key == "u"])
+
+
+def test_nack_delay_is_clamped_to_pub_sub_s_range(client, puller):
+    client.deliver(("a", "k1"), ("b", "k2"))
+    a, b = puller.pull(10, 5.0)
+    puller.nack([a], delay_seconds=10_000)
+    puller.nack([b], delay_seconds=-3)
+    assert client.modacks[-2:] == [((a.handle.ack_id,), 600), ((b.handle.ack_id,), 0)]
+
+
+def test_messages_without_an_ordering_key_are_never_held_back(client, puller):
+    client.deliver(("a", ""), ("b", ""))
+    assert ids(puller.pull(1, 5.0)) == ["a"]
+    assert ids(puller.pull(1, 1.0)) == ["b"]
+
+
+def test_the_lease_keeper_extends_held_messages_until_the_max_lease(client):
+    puller = make_puller(client, pubsub_max_lease_seconds=600)
+    try:
+        out, waiting = client.deliver(("m0", "t"), ("u0", "u"))
+        puller.pull(1, 5.0)  # m0 to the pipeline; u0 stays waiting
+        puller.extend_leases()
+        assert sorted(client.modacks[-1][0]) == [out, waiting] and client.modacks[-1][1] == 30
+
+        puller.max_lease = 0.0  # both are now held past the max lease
+        client.modacks.clear()
+        puller.extend_leases()
+        assert client.modacks == []
+        # The waiting one is left to Pub/Sub; the pipeline's keeps its key busy here.
+        assert puller._gate.waiting_count == 0
+        puller.max_lease = 600.0  # (for m1; m0 stays left to expire)
+        client.deliver(("m1", "t"))
+        wait_for(lambda: puller._gate.waiting_count == 1)
+        assert puller.pull(10, 0.2) == []
+        client.modacks.clear()
+        puller.extend_leases()
+        assert client.modacks[-1][0] == (puller._gate.waiting()[0].ack_id,)
+    finally:
+        puller.close()
+
+
+def test_leases_are_extended_on_the_keeper_s_interval_not_on_every_pull_and_ack(client, puller):
+    [held_ack] = client.deliver(("h0", "h"))
+    held = puller.pull(10, 5.0)
+    for n in range(5):
+        client.deliver((f"t{n}", "t"))
+        puller.ack(puller.pull(10, 5.0))
+    assert client.deadlines_of(held_ack) == [30]  # only when it arrived (next due after 10 s)
+    puller.ack(held)
+
+
+def test_the_puller_keeps_at_most_twice_pull_max_messages(client):
+    puller = make_puller(client, pull_max_messages=3)
+    try:
+        client.deliver(*[(f"m{i}", f"k{i}") for i in range(6)])
+        puller.start()
+        wait_for(lambda: puller._gate.waiting_count == 6)
+        assert client.pull_sizes == [6]  # then no Pull while full
+        sizes = len(client.pull_sizes)
+        time.sleep(0.3)
+        assert len(client.pull_sizes) == sizes
+        puller.ack(puller.pull(2, 1.0))
+        wait_for(lambda: len(client.pull_sizes) > sizes)
+        assert client.pull_sizes[sizes] == 2
+    finally:
+        puller.close()
+
+
+def test_one_pull_request_never_asks_for_more_than_pub_sub_returns(client):
+    puller = make_puller(client, pull_max_messages=5000)
+    try:
+        puller.start()
+        wait_for(lambda: client.pull_sizes)
+        assert client.pull_sizes[0] == PULL_MAX_PER_REQUEST
+    finally:
+        puller.close()
+
+
+def test_a_failing_pull_is_broker_unavailable_until_it_works_again(client, puller):
+    client.fail_next_pull(gexc.PermissionDenied("no pubsub.subscriptions.consume"))
+    with pytest.raises(BrokerUnavailable, match="PermissionDenied"):
+        puller.pull(10, 5.0)
+    client.deliver(("m0", "t"))
+    wait_for(lambda: puller.error is None)
+    assert ids(puller.pull(10, 5.0)) == ["m0"]
+
+
+def test_a_failed_ack_is_broker_unavailable_and_still_frees_the_key(client, puller):
+    client.deliver(("m0", "t"))
+    got = puller.pull(10, 5.0)
+
+    def broken(request, timeout):
+        raise gexc.ServiceUnavailable("down")
+
+    client.acknowledge = broken
+    with pytest.raises(BrokerUnavailable):
+        puller.ack(got)
+    client.deliver(("m1", "t"))
+    assert ids(puller.pull(10, 5.0)) == ["m1"]
+
+
+def test_close_gives_back_what_the_pipeline_never_took(client):
+    puller = make_puller(client)
+    [ack_id] = client.deliver(("m0", "t"))
+    puller.start()
+    wait_for(lambda: puller._gate.waiting_count == 1)
+    puller.close()
+    assert client.modacks[-1] == ((ack_id,), 0)
+    with pytest.raises(BrokerUnavailable):
+        puller.pull(10, 0.1)
