@@ -6,6 +6,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.support.local_broker import broker, make_broker  # noqa: F401  (local broker fixtures)
 from tests.support.pstest import running_pstest
 
 
