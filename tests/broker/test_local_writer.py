@@ -131,16 +131,16 @@ def test_full_queue_gives_unavailable(broker):
 
 def test_group_whose_transaction_dies_publishes_nothing_of_the_group(broker, monkeypatch):
     """SQLite rolled the whole transaction back (as on SQLITE_FULL): every request in that group fails."""
-    real = GroupCommitWriter._write_request
+    real = GroupCommitWriter._insert_rows
 
-    def failing(conn, request, now):
-        if request.batch_id == "doomed":
+    def failing(conn, rows):
+        if any(data == b"doomed" for (_, data, _, _) in rows):
             conn.execute("INSERT INTO messages (ordering_key, data, attributes, published_at) VALUES ('x', x'00', '{}', 0)")
             conn.execute("ROLLBACK")
             raise sqlite3.OperationalError("database or disk is full")
-        return real(conn, request, now)
+        return real(conn, rows)
 
-    monkeypatch.setattr(GroupCommitWriter, "_write_request", staticmethod(failing))
+    monkeypatch.setattr(GroupCommitWriter, "_insert_rows", staticmethod(failing))
 
     async def run():
         return await asyncio.gather(
@@ -156,7 +156,7 @@ def test_group_whose_transaction_dies_publishes_nothing_of_the_group(broker, mon
     assert all(isinstance(r, BrokerUnavailable) for r in results if isinstance(r, BaseException))
     # Exactly the acknowledged publishes are in the file, nothing of the failed group(s).
     assert count_rows(broker.path) == sum(r.message_count for r in ok)
-    monkeypatch.setattr(GroupCommitWriter, "_write_request", staticmethod(real))
+    monkeypatch.setattr(GroupCommitWriter, "_insert_rows", staticmethod(real))
     publish(broker, msg("later"))  # the writer reconnected and works again
     assert count_rows(broker.path) == sum(r.message_count for r in ok) + 1
 
@@ -205,3 +205,43 @@ def test_close_commits_every_queued_publish_then_refuses(tmp_path):
     results = asyncio.run(run())
     assert [r.message_count for r in results] == [1] * 200
     assert count_rows(path) == 200
+
+
+def test_a_failing_request_in_a_group_with_idempotency_keys_redoes_each_answer(broker):
+    """The group is redone request by request: duplicates, conflicts and new keys keep their answers."""
+    publish(broker, msg("first"), batch_id="seen", idempotency_key="k1", request_fingerprint="a")
+    _add_failing_trigger(broker.path)
+    locker = sqlite3.connect(broker.path, isolation_level=None)
+
+    async def run():
+        locker.execute("BEGIN IMMEDIATE")  # the requests queue up and are most likely committed as one group
+        calls = [
+            broker.publish([msg("again")], batch_id="b1", idempotency_key="k1", request_fingerprint="a"),
+            broker.publish([msg("other")], batch_id="b2", idempotency_key="k1", request_fingerprint="b"),
+            broker.publish([msg("new")], batch_id="b3", idempotency_key="k2", request_fingerprint="x"),
+            broker.publish([msg("ok"), msg("bad", "boom")], batch_id="b4", idempotency_key="k3", request_fingerprint="y"),
+            broker.publish([msg("new")], batch_id="b5", idempotency_key="k2", request_fingerprint="x"),
+            broker.publish([msg("plain")], batch_id="b6"),
+        ]
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        await asyncio.sleep(0.2)
+        locker.execute("ROLLBACK")
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        dup, conflict, new, failed, new_again, plain = asyncio.run(run())
+    finally:
+        locker.close()
+    assert dup.duplicate and dup.batch_id == "seen"
+    assert isinstance(conflict, IdempotencyConflict)
+    assert not new.duplicate and new.batch_id == "b3" and new.message_count == 1
+    assert isinstance(failed, BrokerUnavailable)
+    assert new_again.duplicate and new_again.batch_id == "b3"
+    assert plain.message_count == 1
+    assert sorted(datas(broker.pull(100, timeout=5))) == ["first", "new", "plain"]
+    # The failed request's key was not kept: it may be retried.
+    conn = sqlite3.connect(broker.path)
+    try:
+        assert conn.execute("SELECT count(*) FROM idempotency_keys WHERE key = 'k3'").fetchone()[0] == 0
+    finally:
+        conn.close()

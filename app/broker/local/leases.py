@@ -168,7 +168,7 @@ class LeaseStore:
                     ready, next_due = store.deliverable_keys(conn, time.time())
                     if not ready:
                         return [], next_due
-                store.begin_immediate(conn, self.busy_timeout)
+                store.begin_immediate(conn, self.busy_timeout, busy_timeout=self.busy_timeout)
                 try:
                     messages = self._lease(conn, max_messages)
                     conn.execute("COMMIT")
@@ -240,7 +240,7 @@ class LeaseStore:
         with self._lock:
             try:
                 conn = self._conn()
-                store.begin_immediate(conn, self.busy_timeout)
+                store.begin_immediate(conn, self.busy_timeout, busy_timeout=self.busy_timeout)
                 try:
                     conn.executemany(sql, params)
                     conn.execute("COMMIT")

@@ -60,7 +60,7 @@ def connect(path: Path, *, synchronous: str, busy_timeout: float) -> sqlite3.Con
     """Open the file in WAL mode (creating the schema if needed), autocommit, any thread."""
     conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        set_busy_timeout(conn, busy_timeout)
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             create_schema(conn)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -93,17 +93,22 @@ def create_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
-def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
-    """BEGIN IMMEDIATE, retrying every 0.2 ms for up to `timeout` while another process writes.
+def begin_immediate(conn: sqlite3.Connection, timeout: float, *, busy_timeout: float | None = None) -> None:
+    """BEGIN IMMEDIATE, retrying every 0.2 ms for up to `timeout` while another connection writes.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10 ... up to 100 ms between attempts, so a
     process waiting for the write lock while the API's writer commits group after group
     (each holding the lock for an fsync) starves for hundreds of milliseconds: the
     subscriber's lease and ack waited there for half of its time at a steady 3,400
-    requests/s (docs/benchmarks.md). Polling finely finds the gaps between commits. The
-    connection's busy timeout is off for this statement only and restored after.
+    requests/s (docs/benchmarks.md). Polling finely finds the gaps between commits.
+
+    The busy handler must be off while polling. The writer's connection never has one
+    (`without_busy_handler`), so an uncontended lock costs one statement; a connection
+    that keeps one for its reads passes it as `busy_timeout`: it is switched off for
+    this call and restored after (two more statements).
     """
-    conn.execute("PRAGMA busy_timeout = 0")
+    if busy_timeout is not None:
+        conn.execute("PRAGMA busy_timeout = 0")
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -115,7 +120,18 @@ def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
                     raise
             time.sleep(BUSY_RETRY_SECONDS)
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        if busy_timeout is not None:
+            set_busy_timeout(conn, busy_timeout)
+
+
+def set_busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
+
+def without_busy_handler(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """For a connection that takes the write lock only through `begin_immediate` (the writer's)."""
+    set_busy_timeout(conn, 0)
+    return conn
 
 
 def rollback_quietly(conn: sqlite3.Connection) -> None:

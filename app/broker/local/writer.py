@@ -2,14 +2,14 @@
 
 The writer takes every request queued so far and commits them together in a single
 ``synchronous=FULL`` transaction (group commit): one fsync is shared by all concurrent
-requests. Each request runs inside its own SAVEPOINT, so a request that fails (a
-constraint, a bad value) is rolled back alone while the rest of its group commits; if the
-group's transaction as a whole fails (disk full, I/O error, the file is locked) every
-caller in it gets `BrokerUnavailable` and nothing of the group is visible. The writer
-reconnects after any error, so it recovers by itself once the file is writable again. The
-busy timeout is small (at most 2 s, at most half the publish timeout), so a file locked by
-another process answers `BrokerUnavailable` quickly; the queue is bounded (requests and
-bytes) and answers `BrokerUnavailable` when full.
+requests, and all their rows go in one statement. A request that fails (a constraint, a
+bad value) is refused alone: the group is then redone with one SAVEPOINT per request, and
+the rest commits. If the group's transaction as a whole fails (disk full, I/O error, the
+file is locked) every caller in it gets `BrokerUnavailable` and nothing of the group is
+visible. The writer reconnects after any error, so it recovers by itself once the file is
+writable again. The lock wait is short (at most 2 s, at most half the publish timeout),
+so a file locked by another process answers `BrokerUnavailable` quickly; the queue is
+bounded (requests and bytes) and answers `BrokerUnavailable` when full.
 
 A request is *claimed* only once the writer holds the write lock; a caller whose publish
 timeout fires before that gets `BrokerUnavailable` and its messages are never written.
@@ -261,7 +261,10 @@ class GroupCommitWriter:
 
     def _open_conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = store.connect(self.path, synchronous="FULL", busy_timeout=self.busy_timeout)
+            conn = store.connect(self.path, synchronous="FULL", busy_timeout=self.busy_timeout)
+            # Every write of this connection is inside `begin_immediate`, which polls for the
+            # lock itself: without a busy handler the uncontended lock costs one statement.
+            self._conn = store.without_busy_handler(conn)
         return self._conn
 
     def _close_conn(self) -> None:
@@ -286,14 +289,45 @@ class GroupCommitWriter:
             # Only now, holding the write lock, decide which callers are still waiting.
             now_mono = time.monotonic()
             claimed = [request for request in group if request.claim(now_mono)]
-            for request in claimed:
-                self._write_in_savepoint(conn, request, now)
-            if not conn.in_transaction:
-                raise GroupFailed("transaction was rolled back")
-            conn.execute("COMMIT")
+            if claimed:
+                self._write_claimed(conn, claimed, now)
+            conn.execute("COMMIT")  # also ends the group's savepoint
         except BaseException:
             store.rollback_quietly(conn)
             raise
+
+    def _write_claimed(self, conn: sqlite3.Connection, claimed: list[PublishRequest], now: float) -> None:
+        """All requests' rows in one statement; if that fails, again one savepoint per request.
+
+        Each statement is a round trip that, in the API process, waits for the GIL while
+        holding the write lock; the group's rows go in one `executemany`. Only if a statement
+        fails is the group redone request by request, so just the failing one is refused.
+        """
+        conn.execute("SAVEPOINT grp")
+        try:
+            self._write_together(conn, claimed, now)
+        except sqlite3.Error as exc:
+            if not conn.in_transaction:
+                raise GroupFailed(f"transaction was rolled back by SQLite: {exc}") from exc
+            conn.execute("ROLLBACK TO grp")
+            for request in claimed:
+                self._write_in_savepoint(conn, request, now)
+        if not conn.in_transaction:
+            raise GroupFailed("transaction was rolled back")
+
+    def _write_together(self, conn: sqlite3.Connection, claimed: list[PublishRequest], now: float) -> None:
+        rows: list[tuple[str, bytes, str, float]] = []
+        for request in claimed:
+            try:
+                request.result = self._record_idempotency_key(conn, request, now)
+            except IdempotencyConflict as exc:
+                request.result = exc
+                continue
+            if request.result is None:
+                rows.extend((k, d, a, now) for (k, d, a) in request.rows)
+                request.result = PublishResult(batch_id=request.batch_id, message_count=len(request.rows))
+        if rows:
+            self._insert_rows(conn, rows)
 
     def _write_in_savepoint(self, conn: sqlite3.Connection, request: PublishRequest, now: float) -> None:
         """Store one request; if it fails, undo just its rows (the group goes on)."""
@@ -321,27 +355,41 @@ class GroupCommitWriter:
         if not conn.in_transaction:
             raise GroupFailed("transaction was rolled back by SQLite")
 
-    @staticmethod
-    def _write_request(conn: sqlite3.Connection, request: PublishRequest, now: float) -> PublishResult:
-        key = request.idempotency_key
-        if key is not None:
-            row = conn.execute(
-                "SELECT batch_id, fingerprint, created_at FROM idempotency_keys WHERE key = ?", (key,)
-            ).fetchone()
-            if row is not None and row[2] >= now - IDEMPOTENCY_TTL_SECONDS:
-                if row[1] == request.fingerprint:
-                    return PublishResult(batch_id=row[0], message_count=0, duplicate=True)
-                raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency_keys (key, batch_id, fingerprint, created_at) VALUES (?, ?, ?, ?)",
-                (key, request.batch_id, request.fingerprint, now),
-            )
+    def _write_request(self, conn: sqlite3.Connection, request: PublishRequest, now: float) -> PublishResult:
+        duplicate = self._record_idempotency_key(conn, request, now)
+        if duplicate is not None:
+            return duplicate
         if request.rows:
-            conn.executemany(
-                "INSERT INTO messages (ordering_key, data, attributes, published_at) VALUES (?, ?, ?, ?)",
-                [(k, d, a, now) for (k, d, a) in request.rows],
-            )
+            self._insert_rows(conn, [(k, d, a, now) for (k, d, a) in request.rows])
         return PublishResult(batch_id=request.batch_id, message_count=len(request.rows))
+
+    @staticmethod
+    def _record_idempotency_key(conn: sqlite3.Connection, request: PublishRequest, now: float) -> PublishResult | None:
+        """The stored answer if the key was seen (same fingerprint); else record the key, None.
+
+        Raises `IdempotencyConflict` when the key was used with another fingerprint.
+        """
+        key = request.idempotency_key
+        if key is None:
+            return None
+        row = conn.execute(
+            "SELECT batch_id, fingerprint, created_at FROM idempotency_keys WHERE key = ?", (key,)
+        ).fetchone()
+        if row is not None and row[2] >= now - IDEMPOTENCY_TTL_SECONDS:
+            if row[1] == request.fingerprint:
+                return PublishResult(batch_id=row[0], message_count=0, duplicate=True)
+            raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
+        conn.execute(
+            "INSERT OR REPLACE INTO idempotency_keys (key, batch_id, fingerprint, created_at) VALUES (?, ?, ?, ?)",
+            (key, request.batch_id, request.fingerprint, now),
+        )
+        return None
+
+    @staticmethod
+    def _insert_rows(conn: sqlite3.Connection, rows: list[tuple[str, bytes, str, float]]) -> None:
+        conn.executemany(
+            "INSERT INTO messages (ordering_key, data, attributes, published_at) VALUES (?, ?, ?, ?)", rows
+        )
 
     # ------------------------------------------------------------------ maintenance
     def _maintain(self, *, idle: bool) -> None:
@@ -362,7 +410,7 @@ class GroupCommitWriter:
             self._close_conn()
 
     def _purge_idempotency_keys(self) -> None:
-        self._open_conn().execute(
+        self._in_transaction(
             "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
             " WHERE created_at < ? LIMIT ?)",
             (time.time() - IDEMPOTENCY_TTL_SECONDS, self.idempotency_purge_chunk),
@@ -373,5 +421,21 @@ class GroupCommitWriter:
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         if free > 1024 and free * 4 > pages:
-            conn.execute("PRAGMA incremental_vacuum")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self._in_transaction("PRAGMA incremental_vacuum")
+        # A truncating checkpoint waits for readers; idle, the writer may wait for them.
+        store.set_busy_timeout(conn, self.busy_timeout)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            store.set_busy_timeout(conn, 0)
+
+    def _in_transaction(self, sql: str, params: tuple = ()) -> None:
+        """One maintenance write; its connection has no busy handler, so take the lock by polling."""
+        conn = self._open_conn()
+        store.begin_immediate(conn, self.busy_timeout)
+        try:
+            conn.execute(sql, params).fetchall()
+            conn.execute("COMMIT")
+        except BaseException:
+            store.rollback_quietly(conn)
+            raise
