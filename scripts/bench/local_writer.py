@@ -8,7 +8,7 @@ commits, the writer's write-lock attempts and busy retries (`store.begin_immedia
 and the subscriber's waits for the write lock. No assertions: it prints numbers.
 
 usage: local_writer.py [--requests N] [--concurrency C] [--cpu-us U] [--subscriber]
-                       [--tree PATH]   (measure another checkout's `app/`, e.g. a git archive)
+                       [--count-statements] [--tree PATH]   (measure another checkout's `app/`, e.g. a git archive)
 """
 
 from __future__ import annotations
@@ -74,6 +74,25 @@ class LockWaits:
         }
 
 
+def count_writer_statements(store_module) -> list[int]:
+    """Count the SQL statements the writer thread runs (each one gives the GIL away and waits for it back)."""
+    count = [0]
+    real_connect = store_module.connect
+
+    def connect(*args, **kw):
+        conn = real_connect(*args, **kw)
+        if threading.current_thread().name == "local-broker-writer":
+
+            def trace(statement: str) -> None:
+                count[0] += 1
+
+            conn.set_trace_callback(trace)
+        return conn
+
+    store_module.connect = connect
+    return count
+
+
 def burn(microseconds: float) -> None:
     end = time.perf_counter() + microseconds / 1e6
     while time.perf_counter() < end:
@@ -87,6 +106,7 @@ def run_publisher(args: argparse.Namespace, data_dir: Path) -> dict:
     from app.settings import Settings
 
     waits = LockWaits(store)
+    statements = count_writer_statements(store) if args.count_statements else None
     groups = [0]
     writer_cpu = [0.0]  # the writer thread's CPU time in group commits (Python and SQLite, not waits)
     real_commit = GroupCommitWriter._commit_group
@@ -127,6 +147,7 @@ def run_publisher(args: argparse.Namespace, data_dir: Path) -> dict:
         "requests_per_group": round(total / max(1, groups[0]), 1),
         "writer_cpu_us_per_request": round(1e6 * writer_cpu[0] / total, 1),
         "writer": waits.report("local-broker-writer"),
+        **({"writer_statements_per_group": round(statements[0] / max(1, groups[0]), 1)} if statements else {}),
     }
 
 
@@ -151,6 +172,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--cpu-us", type=float, default=0.0, help="Python CPU burnt per request on the loop")
     parser.add_argument("--subscriber", action="store_true", help="lease and ack from a second process meanwhile")
+    parser.add_argument("--count-statements", action="store_true", help="trace the writer's statements (slower)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose app/ is measured")
     parser.add_argument("--subscriber-of", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -245,3 +245,40 @@ def test_a_failing_request_in_a_group_with_idempotency_keys_redoes_each_answer(b
         assert conn.execute("SELECT count(*) FROM idempotency_keys WHERE key = 'k3'").fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_many_rows_go_in_in_publish_order(broker):
+    big = [msg(f"m{i:03}", f"k{i % 3}") for i in range(300)]  # more rows than one INSERT statement takes
+
+    async def run():
+        return await asyncio.gather(
+            broker.publish(big, batch_id="big"), broker.publish([msg("small", "k0")], batch_id="small")
+        )
+
+    big_result, small_result = asyncio.run(run())
+    assert big_result.message_count == 300 and small_result.message_count == 1
+    got = broker.pull(1000, timeout=5)
+    by_key: dict[str, list[str]] = {}
+    for m in got:
+        by_key.setdefault(m.ordering_key, []).append(m.data.decode())
+    for k in range(3):
+        expected = [f"m{i:03}" for i in range(k, 300, 3)]
+        assert [d for d in by_key[f"k{k}"] if d != "small"] == expected
+
+
+def test_a_failing_row_late_in_a_big_request_refuses_all_of_it(broker):
+    _add_failing_trigger(broker.path)
+    big = [msg(f"m{i:03}") for i in range(300)]
+    big[250] = msg("bad", "boom")
+
+    async def run():
+        return await asyncio.gather(
+            broker.publish(big, batch_id="big"),
+            *[broker.publish([msg(f"ok{i}")], batch_id=f"ok{i}") for i in range(5)],
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(run())
+    assert isinstance(results[0], BrokerUnavailable)
+    assert all(r.message_count == 1 for r in results[1:])
+    assert sorted(datas(broker.pull(1000, timeout=5))) == [f"ok{i}" for i in range(5)]

@@ -56,9 +56,17 @@ FROM keys WHERE k IS NOT NULL
 BUSY_RETRY_SECONDS = 0.0002
 
 
-def connect(path: Path, *, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+def connect(
+    path: Path, *, synchronous: str, busy_timeout: float, cached_statements: int = 128
+) -> sqlite3.Connection:
     """Open the file in WAL mode (creating the schema if needed), autocommit, any thread."""
-    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        str(path),
+        timeout=busy_timeout,
+        isolation_level=None,
+        check_same_thread=False,
+        cached_statements=cached_statements,
+    )
     try:
         set_busy_timeout(conn, busy_timeout)
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:

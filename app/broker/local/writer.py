@@ -2,7 +2,7 @@
 
 The writer takes every request queued so far and commits them together in a single
 ``synchronous=FULL`` transaction (group commit): one fsync is shared by all concurrent
-requests, and all their rows go in one statement. A request that fails (a constraint, a
+requests, and their rows go in as few statements as possible. A request that fails (a constraint, a
 bad value) is refused alone: the group is then redone with one SAVEPOINT per request, and
 the rest commits. If the group's transaction as a whole fails (disk full, I/O error, the
 file is locked) every caller in it gets `BrokerUnavailable` and nothing of the group is
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import sqlite3
 import threading
@@ -40,9 +41,19 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
 
+# 4 parameters a row: 512 per statement, under SQLite's historical limit of 999. The
+# writer's connection caches one prepared statement per chunk size (`_insert_sql`).
+INSERT_ROWS_PER_STATEMENT = 128
+
 _PENDING, _CLAIMED, _ABANDONED = 0, 1, 2
 # Guards every PublishRequest.state change, between the writer and the callers' loops.
 _CLAIM_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=INSERT_ROWS_PER_STATEMENT)
+def _insert_sql(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?)"] * rows)
+    return f"INSERT INTO messages (ordering_key, data, attributes, published_at) VALUES {values}"
 
 
 class GroupFailed(Exception):
@@ -261,7 +272,12 @@ class GroupCommitWriter:
 
     def _open_conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = store.connect(self.path, synchronous="FULL", busy_timeout=self.busy_timeout)
+            conn = store.connect(
+                self.path,
+                synchronous="FULL",
+                busy_timeout=self.busy_timeout,
+                cached_statements=2 * INSERT_ROWS_PER_STATEMENT,
+            )
             # Every write of this connection is inside `begin_immediate`, which polls for the
             # lock itself: without a busy handler the uncontended lock costs one statement.
             self._conn = store.without_busy_handler(conn)
@@ -297,11 +313,12 @@ class GroupCommitWriter:
             raise
 
     def _write_claimed(self, conn: sqlite3.Connection, claimed: list[PublishRequest], now: float) -> None:
-        """All requests' rows in one statement; if that fails, again one savepoint per request.
+        """All requests' rows together; if a statement fails, again with one savepoint per request.
 
         Each statement is a round trip that, in the API process, waits for the GIL while
-        holding the write lock; the group's rows go in one `executemany`. Only if a statement
-        fails is the group redone request by request, so just the failing one is refused.
+        holding the write lock, so the group's rows go in together (up to 128 a statement).
+        Only if a statement fails is the group redone request by request, so just the failing
+        request is refused.
         """
         conn.execute("SAVEPOINT grp")
         try:
@@ -387,9 +404,11 @@ class GroupCommitWriter:
 
     @staticmethod
     def _insert_rows(conn: sqlite3.Connection, rows: list[tuple[str, bytes, str, float]]) -> None:
-        conn.executemany(
-            "INSERT INTO messages (ordering_key, data, attributes, published_at) VALUES (?, ?, ?, ?)", rows
-        )
+        # Multi-row INSERTs, not executemany: sqlite3 gives the GIL away and waits for it
+        # back once per executed row, and here that wait holds the write lock.
+        for start in range(0, len(rows), INSERT_ROWS_PER_STATEMENT):
+            chunk = rows[start : start + INSERT_ROWS_PER_STATEMENT]
+            conn.execute(_insert_sql(len(chunk)), [value for row in chunk for value in row])
 
     # ------------------------------------------------------------------ maintenance
     def _maintain(self, *, idle: bool) -> None:
