@@ -14,6 +14,7 @@ from app.broker.local import LocalBroker
 from app.broker.pubsub import PubSubBroker
 from app.provision import provision_pubsub
 from app.settings import Settings
+from tests.support.local_broker import broker, make_broker  # noqa: F401  (local broker fixtures)
 from tests.support.pstest import running_pstest
 
 

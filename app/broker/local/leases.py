@@ -1,0 +1,299 @@
+"""The subscriber side of the local broker: leases (pull), ack, nack, backlog.
+
+It has its own connection with ``synchronous=NORMAL``: losing a lease or an ack on power
+loss only causes a redelivery, which at-least-once delivery allows and the warehouse's
+`dedup_id` absorbs.
+
+* A lease is taken inside ``BEGIN IMMEDIATE``, so several pullers (threads or processes)
+  never get the same message while it is leased. Each pull draws a random lease token;
+  `ack`/`nack` only touch rows still holding that token, so a stale ack after the lease
+  expired and the message was re-leased is ignored.
+* Deliveries always start at a key's oldest message and take a consecutive run, so
+  several messages of one key may come in one pull, in order; a leased or delayed message
+  blocks its key (`store.deliverable_keys`), which keeps FIFO per key.
+* ``attempts`` counts deliveries; `ReceivedMessage.delivery_attempt` starts at 1.
+  Dead-lettering after N attempts is the pipeline's decision.
+* Acked messages are deleted (the writer reuses and later frees their pages).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import orjson
+
+from app.broker.base import BacklogStats, BrokerUnavailable, ReceivedMessage
+from app.broker.local import store
+
+log = logging.getLogger(__name__)
+
+
+class _Lease:
+    """One pull's lease being taken: runs of consecutive messages per key, within a byte budget."""
+
+    def __init__(self, conn: sqlite3.Connection, token: int, max_messages: int, max_bytes: int) -> None:
+        self.conn = conn
+        self.token = token
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.taken: dict[str, list[ReceivedMessage]] = {}
+        self.last_id: dict[str, int] = {}
+        self.total = 0
+        self.nbytes = 0
+
+    def full(self) -> bool:
+        return self.total >= self.max_messages or self.nbytes >= self.max_bytes
+
+    def take_run(self, key: str, after_id: int, limit: int) -> int:
+        """Lease up to `limit` messages of `key` following `after_id`; how many were taken.
+
+        The byte budget may be exceeded only by the first message of the whole pull, so a
+        message bigger than the budget is still delivered.
+        """
+        first = self.total == 0
+        got: list[ReceivedMessage] = []
+        size = 0
+        budget = self.max_bytes - self.nbytes
+        cursor = self.conn.execute(
+            "SELECT id, data, attributes, attempts FROM messages WHERE ordering_key = ? AND id > ?"
+            " ORDER BY id LIMIT ?",
+            (key, after_id, limit),
+        )
+        for message_id, data, attributes, attempts in cursor:
+            if size + len(data) > budget and (got or not first):
+                break
+            size += len(data)
+            got.append(
+                ReceivedMessage(
+                    message_id=str(message_id),
+                    data=bytes(data),
+                    attributes=orjson.loads(attributes),
+                    ordering_key=key,
+                    delivery_attempt=attempts + 1,
+                    handle=(message_id, self.token),
+                )
+            )
+        cursor.close()
+        if got:
+            self.taken.setdefault(key, []).extend(got)
+            self.last_id[key] = int(got[-1].message_id)
+            self.total += len(got)
+            self.nbytes += size
+        return len(got)
+
+    def mark_leased(self, expiry: float) -> list[ReceivedMessage]:
+        """Write the lease (token, expiry, attempt) onto the taken runs; the messages, key by key."""
+        result: list[ReceivedMessage] = []
+        for key, got in self.taken.items():
+            # The run is the first messages of the key, so a range update leases exactly them.
+            self.conn.execute(
+                "UPDATE messages SET not_before = ?, lease_token = ?, attempts = attempts + 1"
+                " WHERE ordering_key = ? AND id BETWEEN ? AND ?",
+                (expiry, self.token, key, int(got[0].message_id), self.last_id[key]),
+            )
+            result.extend(got)
+        return result
+
+
+class LeaseStore:
+    """Leases, acks and nacks over the subscriber's connection; remembers its tokens to return them on close."""
+
+    # One pull returns at most this many bytes of message data (at least one message).
+    # Bounds the subscriber's memory: decoded activities take ~10x their JSON size, and
+    # ~50 messages of 500 activities per pull already amortize the per-pull costs.
+    max_pull_bytes = 4 * 1024 * 1024
+    poll_interval_seconds = 0.02
+    busy_timeout = 5.0
+
+    def __init__(self, path: Path, *, ack_deadline: float) -> None:
+        self.path = path
+        self.ack_deadline = ack_deadline
+        self._closed = False
+        self._lock = threading.RLock()
+        self._conn_: sqlite3.Connection | None = None
+        self._tokens: dict[int, float] = {}  # lease tokens issued by this instance -> expiry
+        self._last_pull_found = False  # skip the lock-free look while draining a backlog
+
+    def open(self) -> None:
+        """Open the connection now (creating the file and schema); raises if the file is unusable."""
+        with self._lock:
+            try:
+                self._conn()
+            except BaseException:
+                self._drop_conn()
+                raise
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._conn_ is None:
+            self._conn_ = store.connect(self.path, synchronous="NORMAL", busy_timeout=self.busy_timeout)
+        return self._conn_
+
+    def _drop_conn(self) -> None:
+        conn, self._conn_ = self._conn_, None
+        store.close_quietly(conn)
+
+    # ------------------------------------------------------------------ pull
+    def pull(self, max_messages: int, timeout: float) -> list[ReceivedMessage]:
+        """Lease up to `max_messages` (FIFO per key), waiting up to `timeout` for the first."""
+        if max_messages <= 0:
+            return []
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            messages, next_due = self._try_lease(max_messages)
+            if messages:
+                return messages
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed:
+                return []
+            pause = min(self.poll_interval_seconds, remaining)
+            if next_due is not None:
+                pause = min(pause, max(0.001, next_due - time.time()))
+            time.sleep(pause)
+
+    def _try_lease(self, max_messages: int) -> tuple[list[ReceivedMessage], float | None]:
+        """One attempt: (leased messages, when the next blocked key frees if none are ready)."""
+        with self._lock:
+            if self._closed:
+                return [], None
+            try:
+                conn = self._conn()
+                if not self._last_pull_found:
+                    # Idle: look without taking the write lock first (publishers keep going).
+                    ready, next_due = store.deliverable_keys(conn, time.time())
+                    if not ready:
+                        return [], next_due
+                store.begin_immediate(conn, self.busy_timeout, busy_timeout=self.busy_timeout)
+                try:
+                    messages = self._lease(conn, max_messages)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                self._drop_conn()
+                self._last_pull_found = False
+                raise BrokerUnavailable(f"local broker pull failed: {exc}") from exc
+            self._last_pull_found = bool(messages)
+            return messages, None
+
+    def _lease(self, conn: sqlite3.Connection, max_messages: int) -> list[ReceivedMessage]:
+        """Holding the write lock: fair share per key first (oldest head first), then fill up."""
+        now = time.time()
+        keys, _ = store.deliverable_keys(conn, now)
+        if not keys:
+            return []
+        lease = _Lease(conn, secrets.randbits(62), max_messages, self.max_pull_bytes)
+        quota = max(1, -(-max_messages // len(keys)))
+        had_more: list[str] = []
+        for key, head in keys:
+            if lease.full():
+                break
+            want = min(quota, max_messages - lease.total)
+            if lease.take_run(key, head - 1, want) == want:
+                had_more.append(key)
+        for key in had_more:
+            if lease.full():
+                break
+            lease.take_run(key, lease.last_id[key], max_messages - lease.total)
+        expiry = now + self.ack_deadline
+        messages = lease.mark_leased(expiry)
+        if messages:
+            self._remember_token(lease.token, expiry)
+        return messages
+
+    def _remember_token(self, token: int, expiry: float) -> None:
+        now = time.time()
+        if len(self._tokens) > 64:
+            for t, e in list(self._tokens.items()):
+                if e <= now:
+                    del self._tokens[t]
+        self._tokens[token] = expiry
+
+    # ------------------------------------------------------------------ ack / nack
+    def ack(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Delete the messages; a handle whose lease was taken over by another pull is ignored."""
+        handles = _handles(messages)
+        if not handles:
+            return
+        self._write("DELETE FROM messages WHERE id = ? AND lease_token = ?", handles, "ack")
+
+    def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
+        """Make the messages deliverable again after `delay_seconds` (their key waits too)."""
+        handles = _handles(messages)
+        if not handles:
+            return
+        when = time.time() + max(0.0, delay_seconds)
+        self._write(
+            "UPDATE messages SET not_before = ?, lease_token = NULL WHERE id = ? AND lease_token = ?",
+            [(when, i, t) for (i, t) in handles],
+            "nack",
+        )
+
+    def _write(self, sql: str, params: list[tuple], what: str) -> None:
+        with self._lock:
+            try:
+                conn = self._conn()
+                store.begin_immediate(conn, self.busy_timeout, busy_timeout=self.busy_timeout)
+                try:
+                    conn.executemany(sql, params)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                self._drop_conn()
+                raise BrokerUnavailable(f"local broker {what} failed: {exc}") from exc
+
+    # ------------------------------------------------------------------ backlog / close
+    def backlog(self) -> BacklogStats:
+        """Unacked messages (leased ones included) and the age of the oldest."""
+        with self._lock:
+            try:
+                conn = self._conn()
+                count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+                row = conn.execute("SELECT published_at FROM messages ORDER BY id LIMIT 1").fetchone()
+            except sqlite3.Error as exc:
+                self._drop_conn()
+                raise BrokerUnavailable(f"local broker backlog failed: {exc}") from exc
+        oldest = None if row is None else max(0.0, time.time() - row[0])
+        return BacklogStats(messages=int(count), oldest_age_seconds=oldest)
+
+    def close(self) -> None:
+        """Stop pulling, give this instance's outstanding leases back, close the connection."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._return_leases()
+            self._drop_conn()
+
+    def _return_leases(self) -> None:
+        now = time.time()
+        tokens = [(t,) for t, e in self._tokens.items() if e > now]
+        self._tokens.clear()
+        if not tokens or self._conn_ is None:
+            return
+        conn = self._conn_
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("UPDATE messages SET not_before = 0, lease_token = NULL WHERE lease_token = ?", tokens)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.debug("could not return leases on close: %s", exc)
+
+
+def _handles(messages: Sequence[ReceivedMessage]) -> list[tuple[int, int]]:
+    out = []
+    for m in messages:
+        h = m.handle
+        if isinstance(h, tuple) and len(h) == 2:
+            out.append((int(h[0]), int(h[1])))
+    return out
