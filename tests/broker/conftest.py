@@ -76,11 +76,11 @@ def broker_backend(request, tmp_path) -> Iterator[BrokerBackend]:
     factory = backend.make
 
     def make(**overrides) -> Broker:
-        broker = factory(**overrides)
-        made.append(broker)
-        return broker
+        new_broker = factory(**overrides)
+        made.append(new_broker)
+        return new_broker
 
     backend.make = make
     yield backend
-    for broker in made:
-        broker.close()
+    for made_broker in made:
+        made_broker.close()
