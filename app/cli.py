@@ -49,78 +49,138 @@ def provision() -> None:
     raise typer.Exit(provision_main([]))  # not sys.argv: it holds the word `provision`
 
 
-def _query_via_subscriber(sql: str) -> tuple[list[str], list[list[Any]]] | None:
+_QUERY_POLL_SECONDS = 0.25
+
+
+class _NoSubscriber(Exception):
+    """Nothing answers on the subscriber's admin port."""
+
+
+def _admin_url(path: str) -> str:
     s = get_settings()
+    return f"http://{s.subscriber_host}:{s.subscriber_port}{path}"
+
+
+def _admin_post(path: str, body: dict[str, Any]) -> Any:
+    """POST to the running subscriber's admin port; `_NoSubscriber` if none answers.
+
+    An error answer (bad SQL, warehouse down) ends the command with its message.
+    """
     request = urllib.request.Request(
-        f"http://{s.subscriber_host}:{s.subscriber_port}/query",
-        data=orjson.dumps({"sql": sql}),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        _admin_url(path), data=orjson.dumps(body), headers={"Content-Type": "application/json"}, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            body = orjson.loads(response.read())
+            return orjson.loads(response.read())
     except urllib.error.HTTPError as exc:
         message = orjson.loads(exc.read()).get("message", str(exc))
-        typer.echo(f"query failed: {message}", err=True)
+        typer.echo(f"{path.strip('/')} failed: {message}", err=True)
         raise typer.Exit(1) from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None  # no subscriber running: read the warehouse directly
-    return body["columns"], body["rows"]
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise _NoSubscriber(str(exc)) from None
 
 
-def _query_directly(sql: str) -> tuple[list[str], list[Any]]:
-    from app.warehouse import WarehouseQueryError, make_warehouse
+def _query_via_subscriber(sql: str) -> tuple[list[str], list[str], list[list[Any]]]:
+    body = _admin_post("/query", {"sql": sql})
+    return body["columns"], body.get("types") or [], body["rows"]
+
+
+def _query_directly(sql: str) -> tuple[list[str], list[str], list[list[Any]]]:
+    """Read the warehouse from this process (DuckDB: the file, read-only)."""
+    from app.pipeline.render import render_rows
+    from app.warehouse import make_warehouse
 
     s = get_settings()
     if s.warehouse == "duckdb":
         from app.warehouse.duckdb import query_file
 
+        result = query_file(s.duckdb_file, sql)
+    else:
+        warehouse = make_warehouse(s)
         try:
-            return query_file(s.duckdb_file, sql)
-        except WarehouseQueryError as exc:
-            typer.echo(f"query failed: {exc}", err=True)
-            raise typer.Exit(1) from None
-    warehouse = make_warehouse(s)
+            result = warehouse.query(sql)
+        finally:
+            warehouse.close()
+    columns, rows = result
+    return columns, result.types, render_rows(rows, result.types)
+
+
+def _query_waiting_for_subscriber(sql: str, locked: Exception, wait: float) -> tuple[list[str], list[str], list[list[Any]]]:
+    """The file is locked by a subscriber whose admin port is not up yet: wait for either."""
+    import time
+
+    from rich.console import Console
+
+    from app.warehouse.duckdb import DuckDBFileLocked
+
+    deadline = time.monotonic() + wait
+    typer.echo(
+        f"the warehouse file is locked (a subscriber starting?); waiting up to {wait:.0f}s for the subscriber's"
+        f" admin port on {_admin_url('')}",
+        err=True,
+    )
+    with Console(stderr=True).status("waiting for the admin port"):  # a spinner, on a terminal only
+        while time.monotonic() < deadline:
+            time.sleep(_QUERY_POLL_SECONDS)
+            try:
+                return _query_via_subscriber(sql)
+            except _NoSubscriber:
+                pass
+            try:
+                return _query_directly(sql)  # the subscriber may have stopped meanwhile
+            except DuckDBFileLocked as exc:
+                locked = exc
+    typer.echo(f"query failed: {locked} (no admin port answered within {wait:.0f}s)", err=True)
+    raise typer.Exit(1)
+
+
+def _run_query(sql: str, wait: float) -> tuple[list[str], list[str], list[list[Any]]]:
+    """Through the running subscriber (which holds the DuckDB file) when there is one."""
+    from app.warehouse import WarehouseQueryError
+    from app.warehouse.duckdb import DuckDBFileLocked
+
     try:
-        return warehouse.query(sql)
+        return _query_via_subscriber(sql)
+    except _NoSubscriber:
+        pass
+    try:
+        return _query_directly(sql)
+    except DuckDBFileLocked as exc:
+        return _query_waiting_for_subscriber(sql, exc, wait)
     except WarehouseQueryError as exc:
         typer.echo(f"query failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    finally:
-        warehouse.close()
-
-
-def _format_cell(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    return str(value)
 
 
 @cli.command()
 def query(
     sql: str = typer.Argument(..., help="A read-only SQL query."),
     output: str = typer.Option("table", "--format", help="table | json | csv"),
+    wait: float = typer.Option(30.0, help="Seconds to wait for a starting subscriber's admin port when it holds the file."),
 ) -> None:
     """Run a read-only SQL query against the warehouse and print the result.
 
     Goes through the running subscriber (which holds the DuckDB file) when there is one.
+    Values print as BigQuery shows them: WKT, base64 bytes, NaN/Infinity, plain decimals.
     """
-    result = _query_via_subscriber(sql)
-    columns, rows = result if result is not None else _query_directly(sql)
+    from app.pipeline.render import activity_type, cell_text, json_value
+
+    if output not in ("table", "json", "csv"):
+        typer.echo(f"--format must be table, json or csv, got {output!r}", err=True)
+        raise typer.Exit(2)
+    columns, types, rows = _run_query(sql, wait)
     if output == "json":
-        typer.echo(orjson.dumps([dict(zip(columns, r)) for r in rows], default=str, option=orjson.OPT_PASSTHROUGH_DATETIME).decode())
+        kinds = [activity_type(t) for t in types] + [None] * (len(columns) - len(types))
+        typer.echo(orjson.dumps([{c: json_value(v, k) for c, v, k in zip(columns, r, kinds)} for r in rows]).decode())
         return
+    cells = [[cell_text(v) for v in r] for r in rows]
     if output == "csv":
         import csv
 
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
-        writer.writerows([[_format_cell(v) for v in r] for r in rows])
+        writer.writerows(cells)
         return
-    cells = [[_format_cell(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     typer.echo(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
     typer.echo("-+-".join("-" * w for w in widths))

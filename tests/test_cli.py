@@ -122,3 +122,148 @@ def test_backlog_reports_and_waits_for_drain(tmp_path):
     broker.close()
     assert out.returncode == 0, out.stderr
     assert "backlog empty" in out.stdout and "3/3" in out.stdout
+
+
+# ------------------------------------------------------------------ query output
+
+# Every activity type: (column, type, stored canonical value per row, rendering per row).
+# Row 2 holds the non-finite floats, row 3 NULLs.
+TYPED_COLUMNS = [
+    ("s", "string", ["héllo, \"world\"", "x", None], ["héllo, \"world\"", "x", None]),
+    ("b", "bytes", ["aGVsbG8=", "AP8=", None], ["aGVsbG8=", "AP8=", None]),
+    ("i", "integer", [9223372036854775807, -1, None], [9223372036854775807, -1, None]),
+    ("f", "float", [1.5, "NaN", None], [1.5, "NaN", None]),
+    ("f2", "float", [0.1, "-Infinity", None], [0.1, "-Infinity", None]),
+    ("f3", "float", [-2.0, "Infinity", None], [-2.0, "Infinity", None]),
+    ("n", "numeric", ["0", "-12345678901234567890123456789.123456789", None],
+     ["0", "-12345678901234567890123456789.123456789", None]),
+    ("bn", "bignumeric", ["1.5", "-123456789012345678901234567890.12345678901234567890123456789", None],
+     ["1.5", "-123456789012345678901234567890.12345678901234567890123456789", None]),
+    ("ok", "boolean", [True, False, None], [True, False, None]),
+    ("ts", "timestamp", ["2021-03-30T06:12:44.500000Z", "2021-03-30T06:12:44.000000Z", None],
+     ["2021-03-30 06:12:44.500000 UTC", "2021-03-30 06:12:44 UTC", None]),
+    ("d", "date", ["2021-03-05", "0001-01-01", None], ["2021-03-05", "0001-01-01", None]),
+    ("t", "time", ["06:12:44.250000", "23:59:59", None], ["06:12:44.250000", "23:59:59", None]),
+    ("dt", "datetime", ["2021-03-30T06:12:44", "2021-03-30T06:12:44.000001", None],
+     ["2021-03-30T06:12:44", "2021-03-30T06:12:44.000001", None]),
+    ("g", "geography", ["POINT(1 2)", "LINESTRING(0 0, 1.5 2.25)", None], ["POINT(1 2)", "LINESTRING(0 0, 1.5 2.25)", None]),
+    ("r", "record", [{"a": 1, "b": [1.5, "x"], "c": None}, {}, None], [{"a": 1, "b": [1.5, "x"], "c": None}, {}, None]),
+]
+TYPED_SQL = "SELECT * EXCLUDE (id) FROM every_type ORDER BY id"
+
+
+def _write_every_type(settings: Settings) -> None:
+    from app.schema.activity import Activity
+    from app.warehouse.base import Envelope
+    from app.warehouse.duckdb import DuckDBWarehouse
+
+    names = ["id"] + [c[0] for c in TYPED_COLUMNS]
+    types = ["integer"] + [c[1] for c in TYPED_COLUMNS]
+    activities = [Activity("insert", "every_type", names, types, [row] + [c[2][row] for c in TYPED_COLUMNS]) for row in range(3)]
+    warehouse = DuckDBWarehouse(settings)
+    try:
+        result = warehouse.apply("every_type", [Envelope("b:every_type:0", "every_type", activities)])
+        assert result.rows_inserted == 3 and not result.rejections, result
+    finally:
+        warehouse.close()
+
+
+def _text(value) -> str:
+    """How the table and CSV formats print a rendered value."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _assert_every_format(run) -> None:
+    columns = [c[0] for c in TYPED_COLUMNS]
+    expected = [{c[0]: c[3][row] for c in TYPED_COLUMNS} for row in range(3)]
+
+    out = run("query", TYPED_SQL, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == expected
+
+    import csv
+    import io
+
+    out = run("query", TYPED_SQL, "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert list(csv.reader(io.StringIO(out.stdout))) == [columns] + [[_text(r[c]) for c in columns] for r in expected]
+
+    out = run("query", TYPED_SQL)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [c.strip() for c in lines[0].split(" | ")] == columns
+    assert [[c.strip() for c in line.split(" | ")] for line in lines[2:5]] == [[_text(r[c]) for c in columns] for r in expected]
+    assert lines[5] == "(3 rows)"
+
+
+def test_query_renders_every_type_from_the_file(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    _write_every_type(settings)
+    env = {"DATA_DIR": str(tmp_path), "SUBSCRIBER_PORT": str(_free_port())}  # no subscriber: the file directly
+    _assert_every_format(lambda *args: run_cli(*args, env=env))
+
+
+def test_query_renders_every_type_through_the_admin_port(tmp_path):
+    from tests.support.processes import Pipeline
+
+    p = Pipeline.create(tmp_path)
+    _write_every_type(Settings(data_dir=p.data_dir))
+    p.start("subscriber")  # holds the file: the CLI can only read through the admin port
+    try:
+        _assert_every_format(p.cli)
+    finally:
+        p.stop()
+
+
+def _free_port() -> int:
+    from tests.support.processes import free_port
+
+    return free_port()
+
+
+def test_query_waits_for_a_starting_subscribers_admin_port(tmp_path):
+    """The subscriber holds the file before its admin port is up: `query` waits for the port."""
+    import time
+
+    from app.broker import make_broker
+    from app.pipeline.admin import AdminServer
+    from app.pipeline.subscriber import Subscriber
+    from app.warehouse.duckdb import DuckDBWarehouse
+
+    port = _free_port()
+    settings = Settings(data_dir=tmp_path, subscriber_port=port)
+    _write_every_type(settings)
+    env = {"DATA_DIR": str(tmp_path), "SUBSCRIBER_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    warehouse = DuckDBWarehouse(settings)
+    assert warehouse.table_schema("every_type")  # connected: the file is now locked
+    broker, store = make_broker(settings), DeadLetterStore(settings.dead_letter_file)
+    admin = None
+    try:
+        gave_up = run_cli("query", "SELECT count(*) AS n FROM every_type", "--wait", "1", env=env)
+        assert gave_up.returncode == 1
+        assert "locked by another process" in gave_up.stderr and "no admin port answered within 1s" in gave_up.stderr
+
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "app", "query", "SELECT count(*) AS n FROM every_type", "--format", "json"],
+            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        time.sleep(2.0)  # the CLI has found the file locked and polls the port
+        assert waiting.poll() is None
+        admin = AdminServer(Subscriber(settings, broker, warehouse, store), "127.0.0.1", port)
+        admin.start()
+        stdout, stderr = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, stderr
+        assert json.loads(stdout) == [{"n": 3}]
+        assert "waiting up to 30s for the subscriber's admin port" in stderr
+    finally:
+        if admin is not None:
+            admin.stop()
+        warehouse.close()
+        broker.close()
+        store.close()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from app import metrics
+from app.pipeline.render import render_rows
 from app.warehouse.base import WarehouseQueryError
 
 if TYPE_CHECKING:
@@ -178,11 +179,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             with self.subscriber.warehouse_lock:
-                columns, rows = self.subscriber.warehouse.query(sql, params)
+                result = self.subscriber.warehouse.query(sql, params)
         except WarehouseQueryError as exc:
             self._send(400, _dumps({"error": True, "message": str(exc), "details": []}))
             return
         except Exception as exc:  # the warehouse may be down; say so instead of dropping the connection
             self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
             return
-        self._send(200, _dumps({"columns": columns, "rows": [list(r) for r in rows]}))
+        columns, rows = result
+        # Rendered here (WKT, base64, "NaN", plain decimals, record text) so nothing is
+        # lost in JSON; `types` are the warehouse's column types.
+        self._send(200, _dumps({"columns": columns, "types": result.types, "rows": render_rows(rows, result.types)}))

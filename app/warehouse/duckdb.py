@@ -50,6 +50,7 @@ from app.warehouse.base import (
     Rejection,
     TerminalWarehouseError,
     TransientWarehouseError,
+    QueryResult,
     Warehouse,
     WarehouseQueryError,
 )
@@ -257,17 +258,16 @@ def _check_select(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise WarehouseQueryError(f"only read-only SELECT queries are allowed, got {kind.name}")
 
 
-def _run_read_only(
-    cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None
-) -> tuple[list[str], list[tuple]]:
+def _run_read_only(cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None) -> QueryResult:
     _check_select(cur, sql)
     cur.execute("BEGIN TRANSACTION")
     try:
         result = cur.execute(sql, list(params) if params else None)
+        types = [str(d[1]) for d in result.description or []]
         arrow = result.to_arrow_table()
         names = list(arrow.column_names)
         rows = list(zip(*(col.to_pylist() for col in arrow.columns))) if arrow.num_columns else []
-        return names, rows
+        return QueryResult(names, rows, types)
     except duckdb.Error as exc:
         raise WarehouseQueryError(str(exc)) from exc
     finally:
@@ -277,7 +277,7 @@ def _run_read_only(
             pass
 
 
-def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | None = None) -> QueryResult:
     """Run one SELECT on a DuckDB warehouse file opened read-only (no subscriber running).
 
     Raises `DuckDBFileLocked` if a writer holds the file (query the subscriber's admin
@@ -613,7 +613,7 @@ class DuckDBWarehouse(Warehouse):
 
     # -- read path --------------------------------------------------------------------------
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         """One read-only SELECT, on its own cursor (safe from another thread), always rolled back."""
         with self._lock:
             cur = self._connection().cursor()
