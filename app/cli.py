@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import urllib.error
-import urllib.request
 from typing import Any, Optional
 
 import orjson
@@ -49,43 +47,17 @@ def provision() -> None:
     raise typer.Exit(provision_main([]))  # not sys.argv: it holds the word `provision`
 
 
-_QUERY_POLL_SECONDS = 0.25
+Rendered = tuple[list[str], list[str], list[list[Any]]]  # columns, warehouse types, rendered rows
 
 
-class _NoSubscriber(Exception):
-    """Nothing answers on the subscriber's admin port."""
+def _query_via_subscriber(sql: str) -> Rendered:
+    from app.pipeline.admin_client import admin_request
 
-
-def _admin_url(path: str) -> str:
-    s = get_settings()
-    return f"http://{s.subscriber_host}:{s.subscriber_port}{path}"
-
-
-def _admin_post(path: str, body: dict[str, Any]) -> Any:
-    """POST to the running subscriber's admin port; `_NoSubscriber` if none answers.
-
-    An error answer (bad SQL, warehouse down) ends the command with its message.
-    """
-    request = urllib.request.Request(
-        _admin_url(path), data=orjson.dumps(body), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return orjson.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        message = orjson.loads(exc.read()).get("message", str(exc))
-        typer.echo(f"{path.strip('/')} failed: {message}", err=True)
-        raise typer.Exit(1) from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-        raise _NoSubscriber(str(exc)) from None
-
-
-def _query_via_subscriber(sql: str) -> tuple[list[str], list[str], list[list[Any]]]:
-    body = _admin_post("/query", {"sql": sql})
+    body = admin_request(get_settings(), "/query", {"sql": sql})
     return body["columns"], body.get("types") or [], body["rows"]
 
 
-def _query_directly(sql: str) -> tuple[list[str], list[str], list[list[Any]]]:
+def _query_directly(sql: str) -> Rendered:
     """Read the warehouse from this process (DuckDB: the file, read-only)."""
     from app.pipeline.render import render_rows
     from app.warehouse import make_warehouse
@@ -105,49 +77,23 @@ def _query_directly(sql: str) -> tuple[list[str], list[str], list[list[Any]]]:
     return columns, result.types, render_rows(rows, result.types)
 
 
-def _query_waiting_for_subscriber(sql: str, locked: Exception, wait: float) -> tuple[list[str], list[str], list[list[Any]]]:
-    """The file is locked by a subscriber whose admin port is not up yet: wait for either."""
-    import time
+def _waiting_note(what: str) -> None:
+    from app.pipeline.admin_client import admin_url
 
-    from rich.console import Console
-
-    from app.warehouse.duckdb import DuckDBFileLocked
-
-    deadline = time.monotonic() + wait
-    typer.echo(
-        f"the warehouse file is locked (a subscriber starting?); waiting up to {wait:.0f}s for the subscriber's"
-        f" admin port on {_admin_url('')}",
-        err=True,
-    )
-    with Console(stderr=True).status("waiting for the admin port"):  # a spinner, on a terminal only
-        while time.monotonic() < deadline:
-            time.sleep(_QUERY_POLL_SECONDS)
-            try:
-                return _query_via_subscriber(sql)
-            except _NoSubscriber:
-                pass
-            try:
-                return _query_directly(sql)  # the subscriber may have stopped meanwhile
-            except DuckDBFileLocked as exc:
-                locked = exc
-    typer.echo(f"query failed: {locked} (no admin port answered within {wait:.0f}s)", err=True)
-    raise typer.Exit(1)
+    typer.echo(f"the warehouse file is locked (a subscriber starting?); waiting up to {what} for the subscriber's"
+               f" admin port on {admin_url(get_settings())}", err=True)
 
 
-def _run_query(sql: str, wait: float) -> tuple[list[str], list[str], list[list[Any]]]:
+def _run_query(sql: str, wait: float) -> Rendered:
     """Through the running subscriber (which holds the DuckDB file) when there is one."""
+    from app.pipeline.admin_client import AdminError, SubscriberNotReady, through_subscriber
     from app.warehouse import WarehouseQueryError
-    from app.warehouse.duckdb import DuckDBFileLocked
 
     try:
-        return _query_via_subscriber(sql)
-    except _NoSubscriber:
-        pass
-    try:
-        return _query_directly(sql)
-    except DuckDBFileLocked as exc:
-        return _query_waiting_for_subscriber(sql, exc, wait)
-    except WarehouseQueryError as exc:
+        return through_subscriber(
+            lambda: _query_via_subscriber(sql), lambda: _query_directly(sql), wait, lambda: _waiting_note(f"{wait:.0f}s")
+        )
+    except (AdminError, SubscriberNotReady, WarehouseQueryError) as exc:
         typer.echo(f"query failed: {exc}", err=True)
         raise typer.Exit(1) from None
 
