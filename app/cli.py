@@ -154,12 +154,16 @@ def dead_letters_list(
                         "id": e.id, "created_at": e.created_at, "reason": e.reason, "kind": e.kind,
                         "table": e.table_name, "attempts": e.attempts, "dedup_id": e.dedup_id,
                         "activity_index": e.activity_index, "replayed_at": e.replayed_at,
+                        "replayed_batch_id": e.replayed_batch_id, "replay_of": e.replay_of,
                         "payload": e.payload_json() if e.payload_json() is not None else e.payload.decode("utf-8", "replace"),
                     }
                 ).decode()
             )
         else:
-            typer.echo(f"#{e.id} [{e.kind}] table={e.table_name} attempts={e.attempts} reason={e.reason}")
+            links = (f" (replay of #{e.replay_of})" if e.replay_of is not None else "") + (
+                f" replayed as {e.replayed_batch_id}" if e.replayed_batch_id else ""
+            )
+            typer.echo(f"#{e.id} [{e.kind}] table={e.table_name} attempts={e.attempts}{links} reason={e.reason}")
             typer.echo(f"    payload: {e.payload[:300].decode('utf-8', 'replace')}")
     if not as_json:
         typer.echo(f"({len(entries)} dead letter{'s' if len(entries) != 1 else ''})")
@@ -170,7 +174,11 @@ def dead_letters_replay(
     ids: Optional[list[int]] = typer.Argument(None, help="Ids to replay (see `dead-letters list`)."),
     replay_all: bool = typer.Option(False, "--all", help="Replay every entry not replayed yet."),
 ) -> None:
-    """Publish dead letters again (after fixing the table or the data); marks them replayed."""
+    """Publish dead letters again (after fixing the table or the data); marks them replayed.
+
+    Each entry is first checked against the edge validator and the table's current
+    schema; one that would fail again stays, is reported with why, and the exit code is 1.
+    """
     from app.pipeline.replay import replay
 
     if not ids and not replay_all:
@@ -185,8 +193,11 @@ def dead_letters_replay(
         console=Console(stderr=True), transient=False,
     ) as bar:
         task = bar.add_task("replay", total=None)
-        done, failed = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
-    typer.echo(f"replayed {done}, could not replay {failed}")
+        outcomes = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
+    for o in outcomes:
+        typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" if o.problem is None else f"#{o.entry_id} not replayed: {o.problem}")
+    failed = sum(o.problem is not None for o in outcomes)
+    typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
 
 

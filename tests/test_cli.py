@@ -75,7 +75,10 @@ def test_replay_with_progress(tmp_path):
 
     out = run_cli("dead-letters", "replay", "--all", env=env)
     assert out.returncode == 1, out.stderr  # one could not be replayed
-    assert out.stdout.strip() == "replayed 1, could not replay 1"
+    lines = out.stdout.splitlines()
+    assert re.fullmatch(r"#1 replayed as [0-9a-f]{32}", lines[0]), lines
+    assert lines[1].startswith("#2 not replayed: ") and "integer" in lines[1], lines
+    assert lines[2] == "replayed 1, could not replay 1"
     assert "replaying dead letters" in out.stderr and "2/2" in out.stderr  # the progress bar, on stderr
 
     broker = make_broker(settings)
@@ -87,8 +90,11 @@ def test_replay_with_progress(tmp_path):
 
     listed = run_cli("dead-letters", "list", "--json", "--include-replayed", env=env)
     assert listed.returncode == 0
-    entries = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert sorted(e["replayed_at"] is not None for e in entries) == [False, True]
+    entries = {e["id"]: e for e in map(json.loads, listed.stdout.splitlines())}
+    assert entries[1]["replayed_at"] is not None and lines[0].endswith(entries[1]["replayed_batch_id"])
+    assert entries[2]["replayed_at"] is None and entries[2]["replayed_batch_id"] is None
+    text = run_cli("dead-letters", "list", "--include-replayed", env=env).stdout
+    assert f"replayed as {entries[1]['replayed_batch_id']}" in text
 
 
 def test_backlog_reports_and_waits_for_drain(tmp_path):

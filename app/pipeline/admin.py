@@ -145,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
                 return
             self._send(200, _dumps({"warehouse": sub.warehouse.capabilities.name, "tables": tables}))
+        elif self.path.startswith("/tables/"):
+            self._table_schema(self.path.removeprefix("/tables/"))
         elif self.path == "/stats":
             t = sub.totals
             self._send(
@@ -162,6 +164,21 @@ class _Handler(BaseHTTPRequestHandler):
             )
         else:
             self._send(404, _dumps({"error": True, "message": "not found", "details": []}))
+
+    def _table_schema(self, table: str) -> None:
+        """GET /tables/<name>: the table's columns and activity types (null if it does not exist)."""
+        from app.warehouse.plan import NAME_PATTERN
+
+        if not NAME_PATTERN.match(table):
+            self._send(400, _dumps({"error": True, "message": f"invalid table name {table!r}", "details": []}))
+            return
+        try:
+            with self.subscriber.warehouse_lock:
+                columns = self.subscriber.warehouse.table_schema(table)
+        except Exception as exc:
+            self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
+            return
+        self._send(200, _dumps({"table": table, "columns": columns}))
 
     def do_POST(self) -> None:
         if self.path != "/query":

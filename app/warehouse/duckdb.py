@@ -301,6 +301,51 @@ def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | N
         con.close()
 
 
+def _read_schema(con: duckdb.DuckDBPyConnection, table: str) -> Schema | None:
+    rows = con.execute(
+        f"""SELECT c.column_name, c.data_type, m.activity_type
+            FROM information_schema.columns c
+            LEFT JOIN {COLUMNS_TABLE} m
+              ON m.table_name = lower(c.table_name) AND lower(m.column_name) = lower(c.column_name)
+            WHERE c.table_schema = 'main' AND lower(c.table_name) = lower(?)
+            ORDER BY c.ordinal_position""",
+        [table],
+    ).fetchall()
+    if not rows:
+        return None
+    schema: Schema = {}
+    for name, data_type, activity_type in rows:
+        typ = activity_type or _REVERSE_TYPES.get(str(data_type).upper(), f"unsupported:{data_type}")
+        schema[name.lower()] = (name, typ)
+    return schema
+
+
+def table_schema_file(path: str | os.PathLike[str], table: str) -> dict[str, str] | None:
+    """`Warehouse.table_schema` on a file opened read-only (no subscriber running).
+
+    None if the file or the table does not exist; `DuckDBFileLocked` if a writer holds it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        con, _ = _open(path, read_only=True)
+    except duckdb.Error as exc:
+        if _is_lock_error(exc):
+            raise DuckDBFileLocked(f"{path} is locked by another process (a running subscriber)") from exc
+        raise WarehouseQueryError(f"cannot open {path}: {exc}") from exc
+    try:
+        has_columns_table = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?", [COLUMNS_TABLE]
+        ).fetchone()[0]
+        schema = _read_schema(con, table) if has_columns_table else None
+    except duckdb.Error as exc:
+        raise WarehouseQueryError(str(exc)) from exc
+    finally:
+        con.close()
+    return None if schema is None else {name: typ for name, typ in schema.values()}
+
+
 # --------------------------------------------------------------------------- warehouse
 
 
@@ -383,22 +428,7 @@ class DuckDBWarehouse(Warehouse):
     # -- schema -------------------------------------------------------------------------
 
     def _schema(self, con: duckdb.DuckDBPyConnection, table: str) -> Schema | None:
-        rows = con.execute(
-            f"""SELECT c.column_name, c.data_type, m.activity_type
-                FROM information_schema.columns c
-                LEFT JOIN {COLUMNS_TABLE} m
-                  ON m.table_name = lower(c.table_name) AND lower(m.column_name) = lower(c.column_name)
-                WHERE c.table_schema = 'main' AND lower(c.table_name) = lower(?)
-                ORDER BY c.ordinal_position""",
-            [table],
-        ).fetchall()
-        if not rows:
-            return None
-        schema: Schema = {}
-        for name, data_type, activity_type in rows:
-            typ = activity_type or _REVERSE_TYPES.get(str(data_type).upper(), f"unsupported:{data_type}")
-            schema[name.lower()] = (name, typ)
-        return schema
+        return _read_schema(con, table)
 
     def table_schema(self, table: str) -> dict[str, str] | None:
         with self._lock:
