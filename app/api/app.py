@@ -324,7 +324,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:
-        body, content_type = await asyncio.to_thread(metrics.render, request.app.state.broker)
+        body, content_type = await asyncio.to_thread(metrics.render, metrics.API, request.app.state.broker)
         return Response(body, media_type=content_type)
 
     def openapi() -> dict[str, Any]:

@@ -136,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
             ok = broker_ok and wh_ok
             self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
         elif self.path == "/metrics":
-            body, content_type = metrics.render(sub.broker)
+            body, content_type = metrics.render(metrics.SUBSCRIBER, sub.broker)
             self._send(200, body, content_type)
         elif self.path == "/tables":
             try:
