@@ -213,8 +213,6 @@ def _free_port() -> int:
 
 def test_query_waits_for_a_starting_subscribers_admin_port(tmp_path):
     """The subscriber holds the file before its admin port is up: `query` waits for the port."""
-    import time
-
     from app.broker import make_broker
     from app.pipeline.admin import AdminServer
     from app.pipeline.subscriber import Subscriber
@@ -227,7 +225,7 @@ def test_query_waits_for_a_starting_subscribers_admin_port(tmp_path):
     warehouse = DuckDBWarehouse(settings)
     assert warehouse.table_schema("every_type")  # connected: the file is now locked
     broker, store = make_broker(settings), DeadLetterStore(settings.dead_letter_file)
-    admin = None
+    admin = waiting = None
     try:
         gave_up = run_cli("query", "SELECT count(*) AS n FROM every_type", "--wait", "1", env=env)
         assert gave_up.returncode == 1
@@ -237,15 +235,17 @@ def test_query_waits_for_a_starting_subscribers_admin_port(tmp_path):
             [sys.executable, "-m", "app", "query", "SELECT count(*) AS n FROM every_type", "--format", "json"],
             cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        time.sleep(2.0)  # the CLI has found the file locked and polls the port
-        assert waiting.poll() is None
+        note = waiting.stderr.readline()  # printed once it found the file locked: it now polls the port
+        assert "waiting up to 30s for the subscriber's admin port" in note and waiting.poll() is None
         admin = AdminServer(Subscriber(settings, broker, warehouse, store), "127.0.0.1", port)
         admin.start()
         stdout, stderr = waiting.communicate(timeout=60)
         assert waiting.returncode == 0, stderr
         assert json.loads(stdout) == [{"n": 3}]
-        assert "waiting up to 30s for the subscriber's admin port" in stderr
     finally:
+        if waiting is not None and waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
         if admin is not None:
             admin.stop()
         warehouse.close()
