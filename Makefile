@@ -48,7 +48,7 @@ test-fast: $(VENV)/.dev
 bench: system-bench $(VENV)/.dev emulators
 	$(PY) scripts/bench.py
 
-reliability: $(VENV)/.dev emulators
+reliability: system $(VENV)/.dev emulators
 	$(PY) scripts/reliability.py
 
 provision: $(VENV)/.runtime
