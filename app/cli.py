@@ -77,10 +77,10 @@ def _query_directly(sql: str) -> Rendered:
     return columns, result.types, render_rows(rows, result.types)
 
 
-def _waiting_note(what: str) -> None:
+def _waiting_note(wait: float) -> None:
     from app.pipeline.admin_client import admin_url
 
-    typer.echo(f"the warehouse file is locked (a subscriber starting?); waiting up to {what} for the subscriber's"
+    typer.echo(f"the warehouse file is locked (a subscriber starting?); waiting up to {wait:.0f}s for the subscriber's"
                f" admin port on {admin_url(get_settings())}", err=True)
 
 
@@ -91,7 +91,7 @@ def _run_query(sql: str, wait: float) -> Rendered:
 
     try:
         return through_subscriber(
-            lambda: _query_via_subscriber(sql), lambda: _query_directly(sql), wait, lambda: _waiting_note(f"{wait:.0f}s")
+            lambda: _query_via_subscriber(sql), lambda: _query_directly(sql), wait, lambda: _waiting_note(wait)
         )
     except (AdminError, SubscriberNotReady, WarehouseQueryError) as exc:
         typer.echo(f"query failed: {exc}", err=True)
