@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run api subscriber test test-fast emulators bench reliability provision clean
+.PHONY: run api subscriber system system-bench test test-fast emulators bench reliability provision clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,24 +23,32 @@ api: $(VENV)/.runtime
 subscriber: $(VENV)/.runtime
 	$(PY) -m app subscriber
 
-# Emulators for the Google Cloud path: pstest (needs Debian's golang-go and
-# golang-google-cloud-dev, which .ci/run installs) and bqemulator (own venv, from PyPI).
+# Debian packages for the whole suite (Go + Google Cloud Go sources for pstest, chromium
+# for the browser test): installed when running as root, else the exact command is printed.
+system:
+	bash scripts/setup_system.sh test
+
+system-bench:
+	bash scripts/setup_system.sh bench
+
+# Emulators for the Google Cloud path: pstest (built with Debian's golang-go and
+# golang-google-cloud-dev) and bqemulator (own venv, from PyPI).
 emulators: $(VENV)/.dev
 	bash scripts/emulators/setup.sh
 
-test: $(VENV)/.dev emulators
+# `system` first: it may install python3-venv, which creating .venv needs.
+test: system $(VENV)/.dev emulators
 	$(PY) -m pytest
 
 # Without the emulator-backed and slow end-to-end tests.
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -m "not emulator and not slow"
 
-# The load generator is Debian's wrk; install it when we can (root), else say how.
-bench: $(VENV)/.dev emulators
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk); } || { echo "bench: install wrk (apt-get install -y wrk)" >&2; exit 1; }
+# The load generator is Debian's wrk (installed by system-bench like the test packages).
+bench: system-bench $(VENV)/.dev emulators
 	$(PY) scripts/bench.py
 
-reliability: $(VENV)/.dev emulators
+reliability: system $(VENV)/.dev emulators
 	$(PY) scripts/reliability.py
 
 provision: $(VENV)/.runtime

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import urllib.error
-import urllib.request
 from typing import Any, Optional
 
 import orjson
@@ -49,78 +47,86 @@ def provision() -> None:
     raise typer.Exit(provision_main([]))  # not sys.argv: it holds the word `provision`
 
 
-def _query_via_subscriber(sql: str) -> tuple[list[str], list[list[Any]]] | None:
-    s = get_settings()
-    request = urllib.request.Request(
-        f"http://{s.subscriber_host}:{s.subscriber_port}/query",
-        data=orjson.dumps({"sql": sql}),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            body = orjson.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        message = orjson.loads(exc.read()).get("message", str(exc))
-        typer.echo(f"query failed: {message}", err=True)
-        raise typer.Exit(1) from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None  # no subscriber running: read the warehouse directly
-    return body["columns"], body["rows"]
+Rendered = tuple[list[str], list[str], list[list[Any]]]  # columns, warehouse types, rendered rows
 
 
-def _query_directly(sql: str) -> tuple[list[str], list[Any]]:
-    from app.warehouse import WarehouseQueryError, make_warehouse
+def _query_via_subscriber(sql: str) -> Rendered:
+    from app.pipeline.admin_client import admin_request
+
+    body = admin_request(get_settings(), "/query", {"sql": sql})
+    return body["columns"], body.get("types") or [], body["rows"]
+
+
+def _query_directly(sql: str) -> Rendered:
+    """Read the warehouse from this process (DuckDB: the file, read-only)."""
+    from app.pipeline.render import render_rows
+    from app.warehouse import make_warehouse
 
     s = get_settings()
     if s.warehouse == "duckdb":
         from app.warehouse.duckdb import query_file
 
+        result = query_file(s.duckdb_file, sql)
+    else:
+        warehouse = make_warehouse(s)
         try:
-            return query_file(s.duckdb_file, sql)
-        except WarehouseQueryError as exc:
-            typer.echo(f"query failed: {exc}", err=True)
-            raise typer.Exit(1) from None
-    warehouse = make_warehouse(s)
+            result = warehouse.query(sql)
+        finally:
+            warehouse.close()
+    columns, rows = result
+    return columns, result.types, render_rows(rows, result.types)
+
+
+def _waiting_note(wait: float) -> None:
+    from app.pipeline.admin_client import admin_url
+
+    typer.echo(f"the warehouse file is locked (a subscriber starting?); waiting up to {wait:.0f}s for the subscriber's"
+               f" admin port on {admin_url(get_settings())}", err=True)
+
+
+def _run_query(sql: str, wait: float) -> Rendered:
+    """Through the running subscriber (which holds the DuckDB file) when there is one."""
+    from app.pipeline.admin_client import AdminError, SubscriberNotReady, through_subscriber
+    from app.warehouse import WarehouseQueryError
+
     try:
-        return warehouse.query(sql)
-    except WarehouseQueryError as exc:
+        return through_subscriber(
+            lambda: _query_via_subscriber(sql), lambda: _query_directly(sql), wait, lambda: _waiting_note(wait)
+        )
+    except (AdminError, SubscriberNotReady, WarehouseQueryError) as exc:
         typer.echo(f"query failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    finally:
-        warehouse.close()
-
-
-def _format_cell(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    return str(value)
 
 
 @cli.command()
 def query(
     sql: str = typer.Argument(..., help="A read-only SQL query."),
     output: str = typer.Option("table", "--format", help="table | json | csv"),
+    wait: float = typer.Option(30.0, help="Seconds to wait for a starting subscriber's admin port when it holds the file."),
 ) -> None:
     """Run a read-only SQL query against the warehouse and print the result.
 
     Goes through the running subscriber (which holds the DuckDB file) when there is one.
+    Values print as BigQuery shows them: WKT, base64 bytes, NaN/Infinity, plain decimals.
     """
-    result = _query_via_subscriber(sql)
-    columns, rows = result if result is not None else _query_directly(sql)
+    from app.pipeline.render import activity_type, cell_text, json_value
+
+    if output not in ("table", "json", "csv"):
+        typer.echo(f"--format must be table, json or csv, got {output!r}", err=True)
+        raise typer.Exit(2)
+    columns, types, rows = _run_query(sql, wait)
     if output == "json":
-        typer.echo(orjson.dumps([dict(zip(columns, r)) for r in rows], default=str, option=orjson.OPT_PASSTHROUGH_DATETIME).decode())
+        kinds = [activity_type(t) for t in types] + [None] * (len(columns) - len(types))
+        typer.echo(orjson.dumps([{c: json_value(v, k) for c, v, k in zip(columns, r, kinds)} for r in rows]).decode())
         return
+    cells = [[cell_text(v) for v in r] for r in rows]
     if output == "csv":
         import csv
 
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
-        writer.writerows([[_format_cell(v) for v in r] for r in rows])
+        writer.writerows(cells)
         return
-    cells = [[_format_cell(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     typer.echo(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
     typer.echo("-+-".join("-" * w for w in widths))
@@ -148,12 +154,16 @@ def dead_letters_list(
                         "id": e.id, "created_at": e.created_at, "reason": e.reason, "kind": e.kind,
                         "table": e.table_name, "attempts": e.attempts, "dedup_id": e.dedup_id,
                         "activity_index": e.activity_index, "replayed_at": e.replayed_at,
+                        "replayed_batch_id": e.replayed_batch_id, "replay_of": e.replay_of,
                         "payload": e.payload_json() if e.payload_json() is not None else e.payload.decode("utf-8", "replace"),
                     }
                 ).decode()
             )
         else:
-            typer.echo(f"#{e.id} [{e.kind}] table={e.table_name} attempts={e.attempts} reason={e.reason}")
+            links = (f" (replay of #{e.replay_of})" if e.replay_of is not None else "") + (
+                f" replayed as {e.replayed_batch_id}" if e.replayed_batch_id else ""
+            )
+            typer.echo(f"#{e.id} [{e.kind}] table={e.table_name} attempts={e.attempts}{links} reason={e.reason}")
             typer.echo(f"    payload: {e.payload[:300].decode('utf-8', 'replace')}")
     if not as_json:
         typer.echo(f"({len(entries)} dead letter{'s' if len(entries) != 1 else ''})")
@@ -164,7 +174,11 @@ def dead_letters_replay(
     ids: Optional[list[int]] = typer.Argument(None, help="Ids to replay (see `dead-letters list`)."),
     replay_all: bool = typer.Option(False, "--all", help="Replay every entry not replayed yet."),
 ) -> None:
-    """Publish dead letters again (after fixing the table or the data); marks them replayed."""
+    """Publish dead letters again (after fixing the table or the data); marks them replayed.
+
+    Each entry is first checked against the edge validator and the table's current
+    schema; one that would fail again stays, is reported with why, and the exit code is 1.
+    """
     from app.pipeline.replay import replay
 
     if not ids and not replay_all:
@@ -179,8 +193,11 @@ def dead_letters_replay(
         console=Console(stderr=True), transient=False,
     ) as bar:
         task = bar.add_task("replay", total=None)
-        done, failed = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
-    typer.echo(f"replayed {done}, could not replay {failed}")
+        outcomes = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
+    for o in outcomes:
+        typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" if o.problem is None else f"#{o.entry_id} not replayed: {o.problem}")
+    failed = sum(o.problem is not None for o in outcomes)
+    typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
 
 

@@ -1,43 +1,88 @@
-"""Prometheus metrics of both processes, declared in one place so names stay consistent.
+"""Prometheus metrics, declared in one place so names stay consistent.
 
-The API exposes them on `/metrics`; the subscriber on its admin port's `/metrics`.
+Each process serves only its own: the API's `/metrics` lists `API`'s registry, the
+subscriber's admin port `/metrics` lists `SUBSCRIBER`'s. A new metric names the
+registry of the process that updates it (`registry=API` or `registry=SUBSCRIBER`);
+tests/api/test_metrics.py checks that every metric here belongs to one of them.
 """
 
 from __future__ import annotations
 
 import logging
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 log = logging.getLogger("app.metrics")
 
-REQUESTS = Counter("ingest_requests_total", "Ingest requests by HTTP status.", ["status"])
-ACTIVITIES_ACCEPTED = Counter("ingest_activities_accepted_total", "Activities accepted (durably published).")
-ACTIVITIES_REJECTED = Counter("ingest_activities_rejected_total", "Activities refused at the edge (4xx).")
+API = CollectorRegistry()
+SUBSCRIBER = CollectorRegistry()
+for _registry in (API, SUBSCRIBER):  # process CPU, memory, GC: as the default registry has them
+    for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        _registry.register(_collector)
+
+# --------------------------------------------------------------------------- API process
+REQUESTS = Counter("ingest_requests_total", "Ingest requests by HTTP status.", ["status"], registry=API)
+ACTIVITIES_ACCEPTED = Counter("ingest_activities_accepted_total", "Activities accepted (durably published).", registry=API)
+ACTIVITIES_REJECTED = Counter("ingest_activities_rejected_total", "Activities refused at the edge (4xx).", registry=API)
 PUBLISH_SECONDS = Histogram(
     "ingest_publish_seconds",
     "Time from validated request to durable publish.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=API,
 )
-BACKLOG_MESSAGES = Gauge("broker_backlog_messages", "Messages waiting in the broker (local broker only).")
-BACKLOG_OLDEST_SECONDS = Gauge("broker_backlog_oldest_age_seconds", "Age of the oldest unacked message.")
 
-ROWS_APPLIED = Counter("pipeline_rows_applied_total", "Rows written or deleted, per table and operation.", ["table", "operation"])
-MESSAGES_ACKED = Counter("pipeline_messages_acked_total", "Messages acknowledged after the warehouse committed them.")
-DUPLICATES_SKIPPED = Counter("pipeline_duplicates_skipped_total", "Redelivered messages already applied (skipped).")
-NOOP_DELETES = Counter("pipeline_noop_deletes_total", "Deletes on tables that do not exist.")
+# --------------------------------------------------------------------------- subscriber process
+ROWS_APPLIED = Counter(
+    "pipeline_rows_applied_total", "Rows written or deleted, per table and operation.", ["table", "operation"],
+    registry=SUBSCRIBER,
+)
+MESSAGES_ACKED = Counter(
+    "pipeline_messages_acked_total", "Messages acknowledged after the warehouse committed them.", registry=SUBSCRIBER
+)
+DUPLICATES_SKIPPED = Counter(
+    "pipeline_duplicates_skipped_total", "Redelivered messages already applied (skipped).", registry=SUBSCRIBER
+)
+NOOP_DELETES = Counter("pipeline_noop_deletes_total", "Deletes on tables that do not exist.", registry=SUBSCRIBER)
 APPLY_SECONDS = Histogram(
     "pipeline_apply_seconds",
     "Time to apply one table's messages of a pull to the warehouse.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=SUBSCRIBER,
 )
-DEAD_LETTERED = Counter("pipeline_dead_lettered_total", "Activities or messages sent to the dead-letter store.", ["reason"])
-SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.")
-TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.")
+DEAD_LETTERED = Counter(
+    "pipeline_dead_lettered_total", "Activities or messages sent to the dead-letter store.", ["reason"],
+    registry=SUBSCRIBER,
+)
+SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.", registry=SUBSCRIBER)
+TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.", registry=SUBSCRIBER)
 
 
-def render(broker) -> tuple[bytes, str]:
-    """The Prometheus page, with the backlog gauges refreshed from `broker` first.
+# --------------------------------------------------------------------------- both: the broker backlog
+class _BacklogGauges:
+    """The broker backlog as one process sees it, refreshed on each scrape of its registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Gauge("broker_backlog_messages", "Messages waiting in the broker (local broker only).", registry=registry)
+        self.oldest_seconds = Gauge(
+            "broker_backlog_oldest_age_seconds", "Age of the oldest unacked message.", registry=registry
+        )
+
+
+_BACKLOG = {id(API): _BacklogGauges(API), id(SUBSCRIBER): _BacklogGauges(SUBSCRIBER)}
+
+
+def render(registry: CollectorRegistry, broker) -> tuple[bytes, str]:
+    """The Prometheus page of one process's `registry`, with its backlog gauges refreshed from `broker`.
 
     A scrape must still answer while the broker is down, so a failing backlog read
     leaves the gauges as they were.
@@ -48,6 +93,7 @@ def render(broker) -> tuple[bytes, str]:
         log.warning("broker backlog unavailable for /metrics: %s", exc)
         stats = None
     if stats is not None:
-        BACKLOG_MESSAGES.set(stats.messages)
-        BACKLOG_OLDEST_SECONDS.set(stats.oldest_age_seconds or 0)
-    return generate_latest(), CONTENT_TYPE_LATEST
+        gauges = _BACKLOG[id(registry)]
+        gauges.messages.set(stats.messages)
+        gauges.oldest_seconds.set(stats.oldest_age_seconds or 0)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

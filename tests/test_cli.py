@@ -14,6 +14,7 @@ from app.broker import make_broker
 from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
 from app.settings import Settings
 from tests.support.processes import ROOT
+from tests.support.typed_values import TYPED_COLUMNS
 
 # command -> a phrase of its help text (its docstring's first line)
 COMMANDS = {
@@ -75,7 +76,10 @@ def test_replay_with_progress(tmp_path):
 
     out = run_cli("dead-letters", "replay", "--all", env=env)
     assert out.returncode == 1, out.stderr  # one could not be replayed
-    assert out.stdout.strip() == "replayed 1, could not replay 1"
+    lines = out.stdout.splitlines()
+    assert re.fullmatch(r"#1 replayed as [0-9a-f]{32}", lines[0]), lines
+    assert lines[1].startswith("#2 not replayed: ") and "integer" in lines[1], lines
+    assert lines[2] == "replayed 1, could not replay 1"
     assert "replaying dead letters" in out.stderr and "2/2" in out.stderr  # the progress bar, on stderr
 
     broker = make_broker(settings)
@@ -87,8 +91,11 @@ def test_replay_with_progress(tmp_path):
 
     listed = run_cli("dead-letters", "list", "--json", "--include-replayed", env=env)
     assert listed.returncode == 0
-    entries = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert sorted(e["replayed_at"] is not None for e in entries) == [False, True]
+    entries = {e["id"]: e for e in map(json.loads, listed.stdout.splitlines())}
+    assert entries[1]["replayed_at"] is not None and lines[0].endswith(entries[1]["replayed_batch_id"])
+    assert entries[2]["replayed_at"] is None and entries[2]["replayed_batch_id"] is None
+    text = run_cli("dead-letters", "list", "--include-replayed", env=env).stdout
+    assert f"replayed as {entries[1]['replayed_batch_id']}" in text
 
 
 def test_backlog_reports_and_waits_for_drain(tmp_path):
@@ -122,3 +129,125 @@ def test_backlog_reports_and_waits_for_drain(tmp_path):
     broker.close()
     assert out.returncode == 0, out.stderr
     assert "backlog empty" in out.stdout and "3/3" in out.stdout
+
+
+# ------------------------------------------------------------------ query output
+
+TYPED_SQL = "SELECT * EXCLUDE (id) FROM every_type ORDER BY id"
+
+
+def _write_every_type(settings: Settings) -> None:
+    from app.schema.activity import Activity
+    from app.warehouse.base import Envelope
+    from app.warehouse.duckdb import DuckDBWarehouse
+
+    names = ["id"] + [c[0] for c in TYPED_COLUMNS]
+    types = ["integer"] + [c[1] for c in TYPED_COLUMNS]
+    activities = [Activity("insert", "every_type", names, types, [row] + [c[2][row] for c in TYPED_COLUMNS]) for row in range(3)]
+    warehouse = DuckDBWarehouse(settings)
+    try:
+        result = warehouse.apply("every_type", [Envelope("b:every_type:0", "every_type", activities)])
+        assert result.rows_inserted == 3 and not result.rejections, result
+    finally:
+        warehouse.close()
+
+
+def _text(value) -> str:
+    """How the table and CSV formats print a rendered value."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _assert_every_format(run) -> None:
+    columns = [c[0] for c in TYPED_COLUMNS]
+    expected = [{c[0]: c[3][row] for c in TYPED_COLUMNS} for row in range(3)]
+
+    out = run("query", TYPED_SQL, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == expected
+
+    import csv
+    import io
+
+    out = run("query", TYPED_SQL, "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert list(csv.reader(io.StringIO(out.stdout))) == [columns] + [[_text(r[c]) for c in columns] for r in expected]
+
+    out = run("query", TYPED_SQL)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [c.strip() for c in lines[0].split(" | ")] == columns
+    assert [[c.strip() for c in line.split(" | ")] for line in lines[2:5]] == [[_text(r[c]) for c in columns] for r in expected]
+    assert lines[5] == "(3 rows)"
+
+
+def test_query_renders_every_type_from_the_file(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    _write_every_type(settings)
+    env = {"DATA_DIR": str(tmp_path), "SUBSCRIBER_PORT": str(_free_port())}  # no subscriber: the file directly
+    _assert_every_format(lambda *args: run_cli(*args, env=env))
+
+
+def test_query_renders_every_type_through_the_admin_port(tmp_path):
+    from tests.support.processes import Pipeline
+
+    p = Pipeline.create(tmp_path)
+    _write_every_type(Settings(data_dir=p.data_dir))
+    p.start("subscriber")  # holds the file: the CLI can only read through the admin port
+    try:
+        _assert_every_format(p.cli)
+    finally:
+        p.stop()
+
+
+def _free_port() -> int:
+    from tests.support.processes import free_port
+
+    return free_port()
+
+
+def test_query_waits_for_a_starting_subscribers_admin_port(tmp_path):
+    """The subscriber holds the file before its admin port is up: `query` waits for the port."""
+    from app.broker import make_broker
+    from app.pipeline.admin import AdminServer
+    from app.pipeline.subscriber import Subscriber
+    from app.warehouse.duckdb import DuckDBWarehouse
+
+    port = _free_port()
+    settings = Settings(data_dir=tmp_path, subscriber_port=port)
+    _write_every_type(settings)
+    env = {"DATA_DIR": str(tmp_path), "SUBSCRIBER_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    warehouse = DuckDBWarehouse(settings)
+    assert warehouse.table_schema("every_type")  # connected: the file is now locked
+    broker, store = make_broker(settings), DeadLetterStore(settings.dead_letter_file)
+    admin = waiting = None
+    try:
+        gave_up = run_cli("query", "SELECT count(*) AS n FROM every_type", "--wait", "1", env=env)
+        assert gave_up.returncode == 1
+        assert "locked by another process" in gave_up.stderr and "no admin port answered within 1s" in gave_up.stderr
+
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "app", "query", "SELECT count(*) AS n FROM every_type", "--format", "json"],
+            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        note = waiting.stderr.readline()  # printed once it found the file locked: it now polls the port
+        assert "waiting up to 30s for the subscriber's admin port" in note and waiting.poll() is None
+        admin = AdminServer(Subscriber(settings, broker, warehouse, store), "127.0.0.1", port)
+        admin.start()
+        stdout, stderr = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, stderr
+        assert json.loads(stdout) == [{"n": 3}]
+    finally:
+        if waiting is not None and waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        if admin is not None:
+            admin.stop()
+        warehouse.close()
+        broker.close()
+        store.close()

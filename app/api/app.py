@@ -32,6 +32,7 @@ from starlette.responses import Response
 
 from app import __version__, metrics
 from app.api.auth import is_authorized, parse_api_keys
+from app.api.docs import install_docs
 from app.api.errors import ERROR_SCHEMA, ApiError, error_response
 from app.api.examples import REQUEST_EXAMPLES
 from app.api.middleware import RequestContextMiddleware
@@ -145,11 +146,14 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         description="Accepts row-level activity from the backend and publishes it durably to the stream.",
         lifespan=lifespan,
         redirect_slashes=False,
+        docs_url=None,  # served by install_docs, without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     api_key_digests = parse_api_keys(settings.api_keys)
     app.add_middleware(RequestContextMiddleware, counted_paths=(INGEST_PATH, INGEST_PATH.rstrip("/")))
     install_status_page(app)
+    install_docs(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -324,7 +328,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:
-        body, content_type = await asyncio.to_thread(metrics.render, request.app.state.broker)
+        body, content_type = await asyncio.to_thread(metrics.render, metrics.API, request.app.state.broker)
         return Response(body, media_type=content_type)
 
     def openapi() -> dict[str, Any]:

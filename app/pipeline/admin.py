@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from app import metrics
+from app.pipeline.render import render_rows
 from app.warehouse.base import WarehouseQueryError
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
             ok = broker_ok and wh_ok
             self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
         elif self.path == "/metrics":
-            body, content_type = metrics.render(sub.broker)
+            body, content_type = metrics.render(metrics.SUBSCRIBER, sub.broker)
             self._send(200, body, content_type)
         elif self.path == "/tables":
             try:
@@ -144,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
                 return
             self._send(200, _dumps({"warehouse": sub.warehouse.capabilities.name, "tables": tables}))
+        elif self.path.startswith("/tables/"):
+            self._table_schema(self.path.removeprefix("/tables/"))
         elif self.path == "/stats":
             t = sub.totals
             self._send(
@@ -162,6 +165,21 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, _dumps({"error": True, "message": "not found", "details": []}))
 
+    def _table_schema(self, table: str) -> None:
+        """GET /tables/<name>: the table's columns and activity types (null if it does not exist)."""
+        from app.warehouse.plan import NAME_PATTERN
+
+        if not NAME_PATTERN.match(table):
+            self._send(400, _dumps({"error": True, "message": f"invalid table name {table!r}", "details": []}))
+            return
+        try:
+            with self.subscriber.warehouse_lock:
+                columns = self.subscriber.warehouse.table_schema(table)
+        except Exception as exc:
+            self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
+            return
+        self._send(200, _dumps({"table": table, "columns": columns}))
+
     def do_POST(self) -> None:
         if self.path != "/query":
             self._send(404, _dumps({"error": True, "message": "not found", "details": []}))
@@ -178,11 +196,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             with self.subscriber.warehouse_lock:
-                columns, rows = self.subscriber.warehouse.query(sql, params)
+                result = self.subscriber.warehouse.query(sql, params)
         except WarehouseQueryError as exc:
             self._send(400, _dumps({"error": True, "message": str(exc), "details": []}))
             return
         except Exception as exc:  # the warehouse may be down; say so instead of dropping the connection
             self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
             return
-        self._send(200, _dumps({"columns": columns, "rows": [list(r) for r in rows]}))
+        columns, rows = result
+        # Rendered here (WKT, base64, "NaN", plain decimals, record text) so nothing is
+        # lost in JSON; `types` are the warehouse's column types.
+        self._send(200, _dumps({"columns": columns, "types": result.types, "rows": render_rows(rows, result.types)}))

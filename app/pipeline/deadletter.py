@@ -2,7 +2,9 @@
 
 A SQLite file beside the broker (not in the warehouse), so rejections are recorded
 even while the warehouse is down, and the API's status page can read them from its
-own process. `replay` re-publishes entries through the broker after a fix.
+own process. `replay` re-publishes entries through the broker after a fix and records
+the batch id it published them as (`replayed_batch_id`); an entry whose message came
+from such a batch links back to the entry it replays (`replay_of`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     activity_index INTEGER,
     attempts INTEGER NOT NULL,
     payload BLOB NOT NULL,         -- the activity as JSON, or the raw message body
-    replayed_at REAL
+    replayed_at REAL,
+    replayed_batch_id TEXT         -- the batch the replay published (dedup ids '<batch_id>:<table>:<chunk>')
 );
 CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_once
     ON dead_letters (kind, dedup_id, activity_index) WHERE dedup_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters (reason);
+"""
+# Files made before replays were linked lack the column: added on open (then indexed).
+_MIGRATIONS = {"replayed_batch_id": "ALTER TABLE dead_letters ADD COLUMN replayed_batch_id TEXT"}
+_INDEXES = "CREATE INDEX IF NOT EXISTS dead_letters_replayed_batch ON dead_letters (replayed_batch_id)"
+# `replay_of`: the entry whose replay published this entry's message (batch ids hold no ':').
+_SELECT = """
+SELECT d.id, d.created_at, d.reason, d.kind, d.table_name, d.dedup_id, d.message_id, d.activity_index, d.attempts,
+       d.payload, d.replayed_at, d.replayed_batch_id,
+       (SELECT o.id FROM dead_letters o
+         WHERE o.replayed_batch_id = substr(d.dedup_id, 1, instr(d.dedup_id, ':') - 1)) AS replay_of
+FROM dead_letters d
 """
 
 
@@ -49,6 +63,8 @@ class DeadLetter:
     attempts: int
     payload: bytes
     replayed_at: float | None
+    replayed_batch_id: str | None = None  # the batch its replay was published as
+    replay_of: int | None = None  # the entry whose replay this entry's message came from
 
     def payload_json(self) -> Any:
         try:
@@ -78,6 +94,11 @@ class DeadLetterStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(dead_letters)")}
+        for column, ddl in _MIGRATIONS.items():
+            if column not in have:
+                self._conn.execute(ddl)
+        self._conn.execute(_INDEXES)
 
     def add(self, entries: Iterable[NewDeadLetter]) -> int:
         """Record entries durably; a redelivered rejection of the same activity is kept once."""
@@ -112,13 +133,9 @@ class DeadLetterStore:
         return cur.rowcount
 
     def list(self, limit: int = 50, include_replayed: bool = False) -> list[DeadLetter]:
-        where = "" if include_replayed else "WHERE replayed_at IS NULL"
+        where = "" if include_replayed else "WHERE d.replayed_at IS NULL"
         with self._lock:
-            rows = self._conn.execute(
-                f"SELECT id, created_at, reason, kind, table_name, dedup_id, message_id, activity_index, attempts,"
-                f" payload, replayed_at FROM dead_letters {where} ORDER BY id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+            rows = self._conn.execute(f"{_SELECT} {where} ORDER BY d.id DESC LIMIT ?", (limit,)).fetchall()
         return [DeadLetter(*row) for row in rows]
 
     def get(self, ids: Iterable[int]) -> list[DeadLetter]:
@@ -127,17 +144,15 @@ class DeadLetterStore:
             return []
         marks = ",".join("?" * len(ids))
         with self._lock:
-            rows = self._conn.execute(
-                f"SELECT id, created_at, reason, kind, table_name, dedup_id, message_id, activity_index, attempts,"
-                f" payload, replayed_at FROM dead_letters WHERE id IN ({marks}) ORDER BY id",
-                ids,
-            ).fetchall()
+            rows = self._conn.execute(f"{_SELECT} WHERE d.id IN ({marks}) ORDER BY d.id", ids).fetchall()
         return [DeadLetter(*row) for row in rows]
 
-    def mark_replayed(self, ids: Iterable[int]) -> None:
-        ids = list(ids)
+    def mark_replayed(self, entry_id: int, batch_id: str) -> None:
+        """The entry was re-published as `batch_id`: it leaves `list` and links to that batch."""
         with self._lock:
-            self._conn.executemany("UPDATE dead_letters SET replayed_at = ? WHERE id = ?", [(time.time(), i) for i in ids])
+            self._conn.execute(
+                "UPDATE dead_letters SET replayed_at = ?, replayed_batch_id = ? WHERE id = ?", (time.time(), batch_id, entry_id)
+            )
 
     def counts_by_reason(self) -> dict[str, int]:
         with self._lock:

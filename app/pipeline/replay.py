@@ -1,83 +1,212 @@
-"""Replaying dead letters: publish them again through the broker, then mark them replayed.
+"""Replaying dead letters: check each entry would apply now, publish it again, link it.
 
-A rejected activity is re-validated and published as a new batch, so it goes through
-the same path as any request. An undecodable message is re-published byte for byte
-(with a fresh dedup id, or the warehouse would skip it as already applied).
+An entry is replayed only if it would not fail again the same way:
+
+- its activities pass the API's validator again (`validate_batch`); an undecodable
+  message must now decode;
+- they fit the table's current schema, planned the way the subscriber plans them
+  (`plan_table`), with the entries replayed before it in the same run counted in.
+
+The schema comes from the running subscriber's admin port, or from the warehouse
+itself when none runs. An entry that would fail stays in the store and is reported
+with why. A replayed entry is published as a new batch whose id derives from the entry
+(so a replay re-run after a crash re-publishes the same dedup ids and the warehouse
+applies it once) and is marked with that batch id; should that batch be dead-lettered
+again, the new entry links back to this one (`DeadLetter.replay_of`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
-from app.broker import OutgoingMessage, make_broker
-from app.pipeline.codec import dedup_id, encode_batch, new_batch_id
+from app.broker import make_broker
+from app.broker.base import Broker, ReceivedMessage
+from app.pipeline.codec import UndecodableMessage, decode_message, encode_batch, new_batch_id
 from app.pipeline.deadletter import DeadLetter, DeadLetterStore
+from app.schema.activity import Activity
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.settings import Settings
+from app.warehouse.base import Envelope
+from app.warehouse.plan import plan_table
 
 log = logging.getLogger("app.replay")
 
+SCHEMA_WAIT_SECONDS = 30.0
 
-def _messages_for(entry: DeadLetter) -> list[OutgoingMessage]:
-    batch_id = new_batch_id(None)
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one entry: replayed as `batch_id`, or kept because of `problem`."""
+
+    entry_id: int
+    batch_id: str | None = None
+    problem: str | None = None
+
+
+class TableSchemas:
+    """Each table's current columns (name -> activity type), read once per replay run.
+
+    Through the running subscriber's admin port (it holds the DuckDB file), else from
+    the warehouse directly.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._cache: dict[str, dict[str, str] | None] = {}
+        self._warehouse = None
+
+    def get(self, table: str) -> dict[str, str] | None:
+        if table not in self._cache:
+            from app.pipeline.admin_client import through_subscriber
+
+            self._cache[table] = through_subscriber(
+                lambda: self._via_admin(table), lambda: self._directly(table), SCHEMA_WAIT_SECONDS
+            )
+        return self._cache[table]
+
+    def _via_admin(self, table: str) -> dict[str, str] | None:
+        from app.pipeline.admin_client import admin_request
+
+        return admin_request(self.settings, f"/tables/{table}")["columns"]
+
+    def _directly(self, table: str) -> dict[str, str] | None:
+        if self.settings.warehouse == "duckdb":
+            from app.warehouse.duckdb import table_schema_file
+
+            return table_schema_file(self.settings.duckdb_file, table)
+        if self._warehouse is None:
+            from app.warehouse import make_warehouse
+
+            self._warehouse = make_warehouse(self.settings)
+        return self._warehouse.table_schema(table)
+
+    def close(self) -> None:
+        if self._warehouse is not None:
+            self._warehouse.close()
+
+
+def replay_batch_id(entry: DeadLetter) -> str:
+    """The same for every replay of this entry (its id and creation time name it)."""
+    return new_batch_id(f"dead-letter-replay:{entry.id}:{entry.created_at!r}")
+
+
+def entry_activities(entry: DeadLetter) -> list[Activity]:
+    """The entry's activities, validated again as the API validates a request.
+
+    Raises `ValueError` saying why they cannot be replayed.
+    """
     if entry.kind == "activity":
-        payload = entry.payload_json()
-        activities = validate_batch({"user_activities": [payload]}, max_activities=1)
-        return encode_batch(activities, batch_id)
-    table = entry.table_name or "unknown"
-    return [
-        OutgoingMessage(
-            data=entry.payload,
-            ordering_key=table,
-            attributes={"table": table, "count": "0", "batch_id": batch_id, "dedup_id": dedup_id(batch_id, table, 0)},
+        bodies = [entry.payload_json()]
+        if bodies[0] is None:
+            raise ValueError("the stored activity is not JSON")
+    else:
+        message = ReceivedMessage(
+            message_id=entry.message_id or f"dead-letter-{entry.id}", data=entry.payload,
+            attributes={"dedup_id": entry.dedup_id or ""}, ordering_key=entry.table_name or "", delivery_attempt=1,
         )
-    ]
+        try:
+            envelope = decode_message(message)
+        except UndecodableMessage as exc:
+            raise ValueError(f"still undecodable: {exc.__cause__ or exc}") from None
+        bodies = [a.to_dict() for a in envelope.activities]
+    try:
+        return validate_batch({"user_activities": bodies}, max_activities=max(len(bodies), 1))
+    except BatchInvalid as exc:
+        # loc names the activity inside this entry ("user_activities[0].col_values[1]").
+        raise ValueError("; ".join(f"{d.get('loc')}: {d['message']}" for d in exc.details) or str(exc)) from None
+    except LimitExceeded as exc:
+        raise ValueError(exc.message) from None
+
+
+class Replayer:
+    def __init__(self, settings: Settings, store: DeadLetterStore, schemas: TableSchemas) -> None:
+        self.settings = settings
+        self.store = store
+        self.schemas = schemas
+        self._broker: Broker | None = None  # opened on the first publish
+
+    def check(self, entries: list[DeadLetter]) -> dict[int, list[Activity] | str]:
+        """Per entry id: the activities to publish, or why the entry would fail again."""
+        checked: dict[int, list[Activity] | str] = {}
+        by_table: dict[str, list[tuple[DeadLetter, list[Activity]]]] = {}
+        for entry in entries:
+            if entry.replayed_at is not None:
+                checked[entry.id] = f"already replayed as batch {entry.replayed_batch_id or '(unknown)'}"
+                continue
+            try:
+                activities = entry_activities(entry)
+            except ValueError as exc:
+                checked[entry.id] = str(exc)
+                continue
+            checked[entry.id] = activities
+            for table in dict.fromkeys(a.table for a in activities):
+                by_table.setdefault(table, []).append((entry, [a for a in activities if a.table == table]))
+        for table, items in by_table.items():
+            try:
+                columns = self.schemas.get(table)
+            except Exception as exc:  # warehouse unreachable: nothing can be checked, nothing is replayed
+                for entry, _ in items:
+                    checked[entry.id] = f"cannot read the schema of table {table}: {exc}"
+                continue
+            schema = None if columns is None else {name.lower(): (name, typ) for name, typ in columns.items()}
+            # Planned together, in id order, as the subscriber would apply them.
+            plan = plan_table(table, schema, [Envelope(str(entry.id), table, acts) for entry, acts in items])
+            for rejection in plan.rejections:
+                entry_id = int(rejection.dedup_id)
+                if not isinstance(checked[entry_id], str):
+                    checked[entry_id] = f"would be rejected again: {rejection.reason}"
+        return checked
+
+    async def publish(self, entry: DeadLetter, activities: list[Activity]) -> str:
+        batch_id = replay_batch_id(entry)
+        if self._broker is None:
+            self._broker = make_broker(self.settings)
+        await self._broker.publish(encode_batch(activities, batch_id), batch_id=batch_id)
+        self.store.mark_replayed(entry.id, batch_id)
+        log.info("replayed dead letter %d as batch %s", entry.id, batch_id)
+        return batch_id
+
+    def close(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
 
 
 def replay(
     settings: Settings, ids: list[int] | None, progress: Callable[[int, int], None] | None = None
-) -> tuple[int, int]:
-    """Replay the given entries (or all not yet replayed); returns (replayed, failed).
+) -> list[Outcome]:
+    """Replay the given entries (or all not yet replayed), one `Outcome` per entry.
 
-    `progress(handled, total)` is called once before the first entry and after each one.
+    Entries that would fail again are left in place. `progress(handled, total)` is
+    called once before the first entry and after each one.
     """
     store = DeadLetterStore(settings.dead_letter_file)
-    broker = make_broker(settings)
-    entries = store.get(ids) if ids else store.list(limit=1_000_000)
-    done = failed = 0
-    total = len(entries)
-
-    async def _publish_all() -> None:
-        nonlocal done, failed
-        if progress:
-            progress(0, total)
-        for handled, entry in enumerate(sorted(entries, key=lambda e: e.id), start=1):
-            try:
-                await _replay_one(entry)
-            finally:
-                if progress:
-                    progress(handled, total)
-
-    async def _replay_one(entry: DeadLetter) -> None:
-        nonlocal done, failed
-        if entry.replayed_at is not None:
-            return
-        try:
-            messages = _messages_for(entry)
-        except (BatchInvalid, LimitExceeded, TypeError) as exc:
-            log.warning("dead letter %d cannot be replayed: %s", entry.id, exc)
-            failed += 1
-            return
-        result = await broker.publish(messages, batch_id=messages[0].attributes["batch_id"])
-        store.mark_replayed([entry.id])
-        done += 1
-        log.info("replayed dead letter %d as batch %s", entry.id, result.batch_id)
-
+    schemas = TableSchemas(settings)
+    replayer = Replayer(settings, store, schemas)
     try:
-        asyncio.run(_publish_all())
+        entries = sorted(store.get(ids) if ids else store.list(limit=1_000_000), key=lambda e: e.id)
+        missing = sorted(set(ids or []) - {e.id for e in entries})
+        outcomes = [Outcome(i, problem="no such dead letter") for i in missing]
+        if progress:
+            progress(0, len(entries))
+        checked = replayer.check(entries)
+
+        async def publish_all() -> None:
+            for handled, entry in enumerate(entries, start=1):
+                result = checked[entry.id]
+                if isinstance(result, str):
+                    log.warning("dead letter %d not replayed: %s", entry.id, result)
+                    outcomes.append(Outcome(entry.id, problem=result))
+                else:
+                    outcomes.append(Outcome(entry.id, batch_id=await replayer.publish(entry, result)))
+                if progress:
+                    progress(handled, len(entries))
+
+        asyncio.run(publish_all())
     finally:
-        broker.close()
+        replayer.close()
+        schemas.close()
         store.close()
-    return done, failed
+    return sorted(outcomes, key=lambda o: o.entry_id)

@@ -31,6 +31,22 @@ class WarehouseQueryError(Exception):
     """A read-only query given to `Warehouse.query` failed (bad SQL, unknown table)."""
 
 
+class QueryResult(tuple):
+    """`(columns, rows)` of a read-only query, plus `types`: each column's warehouse type name.
+
+    A plain 2-tuple to unpack, so callers that only need the values stay simple; the
+    types let `app.pipeline.render` show a value as the warehouse stores it (GEOMETRY
+    bytes as WKT, JSON text as JSON).
+    """
+
+    types: list[str]
+
+    def __new__(cls, columns: list[str], rows: list[tuple], types: list[str]) -> "QueryResult":
+        result = super().__new__(cls, (columns, rows))
+        result.types = types
+        return result
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend can do, declared as data (after dlt's destination capabilities)."""
@@ -85,8 +101,8 @@ class Warehouse(abc.ABC):
         """
 
     @abc.abstractmethod
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
-        """Run a read-only query: (column names, rows)."""
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
+        """Run a read-only query: (column names, rows), with the columns' types."""
 
     @abc.abstractmethod
     def table_schema(self, table: str) -> dict[str, str] | None:

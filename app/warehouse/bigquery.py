@@ -92,6 +92,7 @@ from app.warehouse.base import (
     ApplyResult,
     Capabilities,
     Envelope,
+    QueryResult,
     Rejection,
     TerminalWarehouseError,
     TransientWarehouseError,
@@ -1074,14 +1075,14 @@ class BigQueryWarehouse(Warehouse):
 
     # ----------------------------------------------------------------- reads
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         from google.api_core import exceptions as gexc
 
         qparams = [_positional_param(v) for v in (params or [])]
         try:
             _, rows = self._run_query(sql, qparams, "query")
             cols = [f.name for f in rows.schema]
-            return cols, [tuple(r.values()) for r in rows]
+            return QueryResult(cols, [tuple(r.values()) for r in rows], [f.field_type for f in rows.schema])
         except (gexc.BadRequest, gexc.NotFound, gexc.Forbidden) as exc:
             if _is_transient(exc):
                 raise TransientWarehouseError(f"BigQuery query: {exc}") from exc

@@ -50,6 +50,7 @@ from app.warehouse.base import (
     Rejection,
     TerminalWarehouseError,
     TransientWarehouseError,
+    QueryResult,
     Warehouse,
     WarehouseQueryError,
 )
@@ -257,17 +258,16 @@ def _check_select(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise WarehouseQueryError(f"only read-only SELECT queries are allowed, got {kind.name}")
 
 
-def _run_read_only(
-    cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None
-) -> tuple[list[str], list[tuple]]:
+def _run_read_only(cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None) -> QueryResult:
     _check_select(cur, sql)
     cur.execute("BEGIN TRANSACTION")
     try:
         result = cur.execute(sql, list(params) if params else None)
+        types = [str(d[1]) for d in result.description or []]
         arrow = result.to_arrow_table()
         names = list(arrow.column_names)
         rows = list(zip(*(col.to_pylist() for col in arrow.columns))) if arrow.num_columns else []
-        return names, rows
+        return QueryResult(names, rows, types)
     except duckdb.Error as exc:
         raise WarehouseQueryError(str(exc)) from exc
     finally:
@@ -277,7 +277,7 @@ def _run_read_only(
             pass
 
 
-def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | None = None) -> QueryResult:
     """Run one SELECT on a DuckDB warehouse file opened read-only (no subscriber running).
 
     Raises `DuckDBFileLocked` if a writer holds the file (query the subscriber's admin
@@ -299,6 +299,51 @@ def query_file(path: str | os.PathLike[str], sql: str, params: Sequence[Any] | N
         return _run_read_only(con, sql, params)
     finally:
         con.close()
+
+
+def _read_schema(con: duckdb.DuckDBPyConnection, table: str) -> Schema | None:
+    rows = con.execute(
+        f"""SELECT c.column_name, c.data_type, m.activity_type
+            FROM information_schema.columns c
+            LEFT JOIN {COLUMNS_TABLE} m
+              ON m.table_name = lower(c.table_name) AND lower(m.column_name) = lower(c.column_name)
+            WHERE c.table_schema = 'main' AND lower(c.table_name) = lower(?)
+            ORDER BY c.ordinal_position""",
+        [table],
+    ).fetchall()
+    if not rows:
+        return None
+    schema: Schema = {}
+    for name, data_type, activity_type in rows:
+        typ = activity_type or _REVERSE_TYPES.get(str(data_type).upper(), f"unsupported:{data_type}")
+        schema[name.lower()] = (name, typ)
+    return schema
+
+
+def table_schema_file(path: str | os.PathLike[str], table: str) -> dict[str, str] | None:
+    """`Warehouse.table_schema` on a file opened read-only (no subscriber running).
+
+    None if the file or the table does not exist; `DuckDBFileLocked` if a writer holds it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        con, _ = _open(path, read_only=True)
+    except duckdb.Error as exc:
+        if _is_lock_error(exc):
+            raise DuckDBFileLocked(f"{path} is locked by another process (a running subscriber)") from exc
+        raise WarehouseQueryError(f"cannot open {path}: {exc}") from exc
+    try:
+        has_columns_table = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?", [COLUMNS_TABLE]
+        ).fetchone()[0]
+        schema = _read_schema(con, table) if has_columns_table else None
+    except duckdb.Error as exc:
+        raise WarehouseQueryError(str(exc)) from exc
+    finally:
+        con.close()
+    return None if schema is None else {name: typ for name, typ in schema.values()}
 
 
 # --------------------------------------------------------------------------- warehouse
@@ -383,22 +428,7 @@ class DuckDBWarehouse(Warehouse):
     # -- schema -------------------------------------------------------------------------
 
     def _schema(self, con: duckdb.DuckDBPyConnection, table: str) -> Schema | None:
-        rows = con.execute(
-            f"""SELECT c.column_name, c.data_type, m.activity_type
-                FROM information_schema.columns c
-                LEFT JOIN {COLUMNS_TABLE} m
-                  ON m.table_name = lower(c.table_name) AND lower(m.column_name) = lower(c.column_name)
-                WHERE c.table_schema = 'main' AND lower(c.table_name) = lower(?)
-                ORDER BY c.ordinal_position""",
-            [table],
-        ).fetchall()
-        if not rows:
-            return None
-        schema: Schema = {}
-        for name, data_type, activity_type in rows:
-            typ = activity_type or _REVERSE_TYPES.get(str(data_type).upper(), f"unsupported:{data_type}")
-            schema[name.lower()] = (name, typ)
-        return schema
+        return _read_schema(con, table)
 
     def table_schema(self, table: str) -> dict[str, str] | None:
         with self._lock:
@@ -613,7 +643,7 @@ class DuckDBWarehouse(Warehouse):
 
     # -- read path --------------------------------------------------------------------------
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         """One read-only SELECT, on its own cursor (safe from another thread), always rolled back."""
         with self._lock:
             cur = self._connection().cursor()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the Google Cloud emulators used by the tests. Idempotent.
-# pstest needs Debian's golang-go and golang-google-cloud-dev (.ci/run installs them);
+# pstest needs Debian's golang-go and golang-google-cloud-dev (make test installs them:
+# scripts/setup_system.sh);
 # where they are missing outside CI the emulator tests skip, in CI they fail.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

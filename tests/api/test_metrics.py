@@ -128,3 +128,22 @@ def test_unexpected_error_is_500_counted_with_request_id_and_readyz_says_why(tmp
 def test_readyz_ok_with_local_broker(client):
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json() == {"ready": True, "broker": "ok"}
+
+
+def test_the_api_lists_only_its_own_metrics(client):
+    names = {name for name, _ in scrape(client)}
+    assert {"ingest_activities_accepted_total", "ingest_publish_seconds_count", "broker_backlog_messages",
+            "process_resident_memory_bytes"} <= names
+    assert not [n for n in names if n.startswith("pipeline_")], "the subscriber's metrics belong on its admin port"
+
+
+def test_every_metric_belongs_to_exactly_one_process():
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from app import metrics
+
+    declared = {name: m for name, m in vars(metrics).items() if isinstance(m, MetricWrapperBase)}
+    assert declared
+    for name, metric in declared.items():
+        owners = [r for r in (metrics.API, metrics.SUBSCRIBER) if metric in r._collector_to_names]
+        assert len(owners) == 1, f"{name} must be registered with registry=API or registry=SUBSCRIBER"

@@ -72,3 +72,29 @@ def test_error_responses_are_documented(openapi):
     assert "Idempotency-Key" in params
     # Internal pages stay out of the document.
     assert "/status" not in openapi["paths"] and "/metrics" not in openapi["paths"]
+
+
+@pytest.mark.parametrize("page, assets", [("/docs", {"js", "css", "png"}), ("/redoc", {"js", "png"})])
+def test_docs_pages_load_only_local_assets(tmp_path, page, assets):
+    import re
+
+    with TestClient(create_app(Settings(data_dir=tmp_path))) as c:
+        r = c.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        urls = set(re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", r.text))
+        urls |= set(re.findall(r"""url:\s*'([^']+)'""", r.text))  # the OpenAPI document Swagger UI fetches
+        assert "/openapi.json" in urls or "/openapi.json" in r.text
+        assert not [u for u in urls if "//" in u], f"{page} must not load anything from another host: {urls}"
+        assert "googleapis" not in r.text and "cdn" not in r.text.lower()
+        seen = set()
+        for url in urls - {"/openapi.json"}:
+            asset = c.get(url)
+            assert asset.status_code == 200, url
+            kind = url.rsplit(".", 1)[-1]
+            expected = {"js": "javascript", "css": "text/css", "png": "image/png"}[kind]
+            assert expected in asset.headers["content-type"] and len(asset.content) > 100, url
+            seen.add(kind)
+        assert seen == assets
+        if page == "/docs":  # Swagger UI 5 renders OpenAPI 3.1, which FastAPI writes
+            assert c.get("/openapi.json").json()["openapi"].startswith("3.1")
+            assert re.search(rb'PACKAGE_VERSION:"5\.', c.get("/docs-assets/swagger-ui-bundle.js").content)

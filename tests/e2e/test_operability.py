@@ -66,6 +66,8 @@ def test_subscriber_metrics_after_inserts_deletes_and_a_rejection(pipeline):
     assert value(api, "ingest_requests_total", status="200") == 1
     assert value(api, "ingest_activities_accepted_total") == 5
     assert value(api, "ingest_publish_seconds_count") == 1
+    # Each process lists only its own metrics.
+    assert not [n for n, _ in api if n.startswith("pipeline_")] and not [n for n, _ in sub if n.startswith("ingest_")]
 
     # A later batch with a new column is one more schema change.
     changes = value(sub, "pipeline_schema_changes_total")

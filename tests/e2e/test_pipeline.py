@@ -23,8 +23,8 @@ def test_readme_example_lands_typed(pipeline):
 
     rows = wait_until(lambda: pipeline.query("SELECT user_id, event_type_id, detail, occured_at FROM user_activities_table ORDER BY user_id"), what="rows")
     assert rows == [
-        (1, 2, "logged in", "2021-03-30 06:12:44"),
-        (2, 5, "changed password", "2021-03-30 06:14:02"),
+        (1, 2, "logged in", "2021-03-30T06:12:44"),
+        (2, 5, "changed password", "2021-03-30T06:14:02"),
     ]
     types = dict(pipeline.query(
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'user_activities_table'"

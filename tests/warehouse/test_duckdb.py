@@ -86,6 +86,7 @@ def test_query_file_read_only(settings: Settings) -> None:
     w.apply("t", [env("t", ins("t", [("id", "integer"), ("g", "geography")], [1, "POINT(1 2)"]))])
     w.close()
     assert query_file(settings.duckdb_file, 'SELECT id, ST_AsText(g) FROM "t"') == (["id", "st_astext(g)"], [(1, "POINT (1 2)")])
+    assert query_file(settings.duckdb_file, 'SELECT id, g FROM "t"').types == ["BIGINT", "GEOMETRY"]  # for rendering
     with pytest.raises(WarehouseQueryError):
         query_file(settings.duckdb_file, 'DELETE FROM "t"')
     with pytest.raises(WarehouseQueryError, match="no DuckDB warehouse"):

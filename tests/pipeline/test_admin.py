@@ -1,0 +1,50 @@
+"""The subscriber's admin port over a real local broker and DuckDB file: its own metrics only."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.broker.local import LocalBroker
+from app.pipeline.admin import AdminServer
+from app.pipeline.codec import encode_batch
+from app.pipeline.deadletter import DeadLetterStore
+from app.pipeline.subscriber import Subscriber
+from app.schema.activity import Activity
+from app.settings import Settings
+from app.warehouse.duckdb import DuckDBWarehouse
+from tests.support.processes import free_port
+
+
+def _scrape(url: str) -> dict[str, float]:
+    r = httpx.get(url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {s.name: s.value for family in text_string_to_metric_families(r.text) for s in family.samples if not s.labels}
+
+
+def test_admin_metrics_list_only_the_subscribers_metrics(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    broker, warehouse, store = LocalBroker(settings), DuckDBWarehouse(settings), DeadLetterStore(settings.dead_letter_file)
+    subscriber = Subscriber(settings, broker, warehouse, store)
+    port = free_port()
+    admin = AdminServer(subscriber, "127.0.0.1", port)
+    admin.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        before = _scrape(url)
+        messages = encode_batch([Activity("insert", "t", ["n"], ["integer"], [1])], "batch1")
+        asyncio.run(broker.publish(messages, batch_id="batch1"))
+        assert _scrape(url)["broker_backlog_messages"] == 1
+        subscriber.process(broker.pull(10, 1.0))
+        after = _scrape(url)
+    finally:
+        admin.stop()
+        broker.close()
+        warehouse.close()
+        store.close()
+    assert after["pipeline_messages_acked_total"] - before.get("pipeline_messages_acked_total", 0) == 1
+    assert after["pipeline_apply_seconds_count"] >= 1 and after["broker_backlog_messages"] == 0
+    assert "process_resident_memory_bytes" in after
+    assert not [n for n in after if n.startswith("ingest_")], "the API's metrics belong on the API"
