@@ -18,7 +18,7 @@ from app.schema.activity import Activity
 from app.schema.types import TYPE_NAMES, TYPES
 from app.settings import Settings
 from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError
-from app.warehouse.bigquery import DEDUP_COLUMN, BigQueryWarehouse, _is_transient, ensure_dataset
+from app.warehouse.bigquery import DEDUP_COLUMN, BigQueryWarehouse, ensure_dataset
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_table_created_with_type_map_and_descriptions(wh) -> None:
     cols = [(f"c_{t}", t) for t in TYPE_NAMES]
     r = wh.apply("typed", [env("typed", ins("typed", [("id", "integer"), *cols], [1] + [None] * len(cols)))])
     assert r.rejections == [] and r.schema_changes == 1
-    table = wh._client.get_table(f"{wh.project}.{wh.dataset}.typed")
+    table = wh.client.rest.get_table(f"{wh.project}.{wh.dataset}.typed")
     got = {f.name: (f.field_type, f.description) for f in table.schema}
     for name, typ in cols:
         expected = "STRING" if (typ == "bignumeric" and wh.emulator) else TYPES[typ].bigquery_type
@@ -116,7 +116,8 @@ def test_schema_patch_once_per_new_column_batch(wh) -> None:
         wh.apply(t, [env(t, *(ins(t, [("id", "integer"), ("a", "string")], [10 + n * 100 + i, "y"]) for i in range(100)))])
     delta = wh.api_calls - before
     assert delta["metadata_update"] == 0 and delta["other"] == 0
-    assert delta["query"] == 3 and delta["write"] == 6 and delta["dml"] == 0
+    # per apply: one dedup lookup; intent markers, rows, done markers: one AppendRows each
+    assert delta["query"] == 3 and delta["write"] == 9 and delta["dml"] == 0
     assert wh.table_schema(t) == {"id": "integer", "a": "string", "b": "float", "c": "date"}
 
 
@@ -149,7 +150,7 @@ def test_two_instances_add_the_same_column_concurrently(settings) -> None:
         # a stale instance that sends another type for a column the other one added is rejected
         c = BigQueryWarehouse(settings)
         try:
-            c._tables[t] = c._fetch_state(t)
+            c.schemas.fetch(t)
             a.apply(t, [env(t, ins(t, [("id", "integer"), ("late", "integer")], [200, 1]))])
             r = c.apply(t, [env(t, ins(t, [("id", "integer"), ("late", "string")], [201, "x"]))])
             assert len(r.rejections) == 1 and "late" in r.rejections[0].reason
@@ -167,13 +168,14 @@ def test_deletes_are_one_parameterized_dml_job(wh, monkeypatch) -> None:
     evil = "x'; DROP TABLE del; --"
     wh.apply(t, [env(t, *(ins(t, cols, row) for row in [[1, "ann", "a"], [2, evil, None], [3, "bob", "b"], [4, "cy", None]]))])
     seen: list[tuple[str, Any]] = []
-    real_query = wh._client.query
+    # emulator: statements run as jobs (see BigQueryClient._emulator_query)
+    real_query = wh.client.rest.query
 
     def spy(sql: str, job_config: Any = None, **kw: Any) -> Any:
         seen.append((sql, job_config))
         return real_query(sql, job_config=job_config, **kw)
 
-    monkeypatch.setattr(wh._client, "query", spy)
+    monkeypatch.setattr(wh.client.rest, "query", spy)
     before = wh.api_calls["dml"]
     r = wh.apply(
         t,
@@ -208,7 +210,7 @@ def test_delete_right_after_storage_write_insert(wh) -> None:
     r = wh.apply(t, [env(t, dele(t, [("id", "integer")], [3]))])
     assert r.rows_deleted == 1
     assert ids(wh, t) == [2]
-    assert wh._write_client is not None  # inserts went through the Storage Write API
+    assert wh.client.has_write_client  # inserts went through the Storage Write API
 
 
 def test_insert_all_fallback(settings) -> None:
@@ -220,7 +222,7 @@ def test_insert_all_fallback(settings) -> None:
         r = w.apply(t, [e])
         assert r.rows_inserted == 2 and r.rejections == []
         assert w.apply(t, [e]).skipped_duplicates == 1
-        assert w._write_client is None  # no Storage Write client was needed
+        assert not w.client.has_write_client  # no Storage Write client was needed
         _, rows = w.query(f"SELECT id, IS_NAN(f), n, ts, TO_JSON_STRING(r), ST_ASTEXT(g) FROM `{w.dataset}.{t}` ORDER BY id")
         assert rows[0][:3] == (1, True, Decimal("1.5")) and rows[0][4] == '{"a":[1]}' and rows[0][5].replace(" ", "") == "POINT(12)"
         assert rows[0][3] == dt.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc)
@@ -237,33 +239,42 @@ def test_failure_after_rows_committed_is_retried_without_duplicates(wh, monkeypa
     wh.apply(t, [env(t, ins(t, cols, [0]))])
     e = env(t, ins(t, cols, [1]), ins(t, cols, [2]), dele(t, cols, [0]))
     real = wh._write_markers
-    calls = {"n": 0}
+    calls = {"done": 0}
 
-    def flaky(table: str, dedup_ids: list[str]) -> None:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise TransientWarehouseError("simulated: marker write lost")
-        real(table, dedup_ids)
+    def flaky(markers: Any, table: str, dedup_ids: list[str], state: str) -> None:
+        if state == "done":
+            calls["done"] += 1
+            if calls["done"] == 1:
+                raise TransientWarehouseError("simulated: completion marker lost")
+        real(markers, table, dedup_ids, state)
 
     monkeypatch.setattr(wh, "_write_markers", flaky)
     with pytest.raises(TransientWarehouseError):
         wh.apply(t, [e])
-    assert ids(wh, t) == [1, 2]  # rows and delete committed, marker not
-    r = wh.apply(t, [e])  # same process retries: leftovers removed first
+    assert ids(wh, t) == [1, 2]  # rows and delete committed, completion not
+    before = wh.api_calls["dml"]
+    r = wh.apply(t, [e])  # the retry finds the intent without completion: leftovers removed first
     assert r.applied_envelopes == 1 and ids(wh, t) == [1, 2]
+    assert wh.api_calls["dml"] - before == 2  # the clean-up, then the envelope's delete
     assert wh.apply(t, [e]).skipped_duplicates == 1
     assert ids(wh, t) == [1, 2]
 
 
-def test_redelivery_after_crash_no_duplicates(settings) -> None:
+def test_redelivery_after_crash_no_duplicates_without_trusting_delivery_attempt(settings) -> None:
     t = "crash"
     cols = [("id", "integer"), ("k", "string")]
     first = BigQueryWarehouse(settings)
     e = env(t, ins(t, cols, [1, "a"]), ins(t, cols, [2, "b"]))
     try:
         first.apply(t, [env(t, ins(t, cols, [0, "z"]))])
-        # simulate a crash after the rows committed but before the marker
-        first._write_markers = lambda table, dedup_ids: (_ for _ in ()).throw(SystemExit("crash"))  # type: ignore[method-assign]
+        real = first._write_markers
+
+        def crash_before_completion(markers: Any, table: str, dedup_ids: list[str], state: str) -> None:
+            if state == "done":
+                raise SystemExit("crash")
+            real(markers, table, dedup_ids, state)
+
+        first._write_markers = crash_before_completion  # type: ignore[method-assign]
         with pytest.raises(SystemExit):
             first.apply(t, [e])
     finally:
@@ -271,14 +282,21 @@ def test_redelivery_after_crash_no_duplicates(settings) -> None:
     second = BigQueryWarehouse(settings)  # a new process gets the redelivery
     try:
         assert ids(second, t) == [0, 1, 2]
-        redelivered = Envelope(e.dedup_id, t, e.activities, delivery_attempt=2)
+        # a broker that does not count attempts reports 1 again: the intent marker decides
+        redelivered = Envelope(e.dedup_id, t, e.activities, delivery_attempt=1)
         r = second.apply(t, [redelivered])
         assert r.applied_envelopes == 1 and r.rows_inserted == 2
         assert ids(second, t) == [0, 1, 2]
-        again = second.apply(t, [Envelope(e.dedup_id, t, e.activities, delivery_attempt=3)])
+        again = second.apply(t, [Envelope(e.dedup_id, t, e.activities, delivery_attempt=1)])
         assert again.skipped_duplicates == 1 and ids(second, t) == [0, 1, 2]
     finally:
         second.close()
+    third = BigQueryWarehouse(settings)  # no in-process cache: the done marker decides
+    try:
+        assert third.apply(t, [Envelope(e.dedup_id, t, e.activities)]).skipped_duplicates == 1
+        assert ids(third, t) == [0, 1, 2]
+    finally:
+        third.close()
 
 
 def test_reserved_and_invalid_column_names_are_rejected(wh) -> None:
@@ -305,15 +323,3 @@ def test_query_errors_and_positional_params(wh) -> None:
     assert cols == ["id"] and rows == [(2,)]
     with pytest.raises(WarehouseQueryError):
         wh.query(f"SELECT nope FROM `{wh.dataset}.{t}`")
-
-
-def test_error_classification() -> None:
-    from google.api_core import exceptions as gexc
-
-    assert _is_transient(gexc.ServiceUnavailable("down"))
-    assert _is_transient(gexc.TooManyRequests("slow down"))
-    assert _is_transient(gexc.Forbidden("Exceeded rate limits: reason: rateLimitExceeded"))
-    assert _is_transient(ConnectionError("reset"))
-    assert not _is_transient(gexc.BadRequest("bad value"))
-    assert not _is_transient(gexc.NotFound("no table"))
-    assert issubclass(TerminalWarehouseError, Exception)
