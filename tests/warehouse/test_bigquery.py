@@ -7,18 +7,24 @@ test. Skipped when the emulator cannot start, except with CI=true where that fai
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 import uuid
 from decimal import Decimal
 from typing import Any, Iterator
 
+import pyarrow as pa
 import pytest
+from google.cloud.bigquery import SchemaField
 
 from app.schema.activity import Activity
 from app.schema.types import TYPE_NAMES, TYPES
 from app.settings import Settings
 from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError
-from app.warehouse.bigquery import DEDUP_COLUMN, BigQueryWarehouse, ensure_dataset
+from app.warehouse.bigquery import DEDUP_COLUMN, MARKERS_TABLE, BigQueryClient, BigQueryWarehouse, ensure_dataset
+from app.warehouse.bigquery.errors import SchemaPendingError
+from app.warehouse.bigquery.schema import MARKER_RETENTION_DAYS
+from app.warehouse.bigquery.writer import insert_id, split_rows
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +329,185 @@ def test_query_errors_and_positional_params(wh) -> None:
     assert cols == ["id"] and rows == [(2,)]
     with pytest.raises(WarehouseQueryError):
         wh.query(f"SELECT nope FROM `{wh.dataset}.{t}`")
+
+
+# --------------------------------------------------------------------------- cost and limits
+
+
+def test_user_tables_partitioned_by_ingestion_day_and_clustered(settings) -> None:
+    w = BigQueryWarehouse(settings.model_copy(update={"bigquery_clustering": "team, id"}))
+    try:
+        t = "parted"
+        w.apply(t, [env(t, ins(t, [("id", "integer"), ("name", "string")], [1, "a"]))])
+        table = w.client.rest.get_table(f"{w.project}.{w.dataset}.{t}")
+        assert table.time_partitioning is not None and table.time_partitioning.type_ == "DAY"
+        assert table.time_partitioning.field is None  # ingestion time: _PARTITIONTIME
+        assert table.clustering_fields == ["id"]  # the configured columns the table has
+        plain = "later"
+        w.apply(plain, [env(plain, ins(plain, [("name", "string")], ["a"]))])
+        assert not w.client.rest.get_table(f"{w.project}.{w.dataset}.{plain}").clustering_fields
+        w.apply(plain, [env(plain, ins(plain, [("name", "string"), ("team", "string")], ["b", "x"]))])
+        assert w.client.rest.get_table(f"{w.project}.{w.dataset}.{plain}").clustering_fields == ["team"]
+    finally:
+        w.close()
+    unpartitioned = BigQueryWarehouse(settings.model_copy(update={"bigquery_partitioning": "none"}))
+    try:
+        unpartitioned.apply("flat", [env("flat", ins("flat", [("id", "integer")], [1]))])
+        assert unpartitioned.client.rest.get_table(f"{settings.gcp_project}.{settings.bigquery_dataset}.flat").time_partitioning is None
+    finally:
+        unpartitioned.close()
+
+
+def test_markers_table_is_day_partitioned_with_expiration_and_clustered_for_lookups(wh) -> None:
+    wh.apply("m", [env("m", ins("m", [("id", "integer")], [1]))])
+    markers = wh.client.rest.get_table(f"{wh.project}.{wh.dataset}.{MARKERS_TABLE}")
+    assert markers.time_partitioning.field == "marked_at"
+    assert markers.time_partitioning.expiration_ms == MARKER_RETENTION_DAYS * 86_400_000
+    assert markers.clustering_fields == ["table_name", "dedup_id"]
+
+
+def test_schema_patch_starts_from_the_server_schema(wh) -> None:
+    t = "owned"
+    wh.apply(t, [env(t, ins(t, [("id", "integer"), ("note", "string")], [1, "a"]))])
+    # a user documents a column by hand; our cached schema does not know
+    table = wh.client.rest.get_table(f"{wh.project}.{wh.dataset}.{t}")
+    table.schema = [
+        SchemaField(f.name, f.field_type, mode=f.mode, description="written by a person") if f.name == "note" else f
+        for f in table.schema
+    ]
+    wh.client.rest.update_table(table, ["schema"])
+    r = wh.apply(t, [env(t, ins(t, [("id", "integer"), ("extra", "integer")], [2, 5]))])
+    assert r.schema_changes == 1 and r.rows_inserted == 1
+    fields = {f.name: f for f in wh.client.rest.get_table(f"{wh.project}.{wh.dataset}.{t}").schema}
+    assert fields["note"].description == "written by a person"
+    assert set(fields) == {"id", "note", "extra", DEDUP_COLUMN}
+
+
+def test_one_long_lived_connection_per_table(wh) -> None:
+    t = "conn"
+    cols = [("id", "integer")]
+    wh.apply(t, [env(t, ins(t, cols, [0]))])
+    stream = wh.writer._streams[f"projects/{wh.project}/datasets/{wh.dataset}/tables/{t}/streams/_default"]
+    for n in range(1, 4):
+        wh.apply(t, [env(t, ins(t, cols, [n]))])
+    assert wh.writer._streams[stream_name(wh, t)] is stream  # reused, not reopened
+    assert wh.writer.open_streams == 2  # the table and the markers table
+    assert ids(wh, t) == [0, 1, 2, 3]
+
+
+def stream_name(wh: BigQueryWarehouse, table: str) -> str:
+    return f"projects/{wh.project}/datasets/{wh.dataset}/tables/{table}/streams/_default"
+
+
+def test_row_too_big_for_any_request_is_rejected_alone(wh, monkeypatch) -> None:
+    limit = 64 * 1024
+    monkeypatch.setattr("app.warehouse.bigquery.warehouse.split_rows", functools.partial(split_rows, limit=limit))
+    t = "big"
+    cols = [("id", "integer"), ("blob", "string")]
+    e = env(t, ins(t, cols, [1, "small"]), ins(t, cols, [2, "x" * limit]), ins(t, cols, [3, "small"]))
+    r = wh.apply(t, [e])
+    assert [(j.index, j.activity) for j in r.rejections] == [(1, e.activities[1])]
+    assert "exceeds" in r.rejections[0].reason
+    assert r.rows_inserted == 2 and ids(wh, t) == [1, 3]
+
+
+def test_requests_are_sized_with_the_writer_schema() -> None:
+    wide = pa.RecordBatch.from_pydict({f"column_with_a_long_name_{i}": ["v" * 100] * 200 for i in range(50)})
+    schema_bytes = len(wide.schema.serialize().to_pybytes())
+    limit = 200_000
+    requests, oversized = split_rows(wide, limit=limit)
+    assert oversized == [] and sum(r.rows for r in requests) == 200 and len(requests) > 1
+    assert all(len(r.schema) == schema_bytes and len(r.schema) + len(r.batch) <= limit for r in requests)
+    _, oversized = split_rows(pa.RecordBatch.from_pydict({"a": ["x" * 10_000]}), limit=5_000)
+    assert [row for row, _ in oversized] == [0]
+
+
+def test_insert_ids_fit_the_128_character_limit() -> None:
+    long_id = "b" * 32 + ":" + "t" * 1024 + ":7"
+    assert len(insert_id(long_id, 12345)) <= 128
+    assert insert_id(long_id, 1) == insert_id(long_id, 1) != insert_id(long_id, 2)
+
+
+def test_new_column_pending_in_the_write_stream_holds_only_that_table(wh, monkeypatch) -> None:
+    a, b = "pending_a", "pending_b"
+    wh.apply(a, [env(a, ins(a, [("id", "integer")], [0]))])
+    real_append = wh.writer.append
+    refused = {"n": 0}
+
+    def append(stream: str, table: str, requests: list) -> None:
+        if table == a and refused["n"] == 0:
+            real_append(stream, table, requests)  # committed, but the answer says "not yet"
+            refused["n"] += 1
+            raise SchemaPendingError("BigQuery AppendRows: extra fields: 'note'", retry_after=30.0)
+        real_append(stream, table, requests)
+
+    monkeypatch.setattr(wh.writer, "append", append)
+    e = env(a, ins(a, [("id", "integer"), ("note", "string")], [1, "n"]))
+    with pytest.raises(TransientWarehouseError) as raised:
+        wh.apply(a, [e])
+    assert raised.value.retry_after == 30.0
+    assert wh.apply(b, [env(b, ins(b, [("id", "integer")], [7]))]).rows_inserted == 1  # the other table goes on
+    r = wh.apply(a, [e])  # later: written once, the half-written attempt cleaned up
+    assert r.applied_envelopes == 1 and ids(wh, a) == [0, 1]
+
+
+def test_ready_without_permission_to_probe_is_unknown_not_down(wh, monkeypatch) -> None:
+    from google.api_core import exceptions as gexc
+
+    def denied(*args: Any, **kwargs: Any) -> Any:
+        raise gexc.Forbidden("Access Denied: Dataset", errors=[{"reason": "accessDenied"}])
+
+    monkeypatch.setattr(wh.client.rest, "get_dataset", denied)
+    ok, reason = wh.ready()
+    assert ok and reason.startswith("unknown")
+
+    def throttled(*args: Any, **kwargs: Any) -> Any:
+        raise gexc.Forbidden("Exceeded rate limits", errors=[{"reason": "rateLimitExceeded"}])
+
+    monkeypatch.setattr(wh.client.rest, "get_dataset", throttled)
+    assert wh.ready()[0] is False
+
+
+def test_dataset_created_in_the_configured_location(settings) -> None:
+    located = settings.model_copy(update={"bigquery_location": "EU"})
+    assert ensure_dataset(located) is True
+    assert ensure_dataset(located) is False
+    w = BigQueryWarehouse(located)
+    try:
+        assert w.client.rest.get_dataset(f"{w.project}.{w.dataset}").location == "EU"
+        w.apply("loc", [env("loc", ins("loc", [("id", "integer")], [1]))])  # query jobs run there too
+        assert ids(w, "loc") == [1]
+    finally:
+        w.close()
+
+
+class _RowsWithStatistics(list):
+    total_bytes_processed = 10_485_760
+    num_dml_affected_rows = None
+    schema: list = []
+
+
+class _RestClientDouble:
+    """Stands in for google.cloud.bigquery.Client where only query statistics matter."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def query_and_wait(self, sql: str, **kwargs: Any) -> _RowsWithStatistics:
+        self.calls.append(kwargs)
+        return _RowsWithStatistics()
+
+    def close(self) -> None:
+        pass
+
+
+def test_client_counts_calls_and_bytes_processed_per_kind() -> None:
+    rest = _RestClientDouble()
+    client = BigQueryClient(Settings(warehouse="bigquery", gcp_project="my-project", bigquery_location="EU"), rest=rest)  # type: ignore[arg-type]
+    client.query("SELECT 1", None, "query", "probe")
+    client.query("DELETE FROM t WHERE true", None, "dml", "delete")
+    client.query("SELECT 2", None, "query", "probe")
+    assert client.calls == {"query": 2, "dml": 1}
+    assert client.bytes_processed == {"query": 2 * 10_485_760, "dml": 10_485_760}
+    assert {c["location"] for c in rest.calls} == {"EU"}
+    assert all(c["job_retry"] is not None and c["wait_timeout"] for c in rest.calls)  # bounded, not unbounded
