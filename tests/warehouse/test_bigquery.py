@@ -20,7 +20,7 @@ from google.cloud.bigquery import SchemaField
 from app.schema.activity import Activity
 from app.schema.types import TYPE_NAMES, TYPES
 from app.settings import Settings
-from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError
+from app.warehouse.base import Envelope, TransientWarehouseError
 from app.warehouse.bigquery import DEDUP_COLUMN, MARKERS_TABLE, BigQueryClient, BigQueryWarehouse, ensure_dataset
 from app.warehouse.bigquery.errors import SchemaPendingError
 from app.warehouse.bigquery.schema import MARKER_RETENTION_DAYS
@@ -110,7 +110,11 @@ def test_schema_patch_once_per_new_column_batch(wh) -> None:
     r = wh.apply(
         t,
         [
-            env(t, ins(t, [("id", "integer"), ("a", "string")], [1, "x"]), ins(t, [("id", "integer"), ("b", "float")], [2, 1.5])),
+            env(
+                t,
+                ins(t, [("id", "integer"), ("a", "string")], [1, "x"]),
+                ins(t, [("id", "integer"), ("b", "float")], [2, 1.5]),
+            ),
             env(t, ins(t, [("id", "integer"), ("c", "date")], [3, "2024-01-01"])),
         ],
     )
@@ -119,7 +123,9 @@ def test_schema_patch_once_per_new_column_batch(wh) -> None:
     # steady state: known columns, no metadata calls, no table reads; 3 calls per apply
     before = wh.api_calls.copy()
     for n in range(3):
-        wh.apply(t, [env(t, *(ins(t, [("id", "integer"), ("a", "string")], [10 + n * 100 + i, "y"]) for i in range(100)))])
+        wh.apply(
+            t, [env(t, *(ins(t, [("id", "integer"), ("a", "string")], [10 + n * 100 + i, "y"]) for i in range(100)))]
+        )
     delta = wh.api_calls - before
     assert delta["metadata_update"] == 0 and delta["other"] == 0
     # per apply: one dedup lookup; intent markers, rows, done markers: one AppendRows each
@@ -172,7 +178,10 @@ def test_deletes_are_one_parameterized_dml_job(wh, monkeypatch) -> None:
     t = "del"
     cols = [("id", "integer"), ("name", "string"), ("team", "string")]
     evil = "x'; DROP TABLE del; --"
-    wh.apply(t, [env(t, *(ins(t, cols, row) for row in [[1, "ann", "a"], [2, evil, None], [3, "bob", "b"], [4, "cy", None]]))])
+    wh.apply(
+        t,
+        [env(t, *(ins(t, cols, row) for row in [[1, "ann", "a"], [2, evil, None], [3, "bob", "b"], [4, "cy", None]]))],
+    )
     seen: list[tuple[str, Any]] = []
     # emulator: statements run as jobs (see BigQueryClient._emulator_query)
     real_query = wh.client.rest.query
@@ -223,14 +232,31 @@ def test_insert_all_fallback(settings) -> None:
     w = BigQueryWarehouse(settings.model_copy(update={"bigquery_insert_mode": "insert_all"}))
     try:
         t = "legacy"
-        cols = [("id", "integer"), ("f", "float"), ("n", "numeric"), ("ts", "timestamp"), ("r", "record"), ("g", "geography")]
-        e = env(t, ins(t, cols, [1, "NaN", "1.5", "2024-01-02T03:04:05.000006Z", {"a": [1]}, "POINT(1 2)"]), ins(t, cols, [2, 2.5, None, None, None, None]))
+        cols = [
+            ("id", "integer"),
+            ("f", "float"),
+            ("n", "numeric"),
+            ("ts", "timestamp"),
+            ("r", "record"),
+            ("g", "geography"),
+        ]
+        e = env(
+            t,
+            ins(t, cols, [1, "NaN", "1.5", "2024-01-02T03:04:05.000006Z", {"a": [1]}, "POINT(1 2)"]),
+            ins(t, cols, [2, 2.5, None, None, None, None]),
+        )
         r = w.apply(t, [e])
         assert r.rows_inserted == 2 and r.rejections == []
         assert w.apply(t, [e]).skipped_duplicates == 1
         assert not w.client.has_write_client  # no Storage Write client was needed
-        _, rows = w.query(f"SELECT id, IS_NAN(f), n, ts, TO_JSON_STRING(r), ST_ASTEXT(g) FROM `{w.dataset}.{t}` ORDER BY id")
-        assert rows[0][:3] == (1, True, Decimal("1.5")) and rows[0][4] == '{"a":[1]}' and rows[0][5].replace(" ", "") == "POINT(12)"
+        _, rows = w.query(
+            f"SELECT id, IS_NAN(f), n, ts, TO_JSON_STRING(r), ST_ASTEXT(g) FROM `{w.dataset}.{t}` ORDER BY id"
+        )
+        assert (
+            rows[0][:3] == (1, True, Decimal("1.5"))
+            and rows[0][4] == '{"a":[1]}'
+            and rows[0][5].replace(" ", "") == "POINT(12)"
+        )
         assert rows[0][3] == dt.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc)
         assert rows[1][:2] == (2, False)
         assert w.apply(t, [env(t, dele(t, [("id", "integer")], [2]))]).rows_deleted == 1
@@ -324,7 +350,16 @@ def test_query_errors_and_positional_params(wh) -> None:
     from app.warehouse.base import WarehouseQueryError
 
     t = "q"
-    wh.apply(t, [env(t, ins(t, [("id", "integer"), ("s", "string")], [1, "a"]), ins(t, [("id", "integer"), ("s", "string")], [2, "b"]))])
+    wh.apply(
+        t,
+        [
+            env(
+                t,
+                ins(t, [("id", "integer"), ("s", "string")], [1, "a"]),
+                ins(t, [("id", "integer"), ("s", "string")], [2, "b"]),
+            )
+        ],
+    )
     cols, rows = wh.query(f"SELECT id FROM `{wh.dataset}.{t}` WHERE s = ? AND id > ?", ["b", 0])
     assert cols == ["id"] and rows == [(2,)]
     with pytest.raises(WarehouseQueryError):
@@ -353,7 +388,12 @@ def test_user_tables_partitioned_by_ingestion_day_and_clustered(settings) -> Non
     unpartitioned = BigQueryWarehouse(settings.model_copy(update={"bigquery_partitioning": "none"}))
     try:
         unpartitioned.apply("flat", [env("flat", ins("flat", [("id", "integer")], [1]))])
-        assert unpartitioned.client.rest.get_table(f"{settings.gcp_project}.{settings.bigquery_dataset}.flat").time_partitioning is None
+        assert (
+            unpartitioned.client.rest.get_table(
+                f"{settings.gcp_project}.{settings.bigquery_dataset}.flat"
+            ).time_partitioning
+            is None
+        )
     finally:
         unpartitioned.close()
 

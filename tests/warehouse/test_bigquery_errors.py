@@ -20,12 +20,20 @@ from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
 from app.warehouse.bigquery import errors
 
 
-def http_error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> gexc.GoogleAPICallError:
+def http_error(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None
+) -> gexc.GoogleAPICallError:
     """What the REST client raises for Google's JSON error body."""
     response = requests.Response()
     response.status_code = status
     response.headers.update({"Content-Type": "application/json", **(headers or {})})
-    body = {"error": {"code": status, "message": message, "errors": [{"message": message, "domain": "global", "reason": reason}]}}
+    body = {
+        "error": {
+            "code": status,
+            "message": message,
+            "errors": [{"message": message, "domain": "global", "reason": reason}],
+        }
+    }
     response._content = json.dumps(body).encode()
     response.request = requests.Request("POST", "https://bigquery.googleapis.com/bigquery/v2/projects/p/jobs").prepare()
     return gexc.from_http_response(response)
@@ -62,7 +70,9 @@ def test_reason_is_read_from_errors_not_from_the_message() -> None:
     exc = gexc.Forbidden("Your project exceeded quota.", errors=[{"reason": "quotaExceeded", "message": "..."}])
     assert errors.is_transient(exc)
     # ... and a message that merely mentions a reason word is not a quota error
-    assert not errors.is_transient(gexc.Forbidden("column rateLimitExceeded: access denied", errors=[{"reason": "accessDenied"}]))
+    assert not errors.is_transient(
+        gexc.Forbidden("column rateLimitExceeded: access denied", errors=[{"reason": "accessDenied"}])
+    )
 
 
 def test_retry_after_header_is_passed_on() -> None:
@@ -120,7 +130,9 @@ def test_network_errors_and_exhausted_retries_are_transient() -> None:
 
 def storage_error_status(code: storage_types.StorageError.StorageErrorCode, message: str) -> status_pb2.Status:
     detail = any_pb2.Any()
-    detail.Pack(storage_types.StorageError.pb()(code=code, entity="projects/p/datasets/d/tables/t", error_message=message))
+    detail.Pack(
+        storage_types.StorageError.pb()(code=code, entity="projects/p/datasets/d/tables/t", error_message=message)
+    )
     return status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=message, details=[detail])
 
 
@@ -145,9 +157,21 @@ def test_append_row_errors_name_the_rows() -> None:
     response = storage_types.AppendRowsResponse(
         error=status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="Rows are invalid"),
         row_errors=[
-            storage_types.RowError(index=3, code=storage_types.RowError.RowErrorCode.FIELDS_ERROR, message="bad geography"),
+            storage_types.RowError(
+                index=3, code=storage_types.RowError.RowErrorCode.FIELDS_ERROR, message="bad geography"
+            ),
         ],
     )
     translated = errors.translate(append_failure(response), "AppendRows to t")
     assert isinstance(translated, errors.RowsRefusedError) and isinstance(translated, TerminalWarehouseError)
     assert translated.row_errors == {3: "FIELDS_ERROR: bad geography"}
+
+
+def test_schema_pending_on_a_failed_append_rpc() -> None:
+    # the connection itself failed with the StorageError in its status details
+    detail = storage_types.StorageError.pb()(
+        code=storage_types.StorageError.StorageErrorCode.SCHEMA_MISMATCH_EXTRA_FIELDS, error_message="extra field"
+    )
+    exc = gexc.InvalidArgument("Input schema has more fields than BigQuery schema", details=[detail])
+    assert isinstance(errors.translate(exc, "x"), errors.SchemaPendingError)
+    assert not isinstance(errors.translate(gexc.InvalidArgument("bad", details=[]), "x"), TransientWarehouseError)

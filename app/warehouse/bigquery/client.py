@@ -18,6 +18,7 @@ import collections
 import threading
 from typing import Any, Callable, TypeVar
 
+import grpc
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -25,7 +26,6 @@ from google.cloud import bigquery
 from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY
 from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
-import grpc
 
 from app.settings import Settings
 from app.warehouse.bigquery import errors
@@ -33,8 +33,8 @@ from app.warehouse.bigquery import errors
 CALL_TIMEOUT_SECONDS = 30.0  # one HTTP request
 RETRY_DEADLINE_SECONDS = 10.0  # all retries of one call (the library's default is 10 minutes)
 JOB_TIMEOUT_SECONDS = 120.0  # waiting for one query job
-# Job retries re-run a failed job (a failed job committed nothing); the library pairs its
-# job deadline with twice the call deadline, so do we.
+# Job retries re-run a job that failed with a retryable reason (a failed job committed
+# nothing); the library gives job retries four times the call deadline, so do we.
 RETRY = DEFAULT_RETRY.with_timeout(RETRY_DEADLINE_SECONDS)
 JOB_RETRY = DEFAULT_JOB_RETRY.with_timeout(4 * RETRY_DEADLINE_SECONDS)
 EMULATOR_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -116,7 +116,9 @@ class BigQueryClient:
     def write_client(self) -> BigQueryWriteClient:
         with self._write_client_lock:
             if self._write_client is None:
-                self._write_client = make_write_client(self.settings, credentials=getattr(self.rest, "_credentials", None))
+                self._write_client = make_write_client(
+                    self.settings, credentials=getattr(self.rest, "_credentials", None)
+                )
             return self._write_client
 
     @property
@@ -128,7 +130,14 @@ class BigQueryClient:
     def get_dataset(self) -> bigquery.Dataset | None:
         """The dataset, or None when it does not exist."""
         try:
-            return self.call("other", f"get dataset {self.dataset}", self.rest.get_dataset, f"{self.project}.{self.dataset}", retry=None, timeout=5)
+            return self.call(
+                "other",
+                f"get dataset {self.dataset}",
+                self.rest.get_dataset,
+                f"{self.project}.{self.dataset}",
+                retry=None,
+                timeout=5,
+            )
         except errors.TerminalWarehouseError as exc:
             if isinstance(exc.__cause__, gexc.NotFound):
                 return None
@@ -141,13 +150,28 @@ class BigQueryClient:
         dataset = bigquery.Dataset(f"{self.project}.{self.dataset}")
         if self.location:
             dataset.location = self.location
-        self.call("metadata_update", f"create dataset {self.dataset}", self.rest.create_dataset, dataset, exists_ok=True, retry=RETRY, timeout=CALL_TIMEOUT_SECONDS)
+        self.call(
+            "metadata_update",
+            f"create dataset {self.dataset}",
+            self.rest.create_dataset,
+            dataset,
+            exists_ok=True,
+            retry=RETRY,
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         return True
 
     def get_table(self, table_id: str) -> bigquery.Table | None:
         """The table, or None when it does not exist."""
         try:
-            return self.call("other", f"get table {table_id}", self.rest.get_table, table_id, retry=RETRY, timeout=CALL_TIMEOUT_SECONDS)
+            return self.call(
+                "other",
+                f"get table {table_id}",
+                self.rest.get_table,
+                table_id,
+                retry=RETRY,
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
         except errors.TerminalWarehouseError as exc:
             if isinstance(exc.__cause__, gexc.NotFound):
                 return None
@@ -155,15 +179,25 @@ class BigQueryClient:
 
     def create_table(self, table: bigquery.Table, *, exists_ok: bool = False) -> bigquery.Table:
         return self.call(
-            "metadata_update", f"create table {table.table_id}", self.rest.create_table, table,
-            exists_ok=exists_ok, retry=RETRY, timeout=CALL_TIMEOUT_SECONDS,
+            "metadata_update",
+            f"create table {table.table_id}",
+            self.rest.create_table,
+            table,
+            exists_ok=exists_ok,
+            retry=RETRY,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
     def update_table(self, table: bigquery.Table, fields: list[str]) -> bigquery.Table:
         """tables.patch of `fields`, conditional on the table's etag (412 if it changed)."""
         return self.call(
-            "metadata_update", f"update {', '.join(fields)} of {table.table_id}", self.rest.update_table, table, fields,
-            retry=RETRY, timeout=CALL_TIMEOUT_SECONDS,
+            "metadata_update",
+            f"update {', '.join(fields)} of {table.table_id}",
+            self.rest.update_table,
+            table,
+            fields,
+            retry=RETRY,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
     # ----------------------------------------------------------------- jobs and rows
@@ -180,8 +214,16 @@ class BigQueryClient:
             rows = self.call(kind, what, self._emulator_query, sql, config)
         else:
             rows = self.call(
-                kind, what, self.rest.query_and_wait, sql, job_config=config, location=self.location,
-                api_timeout=CALL_TIMEOUT_SECONDS, wait_timeout=JOB_TIMEOUT_SECONDS, retry=RETRY, job_retry=JOB_RETRY,
+                kind,
+                what,
+                self.rest.query_and_wait,
+                sql,
+                job_config=config,
+                location=self.location,
+                api_timeout=CALL_TIMEOUT_SECONDS,
+                wait_timeout=JOB_TIMEOUT_SECONDS,
+                retry=RETRY,
+                job_retry=JOB_RETRY,
             )
         processed = getattr(rows, "total_bytes_processed", None)
         if processed:
@@ -193,7 +235,9 @@ class BigQueryClient:
         """Emulator only: its jobs.query answers 200 with the failure in `errors` (Google
         answers an HTTP error, which `query_and_wait` raises), so run a job and wait for it:
         a failed job's `errorResult` is raised."""
-        job = self.rest.query(sql, job_config=config, location=self.location, retry=RETRY, job_retry=None, timeout=CALL_TIMEOUT_SECONDS)
+        job = self.rest.query(
+            sql, job_config=config, location=self.location, retry=RETRY, job_retry=None, timeout=CALL_TIMEOUT_SECONDS
+        )
         rows = job.result(retry=RETRY, job_retry=None, timeout=JOB_TIMEOUT_SECONDS)
         if rows.num_dml_affected_rows is None:  # its getQueryResults leaves the count out
             rows._num_dml_affected_rows = job.num_dml_affected_rows
@@ -201,8 +245,14 @@ class BigQueryClient:
 
     def insert_rows_json(self, table_id: str, rows: list[dict], row_ids: list[str]) -> list[dict]:
         return self.call(
-            "write", f"insertAll to {table_id}", self.rest.insert_rows_json, table_id, rows, row_ids=row_ids,
-            retry=RETRY, timeout=CALL_TIMEOUT_SECONDS,
+            "write",
+            f"insertAll to {table_id}",
+            self.rest.insert_rows_json,
+            table_id,
+            rows,
+            row_ids=row_ids,
+            retry=RETRY,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
     def close(self) -> None:

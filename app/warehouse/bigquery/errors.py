@@ -16,11 +16,14 @@ terminal.
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import grpc
 import requests
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import TransportError
 from google.cloud.bigquery_storage_v1 import types as storage_types
+from google.protobuf import any_pb2
 
 from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
 
@@ -137,20 +140,17 @@ def grpc_code(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-def storage_error_codes(status) -> set[int]:
-    """StorageError codes in a google.rpc.Status' details (an AppendRows error)."""
+def storage_error_codes(details: Iterable[Any]) -> set[int]:
+    """StorageError codes among error details: packed `Any`s of an AppendRows error
+    status, or the messages api_core unpacked into a gRPC exception's `details`."""
     codes: set[int] = set()
-    if status is None:
-        return codes
     storage_pb = storage_types.StorageError.pb()
-    for detail in getattr(status, "details", ()) or ():
-        if isinstance(detail, storage_pb):
-            codes.add(int(detail.code))
-        elif hasattr(detail, "Is") and detail.Is(storage_pb.DESCRIPTOR):
-            msg = storage_pb()
-            detail.Unpack(msg)
-            codes.add(int(msg.code))
-        elif isinstance(detail, storage_types.StorageError):
+    for detail in details:
+        if isinstance(detail, any_pb2.Any) and detail.Is(storage_pb.DESCRIPTOR):
+            unpacked = storage_pb()
+            detail.Unpack(unpacked)
+            codes.add(int(unpacked.code))
+        elif isinstance(detail, (storage_pb, storage_types.StorageError)):
             codes.add(int(detail.code))
     return codes
 
@@ -183,13 +183,11 @@ def translate(exc: BaseException, what: str) -> TransientWarehouseError | Termin
         return exc
     text = f"BigQuery {what}: {exc}"
     response = _append_response(exc)
-    if response is not None:
-        if response.row_errors:
-            row_errors = {int(e.index): f"{e.code.name}: {e.message}" for e in response.row_errors}
-            return RowsRefusedError(text, row_errors)
-        if storage_error_codes(response.error._pb if hasattr(response.error, "_pb") else response.error) & SCHEMA_PENDING_CODES:
-            return SchemaPendingError(text, retry_after=SCHEMA_PENDING_RETRY_SECONDS)
-    if storage_error_codes(_grpc_status_of(exc)) & SCHEMA_PENDING_CODES:
+    if response is not None and response.row_errors:
+        row_errors = {int(e.index): f"{e.code.name}: {e.message}" for e in response.row_errors}
+        return RowsRefusedError(text, row_errors)
+    details = list(response.error.details) if response is not None else list(getattr(exc, "details", None) or ())
+    if storage_error_codes(details) & SCHEMA_PENDING_CODES:
         return SchemaPendingError(text, retry_after=SCHEMA_PENDING_RETRY_SECONDS)
     if isinstance(exc, _NETWORK_ERRORS) or isinstance(exc, gexc.RetryError):
         return TransientWarehouseError(text)
@@ -201,21 +199,6 @@ def translate(exc: BaseException, what: str) -> TransientWarehouseError | Termin
     if grpc_code(exc) in TRANSIENT_GRPC_CODES:
         return TransientWarehouseError(text)
     return TerminalWarehouseError(text)
-
-
-def _grpc_status_of(exc: BaseException):
-    """The google.rpc.Status a gRPC error carries in its trailers, if any."""
-    details = getattr(exc, "details", None)
-    if isinstance(details, list) and details:
-        return _DetailsHolder(details)
-    return None
-
-
-class _DetailsHolder:
-    """Adapts api_core's parsed `exc.details` list to the `status.details` shape."""
-
-    def __init__(self, details: list) -> None:
-        self.details = details
 
 
 def is_not_found(exc: BaseException) -> bool:

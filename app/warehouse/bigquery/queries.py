@@ -89,7 +89,10 @@ class Queries:
         clauses: list[str] = []
         params: list = []
         for conditions in step.conditions:
-            parts = [self.types.condition(quote_column(col), typ, value, f"p{len(params)}", params) for col, typ, value in conditions]
+            parts = [
+                self.types.condition(quote_column(col), typ, value, f"p{len(params)}", params)
+                for col, typ, value in conditions
+            ]
             clauses.append("(" + " AND ".join(parts) + ")")
             if len(clauses) >= MAX_DELETES_PER_STATEMENT or len(params) >= MAX_PARAMS_PER_STATEMENT:
                 statements.append((f"DELETE FROM {ref.sql} WHERE " + " OR ".join(clauses), params))

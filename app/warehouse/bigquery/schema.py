@@ -88,7 +88,9 @@ class TableSchemas:
         self.types = types
         self.emulator = bool(settings.bigquery_emulator_host)
         self.partitioning = settings.bigquery_partitioning
-        self.clustering = [c.strip() for c in settings.bigquery_clustering.split(",") if c.strip()][:MAX_CLUSTERING_COLUMNS]
+        self.clustering = [c.strip() for c in settings.bigquery_clustering.split(",") if c.strip()][
+            :MAX_CLUSTERING_COLUMNS
+        ]
         self._states: dict[str, TableState] = {}
         self._lock = threading.Lock()
         self._markers_ready = False
@@ -225,7 +227,9 @@ class TableSchemas:
                 ],
             )
             t.time_partitioning = bigquery.TimePartitioning(
-                type_=bigquery.TimePartitioningType.DAY, field="marked_at", expiration_ms=MARKER_RETENTION_DAYS * 86_400_000
+                type_=bigquery.TimePartitioningType.DAY,
+                field="marked_at",
+                expiration_ms=MARKER_RETENTION_DAYS * 86_400_000,
             )
             t.clustering_fields = ["table_name", "dedup_id"]
             t.description = "ingest pipeline: per dedup_id an 'intent' row before its data, a 'done' row after"

@@ -101,12 +101,14 @@ class TypeMapper:
 
     def field(self, name: str, typ: str) -> bigquery.SchemaField:
         """A user column; its description records the activity type so it maps back exactly."""
-        return bigquery.SchemaField(name, self.column_type(typ), mode="NULLABLE", description=TYPE_DESCRIPTION_PREFIX + typ)
+        return bigquery.SchemaField(
+            name, self.column_type(typ), mode="NULLABLE", description=TYPE_DESCRIPTION_PREFIX + typ
+        )
 
     def activity_type(self, field: bigquery.SchemaField) -> str:
         desc = field.description or ""
         if desc.startswith(TYPE_DESCRIPTION_PREFIX):
-            typ = desc[len(TYPE_DESCRIPTION_PREFIX):].strip()
+            typ = desc[len(TYPE_DESCRIPTION_PREFIX) :].strip()
             if typ in TYPES:
                 return typ
         if field.mode == "REPEATED" or field.field_type in ("RECORD", "STRUCT"):
@@ -148,7 +150,9 @@ class TypeMapper:
         if typ == "float" and math.isnan(float(value)):
             return f"IS_NAN({column_sql})"
         convert = spec.param_convert or spec.convert
-        params.append(bigquery.ScalarQueryParameter(param, spec.param_type, value if convert is None else convert(value)))
+        params.append(
+            bigquery.ScalarQueryParameter(param, spec.param_type, value if convert is None else convert(value))
+        )
         return spec.compare.format(column=column_sql, param=param)
 
 

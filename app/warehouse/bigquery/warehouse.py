@@ -78,7 +78,12 @@ DONE_CACHE_SIZE = 100_000
 # clock running ahead of BigQuery's.
 CLOCK_SKEW_MARGIN = dt.timedelta(hours=1)
 _MARKER_SCHEMA = pa.schema(
-    [("dedup_id", pa.string()), ("table_name", pa.string()), ("state", pa.string()), ("marked_at", pa.timestamp("us", tz="UTC"))]
+    [
+        ("dedup_id", pa.string()),
+        ("table_name", pa.string()),
+        ("state", pa.string()),
+        ("marked_at", pa.timestamp("us", tz="UTC")),
+    ]
 )
 
 # Process-wide per-table locks: two warehouse instances in one process (tests, a
@@ -149,7 +154,9 @@ class BigQueryWarehouse(Warehouse):
                     # (dropped by hand, a fresh emulator): forget what we knew and retry;
                     # the next attempt creates what is missing.
                     self.schemas.forget()
-                    raise TransientWarehouseError(f"BigQuery {table}: something cached is gone, retrying: {exc}") from exc
+                    raise TransientWarehouseError(
+                        f"BigQuery {table}: something cached is gone, retrying: {exc}"
+                    ) from exc
                 raise
 
     def _apply_locked(self, ref: TableRef, envelopes: list[Envelope], result: ApplyResult) -> ApplyResult:
@@ -181,7 +188,9 @@ class BigQueryWarehouse(Warehouse):
             since = min(unfinished.values()) - CLOCK_SKEW_MARGIN
             n = self.queries.clean(ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion)
             if n:
-                log.warning("removed %d rows left by unfinished earlier attempts of %s in %s", n, list(unfinished), table)
+                log.warning(
+                    "removed %d rows left by unfinished earlier attempts of %s in %s", n, list(unfinished), table
+                )
         self._write_markers(markers, table, [i for i in ids if i not in lookup.intents], INTENT)
         for kind, payload, count in writes:
             if kind == "insert":
@@ -252,19 +261,25 @@ class BigQueryWarehouse(Warehouse):
                     # the planner rejects an unknown operation; the reason is replaced below
                     new_acts[i] = Activity("__rejected__", act.table, [], [], [])  # type: ignore[arg-type]
                     swapped[(env.dedup_id, i)] = (act, reason)
-            planned.append(env if new_acts is None else Envelope(env.dedup_id, env.table, new_acts, env.delivery_attempt))
+            planned.append(
+                env if new_acts is None else Envelope(env.dedup_id, env.table, new_acts, env.delivery_attempt)
+            )
         schema = dict(state.schema) if state is not None else None
         plan = planner.plan_table(table, schema, planned)
         # A few deletes among many inserts: one write and one DML instead of one each per delete.
         plan.steps = planner.coalesce_steps(plan.steps)
         if swapped:
             plan.rejections = [
-                Rejection(r.dedup_id, r.index, *swapped[(r.dedup_id, r.index)]) if (r.dedup_id, r.index) in swapped else r
+                Rejection(r.dedup_id, r.index, *swapped[(r.dedup_id, r.index)])
+                if (r.dedup_id, r.index) in swapped
+                else r
                 for r in plan.rejections
             ]
         return plan
 
-    def _prepare(self, ref: TableRef, plan: planner.Plan, todo: list[Envelope]) -> tuple[list[tuple[str, Any, int]], list[Rejection]]:
+    def _prepare(
+        self, ref: TableRef, plan: planner.Plan, todo: list[Envelope]
+    ) -> tuple[list[tuple[str, Any, int]], list[Rejection]]:
         """The plan's data steps as ready-to-send payloads (no I/O), and rows too big to send."""
         rejected = {(r.dedup_id, r.index) for r in plan.rejections}
         activity_of = {(env.dedup_id, i): act for env in todo for i, act in enumerate(env.activities)}
@@ -288,7 +303,12 @@ class BigQueryWarehouse(Warehouse):
                 for row, size in too_big:
                     key = src[row]
                     oversized.append(
-                        Rejection(key[0], key[1], activity_of[key], f"row of {size} bytes exceeds BigQuery's request size limit")
+                        Rejection(
+                            key[0],
+                            key[1],
+                            activity_of[key],
+                            f"row of {size} bytes exceeds BigQuery's request size limit",
+                        )
                     )
             elif isinstance(step, planner.DeleteRows):
                 writes.append(("delete", self.queries.delete_statements(ref, step), len(step.conditions)))
@@ -328,12 +348,18 @@ class BigQueryWarehouse(Warehouse):
         if self.insert_mode == "insert_all":
             rows = [{"dedup_id": i, "table_name": table, "state": state, "marked_at": now.isoformat()} for i in ids]
             row_ids = [insert_id(f"{table}\x00{i}", 0 if state == INTENT else 1) for i in ids]
-            self.insert_all.insert(markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for i in ids]))
+            self.insert_all.insert(
+                markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for i in ids])
+            )
             return
         n = len(ids)
         batch = pa.RecordBatch.from_arrays(
-            [pa.array(ids, pa.string()), pa.array([table] * n, pa.string()), pa.array([state] * n, pa.string()),
-             pa.array([now] * n, _MARKER_SCHEMA.field("marked_at").type)],
+            [
+                pa.array(ids, pa.string()),
+                pa.array([table] * n, pa.string()),
+                pa.array([state] * n, pa.string()),
+                pa.array([now] * n, _MARKER_SCHEMA.field("marked_at").type),
+            ],
             schema=_MARKER_SCHEMA,
         )
         requests, _ = split_rows(batch)

@@ -46,7 +46,9 @@ class ArrowRequest:
     rows: int
 
 
-def split_rows(batch: pa.RecordBatch, limit: int = MAX_REQUEST_BYTES) -> tuple[list[ArrowRequest], list[tuple[int, int]]]:
+def split_rows(
+    batch: pa.RecordBatch, limit: int = MAX_REQUEST_BYTES
+) -> tuple[list[ArrowRequest], list[tuple[int, int]]]:
     """AppendRows requests for `batch`, each within `limit` with the schema included.
 
     Returns (requests, oversized): `oversized` lists (row position, bytes) of single rows
