@@ -551,3 +551,22 @@ def test_client_counts_calls_and_bytes_processed_per_kind() -> None:
     assert client.bytes_processed == {"query": 2 * 10_485_760, "dml": 10_485_760}
     assert {c["location"] for c in rest.calls} == {"EU"}
     assert all(c["job_retry"] is not None and c["wait_timeout"] for c in rest.calls)  # bounded, not unbounded
+
+
+def test_unfinished_delete_on_a_missing_table_retries_as_a_noop(wh, monkeypatch) -> None:
+    t = "never_created"
+    e = env(t, dele(t, [("id", "integer")], [1]))
+    real = wh._write_markers
+
+    def lose_completion(markers: Any, table: str, dedup_ids: list[str], state: str) -> None:
+        if state == "done":
+            raise TransientWarehouseError("simulated: completion marker lost")
+        real(markers, table, dedup_ids, state)
+
+    monkeypatch.setattr(wh, "_write_markers", lose_completion)
+    with pytest.raises(TransientWarehouseError):
+        wh.apply(t, [e])
+    monkeypatch.setattr(wh, "_write_markers", real)
+    r = wh.apply(t, [e])  # an intent without completion, but no table to clean
+    assert r.applied_envelopes == 1 and r.noop_deletes == 1
+    assert wh.table_schema(t) is None

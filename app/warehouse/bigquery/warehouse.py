@@ -184,7 +184,7 @@ class BigQueryWarehouse(Warehouse):
 
         ids = [e.dedup_id for e in todo]
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
-        if unfinished and not created:
+        if unfinished and state is not None and not created:  # a table created just now holds no leftovers
             since = min(unfinished.values()) - CLOCK_SKEW_MARGIN
             n = self.queries.clean(ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion)
             if n:
@@ -213,7 +213,7 @@ class BigQueryWarehouse(Warehouse):
 
     def _plan_and_prepare_schema(
         self, ref: TableRef, todo: list[Envelope]
-    ) -> tuple[planner.Plan, TableState, bool, list[tuple[str, Any, int]], list[Rejection]]:
+    ) -> tuple[planner.Plan, TableState | None, bool, list[tuple[str, Any, int]], list[Rejection]]:
         """Plan, convert every value, and bring the table's schema up to the plan.
 
         Re-planned when another writer changed the table under us.
@@ -238,9 +238,7 @@ class BigQueryWarehouse(Warehouse):
                     state = self.schemas.create(ref, new_columns)
                 elif state is not None and (new_columns or not state.has_dedup_column):
                     state = self.schemas.add_columns(ref, state, new_columns)
-                if state is None:  # only deletes on a missing table: nothing to write
-                    state = TableState({}, {}, False, False)
-                return plan, state, create, writes, oversized
+                return plan, state, create, writes, oversized  # state None: only deletes on a missing table
             except SchemaRaced as raced:
                 log.info("schema of %s changed concurrently (%s); re-reading", ref.table, raced)
                 state = self.schemas.fetch(ref.table)
