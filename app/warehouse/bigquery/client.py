@@ -33,6 +33,7 @@ from app.warehouse.bigquery import errors
 CALL_TIMEOUT_SECONDS = 30.0  # one HTTP request
 RETRY_DEADLINE_SECONDS = 10.0  # all retries of one call (the library's default is 10 minutes)
 JOB_TIMEOUT_SECONDS = 120.0  # waiting for one query job
+PROBE_TIMEOUT_SECONDS = 5.0  # the readiness probe answers quickly or not at all
 # Job retries re-run a job that failed with a retryable reason (a failed job committed
 # nothing); the library gives job retries four times the call deadline, so do we.
 RETRY = DEFAULT_RETRY.with_timeout(RETRY_DEADLINE_SECONDS)
@@ -113,6 +114,19 @@ class BigQueryClient:
         except Exception as exc:
             raise errors.translate(exc, what) from exc
 
+    def rest_call(self, kind: str, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call` of a REST method with the bounded retry and the call timeout."""
+        return self.call(kind, what, fn, *args, **{"retry": RETRY, "timeout": CALL_TIMEOUT_SECONDS, **kwargs})
+
+    @staticmethod
+    def _none_if_missing(read: Callable[[], T]) -> T | None:
+        try:
+            return read()
+        except errors.TerminalWarehouseError as exc:
+            if isinstance(exc.__cause__, gexc.NotFound):
+                return None
+            raise
+
     def write_client(self) -> BigQueryWriteClient:
         with self._write_client_lock:
             if self._write_client is None:
@@ -128,20 +142,18 @@ class BigQueryClient:
     # ----------------------------------------------------------------- datasets and tables
 
     def get_dataset(self) -> bigquery.Dataset | None:
-        """The dataset, or None when it does not exist."""
-        try:
-            return self.call(
+        """The dataset, or None when it does not exist (one try: this is the readiness probe)."""
+        dataset_id = f"{self.project}.{self.dataset}"
+        return self._none_if_missing(
+            lambda: self.rest_call(
                 "other",
                 f"get dataset {self.dataset}",
                 self.rest.get_dataset,
-                f"{self.project}.{self.dataset}",
+                dataset_id,
                 retry=None,
-                timeout=5,
+                timeout=PROBE_TIMEOUT_SECONDS,
             )
-        except errors.TerminalWarehouseError as exc:
-            if isinstance(exc.__cause__, gexc.NotFound):
-                return None
-            raise
+        )
 
     def create_dataset(self) -> bool:
         """Create the dataset in `bigquery_location` if missing (idempotent); True if created."""
@@ -150,55 +162,25 @@ class BigQueryClient:
         dataset = bigquery.Dataset(f"{self.project}.{self.dataset}")
         if self.location:
             dataset.location = self.location
-        self.call(
-            "metadata_update",
-            f"create dataset {self.dataset}",
-            self.rest.create_dataset,
-            dataset,
-            exists_ok=True,
-            retry=RETRY,
-            timeout=CALL_TIMEOUT_SECONDS,
+        self.rest_call(
+            "metadata_update", f"create dataset {self.dataset}", self.rest.create_dataset, dataset, exists_ok=True
         )
         return True
 
     def get_table(self, table_id: str) -> bigquery.Table | None:
         """The table, or None when it does not exist."""
-        try:
-            return self.call(
-                "other",
-                f"get table {table_id}",
-                self.rest.get_table,
-                table_id,
-                retry=RETRY,
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except errors.TerminalWarehouseError as exc:
-            if isinstance(exc.__cause__, gexc.NotFound):
-                return None
-            raise
+        return self._none_if_missing(
+            lambda: self.rest_call("other", f"get table {table_id}", self.rest.get_table, table_id)
+        )
 
     def create_table(self, table: bigquery.Table, *, exists_ok: bool = False) -> bigquery.Table:
-        return self.call(
-            "metadata_update",
-            f"create table {table.table_id}",
-            self.rest.create_table,
-            table,
-            exists_ok=exists_ok,
-            retry=RETRY,
-            timeout=CALL_TIMEOUT_SECONDS,
-        )
+        what = f"create table {table.table_id}"
+        return self.rest_call("metadata_update", what, self.rest.create_table, table, exists_ok=exists_ok)
 
     def update_table(self, table: bigquery.Table, fields: list[str]) -> bigquery.Table:
         """tables.patch of `fields`, conditional on the table's etag (412 if it changed)."""
-        return self.call(
-            "metadata_update",
-            f"update {', '.join(fields)} of {table.table_id}",
-            self.rest.update_table,
-            table,
-            fields,
-            retry=RETRY,
-            timeout=CALL_TIMEOUT_SECONDS,
-        )
+        what = f"update {', '.join(fields)} of {table.table_id}"
+        return self.rest_call("metadata_update", what, self.rest.update_table, table, fields)
 
     # ----------------------------------------------------------------- jobs and rows
 
@@ -244,15 +226,8 @@ class BigQueryClient:
         return rows
 
     def insert_rows_json(self, table_id: str, rows: list[dict], row_ids: list[str]) -> list[dict]:
-        return self.call(
-            "write",
-            f"insertAll to {table_id}",
-            self.rest.insert_rows_json,
-            table_id,
-            rows,
-            row_ids=row_ids,
-            retry=RETRY,
-            timeout=CALL_TIMEOUT_SECONDS,
+        return self.rest_call(
+            "write", f"insertAll to {table_id}", self.rest.insert_rows_json, table_id, rows, row_ids=row_ids
         )
 
     def close(self) -> None:
