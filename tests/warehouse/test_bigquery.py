@@ -570,3 +570,27 @@ def test_unfinished_delete_on_a_missing_table_retries_as_a_noop(wh, monkeypatch)
     r = wh.apply(t, [e])  # an intent without completion, but no table to clean
     assert r.applied_envelopes == 1 and r.noop_deletes == 1
     assert wh.table_schema(t) is None
+
+
+def test_tables_apply_concurrently_sharing_the_markers_connection(wh) -> None:
+    tables = [f"conc_{i}" for i in range(4)]
+    failures: list[BaseException] = []
+
+    def run(t: str) -> None:
+        try:
+            for n in range(5):
+                r = wh.apply(t, [env(t, ins(t, [("id", "integer")], [n]))])
+                assert r.applied_envelopes == 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in tables]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert failures == []
+    for t in tables:
+        assert ids(wh, t) == [0, 1, 2, 3, 4]
+    _, rows = wh.query(f"SELECT state, COUNT(*) FROM `{wh.dataset}.{MARKERS_TABLE}` GROUP BY state ORDER BY state")
+    assert rows == [("done", 20), ("intent", 20)]

@@ -175,3 +175,9 @@ def test_schema_pending_on_a_failed_append_rpc() -> None:
     exc = gexc.InvalidArgument("Input schema has more fields than BigQuery schema", details=[detail])
     assert isinstance(errors.translate(exc, "x"), errors.SchemaPendingError)
     assert not isinstance(errors.translate(gexc.InvalidArgument("bad", details=[]), "x"), TransientWarehouseError)
+
+
+def test_a_connection_closed_before_answering_is_transient() -> None:
+    from google.cloud.bigquery_storage_v1.exceptions import StreamClosedError
+
+    assert errors.is_transient(StreamClosedError("Stream closed before receiving a response."))

@@ -15,6 +15,7 @@ Counters (both `collections.Counter`, keys = kind):
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from typing import Any, Callable, TypeVar
 
@@ -41,6 +42,10 @@ JOB_RETRY = DEFAULT_JOB_RETRY.with_timeout(4 * RETRY_DEADLINE_SECONDS)
 EMULATOR_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 
 T = TypeVar("T")
+
+# Emulator only: bqemulator runs every request on ONE DuckDB connection, which mixes up
+# or stalls concurrent requests' results; so this process sends it one call at a time.
+_EMULATOR_LOCK = threading.RLock()
 
 
 def make_bigquery_client(settings: Settings) -> bigquery.Client:
@@ -110,9 +115,14 @@ class BigQueryClient:
         """Count one call of `kind`, run it, translate whatever it raises."""
         self.count(kind)
         try:
-            return fn(*args, **kwargs)
+            with self.one_at_a_time():
+                return fn(*args, **kwargs)
         except Exception as exc:
             raise errors.translate(exc, what) from exc
+
+    def one_at_a_time(self) -> contextlib.AbstractContextManager:
+        """Emulator only: calls of this process serialized (see `_EMULATOR_LOCK`)."""
+        return _EMULATOR_LOCK if self.emulator else contextlib.nullcontext()
 
     def rest_call(self, kind: str, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`call` of a REST method with the bounded retry and the call timeout."""

@@ -23,6 +23,7 @@ import requests
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import TransportError
 from google.cloud.bigquery_storage_v1 import types as storage_types
+from google.cloud.bigquery_storage_v1.exceptions import StreamClosedError
 from google.protobuf import any_pb2
 
 from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
@@ -81,6 +82,7 @@ SCHEMA_PENDING_CODES = frozenset({StorageErrorCode.SCHEMA_MISMATCH_EXTRA_FIELDS}
 SCHEMA_PENDING_RETRY_SECONDS = 30.0
 
 _NETWORK_ERRORS = (
+    StreamClosedError,  # an AppendRows connection ended before answering
     ConnectionError,
     TimeoutError,
     requests.exceptions.ConnectionError,

@@ -94,6 +94,7 @@ class TableSchemas:
         self._states: dict[str, TableState] = {}
         self._lock = threading.Lock()
         self._markers_ready = False
+        self._markers_lock = threading.Lock()
 
     # ----------------------------------------------------------------- state
 
@@ -216,6 +217,13 @@ class TableSchemas:
         ref = self._ref(MARKERS_TABLE)
         if self._markers_ready:
             return ref
+        with self._markers_lock:  # tables apply on several threads: create it once
+            if not self._markers_ready:
+                self._create_markers(ref)
+                self._markers_ready = True
+        return ref
+
+    def _create_markers(self, ref: TableRef) -> None:
         if self.client.get_table(ref.api) is None:
             t = bigquery.Table(
                 ref.api,
@@ -242,5 +250,3 @@ class TableSchemas:
                     raise
                 self.client.create_dataset()  # the dataset itself is missing
                 self.client.create_table(t, exists_ok=True)
-        self._markers_ready = True
-        return ref

@@ -81,6 +81,9 @@ class StorageWriter:
         self.emulator = emulator
         self._streams: collections.OrderedDict[str, AppendRowsStream] = collections.OrderedDict()
         self._last_schema: dict[str, bytes] = {}
+        # One stream (the markers table's) is shared by all tables' threads; its answers are
+        # matched to requests by order, so one append's requests are sent under its lock.
+        self._send_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._lock = threading.Lock()
 
     def append(self, stream_name: str, table: str, requests: list[ArrowRequest]) -> None:
@@ -91,23 +94,31 @@ class StorageWriter:
         """
         if not requests:
             return
-        if self.emulator and self._last_schema.get(stream_name, requests[0].schema) != requests[0].schema:
+        with self._lock:
+            send_lock = self._send_locks[stream_name]
+        what = f"AppendRows to {table}"
+        self.client.count("write", len(requests))
+        stream = None
+        try:
+            with self.client.one_at_a_time():
+                with send_lock:
+                    stream = self._connection(stream_name, requests[0].schema)
+                    futures = [stream.send(self._request(stream_name, r)) for r in requests]
+                for future in futures:
+                    future.result(timeout=APPEND_TIMEOUT_SECONDS, polling=_RESULT_POLLING)
+        except Exception as exc:
+            # Answers may now be out of step with requests: start over on a new connection.
+            self._drop(stream_name, stream)
+            raise errors.translate(exc, what) from exc
+
+    def _connection(self, stream_name: str, schema: bytes) -> AppendRowsStream:
+        if self.emulator and self._last_schema.get(stream_name, schema) != schema:
             # emulator only: it keeps a connection's first writer schema, while Google takes a
             # changed one on any request (AppendRowsRequest docs: "Provide this value whenever
             # ... you change the input schema"); so reconnect when it changes.
             self._drop(stream_name)
-        self._last_schema[stream_name] = requests[0].schema
-        stream = self._stream(stream_name)
-        what = f"AppendRows to {table}"
-        self.client.count("write", len(requests))
-        try:
-            futures = [stream.send(self._request(stream_name, r)) for r in requests]
-            for future in futures:
-                future.result(timeout=APPEND_TIMEOUT_SECONDS, polling=_RESULT_POLLING)
-        except Exception as exc:
-            # Answers may now be out of step with requests: start over on a new connection.
-            self._drop(stream_name)
-            raise errors.translate(exc, what) from exc
+        self._last_schema[stream_name] = schema
+        return self._stream(stream_name)
 
     @staticmethod
     def _request(stream_name: str, r: ArrowRequest) -> storage_types.AppendRowsRequest:
@@ -133,11 +144,14 @@ class StorageWriter:
             _close_quietly(evicted)
         return stream
 
-    def _drop(self, stream_name: str) -> None:
+    def _drop(self, stream_name: str, stream: AppendRowsStream | None = None) -> None:
+        """Close the table's connection (only if it is still `stream`, when given)."""
         with self._lock:
-            stream = self._streams.pop(stream_name, None)
-        if stream is not None:
-            _close_quietly(stream)
+            current = self._streams.get(stream_name)
+            if current is None or (stream is not None and current is not stream):
+                return
+            del self._streams[stream_name]
+        _close_quietly(current)
 
     @property
     def open_streams(self) -> int:
