@@ -594,3 +594,42 @@ def test_tables_apply_concurrently_sharing_the_markers_connection(wh) -> None:
         assert ids(wh, t) == [0, 1, 2, 3, 4]
     _, rows = wh.query(f"SELECT state, COUNT(*) FROM `{wh.dataset}.{MARKERS_TABLE}` GROUP BY state ORDER BY state")
     assert rows == [("done", 20), ("intent", 20)]
+
+
+def test_rows_refused_by_append_rows_are_rejected_alone(wh, monkeypatch) -> None:
+    import grpc
+    from google.api_core import exceptions as gexc
+    from google.cloud.bigquery_storage_v1 import types as storage_types
+    from google.rpc import status_pb2
+
+    from app.warehouse.bigquery import errors
+
+    t = "refused"
+    cols = [("id", "integer"), ("g", "geography")]
+    wh.apply(t, [env(t, ins(t, cols, [0, "POINT(0 0)"]))])
+    real_append = wh.writer.append
+    calls = {"n": 0}
+
+    def append(stream: str, table: str, requests: list) -> None:
+        if table == t and calls["n"] == 0:
+            calls["n"] += 1
+            # what AppendRowsStream raises for a request whose row 1 BigQuery refused
+            response = storage_types.AppendRowsResponse(
+                error=status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="Rows are invalid"),
+                row_errors=[
+                    storage_types.RowError(
+                        index=1, code=storage_types.RowError.RowErrorCode.FIELDS_ERROR, message="bad geography"
+                    )
+                ],
+            )
+            exc = gexc.from_grpc_status(response.error.code, response.error.message, response=response)
+            raise errors.translate(exc, "AppendRows") from exc
+        real_append(stream, table, requests)
+
+    monkeypatch.setattr(wh.writer, "append", append)
+    e = env(t, ins(t, cols, [1, "POINT(1 1)"]), ins(t, cols, [2, "POINT(2 2)"]), ins(t, cols, [3, "POINT(3 3)"]))
+    r = wh.apply(t, [e])
+    assert [(j.index, j.activity) for j in r.rejections] == [(1, e.activities[1])]
+    assert "bad geography" in r.rejections[0].reason
+    assert r.applied_envelopes == 1 and r.rows_inserted == 2
+    assert ids(wh, t) == [0, 1, 3]

@@ -56,6 +56,7 @@ class BigQueryType:
     param_type: str  # query parameter type in deletes
     compare: str = "{column} = @{param}"
     param_convert: Callable[[Any], Any] | None = None
+    column_type: str | None = None  # None: TYPES[...].bigquery_type
 
 
 _STRING = BigQueryType(pa.string(), None, "STRING")
@@ -78,7 +79,7 @@ _BIGQUERY_TYPES: dict[str, BigQueryType] = {
     ),
 }
 _EMULATOR_TYPES: dict[str, BigQueryType] = {
-    "bignumeric": _STRING,  # canonical decimal text, see the module docstring
+    "bignumeric": BigQueryType(pa.string(), None, "STRING", column_type="STRING"),  # canonical decimal text
     # it mangles non-empty BYTES parameters; the base64 text decoded in SQL compares right
     "bytes": BigQueryType(pa.binary(), b64, "STRING", "{column} = FROM_BASE64(@{param})", _checked_b64_text),
 }
@@ -95,9 +96,7 @@ class TypeMapper:
         self._reverse = {spec.bigquery_type: name for name, spec in TYPES.items()}
 
     def column_type(self, typ: str) -> str:
-        if self.emulator and typ == "bignumeric":
-            return "STRING"
-        return TYPES[typ].bigquery_type
+        return self._types[typ].column_type or TYPES[typ].bigquery_type
 
     def field(self, name: str, typ: str) -> bigquery.SchemaField:
         """A user column; its description records the activity type so it maps back exactly."""

@@ -73,6 +73,7 @@ RESERVED_PREFIX = "_ingest_"
 _FORBIDDEN_COLUMN_PREFIXES = ("_table_", "_file_", "_partition", "_row_timestamp", "__root__", "_colidentifier")
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$|^[A-Za-z0-9:._-]+$")
 SCHEMA_RETRIES = 6
+REFUSED_ROWS_RETRIES = 4  # re-runs leaving out rows AppendRows refused
 DONE_CACHE_SIZE = 100_000
 # Rows of an attempt land in partitions from its intent's day on; allow for a writer's
 # clock running ahead of BigQuery's.
@@ -147,7 +148,15 @@ class BigQueryWarehouse(Warehouse):
             return result
         with _table_lock((ref.project, ref.dataset, ref.table)):
             try:
-                return self._apply_locked(ref, list(envelopes), result)
+                refused: dict[tuple[str, int], str] = {}
+                for _ in range(REFUSED_ROWS_RETRIES):
+                    try:
+                        return self._apply_locked(ref, list(envelopes), ApplyResult(), refused)
+                    except _RowsRefused as rows:
+                        # nothing of the refusing request was written; the re-run cleans up what
+                        # the attempt wrote (its intents have no completion) and leaves those out
+                        refused.update(rows.reasons)
+                raise TerminalWarehouseError(f"BigQuery kept refusing rows of {table}: {sorted(refused.values())[:5]}")
             except Exception as exc:
                 if errors.is_not_found(exc):
                     # The dataset, a table or the markers table vanished under the cache
@@ -159,7 +168,9 @@ class BigQueryWarehouse(Warehouse):
                     ) from exc
                 raise
 
-    def _apply_locked(self, ref: TableRef, envelopes: list[Envelope], result: ApplyResult) -> ApplyResult:
+    def _apply_locked(
+        self, ref: TableRef, envelopes: list[Envelope], result: ApplyResult, refused: dict[tuple[str, int], str]
+    ) -> ApplyResult:
         table = ref.table
         unique: dict[str, Envelope] = {}
         for env in envelopes:
@@ -180,7 +191,7 @@ class BigQueryWarehouse(Warehouse):
         if not todo:
             return result
 
-        plan, state, created, writes, oversized = self._plan_and_prepare_schema(ref, todo)
+        plan, state, created, writes, oversized = self._plan_and_prepare_schema(ref, todo, refused)
 
         ids = [e.dedup_id for e in todo]
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
@@ -194,7 +205,14 @@ class BigQueryWarehouse(Warehouse):
         self._write_markers(markers, table, [i for i in ids if i not in lookup.intents], INTENT)
         for kind, payload, count in writes:
             if kind == "insert":
-                self.writer.append(ref.default_stream, table, payload)
+                requests, sources = payload
+                try:
+                    self.writer.append(ref.default_stream, table, requests)
+                except errors.RowsRefusedError as exc:
+                    refused_rows = {
+                        sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()
+                    }
+                    raise _RowsRefused(refused_rows) from exc
                 result.rows_inserted += count
             elif kind == "insert_all":
                 self.insert_all.insert(ref.api, table, payload)
@@ -212,7 +230,7 @@ class BigQueryWarehouse(Warehouse):
         return result
 
     def _plan_and_prepare_schema(
-        self, ref: TableRef, todo: list[Envelope]
+        self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str]
     ) -> tuple[planner.Plan, TableState | None, bool, list[tuple[str, Any, int]], list[Rejection]]:
         """Plan, convert every value, and bring the table's schema up to the plan.
 
@@ -220,7 +238,7 @@ class BigQueryWarehouse(Warehouse):
         """
         state = self.schemas.state(ref.table)
         for _ in range(SCHEMA_RETRIES):
-            plan = self._plan(ref.table, state, todo)
+            plan = self._plan(ref.table, state, todo, refused)
             new_columns: list[planner.Column] = []
             create = False
             for step in plan.steps:
@@ -244,15 +262,18 @@ class BigQueryWarehouse(Warehouse):
                 state = self.schemas.fetch(ref.table)
         raise TransientWarehouseError(f"schema of {ref.table} kept changing under us")
 
-    def _plan(self, table: str, state: TableState | None, envelopes: list[Envelope]) -> planner.Plan:
-        """The shared planner, plus BigQuery's own column-name rules as rejections."""
+    def _plan(
+        self, table: str, state: TableState | None, envelopes: list[Envelope], refused: dict[tuple[str, int], str]
+    ) -> planner.Plan:
+        """The shared planner, plus BigQuery's own column-name rules and rows BigQuery
+        refused in an earlier attempt (`refused`) as rejections."""
         swapped: dict[tuple[str, int], tuple[Activity, str]] = {}
         planned: list[Envelope] = []
         for env in envelopes:
             acts = env.activities
             new_acts = None
             for i, act in enumerate(acts):
-                reason = _bad_columns(act)
+                reason = refused.get((env.dedup_id, i)) or _bad_columns(act)
                 if reason is not None:
                     if new_acts is None:
                         new_acts = list(acts)
@@ -297,7 +318,9 @@ class BigQueryWarehouse(Warehouse):
                     writes.append(("insert_all", chunks, step.count - len(too_big)))
                 else:
                     requests, too_big = split_rows(self._arrow_batch(step, [s[0] for s in src]))
-                    writes.append(("insert", requests, step.count - len(too_big)))
+                    left_out = {row for row, _ in too_big}
+                    sent = [key for row, key in enumerate(src) if row not in left_out]
+                    writes.append(("insert", (requests, sent), step.count - len(too_big)))
                 for row, size in too_big:
                     key = src[row]
                     oversized.append(
@@ -408,6 +431,14 @@ class BigQueryWarehouse(Warehouse):
     def close(self) -> None:
         self.writer.close()
         self.client.close()
+
+
+class _RowsRefused(Exception):
+    """AppendRows refused these activities' rows: (dedup_id, index) -> reason."""
+
+    def __init__(self, reasons: dict[tuple[str, int], str]) -> None:
+        super().__init__(f"{len(reasons)} rows refused")
+        self.reasons = reasons
 
 
 def _bad_columns(act: Activity) -> str | None:

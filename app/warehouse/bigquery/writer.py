@@ -99,17 +99,22 @@ class StorageWriter:
         what = f"AppendRows to {table}"
         self.client.count("write", len(requests))
         stream = None
+        first_row = 0  # position in `requests` of the first row of the request awaited
         try:
             with self.client.one_at_a_time():
                 with send_lock:
                     stream = self._connection(stream_name, requests[0].schema)
                     futures = [stream.send(self._request(stream_name, r)) for r in requests]
-                for future in futures:
+                for future, request in zip(futures, requests):
                     future.result(timeout=APPEND_TIMEOUT_SECONDS, polling=_RESULT_POLLING)
+                    first_row += request.rows
         except Exception as exc:
             # Answers may now be out of step with requests: start over on a new connection.
             self._drop(stream_name, stream)
-            raise errors.translate(exc, what) from exc
+            error = errors.translate(exc, what)
+            if isinstance(error, errors.RowsRefusedError):  # row numbers across all of `requests`
+                error = errors.RowsRefusedError(str(error), {first_row + i: r for i, r in error.row_errors.items()})
+            raise error from exc
 
     def _connection(self, stream_name: str, schema: bytes) -> AppendRowsStream:
         if self.emulator and self._last_schema.get(stream_name, schema) != schema:
