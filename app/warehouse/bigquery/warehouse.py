@@ -196,30 +196,9 @@ class BigQueryWarehouse(Warehouse):
         ids = [e.dedup_id for e in todo]
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
-            since = min(unfinished.values()) - CLOCK_SKEW_MARGIN
-            n = self.queries.clean(ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion)
-            if n:
-                log.warning(
-                    "removed %d rows left by unfinished earlier attempts of %s in %s", n, list(unfinished), table
-                )
+            self._clean_unfinished(ref, state, unfinished)
         self._write_markers(markers, table, [i for i in ids if i not in lookup.intents], INTENT)
-        for kind, payload, count in writes:
-            if kind == "insert":
-                requests, sources = payload
-                try:
-                    self.writer.append(ref.default_stream, table, requests)
-                except errors.RowsRefusedError as exc:
-                    refused_rows = {
-                        sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()
-                    }
-                    raise _RowsRefused(refused_rows) from exc
-                result.rows_inserted += count
-            elif kind == "insert_all":
-                self.insert_all.insert(ref.api, table, payload)
-                result.rows_inserted += count
-            else:
-                for sql, params in payload:
-                    result.rows_deleted += self.queries.dml(sql, params, f"delete from {table}")
+        self._write_data(ref, writes, result)
         self._write_markers(markers, table, ids, DONE)
         self._remember_done(ids)
         result.applied_envelopes += len(todo)
@@ -228,6 +207,31 @@ class BigQueryWarehouse(Warehouse):
         result.rejections.extend(plan.rejections)
         result.rejections.extend(oversized)
         return result
+
+    def _clean_unfinished(self, ref: TableRef, state: TableState, unfinished: dict[str, dt.datetime]) -> None:
+        """Remove rows of earlier attempts that wrote an intent but never completed."""
+        since = min(unfinished.values()) - CLOCK_SKEW_MARGIN
+        n = self.queries.clean(ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion)
+        if n:
+            log.warning("removed %d rows left by unfinished attempts of %s in %s", n, list(unfinished), ref.table)
+
+    def _write_data(self, ref: TableRef, writes: list[tuple[str, Any, int]], result: ApplyResult) -> None:
+        """The prepared inserts and deletes, in plan order."""
+        for kind, payload, count in writes:
+            if kind == "insert":
+                requests, sources = payload
+                try:
+                    self.writer.append(ref.default_stream, ref.table, requests)
+                except errors.RowsRefusedError as exc:
+                    reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
+                    raise _RowsRefused(reasons) from exc
+                result.rows_inserted += count
+            elif kind == "insert_all":
+                self.insert_all.insert(ref.api, ref.table, payload)
+                result.rows_inserted += count
+            else:
+                for sql, params in payload:
+                    result.rows_deleted += self.queries.dml(sql, params, f"delete from {ref.table}")
 
     def _plan_and_prepare_schema(
         self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str]
