@@ -15,7 +15,15 @@ from app.schema.activity import Activity
 
 
 class TransientWarehouseError(Exception):
-    """The warehouse is unreachable, locked or throttled; nothing was committed."""
+    """The warehouse is unreachable, locked or throttled; nothing was committed.
+
+    `retry_after`: seconds the warehouse asks to wait before trying again (None: the
+    caller's own backoff decides).
+    """
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class TerminalWarehouseError(Exception):

@@ -1,0 +1,179 @@
+"""BigQuery's type mapper: reads `app.schema.types.TYPES` (column types) and adds only
+what BigQuery's clients need per type: the Arrow type rows are sent in, the converters
+from canonical values, and how a delete compares a column with a bound parameter.
+
+Emulator only (bqemulator cannot create BIGNUMERIC: its storage stops at 38 digits),
+bignumeric columns are STRING holding the canonical decimal text, exact like DuckDB.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable
+
+import orjson
+import pyarrow as pa
+from google.cloud import bigquery
+
+from app.schema.types import TYPES
+
+TYPE_DESCRIPTION_PREFIX = "activity type: "
+# legacy SQL names the tables API may report for the GoogleSQL types in TYPES
+_LEGACY_NAMES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
+
+
+def b64(value: str) -> bytes:
+    return base64.b64decode(value, validate=True)
+
+
+def timestamp(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(dt.timezone.utc)
+
+
+def json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _checked_b64_text(value: str) -> str:
+    b64(value)  # refuse what is not base64 before it reaches SQL
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class BigQueryType:
+    """How one activity type is written and compared in BigQuery (column type: TYPES).
+
+    `convert` turns a canonical value into what Arrow and query parameters take (None:
+    as is); `param_convert` overrides it for parameters.
+    """
+
+    arrow_type: pa.DataType
+    convert: Callable[[Any], Any] | None
+    param_type: str  # query parameter type in deletes
+    compare: str = "{column} = @{param}"
+    param_convert: Callable[[Any], Any] | None = None
+    column_type: str | None = None  # None: TYPES[...].bigquery_type
+
+
+_STRING = BigQueryType(pa.string(), None, "STRING")
+
+_BIGQUERY_TYPES: dict[str, BigQueryType] = {
+    "string": _STRING,
+    "bytes": BigQueryType(pa.binary(), b64, "BYTES"),
+    "integer": BigQueryType(pa.int64(), None, "INT64"),
+    "float": BigQueryType(pa.float64(), float, "FLOAT64"),  # "NaN" / "Infinity" parse too
+    "numeric": BigQueryType(pa.decimal128(38, 9), Decimal, "NUMERIC"),
+    "bignumeric": BigQueryType(pa.decimal256(76, 38), Decimal, "BIGNUMERIC"),
+    "boolean": BigQueryType(pa.bool_(), None, "BOOL"),
+    "timestamp": BigQueryType(pa.timestamp("us", tz="UTC"), timestamp, "TIMESTAMP"),
+    "date": BigQueryType(pa.date32(), dt.date.fromisoformat, "DATE"),
+    "time": BigQueryType(pa.time64("us"), dt.time.fromisoformat, "TIME"),
+    "datetime": BigQueryType(pa.timestamp("us"), dt.datetime.fromisoformat, "DATETIME"),
+    "geography": BigQueryType(pa.string(), None, "STRING", "ST_EQUALS({column}, ST_GEOGFROMTEXT(@{param}))"),  # WKT
+    "record": BigQueryType(  # JSON text
+        pa.string(), json_text, "STRING", "TO_JSON_STRING({column}) = TO_JSON_STRING(PARSE_JSON(@{param}))"
+    ),
+}
+_EMULATOR_TYPES: dict[str, BigQueryType] = {
+    "bignumeric": BigQueryType(pa.string(), None, "STRING", column_type="STRING"),  # canonical decimal text
+    # it mangles non-empty BYTES parameters; the base64 text decoded in SQL compares right
+    "bytes": BigQueryType(pa.binary(), b64, "STRING", "{column} = FROM_BASE64(@{param})", _checked_b64_text),
+}
+if set(_BIGQUERY_TYPES) != set(TYPES):  # pragma: no cover - caught by any import in tests
+    raise RuntimeError(f"BigQuery type mapper out of date: {sorted(set(TYPES) ^ set(_BIGQUERY_TYPES))}")
+
+
+class TypeMapper:
+    """Activity type <-> BigQuery column, Arrow array, insertAll JSON, delete condition."""
+
+    def __init__(self, emulator: bool) -> None:
+        self.emulator = emulator
+        self._types = {**_BIGQUERY_TYPES, **(_EMULATOR_TYPES if emulator else {})}
+        self._reverse = {spec.bigquery_type: name for name, spec in TYPES.items()}
+
+    def column_type(self, typ: str) -> str:
+        return self._types[typ].column_type or TYPES[typ].bigquery_type
+
+    def field(self, name: str, typ: str) -> bigquery.SchemaField:
+        """A user column; its description records the activity type so it maps back exactly."""
+        return bigquery.SchemaField(
+            name, self.column_type(typ), mode="NULLABLE", description=TYPE_DESCRIPTION_PREFIX + typ
+        )
+
+    def activity_type(self, field: bigquery.SchemaField) -> str:
+        desc = field.description or ""
+        if desc.startswith(TYPE_DESCRIPTION_PREFIX):
+            typ = desc[len(TYPE_DESCRIPTION_PREFIX) :].strip()
+            if typ in TYPES:
+                return typ
+        if field.mode == "REPEATED" or field.field_type in ("RECORD", "STRUCT"):
+            return "record"
+        bq = field.field_type.upper()
+        return self._reverse.get(_LEGACY_NAMES.get(bq, bq), "string")
+
+    # ----------------------------------------------------------------- Storage Write (Arrow)
+
+    def arrow_type(self, typ: str) -> pa.DataType:
+        return self._types[typ].arrow_type
+
+    def arrow_array(self, typ: str, values: list[Any]) -> pa.Array:
+        spec = self._types[typ]
+        if spec.convert is not None:
+            values = [None if v is None else spec.convert(v) for v in values]
+        return pa.array(values, type=spec.arrow_type)
+
+    # ----------------------------------------------------------------- insertAll (JSON)
+
+    @staticmethod
+    def json_value(typ: str, value: Any) -> Any:
+        """Canonical forms are what insertAll expects (base64 bytes, decimal text, ...)."""
+        if value is None:
+            return None
+        if typ == "record":
+            return json_text(value)
+        if typ == "float" and isinstance(value, float) and not math.isfinite(value):
+            return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return value
+
+    # ----------------------------------------------------------------- deletes
+
+    def condition(self, column_sql: str, typ: str, value: Any, param: str, params: list) -> str:
+        """SQL matching `column_sql` against `value`, appending its bound parameter to `params`."""
+        if value is None:
+            return f"{column_sql} IS NULL"
+        spec = self._types[typ]
+        if typ == "float" and math.isnan(float(value)):
+            return f"IS_NAN({column_sql})"
+        convert = spec.param_convert or spec.convert
+        params.append(
+            bigquery.ScalarQueryParameter(param, spec.param_type, value if convert is None else convert(value))
+        )
+        return spec.compare.format(column=column_sql, param=param)
+
+
+def positional_param(value: Any) -> bigquery.ScalarQueryParameter:
+    """A `?` parameter of `Warehouse.query`, typed from the Python value."""
+    P = bigquery.ScalarQueryParameter
+    if value is None:
+        return P(None, "STRING", None)
+    if isinstance(value, bool):
+        return P(None, "BOOL", value)
+    if isinstance(value, int):
+        return P(None, "INT64", value)
+    if isinstance(value, float):
+        return P(None, "FLOAT64", value)
+    if isinstance(value, Decimal):
+        return P(None, "NUMERIC", value)
+    if isinstance(value, (bytes, bytearray)):
+        return P(None, "BYTES", bytes(value))
+    if isinstance(value, dt.datetime):
+        return P(None, "TIMESTAMP" if value.tzinfo else "DATETIME", value)
+    if isinstance(value, dt.date):
+        return P(None, "DATE", value)
+    if isinstance(value, dt.time):
+        return P(None, "TIME", value)
+    return P(None, "STRING", str(value))
