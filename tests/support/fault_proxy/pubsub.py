@@ -15,7 +15,8 @@ messages leased from pstest meanwhile (re-extended to 600 s, acked upstream on a
   within its ack deadline (the subscription's, the stream's, or the last
   ModifyAckDeadline) is redelivered; an ack that arrives after that is dropped, as
   Google may. `expire_leases_after` caps every lease, extensions included (a test knob
-  for "the lease ran out while the subscriber was still retrying").
+  for "the lease ran out while the subscriber was still retrying"; `expiring_leases`
+  limits it to that many deliveries).
 - Delivery attempts (https://cloud.google.com/pubsub/docs/handling-failures#track_delivery_attempts):
   counted per message (each delivery, so each nack or expiry counts); reported as
   `delivery_attempt` only when the subscription has a dead-letter policy, else 0.
@@ -80,8 +81,9 @@ class _Subscription:
 
 
 class OrderingGate:
-    def __init__(self, *, expire_leases_after: float | None = None) -> None:
+    def __init__(self, *, expire_leases_after: float | None = None, expiring_leases: int | None = None) -> None:
         self.expire_leases_after = expire_leases_after
+        self.expiring_leases = expiring_leases  # how many deliveries get that cap (None: all)
         self.dead_lettered: list[str] = []  # message ids sent to the dead-letter topic
         self.late_acks = 0  # acks dropped because the lease had expired
         self.expired = 0  # leases that ran out (message redelivered)
@@ -218,7 +220,7 @@ class OrderingGate:
                         continue
                     msg.deliveries += 1
                     ack_id = f"{msg.message_id}.{msg.deliveries}.{uuid.uuid4().hex[:8]}"
-                    cap = now + self.expire_leases_after if self.expire_leases_after is not None else None
+                    cap = self._lease_cap(now)
                     lease = _Lease(msg, _capped(now + deadline_seconds, cap), cap, stream)
                     sub.leases[ack_id] = lease
                     out.append(t.ReceivedMessage(
@@ -234,6 +236,13 @@ class OrderingGate:
         for msg in dead:
             self._dead_letter(sub, msg)
         return out
+
+    def _lease_cap(self, now: float) -> float | None:
+        if self.expire_leases_after is None or self.expiring_leases == 0:
+            return None
+        if self.expiring_leases is not None:
+            self.expiring_leases -= 1
+        return now + self.expire_leases_after
 
     def _dead_letter(self, sub: _Subscription, msg: _Message) -> None:
         from google.pubsub_v1 import types as t
