@@ -1184,7 +1184,7 @@ def scenario_bigquery_dml_queue(tmp: Path, queue_full: int = 4, concurrent: int 
 
 
 @_timed
-def scenario_new_column_not_yet_visible(tmp: Path, lag_seconds: float = 6.0) -> Outcome:
+def scenario_new_column_not_yet_visible(tmp: Path, lag_seconds: float = 10.0) -> Outcome:
     """A column is added; the write stream refuses rows carrying it for `lag_seconds` (SCHEMA_MISMATCH_EXTRA_FIELDS)."""
     out = Outcome("Storage Write: new column not yet visible",
                   f"AppendRows refuses rows with a just-added column for {lag_seconds:g} s, as Google's write stream does")
@@ -1198,6 +1198,9 @@ def scenario_new_column_not_yet_visible(tmp: Path, lag_seconds: float = 6.0) -> 
         _post_ok(g.p, rows_body(other, 500, 3, "other"))
         _post_ok(g.p, rows_body(wide, 200, 2, "after_note"))
         expected = {"before": 3, "with_note": 4, "after_note": 2, "other": 3}
+        _wait_markers(g, [other], {"other": 3}, timeout=60)
+        # Did the other table go on while `wide` waited for its column? (no clock: the lag's own state)
+        out.data["other_landed_while_column_hidden"] = bool(g.storage_write.visibility.hidden(g.dataset, wide, ["note"]))
         _wait_markers(g, [wide, other], expected)
         out.data["added"] = sorted(g.storage_write.visibility.added(g.dataset, wide))
         notes = g.query(f"SELECT count(*) FROM {g.table(wide)} WHERE note IS NOT NULL") or [(0,)]

@@ -243,10 +243,14 @@ class BigQueryRestProxy:
                 return self._fail_job(req, payload, rule.error)
             return _send(req, rule.error.http_status, rule.error.body())
         before = self._columns_before(kind, params, sql)
-        upstream = self._http.request(
-            req.command, self.upstream + req.path, content=body,
-            headers={k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP},
-        )  # fmt: skip
+        try:
+            upstream = self._http.request(
+                req.command, self.upstream + req.path, content=body,
+                headers={k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP},
+            )  # fmt: skip
+        except httpx.TransportError:  # the emulator dropped the connection: drop the client's too
+            req.close_connection = True
+            return
         answer = _json(upstream.content)
         if upstream.status_code < 300 and isinstance(answer, dict):
             if kind.startswith("jobs."):
