@@ -17,16 +17,19 @@ messages leased from pstest meanwhile (re-extended to 600 s, acked upstream on a
   Google may. `expire_leases_after` caps every lease, extensions included (a test knob
   for "the lease ran out while the subscriber was still retrying"; `expiring_leases`
   limits it to that many deliveries).
-- Delivery attempts (https://cloud.google.com/pubsub/docs/handling-failures#track_delivery_attempts):
-  counted per message (each delivery, so each nack or expiry counts); reported as
-  `delivery_attempt` only when the subscription has a dead-letter policy, else 0.
+- Delivery attempts (https://cloud.google.com/pubsub/docs/handling-failures#track_delivery_attempts;
+  `ReceivedMessage.delivery_attempt` in google/pubsub/v1/pubsub.proto: "1 + (number of
+  NACKs) + (number of ack_deadline exceeds)"): counted per delivery; reported only when
+  the subscription has a dead-letter policy, else 0.
 - Dead-letter policy (https://cloud.google.com/pubsub/docs/handling-failures#dead_letter_topic):
   after `max_delivery_attempts` deliveries, the next redelivery goes to the
   dead-letter topic instead (published upstream with the
   `CloudPubSubDeadLetterSource*` attributes) and the message is acked; listed in
   `dead_lettered`.
 
-Messages with no ordering key are delivered as they come. StreamingPull honours the
+Messages with no ordering key are delivered as they come. Not simulated: the
+subscription's retry policy (a nacked message comes back at once, the strict case for
+attempt counting) and exactly-once delivery. StreamingPull honours the
 stream's `max_outstanding_messages`. Messages are sequenced by pstest's message ids
 ("m<N>", increasing per publish).
 """

@@ -1,18 +1,21 @@
 """Storage Write API faults: a new column stays invisible to the write stream for a while.
 
-Google: after a column is added to a table, the Storage Write API picks the new schema
-up only after a delay ("it can take several minutes"); until then an append whose writer
-schema has the new field fails with `SCHEMA_MISMATCH_EXTRA_FIELDS`
-(https://cloud.google.com/bigquery/docs/write-api#schema_updates ... "Manage table schema
-updates", https://cloud.google.com/bigquery/docs/write-api-streaming). The error reaches
-the client as the `AppendRowsResponse.error` of that request: a `google.rpc.Status` with
-code INVALID_ARGUMENT (3), message "Input schema has more fields than BigQuery schema,
-extra fields: '<name>'", and a `StorageError` (code `SCHEMA_MISMATCH_EXTRA_FIELDS` = 7,
-entity = the stream) packed in its `details`
-(`google.cloud.bigquery_storage_v1.types.StorageError`: "can be attached as error
-details in the returned rpc Status"; the Java client turns it into
+Google: after a column is added to a table, the Storage Write API accepts rows with it
+only "after some time (in order of minutes)"
+(https://cloud.google.com/java/docs/reference/google-cloud-bigquerystorage/latest/com.google.cloud.bigquery.storage.v1.SchemaAwareStreamWriter;
+the client issue https://github.com/googleapis/java-bigquerystorage/issues/1465). Until then
+an append whose writer schema has the new field is refused with
+`SCHEMA_MISMATCH_EXTRA_FIELDS`. It reaches the client as the `AppendRowsResponse.error`
+of that request ("If present, it indicates rows were not accepted into the system. Users
+can retry or continue with other append requests within the same connection":
+https://cloud.google.com/python/docs/reference/bigquerystorage/latest/google.cloud.bigquery_storage_v1.types.AppendRowsResponse):
+a `google.rpc.Status` with code INVALID_ARGUMENT (3), message "Input schema has more
+fields than BigQuery schema, extra fields: '<name>'", and a `StorageError` (code
+`SCHEMA_MISMATCH_EXTRA_FIELDS` = 7, entity = the stream) packed in its `details`
+(`google.cloud.bigquery_storage_v1.types.StorageError`: "can be attached as error details
+in the returned rpc Status"; the Java client raises it as
 `Exceptions.SchemaMismatchedException`, as users report:
-https://github.com/memiiso/debezium-server-bigquery/issues/268).
+https://github.com/memiiso/debezium-server-bigquery/issues/268). The connection stays open.
 
 `SchemaVisibility` records when each column was added (fed by the REST proxy, or armed
 by a test) and hides it for `lag_seconds`; `StorageWriteFaults` serves AppendRows
