@@ -1098,6 +1098,12 @@ def _google_outcome(out: Outcome, g: GoogleStack, tables: list[str], expected: d
         appends_refused=dict(g.storage_write.rejected), ordering_violations=list(g.gate.violations),
         leases_expired=g.gate.expired, late_acks=g.gate.late_acks,
     )  # fmt: skip
+    d = out.data
+    out.notes.append(
+        f"faults served {sum(d['faults'].values())} {dict(d['faults'])}, appends refused {sum(d['appends_refused'].values())}, "
+        f"leases expired {d['leases_expired']} (late acks dropped {d['late_acks']}); dead letters: store "
+        f"{len(d['dead_letter_store'])}, topic {len(d['dead_letter_topic'])}, by Pub/Sub's policy {len(d['gate_dead_lettered'])}"
+    )
     return out
 
 
