@@ -1219,11 +1219,13 @@ def scenario_lease_expiry(tmp: Path, lease_seconds: float = 2.0, slow_seconds: f
     """The first lease runs out while BigQuery is slow: the late ack is dropped and the message comes back."""
     out = Outcome("Pub/Sub lease expired during a slow apply",
                   f"first delivery's lease capped at {lease_seconds:g} s while a BigQuery call takes {slow_seconds:g} s")
-    table = "lease"
+    table = "lease_t"
     with google_stack(tmp, expire_leases_after=lease_seconds, expiring_leases=1) as g:
         g.p.start("subscriber")
         g.p.start("api")
-        g.rest.add(None, {"jobs.insert", "jobs.query", "tables.get", "tables.insert"}, times=1, delay=slow_seconds)
+        # the first call of the first apply that names the table (not the subscriber's start-up calls)
+        g.rest.add(None, {"jobs.insert", "jobs.query", "tables.get", "tables.insert"}, times=1, delay=slow_seconds,
+                   target=r"\blease_t\b")
         _post_ok(g.p, rows_body(table, 0, 5, "slow"))
         _post_ok(g.p, rows_body(table, 10, 5, "next"))
         expected = {"slow": 5, "next": 5}

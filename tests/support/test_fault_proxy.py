@@ -167,3 +167,14 @@ def test_an_expired_lease_redelivers_and_too_many_attempts_go_to_the_dead_letter
     assert _pull(sub) == []
     assert sorted(gate.dead_lettered) == sorted({m.message.message_id for m in first if m.message.ordering_key == "a"})
     assert gate.expired == 1  # a0 ran out first and took the rest of its key back with it
+
+
+def test_acking_a_later_message_of_a_key_before_an_earlier_one_is_recorded(pubsub):
+    gate, sub = pubsub
+    first = _pull(sub)
+    a = [m for m in first if m.message.ordering_key == "a"]
+    b = [m for m in first if m.message.ordering_key == "b"]
+    sub.acknowledge(subscription="projects/p/subscriptions/s", ack_ids=[m.ack_id for m in b])  # all of b at once: fine
+    assert gate.violations == []
+    sub.acknowledge(subscription="projects/p/subscriptions/s", ack_ids=[a[5].ack_id])
+    assert len(gate.violations) == 1 and a[5].message.message_id in gate.violations[0]

@@ -93,7 +93,7 @@ class OrderingGate:
         self.nacked = 0
         self.deliveries = 0
         self.max_messages_per_key_per_pull = 0
-        self.violations: list[str] = []  # ordering rule broken (must stay empty: self-check)
+        self.violations: list[str] = []  # a message acked while an earlier one of its key is unacked
         self._subs: dict[str, _Subscription] = {}
         self._lock = threading.RLock()
         self._channel: grpc.Channel | None = None
@@ -267,6 +267,7 @@ class OrderingGate:
 
         now = time.monotonic()
         done: list[str] = []
+        acked: list[_Message] = []
         with self._lock:
             self._expire(sub, now)
             for ack_id in ack_ids:
@@ -276,6 +277,11 @@ class OrderingGate:
                     continue
                 sub.held.pop(lease.msg.message_id, None)
                 done.append(lease.msg.upstream_ack_id)
+                acked.append(lease.msg)
+            for msg in acked:  # acked while an earlier message of its key is still unacked?
+                earlier = [m.message_id for m in sub.held.values() if msg.key and m.key == msg.key and m.seq < msg.seq]
+                if earlier:
+                    self.violations.append(f"{msg.message_id} (key {msg.key}) acked before {earlier}")
         if done:
             self._upstream("Acknowledge", t.AcknowledgeRequest(subscription=sub.name, ack_ids=done))
 

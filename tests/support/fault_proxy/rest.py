@@ -3,7 +3,7 @@
 Point `BIGQUERY_EMULATOR_HOST` at `BigQueryRestProxy.address`; calls go on to
 bqemulator unless a `Rule` matches. A rule names API methods (`kinds`, e.g.
 `jobs.insert`, `jobs.query`, `tables.patch`; see `classify`), optionally a regex on the
-query text (`sql`, for jobs.insert / jobs.query) or on the path (`target`), and how
+query text (`sql`, for jobs.insert / jobs.query) or on the path or body (`target`), and how
 long it lasts (`times` matching calls, or `seconds` from its first match). It answers
 with a `GoogleError` (shapes and their Google docs in `errors.py`) and/or adds a delay.
 
@@ -94,17 +94,17 @@ class Rule:
     times: int | None = None  # matching calls it answers, then it is spent
     seconds: float | None = None  # or: active this long from its first match
     sql: re.Pattern[str] | None = None  # only jobs whose query text matches
-    target: re.Pattern[str] | None = None  # only calls whose path matches
+    target: re.Pattern[str] | None = None  # only calls whose path or body matches
     delay: float = 0.0
     hits: int = 0
     first_hit: float | None = None
 
-    def matches(self, kind: str, path: str, sql: str | None) -> bool:
+    def matches(self, kind: str, path: str, sql: str | None, body: bytes = b"") -> bool:
         if kind not in self.kinds:
             return False
         if self.sql is not None and (sql is None or not self.sql.search(sql)):
             return False
-        if self.target is not None and not self.target.search(path):
+        if self.target is not None and not (self.target.search(path) or self.target.search(body.decode("utf-8", "replace"))):
             return False
         return True
 
@@ -211,11 +211,11 @@ class BigQueryRestProxy:
     def bytes_billed(self) -> int:
         return sum(self.jobs.billed.values())
 
-    def _rule_for(self, kind: str, path: str, sql: str | None) -> Rule | None:
+    def _rule_for(self, kind: str, path: str, sql: str | None, body: bytes) -> Rule | None:
         now = time.monotonic()
         with self._lock:
             for rule in self.rules:
-                if rule.matches(kind, path, sql) and not rule.spent(now):
+                if rule.matches(kind, path, sql, body) and not rule.spent(now):
                     rule.take(now)
                     return rule
         return None
@@ -233,7 +233,7 @@ class BigQueryRestProxy:
         failed = self._failed_jobs.get(params.get("job", ""))
         if failed is not None:
             return self._answer_failed_job(req, kind, *failed)
-        rule = self._rule_for(kind, path, sql)
+        rule = self._rule_for(kind, path, sql, body)
         if rule is not None and rule.delay:
             time.sleep(rule.delay)
         if rule is not None and rule.error is not None:
