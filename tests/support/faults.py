@@ -1128,6 +1128,17 @@ def _wait_markers(g: GoogleStack, tables: list[str], expected: dict[str, int], t
         pass  # the outcome reports what is missing
 
 
+def _metric_mean(p: Pipeline, name: str) -> float:
+    """Mean of a Prometheus histogram/summary on the subscriber's /metrics (`_sum` / `_count`), 0 if absent."""
+    text = httpx.get(p.admin_url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith(name + suffix + " ") or line.startswith(name + suffix + "{"):
+                values[suffix] = values.get(suffix, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values["_sum"] / values["_count"] if values.get("_count") else 0.0
+
+
 def _note_body(table: str, first_id: int, n: int, marker: str) -> dict[str, Any]:
     """n inserts that also carry a new column `note` (the table gets a column added)."""
     return {"user_activities": [
@@ -1249,8 +1260,8 @@ def scenario_one_table_backlog(tmp: Path, messages: int = 60) -> Outcome:
         expected = {f"b{i}": 1 for i in range(messages)}
         _wait_markers(g, [table], expected, timeout=240)
         applies = g.applied_messages(table)
-        out.data.update(applies=len(applies), messages_per_apply=(sum(applies) / len(applies)) if applies else 0.0,
-                        max_per_pull=g.gate.max_messages_per_key_per_pull)
+        per_apply = (sum(applies) / len(applies)) if applies else _metric_mean(g.p, "pipeline_messages_per_apply")
+        out.data.update(applies=len(applies), messages_per_apply=per_apply, max_per_pull=g.gate.max_messages_per_key_per_pull)
         return _google_outcome(out, g, [table], expected)
 
 
