@@ -76,7 +76,7 @@ def test_rows_with_a_new_column_wait_until_the_write_stream_sees_it(tmp_path):
     assert o.data["added"] == ["note"]
     assert sum(o.data["appends_refused"].values()) > 0, "no append was refused: the lag was never exercised"
     # the waiting table held up no other table (a 10 s lag against one apply of the other)
-    assert o.data["other_landed_while_column_hidden"] is True
+    assert o.data["other_landed_while_column_hidden"] is True, "the other table waited until `wide`'s column was visible"
     _nothing_dead_lettered(o)
     assert o.data["notes_landed"] == 4
     _landed_once(o)
