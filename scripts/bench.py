@@ -611,8 +611,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         row("6 API calls per 10,000 activities (REST + AppendRows, counted at the proxy)",
             f"{mixed['calls_per_10k']:,.0f} ({mixed['query_jobs_per_10k']:,.0f} query jobs, {mixed['append_rows_connections']} AppendRows connections)",
             f"prototype {proto['calls_per_10k']:,.0f}", f"{proto['calls_per_10k'] / max(1e-9, mixed['calls_per_10k']):,.0f}x fewer", None)
+        own = {k: v * 10_000 / max(1, mixed["activities"]) for k, v in mixed.get("subscriber_byte_counters", {}).items()}
+        own_text = "".join(f"; subscriber {k} {v / 1e6:,.1f} MB" for k, v in own.items())
         row("6 bytes per 10,000 activities (job statistics; Google bills >= 10 MB per query job)",
-            f"processed {mixed['bytes_processed_per_10k'] / 1e6:,.1f} MB (emulator statistics); billed >= {mixed['min_bytes_billed_per_10k'] / 1e6:,.0f} MB",
+            f"processed {mixed['bytes_processed_per_10k'] / 1e6:,.1f} MB (emulator statistics); billed >= "
+            f"{mixed['min_bytes_billed_per_10k'] / 1e6:,.0f} MB{own_text}",
             f"prototype: processed {proto['bytes_processed_per_10k'] / 1e6:,.1f} MB; billed >= {proto['min_bytes_billed_per_10k'] / 1e6:,.0f} MB "
             "(its ALTER jobs are DDL, not billed by bytes)", "", None)
     elif g:

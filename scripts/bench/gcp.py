@@ -11,8 +11,8 @@ Measured:
   apply, API calls and query jobs per 10,000 activities;
 - a one-table backlog of one-activity requests: messages per apply under ordering;
 - bytes: `totalBytesProcessed` from the job statistics in the emulator's answers (bqemulator
-  reports 0), the subscriber's own byte counters if its /metrics has any (`*bytes*` of
-  BigQuery), and the least Google would bill: 10 MB per query job (on-demand minimum,
+  reports 0), the subscriber's own counters if its /metrics has any (`*bytes_processed*`,
+  `*bytes_billed*`), and the least Google would bill: 10 MB per query job (on-demand minimum,
   https://cloud.google.com/bigquery/pricing#on_demand_pricing).
 The prototype's pattern (per activity: list tables, an ALTER job, insertAll of one row;
 one message per apply) runs through the same REST proxy on a sample.
@@ -30,7 +30,7 @@ import httpx
 
 MIN_BILLED_PER_QUERY = 10 * 1024 * 1024
 _ACKED = re.compile(r"^pipeline_messages_acked_total (\S+)", re.M)
-_BYTES = re.compile(r"^(\w*bigquery\w*bytes\w*|\w*bytes\w*bigquery\w*)(?:\{[^}]*\})? (\S+)", re.M)
+_BYTES = re.compile(r"^(\w*bytes_(?:processed|billed)\w*?)(?:_total)?(?:\{[^}]*\})? (\S+)", re.M)
 
 
 def _messages_of(body: dict[str, Any]) -> int:
@@ -45,6 +45,8 @@ def _metric(p: Any, pattern: re.Pattern[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for m in pattern.finditer(text):
         name, value = (m.group(1), m.group(2)) if m.re.groups == 2 else ("acked", m.group(1))
+        if name.endswith("_created"):  # prometheus_client's creation timestamp of a counter
+            continue
         out[name] = out.get(name, 0.0) + float(value)
     return out
 
