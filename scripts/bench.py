@@ -613,11 +613,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"prototype {proto['calls_per_10k']:,.0f}", f"{proto['calls_per_10k'] / max(1e-9, mixed['calls_per_10k']):,.0f}x fewer", None)
         own = {k: v * 10_000 / max(1, mixed["activities"]) for k, v in mixed.get("subscriber_byte_counters", {}).items()}
         own_text = "".join(f"; subscriber {k} {v / 1e6:,.1f} MB" for k, v in own.items())
-        row("6 bytes per 10,000 activities (job statistics; Google bills >= 10 MB per query job)",
+        row("6 bytes per 10,000 activities (job statistics; Google bills >= 10 MB per non-DDL query job)",
             f"processed {mixed['bytes_processed_per_10k'] / 1e6:,.1f} MB (emulator statistics); billed >= "
             f"{mixed['min_bytes_billed_per_10k'] / 1e6:,.0f} MB{own_text}",
             f"prototype: processed {proto['bytes_processed_per_10k'] / 1e6:,.1f} MB; billed >= {proto['min_bytes_billed_per_10k'] / 1e6:,.0f} MB "
-            "(its ALTER jobs are DDL, not billed by bytes)", "", None)
+            "(its ALTER jobs are DDL: not billed by bytes)", "", None)
     elif g:
         row("6 Google path (pstest -> bqemulator)", g["error"], "", "", None)
     return rows

@@ -12,8 +12,8 @@ Measured:
 - a one-table backlog of one-activity requests: messages per apply under ordering;
 - bytes: `totalBytesProcessed` from the job statistics in the emulator's answers (bqemulator
   reports 0), the subscriber's own counters if its /metrics has any (`*bytes_processed*`,
-  `*bytes_billed*`), and the least Google would bill: 10 MB per query job (on-demand minimum,
-  https://cloud.google.com/bigquery/pricing#on_demand_pricing).
+  `*bytes_billed*`), and the least Google would bill: 10 MB per query job other than DDL
+  (on-demand minimum, https://cloud.google.com/bigquery/pricing#on_demand_pricing).
 The prototype's pattern (per activity: list tables, an ALTER job, insertAll of one row;
 one message per apply) runs through the same REST proxy on a sample.
 """
@@ -79,14 +79,15 @@ class _Counts:
 
     def snapshot(self, activities: int) -> dict[str, Any]:
         rest = dict(self.rest.calls)
-        query_jobs = rest.get("jobs.insert", 0) + rest.get("jobs.query", 0)
+        query_jobs = sum(self.rest.statements.values())
         total = sum(rest.values()) + self.sw.requests
         per = 10_000 / max(1, activities)
         return {
             "rest_calls": rest, "append_rows_requests": self.sw.requests, "append_rows_connections": self.sw.streams,
             "calls_per_10k": total * per, "query_jobs_per_10k": query_jobs * per,
             "bytes_processed_per_10k": self.rest.bytes_processed * per,
-            "min_bytes_billed_per_10k": query_jobs * MIN_BILLED_PER_QUERY * per,
+            "query_jobs_by_statement": dict(self.rest.statements),
+            "min_bytes_billed_per_10k": self.rest.billable_jobs * MIN_BILLED_PER_QUERY * per,
         }  # fmt: skip
 
 

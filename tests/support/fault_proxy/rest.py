@@ -20,7 +20,8 @@ How an error reaches the client follows Google:
 
 Counts for the benchmark: `calls` (forwarded + faulted, by API method), `faults`
 (answered by a rule) and bytes processed / billed per job, read from the job statistics
-in the emulator's answers (`totalBytesProcessed`, `statistics.query.totalBytesBilled`).
+in the emulator's answers (`totalBytesProcessed`, `statistics.query.totalBytesBilled`), and
+query jobs by statement (`statements`, `billable_jobs`: DDL is not billed by bytes).
 
 With a `SchemaVisibility`, the proxy notes each column added to a table (a
 `tables.patch`/`tables.update` that grows the schema, or an `ALTER TABLE ... ADD
@@ -143,6 +144,7 @@ class BigQueryRestProxy:
         self.rules: list[Rule] = []
         self.calls: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
+        self.statements: Counter[str] = Counter()  # query jobs by first keyword (SELECT, DELETE, ALTER, ...)
         self.jobs = _JobStats()
         self._failed_jobs: dict[str, tuple[dict[str, Any], GoogleError]] = {}
         self._lock = threading.Lock()
@@ -201,11 +203,17 @@ class BigQueryRestProxy:
         with self._lock:
             self.calls.clear()
             self.faults.clear()
+            self.statements.clear()
             self.jobs = _JobStats()
 
     @property
     def bytes_processed(self) -> int:
         return sum(self.jobs.processed.values())
+
+    @property
+    def billable_jobs(self) -> int:
+        """Query jobs Google bills by bytes (on demand: at least 10 MB each); DDL is free."""
+        return sum(n for word, n in self.statements.items() if word not in ("ALTER", "CREATE", "DROP"))
 
     @property
     def bytes_billed(self) -> int:
@@ -230,6 +238,8 @@ class BigQueryRestProxy:
         sql = _query_text(kind, payload)
         with self._lock:
             self.calls[kind] += 1
+            if sql:
+                self.statements[(sql.split(None, 1) or ["?"])[0].upper()] += 1
         failed = self._failed_jobs.get(params.get("job", ""))
         if failed is not None:
             return self._answer_failed_job(req, kind, *failed)
