@@ -13,6 +13,7 @@ Recovery times are measured for the report only; tests never assert on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -1025,64 +1026,39 @@ class GoogleStack:
                 if e.get("msg") == "applied" and e.get("table") == table and "messages" in e]
 
 
-class google_stack:
-    """Context manager: pstest + (shared) bqemulator, the fault proxies, and the two processes.
+@contextlib.contextmanager
+def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_after: float | None = None,
+                 expiring_leases: int | None = None, **env: str) -> Iterator[GoogleStack]:
+    """pstest + the (shared) bqemulator, the fault proxies in front, the processes provisioned but not started."""
+    from tests.support.bqemulator import shared_emulator
+    from tests.support.fault_proxy import BigQueryRestProxy, GrpcProxy, OrderingGate, SchemaVisibility, StorageWriteFaults
+    from tests.support.pstest import running_pstest
 
-    The processes are created but not started (`start()` starts both, after provisioning).
-    """
-
-    def __init__(self, tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_after: float | None = None,
-                 expiring_leases: int | None = None, **env: str) -> None:
-        self.tmp, self.env = Path(tmp), env
-        self.schema_lag_seconds = schema_lag_seconds
-        self.gate_kw = {"expire_leases_after": expire_leases_after, "expiring_leases": expiring_leases}
-        self._exits: list[Callable[[], None]] = []
-
-    def __enter__(self) -> GoogleStack:
-        from tests.support.bqemulator import shared_emulator
-        from tests.support.fault_proxy import BigQueryRestProxy, GrpcProxy, OrderingGate, SchemaVisibility, StorageWriteFaults
-        from tests.support.pstest import running_pstest
-
-        try:
-            emu = shared_emulator()
-            ps_cm = running_pstest()
-            pstest = ps_cm.__enter__()
-            self._exits.append(lambda: ps_cm.__exit__(None, None, None))
-            lag = SchemaVisibility(self.schema_lag_seconds)
-            rest = BigQueryRestProxy(emu.rest, schema=lag).start()
-            self._exits.append(rest.close)
-            storage_write = StorageWriteFaults(lag)
-            bq_grpc = GrpcProxy(emu.grpc, storage_write=storage_write).start()
-            self._exits.append(bq_grpc.close)
-            gate = OrderingGate(**self.gate_kw)
-            ps_grpc = GrpcProxy(pstest, pubsub=gate).start()
-            self._exits.append(ps_grpc.close)
-            self._exits.append(gate.close)
-            suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
-            dataset = f"faults_{suffix}"
-            p = _pipeline(
-                self.tmp, BROKER="pubsub", WAREHOUSE="bigquery", GCP_PROJECT=emu.project,
-                PUBSUB_EMULATOR_HOST=ps_grpc.address, PUBSUB_TOPIC=f"act-{suffix}", PUBSUB_SUBSCRIPTION=f"act-sub-{suffix}",
-                BIGQUERY_EMULATOR_HOST=rest.address, BIGQUERY_EMULATOR_GRPC_HOST=bq_grpc.address, BIGQUERY_DATASET=dataset,
-                ACK_DEADLINE_SECONDS="10", MAX_DELIVERY_ATTEMPTS=str(DEAD_LETTER_ATTEMPTS), RETRY_BACKOFF_MAX_SECONDS="1",
-                **self.env,
-            )  # fmt: skip
-            self._exits.append(p.stop)
-            prov = p.cli("provision")
-            if prov.returncode != 0:
-                raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
-            rest.reset_counts()
-            return GoogleStack(p, pstest, rest, storage_write, gate, bq_grpc, ps_grpc, dataset, emu)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        while self._exits:
-            try:
-                self._exits.pop()()
-            except Exception:  # best effort: tear down the rest
-                pass
+    with contextlib.ExitStack() as stack:
+        emu = shared_emulator()
+        pstest = stack.enter_context(running_pstest())
+        lag = SchemaVisibility(schema_lag_seconds)
+        rest = stack.enter_context(BigQueryRestProxy(emu.rest, schema=lag))
+        storage_write = StorageWriteFaults(lag)
+        bq_grpc = stack.enter_context(GrpcProxy(emu.grpc, storage_write=storage_write))
+        gate = OrderingGate(expire_leases_after=expire_leases_after, expiring_leases=expiring_leases)
+        stack.callback(gate.close)
+        ps_grpc = stack.enter_context(GrpcProxy(pstest, pubsub=gate))
+        suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+        dataset = f"faults_{suffix}"
+        p = _pipeline(
+            tmp, BROKER="pubsub", WAREHOUSE="bigquery", GCP_PROJECT=emu.project,
+            PUBSUB_EMULATOR_HOST=ps_grpc.address, PUBSUB_TOPIC=f"act-{suffix}", PUBSUB_SUBSCRIPTION=f"act-sub-{suffix}",
+            BIGQUERY_EMULATOR_HOST=rest.address, BIGQUERY_EMULATOR_GRPC_HOST=bq_grpc.address, BIGQUERY_DATASET=dataset,
+            ACK_DEADLINE_SECONDS="10", MAX_DELIVERY_ATTEMPTS=str(DEAD_LETTER_ATTEMPTS), RETRY_BACKOFF_MAX_SECONDS="1",
+            **env,
+        )  # fmt: skip
+        stack.callback(p.stop)
+        prov = p.cli("provision")
+        if prov.returncode != 0:
+            raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
+        rest.reset_counts()
+        yield GoogleStack(p, pstest, rest, storage_write, gate, bq_grpc, ps_grpc, dataset, emu)
 
 
 def _google_outcome(out: Outcome, g: GoogleStack, tables: list[str], expected: dict[str, int]) -> Outcome:
