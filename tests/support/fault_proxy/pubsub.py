@@ -96,6 +96,7 @@ class OrderingGate:
         self.violations: list[str] = []  # a message acked while an earlier one of its key is unacked
         self._subs: dict[str, _Subscription] = {}
         self._lock = threading.RLock()
+        self._delivering = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stream_ids = itertools.count(1)
         self._stop = threading.Event()
@@ -163,10 +164,16 @@ class OrderingGate:
         """Take everything pstest has available, so order within a key is known before delivering."""
         from google.pubsub_v1 import types as t
 
-        got = self._upstream("Pull", t.PullRequest(subscription=sub.name, max_messages=1000, return_immediately=True), t.PullResponse)
+        received: list[Any] = []
+        while True:  # pstest hands out at most max_messages per pull, in map order: take all of them
+            got = self._upstream("Pull", t.PullRequest(subscription=sub.name, max_messages=1000, return_immediately=True),
+                                 t.PullResponse).received_messages  # fmt: skip
+            received.extend(got)
+            if len(got) < 1000:
+                break
         fresh = []
         with self._lock:
-            for rm in got.received_messages:
+            for rm in received:
                 m = rm.message
                 known = sub.held.get(m.message_id)
                 if known is not None:  # pstest redelivered one we hold: keep its newest ack id
@@ -201,6 +208,12 @@ class OrderingGate:
         queue.sort(key=lambda x: x.seq)
 
     def _deliver(self, sub: _Subscription, limit: int, deadline_seconds: float, stream: int | None = None) -> list[Any]:
+        # One refill-and-deliver at a time: two concurrent refills could each take part of a
+        # key's messages from pstest, and one could deliver a later message first.
+        with self._delivering:
+            return self._deliver_locked(sub, limit, deadline_seconds, stream)
+
+    def _deliver_locked(self, sub: _Subscription, limit: int, deadline_seconds: float, stream: int | None) -> list[Any]:
         from google.pubsub_v1 import types as t
 
         self._refill(sub)
