@@ -957,6 +957,8 @@ def _bqemulator_on(emu: Any):
 # armed by count (or seconds), so the scenarios are deterministic and take seconds.
 
 DEAD_LETTER_ATTEMPTS = 5  # Pub/Sub's minimum for a dead-letter policy
+# Fault counts are at least DEAD_LETTER_ATTEMPTS: a pipeline that spends one delivery per
+# transient error dead-letters healthy data; one that retries in place does not.
 
 
 @dataclass
@@ -1124,7 +1126,7 @@ def _note_body(table: str, first_id: int, n: int, marker: str) -> dict[str, Any]
 
 
 @_timed
-def scenario_bigquery_quota(tmp: Path, reason: str = "quotaExceeded", times: int = 8) -> Outcome:
+def scenario_bigquery_quota(tmp: Path, reason: str = "quotaExceeded", times: int = 6) -> Outcome:
     """BigQuery answers job and table calls with 403 quotaExceeded / rateLimitExceeded (Google's JSON)."""
     from tests.support.fault_proxy import errors
 
@@ -1146,7 +1148,7 @@ def scenario_bigquery_quota(tmp: Path, reason: str = "quotaExceeded", times: int
 
 
 @_timed
-def scenario_bigquery_dml_queue(tmp: Path, queue_full: int = 4, concurrent: int = 2) -> Outcome:
+def scenario_bigquery_dml_queue(tmp: Path, queue_full: int = 3, concurrent: int = 2) -> Outcome:
     """DELETE jobs fail with the DML queue's 400 resourcesExceeded, then with 'concurrent update'."""
     from tests.support.fault_proxy import errors
 
