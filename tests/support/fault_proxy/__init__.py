@@ -21,15 +21,17 @@ tests stay deterministic and take seconds:
 
 Usage (see `tests/support/faults.py` for the scenarios):
 
-    with BigQueryRestProxy(emu.rest, schema=lag) as rest, GrpcProxy(emu.grpc, storage_write=lag) as grpc_:
-        rest.add(errors.quota_exceeded({"jobs.insert", "jobs.query"}), times=4)
-        env = {"BIGQUERY_EMULATOR_HOST": rest.address, "BIGQUERY_EMULATOR_GRPC_HOST": grpc_.address}
+    lag = SchemaVisibility(lag_seconds=10)
+    with BigQueryRestProxy(emu.rest, schema=lag) as rest, GrpcProxy(emu.grpc, storage_write=StorageWriteFaults(lag)) as bq:
+        rest.add(errors.quota_exceeded(), errors.QUERY_KINDS, times=4)
+        env = {"BIGQUERY_EMULATOR_HOST": rest.address, "BIGQUERY_EMULATOR_GRPC_HOST": bq.address}
 """
 
+from tests.support.fault_proxy import errors
 from tests.support.fault_proxy.errors import GoogleError
 from tests.support.fault_proxy.grpc_proxy import GrpcProxy
 from tests.support.fault_proxy.pubsub import OrderingGate
 from tests.support.fault_proxy.rest import BigQueryRestProxy, Rule
 from tests.support.fault_proxy.storage_write import SchemaVisibility, StorageWriteFaults
 
-__all__ = ["BigQueryRestProxy", "GoogleError", "GrpcProxy", "OrderingGate", "Rule", "SchemaVisibility", "StorageWriteFaults"]
+__all__ = ["errors", "BigQueryRestProxy", "GoogleError", "GrpcProxy", "OrderingGate", "Rule", "SchemaVisibility", "StorageWriteFaults"]
