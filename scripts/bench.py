@@ -7,7 +7,7 @@ client for the end-to-end test), each bounded in time.
 
     .venv/bin/python scripts/bench.py            # full run (~5 minutes)
     .venv/bin/python scripts/bench.py --quick    # smoke version (~2 minutes)
-    options: --only api,drain,e2e,bigquery  --backlog N  --seconds S  --keep
+    options: --only api,drain,e2e,bigquery,gcp  --backlog N  --seconds S  --keep
 """
 
 from __future__ import annotations
@@ -517,6 +517,23 @@ def _bigquery_prototype(settings, sample: int) -> dict[str, Any]:
             "failed_inserts": failed, "last_error": last_error}
 
 
+# ============================================================================ 6. Google path (pstest -> bqemulator)
+
+
+def bench_gcp(tmp: Path, activities: int, one_table: int, proto_sample: int, results: dict[str, Any]) -> None:
+    """The real processes through the fault layer (counting only): see scripts/bench/gcp.py."""
+    import gcp  # scripts/bench/gcp.py
+
+    try:
+        results["gcp"] = gcp.measure(tmp, activities, per_body=max(50, activities // 40), one_table=one_table,
+                                     proto_sample=proto_sample, prototype=_bigquery_prototype, log=log)
+    except BaseException as exc:  # pytest.skip() (emulator unavailable) raises a BaseException subclass
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        results["gcp"] = {"error": f"not measured: {type(exc).__name__}: {exc}"[:500]}
+        log(f"  Google path not measured: {exc}")
+
+
 # ============================================================================ report
 
 
@@ -582,6 +599,27 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             proto_text, f"{proto_per_10k / max(1e-9, backlog['per_10k']):,.0f}x fewer", backlog["per_10k"] <= TARGETS["5_calls_per_10k"])
     elif bq:
         row("5 BigQuery API calls", bq["error"], "", "", None)
+    g = results.get("gcp")
+    if g and "error" not in g:
+        mixed, one, proto = g["mixed"], g["one_table"], g["prototype"]
+        row(f"6 pstest -> bqemulator: many messages per apply, one-table backlog of {one['messages']}",
+            f"{one['messages_per_apply']:.1f} ({one['applies']} applies); mixed backlog {mixed['messages_per_apply']:.1f}",
+            "prototype: 1 message per apply", f"{one['messages_per_apply']:.1f}x", one["messages_per_apply"] > 1)
+        row(f"6 pstest -> bqemulator: activities/s ({mixed['activities']:,} mixed activities, {mixed['messages']} messages)",
+            f"{mixed['activities_per_s']:,.0f} act/s ({mixed['seconds']:.1f} s)",
+            f"prototype pattern {proto['activities_per_s']:,.1f} act/s", f"{mixed['activities_per_s'] / max(1e-9, proto['activities_per_s']):,.0f}x", None)
+        row("6 API calls per 10,000 activities (REST + AppendRows, counted at the proxy)",
+            f"{mixed['calls_per_10k']:,.0f} ({mixed['query_jobs_per_10k']:,.0f} query jobs, {mixed['append_rows_connections']} AppendRows connections)",
+            f"prototype {proto['calls_per_10k']:,.0f}", f"{proto['calls_per_10k'] / max(1e-9, mixed['calls_per_10k']):,.0f}x fewer", None)
+        own = {k: v * 10_000 / max(1, mixed["activities"]) for k, v in mixed.get("subscriber_byte_counters", {}).items()}
+        own_text = "".join(f"; subscriber {k} {v / 1e6:,.1f} MB" for k, v in own.items())
+        row("6 bytes per 10,000 activities (job statistics; Google bills >= 10 MB per non-DDL query job)",
+            f"processed {mixed['bytes_processed_per_10k'] / 1e6:,.1f} MB (emulator statistics); billed >= "
+            f"{mixed['min_bytes_billed_per_10k'] / 1e6:,.0f} MB{own_text}",
+            f"prototype: processed {proto['bytes_processed_per_10k'] / 1e6:,.1f} MB; billed >= {proto['min_bytes_billed_per_10k'] / 1e6:,.0f} MB "
+            "(its ALTER jobs are DDL: not billed by bytes)", "", None)
+    elif g:
+        row("6 Google path (pstest -> bqemulator)", g["error"], "", "", None)
     return rows
 
 
@@ -636,6 +674,14 @@ METHOD = """
   tables; then the same mixed workload is applied as the subscriber would, once with 20 requests per
   pull (a backlog) and once with 1 request per pull. The prototype's pattern (list tables + ALTER job
   + streaming insert per activity) is run for real on a sample and scaled to 10,000.
+- **6 Google path.** `scripts/bench/gcp.py`: pstest and bqemulator behind the fault layer
+  (`tests/support/fault_proxy`, no fault armed: it counts REST calls by method and AppendRows requests, and
+  applies Pub/Sub's ordering rules pstest lacks). A mixed backlog is published with the subscriber stopped,
+  then the real subscriber drains it (clock: subscriber healthy -> every message acked); then a one-table
+  backlog of one-activity requests. Messages per apply come from the subscriber's `applied` log lines.
+  Bytes: job statistics seen at the proxy (bqemulator reports 0 processed), and Google's on-demand minimum
+  of 10 MB per query job as the least that would be billed. The prototype's pattern runs through the same
+  proxy on a sample (one message per apply by construction).
 """
 
 
@@ -693,7 +739,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="~2 minute smoke run (shorter loads, 200k backlog)")
-    p.add_argument("--only", default="api,drain,e2e,bigquery", help="comma-separated sections")
+    p.add_argument("--only", default="api,drain,e2e,bigquery,gcp", help="comma-separated sections")
     p.add_argument("--seconds", type=float, help="duration of each load (default 8, quick 3)")
     p.add_argument("--backlog", type=int, help="activities in the drain backlog (default 1,000,000, quick 200,000)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -703,7 +749,7 @@ def main() -> int:
     args = p.parse_args()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
-        rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k != "bigquery")})
+        rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k not in ("bigquery", "gcp"))})
         out = Path(args.out)
         write_report(results, rows, results.get("_meta", {"quick": False, "when": "?", "machine": "?"}), out, out.with_suffix(".png"))
         print_table(rows)
@@ -720,6 +766,7 @@ def main() -> int:
         ("drain", lambda: bench_drain(tmp, backlog, 5_000 if args.quick else 20_000, results)),
         ("e2e", lambda: bench_e2e(tmp, seconds * 2, _e2e_rate(results), results)),
         ("bigquery", lambda: bench_bigquery(tmp, 10_000, 50 if args.quick else 200, results)),
+        ("gcp", lambda: bench_gcp(tmp, 2_000 if args.quick else 10_000, 30 if args.quick else 60, 30 if args.quick else 100, results)),
     ]
     try:
         for name, fn in sections:
@@ -738,7 +785,7 @@ def main() -> int:
         else:
             log(f"kept {tmp}")
     results["total_seconds"] = round(time.monotonic() - started, 1)
-    rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k != "bigquery")})
+    rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k not in ("bigquery", "gcp"))})
     meta = {"quick": args.quick, "when": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"}
     out = Path(args.out)

@@ -13,6 +13,7 @@ Recovery times are measured for the report only; tests never assert on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -947,6 +948,301 @@ def _bqemulator_on(emu: Any):
     return cm
 
 
+# --------------------------------------------------------------------------- Google's behaviour, in front of the emulators
+#
+# The fault layer (`tests/support/fault_proxy`) sits between the processes and pstest /
+# bqemulator: BigQuery REST errors in Google's JSON shape, AppendRows refusing a new
+# column for a while, Pub/Sub ordering keys enforced, leases that expire and delivery
+# attempts counted with the subscription's dead-letter policy applied. Every fault is
+# armed by count (or seconds), so the scenarios are deterministic and take seconds.
+
+DEAD_LETTER_ATTEMPTS = 5  # Pub/Sub's minimum for a dead-letter policy
+# Fault counts are at least DEAD_LETTER_ATTEMPTS: a pipeline that spends one delivery per
+# transient error dead-letters healthy data; one that retries in place does not.
+
+
+@dataclass
+class GoogleStack:
+    """The processes, wired to the emulators through the fault layer."""
+
+    p: Pipeline
+    pstest: str  # upstream pstest address (the dead-letter subscription is read there, past the gate)
+    rest: Any  # fault_proxy.BigQueryRestProxy
+    storage_write: Any  # fault_proxy.StorageWriteFaults
+    gate: Any  # fault_proxy.OrderingGate
+    bq_grpc: Any  # fault_proxy.GrpcProxy (Storage Write)
+    ps_grpc: Any  # fault_proxy.GrpcProxy (Pub/Sub)
+    dataset: str
+    emulator: Any  # bqemulator.BqEmulator: the test's own reads go straight there, past the faults
+
+    def table(self, name: str) -> str:
+        return f"{self.dataset}.{name}"
+
+    def query(self, sql: str) -> list[tuple] | None:
+        """Rows of a query run directly on the emulator (not through the fault layer), None on error."""
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import bigquery
+
+        client = bigquery.Client(project=self.emulator.project, credentials=AnonymousCredentials(),
+                                 client_options=ClientOptions(api_endpoint=f"http://{self.emulator.rest}"))
+        try:
+            return [tuple(r.values()) for r in client.query_and_wait(sql)]
+        except Exception:
+            return None
+        finally:
+            client.close()
+
+    def marker_counts(self, tables: list[str]) -> dict[str, tuple[int, int]]:
+        """marker -> (rows, distinct ids) over the given tables of this stack's dataset."""
+        out: dict[str, tuple[int, int]] = {}
+        for t in tables:
+            for m, n, d in self.query(f"SELECT marker, count(*), count(DISTINCT id) FROM {self.table(t)} GROUP BY marker") or []:
+                n0, d0 = out.get(m, (0, 0))
+                out[m] = (n0 + int(n), d0 + int(d))
+        return out
+
+    def dead_letter_store(self) -> list[dict[str, Any]]:
+        return dead_letters(self.p)
+
+    def dead_letter_topic(self) -> list[dict[str, str]]:
+        """Messages on the dead-letter topic (read through its subscription, then released)."""
+        from google.cloud import pubsub_v1
+        from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+        import grpc
+
+        name = f"projects/{self.p.env['GCP_PROJECT']}/subscriptions/{self.p.env['PUBSUB_SUBSCRIPTION']}-dead-letter"
+        client = pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(self.pstest)))
+        try:
+            got = client.pull(request={"subscription": name, "max_messages": 1000}, timeout=10)  # pstest: waits 0.5 s at most
+            ids = [m.ack_id for m in got.received_messages]
+            if ids:
+                client.modify_ack_deadline(request={"subscription": name, "ack_ids": ids, "ack_deadline_seconds": 0})
+            return [dict(m.message.attributes) for m in got.received_messages]
+        finally:
+            client.close()
+
+    def applied_messages(self, table: str) -> list[int]:
+        """How many messages each logged apply of `table` carried, in order."""
+        return [int(e["messages"]) for e in log_events(self.p, "subscriber")
+                if e.get("msg") == "applied" and e.get("table") == table and "messages" in e]
+
+
+@contextlib.contextmanager
+def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_after: float | None = None,
+                 expiring_leases: int | None = None, **env: str) -> Iterator[GoogleStack]:
+    """pstest + the (shared) bqemulator, the fault proxies in front, the processes provisioned but not started."""
+    from tests.support.bqemulator import shared_emulator
+    from tests.support.fault_proxy import BigQueryRestProxy, GrpcProxy, OrderingGate, SchemaVisibility, StorageWriteFaults
+    from tests.support.pstest import running_pstest
+
+    with contextlib.ExitStack() as stack:
+        emu = shared_emulator()
+        pstest = stack.enter_context(running_pstest())
+        lag = SchemaVisibility(schema_lag_seconds)
+        rest = stack.enter_context(BigQueryRestProxy(emu.rest, schema=lag))
+        storage_write = StorageWriteFaults(lag)
+        bq_grpc = stack.enter_context(GrpcProxy(emu.grpc, storage_write=storage_write))
+        gate = OrderingGate(expire_leases_after=expire_leases_after, expiring_leases=expiring_leases)
+        stack.callback(gate.close)
+        ps_grpc = stack.enter_context(GrpcProxy(pstest, pubsub=gate))
+        suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+        dataset = f"faults_{suffix}"
+        p = _pipeline(
+            tmp, BROKER="pubsub", WAREHOUSE="bigquery", GCP_PROJECT=emu.project,
+            PUBSUB_EMULATOR_HOST=ps_grpc.address, PUBSUB_TOPIC=f"act-{suffix}", PUBSUB_SUBSCRIPTION=f"act-sub-{suffix}",
+            BIGQUERY_EMULATOR_HOST=rest.address, BIGQUERY_EMULATOR_GRPC_HOST=bq_grpc.address, BIGQUERY_DATASET=dataset,
+            ACK_DEADLINE_SECONDS="10", MAX_DELIVERY_ATTEMPTS=str(DEAD_LETTER_ATTEMPTS), RETRY_BACKOFF_MAX_SECONDS="1",
+            **env,
+        )  # fmt: skip
+        stack.callback(p.stop)
+        prov = p.cli("provision")
+        if prov.returncode != 0:
+            raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
+        rest.reset_counts()
+        yield GoogleStack(p, pstest, rest, storage_write, gate, bq_grpc, ps_grpc, dataset, emu)
+
+
+def _google_outcome(out: Outcome, g: GoogleStack, tables: list[str], expected: dict[str, int]) -> Outcome:
+    """Fill landed/lost/duplicated from marker counts and the dead letters from both places."""
+    counts = g.marker_counts(tables)
+    out.sent = out.accepted = sum(expected.values())
+    out.landed = sum(n for n, _ in counts.values())
+    out.duplicated = sum(n - d for n, d in counts.values())
+    out.lost = sum(max(0, want - counts.get(m, (0, 0))[1]) for m, want in expected.items())
+    out.data.update(
+        dead_letter_store=g.dead_letter_store(), dead_letter_topic=g.dead_letter_topic(),
+        gate_dead_lettered=list(g.gate.dead_lettered), faults=dict(g.rest.faults), calls=dict(g.rest.calls),
+        appends_refused=dict(g.storage_write.rejected), ordering_violations=list(g.gate.violations),
+        leases_expired=g.gate.expired, late_acks=g.gate.late_acks,
+    )  # fmt: skip
+    d = out.data
+    out.notes.append(
+        f"faults served {sum(d['faults'].values())} {dict(d['faults'])}, appends refused {sum(d['appends_refused'].values())}, "
+        f"leases expired {d['leases_expired']} (late acks dropped {d['late_acks']}); dead letters: store "
+        f"{len(d['dead_letter_store'])}, topic {len(d['dead_letter_topic'])}, by Pub/Sub's policy {len(d['gate_dead_lettered'])}"
+    )
+    return out
+
+
+def _post_ok(p: Pipeline, body: dict[str, Any]) -> None:
+    r = p.post(body)
+    if r.status_code != 200:
+        raise RuntimeError(f"batch refused: {r.status_code} {r.text}")
+
+
+def _wait_markers(g: GoogleStack, tables: list[str], expected: dict[str, int], timeout: float = 120) -> None:
+    """Until every marker has its rows (or something reached a dead-letter place: stop early, report it)."""
+
+    def done() -> bool:
+        counts = g.marker_counts(tables)
+        if all(counts.get(m, (0, 0))[1] >= n for m, n in expected.items()):
+            return True
+        return bool(g.gate.dead_lettered) or bool(g.dead_letter_store())
+
+    try:
+        wait_until(done, timeout=timeout, interval=0.5, what=f"markers {sorted(expected)} to land")
+    except AssertionError:
+        pass  # the outcome reports what is missing
+
+
+def _metric_mean(p: Pipeline, name: str) -> float:
+    """Mean of a Prometheus histogram/summary on the subscriber's /metrics (`_sum` / `_count`), 0 if absent."""
+    text = httpx.get(p.admin_url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith(name + suffix + " ") or line.startswith(name + suffix + "{"):
+                values[suffix] = values.get(suffix, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values["_sum"] / values["_count"] if values.get("_count") else 0.0
+
+
+def _note_body(table: str, first_id: int, n: int, marker: str) -> dict[str, Any]:
+    """n inserts that also carry a new column `note` (the table gets a column added)."""
+    return {"user_activities": [
+        activity("insert", table, ["id", "marker", "note"], ["integer", "string", "string"], [i, marker, f"n{i}"])
+        for i in range(first_id, first_id + n)
+    ]}
+
+
+@_timed
+def scenario_bigquery_quota(tmp: Path, reason: str = "quotaExceeded", times: int = 6) -> Outcome:
+    """BigQuery answers job and table calls with 403 quotaExceeded / rateLimitExceeded (Google's JSON)."""
+    from tests.support.fault_proxy import errors
+
+    error = errors.quota_exceeded() if reason == "quotaExceeded" else errors.rate_limit_exceeded()
+    out = Outcome(f"BigQuery 403 {reason}", f"{times} job/table calls answered 403 {reason} in Google's error shape")
+    table = "quota"
+    with google_stack(tmp) as g:
+        g.p.start("subscriber")
+        g.p.start("api")
+        _post_ok(g.p, rows_body(table, 0, 5, "before"))
+        _wait_markers(g, [table], {"before": 5})
+        g.rest.add(error, errors.QUERY_KINDS | errors.TABLE_UPDATE_KINDS | {"tables.get", "tables.insert"}, times=times)
+        _post_ok(g.p, _note_body(table, 100, 5, "during"))  # adds a column while the quota bites
+        _post_ok(g.p, rows_body(table, 200, 5, "after"))
+        expected = {"before": 5, "during": 5, "after": 5}
+        _wait_markers(g, [table], expected)
+        out.data["faults_left"] = sum(max(0, (r.times or 0) - r.hits) for r in g.rest.rules)
+        return _google_outcome(out, g, [table], expected)
+
+
+@_timed
+def scenario_bigquery_dml_queue(tmp: Path, queue_full: int = 3, concurrent: int = 2) -> Outcome:
+    """DELETE jobs fail with the DML queue's 400 resourcesExceeded, then with 'concurrent update'."""
+    from tests.support.fault_proxy import errors
+
+    out = Outcome("BigQuery DML queue full / concurrent update",
+                  f"{queue_full} DELETE jobs answered 'Too many DML statements outstanding', {concurrent} 'Could not serialize access'")
+    table = "dml"
+    with google_stack(tmp) as g:
+        g.p.start("subscriber")
+        g.p.start("api")
+        _post_ok(g.p, rows_body(table, 0, 6, "base"))
+        _wait_markers(g, [table], {"base": 6})
+        g.rest.add(errors.dml_queue_full(table), errors.QUERY_KINDS, times=queue_full, sql=r"^\s*DELETE\b")
+        g.rest.add(errors.concurrent_update(table), errors.QUERY_KINDS, times=concurrent, sql=r"^\s*DELETE\b")
+        # Ordered on one key: delete ids 0-2, then insert id 1 again; the end state depends on order.
+        for i in range(3):
+            _post_ok(g.p, {"user_activities": [activity("delete", table, ["id"], ["integer"], [i])]})
+        _post_ok(g.p, rows_body(table, 1, 1, "again"))
+        _post_ok(g.p, rows_body(table, 50, 2, "tail"))
+        _wait_markers(g, [table], {"again": 1, "tail": 2})
+        ids = lambda: sorted(r[0] for r in g.query(f"SELECT id FROM {g.table(table)}") or [])  # noqa: E731
+        try:
+            wait_until(lambda: ids() == [1, 3, 4, 5, 50, 51] or bool(g.dead_letter_store()) or bool(g.gate.dead_lettered),
+                       timeout=60, interval=0.5, what="the deletes to apply")
+        except AssertionError:
+            pass  # the outcome shows the ids
+        out.data["ids"] = ids()
+        return _google_outcome(out, g, [table], {"again": 1, "tail": 2, "base": 3})
+
+
+@_timed
+def scenario_new_column_not_yet_visible(tmp: Path, lag_seconds: float = 10.0) -> Outcome:
+    """A column is added; the write stream refuses rows carrying it for `lag_seconds` (SCHEMA_MISMATCH_EXTRA_FIELDS)."""
+    out = Outcome("Storage Write: new column not yet visible",
+                  f"AppendRows refuses rows with a just-added column for {lag_seconds:g} s, as Google's write stream does")
+    wide, other = "wide", "other"
+    with google_stack(tmp, schema_lag_seconds=lag_seconds) as g:
+        g.p.start("subscriber")
+        g.p.start("api")
+        _post_ok(g.p, rows_body(wide, 0, 3, "before"))
+        _wait_markers(g, [wide], {"before": 3})
+        _post_ok(g.p, _note_body(wide, 100, 4, "with_note"))
+        _post_ok(g.p, rows_body(other, 500, 3, "other"))
+        _post_ok(g.p, rows_body(wide, 200, 2, "after_note"))
+        expected = {"before": 3, "with_note": 4, "after_note": 2, "other": 3}
+        _wait_markers(g, [other], {"other": 3}, timeout=60)
+        # Did the other table go on while `wide` waited for its column? (no clock: the lag's own state)
+        out.data["other_landed_while_column_hidden"] = bool(g.storage_write.visibility.hidden(g.dataset, wide, ["note"]))
+        _wait_markers(g, [wide, other], expected)
+        out.data["added"] = sorted(g.storage_write.visibility.added(g.dataset, wide))
+        notes = g.query(f"SELECT count(*) FROM {g.table(wide)} WHERE note IS NOT NULL") or [(0,)]
+        out.data["notes_landed"] = int(notes[0][0])
+        return _google_outcome(out, g, [wide, other], expected)
+
+
+@_timed
+def scenario_lease_expiry(tmp: Path, lease_seconds: float = 2.0, slow_seconds: float = 4.0) -> Outcome:
+    """The first lease runs out while BigQuery is slow: the late ack is dropped and the message comes back."""
+    out = Outcome("Pub/Sub lease expired during a slow apply",
+                  f"first delivery's lease capped at {lease_seconds:g} s while a BigQuery call takes {slow_seconds:g} s")
+    table = "lease_t"
+    with google_stack(tmp, expire_leases_after=lease_seconds, expiring_leases=1) as g:
+        g.p.start("subscriber")
+        g.p.start("api")
+        # the first call of the first apply that names the table (not the subscriber's start-up calls)
+        g.rest.add(None, {"jobs.insert", "jobs.query", "tables.get", "tables.insert"}, times=1, delay=slow_seconds,
+                   target=r"\blease_t\b")
+        _post_ok(g.p, rows_body(table, 0, 5, "slow"))
+        _post_ok(g.p, rows_body(table, 10, 5, "next"))
+        expected = {"slow": 5, "next": 5}
+        _wait_markers(g, [table], expected)
+        # the redelivery and the late ack happen after the rows landed: give them a moment
+        wait_until(lambda: g.gate.expired >= 1, timeout=30, interval=0.2, what="the lease to expire")
+        time.sleep(2)
+        return _google_outcome(out, g, [table], expected)
+
+
+@_timed
+def scenario_one_table_backlog(tmp: Path, messages: int = 60) -> Outcome:
+    """A backlog of one table (one message per request, published while the subscriber is stopped) drains."""
+    out = Outcome("One-table backlog under ordering", f"{messages} messages for one table published while the subscriber is down")
+    table = "backlog"
+    with google_stack(tmp) as g:
+        g.p.start("api")
+        for i in range(messages):
+            _post_ok(g.p, rows_body(table, i, 1, f"b{i}"))
+        g.p.start("subscriber")
+        expected = {f"b{i}": 1 for i in range(messages)}
+        _wait_markers(g, [table], expected, timeout=240)
+        applies = g.applied_messages(table)
+        per_apply = (sum(applies) / len(applies)) if applies else _metric_mean(g.p, "pipeline_messages_per_apply")
+        out.data.update(applies=len(applies), messages_per_apply=per_apply, max_per_pull=g.gate.max_messages_per_key_per_pull)
+        return _google_outcome(out, g, [table], expected)
+
+
 # --------------------------------------------------------------------------- registry
 
 LOCAL_SCENARIOS: dict[str, Callable[[Path], Outcome]] = {
@@ -962,6 +1258,12 @@ LOCAL_SCENARIOS: dict[str, Callable[[Path], Outcome]] = {
 GCP_SCENARIOS: dict[str, Callable[[Path], Outcome]] = {
     "pubsub_down": scenario_pubsub_down,
     "bigquery_down": scenario_bigquery_down,
+    "bigquery_quota": scenario_bigquery_quota,
+    "bigquery_rate_limit": lambda tmp: scenario_bigquery_quota(tmp, reason="rateLimitExceeded"),
+    "bigquery_dml_queue": scenario_bigquery_dml_queue,
+    "new_column_not_yet_visible": scenario_new_column_not_yet_visible,
+    "lease_expiry": scenario_lease_expiry,
+    "one_table_backlog": scenario_one_table_backlog,
 }
 
 

@@ -1,0 +1,188 @@
+"""Storage Write API faults: a new column stays invisible to the write stream for a while.
+
+Google: after a column is added to a table, the Storage Write API accepts rows with it
+only "after some time (in order of minutes)"
+(https://cloud.google.com/java/docs/reference/google-cloud-bigquerystorage/latest/com.google.cloud.bigquery.storage.v1.SchemaAwareStreamWriter;
+the client issue https://github.com/googleapis/java-bigquerystorage/issues/1465). Until then
+an append whose writer schema has the new field is refused with
+`SCHEMA_MISMATCH_EXTRA_FIELDS`. It reaches the client as the `AppendRowsResponse.error`
+of that request ("If present, it indicates rows were not accepted into the system. Users
+can retry or continue with other append requests within the same connection":
+https://cloud.google.com/python/docs/reference/bigquerystorage/latest/google.cloud.bigquery_storage_v1.types.AppendRowsResponse):
+a `google.rpc.Status` with code INVALID_ARGUMENT (3), message "Input schema has more
+fields than BigQuery schema, extra fields: '<name>'", and a `StorageError` (code
+`SCHEMA_MISMATCH_EXTRA_FIELDS` = 7, entity = the stream) packed in its `details`
+(`google.cloud.bigquery_storage_v1.types.StorageError`: "can be attached as error details
+in the returned rpc Status"; the Java client raises it as
+`Exceptions.SchemaMismatchedException`, as users report:
+https://github.com/memiiso/debezium-server-bigquery/issues/268). The connection stays open.
+
+`SchemaVisibility` records when each column was added (fed by the REST proxy, or armed
+by a test) and hides it for `lag_seconds`; `StorageWriteFaults` serves AppendRows
+through the gRPC proxy, answering requests whose writer schema names a hidden column
+with that error and forwarding the others to the emulator on one upstream stream per
+client stream (one request, one response, in order, as AppendRows answers).
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import grpc
+
+APPEND_ROWS = "/google.cloud.bigquery.storage.v1.BigQueryWrite/AppendRows"
+_STREAM = re.compile(r"projects/[^/]+/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)/streams/")
+
+
+class SchemaVisibility:
+    """When columns were added, and whether the write stream sees them yet."""
+
+    def __init__(self, lag_seconds: float = 0.0) -> None:
+        self.lag_seconds = lag_seconds
+        self._added: dict[tuple[str, str], dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def columns_added(self, dataset: str, table: str, columns: set[str] | list[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            known = self._added.setdefault((dataset, table.lower()), {})
+            for c in columns:
+                known.setdefault(c.lower(), now)
+
+    def added(self, dataset: str, table: str) -> set[str]:
+        with self._lock:
+            return set(self._added.get((dataset, table.lower()), {}))
+
+    def hidden(self, dataset: str, table: str, columns: list[str]) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            added = self._added.get((dataset, table.lower()), {})
+            return [c for c in columns if c.lower() in added and now - added[c.lower()] < self.lag_seconds]
+
+
+class StorageWriteFaults:
+    """AppendRows with Google's schema-update lag; every other Write method is forwarded."""
+
+    def __init__(self, visibility: SchemaVisibility) -> None:
+        self.visibility = visibility
+        self.rejected: Counter[str] = Counter()  # table -> appends refused for a hidden column
+        self.requests = 0  # AppendRows requests seen
+        self.streams = 0  # AppendRows calls (connections) opened
+        self._lock = threading.Lock()
+
+    def handlers(self, channel: grpc.Channel, metadata: Callable[[grpc.ServicerContext], list]) -> dict[str, grpc.RpcMethodHandler]:
+        def append_rows(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            yield from self._append_rows(channel, metadata(context), requests, context)
+
+        return {APPEND_ROWS: grpc.stream_stream_rpc_method_handler(append_rows)}
+
+    def _append_rows(self, channel: grpc.Channel, md: list, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        from google.cloud.bigquery_storage_v1 import types
+
+        with self._lock:
+            self.streams += 1
+        upstream = _Upstream(channel, md, context)
+        stream_name = ""
+        schema: tuple[str, Any] | None = None  # ("arrow_rows"|"proto_rows", writer schema message)
+        columns: list[str] = []
+        try:
+            for raw in requests:
+                with self._lock:
+                    self.requests += 1
+                req = types.AppendRowsRequest.pb().FromString(raw)
+                stream_name = req.write_stream or stream_name
+                found = _writer_schema(req)
+                if found is not None:
+                    schema, columns = found
+                m = _STREAM.match(stream_name)
+                hidden = self.visibility.hidden(m["dataset"], m["table"], columns) if m else []
+                if hidden:
+                    with self._lock:
+                        self.rejected[m["table"]] += 1
+                    yield _schema_mismatch(stream_name, hidden)
+                    continue
+                if not upstream.opened:  # the first forwarded request must name the stream and schema
+                    if not req.write_stream:
+                        req.write_stream = stream_name
+                    if found is None and schema is not None:
+                        getattr(req, schema[0]).writer_schema.CopyFrom(schema[1])
+                    raw = req.SerializeToString()
+                yield upstream.send(raw)
+        finally:
+            upstream.close()
+
+
+class _Upstream:
+    """One AppendRows call to the emulator, fed one request at a time."""
+
+    def __init__(self, channel: grpc.Channel, md: list, context: grpc.ServicerContext) -> None:
+        self._channel, self._md, self._context = channel, md, context
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._responses: Iterator[bytes] | None = None
+        self._call: Any = None
+
+    @property
+    def opened(self) -> bool:
+        return self._call is not None
+
+    def send(self, raw: bytes) -> bytes:
+        if self._call is None:
+            self._call = self._channel.stream_stream(APPEND_ROWS)(iter(self._queue.get, None), metadata=self._md)
+            self._responses = iter(self._call)
+        self._queue.put(raw)
+        try:
+            return next(self._responses)  # type: ignore[arg-type]
+        except grpc.RpcError as err:
+            abort_like(self._context, err)
+        except StopIteration:
+            self._context.abort(grpc.StatusCode.UNAVAILABLE, "upstream AppendRows stream ended")
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._queue.put(None)
+        if self._call is not None:
+            self._call.cancel()
+
+
+def _writer_schema(req: Any) -> tuple[tuple[str, Any], list[str]] | None:
+    """(("arrow_rows"|"proto_rows", writer schema), column names) if this request carries one."""
+    if req.HasField("arrow_rows") and req.arrow_rows.HasField("writer_schema"):
+        import pyarrow as pa
+
+        names = pa.ipc.read_schema(pa.py_buffer(req.arrow_rows.writer_schema.serialized_schema)).names
+        return ("arrow_rows", req.arrow_rows.writer_schema), list(names)
+    if req.HasField("proto_rows") and req.proto_rows.HasField("writer_schema"):
+        names = [f.name for f in req.proto_rows.writer_schema.proto_descriptor.field]
+        return ("proto_rows", req.proto_rows.writer_schema), names
+    return None
+
+
+def _schema_mismatch(stream: str, hidden: list[str]) -> bytes:
+    from google.cloud.bigquery_storage_v1 import types
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, status_pb2
+
+    message = "Input schema has more fields than BigQuery schema, extra fields: " + ", ".join(f"'{c}'" for c in hidden)
+    detail = any_pb2.Any()
+    detail.Pack(
+        types.StorageError.pb()(
+            code=types.StorageError.StorageErrorCode.SCHEMA_MISMATCH_EXTRA_FIELDS, entity=stream, error_message=message
+        )
+    )
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    return types.AppendRowsResponse.pb()(error=status, write_stream=stream).SerializeToString()
+
+
+def abort_like(context: grpc.ServicerContext, err: grpc.RpcError) -> None:
+    """End the proxied call with the upstream call's status, details and trailers."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNAVAILABLE
+    details = err.details() if hasattr(err, "details") else str(err)
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    if trailers:
+        context.set_trailing_metadata([(k, v) for k, v in trailers if not k.startswith(":")])
+    context.abort(code or grpc.StatusCode.UNKNOWN, details or "")
