@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import copy
 import string
 
@@ -361,17 +363,25 @@ def test_record_depth():
     assert info.value.message == "user_activities[0].col_values[0] nests deeper than 15 levels"
 
 
-def test_record_not_object():
-    details = problems(body(activity(col_names=["r"], col_types=["record"], col_values=[[1, 2]])))
-    assert details == [
-        {"loc": "user_activities[0].col_values[0]", "message": "expected a JSON object for record, got a list of 2 items"}
-    ]
+def test_record_any_json_value_and_json_text():
+    a = activity(col_names=["a", "b", "c"], col_types=["record"] * 3, col_values=[[1, 2], '{"k": [1]}', 7])
+    assert validate(body(a))[0].col_values == [[1, 2], {"k": [1]}, 7]
+
+
+def test_record_json_text_limits_apply_to_the_decoded_value():
+    deep = activity(col_names=["r"], col_types=["record"], col_values=[json.dumps(nested(16))])
+    with pytest.raises(LimitExceeded) as info:
+        validate(body(deep), max_record_depth=15)
+    assert info.value.limit_name == "max_record_depth"
+    big = activity(col_names=["r"], col_types=["record"], col_values=[json.dumps(["x" * 100])])
+    with pytest.raises(LimitExceeded):
+        validate(body(big), max_value_bytes=50)
 
 
 def test_record_unrepresentable():
     details = problems(body(activity(col_names=["r"], col_types=["record"], col_values=[{"big": 2**70}])))
     assert [d["loc"] for d in details] == ["user_activities[0].col_values[0]"]
-    assert "cannot be carried as JSON" in details[0]["message"]
+    assert "1180591620717411303424 is outside the range a JSON column keeps exactly" in details[0]["message"]
 
 
 # --- OpenAPI models ---
