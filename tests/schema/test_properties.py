@@ -9,8 +9,11 @@ For every one of the 13 types:
   200 or a 4xx whose details name the field (`user_activities[0].col_values[1]`), never
   a 5xx, and the API's verdict is the validator's.
 
-Bodies go through `orjson.dumps`/`loads` first, so the validator sees what it would see
-from the wire (no NaN floats, big integers as JSON text). Example counts are bounded.
+Bodies go through `json.dumps` and the API's own decoder (`loads_exact`) first, so the
+validator sees what it would see from the wire. The accepted forms include every
+BigQuery JSON-ingestion form of each type (epoch-second and zoned timestamps, one-digit
+date parts, `str(float)` non-finite floats, records as JSON text or any JSON value ...).
+Example counts are bounded; the BigQuery (bqemulator) round trip runs a few examples.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from app.api.app import create_app
 from app.schema.types import TYPE_NAMES
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
+from app.schema.values import loads_exact
 from app.settings import Settings
 from app.warehouse.base import Envelope
 from app.warehouse.duckdb import DuckDBWarehouse
@@ -57,6 +61,34 @@ json_values = st.recursive(
 junk = json_values.map(lambda v: (v, None))
 
 tz_offsets = st.integers(-(23 * 60 + 59), 23 * 60 + 59).map(lambda m: dt.timezone(dt.timedelta(minutes=m)))
+ZONE_NAMES = ["UTC", "America/Los_Angeles", "Europe/Berlin", "Asia/Kolkata", "Australia/Lord_Howe", "Pacific/Chatham"]
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _bq_timestamp_text(d: dt.datetime) -> str:
+    """BigQuery's canonical form with one-digit parts where possible and a varying zone spelling."""
+    frac = f".{d.microsecond:06d}".rstrip("0") if d.microsecond else ""
+    return f"{d.year:04d}-{d.month}-{d.day} {d.hour}:{d.minute}:{d.second}{frac}"
+
+
+def _offset_text(d: dt.datetime) -> str:
+    minutes = int(d.utcoffset().total_seconds() // 60)
+    sign, minutes = ("-", -minutes) if minutes < 0 else ("+", minutes)
+    return f"{sign}{minutes // 60}" + (f":{minutes % 60}" if minutes % 60 else "")
+
+
+def _zoned(d: dt.datetime, zone: str):
+    from zoneinfo import ZoneInfo
+
+    local = d.replace(tzinfo=ZoneInfo(zone))  # fold=0, as BigQuery reads an ambiguous wall time
+    return (_bq_timestamp_text(d) + " " + zone, local.astimezone(UTC))
+
+
+def _epoch(micros: int):
+    seconds = Decimal(micros).scaleb(-6)
+    wire_value = int(seconds) if micros % 1_000_000 == 0 else float(seconds)
+    assume(wire_value == seconds)  # the float written must be the instant (json.dumps writes repr)
+    return (wire_value, EPOCH + dt.timedelta(microseconds=micros))
 
 
 def _decimal_text(max_int: int, max_frac: int):
@@ -82,21 +114,48 @@ def _geo():
 VALID: dict[str, Any] = {
     "string": st.text(max_size=200).map(lambda s: (s, s)),
     "bytes": st.binary(max_size=200).map(lambda b: (base64.b64encode(b).decode(), b)),
-    "integer": st.integers(-(2**63), 2**63 - 1).flatmap(lambda n: st.sampled_from([(n, n), (str(n), n)])),
+    "integer": st.integers(-(2**63), 2**63 - 1).flatmap(lambda n: st.sampled_from([(n, n), (str(n), n)]))
+    | st.integers(-(2**53), 2**53).map(lambda n: (float(n), n)),  # 2.0, 1e3: numbers by value
     "float": st.floats(allow_nan=False, allow_infinity=False).map(lambda f: (f, f))
-    | st.sampled_from([("NaN", "NaN"), ("Infinity", math.inf), ("-Infinity", -math.inf)]),
+    | st.floats(allow_nan=False, allow_infinity=False).map(lambda f: (str(f), f))
+    | st.sampled_from(
+        [("NaN", "NaN"), ("Infinity", math.inf), ("-Infinity", -math.inf), ("nan", "NaN"), ("inf", math.inf),
+         ("-inf", -math.inf), ("+INF", math.inf), ("-Infinity", -math.inf)]
+    ),
     "numeric": _decimal_text(29, 9),
     "bignumeric": _decimal_text(38, 38),
     "boolean": st.booleans().map(lambda b: (b, b)) | st.sampled_from([("true", True), ("FALSE", False), ("True", True)]),
     "timestamp": st.datetimes(min_value=dt.datetime(2, 1, 1), max_value=dt.datetime(9998, 12, 31), timezones=tz_offsets).flatmap(
         lambda d: st.sampled_from([(d.isoformat(), d), (d.isoformat(sep=" "), d)])
     )
-    | st.datetimes(min_value=dt.datetime(1, 1, 2)).map(lambda d: (d.isoformat(), d.replace(tzinfo=UTC))),
-    "date": st.dates().map(lambda d: (d.isoformat(), d)),
-    "time": st.times().map(lambda t: (t.isoformat(), t)),
-    "datetime": st.datetimes().flatmap(lambda d: st.sampled_from([(d.isoformat(), d), (d.isoformat(sep=" "), d)])),
+    | st.datetimes(min_value=dt.datetime(1, 1, 2)).map(lambda d: (d.isoformat(), d.replace(tzinfo=UTC)))
+    | st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9998, 12, 31)).flatmap(
+        lambda d: st.sampled_from([_bq_timestamp_text(d) + " UTC", _bq_timestamp_text(d) + "Z"]).map(
+            lambda text: (text, d.replace(tzinfo=UTC))
+        )
+    )
+    | st.datetimes(min_value=dt.datetime(2, 1, 1), max_value=dt.datetime(9998, 12, 31), timezones=tz_offsets).map(
+        lambda d: (_bq_timestamp_text(d) + _offset_text(d), d)
+    )
+    | st.tuples(st.datetimes(min_value=dt.datetime(2, 1, 1), max_value=dt.datetime(9998, 12, 31)), st.sampled_from(ZONE_NAMES)).map(
+        lambda t: _zoned(*t)
+    )
+    | st.integers(-62135596800 * 10**6, 253402300799 * 10**6 + 999999).map(_epoch)
+    | st.dates().map(lambda d: (d.isoformat(), dt.datetime(d.year, d.month, d.day, tzinfo=UTC))),
+    "date": st.dates().flatmap(lambda d: st.sampled_from([(d.isoformat(), d), (f"{d.year:04d}-{d.month}-{d.day}", d)])),
+    "time": st.times().flatmap(
+        lambda t: st.sampled_from([(t.isoformat(), t), (f"{t.hour}:{t.minute}:{t.second}" + (f".{t.microsecond:06d}" if t.microsecond else ""), t)])
+    ),
+    "datetime": st.datetimes().flatmap(
+        lambda d: st.sampled_from([(d.isoformat(), d), (d.isoformat(sep=" "), d), (_bq_timestamp_text(d), d)])
+    )
+    | st.dates().map(lambda d: (d.isoformat(), dt.datetime(d.year, d.month, d.day))),
     "geography": _geo(),
-    "record": st.dictionaries(st.text(max_size=10), json_values, max_size=5).map(lambda d: (d, d)),
+    # any JSON value but null and a bare string, as itself or as JSON text (json.dumps, what
+    # the official client sends); integers up to UINT64 and floats are kept exactly
+    "record": (st.dictionaries(st.text(max_size=10), json_values, max_size=5) | st.lists(json_values, max_size=4)
+               | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.booleans())
+    .flatmap(lambda d: st.sampled_from([(d, d), (json.dumps(d), d)])),
 }
 # Near misses per type: values of the wrong shape that must be refused or parsed right.
 NEAR: dict[str, Any] = {
@@ -116,12 +175,17 @@ NEAR: dict[str, Any] = {
 }
 
 
-def wire(value: Any) -> Any:
-    """The value as the API would decode it from JSON."""
+def wire_text(value: Any) -> str:
+    """The value as a client's JSON encoder writes it (Python's json: floats as repr)."""
     try:
-        return orjson.loads(orjson.dumps(value))
-    except (TypeError, orjson.JSONEncodeError):
-        assume(False)  # not representable in JSON (e.g. an int beyond 64 bits)
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        assume(False)  # NaN / Infinity floats are not JSON
+
+
+def wire(value: Any) -> Any:
+    """The value as the API decodes it from JSON."""
+    return loads_exact(wire_text(value))
 
 
 def body_for(typ: str, value: Any, table: str = "props", row_id: int = 0) -> dict:
@@ -181,8 +245,6 @@ def test_every_accepted_value_lands_in_duckdb_and_reads_back_equal(typ, warehous
     @given(VALID[typ])
     def check(pair):
         raw, expected = pair
-        if typ == "record":
-            expected = wire(raw)  # JSON has no inf: the client's encoder sends null
         row_id = next(_ids)
         body = wire(body_for(typ, raw, table, row_id))
         activities = validator_accepts(body)
@@ -226,8 +288,9 @@ def test_api_answers_200_or_a_4xx_naming_the_field(typ, client):
     @PROPS
     @given(VALID[typ].map(lambda p: p[0]) | NEAR[typ] | junk.map(lambda p: p[0]))
     def check(raw):
-        body = wire(body_for(typ, raw))
-        r = client.post("/api-log/v1/", content=orjson.dumps(body), headers={"content-type": "application/json"})
+        text = wire_text(body_for(typ, raw))
+        body = loads_exact(text)
+        r = client.post("/api-log/v1/", content=text, headers={"content-type": "application/json"})
         accepted = validator_accepts(body) is not None
         if accepted:
             assert r.status_code == 200, (raw, r.text)
