@@ -757,3 +757,154 @@ def test_fuzz_normalizers_raise_only_value_error(value, type_name):
         assert str(exc)
     else:
         assert normalize(result) == result or result != result
+
+
+# --- what real serializers send ---------------------------------------------------
+#
+# A client of the prototype sent whatever its serializer produced for BigQuery; each of
+# these forms must be accepted with its exact meaning (or, where BigQuery itself has no
+# place for the value, refused with a reason).
+
+
+def _official_client_row(values: dict[str, object]) -> dict[str, object]:
+    """What google-cloud-bigquery's `Client.insert_rows` sends for one row (as JSON on the wire)."""
+    import json
+
+    from google.cloud.bigquery import SchemaField
+    from google.cloud.bigquery._helpers import _record_field_to_json  # what insert_rows calls
+
+    schema = [SchemaField(name, TYPES[name].bigquery_type) for name in values]
+    return v.loads_exact(json.dumps(_record_field_to_json(schema, values)).encode())
+
+
+def test_official_python_client_rows_are_accepted_exactly():
+    import datetime as dt
+    from decimal import Decimal
+
+    la = dt.timezone(dt.timedelta(hours=-7))
+    row = {
+        "string": "logged in",
+        "bytes": b"\x00\xffhello",
+        "integer": 9223372036854775807,
+        "float": 0.1,
+        "numeric": Decimal("12345678901234567890.123456789"),
+        "bignumeric": Decimal("-1234567890123456789012345678901234567.89"),
+        "boolean": False,
+        "timestamp": dt.datetime(2021, 3, 29, 23, 12, 44, 123456, tzinfo=la),
+        "date": dt.date(2021, 3, 5),
+        "time": dt.time(6, 12, 44, 500),
+        "datetime": dt.datetime(2021, 3, 30, 6, 12, 44),
+        "geography": "POINT(-122.35 37.55)",
+        "record": {"a": 12345678901234567890, "b": [1.5, None, True], "c": {"d": "e"}},
+    }
+    sent = _official_client_row(row)
+    assert sent["integer"] == "9223372036854775807" and sent["boolean"] == "false"  # strings on the wire
+    assert isinstance(sent["record"], str)  # json.dumps text
+    canonical = {name: TYPES[name].normalize(value) for name, value in sent.items()}
+    assert canonical == {
+        "string": "logged in",
+        "bytes": "AP9oZWxsbw==",
+        "integer": 9223372036854775807,
+        "float": 0.1,
+        "numeric": "12345678901234567890.123456789",
+        "bignumeric": "-1234567890123456789012345678901234567.89",
+        "boolean": False,
+        "timestamp": "2021-03-30T06:12:44.123456Z",
+        "date": "2021-03-05",
+        "time": "06:12:44.000500",
+        "datetime": "2021-03-30T06:12:44",
+        "geography": "POINT (-122.35 37.55)",
+        "record": {"a": 12345678901234567890, "b": [1.5, None, True], "c": {"d": "e"}},
+    }
+
+
+@pytest.mark.parametrize(
+    "value, expected", [(math.inf, "Infinity"), (-math.inf, "-Infinity"), (math.nan, "NaN"), (-0.0, -0.0), (1e300, 1e300)]
+)
+def test_official_python_client_floats(value, expected):
+    sent = _official_client_row({"float": value})["float"]
+    assert v.normalize_float(sent) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"k": "v"}, [1, 2, 3], 42, 2.5, True, {"big": 18446744073709551615, "neg": -9223372036854775808}, {"n": None}],
+)
+def test_official_python_client_json_columns(value):
+    sent = _official_client_row({"record": value})["record"]
+    assert v.normalize_record(sent) == value
+
+
+def test_official_python_client_json_column_with_an_integer_beyond_64_bits_is_refused():
+    # BigQuery's JSON type refuses it too (wide_number_mode 'exact'); it is never rounded
+    sent = _official_client_row({"record": {"a": 12345678901234567890123}})["record"]
+    refused(v.normalize_record, sent, "12345678901234567890123 is outside the range")
+
+
+@pytest.mark.parametrize(
+    "seconds, expected",
+    [
+        # google-cloud-bigquery 1.x sent timestamps as float epoch seconds (micros * 1e-6)
+        (1617084764123456 * 1e-6, "2021-03-30T06:12:44.123456Z"),
+        (1617084764 * 1.0, "2021-03-30T06:12:44.000000Z"),
+        (-1 * 1e-6, "1969-12-31T23:59:59.999999Z"),
+    ],
+)
+def test_python_client_1x_float_timestamps(seconds, expected):
+    import json
+
+    assert v.normalize_timestamp(v.loads_exact(json.dumps([seconds]).encode())[0]) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # Python: datetime.isoformat(), with and without zone and microseconds
+        ("2021-03-30T06:12:44", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30T06:12:44.123456", "2021-03-30T06:12:44.123456Z"),
+        ("2021-03-30T06:12:44+00:00", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30T06:12:44.000001+05:30", "2021-03-30T00:42:44.000001Z"),
+        ("2021-03-30 06:12:44.5-07:00", "2021-03-30T13:12:44.500000Z"),  # isoformat(sep=" ")
+        # JavaScript: Date.prototype.toISOString()
+        ("2021-03-30T06:12:44.123Z", "2021-03-30T06:12:44.123000Z"),
+        ("2021-03-30T06:12:44.000Z", "2021-03-30T06:12:44.000000Z"),
+        # Go: time.RFC3339 and time.RFC3339Nano (trailing zeros trimmed)
+        ("2021-03-30T06:12:44Z", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30T06:12:44.123456Z", "2021-03-30T06:12:44.123456Z"),
+        ("2021-03-30T06:12:44.1234+02:00", "2021-03-30T04:12:44.123400Z"),
+        ("2021-03-30T06:12:44.123456000Z", "2021-03-30T06:12:44.123456Z"),  # Java Instant with nanos
+        # BigQuery's own output (query results, bq extract, the console)
+        ("2021-03-30 06:12:44 UTC", "2021-03-30T06:12:44.000000Z"),
+        ("2021-03-30 06:12:44.123456 UTC", "2021-03-30T06:12:44.123456Z"),
+    ],
+)
+def test_serializer_timestamps(text, expected):
+    assert v.normalize_timestamp(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        # Go RFC3339Nano with nanoseconds: TIMESTAMP keeps microseconds; refused, not truncated
+        ("2021-03-30T06:12:44.123456789Z", "sub-microsecond"),
+        # JavaScript's extended years are beyond BigQuery's range
+        ("+275760-09-13T00:00:00.000Z", "expected a timestamp"),
+    ],
+)
+def test_serializer_timestamps_refused(text, fragment):
+    refused(v.normalize_timestamp, text, fragment)
+
+
+@pytest.mark.parametrize(
+    "normalize, text, expected",
+    [
+        (v.normalize_date, "2021-03-30", "2021-03-30"),  # date.isoformat()
+        (v.normalize_time, "06:12:44.123456", "06:12:44.123456"),  # time.isoformat()
+        (v.normalize_time, "06:12:44", "06:12:44"),
+        (v.normalize_datetime, "2021-03-30T06:12:44.123456", "2021-03-30T06:12:44.123456"),  # naive isoformat()
+        (v.normalize_float, "1e+21", 1e21),  # JavaScript / Go spell big floats with an exponent
+        (v.normalize_float, "1e-07", 1e-07),
+    ],
+)
+def test_serializer_civil_forms(normalize, text, expected):
+    assert normalize(text) == expected
