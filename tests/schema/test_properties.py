@@ -385,3 +385,45 @@ def test_every_accepted_value_reads_back_equal_on_bigquery(bigquery):
             assert _same_on_bigquery(typ, expected, got), f"{typ}: sent {row[typ][0]!r}, meant {expected!r}, read back {got!r}"
 
     check()
+
+
+# --------------------------------------------------------------------------- exact numbers end to end
+
+EXACT_BODY = (
+    b'{"user_activities": [{"operation": "insert", "table": "exact", "col_names": ["id", "n", "r", "ts", "i"],'
+    b' "col_types": ["integer", "numeric", "record", "timestamp", "integer"], "col_values": [1,'
+    b' 12345678901234567890.123456789, {"u": 18446744073709551615, "f": 0.30000000000000004, "l": [1, -2]},'
+    b' 1617084764.5, 9223372036854775807.0]}]}'
+)
+
+
+def test_numbers_from_the_wire_land_exactly(warehouse):
+    activities = validator_accepts(loads_exact(EXACT_BODY))
+    assert activities is not None
+    result = warehouse.apply("exact", [Envelope("exact:1", "exact", activities)])
+    assert result.rows_inserted == 1, result
+    _, rows = warehouse.query("SELECT CAST(n AS VARCHAR), CAST(r AS VARCHAR), ts, i FROM exact")
+    n, r, ts, i = rows[0]
+    assert Decimal(n) == Decimal("12345678901234567890.123456789")
+    assert json.loads(r) == {"u": 18446744073709551615, "f": 0.30000000000000004, "l": [1, -2]}
+    assert ts == dt.datetime(2021, 3, 30, 6, 12, 44, 500000, tzinfo=UTC)
+    assert i == 9223372036854775807
+
+
+@pytest.mark.parametrize(
+    "record, fragment",
+    [
+        (b'{"a": 12345678901234567890123}', "12345678901234567890123 is outside the range"),
+        (b'{"a": 1.10000000000000000000035}', "1.10000000000000000000035 has more digits"),
+        (b'"{\\"a\\": 12345678901234567890123}"', "12345678901234567890123 is outside the range"),  # as JSON text
+    ],
+)
+def test_api_refuses_a_record_number_it_cannot_keep(client, record, fragment):
+    body = (
+        b'{"user_activities": [{"operation": "insert", "table": "t", "col_names": ["r"], "col_types": ["record"],'
+        b' "col_values": [' + record + b"]}]}"
+    )
+    r = client.post("/api-log/v1/", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    [detail] = r.json()["details"]
+    assert detail["loc"] == "user_activities[0].col_values[0]" and fragment in detail["message"], detail
