@@ -308,7 +308,7 @@ def normalize_record(value: Any) -> Any:
     problem = _find_inexact(value)
     if problem is None:  # pragma: no cover - orjson and the walk disagree
         raise ValueError("the record cannot be carried as JSON")
-    raise ValueError(f"record {problem}")
+    raise ValueError(f"record: {problem}")
 
 
 # --- integer / float / boolean ----------------------------------------------------
