@@ -749,7 +749,7 @@ def normalize_geography(value: Any) -> str:
             geom = _geometry_from_geojson(obj)
         elif _HEX.match(text) is not None:
             # Hex-encoded WKB, as BigQuery loads it from JSON and CSV:
-            # https://cloud.google.com/bigquery/docs/geospatial-data#loading_geospatial_data
+            # https://cloud.google.com/bigquery/docs/geospatial-data (WKB "can be hex encoded" in JSON)
             try:
                 geom = shapely.wkb.loads(text, hex=True)
             except Exception as exc:

@@ -564,6 +564,8 @@ def test_datetime_refused(value, fragment):
         ("LINESTRING (0 0, 1 1)", "LINESTRING (0 0, 1 1)"),
         ("POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))", "POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))"),
         ({"type": "Point", "coordinates": [1.5, -2]}, "POINT (1.5 -2)"),
+        ("0101000000000000000000F03F0000000000000040", "POINT (1 2)"),  # hex WKB, little-endian
+        ("000000000140000000000000003ff0000000000000", "POINT (2 1)"),  # hex WKB, big-endian, lower-case digits
         ({"type": "LineString", "coordinates": [[0, 0], [1, 1]]}, "LINESTRING (0 0, 1 1)"),
         (
             {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]},
@@ -585,6 +587,7 @@ def test_geography_valid(value, expected):
 @pytest.mark.parametrize(
     "value, fragment",
     [
+        ("0101000000000000000000F03F", "not valid hex-encoded WKB"),
         ("garbage", "not valid WKT"),
         ("POINT (1)", "not valid WKT"),
         ("LINESTRING (0 0)", "not valid WKT"),
