@@ -427,3 +427,25 @@ def test_api_refuses_a_record_number_it_cannot_keep(client, record, fragment):
     assert r.status_code == 422, r.text
     [detail] = r.json()["details"]
     assert detail["loc"] == "user_activities[0].col_values[0]" and fragment in detail["message"], detail
+
+
+@pytest.mark.parametrize(
+    "value, status, fragment",
+    [
+        (b"-9223372036854775809", 422, "out of INT64 range"),
+        (b"9223372036854775808.0", 422, "out of INT64 range"),
+        (b"1.5", 422, "which has a fraction"),
+        (b"1e3", 200, None),
+        (b"9223372036854775807.0", 200, None),
+    ],
+)
+def test_api_integer_verdicts_name_the_problem(client, value, status, fragment):
+    body = (
+        b'{"user_activities": [{"operation": "insert", "table": "t", "col_names": ["i"], "col_types": ["integer"],'
+        b' "col_values": [' + value + b"]}]}"
+    )
+    r = client.post("/api-log/v1/", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    if fragment is not None:
+        [detail] = r.json()["details"]
+        assert fragment in detail["message"] and "decimal point" not in detail["message"], detail
