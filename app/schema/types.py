@@ -4,7 +4,7 @@ Each row says how a value of that type is validated and normalized at the API ed
 (`normalize`, from `app.schema.values`) and which column type it becomes in each
 warehouse; backends read it and never restate it.
 
-Accepted forms: exactly BigQuery's JSON-ingestion forms (insertAll, Storage Write JSON,
+Accepted forms: exactly BigQuery's JSON-ingestion forms (insertAll and
 JSON load jobs) with BigQuery's meaning, including what the official clients send.
 Nothing is rounded or truncated: a value that would change is refused.
 

@@ -6,7 +6,7 @@ handles null) and returns the canonical value listed in `app.schema.types`, or r
 normalizers never raise anything else, never mutate their input and are deterministic:
 normalizing a canonical value returns it unchanged.
 
-The accepted forms are BigQuery's JSON-ingestion forms (insertAll, Storage Write JSON,
+The accepted forms are BigQuery's JSON-ingestion forms (insertAll and
 JSON load jobs) with BigQuery's meaning, including what the official clients send
 (google-cloud-bigquery's `_helpers._SCALAR_VALUE_TO_JSON_ROW`: integers and booleans as
 strings, non-finite floats as `str(float)`, JSON columns as `json.dumps` text). A value
