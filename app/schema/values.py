@@ -27,7 +27,7 @@ import binascii
 import json
 import re
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -624,14 +624,10 @@ def _timestamp_from_epoch(value: Any) -> str:
     text = _decimal_text(value)
     if text is None:
         raise ValueError(f"expected a timestamp {_TIMESTAMP_FORMS}, got {_kind(value)}")
-    try:
-        micros = Decimal(text).scaleb(6)
-        if abs(micros.adjusted()) > 40:
-            raise InvalidOperation
-    except InvalidOperation:
-        raise ValueError(
-            f"timestamp {brief(value)} (epoch seconds) is outside 0001-01-01 to 9999-12-31 in UTC"
-        ) from None
+    seconds = Decimal(text)
+    if seconds.adjusted() > 11:  # |seconds| >= 1e12: far beyond year 9999
+        raise ValueError(f"timestamp {brief(value)} (epoch seconds) is outside 0001-01-01 to 9999-12-31 in UTC")
+    micros = seconds.scaleb(6, Context(prec=len(text) + 8))  # exact: enough digits for every one sent
     if micros != micros.to_integral_value():
         raise ValueError(
             f"timestamp {brief(value)} (epoch seconds) has sub-microsecond precision; "

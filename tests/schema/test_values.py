@@ -423,6 +423,8 @@ def test_timestamp_valid(value, expected):
         ("1617084764", "expected a timestamp"),
         (1617084764.1234567, "sub-microsecond"),
         (v.loads_exact(b"1617084764.12345678"), "sub-microsecond"),
+        (v.loads_exact(b"1617084764.123456000000000000000001"), "sub-microsecond"),  # beyond 28 digits too
+        (v.loads_exact(b"[1e-400]")[0], "sub-microsecond"),
         (253402300800, "outside 0001-01-01 to 9999-12-31"),
         (-62135596801, "outside 0001-01-01 to 9999-12-31"),
         (1e300, "outside 0001-01-01 to 9999-12-31"),
