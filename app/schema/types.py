@@ -90,3 +90,23 @@ TYPES: dict[str, TypeSpec] = {
 }
 
 TYPE_NAMES: tuple[str, ...] = tuple(TYPES)
+
+# The accepted forms of each type in a line, for people (the API docs' per-type examples);
+# the docstring's table has them in full.
+FORMS: dict[str, str] = {
+    "string": "any JSON string (numbers are not stringified)",
+    "bytes": "standard padded base64",
+    "integer": "a JSON number with an integer value (1e3 is 1000) or a digit string, within INT64",
+    "float": "a JSON number, a decimal string, or NaN / Infinity / -Infinity (also inf, nan, any case)",
+    "numeric": "exact decimal, up to 29 integer and 9 fraction digits; never rounded",
+    "bignumeric": "exact decimal, up to 38 integer and 38 fraction digits; never rounded",
+    "boolean": 'true/false, or the strings "true"/"false" in any case',
+    "timestamp": "an instant: YYYY-[M]M-[D]D [H]H:[M]M:[S]S[.F] with Z, an offset or a zone name (none means UTC), "
+    "or epoch seconds as a JSON number",
+    "date": "YYYY-[M]M-[D]D",
+    "time": "[H]H:[M]M:[S]S with up to 6 fraction digits",
+    "datetime": "wall-clock date and time without a zone, YYYY-[M]M-[D]D[ [H]H:[M]M:[S]S[.F]]",
+    "geography": "WKT, hex-encoded WKB, or a GeoJSON geometry (object or string), lon/lat",
+    "record": "any JSON value but null and a bare string, or its JSON text (stored as JSON)",
+}
+assert FORMS.keys() == TYPES.keys()
