@@ -491,3 +491,40 @@ def test_fuzz_output_is_canonical(types, data):
         return
     [second] = validate(body(first.to_dict()))
     assert second == first
+
+
+number_texts = st.from_regex(r"\A-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,40})?([eE][+-]?[0-9]{1,4})?\Z")
+
+
+@settings(max_examples=500, deadline=None)
+@given(number_texts, st.sampled_from(["integer", "float", "numeric", "bignumeric", "record", "timestamp", "string"]),
+       st.booleans())
+def test_fuzz_numbers_from_the_wire_are_kept_exactly_or_refused(text, typ, nested):
+    from decimal import Decimal
+
+    from app.schema.values import loads_exact
+
+    value_text = '{"n": ' + text + "}" if nested and typ == "record" else text
+    raw = ('{"user_activities": [{"operation": "insert", "table": "t", "col_names": ["c"], "col_types": ["'
+           + typ + '"], "col_values": [' + value_text + "]}]}")
+    try:
+        [a] = validate_batch(loads_exact(raw.encode()), max_activities=10)
+    except (BatchInvalid, LimitExceeded):
+        return
+    got = a.col_values[0]
+    sent = Decimal(text)
+    if typ in ("integer", "numeric", "bignumeric"):
+        assert Decimal(got) == sent, (text, got)
+    elif typ == "float":
+        assert got == float(text)  # FLOAT64 is the nearest double, as in BigQuery
+    elif typ == "record":
+        number = got["n"] if nested else got
+        assert Decimal(repr(number) if type(number) is float else number) == sent, (text, number)
+    elif typ == "timestamp":
+        import datetime as dt
+
+        instant = dt.datetime.fromisoformat(got.replace("Z", "+00:00"))
+        micros = (instant - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+        assert Decimal(micros).scaleb(-6) == sent, (text, got)
+    else:
+        raise AssertionError(f"{typ} accepted the number {text}")
