@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.schema.activity import ACTIVITY_FIELDS, Activity
 from app.schema.identifiers import check_column_name, check_table_name
 from app.schema.types import TYPE_NAMES, TYPES
-from app.schema.values import brief, normalize_record
+from app.schema.values import brief
 
 __all__ = [
     "ActivityIn",
@@ -128,7 +128,8 @@ class ActivityIn(BaseModel):
     )
     col_values: list[Any] = Field(
         min_length=1,
-        description="One value per column (null allowed for every type), in the format of its type.",
+        description="One value per column (null allowed for every type), in a form its type accepts: "
+        "BigQuery's JSON-ingestion forms (see the per-type examples).",
         examples=[EXAMPLE_ACTIVITY["col_values"]],
     )
 
@@ -220,6 +221,8 @@ class _Context:
                 return normalize(v)
 
             return normalize_sized
+
+        normalize_record = TYPES["record"].normalize
 
         def sized_record(v: Any) -> Any:
             # A record comes as a JSON value or as JSON text; the limits apply to the value.
