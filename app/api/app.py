@@ -41,6 +41,7 @@ from app.broker import Broker, BrokerUnavailable, IdempotencyConflict, make_brok
 from app.logs import batch_id_var
 from app.pipeline.codec import encode_batch, new_batch_id
 from app.schema.validation import BatchInvalid, IngestRequest, LimitExceeded, validate_batch
+from app.schema.values import loads_exact
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("app.api")
@@ -204,8 +205,8 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
             raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
         raw = await _read_body(request, settings.max_body_bytes)
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+            body = loads_exact(raw)  # numbers keep their exact value (a record's big integer too)
+        except ValueError as exc:
             raise ApiError(400, f"body is not valid JSON: {exc}") from None
         try:
             activities = validate_batch(

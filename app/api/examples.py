@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.schema.types import FORMS
+
 
 def _insert(table: str, names: list[str], types: list[str], values: list[Any]) -> dict[str, Any]:
     return {"operation": "insert", "table": table, "col_names": names, "col_types": types, "col_values": values}
 
 
-def _one_type(type_name: str, summary: str, values: list[Any]) -> tuple[str, dict[str, Any]]:
-    """An insert into `type_examples` with one column of `type_name` per value."""
+def _one_type(type_name: str, values: list[Any]) -> tuple[str, dict[str, Any]]:
+    """An insert into `type_examples` with one column of `type_name` per value, titled with its forms."""
+    summary = FORMS[type_name]
     names = [f"{type_name}_{i}" for i in range(1, len(values) + 1)]
     activity = _insert("type_examples", ["id", *names], ["integer", *[type_name] * len(values)], [1, *values])
     return f"type_{type_name}", {"summary": f"{type_name}: {summary}", "value": {"user_activities": [activity]}}
@@ -55,22 +58,20 @@ DELETE_BATCH: dict[str, Any] = {
 
 _PER_TYPE = dict(
     (
-        _one_type("string", "any JSON string (numbers are not stringified)", ["logged in", "", None]),
-        _one_type("bytes", "standard padded base64", ["aGVsbG8gd29ybGQ=", "AAEC/w=="]),
-        _one_type("integer", "a JSON integer or a digit string, within INT64", [7, "-9223372036854775808"]),
-        _one_type("float", "a JSON number, a decimal string, or NaN / Infinity / -Infinity", [3.25, "1e-3", "NaN"]),
-        _one_type("numeric", "exact decimal, up to 29 integer and 9 fraction digits; strings keep it exact",
-                  ["1234.56", 0.1, "-3e2"]),
-        _one_type("bignumeric", "exact decimal, up to 38 integer and 38 fraction digits",
-                  ["3.14159265358979323846264338327950288419"]),
-        _one_type("boolean", "true/false, or the strings \"true\"/\"false\" in any case", [True, "FALSE"]),
-        _one_type("timestamp", "an instant; no zone means UTC", ["2021-03-30T06:12:44.123456Z", "2021-03-30 08:12:44+02:00"]),
-        _one_type("date", "YYYY-MM-DD", ["2024-02-29"]),
-        _one_type("time", "HH:MM:SS with up to 6 fraction digits", ["06:12:44", "23:59:59.999999"]),
-        _one_type("datetime", "wall-clock date and time without a zone", ["2021-03-30 06:12:44", "2021-03-30T06:12:44.5"]),
-        _one_type("geography", "WKT, or a GeoJSON geometry (object or string), lon/lat",
-                  ["POLYGON((0 0, 1 0, 1 1, 0 1, 0 0))", {"type": "Point", "coordinates": [-0.1276, 51.5072]}]),
-        _one_type("record", "any JSON object (stored as JSON)", [{"device": {"os": "ios", "version": "17.4"}, "tags": ["a", "b"]}]),
+        _one_type("string", ["logged in", "", None]),
+        _one_type("bytes", ["aGVsbG8gd29ybGQ=", "AAEC/w=="]),
+        _one_type("integer", [7, "-9223372036854775808", 1e3]),
+        _one_type("float", [3.25, "1e-3", "NaN", "-inf"]),
+        _one_type("numeric", ["1234.56", 0.1, "-3e2"]),
+        _one_type("bignumeric", ["3.14159265358979323846264338327950288419"]),
+        _one_type("boolean", [True, "FALSE"]),
+        _one_type("timestamp", ["2021-03-30T06:12:44.123456Z", "2021-03-30 08:12:44+02:00", "2021-03-30 06:12:44 UTC",
+                                "2021-3-29 23:12:44 America/Los_Angeles", 1617084764.5]),
+        _one_type("date", ["2024-02-29", "2024-3-5"]),
+        _one_type("time", ["06:12:44", "23:59:59.999999", "6:12:44"]),
+        _one_type("datetime", ["2021-03-30 06:12:44", "2021-03-30T06:12:44.5"]),
+        _one_type("geography", ["POLYGON((0 0, 1 0, 1 1, 0 1, 0 0))", {"type": "Point", "coordinates": [-0.1276, 51.5072]}]),
+        _one_type("record", [{"device": {"os": "ios", "version": "17.4"}, "tags": ["a", "b"]}, [1, 2], '{"plan": "pro"}']),
     )
 )
 

@@ -2,7 +2,35 @@
 
 Each row says how a value of that type is validated and normalized at the API edge
 (`normalize`, from `app.schema.values`) and which column type it becomes in each
-warehouse. Canonical values (what messages carry after `normalize`) are JSON-safe:
+warehouse; backends read it and never restate it.
+
+Accepted forms: exactly BigQuery's JSON-ingestion forms (insertAll and
+JSON load jobs) with BigQuery's meaning, including what the official clients send.
+Nothing is rounded or truncated: a value that would change is refused.
+
+| type        | accepted (besides null)                                                           |
+|-------------|-----------------------------------------------------------------------------------|
+| string      | JSON string, valid Unicode                                                        |
+| bytes       | standard base64 string, padded                                                    |
+| integer     | JSON number with an integer value (42, 1e3, 2.0); string of digits with a sign;   |
+|             | within INT64                                                                      |
+| float       | JSON number (nearest FLOAT64, as BigQuery); decimal string; [+-]inf, infinity,    |
+|             | nan in any letter case ("NaN", "Infinity", str(float)); finite, not underflowing  |
+| numeric     | exact decimal as JSON number or string; <= 29 integer and 9 fraction digits       |
+| bignumeric  | exact decimal as JSON number or string; <= 38 integer and 38 fraction digits      |
+| boolean     | JSON boolean; "true" / "false" in any letter case                                 |
+| timestamp   | YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.F]][zone], "/" also separating the date;      |
+|             | zone Z, (+|-)H[H][:M[M]] or an IANA name (UTC, America/Los_Angeles), optionally   |
+|             | after a space, none = UTC; or epoch seconds as a JSON number. Years 0001-9999 in  |
+|             | UTC; fraction digits past the sixth must be 0                                     |
+| date        | YYYY-[M]M-[D]D                                                                    |
+| time        | [H]H:[M]M:[S]S[.F]                                                                |
+| datetime    | YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.F]], no zone                                  |
+| geography   | WKT, hex-encoded WKB, GeoJSON geometry (object or text); 2-D, valid, lon/lat      |
+| record      | any JSON value but null and a bare string, or JSON text of one (json.dumps);      |
+|             | numbers must fit INT64, UINT64 or FLOAT64 exactly (BigQuery JSON, 'exact' mode)   |
+
+Canonical values (what messages carry after `normalize`) are JSON-safe:
 
 | type        | canonical value                                                      |
 |-------------|----------------------------------------------------------------------|
@@ -17,8 +45,9 @@ warehouse. Canonical values (what messages carry after `normalize`) are JSON-saf
 | date        | str "YYYY-MM-DD"                                                     |
 | time        | str "HH:MM:SS" or "HH:MM:SS.ffffff"                                  |
 | datetime    | str "YYYY-MM-DDTHH:MM:SS" or with ".ffffff", no zone                  |
-| geography   | str WKT (GeoJSON input converted to WKT)                             |
-| record      | dict (a JSON object)                                                 |
+| geography   | str WKT (GeoJSON and WKB input converted to WKT)                     |
+| record      | the decoded JSON value: dict, list, int (INT64 or UINT64), finite    |
+|             | float or bool; never a str (a str input is JSON text)                |
 
 `None` is allowed for every type and stays `None`.
 """
@@ -61,3 +90,23 @@ TYPES: dict[str, TypeSpec] = {
 }
 
 TYPE_NAMES: tuple[str, ...] = tuple(TYPES)
+
+# The accepted forms of each type in a line, for people (the API docs' per-type examples);
+# the docstring's table has them in full.
+FORMS: dict[str, str] = {
+    "string": "any JSON string (numbers are not stringified)",
+    "bytes": "standard padded base64",
+    "integer": "a JSON number with an integer value (1e3 is 1000) or a digit string, within INT64",
+    "float": "a JSON number, a decimal string, or NaN / Infinity / -Infinity (also inf, nan, any case)",
+    "numeric": "exact decimal, up to 29 integer and 9 fraction digits; never rounded",
+    "bignumeric": "exact decimal, up to 38 integer and 38 fraction digits; never rounded",
+    "boolean": 'true/false, or the strings "true"/"false" in any case',
+    "timestamp": "an instant: YYYY-[M]M-[D]D [H]H:[M]M:[S]S[.F] with Z, an offset or a zone name (none means UTC), "
+    "or epoch seconds as a JSON number",
+    "date": "YYYY-[M]M-[D]D",
+    "time": "[H]H:[M]M:[S]S with up to 6 fraction digits",
+    "datetime": "wall-clock date and time without a zone, YYYY-[M]M-[D]D[ [H]H:[M]M:[S]S[.F]]",
+    "geography": "WKT, hex-encoded WKB, or a GeoJSON geometry (object or string), lon/lat",
+    "record": "any JSON value but null and a bare string, or its JSON text (stored as JSON)",
+}
+assert FORMS.keys() == TYPES.keys()

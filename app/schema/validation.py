@@ -128,7 +128,8 @@ class ActivityIn(BaseModel):
     )
     col_values: list[Any] = Field(
         min_length=1,
-        description="One value per column (null allowed for every type), in the format of its type.",
+        description="One value per column (null allowed for every type), in a form its type accepts: "
+        "BigQuery's JSON-ingestion forms (see the per-type examples).",
         examples=[EXAMPLE_ACTIVITY["col_values"]],
     )
 
@@ -202,35 +203,47 @@ class _Context:
                 if size > max_value_bytes:
                     raise _TooLarge(f"is {size} bytes; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes")
 
-        def check_dict(v: dict, depth_limited: bool) -> None:
-            if depth_limited and _too_deep(v, max_record_depth):
-                raise _TooLarge(f"nests deeper than {max_record_depth} levels", "max_record_depth")
-            try:
-                size = len(orjson.dumps(v))
-            except (orjson.JSONEncodeError, TypeError, RecursionError) as exc:
-                raise ValueError(f"the object holds a value that cannot be carried as JSON ({str(exc)[:80]})") from None
+        def check_json_size(v: Any) -> None:
+            size = len(orjson.dumps(v))  # canonical records always encode (values.normalize_record)
             if size > max_value_bytes:
                 raise _TooLarge(
                     f"is {size} bytes as JSON; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes"
                 )
 
-        def sized(normalize: Callable[[Any], Any], depth_limited: bool = False) -> Callable[[Any], Any]:
+        def check_depth(v: Any) -> None:
+            if _too_deep(v, max_record_depth):
+                raise _TooLarge(f"nests deeper than {max_record_depth} levels", "max_record_depth")
+
+        def sized(normalize: Callable[[Any], Any]) -> Callable[[Any], Any]:
             def normalize_sized(v: Any) -> Any:
-                t = type(v)
-                if t is str:
+                if type(v) is str:
                     check_str(v)
-                elif t is dict:
-                    check_dict(v, depth_limited)
                 return normalize(v)
 
             return normalize_sized
+
+        normalize_record = TYPES["record"].normalize
+
+        def sized_record(v: Any) -> Any:
+            # A record comes as a JSON value or as JSON text; the limits apply to the value.
+            as_text = type(v) is str
+            if as_text:
+                check_str(v)
+            elif type(v) is dict or type(v) is list:
+                check_depth(v)  # before the normalizer walks it
+            canonical = normalize_record(v)
+            if type(canonical) is dict or type(canonical) is list:
+                if as_text:
+                    check_depth(canonical)
+                check_json_size(canonical)
+            return canonical
 
         self.normalizers: dict[str, Callable[[Any], Any]] = {}
         for name, spec in TYPES.items():
             if name in ("string", "bytes", "geography"):
                 self.normalizers[name] = sized(spec.normalize)
             elif name == "record":
-                self.normalizers[name] = sized(spec.normalize, depth_limited=True)
+                self.normalizers[name] = sized_record
             else:
                 # Other types accept only short canonical text; a huge string is refused by
                 # the normalizer itself with a brief message.

@@ -2,67 +2,44 @@
 
 Every `normalize_<type>(value)` takes a JSON-decoded value that is not `None` (the caller
 handles null) and returns the canonical value listed in `app.schema.types`, or raises
-`ValueError` whose message says what was wrong and what to send instead. The
+`ValueError` whose message says what was wrong (range, precision or format). The
 normalizers never raise anything else, never mutate their input and are deterministic:
 normalizing a canonical value returns it unchanged.
 
-What each type accepts (decisions documented here, tests in tests/schema/test_values.py):
+The accepted forms are BigQuery's JSON-ingestion forms (insertAll and
+JSON load jobs) with BigQuery's meaning, including what the official clients send
+(google-cloud-bigquery's `_helpers._SCALAR_VALUE_TO_JSON_ROW`: integers and booleans as
+strings, non-finite floats as `str(float)`, JSON columns as `json.dumps` text). A value
+is stored exactly as sent or refused, never rounded or truncated. The per-type table of
+forms is in `app.schema.types`; tests in tests/schema/test_values.py.
 
-- string: a JSON string only (numbers and booleans are refused, not stringified). Lone
-  UTF-16 surrogates are refused (BigQuery needs valid UTF-8).
-- bytes: a standard-alphabet base64 string with correct padding (strict: no whitespace,
-  no URL-safe alphabet). Canonical: the bytes re-encoded as standard padded base64.
-- integer: a JSON integer, or a string of ASCII digits with an optional sign ("42",
-  "+7", "-9223372036854775808"), within INT64. Refused: booleans, every float (also 2.0:
-  JSON `2.0` is a float literal; write `2`), strings with a point, an exponent or
-  whitespace. orjson decodes integers beyond 64 bits as floats, so they are reported as
-  out of range.
-- float: a JSON number (not a boolean), the exact strings "NaN", "Infinity", "-Infinity"
-  (spelled as BigQuery does; "nan", "inf" are refused), or a plain decimal string such as
-  "1.5" or "-2e10". Canonical: a Python float, or one of the three strings for
-  non-finite values (JSON cannot carry them).
-- numeric / bignumeric: an exact decimal, from a JSON integer, a decimal string
-  ("1.50", "-3e2", ".5") or a JSON float. A float is converted through `repr(float)`,
-  the shortest text that round-trips, which equals the JSON text the client sent for
-  any number with at most 15 significant digits; numbers with more digits must be sent
-  as strings to stay exact (the JSON decoder has already rounded them to a double).
-  Limits: numeric 29 integer and 9 fraction digits, bignumeric 38 and 38; more fraction
-  digits are refused, not rounded. NaN/Infinity are refused. Canonical: plain decimal
-  text, no exponent, no leading zeros, no trailing fraction zeros, "-0" -> "0".
-- boolean: a JSON boolean, or the strings "true"/"false" in any letter case. Numbers
-  (0/1) are refused.
-- timestamp: "YYYY-MM-DD[T| ]HH:MM:SS[.f{1,9}][Z|±HH:MM]" ("t"/"z" also accepted), no zone
-  means UTC; years 0001-9999 after conversion to UTC. Fraction digits beyond the
-  sixth must be zero (BigQuery keeps microseconds): non-zero nanoseconds are refused,
-  not truncated. Seconds 60 (leap second) is refused. Canonical:
-  "YYYY-MM-DDTHH:MM:SS.ffffffZ" in UTC, always six fraction digits.
-- date: exactly "YYYY-MM-DD", year 0001-9999, calendar-checked (leap days).
-- time: "HH:MM:SS[.f{1,6}]". Canonical as `datetime.time.isoformat()`: "HH:MM:SS" when
-  the fraction is zero, else "HH:MM:SS.ffffff" (six digits).
-- datetime: "YYYY-MM-DD[T| ]HH:MM:SS[.f{1,6}]" without a zone (a zone suffix is refused,
-  suggesting type timestamp). Canonical like `datetime.isoformat()`: "T" separator, the
-  fraction only when non-zero, six digits.
-- geography: WKT text, a GeoJSON geometry object, or a string holding a GeoJSON geometry
-  object. Must be non-empty, 2-D (no Z/M), with longitude in [-180, 180] and latitude in
-  [-90, 90], and valid (no self-intersections, closed rings ...). Canonical: shapely's WKT.
-- record: a JSON object. Canonical: the dict itself (depth and size are limits checked
-  by `app.schema.validation`).
+Numbers: decode request bodies with `loads_exact`, which keeps every number's exact
+value: a JSON number that no float holds exactly (more than ~17 significant digits, or
+an exponent beyond the float range) arrives as a `JsonNumber` carrying its text, and
+integers as exact Python ints. So every float reaching a normalizer equals, as
+`repr(float)`, the decimal the client wrote.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 import shapely
+import shapely.wkb
 import shapely.wkt
 from shapely.geometry import shape as _geojson_shape
 
 __all__ = [
+    "JsonNumber",
+    "loads_exact",
     "brief",
     "normalize_string",
     "normalize_bytes",
@@ -81,8 +58,99 @@ __all__ = [
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
 
 _BRIEF_CHARS = 50
+
+
+# --- exact JSON decoding -----------------------------------------------------------
+
+
+class JsonNumber:
+    """The text of a JSON number that no float holds exactly, e.g. 0.12345678901234567891.
+
+    Produced only by `loads_exact`; never canonical (JSON encoders refuse it).
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is JsonNumber and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"JsonNumber({self.text!r})"
+
+
+# A number with at most 15 significant digits and a 1- or 2-digit exponent converts to a
+# float and back exactly (DBL_DIG = 15), so orjson's floats are exact unless the body has
+# a run of 16 digits/points or a 3-digit exponent; only then is the slower exact decoder
+# needed. (orjson also turns integers beyond 64 bits into floats, and those have 20+
+# digits.) The scan maps digits and "." to "1", e/E to "e", +/- to "+" and searches the
+# result: ~10x faster than a regex over digit-heavy bodies.
+_SCAN_TABLE = bytes(
+    ord("1") if chr(b) in "0123456789." else ord("e") if chr(b) in "eE" else ord("+") if chr(b) in "+-" else ord("x")
+    for b in range(256)
+)
+_LONG_RUN = b"1" * 16
+
+
+def _maybe_inexact(data: bytes) -> bool:
+    scanned = data.translate(_SCAN_TABLE)
+    return _LONG_RUN in scanned or b"1e111" in scanned or b"1e+111" in scanned
+
+
+_INT_TEXT_MAX = 4000  # Python refuses int() of more than 4300 digits
+
+
+def _exact_float(text: str) -> float | JsonNumber:
+    f = float(text)
+    if f - f == 0.0:
+        r = repr(f)
+        if r == text or Decimal(r) == Decimal(text):
+            return f
+    return JsonNumber(text)
+
+
+def _exact_int(text: str) -> int | JsonNumber:
+    return int(text) if len(text) <= _INT_TEXT_MAX else JsonNumber(text)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_exact(raw: bytes | str) -> Any:
+    """Decode JSON (UTF-8) keeping every number's exact value; ValueError if invalid.
+
+    Integers stay exact Python ints, floats are floats only when the float equals the
+    number written, anything else is a `JsonNumber`.
+    """
+    data = raw.encode("utf-8", "surrogatepass") if type(raw) is str else raw
+    if not _maybe_inexact(data):
+        return orjson.loads(data)
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, parse_float=_exact_float, parse_int=_exact_int, parse_constant=_no_constants)
+    except RecursionError:
+        raise ValueError("JSON nests too deeply") from None
+
+
+def _decimal_text(value: Any) -> str | None:
+    """The exact decimal text of a JSON number (int, float or JsonNumber), else None."""
+    t = type(value)
+    if t is int:
+        return str(value) if value.bit_length() < 14000 else None
+    if t is float:
+        return repr(value) if value - value == 0.0 else None
+    if t is JsonNumber:
+        return value.text
+    return None
 
 
 def brief(value: Any) -> str:
@@ -106,6 +174,10 @@ def brief(value: Any) -> str:
         return str(value)
     if t is float:
         return repr(value)
+    if t is JsonNumber:
+        if len(value.text) > _BRIEF_CHARS:
+            return value.text[:_BRIEF_CHARS] + f"... ({len(value.text)} characters)"
+        return value.text
     if t is list:
         return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
     if t is dict:
@@ -122,7 +194,7 @@ def _kind(value: Any) -> str:
         return f"the boolean {brief(value)}"
     if t is int:
         return f"the integer {brief(value)}"
-    if t is float:
+    if t is float or t is JsonNumber:
         return f"the number {brief(value)}"
     return brief(value)
 
@@ -160,47 +232,149 @@ def normalize_bytes(value: Any) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def normalize_record(value: Any) -> dict:
-    if type(value) is not dict:
-        raise ValueError(f"expected a JSON object for record, got {_kind(value)}")
-    return value
+def _json_number_problem(value: Any) -> str | None:
+    """Why a number inside a JSON value cannot be kept exactly, or None if it can.
+
+    BigQuery keeps a JSON number as INT64, UINT64 or FLOAT64 and, by default
+    (wide_number_mode 'exact'), refuses one it cannot store without loss:
+    https://cloud.google.com/bigquery/docs/reference/standard-sql/json_functions#parse_json
+    """
+    t = type(value)
+    if t is int:
+        if INT64_MIN <= value <= UINT64_MAX:
+            return None
+        return (
+            f"the integer {brief(value)} is outside the range a JSON column keeps exactly "
+            f"({INT64_MIN} to {UINT64_MAX}); send it as a string"
+        )
+    if t is float:
+        return None if value - value == 0.0 else f"{value!r} is not a JSON number"
+    return (
+        f"the number {brief(value)} has more digits (or a larger exponent) than a JSON column's "
+        "FLOAT64 keeps exactly; send it as a string"
+    )
+
+
+def _find_inexact(value: Any) -> str | None:
+    """The first problem with a number anywhere inside a JSON value (iterative walk)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            stack.extend(v.values())
+        elif t is list:
+            stack.extend(v)
+        elif t is int or t is float or t is JsonNumber:
+            problem = _json_number_problem(v)
+            if problem is not None:
+                return problem
+        elif t is not str and t is not bool and v is not None:
+            return f"a value of type {t.__name__} is not JSON"
+    return None
+
+
+def normalize_record(value: Any) -> Any:
+    t = type(value)
+    if t is str:
+        try:
+            value = loads_exact(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"a record given as a string must be JSON text (what json.dumps produces); {brief(value)} is not "
+                f"({_first_line(exc)})"
+            ) from None
+        if value is None:
+            raise ValueError(
+                "the JSON text 'null' is a JSON null, which this API cannot store apart from a missing value; "
+                "send null for no value"
+            )
+        if type(value) is str:
+            # Canonical records are decoded JSON values, and a str there would read as
+            # JSON text again: a bare JSON string has no canonical form.
+            raise ValueError(
+                "the JSON text holds a bare JSON string; a record is a JSON object, array, number or boolean "
+                "(use a string column for text)"
+            )
+    elif value is None:  # pragma: no cover - the caller handles null
+        raise ValueError("expected a JSON value, got null")
+    try:
+        orjson.dumps(value)  # fast check: refuses JsonNumber and integers beyond 64 bits
+    except (orjson.JSONEncodeError, TypeError, RecursionError):
+        pass
+    else:
+        if type(value) is not float or value - value == 0.0:  # orjson writes NaN as null
+            return value
+    problem = _find_inexact(value)
+    if problem is None:  # pragma: no cover - orjson and the walk disagree
+        raise ValueError("the record cannot be carried as JSON")
+    raise ValueError(f"record: {problem}")
 
 
 # --- integer / float / boolean ----------------------------------------------------
 
 _INT_STR = re.compile(r"([+-]?)0*([0-9]+)\Z")
+_INT64_RANGE = "INT64 range (-9223372036854775808 to 9223372036854775807)"
+
+
+def _int64(n: int, value: Any) -> int:
+    if INT64_MIN <= n <= INT64_MAX:
+        return n
+    raise ValueError(f"integer {brief(value)} is out of {_INT64_RANGE}")
 
 
 def normalize_integer(value: Any) -> int:
     t = type(value)
     if t is int:
-        if INT64_MIN <= value <= INT64_MAX:
-            return value
-        raise ValueError(f"integer out of INT64 range (-9223372036854775808 to 9223372036854775807): {brief(value)}")
+        return _int64(value, value)
     if t is str:
         m = _INT_STR.match(value)
         if m is None:
+            if _DECIMAL_STR.match(value) is not None and any(c.isdigit() for c in value):
+                raise ValueError(
+                    f"expected an integer, got the string {brief(value)}: a string for INT64 holds only digits "
+                    "with an optional sign (no point, no exponent)"
+                )
             raise ValueError(f"expected an integer, got the string {brief(value)} (only digits with an optional sign)")
         digits = m.group(2)
         if len(digits) > 19:
-            raise ValueError(f"integer out of INT64 range (-9223372036854775808 to 9223372036854775807): {brief(value)}")
+            raise ValueError(f"integer {brief(value)} is out of {_INT64_RANGE}")
         n = int(digits)
-        if m.group(1) == "-":
-            n = -n
-        if INT64_MIN <= n <= INT64_MAX:
-            return n
-        raise ValueError(f"integer out of INT64 range (-9223372036854775808 to 9223372036854775807): {brief(value)}")
-    if t is float:
-        if value.is_integer():
-            if -9.3e18 < value < 9.3e18 and INT64_MIN <= int(value) <= INT64_MAX:
-                raise ValueError(f"expected an integer, got the number {value!r} (write it without a decimal point)")
-            raise ValueError(f"integer out of INT64 range (-9223372036854775808 to 9223372036854775807): {value!r}")
-        raise ValueError(f"expected an integer, got the number {brief(value)}")
+        return _int64(-n if m.group(1) == "-" else n, value)
+    if t is float or t is JsonNumber:
+        # A JSON number is a number whatever its spelling: 1e3 and 2.0 are the integers
+        # 1000 and 2 (insertAll decodes numbers by value). A fraction is refused.
+        text = _decimal_text(value)
+        if text is None:
+            raise ValueError(f"expected an integer, got the number {brief(value)}")
+        try:
+            d = Decimal(text)
+        except InvalidOperation:  # pragma: no cover - JsonNumber texts are JSON numbers
+            raise ValueError(f"expected an integer, got the number {brief(value)}") from None
+        if abs(d.adjusted()) > 30:
+            if d.adjusted() > 0:
+                raise ValueError(f"integer {brief(value)} is out of {_INT64_RANGE}")
+            raise ValueError(f"expected an integer, got the number {brief(value)}, which has a fraction")
+        if d != d.to_integral_value():
+            raise ValueError(f"expected an integer, got the number {brief(value)}, which has a fraction")
+        return _int64(int(d), value)
     raise ValueError(f"expected an integer, got {_kind(value)}")
 
 
-_FLOAT_SPECIAL: dict[str, str] = {"NaN": "NaN", "Infinity": "Infinity", "-Infinity": "-Infinity"}
+# BigQuery's STRING -> FLOAT64 conversion accepts [+-]inf, [+-]infinity and [+-]nan in
+# any letter case; the official client sends str(float): "inf", "-inf", "nan".
+# https://cloud.google.com/bigquery/docs/reference/standard-sql/conversion_functions#cast_as_floating_point
+_FLOAT_SPECIAL = re.compile(r"([+-]?)(inf|infinity|nan)\Z", re.IGNORECASE)
 _DECIMAL_STR = re.compile(r"([+-]?)([0-9]*)(?:\.([0-9]*))?(?:[eE]([+-]?[0-9]+))?\Z")
+
+
+def _float_of_text(text: str, value: Any) -> float:
+    f = float(text)
+    if f - f != 0.0:
+        raise ValueError(f"number {brief(value)} is out of FLOAT64 range (about ±1.8e308)")
+    if f == 0.0 and text.lstrip("+-").split("e")[0].split("E")[0].strip("0.") != "":
+        raise ValueError(f"number {brief(value)} is too small for FLOAT64 (it would become 0)")
+    return f
 
 
 def normalize_float(value: Any) -> float | str:
@@ -213,21 +387,22 @@ def normalize_float(value: Any) -> float | str:
         try:
             return float(value)
         except OverflowError:
-            raise ValueError(f"number out of FLOAT64 range: {brief(value)}") from None
+            raise ValueError(f"number {brief(value)} is out of FLOAT64 range (about ±1.8e308)") from None
+    if t is JsonNumber:
+        return _float_of_text(value.text, value)
     if t is str:
-        special = _FLOAT_SPECIAL.get(value)
+        special = _FLOAT_SPECIAL.match(value)
         if special is not None:
-            return special
+            if special.group(2).lower() == "nan":
+                return "NaN"
+            return "-Infinity" if special.group(1) == "-" else "Infinity"
         m = _DECIMAL_STR.match(value)
         if m is None or not (m.group(2) or m.group(3)):
             raise ValueError(
                 f"expected a number, got the string {brief(value)} "
-                "(use a JSON number, a decimal string, or exactly 'NaN', 'Infinity', '-Infinity')"
+                "(use a JSON number, a decimal string, or 'NaN', 'Infinity', '-Infinity', 'inf', '-inf', 'nan')"
             )
-        f = float(value)
-        if f - f != 0.0:
-            raise ValueError(f"number out of FLOAT64 range: {brief(value)}")
-        return f
+        return _float_of_text(value, value)
     raise ValueError(f"expected a number, got {_kind(value)}")
 
 
@@ -240,7 +415,7 @@ def normalize_boolean(value: Any) -> bool:
             return True
         if low == "false":
             return False
-    raise ValueError(f"expected a boolean (true or false), got {_kind(value)}")
+    raise ValueError(f"expected a boolean (true or false, or the strings 'true' / 'false'), got {_kind(value)}")
 
 
 # --- numeric / bignumeric ---------------------------------------------------------
@@ -256,7 +431,9 @@ def _decimal(value: Any, type_name: str, max_int: int, max_frac: int) -> str:
     if t is float:
         if value - value != 0.0:
             raise ValueError(f"{type_name} cannot be NaN or infinite")
-        text = repr(value)
+        text = repr(value)  # exact: the body decoder keeps floats only when they equal the number sent
+    elif t is JsonNumber:
+        text = value.text
     elif t is str:
         text = value
     else:
@@ -277,7 +454,7 @@ def _decimal(value: Any, type_name: str, max_int: int, max_frac: int) -> str:
     if ex:
         exp_digits = ex.lstrip("+-").lstrip("0")
         if len(exp_digits) > 6:
-            raise ValueError(f"{type_name} out of range: {brief(value)}")
+            raise ValueError(f"{type_name} {brief(value)} is out of range (exponent too large)")
         point += -int(exp_digits or "0") if ex[0] == "-" else int(exp_digits or "0")
     digits = stripped.rstrip("0")
     n_int = point if point > 0 else 0
@@ -286,7 +463,8 @@ def _decimal(value: Any, type_name: str, max_int: int, max_frac: int) -> str:
         raise ValueError(f"{type_name} allows at most {max_int} integer digits, got {n_int} in {brief(value)}")
     if n_frac > max_frac:
         raise ValueError(
-            f"{type_name} allows at most {max_frac} fraction digits, got {n_frac} in {brief(value)} (round it first)"
+            f"{type_name} allows at most {max_frac} fraction digits, got {n_frac} in {brief(value)} "
+            "(precision: round it before sending)"
         )
     if point <= 0:
         out = "0." + "0" * -point + digits
@@ -306,6 +484,16 @@ def normalize_bignumeric(value: Any) -> str:
 
 
 # --- dates and times --------------------------------------------------------------
+#
+# BigQuery's canonical formats (https://cloud.google.com/bigquery/docs/reference/standard-sql/data-types):
+#   date      YYYY-[M]M-[D]D
+#   time      [H]H:[M]M:[S]S[.F]
+#   datetime  YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.F]]
+#   timestamp YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.F]][time zone], the zone being Z, an
+#             offset (+|-)H[H][:M[M]] or a zone name such as UTC or America/Los_Angeles,
+#             optionally after a space; no zone means UTC. JSON loads also take
+#             YYYY/MM/DD dates for timestamps and epoch seconds as a JSON number
+#             (https://cloud.google.com/bigquery/docs/loading-data-cloud-storage-json).
 
 _DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _MONTH_NAMES = (
@@ -313,22 +501,31 @@ _MONTH_NAMES = (
     "July", "August", "September", "October", "November", "December",
 )  # fmt: skip
 
-_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})\Z")
-_TIME = re.compile(r"([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?\Z")
-_DATETIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?\Z")
+_DATE_PART = r"([0-9]{4})-([0-9]{1,2})-([0-9]{1,2})"
+_TIME_PART = r"([0-9]{1,2}):([0-9]{1,2}):([0-9]{1,2})(?:\.([0-9]+))?"
+_DATE = re.compile(_DATE_PART + r"\Z")
+_TIME = re.compile(_TIME_PART + r"\Z")
+_DATETIME = re.compile(_DATE_PART + r"(?:[Tt ]" + _TIME_PART + r")?\Z")
 _TIMESTAMP = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
-    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?\Z"
+    r"([0-9]{4})([-/])([0-9]{1,2})\2([0-9]{1,2})"
+    r"(?:[Tt ]" + _TIME_PART + r"(?: ?(?:([Zz])|([+-])([0-9]{1,2})(?::([0-9]{1,2}))?|([A-Za-z][A-Za-z0-9_+\-/]*)))?)?\Z"
 )
-_ZONE_SUFFIX = re.compile(r"[0-9]{2}:[0-9]{2}(?:\.[0-9]*)?\s*(?:[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?|UTC)\Z")
+_ZONE_SUFFIX = re.compile(
+    r"[0-9]:[0-9]{1,2}(?:\.[0-9]*)?\s*(?:[Zz]|[+-][0-9]{1,2}(?::?[0-9]{2})?|[A-Za-z][A-Za-z0-9_+\-/]*)\Z"
+)
+_EPOCH = datetime(1970, 1, 1)
+_MIN_EPOCH_US = (datetime(1, 1, 1) - _EPOCH) // timedelta(microseconds=1)
+_MAX_EPOCH_US = (datetime(9999, 12, 31, 23, 59, 59, 999999) - _EPOCH) // timedelta(microseconds=1)
+_TIMESTAMP_FORMS = (
+    "'YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.F]][Z | ±H[H][:M[M]] | zone name]' or epoch seconds as a JSON number"
+)
 
 
-def _check_date(type_name: str, raw: str, y: str, mo: str, d: str) -> None:
-    year, month, day = int(y), int(mo), int(d)
+def _check_date(type_name: str, raw: str, year: int, month: int, day: int) -> None:
     if year == 0:
         raise ValueError(f"{type_name} {brief(raw)} has year 0000; years run from 0001 to 9999")
     if not 1 <= month <= 12:
-        raise ValueError(f"{type_name} {brief(raw)} has month {mo}; months run from 01 to 12")
+        raise ValueError(f"{type_name} {brief(raw)} has month {month}; months run from 1 to 12")
     if day == 0 or day > _DAYS_IN_MONTH[month]:
         if month == 2 and day == 29:
             if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
@@ -337,25 +534,30 @@ def _check_date(type_name: str, raw: str, y: str, mo: str, d: str) -> None:
         raise ValueError(f"{type_name} {brief(raw)}: day is out of range for {_MONTH_NAMES[month]} (1 to {_DAYS_IN_MONTH[month]})")
 
 
-def _check_time(type_name: str, raw: str, h: str, mi: str, s: str) -> None:
-    if h > "23":
-        raise ValueError(f"{type_name} {brief(raw)} has hour {h}; hours run from 00 to 23")
-    if mi > "59":
-        raise ValueError(f"{type_name} {brief(raw)} has minute {mi}; minutes run from 00 to 59")
-    if s > "59":
-        raise ValueError(f"{type_name} {brief(raw)} has second {s}; seconds run from 00 to 59 (no leap seconds)")
+def _check_time(type_name: str, raw: str, h: int, mi: int, s: int) -> None:
+    if h > 23:
+        raise ValueError(f"{type_name} {brief(raw)} has hour {h}; hours run from 0 to 23")
+    if mi > 59:
+        raise ValueError(f"{type_name} {brief(raw)} has minute {mi}; minutes run from 0 to 59")
+    if s > 59:
+        raise ValueError(f"{type_name} {brief(raw)} has second {s}; seconds run from 0 to 59 (no leap seconds)")
 
 
-def _micros(type_name: str, raw: str, frac: str | None, max_digits: int) -> str:
-    """The fraction as six digits ("" when zero or absent)."""
+def _micros(type_name: str, raw: str, frac: str | None) -> str:
+    """The fraction as six digits ("" when zero or absent).
+
+    BigQuery keeps microseconds; digits 7 to 9 (nanoseconds, as Go and Java print) are
+    accepted only when zero, so nothing is truncated.
+    """
     if not frac:
         return ""
     if len(frac) > 6:
-        if len(frac) > max_digits:
-            raise ValueError(f"{type_name} {brief(raw)} has {len(frac)} fraction digits; at most {max_digits} allowed")
+        if len(frac) > 9:
+            raise ValueError(f"{type_name} {brief(raw)} has {len(frac)} fraction digits; at most 9 allowed")
         if frac[6:].strip("0"):
             raise ValueError(
-                f"{type_name} {brief(raw)} has sub-microsecond precision; at most 6 non-zero fraction digits are kept"
+                f"{type_name} {brief(raw)} has sub-microsecond precision; {type_name} keeps microseconds "
+                "(digits 7 to 9 of the fraction must be zero)"
             )
         frac = frac[:6]
     if frac.strip("0") == "":
@@ -365,29 +567,35 @@ def _micros(type_name: str, raw: str, frac: str | None, max_digits: int) -> str:
 
 def normalize_date(value: Any) -> str:
     if type(value) is not str:
-        raise ValueError(f"expected a date 'YYYY-MM-DD', got {_kind(value)}")
+        raise ValueError(f"expected a date 'YYYY-[M]M-[D]D', got {_kind(value)}")
     m = _DATE.match(value)
     if m is None:
-        raise ValueError(f"expected a date 'YYYY-MM-DD', got {brief(value)}")
-    _check_date("date", value, *m.groups())
-    return value
+        raise ValueError(f"expected a date 'YYYY-[M]M-[D]D', got {brief(value)}")
+    y, mo, d = (int(g) for g in m.groups())
+    _check_date("date", value, y, mo, d)
+    return f"{y:04d}-{mo:02d}-{d:02d}"
+
+
+def _time_text(type_name: str, raw: str, h: str, mi: str, s: str, frac: str | None) -> str:
+    hour, minute, second = int(h), int(mi), int(s)
+    _check_time(type_name, raw, hour, minute, second)
+    us = _micros(type_name, raw, frac)
+    text = f"{hour:02d}:{minute:02d}:{second:02d}"
+    return f"{text}.{us}" if us else text
 
 
 def normalize_time(value: Any) -> str:
     if type(value) is not str:
-        raise ValueError(f"expected a time 'HH:MM:SS[.ffffff]', got {_kind(value)}")
+        raise ValueError(f"expected a time '[H]H:[M]M:[S]S[.ffffff]', got {_kind(value)}")
     m = _TIME.match(value)
     if m is None:
-        raise ValueError(f"expected a time 'HH:MM:SS[.ffffff]', got {brief(value)}")
-    h, mi, s, frac = m.groups()
-    _check_time("time", value, h, mi, s)
-    us = _micros("time", value, frac, 6)
-    return f"{h}:{mi}:{s}.{us}" if us else f"{h}:{mi}:{s}"
+        raise ValueError(f"expected a time '[H]H:[M]M:[S]S[.ffffff]', got {brief(value)}")
+    return _time_text("time", value, *m.groups())
 
 
 def normalize_datetime(value: Any) -> str:
     if type(value) is not str:
-        raise ValueError(f"expected a datetime 'YYYY-MM-DD HH:MM:SS[.ffffff]', got {_kind(value)}")
+        raise ValueError(f"expected a datetime 'YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.ffffff]]', got {_kind(value)}")
     m = _DATETIME.match(value)
     if m is None:
         if _TIMESTAMP.match(value) is not None or _ZONE_SUFFIX.search(value) is not None:
@@ -395,39 +603,95 @@ def normalize_datetime(value: Any) -> str:
                 f"datetime {brief(value)} has a time zone; a datetime is zone-less civil time "
                 "(drop the zone, or use type 'timestamp' for an instant)"
             )
-        raise ValueError(f"expected a datetime 'YYYY-MM-DD HH:MM:SS[.ffffff]', got {brief(value)}")
+        raise ValueError(f"expected a datetime 'YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.ffffff]]', got {brief(value)}")
     y, mo, d, h, mi, s, frac = m.groups()
-    _check_date("datetime", value, y, mo, d)
-    _check_time("datetime", value, h, mi, s)
-    us = _micros("datetime", value, frac, 6)
-    return f"{y}-{mo}-{d}T{h}:{mi}:{s}.{us}" if us else f"{y}-{mo}-{d}T{h}:{mi}:{s}"
+    year, month, day = int(y), int(mo), int(d)
+    _check_date("datetime", value, year, month, day)
+    date = f"{year:04d}-{month:02d}-{day:02d}"
+    if h is None:
+        return f"{date}T00:00:00"
+    return f"{date}T{_time_text('datetime', value, h, mi, s, frac)}"
+
+
+def _utc_text(moment: datetime, us: str) -> str:
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{us}Z"
+    )
+
+
+def _timestamp_from_epoch(value: Any) -> str:
+    text = _decimal_text(value)
+    if text is None:
+        raise ValueError(f"expected a timestamp {_TIMESTAMP_FORMS}, got {_kind(value)}")
+    seconds = Decimal(text)
+    if seconds.adjusted() > 11:  # |seconds| >= 1e12: far beyond year 9999
+        raise ValueError(f"timestamp {brief(value)} (epoch seconds) is outside 0001-01-01 to 9999-12-31 in UTC")
+    micros = seconds.scaleb(6, Context(prec=len(text) + 8))  # exact: enough digits for every one sent
+    if micros != micros.to_integral_value():
+        raise ValueError(
+            f"timestamp {brief(value)} (epoch seconds) has sub-microsecond precision; "
+            "timestamp keeps microseconds (at most 6 fraction digits)"
+        )
+    us = int(micros)
+    if not _MIN_EPOCH_US <= us <= _MAX_EPOCH_US:
+        raise ValueError(
+            f"timestamp {brief(value)} (epoch seconds) is outside 0001-01-01 to 9999-12-31 in UTC "
+            "(-62135596800 to 253402300799.999999)"
+        )
+    moment = _EPOCH + timedelta(microseconds=us)
+    return _utc_text(moment, f"{moment.microsecond:06d}")
+
+
+def _zone(raw: str, name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(
+            f"timestamp {brief(raw)} has the unknown time zone {brief(name)} "
+            "(use an IANA name such as 'UTC' or 'America/Los_Angeles', or an offset such as +05:30)"
+        ) from None
 
 
 def normalize_timestamp(value: Any) -> str:
-    if type(value) is not str:
-        raise ValueError(f"expected a timestamp 'YYYY-MM-DDTHH:MM:SS[.ffffff][Z|±HH:MM]', got {_kind(value)}")
+    t = type(value)
+    if t is not str:
+        if t is int or t is float or t is JsonNumber:
+            return _timestamp_from_epoch(value)
+        raise ValueError(f"expected a timestamp {_TIMESTAMP_FORMS}, got {_kind(value)}")
     m = _TIMESTAMP.match(value)
     if m is None:
-        raise ValueError(f"expected a timestamp 'YYYY-MM-DDTHH:MM:SS[.ffffff][Z|±HH:MM]', got {brief(value)}")
-    y, mo, d, h, mi, s, frac, _z, zsign, zh, zm = m.groups()
-    _check_date("timestamp", value, y, mo, d)
-    _check_time("timestamp", value, h, mi, s)
-    us = _micros("timestamp", value, frac, 9) or "000000"
-    if zsign is None or (zh == "00" and zm == "00"):
-        return f"{y}-{mo}-{d}T{h}:{mi}:{s}.{us}Z"
-    if zh > "23" or zm > "59":
-        raise ValueError(f"timestamp {brief(value)} has an invalid UTC offset; use -23:59 to +23:59")
-    offset = timedelta(hours=int(zh), minutes=int(zm))
+        raise ValueError(f"expected a timestamp {_TIMESTAMP_FORMS}, got {brief(value)}")
+    y, _sep, mo, d, h, mi, s, frac, _z, zsign, zh, zm, zname = m.groups()
+    year, month, day = int(y), int(mo), int(d)
+    _check_date("timestamp", value, year, month, day)
+    if h is None:
+        return f"{year:04d}-{month:02d}-{day:02d}T00:00:00.000000Z"
+    hour, minute, second = int(h), int(mi), int(s)
+    _check_time("timestamp", value, hour, minute, second)
+    us = _micros("timestamp", value, frac) or "000000"
+    local = datetime(year, month, day, hour, minute, second)
     try:
-        local = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s))
-        utc = local - offset if zsign == "+" else local + offset
+        if zsign is not None:
+            offset_h, offset_m = int(zh), int(zm or "0")
+            if offset_h > 23 or offset_m > 59:
+                raise ValueError(f"timestamp {brief(value)} has an invalid UTC offset; use -23:59 to +23:59")
+            offset = timedelta(hours=offset_h, minutes=offset_m)
+            utc = local - offset if zsign == "+" else local + offset
+        elif zname is not None and zname.upper() != "UTC":
+            # fold=0: a wall time repeated or skipped by a DST change reads with the offset
+            # in force before the change, as BigQuery (absl::FromCivil) does.
+            utc = local.replace(tzinfo=_zone(value, zname)).astimezone(timezone.utc).replace(tzinfo=None)
+        else:
+            utc = local
     except OverflowError:
         raise ValueError(f"timestamp {brief(value)} is outside 0001-01-01 to 9999-12-31 in UTC") from None
-    return f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{us}Z"
+    return _utc_text(utc, us)
 
 
 # --- geography --------------------------------------------------------------------
 
+_HEX = re.compile(r"(?:0[01])(?:[0-9A-Fa-f]{2})+\Z")  # WKB starts with its byte-order byte, 00 or 01
 _GEOJSON_TYPES = frozenset(
     ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon", "GeometryCollection")
 )
@@ -479,6 +743,13 @@ def normalize_geography(value: Any) -> str:
             if type(obj) is not dict:
                 raise ValueError("geography GeoJSON must be an object")
             geom = _geometry_from_geojson(obj)
+        elif _HEX.match(text) is not None:
+            # Hex-encoded WKB, as BigQuery loads it from JSON and CSV:
+            # https://cloud.google.com/bigquery/docs/geospatial-data (WKB "can be hex encoded" in JSON)
+            try:
+                geom = shapely.wkb.loads(text, hex=True)
+            except Exception as exc:
+                raise ValueError(f"geography {brief(value)} is not valid hex-encoded WKB ({_first_line(exc)})") from None
         else:
             if not text:
                 raise ValueError("geography is an empty string; expected WKT such as 'POINT(1 2)' or GeoJSON")
@@ -487,7 +758,9 @@ def normalize_geography(value: Any) -> str:
             except Exception as exc:
                 raise ValueError(f"geography {brief(value)} is not valid WKT ({_first_line(exc)})") from None
     else:
-        raise ValueError(f"expected a geography as WKT text or a GeoJSON geometry object, got {_kind(value)}")
+        raise ValueError(
+            f"expected a geography as WKT text, hex-encoded WKB or a GeoJSON geometry (object or text), got {_kind(value)}"
+        )
 
     try:
         if geom.is_empty:

@@ -129,56 +129,59 @@ class DuckType:
 
 
 def duck_types(spatial: bool) -> dict[str, DuckType]:
-    """The per-type staging / cast table (geography depends on the spatial extension)."""
+    """How each activity type is staged and cast; column types come from `app.schema.types`.
+
+    Geography is GEOMETRY with the spatial extension, else its canonical WKT as VARCHAR.
+    """
     s = pa.string()
+    column = {name: spec.duckdb_type for name, spec in TYPES.items()}
+    if not spatial:
+        column["geography"] = "VARCHAR"
+
+    def cast(name: str) -> str:
+        return f"CAST({{}} AS {column[name]})"
+
     table = {
-        "string": DuckType("VARCHAR", s),
-        "bytes": DuckType("BLOB", s, value_sql="from_base64({})"),
-        "integer": DuckType("BIGINT", pa.int64()),
-        "float": DuckType("DOUBLE", pa.float64(), convert=_floats),
-        "numeric": DuckType(
-            "DECIMAL(38,9)", s, value_sql="CAST({} AS DECIMAL(38,9))", stage_cast=pa.decimal128(38, 9)
-        ),
-        # 76 digits do not fit DECIMAL(38): keep the canonical decimal text (lossless).
-        "bignumeric": DuckType("VARCHAR", s),
-        "boolean": DuckType("BOOLEAN", pa.bool_()),
-        "timestamp": DuckType("TIMESTAMPTZ", s, value_sql="CAST({} AS TIMESTAMPTZ)"),
-        "date": DuckType("DATE", s, value_sql="CAST({} AS DATE)"),
-        "time": DuckType("TIME", s, value_sql="CAST({} AS TIME)"),
-        "datetime": DuckType("TIMESTAMP", s, value_sql="CAST({} AS TIMESTAMP)"),
+        "string": DuckType(column["string"], s),
+        "bytes": DuckType(column["bytes"], s, value_sql="from_base64({})"),
+        "integer": DuckType(column["integer"], pa.int64()),
+        "float": DuckType(column["float"], pa.float64(), convert=_floats),
+        "numeric": DuckType(column["numeric"], s, value_sql=cast("numeric"), stage_cast=pa.decimal128(38, 9)),
+        # 76 digits do not fit DECIMAL(38): the canonical decimal text is stored (lossless).
+        "bignumeric": DuckType(column["bignumeric"], s),
+        "boolean": DuckType(column["boolean"], pa.bool_()),
+        "timestamp": DuckType(column["timestamp"], s, value_sql=cast("timestamp")),
+        "date": DuckType(column["date"], s, value_sql=cast("date")),
+        "time": DuckType(column["time"], s, value_sql=cast("time")),
+        "datetime": DuckType(column["datetime"], s, value_sql=cast("datetime")),
         # GEOMETRY equality compares the WKB, so "POINT(1 2)" matches "POINT (1 2)".
-        "geography": DuckType("GEOMETRY", s, value_sql="ST_GeomFromText({})")
-        if spatial
-        else DuckType("VARCHAR", s),
+        "geography": DuckType(column["geography"], s, value_sql="ST_GeomFromText({})" if spatial else "{}"),
         "record": DuckType(
-            "JSON",
+            column["record"],
             s,
             convert=_json_texts,
-            value_sql="CAST({} AS JSON)",
+            value_sql=cast("record"),
             compare_column_sql="CAST({} AS VARCHAR)",
-            compare_value_sql="CAST(CAST({} AS JSON) AS VARCHAR)",
+            compare_value_sql=f"CAST({cast('record')} AS VARCHAR)",
         ),
     }
     assert set(table) == set(TYPES), "duck_types must cover app.schema.types.TYPES"
     return table
 
 
-# information_schema data_type -> activity type, for columns missing from _ingest_columns
-_REVERSE_TYPES = {
-    "VARCHAR": "string",
-    "BLOB": "bytes",
-    "BIGINT": "integer",
-    "DOUBLE": "float",
-    "DECIMAL(38,9)": "numeric",
-    "BOOLEAN": "boolean",
-    "TIMESTAMP WITH TIME ZONE": "timestamp",
-    "TIMESTAMPTZ": "timestamp",
-    "DATE": "date",
-    "TIME": "time",
-    "TIMESTAMP": "datetime",
-    "GEOMETRY": "geography",
-    "JSON": "record",
-}
+def _reverse_types() -> dict[str, str]:
+    """information_schema data_type -> activity type, for columns missing from _ingest_columns.
+
+    VARCHAR reads as string (bignumeric is VARCHAR too; `_ingest_columns` tells them apart).
+    """
+    reverse: dict[str, str] = {}
+    for name, spec in TYPES.items():
+        reverse.setdefault(spec.duckdb_type, name)
+    reverse["TIMESTAMP WITH TIME ZONE"] = reverse[TYPES["timestamp"].duckdb_type]  # DuckDB's spelling of it
+    return reverse
+
+
+_REVERSE_TYPES = _reverse_types()
 
 
 # --------------------------------------------------------------------------- connections

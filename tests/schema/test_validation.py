@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import copy
 import string
 
@@ -361,17 +363,25 @@ def test_record_depth():
     assert info.value.message == "user_activities[0].col_values[0] nests deeper than 15 levels"
 
 
-def test_record_not_object():
-    details = problems(body(activity(col_names=["r"], col_types=["record"], col_values=[[1, 2]])))
-    assert details == [
-        {"loc": "user_activities[0].col_values[0]", "message": "expected a JSON object for record, got a list of 2 items"}
-    ]
+def test_record_any_json_value_and_json_text():
+    a = activity(col_names=["a", "b", "c"], col_types=["record"] * 3, col_values=[[1, 2], '{"k": [1]}', 7])
+    assert validate(body(a))[0].col_values == [[1, 2], {"k": [1]}, 7]
+
+
+def test_record_json_text_limits_apply_to_the_decoded_value():
+    deep = activity(col_names=["r"], col_types=["record"], col_values=[json.dumps(nested(16))])
+    with pytest.raises(LimitExceeded) as info:
+        validate(body(deep), max_record_depth=15)
+    assert info.value.limit_name == "max_record_depth"
+    big = activity(col_names=["r"], col_types=["record"], col_values=[json.dumps(["x" * 100])])
+    with pytest.raises(LimitExceeded):
+        validate(body(big), max_value_bytes=50)
 
 
 def test_record_unrepresentable():
     details = problems(body(activity(col_names=["r"], col_types=["record"], col_values=[{"big": 2**70}])))
     assert [d["loc"] for d in details] == ["user_activities[0].col_values[0]"]
-    assert "cannot be carried as JSON" in details[0]["message"]
+    assert "1180591620717411303424 is outside the range a JSON column keeps exactly" in details[0]["message"]
 
 
 # --- OpenAPI models ---
@@ -481,3 +491,40 @@ def test_fuzz_output_is_canonical(types, data):
         return
     [second] = validate(body(first.to_dict()))
     assert second == first
+
+
+number_texts = st.from_regex(r"\A-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,40})?([eE][+-]?[0-9]{1,4})?\Z")
+
+
+@settings(max_examples=500, deadline=None)
+@given(number_texts, st.sampled_from(["integer", "float", "numeric", "bignumeric", "record", "timestamp", "string"]),
+       st.booleans())
+def test_fuzz_numbers_from_the_wire_are_kept_exactly_or_refused(text, typ, nested):
+    from decimal import Decimal
+
+    from app.schema.values import loads_exact
+
+    value_text = '{"n": ' + text + "}" if nested and typ == "record" else text
+    raw = ('{"user_activities": [{"operation": "insert", "table": "t", "col_names": ["c"], "col_types": ["'
+           + typ + '"], "col_values": [' + value_text + "]}]}")
+    try:
+        [a] = validate_batch(loads_exact(raw.encode()), max_activities=10)
+    except (BatchInvalid, LimitExceeded):
+        return
+    got = a.col_values[0]
+    sent = Decimal(text)
+    if typ in ("integer", "numeric", "bignumeric"):
+        assert Decimal(got) == sent, (text, got)
+    elif typ == "float":
+        assert got == float(text)  # FLOAT64 is the nearest double, as in BigQuery
+    elif typ == "record":
+        number = got["n"] if nested else got
+        assert Decimal(repr(number) if type(number) is float else number) == sent, (text, number)
+    elif typ == "timestamp":
+        import datetime as dt
+
+        instant = dt.datetime.fromisoformat(got.replace("Z", "+00:00"))
+        micros = (instant - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+        assert Decimal(micros).scaleb(-6) == sent, (text, got)
+    else:
+        raise AssertionError(f"{typ} accepted the number {text}")
