@@ -31,6 +31,14 @@ APPLY_SECONDS = Histogram(
     "Time to apply one table's messages of a pull to the warehouse.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+MESSAGES_PER_APPLY = Histogram(
+    "pipeline_messages_per_apply",
+    "Messages of one table applied in one warehouse round trip.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+)
+MESSAGES_NACKED = Counter(
+    "pipeline_messages_nacked_total", "Messages handed back to the broker for a later attempt, by why.", ["reason"]
+)
 DEAD_LETTERED = Counter("pipeline_dead_lettered_total", "Activities or messages sent to the dead-letter store.", ["reason"])
 SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.")
 TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.")
