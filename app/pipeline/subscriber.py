@@ -134,8 +134,9 @@ class Subscriber:
             log.info("subscriber stopped")
 
     def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler: takes no lock); `run` then
+        lets the workers finish their applies and hands back what is still held."""
         self.stop_event.set()
-        self.scheduler.stop()
 
     def _dispatch(self, messages: Sequence[ReceivedMessage], pull: int) -> None:
         """Dead-letter what cannot be decoded; queue the rest per table."""
@@ -321,9 +322,8 @@ class Subscriber:
             return
         try:
             self.broker.nack([h.message for h in items], delay)
-        except BrokerUnavailable as exc:
-            log.warning("broker unavailable while nacking %d message(s) (they come back after their lease): %s",
-                        len(items), exc)
+        except Exception as exc:  # not lost: an unsettled message comes back after its lease
+            log.warning("could not nack %d message(s) (they come back after their lease): %s", len(items), exc)
             return
         metrics.MESSAGES_NACKED.labels(why).inc(len(items))
 

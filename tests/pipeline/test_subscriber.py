@@ -394,6 +394,28 @@ def test_in_place_retries_stay_within_half_a_lease_that_is_not_extended(tmp_path
     assert extended.in_place_budget == 120.0
 
 
+def test_messages_held_past_an_unextended_lease_are_handed_back_not_applied(tmp_path, store):
+    gate, entered = threading.Event(), threading.Event()
+
+    def plan(table, envelopes):
+        if _numbers(envelopes) == [0]:
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker = FakeBroker(one_run_per_key=False, max_lease_seconds=None)
+    warehouse = FakeWarehouse(plan=plan)
+    [first] = broker.put_activities(_insert("t", 0))
+    with running(Subscriber(_settings(tmp_path, ack_deadline_seconds=0.2), broker, warehouse, store)):
+        assert entered.wait(WAIT_SECONDS)
+        [second] = broker.put_activities(_insert("t", 1))
+        wait_until(lambda: broker.leased == 2, "the second message held behind the first")
+        time.sleep(0.3)  # the second one's lease (the ack deadline) runs out while it waits
+        gate.set()
+        wait_until(lambda: second in broker.acked, "the second message applied after its redelivery")
+    assert (second, 0.0) in broker.nacks and first not in dict(broker.nacks)
+    assert warehouse.applied["t"] == [[0], [1]]
+
+
 # --------------------------------------------------------------------------- terminal failures
 
 
