@@ -163,15 +163,25 @@ class Scheduler:
     def release(self, queue: TableQueue, delay: float) -> list[Held]:
         """Take every held message of `queue` out, to be nacked with `delay`."""
         with self._changed:
-            items = list(queue.items)
-            queue.items.clear()
-            for held in items:
-                self._forget(held)
-            queue.released_after_pull = self._pulls
-            queue.released_ids = frozenset(h.message.message_id for h in items)
-            queue.release_delay = delay
-            self._changed.notify_all()
-            return items
+            return self._take_all(queue, delay)
+
+    def release_waiting(self, min_wait: float) -> list[tuple[str, list[Held], float]]:
+        """Take out the messages of every table waiting at least `min_wait` more for its
+        retry, with the wait left: when flow control is full, they would keep every
+        other table from being pulled until then."""
+        with self._changed:
+            now = time.monotonic()
+            waiting = [(when, name) for when, _, name in self._due if when - now >= min_wait]
+            if not waiting:
+                return []
+            self._due = [entry for entry in self._due if entry[0] - now < min_wait]
+            heapq.heapify(self._due)
+            released = []
+            for when, name in waiting:
+                queue = self._tables[name]
+                queue.claimed = False
+                released.append((name, self._take_all(queue, when - now), when - now))
+            return released
 
     def finish(self, queue: TableQueue, retry_at: float | None) -> None:
         """The worker is done with `queue` for now: run it again at `retry_at` (or at once)
@@ -207,6 +217,17 @@ class Scheduler:
     def _push(self, queue: TableQueue, when: float) -> None:
         heapq.heappush(self._due, (when, next(self._tie), queue.name))
         self._changed.notify_all()
+
+    def _take_all(self, queue: TableQueue, delay: float) -> list[Held]:
+        items = list(queue.items)
+        queue.items.clear()
+        for held in items:
+            self._forget(held)
+        queue.released_after_pull = self._pulls
+        queue.released_ids = frozenset(h.message.message_id for h in items)
+        queue.release_delay = delay
+        self._changed.notify_all()
+        return items
 
     def _forget(self, held: Held) -> None:
         self.outstanding_messages -= 1

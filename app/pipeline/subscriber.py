@@ -47,6 +47,9 @@ POISON_RETRY_DELAY_SECONDS = 1.0
 MAX_NACK_DELAY_SECONDS = 600.0
 # One apply takes at most this many bytes of messages (and PULL_MAX_MESSAGES messages).
 APPLY_MAX_BYTES = 32 * 1024 * 1024
+# When flow control is full, tables waiting at least this long for a retry hand their
+# messages back (a shorter wait is cheaper than a redelivery).
+MIN_WAIT_RELEASED_SECONDS = 1.0
 # dedup_ids whose terminal failures are remembered.
 TRACKED_FAILURES = 10_000
 
@@ -111,6 +114,7 @@ class Subscriber:
             while not self.stop_event.is_set():
                 room = self.scheduler.wait_for_room(PULL_TIMEOUT_SECONDS)
                 if room <= 0:
+                    self._make_room()
                     continue
                 pull = self.scheduler.begin_pull()
                 try:
@@ -137,6 +141,16 @@ class Subscriber:
         """Ask the loop to stop (safe from a signal handler: takes no lock); `run` then
         lets the workers finish their applies and hands back what is still held."""
         self.stop_event.set()
+
+    def _make_room(self) -> None:
+        """Flow control stayed full: hand back what tables waiting for a retry hold, so
+        the other tables' messages can be pulled meanwhile."""
+        if self.stop_event.is_set():
+            return
+        for table, items, delay in self.scheduler.release_waiting(MIN_WAIT_RELEASED_SECONDS):
+            log.info("flow control full: handing back %d message(s) of %s for %.1fs until its retry",
+                     len(items), table, delay)
+            self._nack(items, delay, "flow_control")
 
     def _dispatch(self, messages: Sequence[ReceivedMessage], pull: int) -> None:
         """Dead-letter what cannot be decoded; queue the rest per table."""

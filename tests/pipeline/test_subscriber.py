@@ -311,6 +311,27 @@ def test_flow_control_bounds_the_messages_held(tmp_path, store):
     assert warehouse.numbers("a") == list(range(10)) and warehouse.numbers("b") == [0]
 
 
+def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_path, store):
+    refused = [True]
+
+    def plan(table, envelopes):
+        if table == "waiting" and refused[0]:
+            refused[0] = False
+            raise Flaky("rateLimitExceeded", retry_after=60.0)
+
+    broker = FakeBroker(one_run_per_key=False)
+    warehouse = FakeWarehouse(plan=plan)
+    held = [m for i in range(4) for m in broker.put_activities(_insert("waiting", i))]
+    settings = _settings(tmp_path, subscriber_max_outstanding_messages=4)
+    with running(Subscriber(settings, broker, warehouse, store)):
+        wait_until(lambda: warehouse.attempts["waiting"] == 1, "the first, refused apply")
+        other = broker.put_activities(_insert("other", 1))
+        wait_until(lambda: set(other) <= set(broker.acked), "the other table, although the waiting one filled the window")
+        wait_until(lambda: set(held) <= set(broker.acked), "the waiting table applied after its redelivery")
+    assert {m for m, _ in broker.nacks} == set(held) and all(30 < delay <= 60 for _, delay in broker.nacks)
+    assert warehouse.numbers("waiting") == [0, 1, 2, 3] and store.count() == 0
+
+
 # --------------------------------------------------------------------------- transient errors
 
 
