@@ -278,8 +278,8 @@ class Subscriber:
             return now + wait
         delay = min(wait, MAX_NACK_DELAY_SECONDS)
         log.warning(
-            "warehouse still unavailable for %s after holding its messages %.0fs; handing them back for %.1fs: %s",
-            table, now - held_since, delay, exc,
+            "warehouse unavailable, retrying %s in %.1fs (its messages, held %.0fs, handed back to the broker): %s",
+            table, delay, now - held_since, exc,
         )
         self._release(queue, delay, "transient")
         return None
