@@ -221,10 +221,10 @@ class Subscriber:
 
     def _apply(self, table: str, envelopes: list[Envelope]) -> ApplyResult:
         serialize = not self.warehouse.capabilities.concurrent_tables
-        started = time.perf_counter()
         with self.warehouse_lock if serialize else nullcontext():
+            started = time.perf_counter()
             result = self.warehouse.apply(table, envelopes)
-        metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+            metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         metrics.MESSAGES_PER_APPLY.observe(len(envelopes))
         return result
 
