@@ -59,6 +59,16 @@ APPLY_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=SUBSCRIBER,
 )
+MESSAGES_PER_APPLY = Histogram(
+    "pipeline_messages_per_apply",
+    "Messages of one table applied in one warehouse round trip.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+    registry=SUBSCRIBER,
+)
+MESSAGES_NACKED = Counter(
+    "pipeline_messages_nacked_total", "Messages handed back to the broker for a later attempt, by why.", ["reason"],
+    registry=SUBSCRIBER,
+)
 DEAD_LETTERED = Counter(
     "pipeline_dead_lettered_total", "Activities or messages sent to the dead-letter store.", ["reason"],
     registry=SUBSCRIBER,

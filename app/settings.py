@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     max_delivery_attempts: int = Field(5, description="Attempts before a message is dead-lettered.")
     pull_max_messages: int = Field(500, description="Most messages the subscriber takes per pull.")
     retry_backoff_max_seconds: float = Field(30.0, description="Cap of the subscriber's exponential backoff on transient errors.")
+    max_in_place_retry_seconds: float = Field(
+        120.0, description="Longest the subscriber holds a table's messages while retrying transient errors in place "
+        "(at most half the broker's lease); then it nacks them with a delay."
+    )
+    subscriber_workers: int = Field(4, ge=1, description="Tables applied at once (BigQuery); DuckDB applies one at a time.")
+    subscriber_max_outstanding_messages: int = Field(2000, ge=1, description="Most messages pulled and not yet acked/nacked.")
+    subscriber_max_outstanding_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="Most message bytes pulled and not yet acked/nacked."
+    )
 
     # --- subscriber admin port (metrics, read path for `query`) ---
     subscriber_host: str = Field("127.0.0.1", description="Address of the subscriber's admin HTTP port.")

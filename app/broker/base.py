@@ -67,6 +67,10 @@ class Broker(abc.ABC):
     """A durable message stream with Pub/Sub semantics."""
 
     name: str = "abstract"
+    # How long a pulled message stays leased while the subscriber holds it: the broker
+    # keeps extending the lease up to this many seconds. None: it does not extend, the
+    # lease ends after the ack deadline (`ACK_DEADLINE_SECONDS`).
+    max_lease_seconds: float | None = None
 
     # --- publisher side (API process) ---
     @abc.abstractmethod

@@ -1,10 +1,21 @@
-"""The subscriber loop: pull, decode, apply per table, dead-letter what can't apply, ack.
+"""The subscriber loop: pull, decode, apply per table on worker threads, dead-letter what
+can't apply, ack.
 
 A message is acked only after the warehouse committed it (or after what can never apply
-was recorded in the dead-letter store). Errors are kept apart the way a retry loop
-needs: transient warehouse errors are retried in place with capped exponential backoff
-and never dead-letter anything; any other failure is narrowed down to the culprit
-envelope, which is dead-lettered after `max_delivery_attempts`.
+was recorded in the dead-letter store). One thread pulls while `SUBSCRIBER_WORKERS`
+threads apply; each table's messages apply in pull order, one batch at a time, and a
+table that waits for a retry holds no worker (see `scheduling`). Flow control bounds
+what is held.
+
+Errors are kept apart the way a retry loop needs:
+- a transient warehouse error is retried in place with capped exponential backoff (or
+  after the warehouse's `retry_after`) while the table's messages have been held less
+  than `MAX_IN_PLACE_RETRY_SECONDS` (and half the broker's lease); then they are nacked
+  with a delay so a later delivery, maybe on another replica, takes them. Transient
+  errors never count towards dead-lettering.
+- any other failure is narrowed down to the culprit envelope, whose terminal failures
+  this process counts per `dedup_id`; it is dead-lettered after `MAX_DELIVERY_ATTEMPTS`.
+  Until then it is nacked with the table's later messages, so the table's order holds.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,6 +34,7 @@ from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
 from app.pipeline.codec import UndecodableMessage, decode_message
 from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
+from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse
 
@@ -30,6 +43,15 @@ log = logging.getLogger("app.subscriber")
 PULL_TIMEOUT_SECONDS = 0.5
 RETRY_BACKOFF_START_SECONDS = 0.2
 POISON_RETRY_DELAY_SECONDS = 1.0
+# Pub/Sub's longest ack deadline, hence the longest nack delay it can express.
+MAX_NACK_DELAY_SECONDS = 600.0
+# One apply takes at most this many bytes of messages (and PULL_MAX_MESSAGES messages).
+APPLY_MAX_BYTES = 32 * 1024 * 1024
+# When flow control is full, tables waiting at least this long for a retry hand their
+# messages back (a shorter wait is cheaper than a redelivery).
+MIN_WAIT_RELEASED_SECONDS = 1.0
+# dedup_ids whose terminal failures are remembered.
+TRACKED_FAILURES = 10_000
 
 
 @dataclass
@@ -52,106 +74,176 @@ class Subscriber:
         self.dead_letters = dead_letters
         self.stop_event = threading.Event()
         self.totals = Totals()
-        self.last_transient_error: str | None = None  # for /readyz while a retry holds the warehouse
-        # The warehouse connection is not shared across threads; the admin port's
-        # queries take this lock too.
+        self._totals_lock = threading.Lock()
+        # Serializes applies on a warehouse without `concurrent_tables` (DuckDB's one
+        # connection); the admin port's queries take it too.
         self.warehouse_lock = threading.RLock()
+        self.scheduler = Scheduler(
+            max_messages=settings.subscriber_max_outstanding_messages,
+            max_bytes=settings.subscriber_max_outstanding_bytes,
+            initial_backoff=min(RETRY_BACKOFF_START_SECONDS, settings.retry_backoff_max_seconds),
+        )
+        self.failures = TerminalFailures(TRACKED_FAILURES)
+        self._transient_errors: dict[str, str] = {}  # table -> last transient error, until it applies
+        # A held message must be settled before its lease ends; retries in place stay
+        # within half of it.
+        self.lease_seconds = broker.max_lease_seconds or settings.ack_deadline_seconds
+        self.in_place_budget = min(settings.max_in_place_retry_seconds, self.lease_seconds / 2)
+
+    @property
+    def last_transient_error(self) -> str | None:
+        """For /readyz while a retry holds the warehouse: the newest error of a table still failing."""
+        with self._totals_lock:
+            errors = list(self._transient_errors.values())
+        return errors[-1] if errors else None
 
     # --- loop ---
     def run(self) -> None:
         self.broker.start_subscriber()
-        log.info("subscriber started", extra={"broker": self.broker.name, "warehouse": self.warehouse.capabilities.name})
-        while not self.stop_event.is_set():
-            try:
-                messages = self.broker.pull(self.settings.pull_max_messages, PULL_TIMEOUT_SECONDS)
-            except BrokerUnavailable as exc:
-                log.warning("broker unavailable, retrying: %s", exc)
-                self.stop_event.wait(1.0)
-                continue
-            if messages:
+        workers = [
+            threading.Thread(target=self._work, name=f"apply-{i}", daemon=True)
+            for i in range(self.settings.subscriber_workers)
+        ]
+        for worker in workers:
+            worker.start()
+        log.info(
+            "subscriber started",
+            extra={"broker": self.broker.name, "warehouse": self.warehouse.capabilities.name, "workers": len(workers)},
+        )
+        try:
+            while not self.stop_event.is_set():
+                room = self.scheduler.wait_for_room(PULL_TIMEOUT_SECONDS)
+                if room <= 0:
+                    self._make_room()
+                    continue
+                pull = self.scheduler.begin_pull()
                 try:
-                    self.process(messages)
+                    messages = self.broker.pull(min(self.settings.pull_max_messages, room), PULL_TIMEOUT_SECONDS)
                 except BrokerUnavailable as exc:
-                    # An ack/nack could not reach the broker (file locked, emulator gone):
-                    # the messages come back after their lease and the warehouse's dedup_id
-                    # drops what was already applied. Keep running instead of dying.
+                    log.warning("broker unavailable, retrying: %s", exc)
+                    self.stop_event.wait(1.0)
+                    continue
+                if not messages:
+                    continue
+                try:
+                    self._dispatch(messages, pull)
+                except BrokerUnavailable as exc:  # acking an undecodable message: it comes back
                     log.warning("broker unavailable while settling messages (they will be redelivered): %s", exc)
                     self.stop_event.wait(1.0)
-        log.info("subscriber stopped")
+        finally:
+            self.scheduler.stop()
+            for worker in workers:
+                worker.join()  # each finishes the apply in hand
+            self._nack(self.scheduler.drain(), 0.0, "shutdown")
+            log.info("subscriber stopped")
 
     def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler: takes no lock); `run` then
+        lets the workers finish their applies and hands back what is still held."""
         self.stop_event.set()
 
-    # --- one pull ---
-    def process(self, messages: Sequence[ReceivedMessage]) -> None:
-        by_table: dict[str, list[tuple[ReceivedMessage, Envelope]]] = {}
-        poison: list[NewDeadLetter] = []
-        poison_messages: list[ReceivedMessage] = []
+    def _make_room(self) -> None:
+        """Flow control stayed full: hand back what tables waiting for a retry hold, so
+        the other tables' messages can be pulled meanwhile."""
+        if self.stop_event.is_set():
+            return
+        for table, items, delay in self.scheduler.release_waiting(MIN_WAIT_RELEASED_SECONDS):
+            log.info("flow control full: handing back %d message(s) of %s for %.1fs until its retry",
+                     len(items), table, delay)
+            self._nack(items, delay, "flow_control")
+
+    def _dispatch(self, messages: Sequence[ReceivedMessage], pull: int) -> None:
+        """Dead-letter what cannot be decoded; queue the rest per table."""
+        now = time.monotonic()
+        by_table: dict[str, list[Held]] = {}
+        undecodable: list[tuple[ReceivedMessage, str]] = []
         for message in messages:
             try:
                 envelope = decode_message(message)
             except UndecodableMessage as exc:
-                poison.append(
+                undecodable.append((message, str(exc)))
+                continue
+            by_table.setdefault(envelope.table, []).append(Held(message, envelope, now))
+        if undecodable:
+            self._dead_letter(
+                [
                     NewDeadLetter(
-                        reason=str(exc), kind="message", payload=bytes(message.data), attempts=message.delivery_attempt,
-                        table_name=message.attributes.get("table"), dedup_id=message.dedup_id, message_id=message.message_id,
+                        reason=reason, kind="message", payload=bytes(m.data), attempts=m.delivery_attempt,
+                        table_name=m.attributes.get("table"), dedup_id=m.dedup_id, message_id=m.message_id,
                     )
-                )
-                poison_messages.append(message)
-                continue
-            by_table.setdefault(envelope.table, []).append((message, envelope))
-        if poison:
-            self._dead_letter(poison, "undecodable")
-            self._forward(list(zip(poison_messages, (p.reason for p in poison))))
-            self._ack(poison_messages)
+                    for m, reason in undecodable
+                ],
+                "undecodable",
+            )
+            self._forward(undecodable)
+            self._ack([m for m, _ in undecodable])
         for table, items in by_table.items():
-            if self.stop_event.is_set():
-                self.broker.nack([m for m, _ in items])
-                continue
-            with bound(batch_id=_batch_ids(items)):  # on every line logged while applying
-                self._apply_table(table, items)
+            late, delay = self.scheduler.hold(table, items, pull)
+            if late:
+                self._nack(late, delay, "ordering")
 
-    def _apply_table(self, table: str, items: list[tuple[ReceivedMessage, Envelope]]) -> None:
-        messages = [m for m, _ in items]
-        envelopes = [e for _, e in items]
-        try:
-            result = self._apply_with_retry(table, envelopes)
-        except _Stopping:
-            self.broker.nack(messages)
-            return
-        except Exception as exc:  # terminal: narrow it down to the culprit envelope(s)
-            if len(items) > 1:
-                log.warning("apply of %d messages to %s failed (%s); applying one by one", len(items), table, exc)
-                for item in items:
-                    self._apply_table(table, [item])
-                return
-            message, envelope = items[0]
-            if message.delivery_attempt >= self.settings.max_delivery_attempts:
-                self._dead_letter(
-                    [
-                        NewDeadLetter(
-                            reason=f"failed {message.delivery_attempt} times: {exc}", kind="message",
-                            payload=bytes(message.data), attempts=message.delivery_attempt, table_name=table,
-                            dedup_id=envelope.dedup_id, message_id=message.message_id,
-                        )
-                    ],
-                    "max_attempts",
-                )
-                self._forward([(message, f"failed {message.delivery_attempt} times: {exc}")])
-                self._ack([message])
-            else:
-                log.warning("message %s to %s failed (attempt %d): %s", message.message_id, table, message.delivery_attempt, exc)
-                self.broker.nack([message], POISON_RETRY_DELAY_SECONDS)
-            return
+    # --- workers ---
+    def _work(self) -> None:
+        while (queue := self.scheduler.next_table()) is not None:
+            retry_at = None
+            try:
+                retry_at = self._apply_next(queue)
+            except Exception:
+                log.exception("unexpected error while applying to %s; handing its messages back", queue.name)
+                self._release(queue, POISON_RETRY_DELAY_SECONDS, "error")
+            finally:
+                self.scheduler.finish(queue, retry_at)
+
+    def _apply_next(self, queue: TableQueue) -> float | None:
+        """Apply the table's oldest messages; return when to try again, if it should wait."""
+        held_since = self.scheduler.held_since(queue)
+        if held_since is None:
+            return None
+        if time.monotonic() - held_since > self.lease_seconds:
+            # The broker has given them out again by now; applying them here could
+            # overtake the redelivered copies, so hand everything back in order.
+            log.warning("held messages of %s outlived their lease; handing them back", queue.name)
+            self._release(queue, 0.0, "lease_expired")
+            return None
+        batch = self.scheduler.batch(
+            queue, 1 if queue.isolate else self.settings.pull_max_messages, APPLY_MAX_BYTES
+        )
+        with bound(batch_id=_batch_ids(batch)):  # on every line logged while applying
+            try:
+                result = self._apply(queue.name, [h.envelope for h in batch])
+            except TransientWarehouseError as exc:
+                return self._on_transient(queue, exc)
+            except Exception as exc:
+                self._on_terminal(queue, batch, exc)
+                return None
+            self._on_applied(queue, batch, result)
+        return None
+
+    def _apply(self, table: str, envelopes: list[Envelope]) -> ApplyResult:
+        serialize = not self.warehouse.capabilities.concurrent_tables
+        with self.warehouse_lock if serialize else nullcontext():
+            started = time.perf_counter()
+            result = self.warehouse.apply(table, envelopes)
+            metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+        metrics.MESSAGES_PER_APPLY.observe(len(envelopes))
+        return result
+
+    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> None:
+        table = queue.name
+        with self._totals_lock:
+            self._transient_errors.pop(table, None)
+        queue.last_error = None
+        queue.backoff = queue.initial_backoff
+        queue.isolate = max(0, queue.isolate - len(batch))
         self._record(table, result)
         log.info(
             "applied",
-            extra={"table": table, "messages": len(messages), "rows_inserted": result.rows_inserted,
+            extra={"table": table, "messages": len(batch), "rows_inserted": result.rows_inserted,
                    "rows_deleted": result.rows_deleted, "duplicates_skipped": result.skipped_duplicates,
                    "rejected": len(result.rejections), "schema_changes": result.schema_changes},
         )
         if result.rejections:
-            message_of = {e.dedup_id: m for m, e in items}
+            message_of = {h.envelope.dedup_id: h.message for h in batch}
             self._dead_letter(
                 [
                     NewDeadLetter(
@@ -164,34 +256,106 @@ class Subscriber:
                 ],
                 "rejected",
             )
-        self._ack(messages)
+        self.failures.forget([h.envelope.dedup_id for h in batch])
+        self._settle(queue, batch)
 
-    def _apply_with_retry(self, table: str, envelopes: list[Envelope]) -> ApplyResult:
-        delay = RETRY_BACKOFF_START_SECONDS
-        while True:
-            try:
-                started = time.perf_counter()
-                with self.warehouse_lock:
-                    result = self.warehouse.apply(table, envelopes)
-                metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
-                self.last_transient_error = None
-                return result
-            except TransientWarehouseError as exc:
-                self.last_transient_error = str(exc)
-                metrics.TRANSIENT_ERRORS.inc()
-                log.warning("warehouse unavailable, retrying %s in %.1fs: %s", table, delay, exc)
-                if self.stop_event.wait(delay):
-                    raise _Stopping() from None
-                delay = min(delay * 2, self.settings.retry_backoff_max_seconds)
+    def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError) -> float | None:
+        """Wait in place while the messages' hold stays within budget, else nack them with a delay."""
+        table = queue.name
+        queue.last_error = str(exc)
+        with self._totals_lock:
+            self._transient_errors[table] = queue.last_error
+        metrics.TRANSIENT_ERRORS.inc()
+        wait = queue.backoff
+        retry_after = getattr(exc, "retry_after", None)  # e.g. a new column not yet visible to writes
+        if retry_after:
+            wait = max(wait, float(retry_after))
+        queue.backoff = min(queue.backoff * 2, self.settings.retry_backoff_max_seconds)
+        now = time.monotonic()
+        held_since = self.scheduler.held_since(queue) or now
+        if now - held_since + wait <= self.in_place_budget:
+            log.warning("warehouse unavailable, retrying %s in %.1fs: %s", table, wait, exc)
+            return now + wait
+        delay = min(wait, MAX_NACK_DELAY_SECONDS)
+        log.warning(
+            "warehouse unavailable, retrying %s in %.1fs (its messages, held %.0fs, handed back to the broker): %s",
+            table, delay, now - held_since, exc,
+        )
+        self._release(queue, delay, "transient")
+        return None
+
+    def _on_terminal(self, queue: TableQueue, batch: list[Held], exc: Exception) -> None:
+        table = queue.name
+        if len(batch) > 1:
+            log.warning("apply of %d messages to %s failed (%s); applying one by one", len(batch), table, exc)
+            queue.isolate = len(batch)
+            return
+        [held] = batch
+        message, dedup_id = held.message, held.envelope.dedup_id
+        failures = self.failures.record(dedup_id)
+        if failures < self.settings.max_delivery_attempts:
+            log.warning(
+                "message %s to %s failed (%d of %d, delivery attempt %d): %s",
+                message.message_id, table, failures, self.settings.max_delivery_attempts, message.delivery_attempt, exc,
+            )
+            queue.isolate = 0
+            self._release(queue, POISON_RETRY_DELAY_SECONDS, "terminal")  # its followers too: order holds
+            return
+        reason = f"failed {failures} times: {exc}"
+        self._dead_letter(
+            [
+                NewDeadLetter(
+                    reason=reason, kind="message", payload=bytes(message.data), attempts=failures,
+                    table_name=table, dedup_id=dedup_id, message_id=message.message_id,
+                )
+            ],
+            "max_attempts",
+        )
+        self._forward([(message, reason)])
+        self.failures.forget([dedup_id])
+        queue.isolate = max(0, queue.isolate - 1)
+        self._settle(queue, batch)
+
+    # --- settling with the broker ---
+    def _settle(self, queue: TableQueue, batch: list[Held]) -> None:
+        """Ack the oldest messages of `queue` (`batch`) and stop holding them."""
+        try:
+            self._ack([h.message for h in batch])
+        except BrokerUnavailable as exc:
+            # They come back after their lease and the warehouse's dedup_id drops what
+            # was already applied.
+            log.warning("broker unavailable while acking %d message(s) (they will be redelivered): %s", len(batch), exc)
+        finally:
+            self.scheduler.done(queue, len(batch))
+
+    def _release(self, queue: TableQueue, delay: float, why: str) -> None:
+        self._nack(self.scheduler.release(queue, delay), delay, why)
+
+    def _nack(self, items: list[Held], delay: float, why: str) -> None:
+        if not items:
+            return
+        try:
+            self.broker.nack([h.message for h in items], delay)
+        except Exception as exc:  # not lost: an unsettled message comes back after its lease
+            log.warning("could not nack %d message(s) (they come back after their lease): %s", len(items), exc)
+            return
+        metrics.MESSAGES_NACKED.labels(why).inc(len(items))
+
+    def _ack(self, messages: list[ReceivedMessage]) -> None:
+        self.broker.ack(messages)
+        with self._totals_lock:
+            self.totals.messages_acked += len(messages)
+        metrics.MESSAGES_ACKED.inc(len(messages))
 
     # --- bookkeeping ---
     def _record(self, table: str, result: ApplyResult) -> None:
-        t = self.totals
-        t.rows_inserted += result.rows_inserted
-        t.rows_deleted += result.rows_deleted
-        t.duplicates_skipped += result.skipped_duplicates
-        if result.rows_inserted or result.rows_deleted:
-            t.last_write_by_table[table] = time.time()
+        with self._totals_lock:
+            t = self.totals
+            t.rows_inserted += result.rows_inserted
+            t.rows_deleted += result.rows_deleted
+            t.duplicates_skipped += result.skipped_duplicates
+            if result.rows_inserted or result.rows_deleted:
+                t.last_write_by_table[table] = time.time()
         if result.rows_inserted:
             metrics.ROWS_APPLIED.labels(table, "insert").inc(result.rows_inserted)
         if result.rows_deleted:
@@ -202,7 +366,8 @@ class Subscriber:
 
     def _dead_letter(self, entries: list[NewDeadLetter], category: str) -> None:
         self.dead_letters.add(entries)
-        self.totals.dead_lettered += len(entries)
+        with self._totals_lock:
+            self.totals.dead_lettered += len(entries)
         metrics.DEAD_LETTERED.labels(category).inc(len(entries))
         for e in entries:
             log.warning("dead-lettered %s of %s: %s", e.kind, e.table_name, e.reason)
@@ -214,17 +379,8 @@ class Subscriber:
         except Exception as exc:
             log.warning("could not forward %d dead letter(s) to the broker's dead-letter topic: %s", len(entries), exc)
 
-    def _ack(self, messages: list[ReceivedMessage]) -> None:
-        self.broker.ack(messages)
-        self.totals.messages_acked += len(messages)
-        metrics.MESSAGES_ACKED.inc(len(messages))
 
-
-def _batch_ids(items: list[tuple[ReceivedMessage, Envelope]]) -> str:
-    """The batch id(s) of a table's messages in one pull, comma-separated in order."""
-    ids = dict.fromkeys(m.attributes.get("batch_id") or e.dedup_id.rsplit(":", 2)[0] for m, e in items)
+def _batch_ids(batch: list[Held]) -> str:
+    """The batch id(s) of the messages applied together, comma-separated in order."""
+    ids = dict.fromkeys(h.message.attributes.get("batch_id") or h.envelope.dedup_id.rsplit(":", 2)[0] for h in batch)
     return ",".join(ids)
-
-
-class _Stopping(Exception):
-    """Shutdown was asked for while retrying: release the messages instead."""

@@ -63,6 +63,9 @@ class Capabilities:
     transactional: bool  # rows + applied ids commit atomically
     max_alters_per_statement: int | None  # None: unlimited
     supports_geometry: bool
+    # Applies of different tables may run at once on separate threads. False: the
+    # subscriber serializes every apply (one connection that is not thread-safe).
+    concurrent_tables: bool = False
 
 
 @dataclass(slots=True)

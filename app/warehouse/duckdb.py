@@ -365,7 +365,8 @@ class DuckDBWarehouse(Warehouse):
         # file lock); dropped on any error or reconnect so a retry re-reads the catalog.
         self._schemas: dict[str, Schema] = {}
         self.capabilities = Capabilities(
-            name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=self._spatial
+            name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=self._spatial,
+            concurrent_tables=False,  # one connection, not thread-safe
         )
         try:
             self._connection()
@@ -402,7 +403,8 @@ class DuckDBWarehouse(Warehouse):
                 self._spatial = spatial
                 self._types = duck_types(spatial)
                 self.capabilities = Capabilities(
-                    name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=spatial
+                    name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=spatial,
+                    concurrent_tables=False,
                 )
             self._con = con
             return con

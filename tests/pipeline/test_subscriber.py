@@ -1,94 +1,538 @@
-"""The subscriber loop over a real local broker and DuckDB file (no processes)."""
+"""The subscriber loop: per-table workers, order, flow control, retries and dead letters.
+
+Most tests run the real loop (`Subscriber.run` on a thread) against an in-memory broker
+with Pub/Sub semantics and a warehouse whose behaviour each test scripts. The broker
+hands nacked messages back at once and records the delay asked for, so retry paths
+run without waiting. The last tests run the loop over the real local broker and DuckDB.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from typing import Callable, Sequence
 
 import orjson
 import pytest
 
 from app.broker import OutgoingMessage
+from app.broker.base import Broker, PublishResult, ReceivedMessage
 from app.broker.local import LocalBroker
 from app.pipeline.codec import encode_batch, new_batch_id
 from app.pipeline.deadletter import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings
+from app.warehouse.base import ApplyResult, Capabilities, Envelope, TransientWarehouseError, Warehouse
 from app.warehouse.duckdb import DuckDBWarehouse
+
+WAIT_SECONDS = 20.0
+
+
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll for a state the loop reaches on its own threads (fails after a generous limit)."""
+    end = time.monotonic() + WAIT_SECONDS
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _insert(table: str, n: int, value: str = "x") -> Activity:
+    return Activity("insert", table, ["n", "s"], ["integer", "string"], [n, value])
+
+
+def _numbers(envelopes: Sequence[Envelope]) -> list[int]:
+    return [a.col_values[0] for e in envelopes for a in e.activities]
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+class FakeBroker(Broker):
+    """In-memory Pub/Sub semantics: leases, FIFO per ordering key, delivery attempts.
+
+    `one_run_per_key=True` is the local broker's behaviour (a key with leased messages
+    gives no more); False hands out a key's later messages while earlier ones are still
+    held, as a synchronous pull may. Nacked messages are deliverable again at once; the
+    delay asked for is recorded in `nacks`.
+    """
+
+    name = "fake"
+
+    def __init__(self, *, one_run_per_key: bool = True, max_lease_seconds: float | None = 600.0) -> None:
+        self.one_run_per_key = one_run_per_key
+        self.max_lease_seconds = max_lease_seconds
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._pending: dict[str, list[ReceivedMessage]] = collections.defaultdict(list)  # per key, oldest first
+        self._leased: dict[str, ReceivedMessage] = {}
+        self._attempts: collections.Counter[str] = collections.Counter()
+        self.acked: list[str] = []
+        self.nacks: list[tuple[str, float]] = []
+        self.max_leased = 0
+
+    def put(self, messages: Sequence[OutgoingMessage]) -> list[str]:
+        ids = []
+        with self._cond:
+            for m in messages:
+                message_id = str(next(self._ids))
+                self._pending[m.ordering_key].append(
+                    ReceivedMessage(message_id, m.data, dict(m.attributes), m.ordering_key, 0)
+                )
+                ids.append(message_id)
+            self._cond.notify_all()
+        return ids
+
+    def put_activities(self, *activities: Activity) -> list[str]:
+        return self.put(encode_batch(list(activities), new_batch_id(None)))
+
+    @property
+    def leased(self) -> int:
+        with self._cond:
+            return len(self._leased)
+
+    @property
+    def unacked(self) -> int:
+        with self._cond:
+            return sum(len(v) for v in self._pending.values())
+
+    async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None) -> PublishResult:
+        self.put(messages)
+        return PublishResult(batch_id, len(messages))
+
+    def pull(self, max_messages: int, timeout: float) -> list[ReceivedMessage]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._deliverable(1), timeout)
+            out = self._deliverable(max_messages)
+            for m in out:
+                self._attempts[m.message_id] += 1
+                m.delivery_attempt = self._attempts[m.message_id]
+                self._leased[m.message_id] = m
+            self.max_leased = max(self.max_leased, len(self._leased))
+            return [ReceivedMessage(m.message_id, m.data, m.attributes, m.ordering_key, m.delivery_attempt)
+                    for m in out]
+
+    def _deliverable(self, limit: int) -> list[ReceivedMessage]:
+        out: list[ReceivedMessage] = []
+        for queue in self._pending.values():
+            if self.one_run_per_key and any(m.message_id in self._leased for m in queue):
+                continue
+            for m in queue:
+                if len(out) >= limit:
+                    return out
+                if m.message_id in self._leased:
+                    continue
+                out.append(m)
+        return out
+
+    def ack(self, messages: Sequence[ReceivedMessage]) -> None:
+        with self._cond:
+            for m in messages:
+                if self._leased.pop(m.message_id, None) is not None:
+                    queue = self._pending[m.ordering_key]
+                    queue[:] = [x for x in queue if x.message_id != m.message_id]
+                    self.acked.append(m.message_id)
+            self._cond.notify_all()
+
+    def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
+        with self._cond:
+            for m in messages:
+                if self._leased.pop(m.message_id, None) is not None:
+                    self.nacks.append((m.message_id, delay_seconds))
+            self._cond.notify_all()
+
+    def ready(self) -> tuple[bool, str]:
+        return True, "ok"
+
+
+class FakeWarehouse(Warehouse):
+    """Records applies per table; `plan(table, envelopes)` may block or raise first."""
+
+    def __init__(self, *, concurrent_tables: bool = True, plan: Callable[[str, list[Envelope]], None] | None = None):
+        self.capabilities = Capabilities("fake", True, None, False, concurrent_tables=concurrent_tables)
+        self.plan = plan
+        self.applied: dict[str, list[list[int]]] = collections.defaultdict(list)  # table -> numbers per apply
+        self.attempts: collections.Counter[str] = collections.Counter()  # table -> apply calls
+        self._lock = threading.Lock()
+        self._running: collections.Counter[str] = collections.Counter()
+        self.overlaps: list[str] = []  # tables applied twice at once
+        self.max_running = 0
+
+    def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
+        with self._lock:
+            self.attempts[table] += 1
+            self._running[table] += 1
+            if self._running[table] > 1:
+                self.overlaps.append(table)
+            self.max_running = max(self.max_running, sum(self._running.values()))
+        try:
+            if self.plan is not None:
+                self.plan(table, list(envelopes))
+            with self._lock:
+                self.applied[table].append(_numbers(envelopes))
+            return ApplyResult(applied_envelopes=len(envelopes), rows_inserted=sum(len(e.activities) for e in envelopes))
+        finally:
+            with self._lock:
+                self._running[table] -= 1
+
+    def numbers(self, table: str) -> list[int]:
+        with self._lock:
+            return [n for batch in self.applied[table] for n in batch]
+
+    def query(self, sql, params=None):
+        raise NotImplementedError
+
+    def table_schema(self, table):
+        return None
+
+
+class Flaky(TransientWarehouseError):
+    """A transient error carrying the warehouse's advice on when to try again."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @pytest.fixture
-def parts(tmp_path):
+def store(tmp_path):
+    s = DeadLetterStore(tmp_path / "dead.sqlite")
+    yield s
+    s.close()
+
+
+def _settings(tmp_path, **values) -> Settings:
+    base = dict(data_dir=tmp_path, max_delivery_attempts=3, subscriber_workers=4, retry_backoff_max_seconds=0.05)
+    base.update(values)
+    return Settings(**base)
+
+
+@contextlib.contextmanager
+def running(subscriber: Subscriber):
+    thread = threading.Thread(target=subscriber.run, name="subscriber-loop", daemon=True)
+    thread.start()
+    try:
+        yield subscriber
+    finally:
+        subscriber.stop()
+        thread.join(WAIT_SECONDS)
+        assert not thread.is_alive(), "the subscriber did not stop"
+
+
+# --------------------------------------------------------------------------- concurrency and order
+
+
+def test_a_blocked_table_does_not_stop_another_from_applying_and_acking(tmp_path, store):
+    gate, entered = threading.Event(), threading.Event()
+
+    def plan(table, envelopes):
+        if table == "slow":
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    [slow_id] = broker.put_activities(_insert("slow", 1))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        assert entered.wait(WAIT_SECONDS)
+        fast_ids = broker.put_activities(_insert("fast", 1)) + broker.put_activities(_insert("fast", 2))
+        wait_until(lambda: set(fast_ids) <= set(broker.acked), "the fast table acked")
+        assert warehouse.numbers("fast") == [1, 2]
+        assert slow_id not in broker.acked and warehouse.numbers("slow") == []  # still in its apply
+        gate.set()
+        wait_until(lambda: slow_id in broker.acked, "the slow table acked")
+    assert warehouse.numbers("slow") == [1] and store.count() == 0
+
+
+def test_without_concurrent_tables_applies_never_overlap(tmp_path, store):
+    broker, warehouse = FakeBroker(), FakeWarehouse(concurrent_tables=False, plan=lambda t, e: time.sleep(0.002))
+    for i in range(20):
+        broker.put_activities(*(_insert(t, i) for t in "abcdef"))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: broker.unacked == 0, "everything acked")
+    assert warehouse.max_running == 1
+    assert all(warehouse.numbers(t) == list(range(20)) for t in "abcdef")
+
+
+def test_each_table_applies_in_pull_order_one_batch_at_a_time(tmp_path, store):
+    # Later messages of a key are handed out while earlier ones are still held, so the
+    # subscriber's own per-table queue must keep the order.
+    broker = FakeBroker(one_run_per_key=False)
+    warehouse = FakeWarehouse(plan=lambda t, e: time.sleep(0.001))
+    settings = _settings(tmp_path, pull_max_messages=7)
+    with running(Subscriber(settings, broker, warehouse, store)):
+        for i in range(60):
+            broker.put_activities(*(_insert(t, i) for t in ("a", "b", "c")))
+        wait_until(lambda: broker.unacked == 0, "everything acked")
+    for table in ("a", "b", "c"):
+        assert warehouse.numbers(table) == list(range(60))
+    assert warehouse.overlaps == []
+
+
+def test_a_backlog_of_one_table_applies_many_messages_per_apply(tmp_path, store):
+    gate, entered = threading.Event(), threading.Event()
+
+    def plan(table, envelopes):
+        entered.set()
+        assert gate.wait(WAIT_SECONDS)
+
+    broker = FakeBroker(one_run_per_key=False)
+    warehouse = FakeWarehouse(plan=plan)
+    broker.put_activities(_insert("t", 0))
+    with running(Subscriber(_settings(tmp_path, pull_max_messages=10), broker, warehouse, store)):
+        assert entered.wait(WAIT_SECONDS)
+        for i in range(1, 31):
+            broker.put_activities(_insert("t", i))
+        wait_until(lambda: broker.leased == 31, "the backlog pulled while the first apply runs")
+        gate.set()
+        wait_until(lambda: broker.unacked == 0, "everything acked")
+    # Pulled 10 at a time, applied as the size bound allows: 1, then 10 + 10 + 10.
+    assert warehouse.applied["t"] == [[0], list(range(1, 11)), list(range(11, 21)), list(range(21, 31))]
+
+
+def test_flow_control_bounds_the_messages_held(tmp_path, store):
+    gate = threading.Event()
+    broker = FakeBroker(one_run_per_key=False)
+    warehouse = FakeWarehouse(plan=lambda t, e: gate.wait(WAIT_SECONDS) if t == "a" else None)
+    for i in range(10):
+        broker.put_activities(_insert("a", i))
+    settings = _settings(tmp_path, subscriber_max_outstanding_messages=4)
+    with running(Subscriber(settings, broker, warehouse, store)):
+        wait_until(lambda: broker.leased == 4, "the limit reached")
+        broker.put_activities(_insert("b", 0))
+        gate.set()
+        wait_until(lambda: broker.unacked == 0, "everything acked")
+    assert broker.max_leased <= 4
+    assert warehouse.numbers("a") == list(range(10)) and warehouse.numbers("b") == [0]
+
+
+def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_path, store):
+    refused = [True]
+
+    def plan(table, envelopes):
+        if table == "waiting" and refused[0]:
+            refused[0] = False
+            raise Flaky("rateLimitExceeded", retry_after=60.0)
+
+    broker = FakeBroker(one_run_per_key=False)
+    warehouse = FakeWarehouse(plan=plan)
+    held = [m for i in range(4) for m in broker.put_activities(_insert("waiting", i))]
+    settings = _settings(tmp_path, subscriber_max_outstanding_messages=4)
+    with running(Subscriber(settings, broker, warehouse, store)):
+        wait_until(lambda: warehouse.attempts["waiting"] == 1, "the first, refused apply")
+        other = broker.put_activities(_insert("other", 1))
+        wait_until(lambda: set(other) <= set(broker.acked), "the other table, although the waiting one filled the window")
+        wait_until(lambda: set(held) <= set(broker.acked), "the waiting table applied after its redelivery")
+    assert {m for m, _ in broker.nacks} == set(held) and all(30 < delay <= 60 for _, delay in broker.nacks)
+    assert warehouse.numbers("waiting") == [0, 1, 2, 3] and store.count() == 0
+
+
+# --------------------------------------------------------------------------- transient errors
+
+
+def test_transient_errors_never_dead_letter_even_after_many_nacks(tmp_path, store):
+    failures_left = collections.Counter({"t": 25})
+
+    def plan(table, envelopes):
+        if failures_left[table] > 0:
+            failures_left[table] -= 1
+            raise TransientWarehouseError("quotaExceeded")
+
+    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    ids = broker.put_activities(_insert("t", 1)) + broker.put_activities(_insert("t", 2))
+    # No in-place budget: every transient error nacks, so delivery_attempt climbs far
+    # beyond MAX_DELIVERY_ATTEMPTS=3.
+    settings = _settings(tmp_path, max_in_place_retry_seconds=0)
+    with running(Subscriber(settings, broker, warehouse, store)):
+        wait_until(lambda: set(ids) <= set(broker.acked), "both acked")
+    assert store.count() == 0
+    assert warehouse.numbers("t") == [1, 2]
+    assert len(broker.nacks) >= 25 and all(delay > 0 for _, delay in broker.nacks)
+
+
+def test_transient_errors_are_retried_in_place_while_the_budget_allows(tmp_path, store):
+    failures_left = [3]
+
+    def plan(table, envelopes):
+        if failures_left[0] > 0:
+            failures_left[0] -= 1
+            raise TransientWarehouseError("backendError")
+
+    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    [message_id] = broker.put_activities(_insert("t", 1))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: message_id in broker.acked, "acked")
+    assert broker.nacks == [] and warehouse.attempts["t"] == 4
+
+
+def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(tmp_path, store):
+    refused = [True]
+
+    def plan(table, envelopes):
+        if table == "new_column" and refused[0]:
+            refused[0] = False
+            raise Flaky("new field not yet visible to the write stream", retry_after=300.0)
+
+    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    [waiting] = broker.put_activities(_insert("new_column", 1))
+    other = broker.put_activities(_insert("other", 1))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: {waiting, *other} <= set(broker.acked), "both tables acked")
+    assert broker.nacks == [(waiting, 300.0)]
+    assert store.count() == 0
+
+
+def test_retry_after_within_the_budget_waits_in_place_and_stop_releases_the_held_messages(tmp_path, store, caplog):
+    def plan(table, envelopes):
+        if table == "waiting":
+            raise Flaky("schema not yet visible", retry_after=5.0)
+
+    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    held = broker.put_activities(_insert("waiting", 1), _insert("waiting", 2))
+    other = broker.put_activities(_insert("other", 1))
+    caplog.set_level(logging.WARNING, logger="app.subscriber")
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: warehouse.attempts["waiting"] == 1 and set(other) <= set(broker.acked), "the other table")
+        wait_until(lambda: any("retrying waiting in 5.0s" in r.getMessage() for r in caplog.records), "the retry")
+        assert broker.nacks == [] and broker.leased == len(held)  # held, in place
+    # Stopping hands the held messages back at once, unacked.
+    assert sorted(broker.nacks) == sorted((m, 0.0) for m in held)
+    assert broker.leased == 0 and not set(held) & set(broker.acked)
+    assert warehouse.attempts["waiting"] == 1
+
+
+def test_in_place_retries_stay_within_half_a_lease_that_is_not_extended(tmp_path, store):
+    broker = FakeBroker(max_lease_seconds=None)
+    sub = Subscriber(_settings(tmp_path, ack_deadline_seconds=10, max_in_place_retry_seconds=120), broker,
+                     FakeWarehouse(), store)
+    assert sub.in_place_budget == 5.0
+    extended = Subscriber(_settings(tmp_path), FakeBroker(max_lease_seconds=600), FakeWarehouse(), store)
+    assert extended.in_place_budget == 120.0
+
+
+def test_messages_held_past_an_unextended_lease_are_handed_back_not_applied(tmp_path, store):
+    gate, entered = threading.Event(), threading.Event()
+
+    def plan(table, envelopes):
+        if _numbers(envelopes) == [0]:
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker = FakeBroker(one_run_per_key=False, max_lease_seconds=None)
+    warehouse = FakeWarehouse(plan=plan)
+    [first] = broker.put_activities(_insert("t", 0))
+    with running(Subscriber(_settings(tmp_path, ack_deadline_seconds=0.2), broker, warehouse, store)):
+        assert entered.wait(WAIT_SECONDS)
+        [second] = broker.put_activities(_insert("t", 1))
+        wait_until(lambda: broker.leased == 2, "the second message held behind the first")
+        time.sleep(0.3)  # the second one's lease (the ack deadline) runs out while it waits
+        gate.set()
+        wait_until(lambda: second in broker.acked, "the second message applied after its redelivery")
+    assert (second, 0.0) in broker.nacks and first not in dict(broker.nacks)
+    assert warehouse.applied["t"] == [[0], [1]]
+
+
+# --------------------------------------------------------------------------- terminal failures
+
+
+def test_terminal_culprit_is_dead_lettered_after_n_terminal_failures_and_order_holds(tmp_path, store):
+    calls = collections.Counter()
+
+    def plan(table, envelopes):
+        numbers = _numbers(envelopes)
+        if 2 in numbers:
+            calls["bad"] += 1
+            # Transient errors in between do not count towards dead-lettering.
+            if calls["bad"] % 2:
+                raise TransientWarehouseError("rateLimitExceeded")
+            raise ValueError("value the warehouse refuses")
+
+    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    ids = broker.put(
+        encode_batch([_insert("t", 1)], "b1") + encode_batch([_insert("t", 2)], "b2")
+        + encode_batch([_insert("t", 3)], "b3")
+    )
+    settings = _settings(tmp_path, max_in_place_retry_seconds=0)  # every transient error nacks too
+    with running(Subscriber(settings, broker, warehouse, store)):
+        wait_until(lambda: broker.unacked == 0, "everything settled")
+    assert warehouse.numbers("t") == [1, 3]
+    [letter] = store.list()
+    assert letter.kind == "message" and letter.dedup_id == "b2:t:0" and letter.message_id == ids[1]
+    assert letter.attempts == 3 and "failed 3 times" in letter.reason
+    assert orjson.loads(letter.payload)["activities"][0]["col_values"] == [2, "x"]
+    # Pub/Sub counted every nack, transient ones included: far more than 3 deliveries.
+    assert sum(1 for m, _ in broker.nacks if m == ids[1]) >= 4
+
+
+def test_undecodable_message_is_dead_lettered_at_once(tmp_path, store):
+    broker, warehouse = FakeBroker(), FakeWarehouse()
+    [garbage] = broker.put([OutgoingMessage(b"\x00garbage", "t", {"table": "t", "batch_id": "b", "dedup_id": "b:t:0"})])
+    good = broker.put_activities(_insert("t", 1))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: {garbage, *good} <= set(broker.acked), "both acked")
+    [letter] = store.list()
+    assert letter.payload == b"\x00garbage" and "undecodable" in letter.reason
+    assert warehouse.numbers("t") == [1]
+
+
+# --------------------------------------------------------------------------- the local broker and DuckDB
+
+
+@pytest.fixture
+def local(tmp_path):
     settings = Settings(data_dir=tmp_path, max_delivery_attempts=3, ack_deadline_seconds=30)
     broker = LocalBroker(settings)
     warehouse = DuckDBWarehouse(settings)
-    store = DeadLetterStore(settings.dead_letter_file)
-    yield settings, broker, warehouse, store, Subscriber(settings, broker, warehouse, store)
+    dead = DeadLetterStore(settings.dead_letter_file)
+    yield settings, broker, warehouse, dead, Subscriber(settings, broker, warehouse, dead)
     broker.close()
     warehouse.close()
-    store.close()
+    dead.close()
 
 
 def _publish(broker, messages):
     asyncio.run(broker.publish(messages, batch_id=messages[0].attributes["batch_id"]))
 
 
-def _insert(table, n, value="x"):
-    return Activity("insert", table, ["n", "s"], ["integer", "string"], [n, value])
-
-
-def _drain(broker, subscriber, rounds=10):
-    for _ in range(rounds):
-        messages = broker.pull(100, 0.05)
-        if messages:
-            subscriber.process(messages)
-
-
-def test_applies_and_acks_in_order(parts):
-    settings, broker, warehouse, store, sub = parts
+def test_local_broker_and_duckdb_apply_in_order(local):
+    settings, broker, warehouse, dead, sub = local
     for i in range(3):
         _publish(broker, encode_batch([_insert("t", i), _insert("u", i)], new_batch_id(None)))
     _publish(broker, encode_batch([Activity("delete", "t", ["n"], ["integer"], [1])], new_batch_id(None)))
-    _drain(broker, sub)
-    assert warehouse.query("SELECT n FROM t ORDER BY n")[1] == [(0,), (2,)]
-    assert warehouse.query("SELECT count(*) FROM u")[1] == [(3,)]
-    assert broker.backlog().messages == 0
-    assert sub.totals.messages_acked == 7 and store.count() == 0
+    with running(sub):
+        wait_until(lambda: broker.backlog().messages == 0, "the backlog drained")
+    with sub.warehouse_lock:
+        assert warehouse.query("SELECT n FROM t ORDER BY n")[1] == [(0,), (2,)]
+        assert warehouse.query("SELECT count(*) FROM u")[1] == [(3,)]
+    assert sub.totals.messages_acked == 7 and dead.count() == 0
 
 
-def test_undecodable_message_is_dead_lettered_at_once_and_the_rest_flows(parts):
-    settings, broker, warehouse, store, sub = parts
-    _publish(broker, [OutgoingMessage(b"\x00garbage", "t", {"table": "t", "batch_id": "b", "dedup_id": "b:t:0"})])
-    _publish(broker, encode_batch([_insert("t", 1)], new_batch_id(None)))
-    _drain(broker, sub)
-    assert warehouse.query("SELECT n FROM t")[1] == [(1,)]
-    [letter] = store.list()
-    assert letter.kind == "message" and letter.payload == b"\x00garbage" and "undecodable" in letter.reason
-
-
-def test_message_the_warehouse_refuses_is_retried_then_dead_lettered_alone(parts):
-    settings, broker, warehouse, store, sub = parts
+def test_local_broker_message_duckdb_refuses_is_dead_lettered_alone(local):
+    settings, broker, warehouse, dead, sub = local
     # Bypasses the API's validation: a datetime DuckDB cannot parse.
     bad = Activity("insert", "t", ["n", "d"], ["integer", "datetime"], [99, "not a datetime"])
     _publish(broker, encode_batch([_insert("t", 1)], new_batch_id(None)))
     _publish(broker, encode_batch([bad], new_batch_id(None)))
     _publish(broker, encode_batch([_insert("t", 2)], new_batch_id(None)))
-    for _ in range(settings.max_delivery_attempts + 2):
-        messages = broker.pull(100, 3.0)  # waits out the nack delay that holds the key back
-        if messages:
-            sub.process(messages)
-    assert sorted(warehouse.query("SELECT n FROM t")[1]) == [(1,), (2,)]
-    [letter] = store.list()
+    with running(sub):
+        wait_until(lambda: broker.backlog().messages == 0, "the backlog drained")  # waits out the nack delays
+    assert warehouse.query("SELECT n FROM t ORDER BY n")[1] == [(1,), (2,)]
+    [letter] = dead.list()
     assert letter.kind == "message" and letter.attempts == settings.max_delivery_attempts
     assert orjson.loads(letter.payload)["activities"][0]["col_values"] == [99, "not a datetime"]
-    assert broker.backlog().messages == 0
 
 
-def test_redelivered_message_is_not_applied_twice(parts):
-    settings, broker, warehouse, store, sub = parts
+def test_local_broker_redelivered_message_is_not_applied_twice(local):
+    settings, broker, warehouse, dead, sub = local
     messages = encode_batch([_insert("t", 1), _insert("t", 2)], "fixed-batch")
     _publish(broker, messages)
     _publish(broker, messages)  # a re-publish of the same chunk (same dedup_id)
-    _drain(broker, sub)
+    with running(sub):
+        wait_until(lambda: broker.backlog().messages == 0, "the backlog drained")
     assert warehouse.query("SELECT count(*) FROM t")[1] == [(2,)]
     assert sub.totals.duplicates_skipped == 1

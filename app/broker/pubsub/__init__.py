@@ -42,6 +42,7 @@ class PubSubBroker(Broker):
         import threading
 
         self.settings = settings
+        self.max_lease_seconds = float(settings.pubsub_max_lease_seconds)  # the pull keeps leases this long
         self.project = settings.gcp_project
         self.topic_path = f"projects/{settings.gcp_project}/topics/{settings.pubsub_topic}"
         self.subscription_path = f"projects/{settings.gcp_project}/subscriptions/{settings.pubsub_subscription}"

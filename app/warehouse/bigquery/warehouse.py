@@ -116,6 +116,7 @@ class BigQueryWarehouse(Warehouse):
             transactional=False,
             max_alters_per_statement=1 if self.emulator else None,
             supports_geometry=True,
+            concurrent_tables=True,  # per-table locks; shared caches and counters are locked
         )
         self.client = BigQueryClient(settings, rest=client)
         self.api_calls = self.client.calls  # calls per kind (see client.py)
