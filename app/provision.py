@@ -400,32 +400,25 @@ def provision_pubsub(settings: Settings, report: Report | None = None) -> Report
 
 def provision_bigquery(settings: Settings, report: Report | None = None) -> Report:
     """Create the dataset in BIGQUERY_LOCATION (ok if it exists); report a location mismatch."""
-    from google.api_core import exceptions as gexc
-    from google.cloud import bigquery
-
-    from app.warehouse.bigquery import make_bigquery_client
+    from app.warehouse.bigquery import BigQueryClient
 
     report = report if report is not None else Report()
     name = f"{settings.gcp_project}.{settings.bigquery_dataset}"
-    client = make_bigquery_client(settings)
+    client = BigQueryClient(settings)  # the warehouse's own wrapper: its timeouts, retries, error translation
     try:
-        try:
-            dataset = client.get_dataset(name)
-            report.add(f"bigquery dataset {name}", "exists")
-        except gexc.NotFound:
-            wanted = bigquery.Dataset(name)
-            wanted.location = settings.bigquery_location
-            dataset = client.create_dataset(wanted, exists_ok=True)
-            report.add(f"bigquery dataset {name}", f"created (in {dataset.location})")
+        created = client.create_dataset()
+        dataset = client.get_dataset()
+        location = dataset.location if dataset is not None else settings.bigquery_location
+        report.add(f"bigquery dataset {name}", f"created (in {location})" if created else "exists")
         # A dataset's location is fixed at creation:
         # https://cloud.google.com/bigquery/docs/locations#specify_locations
-        if (dataset.location or "").lower() != settings.bigquery_location.lower():
-            report.add(f"bigquery dataset {name}", f"differs (location {dataset.location})")
+        if (location or "").lower() != settings.bigquery_location.lower():
+            report.add(f"bigquery dataset {name}", f"differs (location {location})")
             report.todo(
                 f"location of bigquery dataset {name}",
-                f"it is in {dataset.location}, BIGQUERY_LOCATION is {settings.bigquery_location}; a dataset "
+                f"it is in {location}, BIGQUERY_LOCATION is {settings.bigquery_location}; a dataset "
                 "cannot move: set BIGQUERY_LOCATION to its location, or choose another BIGQUERY_DATASET",
-                [f"export BIGQUERY_LOCATION={dataset.location}"],
+                [f"export BIGQUERY_LOCATION={location}"],
             )
         return report
     finally:

@@ -82,9 +82,6 @@ class Settings(BaseSettings):
     bigquery_insert_mode: Literal["storage_write", "insert_all"] = Field(
         "storage_write", description="`storage_write` (default stream) or legacy `insert_all`."
     )
-    bigquery_location: str | None = Field(
-        None, description="BigQuery location (e.g. `EU`, `us-central1`) of the dataset and query jobs; unset: BigQuery's default (US)."
-    )
     bigquery_partitioning: Literal["day", "none"] = Field(
         "day", description="User tables: `day` = partitioned by ingestion day (`_PARTITIONTIME`), `none` = unpartitioned."
     )

@@ -16,6 +16,7 @@ from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.duckdb import DuckDBWarehouse
 from tests.support.processes import free_port
+from tests.support.subscribers import running, wait_until
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -37,7 +38,8 @@ def test_admin_metrics_list_only_the_subscribers_metrics(tmp_path):
         messages = encode_batch([Activity("insert", "t", ["n"], ["integer"], [1])], "batch1")
         asyncio.run(broker.publish(messages, batch_id="batch1"))
         assert _scrape(url)["broker_backlog_messages"] == 1
-        subscriber.process(broker.pull(10, 1.0))
+        with running(subscriber):
+            wait_until(lambda: subscriber.totals.messages_acked == 1, "the message to be applied and acked")
         after = _scrape(url)
     finally:
         admin.stop()

@@ -15,6 +15,7 @@ from app.settings import Settings
 from app.warehouse.base import Envelope
 from app.warehouse.duckdb import DuckDBWarehouse
 from tests.support.processes import Pipeline, wait_until
+from tests.support.subscribers import running
 
 
 def _activity(table, names, types, values):
@@ -81,7 +82,9 @@ def test_a_replay_dead_lettered_again_links_back(settings):
     store = DeadLetterStore(settings.dead_letter_file)
     try:
         warehouse.apply("later", [Envelope("other:later:0", "later", [Activity("insert", "later", ["v"], ["string"], ["x"])])])
-        Subscriber(settings, broker, warehouse, store).process(broker.pull(10, 1.0))
+        subscriber = Subscriber(settings, broker, warehouse, store)
+        with running(subscriber):
+            wait_until(lambda: subscriber.totals.dead_lettered == 1, what="the replayed activity to be dead-lettered again")
     finally:
         broker.close()
         warehouse.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 import threading
@@ -30,18 +29,7 @@ from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Capabilities, Envelope, TransientWarehouseError, Warehouse
 from app.warehouse.duckdb import DuckDBWarehouse
-
-WAIT_SECONDS = 20.0
-
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll for a state the loop reaches on its own threads (fails after a generous limit)."""
-    end = time.monotonic() + WAIT_SECONDS
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
+from tests.support.subscribers import WAIT_SECONDS, running, wait_until
 
 def _insert(table: str, n: int, value: str = "x") -> Activity:
     return Activity("insert", table, ["n", "s"], ["integer", "string"], [n, value])
@@ -211,18 +199,6 @@ def _settings(tmp_path, **values) -> Settings:
     base = dict(data_dir=tmp_path, max_delivery_attempts=3, subscriber_workers=4, retry_backoff_max_seconds=0.05)
     base.update(values)
     return Settings(**base)
-
-
-@contextlib.contextmanager
-def running(subscriber: Subscriber):
-    thread = threading.Thread(target=subscriber.run, name="subscriber-loop", daemon=True)
-    thread.start()
-    try:
-        yield subscriber
-    finally:
-        subscriber.stop()
-        thread.join(WAIT_SECONDS)
-        assert not thread.is_alive(), "the subscriber did not stop"
 
 
 # --------------------------------------------------------------------------- concurrency and order
