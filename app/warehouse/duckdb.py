@@ -15,7 +15,8 @@ pulled envelopes of a table at once; one 500-row envelope per call is fsync-boun
 
 Values arrive canonical (see `app.schema.types`). Inserts stage them column-major in an
 Arrow table and convert in SQL, vectorized (`INSERT ... SELECT CAST(c0 AS ...) FROM
-stage`); values never become SQL text. The activity types of the columns are kept in
+stage`); values never become SQL text. A run of deletes is one semi-join per set of
+named columns against an Arrow batch of its keys (`DELETE ... WHERE EXISTS`). The activity types of the columns are kept in
 `_ingest_columns` (VARCHAR is ambiguous between string and bignumeric), maintained in
 the same transaction as the DDL. Tables starting with `_ingest_` are internal.
 
@@ -34,6 +35,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -582,47 +584,36 @@ class DuckDBWarehouse(Warehouse):
         return step.count
 
     def _delete(self, con: duckdb.DuckDBPyConnection, qtable: str, step: DeleteRows) -> int:
-        # Group deletes by (column, type, is-null) pattern: each group is one statement.
-        groups: dict[tuple, list[list[Any]]] = {}
+        """A run of deletes: one semi-join per set of named columns, against an Arrow batch of keys.
+
+        Deletes commute with each other, so their order inside the run does not matter; a
+        NULL key matches NULL (`IS NOT DISTINCT FROM`, which DuckDB runs as a hash join).
+        Each statement's count excludes rows an earlier statement already deleted.
+        """
+        groups: dict[tuple[tuple[str, str], ...], list[tuple[Any, ...]]] = {}
         for conds in step.conditions:
-            key = tuple((name, typ, value is None) for name, typ, value in conds)
-            groups.setdefault(key, []).append([value for _, _, value in conds if value is not None])
-        deleted = 0
-        for key, value_rows in groups.items():
-            null_terms = [
-                f"{self._types[typ].compare_column_sql.format(quote_ident(name))} IS NULL"
-                for name, typ, is_null in key
-                if is_null
-            ]
-            valued = [(name, typ) for name, typ, is_null in key if not is_null]
-            if not valued:
-                sql = f"DELETE FROM {qtable} WHERE {' AND '.join(null_terms)}"
-                deleted += con.execute(sql).fetchone()[0]
-                continue
-            if len(value_rows) == 1:
-                params = []
-                terms = []
-                for (name, typ), value in zip(valued, value_rows[0]):
-                    spec = self._types[typ]
-                    if spec.convert is not None:
-                        value = spec.convert([value])[0]
-                    params.append(value)
-                    terms.append(f"{spec.compare_column_sql.format(quote_ident(name))} = {spec.cmp_value('?')}")
-                sql = f"DELETE FROM {qtable} WHERE {' AND '.join(terms + null_terms)}"
-                deleted += con.execute(sql, params).fetchone()[0]
-                continue
-            columns = [(typ, list(col)) for (_, typ), col in zip(valued, zip(*value_rows))]
-            self._stage(con, columns)
-            match = " AND ".join(
-                f"{self._types[typ].compare_column_sql.format(qtable + '.' + quote_ident(name))} = "
-                f"{self._types[typ].cmp_value(f's.c{i}')}"
-                for i, (name, typ) in enumerate(valued)
-            )
-            null_sql = "".join(f" AND {t}" for t in null_terms)
-            sql = f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} s WHERE {match}){null_sql}"
-            deleted += con.execute(sql).fetchone()[0]
-            con.unregister(STAGE_VIEW)
-        return deleted
+            ordered = sorted(conds, key=itemgetter(0))  # (a, b) and (b, a) are one column set
+            key = tuple((name, typ) for name, typ, _ in ordered)
+            groups.setdefault(key, []).append(tuple(value for _, _, value in ordered))
+        return sum(self._delete_keys(con, qtable, columns, keys) for columns, keys in groups.items())
+
+    def _delete_keys(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        qtable: str,
+        columns: tuple[tuple[str, str], ...],
+        keys: list[tuple[Any, ...]],
+    ) -> int:
+        self._stage(con, [(typ, list(values)) for (_, typ), values in zip(columns, zip(*keys))])
+        match = " AND ".join(
+            f"{self._types[typ].compare_column_sql.format(qtable + '.' + quote_ident(name))} "
+            f"IS NOT DISTINCT FROM {self._types[typ].cmp_value(f'k.c{i}')}"
+            for i, (name, typ) in enumerate(columns)
+        )
+        deleted = con.execute(f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} k WHERE {match})")
+        count = deleted.fetchone()[0]
+        con.unregister(STAGE_VIEW)
+        return count
 
     def _maybe_prune(self, con: duckdb.DuckDBPyConnection) -> None:
         """Forget dedup_ids older than the redelivery window (at most once per hour)."""

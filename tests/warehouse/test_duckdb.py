@@ -139,7 +139,7 @@ def test_injection_is_stored_literally(wh: DuckDBWarehouse) -> None:
     assert r.rows_inserted == len(nasty) and r.rejections == []
     _, rows = wh.query('SELECT id, s, CAST(r AS VARCHAR) FROM "t" ORDER BY id')
     assert [row[1] for row in rows] == nasty
-    # deletes bind values too: grouped (staged) and single (parameters)
+    # deletes stage their keys in Arrow too, never as SQL text
     r = wh.apply("t", [env("t", dele("t", [("s", "string")], [nasty[0]]), dele("t", [("s", "string")], [nasty[1]]))])
     assert r.rows_deleted == 2
     r = wh.apply("t", [env("t", dele("t", [("r", "record")], [{nasty[2]: nasty[2]}]))])
@@ -240,3 +240,55 @@ def test_query_from_another_thread_while_applying(wh: DuckDBWarehouse) -> None:
     assert errors == []
     assert counts == sorted(counts)  # committed snapshots only, never going back
     assert all((c - 1) % 100 == 0 for c in counts)  # never a half-applied batch
+
+
+def test_delete_run_one_semi_join_per_column_set(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("k", "string"), ("f", "float"), ("g", "geography"), ("r", "record")]
+    rows = [
+        [0, "a", 1.5, "POINT(1 2)", {"x": 1, "y": [2]}],
+        [1, "a", None, "POINT(3 4)", None],
+        [2, None, "NaN", None, {"y": [2], "x": 1}],
+        [3, "b", "NaN", "POINT(5 6)", {"z": None}],
+        [4, None, None, "LINESTRING(0 0, 1 1)", None],
+        [5, "c", 2.5, None, {"x": 2}],
+    ]
+    wh.apply("t", [env("t", *(ins("t", cols, row) for row in rows))])
+    deletes = [
+        dele("t", [("k", "string"), ("f", "float")], ["a", None]),  # row 1 (NULL matches NULL)
+        dele("t", [("f", "float"), ("k", "string")], [None, "a"]),  # same key, other column order: counted once
+        dele("t", [("k", "string"), ("f", "float")], [None, "NaN"]),  # row 2 (NaN equals NaN, as before)
+        dele("t", [("g", "geography")], ["POINT (5 6)"]),  # row 3: geometry equality, not text
+        dele("t", [("r", "record")], [{"x": 1, "y": [2]}]),  # row 0 (row 2 is gone already)
+        dele("t", [("id", "integer")], [0]),  # already deleted by the record key in the same run
+        dele("t", [("id", "integer")], [99]),  # no match
+    ]
+    r = wh.apply("t", [env("t", *deletes)])
+    assert (r.rows_deleted, r.rejections) == (4, [])
+    assert [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]] == [4, 5]
+
+
+def test_delete_is_a_barrier_within_one_apply(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("k", "string")]
+    acts = [ins("t", cols, [i, f"k{i % 3}"]) for i in range(300)]
+    acts.append(dele("t", [("k", "string")], ["k0"]))
+    acts.append(dele("t", [("k", "string"), ("id", "integer")], ["k1", 1]))
+    acts += [ins("t", cols, [i, f"k{i % 3}"]) for i in range(300, 330)]  # not deleted: after the barrier
+    acts.append(dele("t", [("id", "integer")], [2]))
+    r = wh.apply("t", [env("t", *acts[:150]), env("t", *acts[150:])])
+    assert (r.rows_inserted, r.rows_deleted) == (330, 100 + 1 + 1)
+    ids = [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]]
+    assert ids == [i for i in range(300) if i % 3 and i not in (1, 2)] + list(range(300, 330))
+
+
+def test_many_deletes_with_nulls_in_one_apply(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("ts", "timestamp"), ("n", "numeric"), ("b", "bignumeric")]
+    big = "1" * 38 + "." + "2" * 38
+    rows = [[i, f"2024-01-01T00:00:{i % 60:02d}.000000Z" if i % 5 else None, f"{i}.5", big if i % 2 else None]
+            for i in range(2000)]
+    wh.apply("t", [env("t", *(ins("t", cols, row) for row in rows))])
+    keys = [row[1:] for row in rows[::2]]  # even ids: every key names ts (maybe NULL), n, b (NULL)
+    r = wh.apply("t", [env("t", *(dele("t", cols[1:], key) for key in keys))])
+    assert r.rows_deleted == 1000
+    assert wh.query('SELECT count(*), min(id % 2) FROM "t"')[1] == [(1000, 1)]
+    r = wh.apply("t", [env("t", dele("t", [("b", "bignumeric")], [big]))])  # canonical text
+    assert r.rows_deleted == 1000
