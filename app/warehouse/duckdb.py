@@ -129,6 +129,22 @@ class DuckType:
     def cmp_value(self, placeholder: str) -> str:
         return (self.compare_value_sql or self.value_sql).format(placeholder)
 
+    def arrow(self, values: list[Any]) -> pa.Array:
+        """Canonical values as the staged Arrow column (`value_sql` finishes the conversion)."""
+        if self.convert is not None:
+            values = self.convert(values)
+        array = pa.array(values, type=self.arrow_type)
+        if self.stage_cast is not None:
+            try:
+                array = array.cast(self.stage_cast)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # the SQL cast decides (same result, slower)
+        return array
+
+    def param(self, value: Any) -> Any:
+        """A canonical value as the bound parameter of `cmp_value("?")`."""
+        return value if self.convert is None else self.convert([value])[0]
+
 
 def duck_types(spatial: bool) -> dict[str, DuckType]:
     """How each activity type is staged and cast; column types come from `app.schema.types`.
@@ -560,18 +576,7 @@ class DuckDBWarehouse(Warehouse):
 
     def _stage(self, con: duckdb.DuckDBPyConnection, columns: list[tuple[str, list[Any]]]) -> None:
         """Register an Arrow table with columns c0, c1, ... (type name, values) as STAGE_VIEW."""
-        arrays = []
-        for typ, values in columns:
-            spec = self._types[typ]
-            if spec.convert is not None:
-                values = spec.convert(values)
-            array = pa.array(values, type=spec.arrow_type)
-            if spec.stage_cast is not None:
-                try:
-                    array = array.cast(spec.stage_cast)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    pass  # the SQL cast decides (same result, slower)
-            arrays.append(array)
+        arrays = [self._types[typ].arrow(values) for typ, values in columns]
         stage = pa.Table.from_arrays(arrays, names=[f"c{i}" for i in range(len(arrays))])
         con.register(STAGE_VIEW, stage)
 
@@ -604,14 +609,22 @@ class DuckDBWarehouse(Warehouse):
         columns: tuple[tuple[str, str], ...],
         keys: list[tuple[Any, ...]],
     ) -> int:
+        def match(key_sql: Callable[[int], str]) -> str:
+            return " AND ".join(
+                f"{self._types[typ].compare_column_sql.format(qtable + '.' + quote_ident(name))} "
+                f"IS NOT DISTINCT FROM {self._types[typ].cmp_value(key_sql(i))}"
+                for i, (name, typ) in enumerate(columns)
+            )
+
+        if len(keys) == 1:
+            # One key: bound parameters filter the scan directly, ~3x faster than registering
+            # a one-row Arrow table and joining it (a lone delete between inserts is common).
+            params = [self._types[typ].param(value) for (_, typ), value in zip(columns, keys[0])]
+            return con.execute(f"DELETE FROM {qtable} WHERE {match(lambda i: '?')}", params).fetchone()[0]
         self._stage(con, [(typ, list(values)) for (_, typ), values in zip(columns, zip(*keys))])
-        match = " AND ".join(
-            f"{self._types[typ].compare_column_sql.format(qtable + '.' + quote_ident(name))} "
-            f"IS NOT DISTINCT FROM {self._types[typ].cmp_value(f'k.c{i}')}"
-            for i, (name, typ) in enumerate(columns)
-        )
-        deleted = con.execute(f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} k WHERE {match})")
-        count = deleted.fetchone()[0]
+        count = con.execute(
+            f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} k WHERE {match(lambda i: f'k.c{i}')})"
+        ).fetchone()[0]
         con.unregister(STAGE_VIEW)
         return count
 

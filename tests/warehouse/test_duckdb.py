@@ -15,6 +15,7 @@ from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
 from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, query_file
+from tests.warehouse.test_contract import ROUND_TRIP
 
 
 @pytest.fixture
@@ -292,3 +293,15 @@ def test_many_deletes_with_nulls_in_one_apply(wh: DuckDBWarehouse) -> None:
     assert wh.query('SELECT count(*), min(id % 2) FROM "t"')[1] == [(1000, 1)]
     r = wh.apply("t", [env("t", dele("t", [("b", "bignumeric")], [big]))])  # canonical text
     assert r.rows_deleted == 1000
+
+
+@pytest.mark.parametrize("typ", sorted(ROUND_TRIP))
+def test_lone_delete_binds_each_type(wh: DuckDBWarehouse, typ: str) -> None:
+    # A run of one delete binds its key as parameters instead of staging it (see test_contract
+    # for runs of several keys); both must match the same rows.
+    cols = [("id", "integer"), ("v", typ)]
+    cases = ROUND_TRIP[typ] + [(None, None)]
+    wh.apply("t", [env("t", *(ins("t", cols, [i, sent]) for i, (sent, _) in enumerate(cases)))])
+    assert wh.apply("t", [env("t", dele("t", [("v", typ)], [cases[0][0]]))]).rows_deleted == 1
+    assert wh.apply("t", [env("t", dele("t", [("v", typ)], [None]))]).rows_deleted == 1
+    assert [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]] == list(range(1, len(cases) - 1))
