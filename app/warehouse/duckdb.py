@@ -122,8 +122,9 @@ class DuckType:
     compare_value_sql: str | None = None  # default: value_sql
     # Arrow type to cast the staged column to before DuckDB sees it, where Arrow's cast is
     # much faster than DuckDB's (VARCHAR -> DECIMAL(38,9) runs at ~150k values/s in DuckDB
-    # 1.5, ~3M/s in Arrow). If Arrow refuses a value, the column is staged uncast and the
-    # SQL cast in `value_sql` decides, as before.
+    # 1.5, ~3M/s in Arrow; ISO timestamps ~8M/s in DuckDB, ~25M/s in Arrow). `value_sql`'s
+    # cast is then a no-op. If Arrow refuses a value, the column is staged uncast and the
+    # SQL cast decides, as before.
     stage_cast: pa.DataType | None = None
 
     def cmp_value(self, placeholder: str) -> str:
@@ -168,10 +169,11 @@ def duck_types(spatial: bool) -> dict[str, DuckType]:
         # 76 digits do not fit DECIMAL(38): the canonical decimal text is stored (lossless).
         "bignumeric": DuckType(column["bignumeric"], s),
         "boolean": DuckType(column["boolean"], pa.bool_()),
-        "timestamp": DuckType(column["timestamp"], s, value_sql=cast("timestamp")),
-        "date": DuckType(column["date"], s, value_sql=cast("date")),
+        "timestamp": DuckType(column["timestamp"], s, value_sql=cast("timestamp"), stage_cast=pa.timestamp("us", tz="UTC")),
+        "date": DuckType(column["date"], s, value_sql=cast("date"), stage_cast=pa.date32()),
+        # Arrow has no string -> time64 cast; DuckDB's is fast (~15M values/s).
         "time": DuckType(column["time"], s, value_sql=cast("time")),
-        "datetime": DuckType(column["datetime"], s, value_sql=cast("datetime")),
+        "datetime": DuckType(column["datetime"], s, value_sql=cast("datetime"), stage_cast=pa.timestamp("us")),
         # GEOMETRY equality compares the WKB, so "POINT(1 2)" matches "POINT (1 2)".
         "geography": DuckType(column["geography"], s, value_sql="ST_GeomFromText({})" if spatial else "{}"),
         "record": DuckType(

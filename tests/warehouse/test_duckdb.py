@@ -9,12 +9,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
 
+import duckdb
+import pyarrow as pa
 import pytest
 
 from app.schema.activity import Activity
+from app.schema.types import TYPES
 from app.settings import Settings
 from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
-from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, query_file
+from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, duck_types, query_file
 from tests.warehouse.test_contract import ROUND_TRIP
 
 
@@ -305,3 +308,24 @@ def test_lone_delete_binds_each_type(wh: DuckDBWarehouse, typ: str) -> None:
     assert wh.apply("t", [env("t", dele("t", [("v", typ)], [cases[0][0]]))]).rows_deleted == 1
     assert wh.apply("t", [env("t", dele("t", [("v", typ)], [None]))]).rows_deleted == 1
     assert [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]] == list(range(1, len(cases) - 1))
+
+
+@pytest.mark.parametrize("typ", sorted(t for t, spec in duck_types(spatial=True).items() if spec.stage_cast is not None))
+def test_arrow_stage_cast_equals_duckdb_cast(typ: str) -> None:
+    # Inserts cast these columns in Arrow (faster) instead of SQL; the stored values must
+    # be exactly what DuckDB's own cast of the canonical text gives.
+    spec = duck_types(spatial=True)[typ]
+    sent = [value for value, _ in ROUND_TRIP[typ]] + [None]
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.register("staged", pa.table({"c": spec.arrow(sent), "text": pa.array(sent, pa.string())}))
+        column_type = TYPES[typ].duckdb_type
+        assert con.execute(f"SELECT typeof(c) = typeof(CAST(NULL AS {column_type})) FROM staged LIMIT 1").fetchone() == (True,)
+        differ, values = con.execute(
+            f"SELECT count(*) FILTER ({spec.value_sql.format('c')} IS DISTINCT FROM {spec.value_sql.format('text')}),"
+            " count(c) FROM staged"
+        ).fetchone()
+    finally:
+        con.close()
+    assert (differ, values) == (0, len(sent) - 1)
