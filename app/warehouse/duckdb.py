@@ -24,7 +24,8 @@ Reads: `DuckDBWarehouse.query` runs one SELECT on the writer's database in a
 transaction that is always rolled back (the subscriber serves it on its admin port);
 `query_file` opens the file read-only when no subscriber holds it. Both switch off
 `enable_external_access` after loading spatial, so a query cannot read or write other
-files (read_csv, COPY, ATTACH).
+files (read_csv, COPY, ATTACH). Spatial loads only where a geography column is: at connect
+if a table has a GEOMETRY column, else the first apply naming one reconnects with it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,16 @@ from app.warehouse.base import (
     Warehouse,
     WarehouseQueryError,
 )
-from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, coalesce_steps, plan_table
+from app.warehouse.plan import (
+    AddColumns,
+    CreateTable,
+    DeleteRows,
+    InsertRows,
+    Schema,
+    Step,
+    coalesce_steps,
+    plan_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +88,20 @@ _TRANSIENT_ERRORS = (
     duckdb.OutOfMemoryException,
     TransientWarehouseError,
 )
+
+
+class _SpatialNeeded(Exception):
+    """An apply names a geography column but the connection has not loaded spatial (yet)."""
+
+
+def _names_geography(steps: Sequence[Step]) -> bool:
+    for step in steps:
+        if isinstance(step, DeleteRows):
+            if any(typ == "geography" for conds in step.conditions for _, typ, _ in conds):
+                return True
+        elif any(typ == "geography" for _, typ in step.columns):
+            return True
+    return False
 
 
 class DuckDBFileLocked(WarehouseQueryError):
@@ -239,16 +263,41 @@ def _load_spatial(con: duckdb.DuckDBPyConnection) -> tuple[bool, str]:
     return False, last
 
 
-def _open(path: Path, read_only: bool, memory_limit: str | None = None) -> tuple[duckdb.DuckDBPyConnection, bool]:
+def _has_geometry_columns(con: duckdb.DuckDBPyConnection) -> bool:
+    # GEOMETRY is a core type in DuckDB 1.5: the catalog reads without the extension.
+    return con.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE starts_with(data_type, 'GEOMETRY')"
+    ).fetchone()[0] > 0
+
+
+def _spatial_installed(con: duckdb.DuckDBPyConnection) -> bool:
+    row = con.execute("SELECT installed FROM duckdb_extensions() WHERE extension_name = 'spatial'").fetchone()
+    return bool(row and row[0])
+
+
+def _open(
+    path: Path, read_only: bool, memory_limit: str | None = None, spatial: bool | None = None
+) -> tuple[duckdb.DuckDBPyConnection, bool | None]:
+    """Connect; load spatial if `spatial`, or (None) if some table has a GEOMETRY column.
+
+    Returns the connection and whether spatial loaded: True, False (unavailable), or None
+    (not needed, but available). It cannot be loaded later on this connection: loading is
+    external access, switched off here.
+    """
     con = duckdb.connect(str(path), read_only=read_only)
+    loaded: bool | None = None
     try:
         if memory_limit:
             # DuckDB's buffer pool defaults to 80% of RAM; the subscriber streams batches
             # and needs little, so cap it (bigger work spills to a temp file instead).
             con.execute(f"SET memory_limit = '{_memory_limit_literal(memory_limit)}'")
-        spatial, detail = _load_spatial(con)
-        if not spatial:
-            log.warning("DuckDB spatial extension unavailable (%s): geography stored as WKT text", detail)
+        # Loading costs ~0.3 s and memory: only when a geography column exists or arrives.
+        if spatial or (spatial is None and _has_geometry_columns(con)):
+            loaded, detail = _load_spatial(con)
+            if not loaded:
+                log.warning("DuckDB spatial extension unavailable (%s): geography stored as WKT text", detail)
+        elif spatial_extension_path() is None and not _spatial_installed(con):
+            loaded = False
         con.execute("SET TimeZone = 'UTC'")
         # Queries can reach the file system through table functions (read_csv, COPY
         # sources, ATTACH); the warehouse never needs that, so switch it off.
@@ -256,7 +305,7 @@ def _open(path: Path, read_only: bool, memory_limit: str | None = None) -> tuple
     except BaseException:
         con.close()
         raise
-    return con, spatial
+    return con, loaded
 
 
 def _memory_limit_literal(value: str) -> str:
@@ -378,7 +427,10 @@ class DuckDBWarehouse(Warehouse):
         self._memory_limit = settings.duckdb_memory_limit
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = None
-        self._spatial = spatial_extension_path() is not None  # refined on first connect
+        # Whether geography is GEOMETRY (spatial loads) or WKT text; refined on connect and
+        # when a load fails. The extension loads only with the first geography column.
+        self._spatial = spatial_extension_path() is not None
+        self._spatial_loaded = False
         self._types = duck_types(self._spatial)
         self._last_prune = 0.0
         # Schemas of tables this process wrote, valid because it is the only writer (the
@@ -394,13 +446,22 @@ class DuckDBWarehouse(Warehouse):
 
     # -- connection handling ------------------------------------------------------------
 
-    def _connection(self) -> duckdb.DuckDBPyConnection:
+    def _connection(self, spatial: bool = False) -> duckdb.DuckDBPyConnection:
+        """The writer's connection; with `spatial`, one that has loaded the extension.
+
+        Spatial cannot be loaded into an open connection (external access is off), so
+        the first geography column reconnects once.
+        """
         with self._lock:
             if self._con is not None:
-                return self._con
+                if not spatial or self._spatial_loaded:
+                    return self._con
+                self._drop_connection()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                con, spatial = _open(self.path, read_only=False, memory_limit=self._memory_limit)
+                con, loaded = _open(
+                    self.path, read_only=False, memory_limit=self._memory_limit, spatial=True if spatial else None
+                )
             except duckdb.Error as exc:
                 raise TransientWarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
             except OSError as exc:
@@ -418,11 +479,13 @@ class DuckDBWarehouse(Warehouse):
             except duckdb.Error as exc:
                 con.close()
                 raise TransientWarehouseError(f"cannot prepare {self.path}: {exc}") from exc
-            if spatial != self._spatial:
-                self._spatial = spatial
-                self._types = duck_types(spatial)
+            self._spatial_loaded = bool(loaded)
+            available = loaded is not False
+            if available != self._spatial:
+                self._spatial = available
+                self._types = duck_types(available)
                 self.capabilities = Capabilities(
-                    name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=spatial
+                    name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=available
                 )
             self._con = con
             return con
@@ -476,7 +539,15 @@ class DuckDBWarehouse(Warehouse):
             result.applied_envelopes = len(envelopes)
             return result
         with self._lock:
-            con = self._connection()
+            try:
+                return self._apply_once(table, envelopes, spatial=False)
+            except _SpatialNeeded:
+                return self._apply_once(table, envelopes, spatial=True)  # rolled back: plan again
+
+    def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool) -> ApplyResult:
+        result = ApplyResult()
+        with self._lock:
+            con = self._connection(spatial)
             try:
                 con.execute("BEGIN TRANSACTION")
                 try:
@@ -491,6 +562,8 @@ class DuckDBWarehouse(Warehouse):
                     except duckdb.Error:
                         pass
                     raise
+            except _SpatialNeeded:
+                raise
             except Exception as exc:
                 # Everything was rolled back. Lock, disk and connection trouble is
                 # transient (retried in place, never dead-lettered). Anything else, e.g.
@@ -551,6 +624,8 @@ class DuckDBWarehouse(Warehouse):
         if not todo:
             return schema
         plan = plan_table(table, schema, todo)
+        if self._spatial and not self._spatial_loaded and _names_geography(plan.steps):
+            raise _SpatialNeeded()
         result.rejections.extend(plan.rejections)
         result.noop_deletes += plan.noop_deletes
         result.schema_changes += plan.schema_changes

@@ -329,3 +329,41 @@ def test_arrow_stage_cast_equals_duckdb_cast(typ: str) -> None:
     finally:
         con.close()
     assert (differ, values) == (0, len(sent) - 1)
+
+
+SPATIAL_LOADED = "SELECT count(*) > 0 FROM duckdb_functions() WHERE lower(function_name) = 'st_geomfromtext'"
+
+
+def test_spatial_loads_only_with_the_first_geography_column(wh: DuckDBWarehouse, settings: Settings) -> None:
+    first = env("t", ins("t", [("id", "integer")], [1]))
+    wh.apply("t", [first])
+    assert wh.query(SPATIAL_LOADED)[1] == [(False,)]  # tables without geography never pay for it
+    assert query_file_after_close(wh, settings, SPATIAL_LOADED) == [(False,)]
+    # the apply that brings geography reconnects with spatial, once, and plans again
+    geo = env("t", ins("t", [("id", "integer"), ("g", "geography")], [2, "POINT(1 2)"]))
+    r = wh.apply("t", [first, geo])
+    assert (r.skipped_duplicates, r.applied_envelopes, r.rows_inserted, r.schema_changes) == (1, 1, 1, 1)
+    assert wh.query(SPATIAL_LOADED)[1] == [(True,)]
+    assert wh.query('SELECT id, ST_X(g), typeof(g) FROM "t" WHERE g IS NOT NULL')[1] == [(2, 1.0, "GEOMETRY")]
+    assert wh.table_schema("t") == {"id": "integer", "g": "geography"}
+    assert wh.apply("t", [env("t", dele("t", [("g", "geography")], ["POINT (1 2)"]))]).rows_deleted == 1
+
+
+def test_spatial_loads_at_connect_when_a_table_has_geometry(settings: Settings) -> None:
+    w = DuckDBWarehouse(settings)
+    w.apply("t", [env("t", ins("t", [("id", "integer"), ("g", "geography")], [1, "POINT(3 4)"]))])
+    w.apply("plain", [env("plain", ins("plain", [("id", "integer")], [1]))])
+    w.close()
+    assert query_file(settings.duckdb_file, 'SELECT ST_Y(g) FROM "t"')[1] == [(4.0,)]
+    w = DuckDBWarehouse(settings)
+    try:
+        assert w.query(SPATIAL_LOADED)[1] == [(True,)]
+        assert w.query('SELECT ST_Y(g) FROM "t"')[1] == [(4.0,)]
+        assert w.apply("plain", [env("plain", ins("plain", [("id", "integer")], [2]))]).rows_inserted == 1
+    finally:
+        w.close()
+
+
+def query_file_after_close(wh: DuckDBWarehouse, settings: Settings, sql: str) -> list[tuple[Any, ...]]:
+    wh.close()  # the next apply reconnects
+    return query_file(settings.duckdb_file, sql)[1]
