@@ -7,12 +7,13 @@ through `apply` in envelopes of 500, `--per-apply` envelopes per call (one trans
 each, as the subscriber hands over a pull). The ceiling, in the same run, is one
 `INSERT ... SELECT` per call from a natively typed Arrow table built outside the timer.
 `--deletes N` adds N single-key deletes spread over the envelopes (a delete run each).
-Prints both rates and their ratio; profile it with `py-spy record -- python <this>`.
+Prints both rates and their ratio (medians of alternating rounds: this machine is noisy); profile it with `py-spy record -- python <this>`.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -93,17 +94,20 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--per-apply", type=int, default=20, help="envelopes of 500 per apply call")
     p.add_argument("--deletes", type=int, default=0)
-    p.add_argument("--skip-raw", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="alternate apply and raw runs; report medians")
     args = p.parse_args()
     rows = make_rows(args.rows)
     calls = make_calls(rows, args.per_apply, args.deletes)
+    applied, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        secs = bench_apply(Path(tmp) / "apply.duckdb", calls)
-        print(f"apply: {args.rows / secs:,.0f} rows/s ({secs:.2f} s, {len(calls)} calls)")
-        if not args.skip_raw:
-            raw = bench_raw(Path(tmp) / "raw.duckdb", rows, args.per_apply)
-            print(f"raw Arrow append: {args.rows / raw:,.0f} rows/s ({raw:.2f} s)")
-            print(f"ratio: {raw / secs:.3f}x")
+        for r in range(args.rounds):
+            applied.append(bench_apply(Path(tmp) / f"apply{r}.duckdb", calls))
+            raw.append(bench_raw(Path(tmp) / f"raw{r}.duckdb", rows, args.per_apply))
+    ratios = sorted(b / a for a, b in zip(applied, raw))
+    print(f"apply: {args.rows / statistics.median(applied):,.0f} rows/s, "
+          f"raw Arrow append: {args.rows / statistics.median(raw):,.0f} rows/s (medians of {args.rounds}, "
+          f"{len(calls)} calls of {args.per_apply} envelopes); ratio median {statistics.median(ratios):.3f}x "
+          f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})")
     return 0
 
 
