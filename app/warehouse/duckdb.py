@@ -450,7 +450,8 @@ class DuckDBWarehouse(Warehouse):
         """The writer's connection; with `spatial`, one that has loaded the extension.
 
         Spatial cannot be loaded into an open connection (external access is off), so
-        the first geography column reconnects once.
+        the first geography column reconnects once; a query running on the old connection
+        then fails with `WarehouseQueryError` (DuckDB interrupts it), and can be retried.
         """
         with self._lock:
             if self._con is not None:
