@@ -14,9 +14,10 @@ Throughput: each apply is one COMMIT (a WAL fsync, ~1-3 ms), so give `apply` all
 pulled envelopes of a table at once; one 500-row envelope per call is fsync-bound.
 
 Values arrive canonical (see `app.schema.types`). Inserts stage them column-major in an
-Arrow table and convert in SQL, vectorized (`INSERT ... SELECT CAST(c0 AS ...) FROM
-stage`); values never become SQL text. A run of deletes is one semi-join per set of
-named columns against an Arrow batch of its keys (`DELETE ... WHERE EXISTS`). The activity types of the columns are kept in
+Arrow table, cast in Arrow where it can and in SQL otherwise, and append with one
+`INSERT ... SELECT` from it; values never become SQL text. A run of deletes is one
+semi-join per set of named columns against an Arrow batch of its keys (`DELETE ...
+WHERE EXISTS`). The activity types of the columns are kept in
 `_ingest_columns` (VARCHAR is ambiguous between string and bignumeric), maintained in
 the same transaction as the DDL. Tables starting with `_ingest_` are internal.
 
