@@ -367,3 +367,22 @@ def test_spatial_loads_at_connect_when_a_table_has_geometry(settings: Settings) 
 def query_file_after_close(wh: DuckDBWarehouse, settings: Settings, sql: str) -> list[tuple[Any, ...]]:
     wh.close()  # the next apply reconnects
     return query_file(settings.duckdb_file, sql)[1]
+
+
+def test_geography_falls_back_to_wkt_text_when_spatial_cannot_load(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.warehouse.duckdb as duck
+
+    monkeypatch.setattr(duck, "_load_spatial", lambda con: (False, "simulated: no extension"))
+    w = DuckDBWarehouse(settings)
+    try:
+        assert w.capabilities.supports_geometry  # not known until geography arrives
+        r = w.apply("t", [env("t", ins("t", [("id", "integer"), ("g", "geography")], [1, "POINT(1 2)"]))])
+        assert (r.rows_inserted, r.rejections) == (1, [])
+        assert not w.capabilities.supports_geometry
+        assert w.ready() == (True, "ok (no spatial extension: geography stored as WKT)")
+        assert w.query('SELECT g, typeof(g) FROM "t"')[1] == [("POINT(1 2)", "VARCHAR")]
+        assert w.apply("t", [env("t", dele("t", [("g", "geography")], ["POINT(1 2)"]))]).rows_deleted == 1
+    finally:
+        w.close()
