@@ -9,12 +9,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
 
+import duckdb
+import pyarrow as pa
 import pytest
 
 from app.schema.activity import Activity
+from app.schema.types import TYPES
 from app.settings import Settings
 from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
-from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, query_file
+from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, duck_types, query_file
+from tests.warehouse.test_contract import ROUND_TRIP
 
 
 @pytest.fixture
@@ -139,7 +143,7 @@ def test_injection_is_stored_literally(wh: DuckDBWarehouse) -> None:
     assert r.rows_inserted == len(nasty) and r.rejections == []
     _, rows = wh.query('SELECT id, s, CAST(r AS VARCHAR) FROM "t" ORDER BY id')
     assert [row[1] for row in rows] == nasty
-    # deletes bind values too: grouped (staged) and single (parameters)
+    # deletes stage their keys in Arrow too, never as SQL text
     r = wh.apply("t", [env("t", dele("t", [("s", "string")], [nasty[0]]), dele("t", [("s", "string")], [nasty[1]]))])
     assert r.rows_deleted == 2
     r = wh.apply("t", [env("t", dele("t", [("r", "record")], [{nasty[2]: nasty[2]}]))])
@@ -240,3 +244,145 @@ def test_query_from_another_thread_while_applying(wh: DuckDBWarehouse) -> None:
     assert errors == []
     assert counts == sorted(counts)  # committed snapshots only, never going back
     assert all((c - 1) % 100 == 0 for c in counts)  # never a half-applied batch
+
+
+def test_delete_run_one_semi_join_per_column_set(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("k", "string"), ("f", "float"), ("g", "geography"), ("r", "record")]
+    rows = [
+        [0, "a", 1.5, "POINT(1 2)", {"x": 1, "y": [2]}],
+        [1, "a", None, "POINT(3 4)", None],
+        [2, None, "NaN", None, {"y": [2], "x": 1}],
+        [3, "b", "NaN", "POINT(5 6)", {"z": None}],
+        [4, None, None, "LINESTRING(0 0, 1 1)", None],
+        [5, "c", 2.5, None, {"x": 2}],
+    ]
+    wh.apply("t", [env("t", *(ins("t", cols, row) for row in rows))])
+    deletes = [
+        dele("t", [("k", "string"), ("f", "float")], ["a", None]),  # row 1 (NULL matches NULL)
+        dele("t", [("f", "float"), ("k", "string")], [None, "a"]),  # same key, other column order: counted once
+        dele("t", [("k", "string"), ("f", "float")], [None, "NaN"]),  # row 2 (NaN equals NaN, as before)
+        dele("t", [("g", "geography")], ["POINT (5 6)"]),  # row 3: geometry equality, not text
+        dele("t", [("r", "record")], [{"x": 1, "y": [2]}]),  # row 0 (row 2 is gone already)
+        dele("t", [("id", "integer")], [0]),  # already deleted by the record key in the same run
+        dele("t", [("id", "integer")], [99]),  # no match
+    ]
+    r = wh.apply("t", [env("t", *deletes)])
+    assert (r.rows_deleted, r.rejections) == (4, [])
+    assert [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]] == [4, 5]
+
+
+def test_delete_is_a_barrier_within_one_apply(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("k", "string")]
+    acts = [ins("t", cols, [i, f"k{i % 3}"]) for i in range(300)]
+    acts.append(dele("t", [("k", "string")], ["k0"]))
+    acts.append(dele("t", [("k", "string"), ("id", "integer")], ["k1", 1]))
+    acts += [ins("t", cols, [i, f"k{i % 3}"]) for i in range(300, 330)]  # not deleted: after the barrier
+    acts.append(dele("t", [("id", "integer")], [2]))
+    r = wh.apply("t", [env("t", *acts[:150]), env("t", *acts[150:])])
+    assert (r.rows_inserted, r.rows_deleted) == (330, 100 + 1 + 1)
+    ids = [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]]
+    assert ids == [i for i in range(300) if i % 3 and i not in (1, 2)] + list(range(300, 330))
+
+
+def test_many_deletes_with_nulls_in_one_apply(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("ts", "timestamp"), ("n", "numeric"), ("b", "bignumeric")]
+    big = "1" * 38 + "." + "2" * 38
+    rows = [[i, f"2024-01-01T00:00:{i % 60:02d}.000000Z" if i % 5 else None, f"{i}.5", big if i % 2 else None]
+            for i in range(2000)]
+    wh.apply("t", [env("t", *(ins("t", cols, row) for row in rows))])
+    keys = [row[1:] for row in rows[::2]]  # even ids: every key names ts (maybe NULL), n, b (NULL)
+    r = wh.apply("t", [env("t", *(dele("t", cols[1:], key) for key in keys))])
+    assert r.rows_deleted == 1000
+    assert wh.query('SELECT count(*), min(id % 2) FROM "t"')[1] == [(1000, 1)]
+    r = wh.apply("t", [env("t", dele("t", [("b", "bignumeric")], [big]))])  # canonical text
+    assert r.rows_deleted == 1000
+
+
+@pytest.mark.parametrize("typ", sorted(ROUND_TRIP))
+def test_lone_delete_binds_each_type(wh: DuckDBWarehouse, typ: str) -> None:
+    # A run of one delete binds its key as parameters instead of staging it (see test_contract
+    # for runs of several keys); both must match the same rows.
+    cols = [("id", "integer"), ("v", typ)]
+    cases = ROUND_TRIP[typ] + [(None, None)]
+    wh.apply("t", [env("t", *(ins("t", cols, [i, sent]) for i, (sent, _) in enumerate(cases)))])
+    assert wh.apply("t", [env("t", dele("t", [("v", typ)], [cases[0][0]]))]).rows_deleted == 1
+    assert wh.apply("t", [env("t", dele("t", [("v", typ)], [None]))]).rows_deleted == 1
+    assert [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]] == list(range(1, len(cases) - 1))
+
+
+@pytest.mark.parametrize("typ", sorted(t for t, spec in duck_types(spatial=True).items() if spec.stage_cast is not None))
+def test_arrow_stage_cast_equals_duckdb_cast(typ: str) -> None:
+    # Inserts cast these columns in Arrow (faster) instead of SQL; the stored values must
+    # be exactly what DuckDB's own cast of the canonical text gives.
+    spec = duck_types(spatial=True)[typ]
+    sent = [value for value, _ in ROUND_TRIP[typ]] + [None]
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.register("staged", pa.table({"c": spec.arrow(sent), "text": pa.array(sent, pa.string())}))
+        column_type = TYPES[typ].duckdb_type
+        assert con.execute(f"SELECT typeof(c) = typeof(CAST(NULL AS {column_type})) FROM staged LIMIT 1").fetchone() == (True,)
+        differ, values = con.execute(
+            f"SELECT count(*) FILTER ({spec.value_sql.format('c')} IS DISTINCT FROM {spec.value_sql.format('text')}),"
+            " count(c) FROM staged"
+        ).fetchone()
+    finally:
+        con.close()
+    assert (differ, values) == (0, len(sent) - 1)
+
+
+SPATIAL_LOADED = "SELECT count(*) > 0 FROM duckdb_functions() WHERE lower(function_name) = 'st_geomfromtext'"
+
+
+def test_spatial_loads_only_with_the_first_geography_column(wh: DuckDBWarehouse, settings: Settings) -> None:
+    first = env("t", ins("t", [("id", "integer")], [1]))
+    wh.apply("t", [first])
+    assert wh.query(SPATIAL_LOADED)[1] == [(False,)]  # tables without geography never pay for it
+    assert query_file_after_close(wh, settings, SPATIAL_LOADED) == [(False,)]
+    # the apply that brings geography reconnects with spatial, once, and plans again
+    geo = env("t", ins("t", [("id", "integer"), ("g", "geography")], [2, "POINT(1 2)"]))
+    r = wh.apply("t", [first, geo])
+    assert (r.skipped_duplicates, r.applied_envelopes, r.rows_inserted, r.schema_changes) == (1, 1, 1, 1)
+    assert wh.query(SPATIAL_LOADED)[1] == [(True,)]
+    assert wh.query('SELECT id, ST_X(g), typeof(g) FROM "t" WHERE g IS NOT NULL')[1] == [(2, 1.0, "GEOMETRY")]
+    assert wh.table_schema("t") == {"id": "integer", "g": "geography"}
+    assert wh.apply("t", [env("t", dele("t", [("g", "geography")], ["POINT (1 2)"]))]).rows_deleted == 1
+
+
+def test_spatial_loads_at_connect_when_a_table_has_geometry(settings: Settings) -> None:
+    w = DuckDBWarehouse(settings)
+    w.apply("t", [env("t", ins("t", [("id", "integer"), ("g", "geography")], [1, "POINT(3 4)"]))])
+    w.apply("plain", [env("plain", ins("plain", [("id", "integer")], [1]))])
+    w.close()
+    assert query_file(settings.duckdb_file, 'SELECT ST_Y(g) FROM "t"')[1] == [(4.0,)]
+    w = DuckDBWarehouse(settings)
+    try:
+        assert w.query(SPATIAL_LOADED)[1] == [(True,)]
+        assert w.query('SELECT ST_Y(g) FROM "t"')[1] == [(4.0,)]
+        assert w.apply("plain", [env("plain", ins("plain", [("id", "integer")], [2]))]).rows_inserted == 1
+    finally:
+        w.close()
+
+
+def query_file_after_close(wh: DuckDBWarehouse, settings: Settings, sql: str) -> list[tuple[Any, ...]]:
+    wh.close()  # the next apply reconnects
+    return query_file(settings.duckdb_file, sql)[1]
+
+
+def test_geography_falls_back_to_wkt_text_when_spatial_cannot_load(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.warehouse.duckdb as duck
+
+    monkeypatch.setattr(duck, "_load_spatial", lambda con: (False, "simulated: no extension"))
+    w = DuckDBWarehouse(settings)
+    try:
+        assert w.capabilities.supports_geometry  # not known until geography arrives
+        r = w.apply("t", [env("t", ins("t", [("id", "integer"), ("g", "geography")], [1, "POINT(1 2)"]))])
+        assert (r.rows_inserted, r.rejections) == (1, [])
+        assert not w.capabilities.supports_geometry
+        assert w.ready() == (True, "ok (no spatial extension: geography stored as WKT)")
+        assert w.query('SELECT g, typeof(g) FROM "t"')[1] == [("POINT(1 2)", "VARCHAR")]
+        assert w.apply("t", [env("t", dele("t", [("g", "geography")], ["POINT(1 2)"]))]).rows_deleted == 1
+    finally:
+        w.close()

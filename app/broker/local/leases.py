@@ -168,14 +168,8 @@ class LeaseStore:
                     ready, next_due = store.deliverable_keys(conn, time.time())
                     if not ready:
                         return [], next_due
-                store.begin_immediate(conn, self.busy_timeout, busy_timeout=self.busy_timeout)
-                try:
+                with store.immediate_transaction(conn, self.busy_timeout, busy_timeout=self.busy_timeout):
                     messages = self._lease(conn, max_messages)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 self._drop_conn()
                 self._last_pull_found = False
@@ -240,14 +234,8 @@ class LeaseStore:
         with self._lock:
             try:
                 conn = self._conn()
-                store.begin_immediate(conn, self.busy_timeout, busy_timeout=self.busy_timeout)
-                try:
+                with store.immediate_transaction(conn, self.busy_timeout, busy_timeout=self.busy_timeout):
                     conn.executemany(sql, params)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 self._drop_conn()
                 raise BrokerUnavailable(f"local broker {what} failed: {exc}") from exc

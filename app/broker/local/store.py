@@ -10,8 +10,10 @@ O(keys * log n), not O(n).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
+from typing import Iterator
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -98,6 +100,18 @@ def create_schema(conn: sqlite3.Connection) -> None:
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        raise
+
+
+@contextlib.contextmanager
+def immediate_transaction(conn: sqlite3.Connection, timeout: float, *, busy_timeout: float | None = None) -> Iterator[None]:
+    """`begin_immediate`, then COMMIT if the block succeeds, else ROLLBACK (if still open) and re-raise."""
+    begin_immediate(conn, timeout, busy_timeout=busy_timeout)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback_quietly(conn)  # never mask the error that ended the block
         raise
 
 

@@ -451,10 +451,5 @@ class GroupCommitWriter:
     def _in_transaction(self, sql: str, params: tuple = ()) -> None:
         """One maintenance write; its connection has no busy handler, so take the lock by polling."""
         conn = self._open_conn()
-        store.begin_immediate(conn, self.busy_timeout)
-        try:
+        with store.immediate_transaction(conn, self.busy_timeout):
             conn.execute(sql, params).fetchall()
-            conn.execute("COMMIT")
-        except BaseException:
-            store.rollback_quietly(conn)
-            raise
