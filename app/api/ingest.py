@@ -16,7 +16,7 @@ import zlib
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app import metrics
@@ -54,10 +54,18 @@ class IngestHandler:
     """
 
     def __init__(self, settings: Settings, api_key_digests: list[bytes], state: Any) -> None:
-        self.settings = settings
         self.api_key_digests = api_key_digests
         self.state = state
         self.in_flight = 0
+        # Read once: the settings do not change while the app runs.
+        self.max_in_flight = settings.max_in_flight_requests
+        self.max_body_bytes = settings.max_body_bytes
+        self.limits = {
+            "max_activities": settings.max_activities,
+            "max_columns": settings.max_columns,
+            "max_value_bytes": settings.max_value_bytes,
+            "max_record_depth": settings.max_record_depth,
+        }
 
     async def handle(self, request: Request) -> Response:
         """The answer to one ingest request; every refusal in the one error shape."""
@@ -74,7 +82,7 @@ class IngestHandler:
     def admit(self) -> None:
         # Bounded work in progress: bodies are read into memory, so refuse new requests
         # beyond the limit instead of buffering without bound.
-        limit = self.settings.max_in_flight_requests
+        limit = self.max_in_flight
         if self.in_flight >= limit:
             raise ApiError(
                 503, f"too many requests in progress (limit {limit}); retry later",
@@ -83,8 +91,9 @@ class IngestHandler:
 
     async def ingest(self, request: Request) -> Response:
         self.authorize(request)
-        idempotency_key = self.checked_headers(request)
-        raw = await self.read_body(request)
+        headers = self.headers_of(request)
+        idempotency_key = self.checked_headers(headers)
+        raw = await self.read_body(request, headers)
         body = self.parse(raw)
         activities = self.validate(body)
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
@@ -106,40 +115,68 @@ class IngestHandler:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    def checked_headers(self, request: Request) -> str | None:
-        """Checks Content-Type; returns the Idempotency-Key, if any."""
-        content_type = request.headers.get("content-type", "")
-        if content_type.split(";", 1)[0].strip().lower() != "application/json":
-            raise ApiError(415, "Content-Type must be application/json")
-        idempotency_key = request.headers.get("idempotency-key")
-        if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH):
-            raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
-        return idempotency_key
+    @staticmethod
+    def headers_of(request: Request) -> dict[bytes, bytes]:
+        """The request's raw headers by (lowercase) name, read in one pass; the first of a repeated one wins."""
+        raw = request.scope["headers"]
+        return dict(reversed(raw if isinstance(raw, list) else list(raw)))
 
-    async def read_body(self, request: Request) -> bytes:
+    @staticmethod
+    def checked_headers(headers: dict[bytes, bytes]) -> str | None:
+        """Checks Content-Type; returns the Idempotency-Key, if any."""
+        content_type = headers.get(b"content-type", b"")
+        if content_type != b"application/json" and (
+            content_type.decode("latin-1").split(";", 1)[0].strip().lower() != "application/json"
+        ):
+            raise ApiError(415, "Content-Type must be application/json")
+        idempotency_key = headers.get(b"idempotency-key")
+        if idempotency_key is None:
+            return None
+        if not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH):
+            raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+        return idempotency_key.decode("latin-1")
+
+    async def read_body(self, request: Request, headers: dict[bytes, bytes]) -> bytes:
         """The request body, gunzipped if needed, refusing more than the limit either way."""
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
         if declared is not None:
             try:
-                if int(declared) > limit:
+                if int(declared.decode("latin-1")) > limit:
                     raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
             except ValueError:
                 raise ApiError(400, "Content-Length is not a number") from None
+        body = await self._received_body(request.receive, limit)
+        encoding = headers.get(b"content-encoding")
+        if encoding is None:
+            return body
+        encoding_name = encoding.decode("latin-1").strip().lower()
+        if encoding_name in ("", "identity"):
+            return body
+        if encoding_name != "gzip":
+            raise ApiError(415, f"Content-Encoding {encoding_name!r} is not supported; send identity or gzip")
+        return self.gunzip(body, limit)
+
+    @staticmethod
+    async def _received_body(receive: Any, limit: int) -> bytes:
+        # Straight from the ASGI messages, as Starlette's Request.stream() reads them.
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding in ("", "identity"):
-            return body
-        if encoding != "gzip":
-            raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; send identity or gzip")
-        return self.gunzip(body, limit)
+        while True:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+                if not message.get("more_body", False):
+                    if not chunks:
+                        return chunk
+                    chunks.append(chunk)
+                    return b"".join(chunks)
+                chunks.append(chunk)
+            elif message["type"] == "http.disconnect":
+                raise ClientDisconnect()
 
     @staticmethod
     def gunzip(body: bytes, limit: int) -> bytes:
@@ -163,15 +200,8 @@ class IngestHandler:
             raise ApiError(400, f"body is not valid JSON: {exc}") from None
 
     def validate(self, body: Any) -> list[Activity]:
-        s = self.settings
         try:
-            return validate_batch(
-                body,
-                max_activities=s.max_activities,
-                max_columns=s.max_columns,
-                max_value_bytes=s.max_value_bytes,
-                max_record_depth=s.max_record_depth,
-            )
+            return validate_batch(body, **self.limits)
         except LimitExceeded as exc:
             metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
             raise ApiError(413, str(exc)) from None

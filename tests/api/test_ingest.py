@@ -99,3 +99,50 @@ def test_a_bug_in_a_step_is_a_500_in_the_error_shape_and_the_next_request_is_adm
         assert r.status_code == 500 and r.json()["error"] is True and r.headers["x-request-id"]
         monkeypatch.undo()
         assert client.post(PATH, json=README_BODY).status_code == 200  # the in-flight slot was given back
+
+
+def _asgi_post(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict]:
+    """One POST straight through the ASGI interface, its body sent in `chunks` (no Content-Length)."""
+    import asyncio
+
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent: list[dict] = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            scope = {"type": "http", "method": "POST", "path": PATH, "root_path": "", "query_string": b"",
+                     "headers": headers, "http_version": "1.1", "scheme": "http", "client": ("t", 1), "server": ("t", 80)}
+            await app(scope, receive, send)
+
+    asyncio.run(run())
+    return sent[0]["status"], orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_body_in_many_chunks_is_read_whole_and_limited_as_it_arrives(tmp_path, direct):
+    app = create_app(Settings(data_dir=tmp_path, max_body_bytes=4096))
+    if not direct:
+        app.fast_ingest = None
+    headers = [(b"content-type", b"application/json")]
+    pieces = [GOOD[i:i + 7] for i in range(0, len(GOOD), 7)]
+    status, body = _asgi_post(app, pieces, headers)
+    assert status == 200 and body["accepted"] == 2
+    status, body = _asgi_post(app, [b" " * 1000] * 5 + [GOOD], headers)  # 5,000 bytes of whitespace first
+    assert status == 413 and "4096" in body["message"]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_repeated_header_the_first_counts_as_in_starlette(tmp_path, direct):
+    app = create_app(Settings(data_dir=tmp_path))
+    if not direct:
+        app.fast_ingest = None
+    status, _ = _asgi_post(app, [GOOD], [(b"content-type", b"application/json"), (b"content-type", b"text/plain")])
+    assert status == 200
+    status, _ = _asgi_post(app, [GOOD], [(b"content-type", b"text/plain"), (b"content-type", b"application/json")])
+    assert status == 415
