@@ -21,11 +21,11 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from app import metrics
 from app.api.errors import error_response
-from app.logs import batch_id_var, request_id_var
+from app.logs import batch_id_var, log_event, request_id_var
 
 log = logging.getLogger("app.api")
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"  # ASGI servers send header names lowercased (Starlette relies on it too)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}\Z")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/status", "/favicon.ico"})
 
@@ -38,7 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str:
     """The caller's X-Request-ID if it is a plain token of at most 128 chars, else a new one."""
     for name, value in headers:
-        if name.lower() == REQUEST_ID_HEADER.encode():
+        if name == REQUEST_ID_HEADER:
             candidate = value.decode("latin-1").strip()
             if _REQUEST_ID_OK.match(candidate):
                 return candidate
@@ -50,6 +50,7 @@ class RequestContextMiddleware:
     def __init__(self, app: Callable[..., Awaitable[None]], counted_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.counted_paths = frozenset(counted_paths)
+        self._requests_by_status: dict[int, Any] = {}  # labelled children of REQUESTS, looked up once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,8 +66,8 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")))
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]
+                headers.append((REQUEST_ID_HEADER, request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -83,17 +84,22 @@ class RequestContextMiddleware:
         finally:
             final = status if status is not None else 500
             if path in self.counted_paths:
-                metrics.REQUESTS.labels(str(final)).inc()
-            log.log(
-                logging.DEBUG if path in QUIET_PATHS else logging.INFO,
-                "request finished",
-                extra={
-                    "method": scope.get("method"),
-                    "path": path,
-                    "status": final,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                    **scope.get("log_extra", {}),
-                },
-            )
+                self._count(final)
+            fields = {
+                "method": scope.get("method"),
+                "path": path,
+                "status": final,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+            extra = scope.get("log_extra")
+            if extra:
+                fields.update(extra)
+            log_event(log, logging.DEBUG if path in QUIET_PATHS else logging.INFO, "request finished", fields)
             batch_id_var.reset(batch_token)
             request_id_var.reset(rid_token)
+
+    def _count(self, status: int) -> None:
+        child = self._requests_by_status.get(status)
+        if child is None:
+            child = self._requests_by_status[status] = metrics.REQUESTS.labels(str(status))
+        child.inc()

@@ -1,0 +1,257 @@
+"""`POST /api-log/v1/`: one request, step by step, from the raw body to the durable answer.
+
+`IngestHandler.handle` runs the steps in order: admit (in-flight limit), authorize, check
+headers, read the body (size limit, gzip), parse it exactly, validate, encode, publish,
+answer. Each step raises `ApiError` for the caller's mistake or a refused publish;
+`handle` turns it into the one error shape, so every route into the handler (the direct
+dispatch in `app.api.app` and FastAPI's registered route) answers the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from app import metrics
+from app.api.auth import is_authorized
+from app.api.errors import ApiError, error_response
+from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
+from app.logs import batch_id_var
+from app.pipeline.codec import encode_batch, new_batch_id
+from app.schema.activity import Activity
+from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
+from app.schema.values import loads_exact
+from app.settings import Settings
+
+log = logging.getLogger("app.api")
+
+INGEST_PATH = "/api-log/v1/"
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+RETRY_AFTER_SECONDS = "1"
+
+
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _activity_count(body: Any) -> int:
+    activities = body.get("user_activities") if isinstance(body, dict) else None
+    return len(activities) if isinstance(activities, list) else 0
+
+
+class IngestHandler:
+    """Validates a batch at the edge, publishes it durably, answers (see the module docstring).
+
+    `state` is the app's state: the broker is read from it per request, because the
+    lifespan sets it after the handler is built.
+    """
+
+    def __init__(self, settings: Settings, api_key_digests: list[bytes], state: Any) -> None:
+        self.api_key_digests = api_key_digests
+        self.state = state
+        self.in_flight = 0
+        # Read once: the settings do not change while the app runs.
+        self.max_in_flight = settings.max_in_flight_requests
+        self.max_body_bytes = settings.max_body_bytes
+        self.limits = {
+            "max_activities": settings.max_activities,
+            "max_columns": settings.max_columns,
+            "max_value_bytes": settings.max_value_bytes,
+            "max_record_depth": settings.max_record_depth,
+        }
+
+    async def handle(self, request: Request) -> Response:
+        """The answer to one ingest request; every refusal in the one error shape."""
+        try:
+            self.admit()
+            self.in_flight += 1
+            try:
+                return await self.ingest(request)
+            finally:
+                self.in_flight -= 1
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, exc.details, exc.headers)
+
+    def admit(self) -> None:
+        # Bounded work in progress: bodies are read into memory, so refuse new requests
+        # beyond the limit instead of buffering without bound.
+        limit = self.max_in_flight
+        if self.in_flight >= limit:
+            raise ApiError(
+                503, f"too many requests in progress (limit {limit}); retry later",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+
+    async def ingest(self, request: Request) -> Response:
+        self.authorize(request)
+        headers = self.headers_of(request)
+        idempotency_key = self.checked_headers(headers)
+        raw = await self.read_body(request, headers)
+        body = self.parse(raw)
+        activities = self.validate(body)
+        fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
+        batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
+        batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
+        messages = self.encode(activities, batch_id)
+        result, publish_seconds = await self.publish(activities, messages, batch_id, idempotency_key, fingerprint)
+        # One INFO line per request: the middleware's `request finished` carries these.
+        request.scope["log_extra"] = {
+            "activities": len(activities), "messages": len(messages), "duplicate": result.duplicate,
+            "publish_ms": round(publish_seconds * 1000, 2),
+        }
+        return self.answer(len(activities), result)
+
+    def authorize(self, request: Request) -> None:
+        if not is_authorized(request, self.api_key_digests):
+            raise ApiError(
+                401, "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @staticmethod
+    def headers_of(request: Request) -> dict[bytes, bytes]:
+        """The request's raw headers by (lowercase) name, read in one pass; the first of a repeated one wins."""
+        raw = request.scope["headers"]
+        return dict(reversed(raw if isinstance(raw, list) else list(raw)))
+
+    @staticmethod
+    def checked_headers(headers: dict[bytes, bytes]) -> str | None:
+        """Checks Content-Type; returns the Idempotency-Key, if any."""
+        content_type = headers.get(b"content-type", b"")
+        if content_type != b"application/json" and (
+            content_type.decode("latin-1").split(";", 1)[0].strip().lower() != "application/json"
+        ):
+            raise ApiError(415, "Content-Type must be application/json")
+        idempotency_key = headers.get(b"idempotency-key")
+        if idempotency_key is None:
+            return None
+        if not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH):
+            raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+        return idempotency_key.decode("latin-1")
+
+    async def read_body(self, request: Request, headers: dict[bytes, bytes]) -> bytes:
+        """The request body, gunzipped if needed, refusing more than the limit either way."""
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared.decode("latin-1")) > limit:
+                    raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+            except ValueError:
+                raise ApiError(400, "Content-Length is not a number") from None
+        body = await self._received_body(request.receive, limit)
+        encoding = headers.get(b"content-encoding")
+        if encoding is None:
+            return body
+        encoding_name = encoding.decode("latin-1").strip().lower()
+        if encoding_name in ("", "identity"):
+            return body
+        if encoding_name != "gzip":
+            raise ApiError(415, f"Content-Encoding {encoding_name!r} is not supported; send identity or gzip")
+        return self.gunzip(body, limit)
+
+    @staticmethod
+    async def _received_body(receive: Any, limit: int) -> bytes:
+        # Straight from the ASGI messages, as Starlette's Request.stream() reads them.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+                if not message.get("more_body", False):
+                    if not chunks:
+                        return chunk
+                    chunks.append(chunk)
+                    return b"".join(chunks)
+                chunks.append(chunk)
+            elif message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+
+    @staticmethod
+    def gunzip(body: bytes, limit: int) -> bytes:
+        # Decompress with a cap so a small gzip bomb cannot expand past the body limit.
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(body, limit + 1)
+            if len(out) > limit or inflater.unconsumed_tail:
+                raise ApiError(413, f"decompressed request body is larger than the limit of {limit} bytes")
+            if not inflater.eof:
+                raise ApiError(400, "gzip body is truncated")
+        except zlib.error as exc:
+            raise ApiError(400, f"gzip body cannot be decompressed: {exc}") from None
+        return out
+
+    @staticmethod
+    def parse(raw: bytes) -> Any:
+        try:
+            return loads_exact(raw)  # numbers keep their exact value (a record's big integer too)
+        except ValueError as exc:
+            raise ApiError(400, f"body is not valid JSON: {exc}") from None
+
+    def validate(self, body: Any) -> list[Activity]:
+        try:
+            return validate_batch(body, **self.limits)
+        except LimitExceeded as exc:
+            metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
+            raise ApiError(413, str(exc)) from None
+        except BatchInvalid as exc:
+            metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
+            raise ApiError(422, f"batch rejected: {len(exc.details)} problem(s); nothing was published", exc.details) from None
+
+    @staticmethod
+    def encode(activities: list[Activity], batch_id: str) -> list[OutgoingMessage]:
+        return encode_batch(activities, batch_id)
+
+    async def publish(
+        self,
+        activities: list[Activity],
+        messages: list[OutgoingMessage],
+        batch_id: str,
+        idempotency_key: str | None,
+        fingerprint: str | None,
+    ) -> tuple[PublishResult, float]:
+        """Publishes durably; returns the broker's result and the seconds it took."""
+        started = time.perf_counter()
+        try:
+            result = await self.state.broker.publish(
+                messages, batch_id=batch_id, idempotency_key=idempotency_key, request_fingerprint=fingerprint
+            )
+        except IdempotencyConflict:
+            metrics.ACTIVITIES_REJECTED.inc(len(activities))
+            raise ApiError(409, "Idempotency-Key was already used with a different body") from None
+        except BrokerUnavailable as exc:
+            log.warning("broker unavailable: %s", exc)
+            raise ApiError(
+                503, "the stream cannot take the batch right now; nothing was accepted, retry later",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            ) from None
+        publish_seconds = time.perf_counter() - started
+        metrics.PUBLISH_SECONDS.observe(publish_seconds)
+        metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else len(activities))
+        if not result.duplicate:
+            self.state.event_rate.record(len(activities))  # the status page's chart
+        return result, publish_seconds
+
+    @staticmethod
+    def answer(accepted: int, result: PublishResult) -> Response:
+        return json_response(
+            200,
+            {
+                "error": False,
+                "message": "already accepted" if result.duplicate else "accepted",
+                "accepted": accepted,
+                "batch_id": result.batch_id,
+            },
+            {"Idempotent-Replayed": "true"} if result.duplicate else None,
+        )

@@ -1,0 +1,111 @@
+"""CPU per ingest request inside the process: the ASGI app called directly, no sockets, no uvicorn.
+
+Measures the main thread's CPU time (time.thread_time, so time lost to other processes
+on a shared machine is not counted) per README-body request, best of several batches:
+
+    .venv/bin/python scripts/bench/api_inprocess.py                 # stub broker: the app's own work
+    .venv/bin/python scripts/bench/api_inprocess.py --broker local  # the real local broker, 32 concurrent
+
+Lines go through the same JSON logging as the real API (into a temp file). Compare two
+versions by running each tree's copy of this script alternately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+
+import workload  # noqa: E402
+
+from app.api.app import create_app  # noqa: E402
+from app.broker.base import Broker, PublishResult  # noqa: E402
+from app.logs import configure_logging  # noqa: E402
+from app.settings import Settings  # noqa: E402
+
+
+class _InstantBroker(Broker):
+    """Accepts everything at once: leaves only the API's own work to measure."""
+
+    name = "instant"
+
+    async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None) -> PublishResult:
+        return PublishResult(batch_id, len(messages))
+
+    def pull(self, max_messages, timeout):
+        return []
+
+    def ack(self, messages):
+        pass
+
+    def nack(self, messages, delay_seconds=0.0):
+        pass
+
+    def ready(self):
+        return True, "ok"
+
+    def backlog(self):
+        return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--broker", choices=["stub", "local"], default="stub")
+    p.add_argument("--level", default="INFO", help="LOG_LEVEL (WARNING: without the request line)")
+    p.add_argument("--requests", type=int, default=1024, help="per batch")
+    p.add_argument("--batches", type=int, default=15)
+    args = p.parse_args()
+
+    configure_logging(args.level)
+    logging.getLogger().handlers[0].setStream(tempfile.TemporaryFile("w"))
+    body = workload.readme_body()
+    settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="api-inprocess-")))
+    app = create_app(settings, broker=_InstantBroker() if args.broker == "stub" else None)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/api-log/v1/", "raw_path": b"/api-log/v1/", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }
+    statuses: set[int] = set()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.add(message["status"])
+
+    concurrency = 1 if args.broker == "stub" else 32  # the local broker commits groups: keep it busy
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+
+    async def run() -> float:
+        per_worker = max(1, args.requests // concurrency)
+        async with app.router.lifespan_context(app):
+            await asyncio.gather(*(worker(per_worker) for _ in range(concurrency)))  # warm-up
+            best = float("inf")
+            for _ in range(args.batches):
+                started = time.thread_time()
+                await asyncio.gather(*(worker(per_worker) for _ in range(concurrency)))
+                best = min(best, (time.thread_time() - started) / (per_worker * concurrency))
+        return best
+
+    best = asyncio.run(run())
+    assert statuses == {200}, statuses
+    print(f"{best * 1e6:.1f} us main-thread CPU per request (broker {args.broker}, log level {args.level}, "
+          f"best of {args.batches} batches)")
+
+
+if __name__ == "__main__":
+    main()
