@@ -984,10 +984,13 @@ class GoogleStack:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import bigquery
 
+        from app.warehouse.bigquery.client import _EMULATOR_LOCK as emulator_calls
+
         client = bigquery.Client(project=self.emulator.project, credentials=AnonymousCredentials(),
                                  client_options=ClientOptions(api_endpoint=f"http://{self.emulator.rest}"))
         try:
-            return [tuple(r.values()) for r in client.query_and_wait(sql)]
+            with emulator_calls:  # never alongside the subscriber's calls: bqemulator deadlocks
+                return [tuple(r.values()) for r in client.query_and_wait(sql)]
         except Exception:
             return None
         finally:
@@ -1031,13 +1034,17 @@ class GoogleStack:
 @contextlib.contextmanager
 def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_after: float | None = None,
                  expiring_leases: int | None = None, **env: str) -> Iterator[GoogleStack]:
-    """pstest + the (shared) bqemulator, the fault proxies in front, the processes provisioned but not started."""
-    from tests.support.bqemulator import shared_emulator
+    """pstest + a bqemulator of its own, the fault proxies in front, the processes provisioned but not started.
+
+    Its own emulator: faults, lease expiries and restarts leave the emulator's state where
+    the session's shared one must stay clean for the tests after.
+    """
+    from tests.support.bqemulator import running_bqemulator
     from tests.support.fault_proxy import BigQueryRestProxy, GrpcProxy, OrderingGate, SchemaVisibility, StorageWriteFaults
     from tests.support.pstest import running_pstest
 
     with contextlib.ExitStack() as stack:
-        emu = shared_emulator()
+        emu = stack.enter_context(running_bqemulator())
         pstest = stack.enter_context(running_pstest())
         lag = SchemaVisibility(schema_lag_seconds)
         rest = stack.enter_context(BigQueryRestProxy(emu.rest, schema=lag))

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
+import os
+import tempfile
 import threading
 from typing import Any, Callable, TypeVar
 
@@ -43,9 +46,46 @@ EMULATOR_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 
 T = TypeVar("T")
 
-# Emulator only: bqemulator runs every request on ONE DuckDB connection, which mixes up
-# or stalls concurrent requests' results; so this process sends it one call at a time.
-_EMULATOR_LOCK = threading.RLock()
+class EmulatorCalls:
+    """Emulator only: bqemulator runs every request on ONE DuckDB connection, from its REST
+    event loop and its Storage Write threads alike, and concurrent requests mix up results
+    or deadlock it. So every process on this machine that calls it (subscribers, the tests'
+    own reads) sends one call at a time: a thread lock within the process, a file lock
+    (`flock`) across processes. Re-entrant within a thread."""
+
+    PATH = os.path.join(tempfile.gettempdir(), "bqemulator-calls.lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._file: Any = None
+
+    def __enter__(self) -> "EmulatorCalls":
+        self._lock.acquire()
+        if self._depth == 0:
+            try:
+                self._file = open(self.PATH, "a+b")
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+            except BaseException:
+                self._close_file()
+                self._lock.release()
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._close_file()  # closing the file releases the flock
+        self._lock.release()
+
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+
+_EMULATOR_LOCK = EmulatorCalls()
 
 
 def make_bigquery_client(settings: Settings) -> bigquery.Client:
