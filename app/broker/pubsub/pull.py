@@ -215,7 +215,11 @@ class Puller:
                 continue
             backoff = 0.1
             now = time.monotonic()
-            leases = [self._lease(r, now) for r in response.received_messages]
+            # Google delivers a key's messages in publish order
+            # (https://cloud.google.com/pubsub/docs/ordering); pstest returns one Pull's
+            # messages in any order. A stable sort by publish time is a no-op on Google.
+            received = sorted(response.received_messages, key=_publish_time)
+            leases = [self._lease(r, now) for r in received]
             if leases:
                 try:  # from the subscription's ack deadline to ours, before anything else
                     self._modack([lease.ack_id for lease in leases], self.ack_deadline)
@@ -297,3 +301,8 @@ class Puller:
         lease = Lease(received.ack_id, message, now, nbytes=len(m.data))
         message.handle = lease
         return lease
+
+
+def _publish_time(received: Any) -> Any:
+    published = getattr(received.message, "publish_time", None)  # test fakes may lack it
+    return (published.timestamp(), getattr(published, "nanosecond", 0)) if published else (0.0, 0)
