@@ -868,6 +868,9 @@ def scenario_pubsub_down(tmp: Path, requests: int = 4, publish_timeout: float = 
 
 
 @_timed
+RETRY_WINDOW_SECONDS = 90  # bigquery_down: at most the 10 s call deadline per attempt, 5 attempts, on a busy machine
+
+
 def scenario_bigquery_down(tmp: Path, batches: int = 3, backoff_max: float = 1.0, min_retries: int = 5) -> Outcome:
     """The BigQuery emulator stops while batches wait; the subscriber retries with capped backoff."""
     from tests.support import bqemulator
@@ -895,11 +898,12 @@ def scenario_bigquery_down(tmp: Path, batches: int = 3, backoff_max: float = 1.0
             status, _ = status_of(lambda: p.post(rows_body(table, 100 + b * 5, 5, f"down{b}")))
             out.statuses[status] += 1
         try:
-            wait_until(lambda: len(retry_delays(p)) - before >= min_retries, timeout=45, interval=0.3,
+            # Each attempt against a stopped emulator spends the client's 10 s call deadline first.
+            wait_until(lambda: len(retry_delays(p)) - before >= min_retries, timeout=RETRY_WINDOW_SECONDS, interval=0.3,
                        what=f"{min_retries} logged retries")
         except AssertionError:
             raise RuntimeError(
-                f"the subscriber logged {len(retry_delays(p)) - before} backoff retries in 45 s after the emulator "
+                f"the subscriber logged {len(retry_delays(p)) - before} backoff retries in {RETRY_WINDOW_SECONDS} s after the emulator "
                 "stopped: it is blocked inside one BigQuery client call (google-cloud-bigquery's default retry "
                 "goes on for up to 600 s), so it neither backs off with its own capped delays nor releases the "
                 "warehouse lock that the admin port's /readyz also takes"
