@@ -867,10 +867,10 @@ def scenario_pubsub_down(tmp: Path, requests: int = 4, publish_timeout: float = 
     return out
 
 
-@_timed
 RETRY_WINDOW_SECONDS = 90  # bigquery_down: at most the 10 s call deadline per attempt, 5 attempts, on a busy machine
 
 
+@_timed
 def scenario_bigquery_down(tmp: Path, batches: int = 3, backoff_max: float = 1.0, min_retries: int = 5) -> Outcome:
     """The BigQuery emulator stops while batches wait; the subscriber retries with capped backoff."""
     from tests.support import bqemulator
