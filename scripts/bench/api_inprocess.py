@@ -26,33 +26,9 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 import workload  # noqa: E402
 
 from app.api.app import create_app  # noqa: E402
-from app.broker.base import Broker, PublishResult  # noqa: E402
 from app.logs import configure_logging  # noqa: E402
 from app.settings import Settings  # noqa: E402
-
-
-class _InstantBroker(Broker):
-    """Accepts everything at once: leaves only the API's own work to measure."""
-
-    name = "instant"
-
-    async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None) -> PublishResult:
-        return PublishResult(batch_id, len(messages))
-
-    def pull(self, max_messages, timeout):
-        return []
-
-    def ack(self, messages):
-        pass
-
-    def nack(self, messages, delay_seconds=0.0):
-        pass
-
-    def ready(self):
-        return True, "ok"
-
-    def backlog(self):
-        return None
+from tests.support.brokers import StubBroker  # noqa: E402  (accepts at once: only the API's own work is measured)
 
 
 def main() -> None:
@@ -67,7 +43,7 @@ def main() -> None:
     logging.getLogger().handlers[0].setStream(tempfile.TemporaryFile("w"))
     body = workload.readme_body()
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="api-inprocess-")))
-    app = create_app(settings, broker=_InstantBroker() if args.broker == "stub" else None)
+    app = create_app(settings, broker=StubBroker() if args.broker == "stub" else None)
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": "/api-log/v1/", "raw_path": b"/api-log/v1/", "query_string": b"", "root_path": "",
