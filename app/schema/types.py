@@ -57,6 +57,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from app.schema import values
 
 
@@ -66,26 +68,31 @@ class TypeSpec:
     normalize: Callable[[Any], Any]  # raises ValueError with a message a person can act on
     duckdb_type: str
     bigquery_type: str
+    # How messages and the warehouses' writers carry the canonical value as Arrow
+    # (`app.schema.columnar` converts both ways, losslessly).
+    arrow_type: pa.DataType
 
 
 TYPES: dict[str, TypeSpec] = {
     spec.name: spec
     for spec in (
-        TypeSpec("string", values.normalize_string, "VARCHAR", "STRING"),
-        TypeSpec("bytes", values.normalize_bytes, "BLOB", "BYTES"),
-        TypeSpec("integer", values.normalize_integer, "BIGINT", "INT64"),
-        TypeSpec("float", values.normalize_float, "DOUBLE", "FLOAT64"),
-        TypeSpec("numeric", values.normalize_numeric, "DECIMAL(38,9)", "NUMERIC"),
+        TypeSpec("string", values.normalize_string, "VARCHAR", "STRING", pa.string()),
+        TypeSpec("bytes", values.normalize_bytes, "BLOB", "BYTES", pa.binary()),
+        TypeSpec("integer", values.normalize_integer, "BIGINT", "INT64", pa.int64()),
+        TypeSpec("float", values.normalize_float, "DOUBLE", "FLOAT64", pa.float64()),
+        TypeSpec("numeric", values.normalize_numeric, "DECIMAL(38,9)", "NUMERIC", pa.decimal128(38, 9)),
         # DuckDB's DECIMAL stops at 38 digits; BIGNUMERIC needs 76, so DuckDB keeps the
-        # canonical decimal text (lossless, compares exactly because it is canonical).
-        TypeSpec("bignumeric", values.normalize_bignumeric, "VARCHAR", "BIGNUMERIC"),
-        TypeSpec("boolean", values.normalize_boolean, "BOOLEAN", "BOOL"),
-        TypeSpec("timestamp", values.normalize_timestamp, "TIMESTAMPTZ", "TIMESTAMP"),
-        TypeSpec("date", values.normalize_date, "DATE", "DATE"),
-        TypeSpec("time", values.normalize_time, "TIME", "TIME"),
-        TypeSpec("datetime", values.normalize_datetime, "TIMESTAMP", "DATETIME"),
-        TypeSpec("geography", values.normalize_geography, "GEOMETRY", "GEOGRAPHY"),
-        TypeSpec("record", values.normalize_record, "JSON", "JSON"),
+        # canonical decimal text (lossless, compares exactly because it is canonical), and
+        # so does Arrow (BigQuery's writer makes decimal256 of it).
+        TypeSpec("bignumeric", values.normalize_bignumeric, "VARCHAR", "BIGNUMERIC", pa.string()),
+        TypeSpec("boolean", values.normalize_boolean, "BOOLEAN", "BOOL", pa.bool_()),
+        TypeSpec("timestamp", values.normalize_timestamp, "TIMESTAMPTZ", "TIMESTAMP", pa.timestamp("us", tz="UTC")),
+        TypeSpec("date", values.normalize_date, "DATE", "DATE", pa.date32()),
+        TypeSpec("time", values.normalize_time, "TIME", "TIME", pa.time64("us")),
+        TypeSpec("datetime", values.normalize_datetime, "TIMESTAMP", "DATETIME", pa.timestamp("us")),
+        # geography: WKT text; record: its JSON text with sorted keys.
+        TypeSpec("geography", values.normalize_geography, "GEOMETRY", "GEOGRAPHY", pa.string()),
+        TypeSpec("record", values.normalize_record, "JSON", "JSON", pa.string()),
     )
 }
 
