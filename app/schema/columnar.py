@@ -244,10 +244,14 @@ def runs_of(activities: Iterable[Activity]) -> list[ActivityRun]:
     for table, groups in by_table.items():
         for group in groups:
             first = group[0]
-            columns = [
-                to_arrow(t, [a.col_values[i] for a in group]) for i, t in enumerate(first.col_types)
-            ]
+            columns = [to_arrow(t, [a.col_values[i] for a in group]) for i, t in enumerate(first.col_types)]
             runs.append(
-                ActivityRun(table, first.operation, list(first.col_names), list(first.col_types), record_batch(first.col_types, columns))
+                ActivityRun(
+                    table,
+                    first.operation,
+                    list(first.col_names),
+                    list(first.col_types),
+                    record_batch(first.col_types, columns),
+                )
             )
     return runs

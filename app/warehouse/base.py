@@ -116,7 +116,10 @@ class Envelope:
         if not isinstance(other, Envelope):
             return NotImplemented
         return (self.dedup_id, self.table, self.delivery_attempt, self.activities) == (
-            other.dedup_id, other.table, other.delivery_attempt, other.activities
+            other.dedup_id,
+            other.table,
+            other.delivery_attempt,
+            other.activities,
         )
 
     def __repr__(self) -> str:
