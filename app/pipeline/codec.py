@@ -26,6 +26,7 @@ import orjson
 
 from app.broker.base import OutgoingMessage, ReceivedMessage
 from app.schema.activity import Activity
+from app.schema.columnar import ActivityRun
 from app.warehouse.base import Envelope
 
 FORMAT_VERSION = 1
@@ -89,6 +90,13 @@ def encode_batch(
                 )
             )
     return messages
+
+
+def encode_runs(
+    runs: Sequence[ActivityRun], batch_id: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[OutgoingMessage]:
+    """Split validated runs (`app.schema.columnar.runs_of`) into per-table messages."""
+    return encode_batch([a for run in runs for a in run.activities()], batch_id, max_message_bytes)
 
 
 def _encode(batch_id: str, table: str, bodies: list[dict]) -> bytes:
