@@ -37,7 +37,7 @@ import workload  # noqa: E402
 TARGETS = {
     "1a_vs_bare": 0.8,
     "1a_vs_proto": 2.5,
-    "1b_activities": 150_000,
+    "1b_vs_bare": 0.25,
     "2_rows": 200_000,
     "2_vs_ceiling": 0.25,
     "3_p99_ms": 250.0,
@@ -63,11 +63,23 @@ def bench_api(tmp: Path, seconds: float, results: dict[str, Any], rounds: int = 
     small.write_bytes(workload.readme_body())
     big = bodies / "batch500.json"
     big.write_bytes(workload.readme_batch(500))
+    from tests.support.pstest import running_pstest
+
+    with running_pstest() as pstest:  # the prototype publishes to Pub/Sub, as it did
+        _bench_api_variants(tmp, small, big, seconds, results, rounds, pstest)
+
+
+def _bench_api_variants(tmp: Path, small: Path, big: Path, seconds: float, results: dict[str, Any], rounds: int,
+                        pstest: str) -> None:
+    def proto(env: dict[str, str], logs: Path) -> Any:
+        env = {**env, "PUBSUB_EMULATOR_HOST": pstest, "GCP_PROJECT": "bench-project"}
+        return harness.start_uvicorn_app("proto", "proto_app:app", env, logs)
+
     variants = [
         ("bare", lambda env, logs: harness.start_uvicorn_app("bare", "bare_app:app", env, logs)),
-        ("proto", lambda env, logs: harness.start_uvicorn_app("proto", "proto_app:app", env, logs)),
+        ("proto", proto),
         ("api", lambda env, logs: harness.start_api(env, logs)),
-        # Information only: the same API without its two INFO log lines per request.
+        # Information only: the same API without its INFO log line per request.
         ("api_log_warning", lambda env, logs: harness.start_api({**env, "LOG_LEVEL": "WARNING"}, logs, name="api_log_warning")),
     ]
     out: dict[str, Any] = {}
@@ -177,14 +189,13 @@ def bench_drain(tmp: Path, backlog: int, sample_rows: int, results: dict[str, An
 
 
 def _duck_schema() -> dict[str, list[tuple[str, str, Any]]]:
-    import pyarrow as pa
+    """(column, DuckDB type, Arrow type) per bench table, read from the type table."""
+    from app.schema.types import TYPES
 
-    sql = {"integer": "BIGINT", "string": "VARCHAR", "datetime": "TIMESTAMP", "numeric": "DECIMAL(38,9)",
-           "float": "DOUBLE", "boolean": "BOOLEAN", "timestamp": "TIMESTAMPTZ", "date": "DATE"}
-    arrow = {"integer": pa.int64(), "string": pa.string(), "datetime": pa.timestamp("us"),
-             "numeric": pa.decimal128(38, 9), "float": pa.float64(), "boolean": pa.bool_(),
-             "timestamp": pa.timestamp("us", tz="UTC"), "date": pa.date32()}
-    return {t: [(c, sql[ty], arrow[ty]) for c, ty in cols] for t, cols in workload.table_types().items()}
+    return {
+        t: [(c, TYPES[ty].duckdb_type, TYPES[ty].arrow_type) for c, ty in cols]
+        for t, cols in workload.table_types().items()
+    }
 
 
 def _raw_arrow_append(path: Path, columns: dict[str, dict[str, list]]) -> dict[str, float]:
@@ -553,10 +564,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         row("1a README body x32: >= 2.5x prototype pattern", f"{real['rps']:,.0f} req/s",
             f"prototype {proto['rps']:,.0f} req/s (p99 {proto['p99_ms']:.1f} ms)", f"{r_proto:.2f}x", r_proto >= TARGETS["1a_vs_proto"])
         rb, bb, pb = api["api"]["batch"], api["bare"]["batch"], api["proto"]["batch"]
-        row("1b 500-activity batches x16: >= 150,000 activities/s", f"{rb['activities_per_s']:,.0f} act/s (p99 {rb['p99_ms']:.1f} ms)",
+        r_batch = rb["activities_per_s"] / bb["activities_per_s"]
+        row("1b 500-activity batches x16: >= 0.25x bare FastAPI", f"{rb['activities_per_s']:,.0f} act/s (p99 {rb['p99_ms']:.1f} ms)",
             f"bare {bb['activities_per_s']:,.0f}, prototype {pb['activities_per_s']:,.0f} act/s",
-            f"{rb['activities_per_s'] / bb['activities_per_s']:.2f}x bare, {rb['activities_per_s'] / pb['activities_per_s']:.2f}x proto",
-            rb["activities_per_s"] >= TARGETS["1b_activities"])
+            f"{r_batch:.3f}x bare, {rb['activities_per_s'] / pb['activities_per_s']:.2f}x proto",
+            r_batch >= TARGETS["1b_vs_bare"])
         if "api_log_warning" in api:
             q = api["api_log_warning"]["small"]
             row("(info) 1a with LOG_LEVEL=WARNING (no per-request log lines)", f"{q['rps']:,.0f} req/s (p99 {q['p99_ms']:.1f} ms)",
@@ -653,8 +665,8 @@ METHOD = """
   500-activity bodies at 16 connections. `api` is the real ingest API (`python -m app api`: every value
   validated, 200 only after the group-committed fsync). `bare` is FastAPI reading the body and answering 200
   (`scripts/bench/bare_app.py`, the framework ceiling). `prototype` is the prototype's pattern: a
-  `List[dict]` Pydantic model and `asyncio.create_task(broker.publish(...))` into the same local broker
-  without waiting (`scripts/bench/proto_app.py`). No subscriber runs during 1.
+  `List[dict]` Pydantic model and a fire-and-forget `PublisherClient.publish` of the body to Pub/Sub on
+  pstest, its future never awaited (`scripts/bench/proto_app.py`). No subscriber runs during 1.
 - **2 drain.** The local broker file is pre-filled through `LocalBroker.publish` with 500-activity
   requests encoded by `app.pipeline.codec.encode_batch` (3 tables of 4-6 columns: integer, string,
   datetime, numeric, float, boolean, timestamp, date; ~1% deletes by id). Then the real subscriber

@@ -1,33 +1,37 @@
-"""Benchmark baseline: the prototype's pattern.
+"""Benchmark baseline: the prototype's own pattern.
 
 A `List[dict]` Pydantic model (shape only: no value is validated) and a fire-and-forget
-publish into the same local broker (`asyncio.create_task`, the 200 does not wait for
-durability). Started by scripts/bench.py with the real API's uvicorn settings.
+publish to Pub/Sub on pstest: the publisher client's future is never awaited, so the 200
+says nothing about durability. Started by scripts/bench.py with the real API's uvicorn
+settings and `PUBSUB_EMULATOR_HOST` pointing at a pstest it started.
 """
 
-import asyncio
+import os
 import uuid
 from contextlib import asynccontextmanager
 from typing import List
 
 import orjson
 from fastapi import FastAPI
+from google.cloud import pubsub_v1
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from app.broker import make_broker
-from app.broker.base import OutgoingMessage
-from app.settings import get_settings
-
-_tasks: set[asyncio.Task] = set()
+PROJECT = os.environ.get("GCP_PROJECT", "bench-project")
+TOPIC = os.environ.get("PUBSUB_TOPIC", "user-activities")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    app.state.broker = make_broker(get_settings())
+    publisher = pubsub_v1.PublisherClient()  # PUBSUB_EMULATOR_HOST: insecure channel to pstest
+    app.state.topic = publisher.topic_path(PROJECT, TOPIC)
+    try:
+        publisher.create_topic(name=app.state.topic)
+    except Exception:  # noqa: BLE001 - already there from an earlier round
+        pass
+    app.state.publisher = publisher
     yield
-    await asyncio.gather(*_tasks, return_exceptions=True)
-    app.state.broker.close()
+    publisher.stop()
 
 
 app = FastAPI(lifespan=lifespan)
@@ -40,20 +44,7 @@ class Body(BaseModel):
 @app.post("/api-log/v1/")
 async def ingest(body: Body) -> Response:
     batch_id = uuid.uuid4().hex
-    by_table: dict[str, list[dict]] = {}
-    for a in body.user_activities:
-        by_table.setdefault(str(a.get("table")), []).append(a)
-    messages = [
-        OutgoingMessage(
-            data=orjson.dumps({"v": 1, "batch_id": batch_id, "table": t, "activities": acts}),
-            ordering_key=t,
-            attributes={"table": t, "count": str(len(acts)), "batch_id": batch_id, "dedup_id": f"{batch_id}:{t}:0"},
-        )
-        for t, acts in by_table.items()
-    ]
-    task = asyncio.create_task(app.state.broker.publish(messages, batch_id=batch_id))  # not awaited
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+    app.state.publisher.publish(app.state.topic, orjson.dumps(body.user_activities))  # future never awaited
     return Response(orjson.dumps({"error": False, "message": "accepted", "batch_id": batch_id}), media_type="application/json")
 
 
