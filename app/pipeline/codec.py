@@ -46,7 +46,7 @@ import functools
 import hashlib
 import os
 import struct
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import orjson
 import pyarrow as pa
@@ -123,20 +123,31 @@ def encode_runs(
         by_table.setdefault(run.table, []).append(run)
     messages: list[OutgoingMessage] = []
     for table, table_runs in by_table.items():
-        for chunk_index, chunk in enumerate(_chunks(batch_id, table, table_runs, max_message_bytes)):
+        for chunk_index, (data, count) in enumerate(_bodies(batch_id, table, table_runs, max_message_bytes)):
             messages.append(
                 OutgoingMessage(
-                    data=chunk.body(),
+                    data=data,
                     ordering_key=table,
                     attributes={
                         "table": table,
-                        "count": str(chunk.rows),
+                        "count": str(count),
                         "batch_id": batch_id,
                         "dedup_id": dedup_id(batch_id, table, chunk_index),
                     },
                 )
             )
     return messages
+
+
+def _bodies(batch_id: str, table: str, runs: list[ActivityRun], max_bytes: int) -> list[tuple[bytes, int]]:
+    """(body, activity count) of each chunk of the table's runs, in order. The common
+    case, one chunk, serializes each run once and assembles one body."""
+    head = b'{"batch_id":' + orjson.dumps(batch_id) + b',"table":' + orjson.dumps(table) + b',"runs":['
+    pieces = [_Piece(run, len(run), run.batch.serialize()) for run in runs]
+    body = _body(head, pieces)
+    if len(body) <= max_bytes:
+        return [(body, sum(p.rows for p in pieces))]
+    return [(_body(head, chunk), sum(p.rows for p in chunk)) for chunk in _chunked(head, runs, pieces, max_bytes)]
 
 
 class _Piece:
@@ -158,72 +169,63 @@ class _Piece:
         )
 
 
+def _body(head: bytes, pieces: Sequence[_Piece]) -> bytes:
+    header = head + b",".join([p.entry for p in pieces]) + b"]}"
+    header += b" " * (-(_PREFIX.size + len(header)) % _ALIGNMENT)
+    return b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, *[p.payload for p in pieces]])
+
+
 class _Chunk:
-    """The pieces of one message; its size is known before its body is assembled."""
+    """Pieces being packed into one message, with the size of the body they make."""
 
-    __slots__ = ("head", "pieces", "rows", "_entries_size", "_payload_size")
-
-    def __init__(self, head: bytes, pieces: Sequence[_Piece] = ()) -> None:
-        self.head = head  # the header up to its first run entry
+    def __init__(self, head: bytes) -> None:
+        self.head = head
         self.pieces: list[_Piece] = []
-        self.rows = self._entries_size = self._payload_size = 0
-        for piece in pieces:
-            self.add(piece)
+        self._entries = self._payloads = 0
 
-    def size_with(self, piece: _Piece | None = None) -> int:
-        """The body's size in bytes, once `piece` is added."""
-        entries, entries_size, payload = len(self.pieces), self._entries_size, self._payload_size
-        if piece is not None:
-            entries, entries_size, payload = entries + 1, entries_size + len(piece.entry), payload + piece.payload.size
-        header = len(self.head) + entries_size + max(0, entries - 1) + len(b"]}")
-        return -(-(_PREFIX.size + header) // _ALIGNMENT) * _ALIGNMENT + payload
+    def size_with(self, piece: _Piece) -> int:
+        """What `_body` would make of these pieces and `piece`, in bytes."""
+        header = len(self.head) + self._entries + len(piece.entry) + len(self.pieces) + len(b"]}")
+        header += -(_PREFIX.size + header) % _ALIGNMENT
+        return _PREFIX.size + header + self._payloads + piece.payload.size
 
     def add(self, piece: _Piece) -> None:
         self.pieces.append(piece)
-        self.rows += piece.rows
-        self._entries_size += len(piece.entry)
-        self._payload_size += piece.payload.size
-
-    def body(self) -> bytes:
-        header = self.head + b",".join([p.entry for p in self.pieces]) + b"]}"
-        header += b" " * (-(_PREFIX.size + len(header)) % _ALIGNMENT)
-        return b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, *(p.payload for p in self.pieces)])
+        self._entries += len(piece.entry)
+        self._payloads += piece.payload.size
 
 
-def _chunks(batch_id: str, table: str, runs: list[ActivityRun], max_bytes: int) -> list[_Chunk]:
-    """The table's runs packed in order into chunks of at most `max_bytes`.
-
-    The common case is one chunk, with every run serialized once."""
-    head = orjson.dumps({"batch_id": batch_id, "table": table})[:-1] + b',"runs":['
-    whole = _Chunk(head, [_Piece(run, len(run), run.batch.serialize()) for run in runs])
-    if whole.size_with() <= max_bytes:
-        return [whole]
+def _chunked(head: bytes, runs: list[ActivityRun], pieces: list[_Piece], max_bytes: int) -> list[list[_Piece]]:
+    """The pieces packed in order into chunks of at most `max_bytes`, a run too big for
+    one chunk cut by rows first."""
     chunks = [_Chunk(head)]
-    for run, piece in zip(runs, whole.pieces):
-        for part in _cut(run, piece, _Chunk(head), max_bytes):
-            if chunks[-1].pieces and chunks[-1].size_with(part) > max_bytes:
+    for run, whole in zip(runs, pieces):
+        for piece in _cut(head, run, whole, max_bytes):
+            if chunks[-1].pieces and chunks[-1].size_with(piece) > max_bytes:
                 chunks.append(_Chunk(head))
-            chunks[-1].add(part)
-    return chunks
+            chunks[-1].add(piece)
+    return [chunk.pieces for chunk in chunks]
 
 
-def _cut(run: ActivityRun, whole: _Piece, empty: _Chunk, max_bytes: int) -> Iterable[_Piece]:
-    """The run whole, or cut by rows into pieces that each fit the `empty` chunk."""
+def _cut(head: bytes, run: ActivityRun, whole: _Piece, max_bytes: int) -> list[_Piece]:
+    """The run whole, or cut by rows into pieces that each fit a chunk alone (but for a
+    single row bigger than that: it goes alone)."""
     total = whole.rows
-    if total <= 1 or empty.size_with(whole) <= max_bytes:
-        yield whole
-        return
+    if total <= 1 or _Chunk(head).size_with(whole) <= max_bytes:
+        return [whole]
     bytes_per_row = whole.payload.size / total
+    pieces: list[_Piece] = []
     start = 0
     while start < total:
         rows = max(1, min(total - start, int(max_bytes / bytes_per_row * 0.9)))
         while True:
             piece = _Piece(run, rows, run.batch.slice(start, rows).serialize())
-            if rows == 1 or empty.size_with(piece) <= max_bytes:
+            if rows == 1 or _Chunk(head).size_with(piece) <= max_bytes:
                 break
-            rows //= 2  # rows of uneven size: halve until it fits (one row always goes)
-        yield piece
+            rows //= 2  # rows of uneven size: halve until it fits
+        pieces.append(piece)
         start += rows
+    return pieces
 
 
 # --- decoding -------------------------------------------------------------------------
