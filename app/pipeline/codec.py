@@ -105,6 +105,12 @@ def dedup_id(batch_id: str, table: str, chunk_index: int) -> str:
 # --- encoding -------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
+def _schema(col_types: tuple[str, ...]) -> pa.Schema:
+    """A run's schema: fields named by position, typed by the type table."""
+    return pa.schema([pa.field(field_name(i), TYPES[t].arrow_type) for i, t in enumerate(col_types)])
+
+
 def encode_batch(
     activities: Sequence[Activity], batch_id: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> list[OutgoingMessage]:
@@ -143,11 +149,25 @@ def _bodies(batch_id: str, table: str, runs: list[ActivityRun], max_bytes: int) 
     """(body, activity count) of each chunk of the table's runs, in order. The common
     case, one chunk, serializes each run once and assembles one body."""
     head = b'{"batch_id":' + orjson.dumps(batch_id) + b',"table":' + orjson.dumps(table) + b',"runs":['
+    runs = [_conformed(run) for run in runs]
     pieces = [_Piece(run, len(run), run.batch.serialize()) for run in runs]
     body = _body(head, pieces)
     if len(body) <= max_bytes:
         return [(body, sum(p.rows for p in pieces))]
     return [(_body(head, chunk), sum(p.rows for p in chunk)) for chunk in _chunked(head, runs, pieces, max_bytes)]
+
+
+def _conformed(run: ActivityRun) -> ActivityRun:
+    """The run with the schema decoding expects (`_schema` of its col_types): a batch of
+    other Arrow types is cast safely, so that what is published always decodes."""
+    schema = _schema(tuple(run.col_types))
+    batch = run.batch
+    if batch.schema.equals(schema):
+        return run
+    if batch.num_columns != len(schema) or len(run.col_names) != len(schema):
+        raise ValueError(f"a run of {run.table} has {batch.num_columns} columns for {len(schema)} col_types")
+    columns = [column.cast(field.type) for column, field in zip(batch.columns, schema)]
+    return ActivityRun(run.table, run.operation, run.col_names, run.col_types, pa.RecordBatch.from_arrays(columns, schema=schema))
 
 
 class _Piece:
@@ -247,14 +267,9 @@ def decode_message(message: ReceivedMessage) -> Envelope:
     return Envelope(message.dedup_id, table, activities, message.delivery_attempt)
 
 
-@functools.lru_cache(maxsize=1024)
-def _schema(col_types: tuple[str, ...]) -> pa.Schema:
-    return pa.schema([pa.field(field_name(i), TYPES[t].arrow_type) for i, t in enumerate(col_types)])
-
-
 def _decode_runs(data: bytes) -> tuple[str, str, list[ActivityRun]]:
     """(batch id, table, runs) of a format 2 body."""
-    magic, version, header_size = _PREFIX.unpack_from(data)
+    _, version, header_size = _PREFIX.unpack_from(data)
     if version != FORMAT_VERSION:
         raise ValueError(f"unknown message format version {version}")
     offset = _PREFIX.size + header_size
@@ -274,10 +289,11 @@ def _decode_runs(data: bytes) -> tuple[str, str, list[ActivityRun]]:
         if (
             names.__class__ is not list
             or types.__class__ is not list
+            or not types
             or len(names) != len(types)
             or not all(n.__class__ is str for n in names)
         ):
-            raise ValueError("col_names and col_types must be lists of the same length")
+            raise ValueError("col_names and col_types must be non-empty lists of the same length")
         if rows.__class__ is not int or size.__class__ is not int or rows < 0 or size < 0 or offset + size > len(data):
             raise ValueError("a run's rows or bytes are out of range")
         batch = pa.ipc.read_record_batch(body.slice(offset, size), _schema(tuple(types)))

@@ -25,7 +25,7 @@ from app.pipeline.codec import (
     readable_body,
 )
 from app.schema.activity import Activity
-from app.schema.columnar import runs_of
+from app.schema.columnar import ActivityRun, runs_of
 from app.schema.identifiers import MAX_TABLE_NAME
 from app.schema.types import TYPE_NAMES, TYPES
 from tests.schema.test_properties import VALID
@@ -259,6 +259,7 @@ def test_a_hand_made_body_decodes():
         _body(_header(["insert"]), [_ONE]),
         _body(_header(_run(operation="upsert")), [_ONE]),
         _body(_header(_run(col_types=["integer", "string"])), [_ONE]),
+        _body(_header(_run(col_names=[], col_types=[])), [_ONE]),
         _body(_header(_run(col_names=[1])), [_ONE]),
         _body(_header(_run(col_names="n")), [_ONE]),
         _body(_header(_run(col_types=["varchar"])), [_ONE]),
@@ -312,3 +313,17 @@ def test_corrupted_bytes_never_raise_anything_but_undecodable():
             undecodable += 1
     assert undecodable > 100  # the fuzz reaches the checks, not only the values
 
+
+
+def test_a_run_of_other_arrow_types_is_published_as_the_type_table_says():
+    narrow = pa.RecordBatch.from_arrays([pa.array([1, 2], pa.int32()), pa.array(["a", "b"], pa.large_string())], names=["a", "b"])
+    run = ActivityRun("t", "insert", ["n", "s"], ["integer", "string"], narrow)
+    [message] = encode_runs([run], "bid")
+    [decoded] = decode_message(_received(message)).runs
+    assert decoded.batch.schema == pa.schema([("0", pa.int64()), ("1", pa.string())])
+    assert decoded.activities() == [Activity("insert", "t", ["n", "s"], ["integer", "string"], [1, "a"]),
+                                    Activity("insert", "t", ["n", "s"], ["integer", "string"], [2, "b"])]
+    with pytest.raises(pa.ArrowInvalid):  # a lossy cast is refused: nothing is published
+        encode_runs([ActivityRun("t", "insert", ["n"], ["integer"], pa.record_batch([pa.array([1.5])], names=["0"]))], "bid")
+    with pytest.raises(ValueError, match="2 columns for 1 col_types"):
+        encode_runs([ActivityRun("t", "insert", ["n"], ["integer"], narrow)], "bid")
