@@ -71,7 +71,15 @@ HASHED_ID_PREFIX = "sha256:"
 # Arrow's derive from ArrowException, but for its IO errors (a bad IPC message) and the
 # EOFError of an empty one.
 _MALFORMED = (
-    ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error, EOFError, pa.ArrowException, pa.ArrowIOError
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    struct.error,
+    EOFError,
+    pa.ArrowException,
+    pa.ArrowIOError,
 )
 
 
@@ -167,7 +175,9 @@ def _conformed(run: ActivityRun) -> ActivityRun:
     if batch.num_columns != len(schema) or len(run.col_names) != len(schema):
         raise ValueError(f"a run of {run.table} has {batch.num_columns} columns for {len(schema)} col_types")
     columns = [column.cast(field.type) for column, field in zip(batch.columns, schema)]
-    return ActivityRun(run.table, run.operation, run.col_names, run.col_types, pa.RecordBatch.from_arrays(columns, schema=schema))
+    return ActivityRun(
+        run.table, run.operation, run.col_names, run.col_types, pa.RecordBatch.from_arrays(columns, schema=schema)
+    )
 
 
 class _Piece:
@@ -338,7 +348,12 @@ def json_body(batch_id: str, table: str, activities: Sequence[Activity]) -> byte
             "batch_id": batch_id,
             "table": table,
             "activities": [
-                {"operation": a.operation, "col_names": a.col_names, "col_types": a.col_types, "col_values": a.col_values}
+                {
+                    "operation": a.operation,
+                    "col_names": a.col_names,
+                    "col_types": a.col_types,
+                    "col_values": a.col_values,
+                }
                 for a in activities
             ],
         }

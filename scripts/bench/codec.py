@@ -46,8 +46,12 @@ def encode_v1(activities, batch_id: str) -> list[OutgoingMessage]:
         OutgoingMessage(
             data=orjson.dumps({"v": 1, "batch_id": batch_id, "table": table, "activities": bodies}),
             ordering_key=table,
-            attributes={"table": table, "count": str(len(bodies)), "batch_id": batch_id,
-                        "dedup_id": dedup_id(batch_id, table, 0)},
+            attributes={
+                "table": table,
+                "count": str(len(bodies)),
+                "batch_id": batch_id,
+                "dedup_id": dedup_id(batch_id, table, 0),
+            },
         )
         for table, bodies in by_table.items()
     ]
@@ -65,7 +69,10 @@ def measure() -> dict[str, float]:
         "encode_readme_v2_us": _per_call_us(lambda: encode_runs(runs, "bid")),
         "runs_of_readme_us": _per_call_us(lambda: runs_of(readme)),
     }
-    for name, body in (("readme500", readme_batch(500)), ("mixed500", orjson.dumps(next(mixed_bodies(500, 500, seed=3))))):
+    for name, body in (
+        ("readme500", readme_batch(500)),
+        ("mixed500", orjson.dumps(next(mixed_bodies(500, 500, seed=3)))),
+    ):
         acts = validate_batch(orjson.loads(body), max_activities=1000)
         table = acts[0].table
         acts = [a for a in acts if a.table == table]

@@ -98,7 +98,10 @@ def test_every_type_round_trips_including_nulls_and_non_finite_floats():
 @given(data=st.data())
 def test_valid_values_of_each_type_round_trip(typ, data):
     sent = data.draw(st.lists(VALID[typ], min_size=1, max_size=8))
-    batch = [Activity("insert", "t", ["v", "k"], [typ, "integer"], [TYPES[typ].normalize(raw), i]) for i, (raw, _) in enumerate(sent)]
+    batch = [
+        Activity("insert", "t", ["v", "k"], [typ, "integer"], [TYPES[typ].normalize(raw), i])
+        for i, (raw, _) in enumerate(sent)
+    ]
     batch.append(Activity("insert", "t", ["v", "k"], [typ, "integer"], [None, None]))
     assert _decoded(encode_batch(batch, new_batch_id(None))) == batch
 
@@ -116,7 +119,11 @@ def test_decoding_reads_the_body_in_place():
 
 
 def test_large_batches_are_split_below_the_limit_in_order():
-    batch = [_act("t", i) for i in range(60)] + [_act("t", i, "delete") for i in range(5)] + [_act("t", i) for i in range(60, 100)]
+    batch = (
+        [_act("t", i) for i in range(60)]
+        + [_act("t", i, "delete") for i in range(5)]
+        + [_act("t", i) for i in range(60, 100)]
+    )
     limit = 1500
     messages = encode_batch(batch, "bid", max_message_bytes=limit)
     assert len(messages) > 3
@@ -173,7 +180,11 @@ def test_attributes_fit_pub_sub_limits_for_the_longest_table_name():
     again = encode_batch([_act(table, i) for i in range(40)], batch_id, max_message_bytes=3000)
     assert [m.attributes["dedup_id"] for m in again] == dedup_ids
     assert [m.data for m in again] == [m.data for m in messages]
-    assert dedup_ids[0] == dedup_id(batch_id, table, 0) == "sha256:" + hashlib.sha256(f"{batch_id}:{table}:0".encode()).hexdigest()
+    assert (
+        dedup_ids[0]
+        == dedup_id(batch_id, table, 0)
+        == "sha256:" + hashlib.sha256(f"{batch_id}:{table}:0".encode()).hexdigest()
+    )
 
 
 def test_readable_dedup_ids_are_kept_up_to_the_limit():
@@ -224,7 +235,13 @@ _ONE = pa.RecordBatch.from_arrays([pa.array([1, 2], pa.int64())], names=["0"]).s
 
 
 def _run(**changes) -> dict:
-    return {"operation": "insert", "col_names": ["n"], "col_types": ["integer"], "rows": 2, "bytes": len(_ONE)} | changes
+    return {
+        "operation": "insert",
+        "col_names": ["n"],
+        "col_types": ["integer"],
+        "rows": 2,
+        "bytes": len(_ONE),
+    } | changes
 
 
 def _header(*runs, **changes) -> dict:
@@ -314,16 +331,21 @@ def test_corrupted_bytes_never_raise_anything_but_undecodable():
     assert undecodable > 100  # the fuzz reaches the checks, not only the values
 
 
-
 def test_a_run_of_other_arrow_types_is_published_as_the_type_table_says():
-    narrow = pa.RecordBatch.from_arrays([pa.array([1, 2], pa.int32()), pa.array(["a", "b"], pa.large_string())], names=["a", "b"])
+    narrow = pa.RecordBatch.from_arrays(
+        [pa.array([1, 2], pa.int32()), pa.array(["a", "b"], pa.large_string())], names=["a", "b"]
+    )
     run = ActivityRun("t", "insert", ["n", "s"], ["integer", "string"], narrow)
     [message] = encode_runs([run], "bid")
     [decoded] = decode_message(_received(message)).runs
     assert decoded.batch.schema == pa.schema([("0", pa.int64()), ("1", pa.string())])
-    assert decoded.activities() == [Activity("insert", "t", ["n", "s"], ["integer", "string"], [1, "a"]),
-                                    Activity("insert", "t", ["n", "s"], ["integer", "string"], [2, "b"])]
+    assert decoded.activities() == [
+        Activity("insert", "t", ["n", "s"], ["integer", "string"], [1, "a"]),
+        Activity("insert", "t", ["n", "s"], ["integer", "string"], [2, "b"]),
+    ]
     with pytest.raises(pa.ArrowInvalid):  # a lossy cast is refused: nothing is published
-        encode_runs([ActivityRun("t", "insert", ["n"], ["integer"], pa.record_batch([pa.array([1.5])], names=["0"]))], "bid")
+        encode_runs(
+            [ActivityRun("t", "insert", ["n"], ["integer"], pa.record_batch([pa.array([1.5])], names=["0"]))], "bid"
+        )
     with pytest.raises(ValueError, match="2 columns for 1 col_types"):
         encode_runs([ActivityRun("t", "insert", ["n"], ["integer"], narrow)], "bid")
