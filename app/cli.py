@@ -208,6 +208,7 @@ def dead_letters_pubsub_list(
 ) -> None:
     """List the Pub/Sub dead-letter subscription (leased briefly, then given back)."""
     from app.broker.pubsub.deadletters import DeadLetterSubscription, age
+    from app.pipeline.codec import readable_body
 
     subscription = DeadLetterSubscription(get_settings())
     try:
@@ -219,7 +220,7 @@ def dead_letters_pubsub_list(
             typer.echo(orjson.dumps({
                 "message_id": m.message_id, "table": m.table, "reason": m.reason, "published_at": m.published_at,
                 "forwarded_by_pipeline": m.forwarded_by_pipeline, "attributes": m.attributes,
-                "data": m.data.decode("utf-8", "replace"),
+                "data": readable_body(m.data).decode("utf-8", "replace"),  # format 2 rendered as JSON
             }).decode())
         else:
             typer.echo(f"{m.message_id} table={m.table} age={age(m)} reason={m.reason}")

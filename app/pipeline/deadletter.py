@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     message_id TEXT,
     activity_index INTEGER,
     attempts INTEGER NOT NULL,
-    payload BLOB NOT NULL,         -- the activity as JSON, or the raw message body
+    payload BLOB NOT NULL,         -- the activity as JSON, or the message body (JSON; raw if undecodable)
     replayed_at REAL,
     replayed_batch_id TEXT         -- the batch the replay published (dedup ids '<batch_id>:<table>:<chunk>')
 );

@@ -32,7 +32,7 @@ import orjson
 from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
-from app.pipeline.codec import UndecodableMessage, decode_message
+from app.pipeline.codec import UndecodableMessage, decode_message, readable_body
 from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
@@ -304,8 +304,8 @@ class Subscriber:
         reason = f"failed {failures} times: {exc}"
         self._dead_letter(
             [
-                NewDeadLetter(
-                    reason=reason, kind="message", payload=bytes(message.data), attempts=failures,
+                NewDeadLetter(  # a format 2 body is kept as its JSON rendering, readable and replayable
+                    reason=reason, kind="message", payload=readable_body(message.data), attempts=failures,
                     table_name=table, dedup_id=dedup_id, message_id=message.message_id,
                 )
             ],

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.api.app import create_app
 from app.broker import BrokerUnavailable, make_broker
+from app.pipeline.codec import decode_message
 from app.settings import Settings
 from tests.support.brokers import StubBroker
 from tests.support.processes import ROOT
@@ -48,8 +49,9 @@ def test_accepts_readme_example_and_publishes_one_message_per_table(client, sett
     m = messages[0]
     assert m.ordering_key == "user_activities_table"
     assert m.attributes["count"] == "2" and m.attributes["batch_id"] == body["batch_id"]
-    data = orjson.loads(m.data)
-    assert [a["col_values"] for a in data["activities"]] == [
+    envelope = decode_message(m)
+    assert envelope.dedup_id == f"{body['batch_id']}:user_activities_table:0"
+    assert [a.col_values for a in envelope.activities] == [
         [1, 2, "logged in", "2021-03-30T06:12:44"],
         [2, 5, "changed password", "2021-03-30T06:14:02"],
     ]

@@ -117,3 +117,24 @@ def test_replay_reads_the_schema_through_the_running_subscriber(tmp_path):
         wait_until(lambda: p.query("SELECT id, score FROM scores ORDER BY id") == [(1, 10), (3, 30)], what="replayed row")
     finally:
         p.stop()
+
+
+def test_message_entries_replay_from_their_json_rendering_or_a_columnar_body(settings):
+    from app.pipeline.codec import MAGIC, decode_message, encode_batch, readable_body
+
+    store = DeadLetterStore(settings.dead_letter_file)
+    row = [Activity("insert", "scores", ["id", "score"], ["integer", "integer"], [4, 40])]
+    columnar = encode_batch(row, "dead1")[0].data
+    _dead(store, 1, readable_body(columnar), kind="message")  # what the subscriber stores after max attempts
+    _dead(store, 2, encode_batch([Activity("insert", "scores", ["id", "score"], ["integer", "integer"], [5, 50])], "dead2")[0].data,
+          kind="message")  # a format 2 body as it was delivered
+    store.close()
+    outcomes = replay(settings, None)
+    assert [o.problem for o in outcomes] == [None, None]
+    broker = LocalBroker(settings)
+    try:
+        published = broker.pull(10, 0.2)
+    finally:
+        broker.close()
+    assert len(published) == 2 and all(m.data.startswith(MAGIC) for m in published)  # republished as format 2
+    assert sorted(a.col_values for m in published for a in decode_message(m).activities) == [[4, 40], [5, 50]]

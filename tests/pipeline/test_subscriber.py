@@ -22,7 +22,7 @@ import pytest
 from app.broker import OutgoingMessage
 from app.broker.base import Broker, PublishResult, ReceivedMessage
 from app.broker.local import LocalBroker
-from app.pipeline.codec import encode_batch, new_batch_id
+from app.pipeline.codec import encode_batch, json_body, new_batch_id
 from app.pipeline.deadletter import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
@@ -490,10 +490,13 @@ def test_local_broker_and_duckdb_apply_in_order(local):
 
 def test_local_broker_message_duckdb_refuses_is_dead_lettered_alone(local):
     settings, broker, warehouse, dead, sub = local
-    # Bypasses the API's validation: a datetime DuckDB cannot parse.
+    # Bypasses the API's validation: a datetime DuckDB cannot parse, in a format 1 (JSON)
+    # message, since format 2 carries a datetime as an Arrow timestamp.
     bad = Activity("insert", "t", ["n", "d"], ["integer", "datetime"], [99, "not a datetime"])
     _publish(broker, encode_batch([_insert("t", 1)], new_batch_id(None)))
-    _publish(broker, encode_batch([bad], new_batch_id(None)))
+    bad_batch = new_batch_id(None)
+    _publish(broker, [OutgoingMessage(json_body(bad_batch, "t", [bad]), "t", {
+        "table": "t", "count": "1", "batch_id": bad_batch, "dedup_id": f"{bad_batch}:t:0"})])
     _publish(broker, encode_batch([_insert("t", 2)], new_batch_id(None)))
     with running(sub):
         wait_until(lambda: broker.backlog().messages == 0, "the backlog drained")  # waits out the nack delays
