@@ -558,14 +558,6 @@ class _Group:
         self.types, self.normalizers = schema
         self.values = values  # each activity's col_values
 
-    def takes(self, operation: str, names: list, raw_types: list, ctx: _Context, table: str) -> bool:
-        if operation != self.operation or names != self.names:
-            return False
-        if raw_types == self.raw_types:
-            return True
-        schema = ctx.schemas.get((table, tuple(names), tuple(raw_types)))
-        return schema is not None and schema[0] == self.types  # "INTEGER" and "integer" are one type
-
 
 _get_table = itemgetter("table")
 _get_operation = itemgetter("operation")
@@ -628,22 +620,24 @@ def _groups(
         return {tables[0]: [_Group(operation, first_names, first_types, schema, values)]}
 
     groups: dict[str, list[_Group]] = {}
+    last: dict[str, _Group] = {}  # each table's latest group
     for table, op, nm, ty, vals in zip(tables, operations, names, types, values):
+        group = last.get(table)
+        # Equal to the group's raw operation, names and types: the same, valid, shape.
+        if group is not None and op == group.operation and nm == group.names and ty == group.raw_types:
+            group.values.append(vals)
+            continue
         operation = _OPERATIONS.get(op)
         if operation is None or type(nm) is not list or type(ty) is not list:
             return None
-        table_groups = groups.get(table)
-        if table_groups is not None and table_groups[-1].takes(operation, nm, ty, ctx, table):
-            table_groups[-1].values.append(vals)
-            continue
         schema = schemas_get((table, tuple(nm), tuple(ty)))
         if schema is None:
             return None
-        group = _Group(operation, nm, ty, schema, [vals])
-        if table_groups is None:
-            groups[table] = [group]
-        else:
-            table_groups.append(group)
+        if group is not None and operation == group.operation and nm == group.names and schema[0] == group.types:
+            group.values.append(vals)  # "INTEGER" and "integer" are one type
+            continue
+        group = last[table] = _Group(operation, nm, ty, schema, [vals])
+        groups.setdefault(table, []).append(group)
     return groups
 
 

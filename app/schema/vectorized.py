@@ -128,29 +128,47 @@ def _string(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa
     if not kinds <= _TEXT_OR_NULL:
         return None
     array = pa.array(values, pa.string())  # UnicodeEncodeError for an unpaired surrogate
-    if array.nbytes > max_value_bytes and pc.max(pc.binary_length(array)).as_py() > max_value_bytes:
+    if array.get_total_buffer_size() > max_value_bytes and pc.max(pc.binary_length(array)).as_py() > max_value_bytes:
         return None  # the per-value rules raise the limit with the value's location
     return array
 
 
 def _text_form(type_name: str, form: _TextForm) -> _Parser:
-    """Text in a form Arrow's cast reads exactly as the normalizer does (`to_arrow` casts it)."""
+    """Text in a form Arrow's cast reads exactly as the normalizer does (as `to_arrow` reads canonical text)."""
+    convert = _cast_from_text(TYPES[type_name].arrow_type) if type_name != "time" else lambda v: to_arrow("time", v)
 
     def parse(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:
         if not _texts(values, kinds, form):
             return None
-        return to_arrow(type_name, values)
+        return convert(values)
 
     return parse
+
+
+def _cast_from_text(arrow_type: pa.DataType) -> Callable[[Sequence[Any]], pa.Array]:
+    # The cast function and its options made once: `pc.cast` builds them on every call,
+    # which costs more than casting a small column.
+    call = pc.get_function("cast").call
+    options = [pc.CastOptions.safe(arrow_type)]
+
+    def convert(values: Sequence[Any]) -> pa.Array:
+        return call([pa.array(values, pa.string())], *options)
+
+    return convert
+
+
+_naive_timestamps = _cast_from_text(pa.timestamp("us"))
+_zoned_timestamps = _cast_from_text(TYPES["timestamp"].arrow_type)
+_numerics = _cast_from_text(TYPES["numeric"].arrow_type)
 
 
 def _timestamp(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:
     arrow_type = TYPES["timestamp"].arrow_type
     if _texts(values, kinds, _DATETIMES):  # no zone: UTC
-        return to_arrow("datetime", values).cast(arrow_type)
+        return _naive_timestamps(values).view(arrow_type)  # the same microseconds, read as UTC
     if not _texts(values, kinds, _ZONED_TIMESTAMPS):
         return None
-    array = to_arrow("timestamp", values)
+    array = _zoned_timestamps(values)
     bounds = pc.min_max(array.cast(pa.int64())).as_py()
     if bounds["min"] < _MIN_TIMESTAMP_US or bounds["max"] > _MAX_TIMESTAMP_US:
         return None
@@ -162,7 +180,7 @@ def _numeric(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> p
     if kinds <= {int, NoneType}:
         return pa.array(values, pa.int64()).cast(arrow_type)  # INT64 has at most 19 digits
     if _texts(values, kinds, _NUMERICS):
-        return to_arrow("numeric", values)
+        return _numerics(values)
     return None
 
 
