@@ -28,6 +28,7 @@ import workload  # noqa: E402
 
 from app.api.app import create_app  # noqa: E402
 from app.logs import configure_logging  # noqa: E402
+from app.runtime import freeze_startup_heap  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from tests.support.brokers import StubBroker  # noqa: E402  (accepts at once: only the API's own work is measured)
 
@@ -54,6 +55,7 @@ def main() -> None:
         "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
     }
     statuses: set[int] = set()
+    freeze_startup_heap()  # as app.runtime.run_api does
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
