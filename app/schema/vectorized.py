@@ -19,6 +19,7 @@ validation), then Arrow's conversion, which refuses impossible dates and times i
 from __future__ import annotations
 
 import re
+from array import array
 from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
@@ -109,14 +110,23 @@ def _texts(values: Sequence[Any], kinds: set[type], form: _TextForm) -> bool:
     return form.matches(present)
 
 
-def _plain(type_name: str, *accepted: type) -> _Parser:
-    """Values of exactly these Python types (or null), converted by Arrow: ints, floats, booleans."""
+def _plain(type_name: str, *accepted: type, packed: str = "") -> _Parser:
+    """Values of exactly these Python types (or null), converted by Arrow: ints, floats, booleans.
+
+    `packed`: the `array` typecode of a column of `accepted[0]` only, with no null, which
+    is packed into the Arrow buffer directly (a few microseconds less than `pa.array`,
+    which counts on a small request).
+    """
     arrow_type = TYPES[type_name].arrow_type
     allowed = set(accepted) | {NoneType}
+    only = {accepted[0]}
 
     def parse(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:
         if not kinds <= allowed:
             return None
+        if packed and kinds == only:
+            # array("q") refuses an int outside INT64 (OverflowError) like Arrow does
+            return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(array(packed, values))])
         # Arrow refuses an int outside INT64 and, for float64, one no double holds exactly
         # (normalize_float would round it): both go to the per-value rules.
         return pa.array(values, arrow_type)
@@ -186,8 +196,8 @@ def _numeric(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> p
 
 _PARSERS: dict[str, _Parser] = {
     "string": _string,
-    "integer": _plain("integer", int),
-    "float": _plain("float", float, int),
+    "integer": _plain("integer", int, packed="q"),
+    "float": _plain("float", float, int, packed="d"),
     "boolean": _plain("boolean", bool),
     "numeric": _numeric,
     "timestamp": _timestamp,
