@@ -19,6 +19,7 @@ validation), then Arrow's conversion, which refuses impossible dates and times i
 from __future__ import annotations
 
 import re
+from datetime import date, datetime
 from array import array
 from typing import Any, Callable, Iterable, Sequence
 
@@ -145,7 +146,10 @@ def _string(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa
 
 def _text_form(type_name: str, form: _TextForm) -> _Parser:
     """Text in a form Arrow's cast reads exactly as the normalizer does (as `to_arrow` reads canonical text)."""
-    convert = _cast_from_text(TYPES[type_name].arrow_type) if type_name != "time" else lambda v: to_arrow("time", v)
+    if type_name == "time":
+        convert = lambda values: to_arrow("time", values)  # noqa: E731
+    else:
+        convert = _from_text(TYPES[type_name].arrow_type, date.fromisoformat if type_name == "date" else datetime.fromisoformat)
 
     def parse(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:
         if not _texts(values, kinds, form):
@@ -155,21 +159,32 @@ def _text_form(type_name: str, form: _TextForm) -> _Parser:
     return parse
 
 
-def _cast_from_text(arrow_type: pa.DataType) -> Callable[[Sequence[Any]], pa.Array]:
-    # The cast function and its options made once: `pc.cast` builds them on every call,
-    # which costs more than casting a small column.
+# Up to this many values, Python's ISO parser and `pa.array` take less time than one call
+# of Arrow's cast kernel (a README-sized request); beyond, the cast is much faster.
+_FEW = 16
+
+
+def _from_text(arrow_type: pa.DataType, parse_one: Callable[[str], Any] | None = None) -> Callable[[Sequence[Any]], pa.Array]:
+    """Texts already checked to be in one of the forms (`_TextForm`) as an array of the type.
+
+    `parse_one`: Python's ISO parser for them, which reads those forms as Arrow does
+    (digit fields, a fraction of 1-6 digits; it refuses year 0 and impossible dates too).
+    """
+    # The cast function and its options made once: `pc.cast` builds them on every call.
     call = pc.get_function("cast").call
     options = [pc.CastOptions.safe(arrow_type)]
 
     def convert(values: Sequence[Any]) -> pa.Array:
+        if parse_one is not None and len(values) <= _FEW:
+            return pa.array([None if v is None else parse_one(v) for v in values], arrow_type)
         return call([pa.array(values, pa.string())], *options)
 
     return convert
 
 
-_naive_timestamps = _cast_from_text(pa.timestamp("us"))
-_zoned_timestamps = _cast_from_text(TYPES["timestamp"].arrow_type)
-_numerics = _cast_from_text(TYPES["numeric"].arrow_type)
+_naive_timestamps = _from_text(pa.timestamp("us"), datetime.fromisoformat)
+_zoned_timestamps = _from_text(TYPES["timestamp"].arrow_type)
+_numerics = _from_text(TYPES["numeric"].arrow_type)
 
 
 def _timestamp(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app.schema.columnar import to_arrow, to_canonical
 from app.schema.types import TYPE_NAMES, TYPES
+from app.schema import vectorized
 from app.schema.vectorized import column_array
 from tests.schema.test_properties import NEAR, VALID, junk, wire
 
@@ -38,7 +39,15 @@ def assert_same(type_name: str, got: pa.Array, expected: pa.Array) -> None:
     assert to_canonical(type_name, got) == to_canonical(type_name, expected)
 
 
-def column(type_name: str, valid_share: float = 0.8):
+@pytest.fixture(params=["few", "many"])
+def parse_path(request, monkeypatch):
+    """Both ways a text column is converted: Python's ISO parser (few values) and Arrow's cast."""
+    if request.param == "many":
+        monkeypatch.setattr(vectorized, "_FEW", 0)
+    return request.param
+
+
+def column(type_name: str):
     """Wire values of the type: mostly valid forms, some near misses, junk and nulls."""
     one = st.one_of(
         VALID[type_name].map(lambda p: p[0]),
@@ -52,7 +61,7 @@ def column(type_name: str, valid_share: float = 0.8):
 
 
 @pytest.mark.parametrize("type_name", TYPE_NAMES)
-def test_an_answer_is_exactly_the_per_value_result(type_name):
+def test_an_answer_is_exactly_the_per_value_result(type_name, parse_path):
     @COLUMN_PROPS
     @given(column(type_name))
     def check(raw):
@@ -67,7 +76,7 @@ def test_an_answer_is_exactly_the_per_value_result(type_name):
 
 
 @pytest.mark.parametrize("type_name", TYPE_NAMES)
-def test_valid_columns_are_answered_exactly(type_name):
+def test_valid_columns_are_answered_exactly(type_name, parse_path):
     """Columns of valid values only: wherever the fast parser answers, it is exact."""
 
     @COLUMN_PROPS
@@ -103,7 +112,7 @@ FAST = [
 
 
 @pytest.mark.parametrize("type_name, values", FAST)
-def test_common_forms_take_the_fast_path(type_name, values):
+def test_common_forms_take_the_fast_path(type_name, values, parse_path):
     got = column_array(type_name, values, MAX_VALUE_BYTES)
     assert got is not None
     assert_same(type_name, got, per_value(type_name, values))
@@ -151,7 +160,7 @@ DECLINED = [
 
 
 @pytest.mark.parametrize("type_name, values", DECLINED)
-def test_lenient_or_unusual_forms_are_declined(type_name, values):
+def test_lenient_or_unusual_forms_are_declined(type_name, values, parse_path):
     assert column_array(type_name, values, MAX_VALUE_BYTES) is None
 
 
