@@ -11,16 +11,17 @@ means "invalid", and a parser never accepts what the type table refuses.
 The forms parsed here are a strict subset of each type's accepted forms (see
 `app.schema.types`): every check is on the JSON type of each value (Arrow's own
 conversions are lenient, e.g. `pa.array([True], pa.float64())` is 1.0) and, for text,
-one compiled regex over the column's values joined by newlines (Arrow's regex kernel
-compiles its pattern on every call, which costs more than a small request's whole
-validation), then Arrow's conversion, which refuses impossible dates and times itself.
+on the column's texts joined by newlines, at once (`_TextForm`: their shapes compared
+as bytes, or one compiled regex; Arrow's regex kernel compiles its pattern on every
+call, which costs more than a small request's whole validation), then Arrow's cast (or
+Python's ISO parser for a few values), which refuses impossible dates and times itself.
 """
 
 from __future__ import annotations
 
+import array
 import re
 from datetime import date, datetime
-from array import array
 from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
@@ -32,11 +33,6 @@ from app.schema.types import TYPES
 __all__ = ["column_array"]
 
 NoneType = type(None)
-
-_YEAR = r"(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"  # 0001 to 9999
-_DATE = _YEAR + r"-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"  # Arrow refuses a day past the month's end
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
-_ZONE = r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 
 
 class _TextForm:
@@ -82,7 +78,9 @@ _DATES = _TextForm(_DATE, ["9999-99-99"], no_year_zero=True)
 _TIMES = _TextForm(_TIME, _TIME_SHAPES, no_year_zero=False)
 _DATETIMES = _TextForm(rf"{_DATE}(?:[T ]{_TIME})?", ["9999-99-99", *_DATE_TIME_SHAPES], no_year_zero=True)
 _ZONED_TIMESTAMPS = _TextForm(
-    rf"{_DATE}[T ]{_TIME}{_ZONE}", [s + z for s in _DATE_TIME_SHAPES for z in ("Z", "+99:99", "-99:99")], no_year_zero=True
+    rf"{_DATE}[T ]{_TIME}{_ZONE}",
+    [s + z for s in _DATE_TIME_SHAPES for z in ("Z", "+99:99", "-99:99")],
+    no_year_zero=True,
 )
 # numeric: <= 29 integer and 9 fraction digits (shapes vary too much to list)
 _NUMERICS = _TextForm(r"-?[0-9]{1,29}(?:\.[0-9]{1,9})?", [], no_year_zero=False)
@@ -127,7 +125,7 @@ def _plain(type_name: str, *accepted: type, packed: str = "") -> _Parser:
             return None
         if packed and kinds == only:
             # array("q") refuses an int outside INT64 (OverflowError) like Arrow does
-            return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(array(packed, values))])
+            return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(array.array(packed, values))])
         # Arrow refuses an int outside INT64 and, for float64, one no double holds exactly
         # (normalize_float would round it): both go to the per-value rules.
         return pa.array(values, arrow_type)
@@ -138,10 +136,13 @@ def _plain(type_name: str, *accepted: type, packed: str = "") -> _Parser:
 def _string(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:
     if not kinds <= _TEXT_OR_NULL:
         return None
-    array = pa.array(values, pa.string())  # UnicodeEncodeError for an unpaired surrogate
-    if array.get_total_buffer_size() > max_value_bytes and pc.max(pc.binary_length(array)).as_py() > max_value_bytes:
+    strings = pa.array(values, pa.string())  # UnicodeEncodeError for an unpaired surrogate
+    if (
+        strings.get_total_buffer_size() > max_value_bytes
+        and pc.max(pc.binary_length(strings)).as_py() > max_value_bytes
+    ):
         return None  # the per-value rules raise the limit with the value's location
-    return array
+    return strings
 
 
 def _text_form(type_name: str, form: _TextForm) -> _Parser:
@@ -149,7 +150,9 @@ def _text_form(type_name: str, form: _TextForm) -> _Parser:
     if type_name == "time":
         convert = lambda values: to_arrow("time", values)  # noqa: E731
     else:
-        convert = _from_text(TYPES[type_name].arrow_type, date.fromisoformat if type_name == "date" else datetime.fromisoformat)
+        convert = _from_text(
+            TYPES[type_name].arrow_type, date.fromisoformat if type_name == "date" else datetime.fromisoformat
+        )
 
     def parse(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:
         if not _texts(values, kinds, form):
@@ -164,7 +167,9 @@ def _text_form(type_name: str, form: _TextForm) -> _Parser:
 _FEW = 16
 
 
-def _from_text(arrow_type: pa.DataType, parse_one: Callable[[str], Any] | None = None) -> Callable[[Sequence[Any]], pa.Array]:
+def _from_text(
+    arrow_type: pa.DataType, parse_one: Callable[[str], Any] | None = None
+) -> Callable[[Sequence[Any]], pa.Array]:
     """Texts already checked to be in one of the forms (`_TextForm`) as an array of the type.
 
     `parse_one`: Python's ISO parser for them, which reads those forms as Arrow does
@@ -193,11 +198,11 @@ def _timestamp(values: Sequence[Any], kinds: set[type], max_value_bytes: int) ->
         return _naive_timestamps(values).view(arrow_type)  # the same microseconds, read as UTC
     if not _texts(values, kinds, _ZONED_TIMESTAMPS):
         return None
-    array = _zoned_timestamps(values)
-    bounds = pc.min_max(array.cast(pa.int64())).as_py()
+    instants = _zoned_timestamps(values)
+    bounds = pc.min_max(instants.cast(pa.int64())).as_py()
     if bounds["min"] < _MIN_TIMESTAMP_US or bounds["max"] > _MAX_TIMESTAMP_US:
         return None
-    return array
+    return instants
 
 
 def _numeric(values: Sequence[Any], kinds: set[type], max_value_bytes: int) -> pa.Array | None:
