@@ -5,6 +5,7 @@ Entry points (`main.py`, `subscriber.py`, `python -m app ...`) call these and st
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import signal
@@ -18,12 +19,27 @@ from app.settings import Settings, get_settings
 log = logging.getLogger("app.runtime")
 
 
+def freeze_startup_heap() -> None:
+    """Keep the objects made at startup out of every later garbage collection.
+
+    A 500-activity request allocates thousands of dicts and lists, so the collector runs
+    several times per request, and each full collection walked every module, class and
+    function imported at startup: a third of such a request's CPU. Freezing them after
+    the imports is Python's documented remedy (https://docs.python.org/3/library/gc.html#gc.freeze).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run_api(settings: Settings | None = None) -> None:
     import uvicorn
+
+    import app.api.app  # noqa: F401  (imported before the heap is frozen)
 
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     refuse_open_unauthenticated(settings)
+    freeze_startup_heap()
     uvicorn.run(
         "app.api.app:create_app",
         factory=True,

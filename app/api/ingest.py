@@ -24,9 +24,9 @@ from app.api.auth import is_authorized
 from app.api.errors import ApiError, error_response
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
 from app.logs import batch_id_var
-from app.pipeline.codec import encode_batch, new_batch_id
-from app.schema.activity import Activity
-from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
+from app.pipeline.codec import encode_runs, new_batch_id
+from app.schema.columnar import ActivityRun
+from app.schema.validation import BatchInvalid, LimitExceeded, validate_runs
 from app.schema.values import loads_exact
 from app.settings import Settings
 
@@ -95,18 +95,19 @@ class IngestHandler:
         idempotency_key = self.checked_headers(headers)
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
-        activities = self.validate(body)
+        runs = self.validate(body)
+        count = sum(map(len, runs))
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
-        messages = self.encode(activities, batch_id)
-        result, publish_seconds = await self.publish(activities, messages, batch_id, idempotency_key, fingerprint)
+        messages = self.encode(runs, batch_id)
+        result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
         # One INFO line per request: the middleware's `request finished` carries these.
         request.scope["log_extra"] = {
-            "activities": len(activities), "messages": len(messages), "duplicate": result.duplicate,
+            "activities": count, "messages": len(messages), "duplicate": result.duplicate,
             "publish_ms": round(publish_seconds * 1000, 2),
         }
-        return self.answer(len(activities), result)
+        return self.answer(count, result)
 
     def authorize(self, request: Request) -> None:
         if not is_authorized(request, self.api_key_digests):
@@ -199,9 +200,9 @@ class IngestHandler:
         except ValueError as exc:
             raise ApiError(400, f"body is not valid JSON: {exc}") from None
 
-    def validate(self, body: Any) -> list[Activity]:
+    def validate(self, body: Any) -> list[ActivityRun]:
         try:
-            return validate_batch(body, **self.limits)
+            return validate_runs(body, **self.limits)
         except LimitExceeded as exc:
             metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
             raise ApiError(413, str(exc)) from None
@@ -210,25 +211,25 @@ class IngestHandler:
             raise ApiError(422, f"batch rejected: {len(exc.details)} problem(s); nothing was published", exc.details) from None
 
     @staticmethod
-    def encode(activities: list[Activity], batch_id: str) -> list[OutgoingMessage]:
-        return encode_batch(activities, batch_id)
+    def encode(runs: list[ActivityRun], batch_id: str) -> list[OutgoingMessage]:
+        return encode_runs(runs, batch_id)
 
     async def publish(
         self,
-        activities: list[Activity],
+        count: int,
         messages: list[OutgoingMessage],
         batch_id: str,
         idempotency_key: str | None,
         fingerprint: str | None,
     ) -> tuple[PublishResult, float]:
-        """Publishes durably; returns the broker's result and the seconds it took."""
+        """Publishes `count` activities durably; returns the broker's result and the seconds it took."""
         started = time.perf_counter()
         try:
             result = await self.state.broker.publish(
                 messages, batch_id=batch_id, idempotency_key=idempotency_key, request_fingerprint=fingerprint
             )
         except IdempotencyConflict:
-            metrics.ACTIVITIES_REJECTED.inc(len(activities))
+            metrics.ACTIVITIES_REJECTED.inc(count)
             raise ApiError(409, "Idempotency-Key was already used with a different body") from None
         except BrokerUnavailable as exc:
             log.warning("broker unavailable: %s", exc)
@@ -238,9 +239,9 @@ class IngestHandler:
             ) from None
         publish_seconds = time.perf_counter() - started
         metrics.PUBLISH_SECONDS.observe(publish_seconds)
-        metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else len(activities))
+        metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else count)
         if not result.duplicate:
-            self.state.event_rate.record(len(activities))  # the status page's chart
+            self.state.event_rate.record(count)  # the status page's chart
         return result, publish_seconds
 
     @staticmethod

@@ -5,6 +5,7 @@ on a shared machine is not counted) per README-body request, best of several bat
 
     .venv/bin/python scripts/bench/api_inprocess.py                 # stub broker: the app's own work
     .venv/bin/python scripts/bench/api_inprocess.py --broker local  # the real local broker, 32 concurrent
+    .venv/bin/python scripts/bench/api_inprocess.py --activities 500  # README-shaped batches of 500
 
 Lines go through the same JSON logging as the real API (into a temp file). Compare two
 versions by running each tree's copy of this script alternately.
@@ -27,6 +28,7 @@ import workload  # noqa: E402
 
 from app.api.app import create_app  # noqa: E402
 from app.logs import configure_logging  # noqa: E402
+from app.runtime import freeze_startup_heap  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from tests.support.brokers import StubBroker  # noqa: E402  (accepts at once: only the API's own work is measured)
 
@@ -37,11 +39,12 @@ def main() -> None:
     p.add_argument("--level", default="INFO", help="LOG_LEVEL (WARNING: without the request line)")
     p.add_argument("--requests", type=int, default=1024, help="per batch")
     p.add_argument("--batches", type=int, default=15)
+    p.add_argument("--activities", type=int, default=0, help="README-shaped activities per body (0: the README body)")
     args = p.parse_args()
 
     configure_logging(args.level)
     logging.getLogger().handlers[0].setStream(tempfile.TemporaryFile("w"))
-    body = workload.readme_body()
+    body = workload.readme_batch(args.activities) if args.activities else workload.readme_body()
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="api-inprocess-")))
     app = create_app(settings, broker=StubBroker() if args.broker == "stub" else None)
     scope = {
@@ -52,6 +55,7 @@ def main() -> None:
         "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
     }
     statuses: set[int] = set()
+    freeze_startup_heap()  # as app.runtime.run_api does
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -79,7 +83,8 @@ def main() -> None:
 
     best = asyncio.run(run())
     assert statuses == {200}, statuses
-    print(f"{best * 1e6:.1f} us main-thread CPU per request (broker {args.broker}, log level {args.level}, "
+    what = f"{args.activities} activities" if args.activities else "README body"
+    print(f"{best * 1e6:.1f} us main-thread CPU per request of {what} (broker {args.broker}, log level {args.level}, "
           f"best of {args.batches} batches)")
 
 
