@@ -24,9 +24,10 @@ from app.api.auth import is_authorized
 from app.api.errors import ApiError, error_response
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
 from app.logs import batch_id_var
-from app.pipeline.codec import encode_runs, new_batch_id
+from app.pipeline.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
 from app.schema.columnar import ActivityRun
-from app.schema.validation import BatchInvalid, LimitExceeded, validate_runs
+from app.schema.activity import Activity
+from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch, validate_runs
 from app.schema.values import loads_exact
 from app.settings import Settings
 
@@ -44,6 +45,10 @@ def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | N
 def _activity_count(body: Any) -> int:
     activities = body.get("user_activities") if isinstance(body, dict) else None
     return len(activities) if isinstance(activities, list) else 0
+
+
+def _is_small(validated: list[Activity] | list[ActivityRun]) -> bool:
+    return bool(validated) and validated[0].__class__ is Activity
 
 
 class IngestHandler:
@@ -95,12 +100,12 @@ class IngestHandler:
         idempotency_key = self.checked_headers(headers)
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
-        runs = self.validate(body)
-        count = sum(map(len, runs))
+        validated = self.validate(body)
+        count = len(validated) if _is_small(validated) else sum(map(len, validated))
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
-        messages = self.encode(runs, batch_id)
+        messages = self.encode(validated, batch_id)
         result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
         # One INFO line per request: the middleware's `request finished` carries these.
         request.scope["log_extra"] = {
@@ -200,8 +205,11 @@ class IngestHandler:
         except ValueError as exc:
             raise ApiError(400, f"body is not valid JSON: {exc}") from None
 
-    def validate(self, body: Any) -> list[ActivityRun]:
+    def validate(self, body: Any) -> list[Activity] | list[ActivityRun]:
+        """Activities for a small request, runs (columns) otherwise; see SMALL_BATCH_ACTIVITIES."""
         try:
+            if _activity_count(body) <= SMALL_BATCH_ACTIVITIES:
+                return validate_batch(body, **self.limits)
             return validate_runs(body, **self.limits)
         except LimitExceeded as exc:
             metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
@@ -211,8 +219,10 @@ class IngestHandler:
             raise ApiError(422, f"batch rejected: {len(exc.details)} problem(s); nothing was published", exc.details) from None
 
     @staticmethod
-    def encode(runs: list[ActivityRun], batch_id: str) -> list[OutgoingMessage]:
-        return encode_runs(runs, batch_id)
+    def encode(validated: list[Activity] | list[ActivityRun], batch_id: str) -> list[OutgoingMessage]:
+        if _is_small(validated):
+            return encode_small_batch(validated, batch_id)  # type: ignore[arg-type]
+        return encode_runs(validated, batch_id)  # type: ignore[arg-type]
 
     async def publish(
         self,

@@ -57,6 +57,19 @@ def test_accepts_readme_example_and_publishes_one_message_per_table(client, sett
     ]
 
 
+@pytest.mark.parametrize("count, columnar", [(8, False), (9, True)])
+def test_small_requests_publish_json_and_larger_ones_arrow_with_the_same_activities(client, settings, count, columnar):
+    # SMALL_BATCH_ACTIVITIES: per-value validation and format 1 below it, columns and format 2 above
+    one = README_BODY["user_activities"][0]
+    acts = [{**one, "col_values": [i, 2, f"event {i}", "2021-3-30 6:12:44"]} for i in range(count)]
+    assert client.post(PATH, json={"user_activities": acts}).status_code == 200
+    [m] = _pulled(settings)
+    envelope = decode_message(m)
+    assert (envelope.runs is not None) is columnar
+    assert m.data.startswith(b"ACTV") is columnar
+    assert [a.col_values for a in envelope.activities] == [[i, 2, f"event {i}", "2021-03-30T06:12:44"] for i in range(count)]
+
+
 def test_without_trailing_slash(client):
     assert client.post(PATH.rstrip("/"), json=README_BODY).status_code == 200
 

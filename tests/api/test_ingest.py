@@ -94,7 +94,7 @@ def test_a_bug_in_a_step_is_a_500_in_the_error_shape_and_the_next_request_is_adm
         raise RuntimeError("bug")
 
     with TestClient(app, raise_server_exceptions=False) as client:
-        monkeypatch.setattr(ingest, "encode_runs", broken)
+        monkeypatch.setattr(ingest, "encode_small_batch", broken)  # the README body is a small batch
         r = client.post(PATH, json=README_BODY)
         assert r.status_code == 500 and r.json()["error"] is True and r.headers["x-request-id"]
         monkeypatch.undo()

@@ -20,6 +20,7 @@ from app.pipeline.codec import (
     dedup_id,
     encode_batch,
     encode_runs,
+    encode_small_batch,
     json_body,
     new_batch_id,
     readable_body,
@@ -349,3 +350,20 @@ def test_a_run_of_other_arrow_types_is_published_as_the_type_table_says():
         )
     with pytest.raises(ValueError, match="2 columns for 1 col_types"):
         encode_runs([ActivityRun("t", "insert", ["n"], ["integer"], narrow)], "bid")
+
+
+def test_a_small_batch_is_json_per_table_and_decodes_to_the_same_activities():
+    acts = [_act("a", 1), _act("b", 2), _act("a", 3, op="delete")]
+    messages = encode_small_batch(acts, "b1")
+    assert [m.ordering_key for m in messages] == ["a", "b"]
+    assert all(orjson.loads(m.data)["v"] == 1 for m in messages)
+    assert [m.attributes["dedup_id"] for m in messages] == ["b1:a:0", "b1:b:0"]
+    assert [m.attributes["count"] for m in messages] == ["2", "1"]
+    assert sorted(_decoded(messages), key=lambda a: a.table) == sorted(acts, key=lambda a: a.table)
+
+
+def test_a_small_batch_over_the_size_limit_is_chunked_as_arrow():
+    acts = [_act("a", n) for n in range(6)]
+    messages = encode_small_batch(acts, "b1", max_message_bytes=300)
+    assert len(messages) > 1 and all(m.data.startswith(MAGIC) for m in messages)
+    assert _decoded(messages) == acts
