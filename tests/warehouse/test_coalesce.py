@@ -16,8 +16,9 @@ def _rows(steps: list) -> list[tuple]:
     rows: list[dict] = []
     for step in steps:
         if isinstance(step, InsertRows):
+            values = step.canonical_values()
             for j in range(step.count):
-                rows.append({n.lower(): step.values[n][j] for n, _ in step.columns})
+                rows.append({n.lower(): values[n][j] for n, _ in step.columns})
         elif isinstance(step, DeleteRows):
             for conds in step.conditions:
                 rows = [r for r in rows if not all(r.get(n.lower()) == v for n, _, v in conds)]
@@ -43,7 +44,7 @@ def test_unrelated_deletes_move_after_all_inserts() -> None:
     assert _kinds(plan.steps) == ["InsertRows", "DeleteRows", "InsertRows", "DeleteRows", "InsertRows"]
     merged = coalesce_steps(plan.steps)
     assert _kinds(merged) == ["InsertRows", "DeleteRows"]
-    assert merged[0].values == {"k": [1, 2, 3], "s": [None, "x", None]} and merged[0].count == 3
+    assert merged[0].canonical_values() == {"k": [1, 2, 3], "s": [None, "x", None]} and merged[0].count == 3
     assert _rows(merged) == _rows(plan.steps)
 
 
