@@ -612,7 +612,9 @@ class DuckDBWarehouse(Warehouse):
         con.register(STAGE_VIEW, pa.Table.from_arrays(list(columns), names=[f"c{i}" for i in range(len(columns))]))
 
     def _insert(self, con: duckdb.DuckDBPyConnection, qtable: str, step: InsertRows) -> int:
-        self._stage(con, step.table.columns)
+        # One chunk per column: DuckDB scans each Arrow chunk on its own, and a run of
+        # 500-row chunks (one per message) inserts half as fast; combining costs ~0.01 ms per 1k rows.
+        self._stage(con, step.table.combine_chunks().columns)
         targets = ", ".join(quote_ident(name) for name, _ in step.columns)
         exprs = ", ".join(self._types[typ].value_sql.format(f"c{i}") for i, (_, typ) in enumerate(step.columns))
         con.execute(f"INSERT INTO {qtable} ({targets}) SELECT {exprs} FROM {STAGE_VIEW}")

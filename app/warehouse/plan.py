@@ -40,6 +40,7 @@ from operator import itemgetter
 from typing import Any, Sequence, Union
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from app.schema.activity import Activity
 from app.schema.columnar import ActivityRun, to_arrow, to_canonical
@@ -473,12 +474,23 @@ _EXACT_EQUALITY_TYPES = frozenset(
 )
 
 
+def _inserts_any(step: InsertRows, key_columns: tuple[Column, ...], keys: list[list[Any]]) -> bool:
+    """Whether a row of `step` equals one of `keys` on `key_columns` (None matches NULL)."""
+    if len(key_columns) == 1:  # the common case, in Arrow: no Python object per row
+        name, typ = key_columns[0]
+        column = step.table.column(name) if name in step.table.schema.names else pa.nulls(step.count, TYPES[typ].arrow_type)
+        value_set = to_arrow(typ, [key[0] for key in keys])
+        return pc.any(pc.is_in(column, value_set=value_set, skip_nulls=False)).as_py() is True
+    wanted = set(map(tuple, keys))
+    return any(row in wanted for row in zip(*(step.column_values(name) for name, _ in key_columns)))
+
+
 def coalesce_steps(steps: list[Step]) -> list[Step]:
     """The same plan as at most one `InsertRows` then one `DeleteRows`, when that is equivalent.
 
     A delete is a barrier only for the rows inserted after it that it would match.
     When no delete matches any row inserted later in the plan (checked exactly, in
-    memory, on the canonical values of the key columns only), running every insert
+    memory, on the key columns only: Arrow's `is_in` for one key column), running every insert
     first and every delete after leaves the same rows: each delete then also sees the
     rows inserted before it (as in order) and no row it must not see. A backlog with a
     few deletes among many inserts then costs two statements instead of two per delete.
@@ -492,20 +504,19 @@ def coalesce_steps(steps: list[Step]) -> list[Step]:
     deletes = [s for s in data if isinstance(s, DeleteRows)]
     if len(inserts) + len(deletes) != len(data) or (len(inserts) <= 1 and len(deletes) <= 1):
         return steps  # nothing to merge (consecutive steps of one kind are merged already)
-    later: dict[tuple[str, ...], set[tuple]] = {}
-    for step in deletes:
-        for conds in step.conditions:
-            if any(typ not in _EXACT_EQUALITY_TYPES for _, typ, _ in conds):
-                return steps
-            later.setdefault(tuple(name for name, _, _ in conds), set())
-    for step in reversed(data):
-        if isinstance(step, InsertRows):
-            for pattern, seen in later.items():
-                seen.update(zip(*(step.column_values(name) for name in pattern)))
-        else:
+    patterns: dict[tuple[Column, ...], list[list[Any]]] = {}  # key columns -> keys deleted so far
+    for step in data:
+        if isinstance(step, DeleteRows):
             for conds in step.conditions:
-                if tuple(value for _, _, value in conds) in later[tuple(name for name, _, _ in conds)]:
+                if any(typ not in _EXACT_EQUALITY_TYPES for _, typ, _ in conds):
                     return steps
+                patterns.setdefault(tuple((name, typ) for name, typ, _ in conds), []).append(
+                    [value for _, _, value in conds]
+                )
+        else:
+            for key_columns, keys in patterns.items():
+                if keys and _inserts_any(step, key_columns, keys):
+                    return steps  # an earlier delete matches a row inserted after it
     columns: list[Column] = []
     known: set[str] = set()
     for step in inserts:
