@@ -1,8 +1,9 @@
 """DuckDB warehouse: one local file, one writing process (the subscriber).
 
 Exactly once: every `apply` runs in ONE transaction that records the call's dedup_ids
-in `_ingest_applied` (`INSERT OR IGNORE ... RETURNING`, an index probe per id, so its
-cost does not grow with the table) and skips those already there, runs the planned
+in `_ingest_applied` (a plain INSERT; if the primary key refuses one, the transaction
+is retried with `INSERT OR IGNORE ... RETURNING`: an index probe per id either way, so
+its cost does not grow with the table) and skips those already there, runs the planned
 schema changes, inserts and deletes, and commits. Anything failing rolls back
 everything: lock, disk and connection errors raise `TransientWarehouseError` (retry the
 same messages later), anything else `TerminalWarehouseError` (the subscriber isolates
@@ -94,6 +95,10 @@ _TRANSIENT_ERRORS = (
 
 class _SpatialNeeded(Exception):
     """An apply names a geography column but the connection has not loaded spatial (yet)."""
+
+
+class _SeenBefore(Exception):
+    """Some dedup_id of the apply is recorded already: claim again, skipping those."""
 
 
 def _names_geography(steps: Sequence[Step]) -> bool:
@@ -494,20 +499,25 @@ class DuckDBWarehouse(Warehouse):
             # Nothing to write: not recorded, a redelivery is rejected the same way.
             result.applied_envelopes = len(envelopes)
             return result
+        spatial, all_new = False, True
         with self._lock:
-            try:
-                return self._apply_once(table, envelopes, spatial=False)
-            except _SpatialNeeded:
-                return self._apply_once(table, envelopes, spatial=True)  # rolled back: plan again
+            for _ in range(3):  # each retry switches one flag for good
+                try:
+                    return self._apply_once(table, envelopes, spatial, all_new)
+                except _SpatialNeeded:
+                    spatial = True  # rolled back: plan again on a connection with spatial
+                except _SeenBefore:
+                    all_new = False  # rolled back: claim again, skipping ids applied before
+        raise TerminalWarehouseError(f"DuckDB apply to {table} kept restarting")  # pragma: no cover
 
-    def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool) -> ApplyResult:
+    def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool, all_new: bool) -> ApplyResult:
         result = ApplyResult()
         with self._lock:
             con = self._connection(spatial)
             try:
                 con.execute("BEGIN TRANSACTION")
                 try:
-                    schema = self._apply_in_transaction(con, table, envelopes, result)
+                    schema = self._apply_in_transaction(con, table, envelopes, result, all_new)
                     con.execute("COMMIT")
                     if schema is not None:
                         self._schemas[table.lower()] = schema
@@ -518,7 +528,7 @@ class DuckDBWarehouse(Warehouse):
                     except duckdb.Error:
                         pass
                     raise
-            except _SpatialNeeded:
+            except (_SpatialNeeded, _SeenBefore):
                 raise
             except Exception as exc:
                 # Everything was rolled back. Lock, disk and connection trouble is
@@ -539,12 +549,24 @@ class DuckDBWarehouse(Warehouse):
             self._maybe_prune(con)
         return result
 
-    def _claim_ids(self, con: duckdb.DuckDBPyConnection, ids: list[str]) -> set[str]:
+    def _claim_ids(self, con: duckdb.DuckDBPyConnection, ids: list[str], all_new: bool) -> set[str]:
         """Record ids in `_ingest_applied` (same transaction); return those not recorded before.
 
-        `INSERT OR IGNORE ... RETURNING` checks each id through the primary-key index, so
+        With `all_new` (the common case: no redelivery), a plain INSERT, ~5x cheaper than
+        `INSERT OR IGNORE ... RETURNING` for hundreds of ids in DuckDB 1.5; if an id is
+        there already the primary key refuses it and `_SeenBefore` asks for a retry
+        without `all_new`. Either way each id is checked through the primary-key index, so
         the cost does not grow with the table (an `IN (...)` lookup scans it).
         """
+        if all_new:
+            try:
+                con.register(STAGE_VIEW, pa.table({"c0": pa.array(ids, type=pa.string())}))
+                con.execute(f"INSERT INTO {APPLIED_TABLE} SELECT c0, now() FROM {STAGE_VIEW}")
+            except duckdb.ConstraintException as exc:
+                raise _SeenBefore() from exc
+            finally:
+                con.unregister(STAGE_VIEW)
+            return set(ids)
         if len(ids) <= 16:  # small: bound parameters (binding big lists is slow in duckdb-python)
             sql = (
                 f"INSERT OR IGNORE INTO {APPLIED_TABLE} VALUES "
@@ -561,11 +583,16 @@ class DuckDBWarehouse(Warehouse):
         return {row[0] for row in rows}
 
     def _apply_in_transaction(
-        self, con: duckdb.DuckDBPyConnection, table: str, envelopes: Sequence[Envelope], result: ApplyResult
+        self,
+        con: duckdb.DuckDBPyConnection,
+        table: str,
+        envelopes: Sequence[Envelope],
+        result: ApplyResult,
+        all_new: bool,
     ) -> Schema | None:
         """Returns the table's schema after the apply (for the cache)."""
         unique = list(dict.fromkeys(env.dedup_id for env in envelopes))
-        new_ids = self._claim_ids(con, unique)
+        new_ids = self._claim_ids(con, unique, all_new)
         todo: list[Envelope] = []
         for env in envelopes:
             if env.dedup_id in new_ids:

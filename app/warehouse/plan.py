@@ -34,6 +34,7 @@ column. Columns created by an earlier activity of the same plan count as existin
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
@@ -43,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from app.schema.activity import Activity
-from app.schema.columnar import ActivityRun, to_arrow, to_canonical
+from app.schema.columnar import ActivityRun, record_batch, to_arrow, to_canonical
 from app.schema.types import TYPES
 from app.warehouse.base import Envelope, Rejection
 
@@ -76,32 +77,86 @@ def arrow_schema(columns: Sequence[Column]) -> pa.Schema:
     return pa.schema([pa.field(name, TYPES[typ].arrow_type) for name, typ in columns])
 
 
-def conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.Table:
-    """`batch` with exactly `schema`'s columns, in its order; the ones it lacks are NULL."""
-    present = set(batch.schema.names)
-    n = batch.num_rows
-    arrays = [batch.column(f.name) if f.name in present else pa.nulls(n, f.type) for f in schema]
-    return pa.Table.from_arrays(arrays, schema=schema)
+class RowPart:
+    """Consecutive inserted rows of one shape: a run's record batch (v2), or activities'
+    value lists (v1), converted to Arrow only when a column is first asked for."""
+
+    __slots__ = ("columns", "_index", "_batch", "_rows")
+
+    def __init__(
+        self, columns: tuple[Column, ...], batch: pa.RecordBatch | None = None, rows: list[list[Any]] | None = None
+    ) -> None:
+        self.columns = columns
+        self._index = {name: i for i, (name, _) in enumerate(columns)}
+        self._batch = batch
+        self._rows = rows  # appended to by the planner until the part is built
+
+    def __len__(self) -> int:
+        if self._rows is not None:
+            return len(self._rows)
+        assert self._batch is not None
+        return self._batch.num_rows
+
+    def column(self, name: str, typ: str) -> pa.Array:
+        """The column stored as `name` (NULL if this part lacks it), in `TYPES[typ].arrow_type`."""
+        i = self._index.get(name)
+        if i is None:
+            return pa.nulls(len(self), TYPES[typ].arrow_type)
+        if self._batch is None:
+            # v1 rows: transposed with C-level `map(itemgetter(i), rows)`, converted once
+            rows = self._rows or []
+            self._batch = record_batch(
+                [t for _, t in self.columns],
+                [to_arrow(t, list(map(itemgetter(j), rows))) for j, (_, t) in enumerate(self.columns)],
+            )
+            self._rows = None
+        return self._batch.column(i)
 
 
-@dataclass(slots=True)
 class InsertRows:
-    columns: list[Column]  # every column that appears in the run, first-seen order
-    # One column per `columns` entry, named as stored, typed `TYPES[type].arrow_type`;
-    # NULL where an activity did not name the column.
-    table: pa.Table
-    # Where the rows come from, in row order: (dedup_id, first index, rows) ranges.
-    sources: list[Source]
+    """A run of consecutive inserts, as Arrow: `table` has one column per `columns` entry
+    (every column that appears in the run, first-seen order), named as stored, typed
+    `TYPES[type].arrow_type`, NULL where an activity did not name the column.
+
+    Built lazily from its parts (one per run or shape), so merging steps costs nothing.
+    `sources` says where the rows come from, in row order: (dedup_id, first index, rows).
+    """
+
+    __slots__ = ("columns", "parts", "sources", "_table")
+
+    def __init__(self, columns: list[Column], parts: list[RowPart], sources: list[Source]) -> None:
+        self.columns = columns
+        self.parts = parts
+        self.sources = sources
+        self._table: pa.Table | None = None
+
+    def __repr__(self) -> str:
+        return f"InsertRows(columns={self.columns!r}, count={self.count})"
 
     @property
     def count(self) -> int:
-        return self.table.num_rows
+        return sum(n for _, _, n in self.sources)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column in Arrow (all NULL if no row names it)."""
+        typ = next((t for stored, t in self.columns if stored == name), None)
+        if typ is None:
+            raise KeyError(name)
+        return pa.chunked_array([part.column(name, typ) for part in self.parts], TYPES[typ].arrow_type)
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            self._table = pa.Table.from_arrays(
+                [self.column(name) for name, _ in self.columns], schema=arrow_schema(self.columns)
+            )
+        return self._table
 
     def column_values(self, name: str) -> list[Any]:
         """One column as canonical values (None where absent); for paths that need Python values."""
         for stored, typ in self.columns:
             if stored == name:
-                return to_canonical(typ, self.table.column(name))
+                return to_canonical(typ, self.column(name))
         return [None] * self.count
 
     def canonical_values(self) -> dict[str, list[Any]]:
@@ -115,6 +170,18 @@ class InsertRows:
     def dedup_ids(self) -> pa.Array:
         """The dedup_id of each row, as an Arrow string array."""
         return pa.array(list(chain.from_iterable(repeat(d, n) for d, _, n in self.sources)), pa.string())
+
+
+def merge_columns(steps: Sequence[InsertRows]) -> list[Column]:
+    """The union of the steps' columns, first-seen order."""
+    columns: list[Column] = []
+    known: set[str] = set()
+    for step in steps:
+        for col in step.columns:
+            if col[0] not in known:
+                known.add(col[0])
+                columns.append(col)
+    return columns
 
 
 @dataclass(slots=True)
@@ -142,16 +209,14 @@ Resolution = Union[tuple[tuple[str, ...], tuple[Column, ...]], str]
 
 
 class _InsertRun:
-    """Pending consecutive inserts: parts of one shape each, as a record batch (v2) or as
-    the activities' own value lists (v1, transposed with C-level `map(itemgetter(i), rows)`
-    and converted to Arrow only in `build`)."""
+    """Pending consecutive inserts: their columns, parts and sources, until a barrier."""
 
     __slots__ = ("columns", "col_index", "parts", "sources")
 
     def __init__(self) -> None:
         self.columns: list[Column] = []
         self.col_index: set[str] = set()
-        self.parts: list[tuple[tuple[Column, ...], pa.RecordBatch | list[list[Any]]]] = []
+        self.parts: list[RowPart] = []
         self.sources: list[Source] = []
 
     def _add_columns(self, columns: tuple[Column, ...]) -> None:
@@ -163,8 +228,12 @@ class _InsertRun:
     def new_rows(self, columns: tuple[Column, ...]) -> list[list[Any]]:
         self._add_columns(columns)
         rows: list[list[Any]] = []
-        self.parts.append((columns, rows))
+        self.parts.append(RowPart(columns, rows=rows))
         return rows
+
+    def add_batch(self, columns: tuple[Column, ...], batch: pa.RecordBatch) -> None:
+        self._add_columns(columns)
+        self.parts.append(RowPart(columns, batch=batch))
 
     def add_source(self, dedup_id: str, index: int, n: int) -> None:
         sources = self.sources
@@ -175,22 +244,8 @@ class _InsertRun:
                 return
         sources.append((dedup_id, index, n))
 
-    def add_batch(self, columns: tuple[Column, ...], batch: pa.RecordBatch) -> None:
-        self._add_columns(columns)
-        self.parts.append((columns, batch))
-
     def build(self) -> InsertRows:
-        schema = arrow_schema(self.columns)
-        tables = []
-        for columns, part in self.parts:
-            names = [name for name, _ in columns]
-            if isinstance(part, list):
-                arrays = [to_arrow(typ, list(map(itemgetter(i), part))) for i, (_, typ) in enumerate(columns)]
-            else:
-                arrays = part.columns
-            tables.append(conform(pa.Table.from_arrays(arrays, names=names), schema))
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        return InsertRows(columns=self.columns, table=table, sources=self.sources)
+        return InsertRows(columns=self.columns, parts=self.parts, sources=self.sources)
 
 
 def type_conflict_reason(column: str, table: str, table_type: str, sent_type: str) -> str:
@@ -474,15 +529,41 @@ _EXACT_EQUALITY_TYPES = frozenset(
 )
 
 
-def _inserts_any(step: InsertRows, key_columns: tuple[Column, ...], keys: list[list[Any]]) -> bool:
-    """Whether a row of `step` equals one of `keys` on `key_columns` (None matches NULL)."""
-    if len(key_columns) == 1:  # the common case, in Arrow: no Python object per row
-        name, typ = key_columns[0]
-        column = step.table.column(name) if name in step.table.schema.names else pa.nulls(step.count, TYPES[typ].arrow_type)
-        value_set = to_arrow(typ, [key[0] for key in keys])
-        return pc.any(pc.is_in(column, value_set=value_set, skip_nulls=False)).as_py() is True
-    wanted = set(map(tuple, keys))
-    return any(row in wanted for row in zip(*(step.column_values(name) for name, _ in key_columns)))
+def _matches_a_later_insert(
+    inserts: list[tuple[int, InsertRows]], key_columns: tuple[Column, ...], first_delete: dict[tuple, int]
+) -> bool:
+    """Whether a row inserted at step position q equals a key first deleted at a position < q.
+
+    `inserts`: (step position, step); `first_delete`: key -> position of its first delete.
+    One key column (the common case) is matched in Arrow over every inserted row at once
+    (`index_in`); only the matching rows, as few as the deletes, are looked at in Python.
+    """
+    if len(key_columns) > 1:
+        for pos, step in inserts:
+            names = {name for name, _ in step.columns}
+            columns = [step.column_values(n) if n in names else [None] * step.count for n, _ in key_columns]
+            if any(first_delete.get(row, pos) < pos for row in zip(*columns)):
+                return True
+        return False
+    name, typ = key_columns[0]
+    arrow_type = TYPES[typ].arrow_type
+    chunks: list[pa.Array] = []
+    starts: list[int] = []  # first row of each insert step
+    total = 0
+    for _, step in inserts:
+        starts.append(total)
+        total += step.count
+        if any(stored == name for stored, _ in step.columns):
+            chunks.extend(step.column(name).chunks)
+        else:
+            chunks.append(pa.nulls(step.count, arrow_type))
+    keys = list(first_delete)
+    found = pc.index_in(pa.chunked_array(chunks, arrow_type), value_set=to_arrow(typ, [k[0] for k in keys]), skip_nulls=False)
+    rows = pc.indices_nonzero(pc.is_valid(found))
+    for row, key in zip(rows.to_pylist(), pc.take(found, rows).to_pylist()):
+        if first_delete[keys[key]] < inserts[bisect_right(starts, row) - 1][0]:
+            return True
+    return False
 
 
 def coalesce_steps(steps: list[Step]) -> list[Step]:
@@ -504,29 +585,20 @@ def coalesce_steps(steps: list[Step]) -> list[Step]:
     deletes = [s for s in data if isinstance(s, DeleteRows)]
     if len(inserts) + len(deletes) != len(data) or (len(inserts) <= 1 and len(deletes) <= 1):
         return steps  # nothing to merge (consecutive steps of one kind are merged already)
-    patterns: dict[tuple[Column, ...], list[list[Any]]] = {}  # key columns -> keys deleted so far
-    for step in data:
+    first_delete: dict[tuple[Column, ...], dict[tuple, int]] = {}  # key columns -> key -> first delete position
+    for pos, step in enumerate(data):
         if isinstance(step, DeleteRows):
             for conds in step.conditions:
                 if any(typ not in _EXACT_EQUALITY_TYPES for _, typ, _ in conds):
                     return steps
-                patterns.setdefault(tuple((name, typ) for name, typ, _ in conds), []).append(
-                    [value for _, _, value in conds]
-                )
-        else:
-            for key_columns, keys in patterns.items():
-                if keys and _inserts_any(step, key_columns, keys):
-                    return steps  # an earlier delete matches a row inserted after it
-    columns: list[Column] = []
-    known: set[str] = set()
-    for step in inserts:
-        for col in step.columns:
-            if col[0] not in known:
-                known.add(col[0])
-                columns.append(col)
-    schema = arrow_schema(columns)
-    table = pa.concat_tables([conform(step.table, schema) for step in inserts])
+                key_columns = tuple((name, typ) for name, typ, _ in conds)
+                first_delete.setdefault(key_columns, {}).setdefault(tuple(value for _, _, value in conds), pos)
+    positioned = [(pos, step) for pos, step in enumerate(data) if isinstance(step, InsertRows)]
+    for key_columns, keys in first_delete.items():
+        if _matches_a_later_insert(positioned, key_columns, keys):
+            return steps  # a delete matches a row inserted after it: it stays a barrier
+    parts = [part for step in inserts for part in step.parts]
     sources = [source for step in inserts for source in step.sources]
-    merged: list[Step] = [InsertRows(columns=columns, table=table, sources=sources)]
+    merged: list[Step] = [InsertRows(columns=merge_columns(inserts), parts=parts, sources=sources)]
     merged.append(DeleteRows(conditions=[conds for step in deletes for conds in step.conditions]))
     return steps[:head] + merged

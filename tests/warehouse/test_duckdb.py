@@ -393,3 +393,14 @@ def test_geography_falls_back_to_wkt_text_when_spatial_cannot_load(
         assert w.apply("t", [env("t", dele("t", [("g", "geography")], ["POINT(1 2)"]))]).rows_deleted == 1
     finally:
         w.close()
+
+
+def test_redelivered_ids_among_many_new_are_skipped_after_the_retry(wh: DuckDBWarehouse) -> None:
+    # The claim first tries a plain INSERT (all ids new); one id seen before makes it
+    # roll back and claim again with INSERT OR IGNORE, so nothing applies twice.
+    envs = [env("t", ins("t", [("id", "integer")], [i])) for i in range(40)]
+    assert wh.apply("t", envs[:20]).applied_envelopes == 20
+    r = wh.apply("t", envs[10:40])
+    assert (r.applied_envelopes, r.skipped_duplicates, r.rows_inserted) == (20, 10, 20)
+    assert wh.query('SELECT count(*), count(DISTINCT id) FROM "t"')[1] == [(40, 40)]
+    assert wh.query(f"SELECT count(*) FROM {APPLIED_TABLE}")[1] == [(40,)]
