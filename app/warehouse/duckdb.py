@@ -630,8 +630,10 @@ class DuckDBWarehouse(Warehouse):
         return plan.schema
 
     def _record_columns(self, con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]]) -> None:
-        con.executemany(
-            f"INSERT OR REPLACE INTO {COLUMNS_TABLE} VALUES (?, ?, ?)", [[table, n, t] for n, t in columns]
+        # one statement: executemany runs one INSERT OR REPLACE per column (~4 ms each)
+        con.execute(
+            f"INSERT OR REPLACE INTO {COLUMNS_TABLE} VALUES " + ", ".join(["(?, ?, ?)"] * len(columns)),
+            [value for n, t in columns for value in (table, n, t)],
         )
 
     def _stage(self, con: duckdb.DuckDBPyConnection, columns: Sequence[pa.Array | pa.ChunkedArray]) -> None:

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from app.schema.activity import Activity
-from app.schema.columnar import ActivityRun, record_batch, to_arrow, to_canonical
+from app.schema.columnar import ActivityRun, to_arrow, to_canonical
 from app.schema.types import TYPES
 from app.warehouse.base import Envelope, Rejection
 
@@ -79,38 +79,33 @@ def arrow_schema(columns: Sequence[Column]) -> pa.Schema:
 
 class RowPart:
     """Consecutive inserted rows of one shape: a run's record batch (v2), or activities'
-    value lists (v1), converted to Arrow only when a column is first asked for."""
+    value lists (v1, converted to Arrow by `InsertRows.column`, many parts at once)."""
 
-    __slots__ = ("columns", "_index", "_batch", "_rows")
+    __slots__ = ("columns", "_index", "batch", "rows")
 
     def __init__(
         self, columns: tuple[Column, ...], batch: pa.RecordBatch | None = None, rows: list[list[Any]] | None = None
     ) -> None:
         self.columns = columns
         self._index = {name: i for i, (name, _) in enumerate(columns)}
-        self._batch = batch
-        self._rows = rows  # appended to by the planner until the part is built
+        self.batch = batch
+        self.rows = rows  # v1: appended to by the planner
 
     def __len__(self) -> int:
-        if self._rows is not None:
-            return len(self._rows)
-        assert self._batch is not None
-        return self._batch.num_rows
+        return self.batch.num_rows if self.batch is not None else len(self.rows or ())
 
-    def column(self, name: str, typ: str) -> pa.Array:
-        """The column stored as `name` (NULL if this part lacks it), in `TYPES[typ].arrow_type`."""
+    def array(self, name: str, arrow_type: pa.DataType) -> pa.Array:
+        """v2: the column stored as `name` (NULL if this part lacks it)."""
         i = self._index.get(name)
-        if i is None:
-            return pa.nulls(len(self), TYPES[typ].arrow_type)
-        if self._batch is None:
-            # v1 rows: transposed with C-level `map(itemgetter(i), rows)`, converted once
-            rows = self._rows or []
-            self._batch = record_batch(
-                [t for _, t in self.columns],
-                [to_arrow(t, list(map(itemgetter(j), rows))) for j, (_, t) in enumerate(self.columns)],
-            )
-            self._rows = None
-        return self._batch.column(i)
+        assert self.batch is not None
+        return pa.nulls(len(self), arrow_type) if i is None else self.batch.column(i)
+
+    def values(self, name: str) -> list[Any]:
+        """v1: the column stored as `name` as the activities' values (None if this part lacks it)."""
+        i = self._index.get(name)
+        rows = self.rows or []
+        # C-level `map(itemgetter(i), rows)`: no per-row allocation
+        return [None] * len(rows) if i is None else list(map(itemgetter(i), rows))
 
 
 class InsertRows:
@@ -122,13 +117,13 @@ class InsertRows:
     `sources` says where the rows come from, in row order: (dedup_id, first index, rows).
     """
 
-    __slots__ = ("columns", "parts", "sources", "_table")
+    __slots__ = ("columns", "parts", "sources", "_columns")
 
     def __init__(self, columns: list[Column], parts: list[RowPart], sources: list[Source]) -> None:
         self.columns = columns
         self.parts = parts
         self.sources = sources
-        self._table: pa.Table | None = None
+        self._columns: dict[str, pa.ChunkedArray] = {}
 
     def __repr__(self) -> str:
         return f"InsertRows(columns={self.columns!r}, count={self.count})"
@@ -138,19 +133,33 @@ class InsertRows:
         return sum(n for _, _, n in self.sources)
 
     def column(self, name: str) -> pa.ChunkedArray:
-        """One column in Arrow (all NULL if no row names it)."""
+        """One column in Arrow: v2 parts' arrays as they are; consecutive v1 parts' values
+        converted together (one `to_arrow` call, not one per part)."""
+        done = self._columns.get(name)
+        if done is not None:
+            return done
         typ = next((t for stored, t in self.columns if stored == name), None)
         if typ is None:
             raise KeyError(name)
-        return pa.chunked_array([part.column(name, typ) for part in self.parts], TYPES[typ].arrow_type)
+        arrow_type = TYPES[typ].arrow_type
+        chunks: list[pa.Array] = []
+        pending: list[Any] = []
+        for part in self.parts:
+            if part.batch is None:
+                pending.extend(part.values(name))
+                continue
+            if pending:
+                chunks.append(to_arrow(typ, pending))
+                pending = []
+            chunks.append(part.array(name, arrow_type))
+        if pending:
+            chunks.append(to_arrow(typ, pending))
+        self._columns[name] = column = pa.chunked_array(chunks, arrow_type)
+        return column
 
     @property
     def table(self) -> pa.Table:
-        if self._table is None:
-            self._table = pa.Table.from_arrays(
-                [self.column(name) for name, _ in self.columns], schema=arrow_schema(self.columns)
-            )
-        return self._table
+        return pa.Table.from_arrays([self.column(name) for name, _ in self.columns], schema=arrow_schema(self.columns))
 
     def column_values(self, name: str) -> list[Any]:
         """One column as canonical values (None where absent); for paths that need Python values."""
