@@ -234,7 +234,11 @@ def _spatial_installed(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 def _open(
-    path: Path, read_only: bool, memory_limit: str | None = None, spatial: bool | None = None
+    path: Path,
+    read_only: bool,
+    memory_limit: str | None = None,
+    spatial: bool | None = None,
+    threads: int | None = None,
 ) -> tuple[duckdb.DuckDBPyConnection, bool | None]:
     """Connect; load spatial if `spatial`, or (None) if some table has a GEOMETRY column.
 
@@ -249,6 +253,10 @@ def _open(
             # DuckDB's buffer pool defaults to 80% of RAM; the subscriber streams batches
             # and needs little, so cap it (bigger work spills to a temp file instead).
             con.execute(f"SET memory_limit = '{_memory_limit_literal(memory_limit)}'")
+        if threads:
+            # The subscriber's appends are too small to gain from parallel workers, which
+            # compete with its own threads and each keep buffers (see DUCKDB_THREADS).
+            con.execute(f"SET threads = {int(threads)}")
         # Loading costs ~0.3 s and memory: only when a geography column exists or arrives.
         if spatial or (spatial is None and _has_geometry_columns(con)):
             loaded, detail = _load_spatial(con)
@@ -383,6 +391,7 @@ class DuckDBWarehouse(Warehouse):
     def __init__(self, settings: Settings) -> None:
         self.path = Path(settings.duckdb_file)
         self._memory_limit = settings.duckdb_memory_limit
+        self._threads = settings.duckdb_threads
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = None
         # Whether geography is GEOMETRY (spatial loads) or WKT text; refined on connect and
@@ -420,7 +429,11 @@ class DuckDBWarehouse(Warehouse):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 con, loaded = _open(
-                    self.path, read_only=False, memory_limit=self._memory_limit, spatial=True if spatial else None
+                    self.path,
+                    read_only=False,
+                    memory_limit=self._memory_limit,
+                    spatial=True if spatial else None,
+                    threads=self._threads,
                 )
             except duckdb.Error as exc:
                 raise TransientWarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc

@@ -404,3 +404,15 @@ def test_redelivered_ids_among_many_new_are_skipped_after_the_retry(wh: DuckDBWa
     assert (r.applied_envelopes, r.skipped_duplicates, r.rows_inserted) == (20, 10, 20)
     assert wh.query('SELECT count(*), count(DISTINCT id) FROM "t"')[1] == [(40, 40)]
     assert wh.query(f"SELECT count(*) FROM {APPLIED_TABLE}")[1] == [(40,)]
+
+
+def test_threads_and_memory_limit_come_from_settings(tmp_path: Path) -> None:
+    wh = DuckDBWarehouse(Settings(duckdb_path=tmp_path / "w.duckdb", duckdb_threads=2, duckdb_memory_limit="256MB"))
+    try:
+        assert wh.query("SELECT current_setting('threads'), current_setting('memory_limit')")[1] == [(2, "244.1 MiB")]
+    finally:
+        wh.close()
+
+
+def test_one_duckdb_thread_by_default(wh: DuckDBWarehouse) -> None:
+    assert wh.query("SELECT current_setting('threads')")[1] == [(1,)]
