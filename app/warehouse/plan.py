@@ -33,6 +33,7 @@ column. Columns created by an earlier activity of the same plan count as existin
 
 from __future__ import annotations
 
+import functools
 import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ class RowPart:
     """Consecutive inserted rows of one shape: a run's record batch (v2), or activities'
     value lists (v1, converted to Arrow by `InsertRows.column`, many parts at once)."""
 
-    __slots__ = ("columns", "_index", "batch", "rows")
+    __slots__ = ("columns", "_index", "batch", "_arrays", "rows")
 
     def __init__(
         self, columns: tuple[Column, ...], batch: pa.RecordBatch | None = None, rows: list[list[Any]] | None = None
@@ -89,6 +90,7 @@ class RowPart:
         self.columns = columns
         self._index = {name: i for i, (name, _) in enumerate(columns)}
         self.batch = batch
+        self._arrays = batch.columns if batch is not None else []
         self.rows = rows  # v1: appended to by the planner
 
     def __len__(self) -> int:
@@ -97,8 +99,7 @@ class RowPart:
     def array(self, name: str, arrow_type: pa.DataType) -> pa.Array:
         """v2: the column stored as `name` (NULL if this part lacks it)."""
         i = self._index.get(name)
-        assert self.batch is not None
-        return pa.nulls(len(self), arrow_type) if i is None else self.batch.column(i)
+        return pa.nulls(len(self), arrow_type) if i is None else self._arrays[i]
 
     def values(self, name: str) -> list[Any]:
         """v1: the column stored as `name` as the activities' values (None if this part lacks it)."""
@@ -511,11 +512,20 @@ class _Planner:
 
 def _arrow_mismatch(names: Sequence[str], types: Sequence[str], batch: pa.RecordBatch) -> str | None:
     """A run's column that is not in its type's Arrow type (a malformed message), if any."""
+    if all(t.__class__ is str for t in types) and batch.schema.types == _expected_arrow_types(tuple(types)):
+        return None  # the common case, checked once per shape
     for name, typ, arrow in zip(names, types, batch.schema.types):
         spec = TYPES.get(typ) if typ.__class__ is str else None
         if spec is not None and arrow != spec.arrow_type:
             return f"column '{name}' carries Arrow {arrow}, {typ} is {TYPES[typ].arrow_type}"
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected_arrow_types(types: tuple[str, ...]) -> list[pa.DataType] | None:
+    if not all(t in TYPES for t in types):
+        return None
+    return [TYPES[t].arrow_type for t in types]
 
 
 def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope]) -> Plan:
