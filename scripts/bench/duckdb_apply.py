@@ -27,7 +27,8 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.schema.activity import Activity  # noqa: E402
-from app.schema.columnar import runs_of  # noqa: E402
+from app.schema.columnar import runs_of, to_arrow  # noqa: E402
+from app.schema.types import TYPES as TYPE_TABLE  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from app.warehouse.base import Envelope  # noqa: E402
 from app.warehouse.duckdb import DuckDBWarehouse  # noqa: E402
@@ -72,17 +73,12 @@ def bench_apply(path: Path, calls: list[list[Envelope]]) -> float:
 
 def bench_raw(path: Path, rows: list[list], per_apply: int) -> float:
     con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE bench (id BIGINT, name VARCHAR, ts TIMESTAMPTZ, amount DECIMAL(38,9))")
+    con.execute(f"CREATE TABLE bench ({', '.join(f'{n} {TYPE_TABLE[t].duckdb_type}' for n, t in zip(NAMES, TYPES))})")
     step = per_apply * ENVELOPE
     tables = []
     for start in range(0, len(rows), step):
         cols = list(zip(*rows[start:start + step]))
-        tables.append(pa.table({
-            "id": pa.array(cols[0], pa.int64()),
-            "name": pa.array(cols[1], pa.string()),
-            "ts": pa.array(cols[2], pa.string()).cast(pa.timestamp("us", tz="UTC")),
-            "amount": pa.array(cols[3], pa.string()).cast(pa.decimal128(38, 9)),
-        }))
+        tables.append(pa.table({name: to_arrow(typ, list(col)) for name, typ, col in zip(NAMES, TYPES, cols)}))
     started = time.perf_counter()
     for tbl in tables:
         con.execute("BEGIN")
