@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.schema.activity import Activity
+from app.schema.columnar import runs_of
 from app.warehouse.base import Envelope
 from app.warehouse.plan import DeleteRows, InsertRows, Plan, coalesce_steps, plan_table
 
@@ -78,9 +79,10 @@ def _activity(draw: Any) -> Activity:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(_activity(), max_size=14))
-def test_coalesced_plan_leaves_the_same_rows(acts: list[Activity]) -> None:
-    plan = plan_table("t", {"a": ("a", "integer"), "b": ("b", "string"), "c": ("c", "integer")}, [Envelope("b:t:0", "t", acts)])
+@given(st.lists(_activity(), max_size=14), st.booleans())
+def test_coalesced_plan_leaves_the_same_rows(acts: list[Activity], columnar: bool) -> None:
+    envelope = Envelope("b:t:0", "t", runs=runs_of(acts)) if columnar else Envelope("b:t:0", "t", acts)
+    plan = plan_table("t", {"a": ("a", "integer"), "b": ("b", "string"), "c": ("c", "integer")}, [envelope])
     merged = coalesce_steps(plan.steps)
     assert _rows(merged) == _rows(plan.steps)
     assert sum(s.count for s in merged if isinstance(s, InsertRows)) == plan.rows_to_insert
