@@ -188,14 +188,11 @@ def bench_drain(tmp: Path, backlog: int, sample_rows: int, results: dict[str, An
     }
 
 
-def _duck_schema() -> dict[str, list[tuple[str, str, Any]]]:
-    """(column, DuckDB type, Arrow type) per bench table, read from the type table."""
+def _duck_schema() -> dict[str, list[tuple[str, str, str]]]:
+    """table -> [(column, DuckDB type, activity type)], from the one type table."""
     from app.schema.types import TYPES
 
-    return {
-        t: [(c, TYPES[ty].duckdb_type, TYPES[ty].arrow_type) for c, ty in cols]
-        for t, cols in workload.table_types().items()
-    }
+    return {t: [(c, TYPES[ty].duckdb_type, ty) for c, ty in cols] for t, cols in workload.table_types().items()}
 
 
 def _raw_arrow_append(path: Path, columns: dict[str, dict[str, list]]) -> dict[str, float]:
@@ -203,17 +200,20 @@ def _raw_arrow_append(path: Path, columns: dict[str, dict[str, list]]) -> dict[s
     import duckdb
     import pyarrow as pa
 
+    from app.schema.columnar import to_arrow
+
     schema = _duck_schema()
-    typed: dict[str, Any] = {}
-    for table, cols in columns.items():
-        arrays = []
-        for name, _, atype in schema[table]:
-            values = columns[table][name]
-            if pa.types.is_timestamp(atype) or pa.types.is_date(atype) or pa.types.is_decimal(atype):
-                arrays.append(pa.array(values, type=pa.string()).cast(atype))
-            else:
-                arrays.append(pa.array(values, type=atype))
-        typed[table] = pa.Table.from_arrays(arrays, names=[n for n, _, _ in schema[table]])
+
+    def typed_tables() -> dict[str, Any]:  # canonical values -> each type's Arrow type
+        return {
+            table: pa.Table.from_arrays(
+                [to_arrow(typ, columns[table][name]) for name, _, typ in schema[table]],
+                names=[n for n, _, _ in schema[table]],
+            )
+            for table in columns
+        }
+
+    typed = typed_tables()
     rows = sum(t.num_rows for t in typed.values())
 
     def run(make_tables) -> float:
@@ -235,21 +235,7 @@ def _raw_arrow_append(path: Path, columns: dict[str, dict[str, list]]) -> dict[s
         return secs
 
     secs = run(lambda: typed)
-
-    def from_lists() -> dict[str, Any]:  # includes the Python list -> Arrow conversion
-        out = {}
-        for table in columns:
-            arrays = []
-            for name, _, atype in schema[table]:
-                values = columns[table][name]
-                if pa.types.is_timestamp(atype) or pa.types.is_date(atype) or pa.types.is_decimal(atype):
-                    arrays.append(pa.array(values, type=pa.string()).cast(atype))
-                else:
-                    arrays.append(pa.array(values, type=atype))
-            out[table] = pa.Table.from_arrays(arrays, names=[n for n, _, _ in schema[table]])
-        return out
-
-    secs_lists = run(from_lists)
+    secs_lists = run(typed_tables)  # includes the Python list -> Arrow conversion
     path.unlink(missing_ok=True)
     return {"rows": rows, "seconds": secs, "rows_per_s": rows / secs, "from_lists_rows_per_s": rows / secs_lists}
 

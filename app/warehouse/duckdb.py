@@ -1,8 +1,9 @@
 """DuckDB warehouse: one local file, one writing process (the subscriber).
 
 Exactly once: every `apply` runs in ONE transaction that records the call's dedup_ids
-in `_ingest_applied` (`INSERT OR IGNORE ... RETURNING`, an index probe per id, so its
-cost does not grow with the table) and skips those already there, runs the planned
+in `_ingest_applied` (a plain INSERT; if the primary key refuses one, the transaction
+is retried with `INSERT OR IGNORE ... RETURNING`: an index probe per id either way, so
+its cost does not grow with the table) and skips those already there, runs the planned
 schema changes, inserts and deletes, and commits. Anything failing rolls back
 everything: lock, disk and connection errors raise `TransientWarehouseError` (retry the
 same messages later), anything else `TerminalWarehouseError` (the subscriber isolates
@@ -13,9 +14,10 @@ pruned at most once an hour; a chunk re-published after that window would apply 
 Throughput: each apply is one COMMIT (a WAL fsync, ~1-3 ms), so give `apply` all the
 pulled envelopes of a table at once; one 500-row envelope per call is fsync-bound.
 
-Values arrive canonical (see `app.schema.types`). Inserts stage them column-major in an
-Arrow table, cast in Arrow where it can and in SQL otherwise, and append with one
-`INSERT ... SELECT` from it; values never become SQL text. A run of deletes is one
+Inserts arrive as the planner's Arrow table (`InsertRows.table`, each column in its
+type's `arrow_type`), which DuckDB scans in place: one `INSERT ... SELECT` per run of
+inserts, converting in SQL only WKT to GEOMETRY and JSON text to JSON; values never
+become Python objects or SQL text. A run of deletes is one
 semi-join per set of named columns against an Arrow batch of its keys (`DELETE ...
 WHERE EXISTS`). The activity types of the columns are kept in
 `_ingest_columns` (VARCHAR is ambiguous between string and bignumeric), maintained in
@@ -42,9 +44,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import duckdb
-import orjson
 import pyarrow as pa
 
+from app.schema.columnar import to_arrow
 from app.schema.types import TYPES
 from app.settings import Settings
 from app.warehouse.base import (
@@ -95,6 +97,10 @@ class _SpatialNeeded(Exception):
     """An apply names a geography column but the connection has not loaded spatial (yet)."""
 
 
+class _SeenBefore(Exception):
+    """Some dedup_id of the apply is recorded already: claim again, skipping those."""
+
+
 def _names_geography(steps: Sequence[Step]) -> bool:
     for step in steps:
         if isinstance(step, DeleteRows):
@@ -119,99 +125,50 @@ def quote_ident(name: str) -> str:
 # --------------------------------------------------------------------------- type table
 
 
-def _floats(values: list[Any]) -> list[Any]:
-    # "NaN" / "Infinity" / "-Infinity" are the canonical non-finite floats; float() parses them.
-    return [float(v) if v.__class__ is str else v for v in values]
-
-
-def _json_texts(values: list[Any]) -> list[Any]:
-    # Sorted keys: the stored text is canonical, so deletes can compare records as text.
-    dumps = orjson.dumps
-    opt = orjson.OPT_SORT_KEYS
-    return [None if v is None else dumps(v, option=opt).decode() for v in values]
-
-
 @dataclass(frozen=True, slots=True)
 class DuckType:
-    """How one activity type is stored, staged and compared in DuckDB.
+    """How one activity type is stored and compared in DuckDB.
 
-    `value_sql` / `compare_value_sql` turn a staged value or bound parameter (`{}`) into
+    Values arrive as Arrow in `TYPES[t].arrow_type`, which DuckDB scans natively for
+    every type but two: GEOMETRY from WKT and JSON from its text, done in SQL.
+    `value_sql` / `compare_value_sql` turn a staged column or bound parameter (`{}`) into
     the column type; `compare_column_sql` is applied to the stored column in deletes.
     """
 
     sql_type: str
-    arrow_type: pa.DataType
-    convert: Callable[[list[Any]], list[Any]] | None = None
     value_sql: str = "{}"
     compare_column_sql: str = "{}"
     compare_value_sql: str | None = None  # default: value_sql
-    # Arrow type to cast the staged column to before DuckDB sees it, where Arrow's cast is
-    # much faster than DuckDB's (VARCHAR -> DECIMAL(38,9) runs at ~150k values/s in DuckDB
-    # 1.5, ~3M/s in Arrow; ISO timestamps ~8M/s in DuckDB, ~25M/s in Arrow). `value_sql`'s
-    # cast is then a no-op. If Arrow refuses a value, the column is staged uncast and the
-    # SQL cast decides, as before.
-    stage_cast: pa.DataType | None = None
 
     def cmp_value(self, placeholder: str) -> str:
         return (self.compare_value_sql or self.value_sql).format(placeholder)
 
-    def arrow(self, values: list[Any]) -> pa.Array:
-        """Canonical values as the staged Arrow column (`value_sql` finishes the conversion)."""
-        if self.convert is not None:
-            values = self.convert(values)
-        array = pa.array(values, type=self.arrow_type)
-        if self.stage_cast is not None:
-            try:
-                array = array.cast(self.stage_cast)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                pass  # the SQL cast decides (same result, slower)
-        return array
-
-    def param(self, value: Any) -> Any:
-        """A canonical value as the bound parameter of `cmp_value("?")`."""
-        return value if self.convert is None else self.convert([value])[0]
-
 
 def duck_types(spatial: bool) -> dict[str, DuckType]:
-    """How each activity type is staged and cast; column types come from `app.schema.types`.
+    """How each activity type is stored and compared; column types come from `app.schema.types`.
 
     Geography is GEOMETRY with the spatial extension, else its canonical WKT as VARCHAR.
     """
-    s = pa.string()
-    column = {name: spec.duckdb_type for name, spec in TYPES.items()}
-    if not spatial:
-        column["geography"] = "VARCHAR"
-
-    def cast(name: str) -> str:
-        return f"CAST({{}} AS {column[name]})"
-
-    table = {
-        "string": DuckType(column["string"], s),
-        "bytes": DuckType(column["bytes"], s, value_sql="from_base64({})"),
-        "integer": DuckType(column["integer"], pa.int64()),
-        "float": DuckType(column["float"], pa.float64(), convert=_floats),
-        "numeric": DuckType(column["numeric"], s, value_sql=cast("numeric"), stage_cast=pa.decimal128(38, 9)),
-        # 76 digits do not fit DECIMAL(38): the canonical decimal text is stored (lossless).
-        "bignumeric": DuckType(column["bignumeric"], s),
-        "boolean": DuckType(column["boolean"], pa.bool_()),
-        "timestamp": DuckType(column["timestamp"], s, value_sql=cast("timestamp"), stage_cast=pa.timestamp("us", tz="UTC")),
-        "date": DuckType(column["date"], s, value_sql=cast("date"), stage_cast=pa.date32()),
-        # Arrow has no string -> time64 cast; DuckDB's is fast (~15M values/s).
-        "time": DuckType(column["time"], s, value_sql=cast("time")),
-        "datetime": DuckType(column["datetime"], s, value_sql=cast("datetime"), stage_cast=pa.timestamp("us")),
+    table = {name: DuckType(spec.duckdb_type) for name, spec in TYPES.items()}
+    if spatial:
         # GEOMETRY equality compares the WKB, so "POINT(1 2)" matches "POINT (1 2)".
-        "geography": DuckType(column["geography"], s, value_sql="ST_GeomFromText({})" if spatial else "{}"),
-        "record": DuckType(
-            column["record"],
-            s,
-            convert=_json_texts,
-            value_sql=cast("record"),
-            compare_column_sql="CAST({} AS VARCHAR)",
-            compare_value_sql=f"CAST({cast('record')} AS VARCHAR)",
-        ),
-    }
-    assert set(table) == set(TYPES), "duck_types must cover app.schema.types.TYPES"
+        table["geography"] = DuckType(TYPES["geography"].duckdb_type, value_sql="ST_GeomFromText({})")
+    else:
+        table["geography"] = DuckType("VARCHAR")
+    json = TYPES["record"].duckdb_type
+    table["record"] = DuckType(
+        json,
+        value_sql=f"CAST({{}} AS {json})",
+        compare_column_sql="CAST({} AS VARCHAR)",
+        compare_value_sql=f"CAST(CAST({{}} AS {json}) AS VARCHAR)",
+    )
     return table
+
+
+def key_param(typ: str, value: Any) -> Any:
+    """A canonical value as a bound parameter: the Python value of its Arrow form
+    (Decimal, datetime, bytes, ...), which DuckDB binds as the column's type."""
+    return to_arrow(typ, [value])[0].as_py()
 
 
 def _reverse_types() -> dict[str, str]:
@@ -277,7 +234,11 @@ def _spatial_installed(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 def _open(
-    path: Path, read_only: bool, memory_limit: str | None = None, spatial: bool | None = None
+    path: Path,
+    read_only: bool,
+    memory_limit: str | None = None,
+    spatial: bool | None = None,
+    threads: int | None = None,
 ) -> tuple[duckdb.DuckDBPyConnection, bool | None]:
     """Connect; load spatial if `spatial`, or (None) if some table has a GEOMETRY column.
 
@@ -292,6 +253,10 @@ def _open(
             # DuckDB's buffer pool defaults to 80% of RAM; the subscriber streams batches
             # and needs little, so cap it (bigger work spills to a temp file instead).
             con.execute(f"SET memory_limit = '{_memory_limit_literal(memory_limit)}'")
+        if threads:
+            # The subscriber's appends are too small to gain from parallel workers, which
+            # compete with its own threads and each keep buffers (see DUCKDB_THREADS).
+            con.execute(f"SET threads = {int(threads)}")
         # Loading costs ~0.3 s and memory: only when a geography column exists or arrives.
         if spatial or (spatial is None and _has_geometry_columns(con)):
             loaded, detail = _load_spatial(con)
@@ -426,6 +391,7 @@ class DuckDBWarehouse(Warehouse):
     def __init__(self, settings: Settings) -> None:
         self.path = Path(settings.duckdb_file)
         self._memory_limit = settings.duckdb_memory_limit
+        self._threads = settings.duckdb_threads
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = None
         # Whether geography is GEOMETRY (spatial loads) or WKT text; refined on connect and
@@ -463,7 +429,11 @@ class DuckDBWarehouse(Warehouse):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 con, loaded = _open(
-                    self.path, read_only=False, memory_limit=self._memory_limit, spatial=True if spatial else None
+                    self.path,
+                    read_only=False,
+                    memory_limit=self._memory_limit,
+                    spatial=True if spatial else None,
+                    threads=self._threads,
                 )
             except duckdb.Error as exc:
                 raise TransientWarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
@@ -542,20 +512,25 @@ class DuckDBWarehouse(Warehouse):
             # Nothing to write: not recorded, a redelivery is rejected the same way.
             result.applied_envelopes = len(envelopes)
             return result
+        spatial, all_new = False, True
         with self._lock:
-            try:
-                return self._apply_once(table, envelopes, spatial=False)
-            except _SpatialNeeded:
-                return self._apply_once(table, envelopes, spatial=True)  # rolled back: plan again
+            for _ in range(3):  # each retry switches one flag for good
+                try:
+                    return self._apply_once(table, envelopes, spatial, all_new)
+                except _SpatialNeeded:
+                    spatial = True  # rolled back: plan again on a connection with spatial
+                except _SeenBefore:
+                    all_new = False  # rolled back: claim again, skipping ids applied before
+        raise TerminalWarehouseError(f"DuckDB apply to {table} kept restarting")  # pragma: no cover
 
-    def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool) -> ApplyResult:
+    def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool, all_new: bool) -> ApplyResult:
         result = ApplyResult()
         with self._lock:
             con = self._connection(spatial)
             try:
                 con.execute("BEGIN TRANSACTION")
                 try:
-                    schema = self._apply_in_transaction(con, table, envelopes, result)
+                    schema = self._apply_in_transaction(con, table, envelopes, result, all_new)
                     con.execute("COMMIT")
                     if schema is not None:
                         self._schemas[table.lower()] = schema
@@ -566,7 +541,7 @@ class DuckDBWarehouse(Warehouse):
                     except duckdb.Error:
                         pass
                     raise
-            except _SpatialNeeded:
+            except (_SpatialNeeded, _SeenBefore):
                 raise
             except Exception as exc:
                 # Everything was rolled back. Lock, disk and connection trouble is
@@ -587,12 +562,24 @@ class DuckDBWarehouse(Warehouse):
             self._maybe_prune(con)
         return result
 
-    def _claim_ids(self, con: duckdb.DuckDBPyConnection, ids: list[str]) -> set[str]:
+    def _claim_ids(self, con: duckdb.DuckDBPyConnection, ids: list[str], all_new: bool) -> set[str]:
         """Record ids in `_ingest_applied` (same transaction); return those not recorded before.
 
-        `INSERT OR IGNORE ... RETURNING` checks each id through the primary-key index, so
+        With `all_new` (the common case: no redelivery), a plain INSERT, ~5x cheaper than
+        `INSERT OR IGNORE ... RETURNING` for hundreds of ids in DuckDB 1.5; if an id is
+        there already the primary key refuses it and `_SeenBefore` asks for a retry
+        without `all_new`. Either way each id is checked through the primary-key index, so
         the cost does not grow with the table (an `IN (...)` lookup scans it).
         """
+        if all_new:
+            try:
+                con.register(STAGE_VIEW, pa.table({"c0": pa.array(ids, type=pa.string())}))
+                con.execute(f"INSERT INTO {APPLIED_TABLE} SELECT c0, now() FROM {STAGE_VIEW}")
+            except duckdb.ConstraintException as exc:
+                raise _SeenBefore() from exc
+            finally:
+                con.unregister(STAGE_VIEW)
+            return set(ids)
         if len(ids) <= 16:  # small: bound parameters (binding big lists is slow in duckdb-python)
             sql = (
                 f"INSERT OR IGNORE INTO {APPLIED_TABLE} VALUES "
@@ -609,11 +596,16 @@ class DuckDBWarehouse(Warehouse):
         return {row[0] for row in rows}
 
     def _apply_in_transaction(
-        self, con: duckdb.DuckDBPyConnection, table: str, envelopes: Sequence[Envelope], result: ApplyResult
+        self,
+        con: duckdb.DuckDBPyConnection,
+        table: str,
+        envelopes: Sequence[Envelope],
+        result: ApplyResult,
+        all_new: bool,
     ) -> Schema | None:
         """Returns the table's schema after the apply (for the cache)."""
         unique = list(dict.fromkeys(env.dedup_id for env in envelopes))
-        new_ids = self._claim_ids(con, unique)
+        new_ids = self._claim_ids(con, unique, all_new)
         todo: list[Envelope] = []
         for env in envelopes:
             if env.dedup_id in new_ids:
@@ -651,18 +643,20 @@ class DuckDBWarehouse(Warehouse):
         return plan.schema
 
     def _record_columns(self, con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]]) -> None:
-        con.executemany(
-            f"INSERT OR REPLACE INTO {COLUMNS_TABLE} VALUES (?, ?, ?)", [[table, n, t] for n, t in columns]
+        # one statement: executemany runs one INSERT OR REPLACE per column (~4 ms each)
+        con.execute(
+            f"INSERT OR REPLACE INTO {COLUMNS_TABLE} VALUES " + ", ".join(["(?, ?, ?)"] * len(columns)),
+            [value for n, t in columns for value in (table, n, t)],
         )
 
-    def _stage(self, con: duckdb.DuckDBPyConnection, columns: list[tuple[str, list[Any]]]) -> None:
-        """Register an Arrow table with columns c0, c1, ... (type name, values) as STAGE_VIEW."""
-        arrays = [self._types[typ].arrow(values) for typ, values in columns]
-        stage = pa.Table.from_arrays(arrays, names=[f"c{i}" for i in range(len(arrays))])
-        con.register(STAGE_VIEW, stage)
+    def _stage(self, con: duckdb.DuckDBPyConnection, columns: Sequence[pa.Array | pa.ChunkedArray]) -> None:
+        """Register Arrow columns as STAGE_VIEW, named c0, c1, ... (DuckDB scans them in place)."""
+        con.register(STAGE_VIEW, pa.Table.from_arrays(list(columns), names=[f"c{i}" for i in range(len(columns))]))
 
     def _insert(self, con: duckdb.DuckDBPyConnection, qtable: str, step: InsertRows) -> int:
-        self._stage(con, [(typ, step.values[name]) for name, typ in step.columns])
+        # One chunk per column: DuckDB scans each Arrow chunk on its own, and a run of
+        # 500-row chunks (one per message) inserts half as fast; combining costs ~0.01 ms per 1k rows.
+        self._stage(con, step.table.combine_chunks().columns)
         targets = ", ".join(quote_ident(name) for name, _ in step.columns)
         exprs = ", ".join(self._types[typ].value_sql.format(f"c{i}") for i, (_, typ) in enumerate(step.columns))
         con.execute(f"INSERT INTO {qtable} ({targets}) SELECT {exprs} FROM {STAGE_VIEW}")
@@ -700,9 +694,9 @@ class DuckDBWarehouse(Warehouse):
         if len(keys) == 1:
             # One key: bound parameters filter the scan directly, ~3x faster than registering
             # a one-row Arrow table and joining it (a lone delete between inserts is common).
-            params = [self._types[typ].param(value) for (_, typ), value in zip(columns, keys[0])]
+            params = [key_param(typ, value) for (_, typ), value in zip(columns, keys[0])]
             return con.execute(f"DELETE FROM {qtable} WHERE {match(lambda i: '?')}", params).fetchone()[0]
-        self._stage(con, [(typ, list(values)) for (_, typ), values in zip(columns, zip(*keys))])
+        self._stage(con, [to_arrow(typ, list(values)) for (_, typ), values in zip(columns, zip(*keys))])
         count = con.execute(
             f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} k WHERE {match(lambda i: f'k.c{i}')})"
         ).fetchone()[0]

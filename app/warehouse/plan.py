@@ -10,10 +10,16 @@ order, `plan_table` produces the ordered steps a backend executes:
   before the table is created). Hoisting also avoids a DuckDB 1.5 limitation: an ALTER
   after a DELETE of committed rows in the same transaction fails at COMMIT.
 * `InsertRows`: a run of consecutive inserts, merged across envelopes and across
-  different column sets (union of columns in first-seen order, missing values None),
-  built column-major so backends can hand it to Arrow without transposing again.
+  different column sets (union of columns in first-seen order, NULL where a row lacks
+  one) into one Arrow table the backends append as it is.
 * `DeleteRows`: one or more consecutive deletes (deletes commute with each other). A
   delete is a barrier: pending inserts before it are emitted first.
+
+A v2 envelope (columnar `runs`) is planned run by run: a run's shape is checked once
+and its record batch becomes part of the Arrow table without a Python object per
+value; only delete runs (few rows) become canonical values. A v1 envelope
+(`activities`) is planned activity by activity and its columns converted with
+`app.schema.columnar.to_arrow`. Both give the same steps and rejections.
 
 Activities that can never apply become `Rejection`s and the rest still apply:
 a column whose type differs from the table's, a delete naming a column the table lacks,
@@ -27,11 +33,19 @@ column. Columns created by an earlier activity of the same plan count as existin
 
 from __future__ import annotations
 
+import functools
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Sequence, Union
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from app.schema.activity import Activity
+from app.schema.columnar import ActivityRun, to_arrow, to_canonical
 from app.schema.types import TYPES
 from app.warehouse.base import Envelope, Rejection
 
@@ -44,6 +58,9 @@ _valid_name = NAME_PATTERN.match
 Schema = dict[str, tuple[str, str]]
 Column = tuple[str, str]  # (column name as stored, activity type name)
 Condition = tuple[str, str, Any]  # (column name as stored, activity type name, canonical value or None)
+Source = tuple[str, int, int]  # (dedup_id, index of the first activity in its envelope, rows)
+
+LENGTH_MISMATCH = "col_names, col_types and col_values differ in length"
 
 
 @dataclass(slots=True)
@@ -56,11 +73,125 @@ class AddColumns:
     columns: list[Column]
 
 
-@dataclass(slots=True)
+def arrow_schema(columns: Sequence[Column]) -> pa.Schema:
+    """The Arrow schema of `InsertRows.table` for these columns (types from `TYPES`)."""
+    return pa.schema([pa.field(name, TYPES[typ].arrow_type) for name, typ in columns])
+
+
+class RowPart:
+    """Consecutive inserted rows of one shape: a run's record batch (v2), or activities'
+    value lists (v1, converted to Arrow by `InsertRows.column`, many parts at once)."""
+
+    __slots__ = ("columns", "_index", "batch", "_arrays", "rows")
+
+    def __init__(
+        self, columns: tuple[Column, ...], batch: pa.RecordBatch | None = None, rows: list[list[Any]] | None = None
+    ) -> None:
+        self.columns = columns
+        self._index = {name: i for i, (name, _) in enumerate(columns)}
+        self.batch = batch
+        self._arrays = batch.columns if batch is not None else []
+        self.rows = rows  # v1: appended to by the planner
+
+    def __len__(self) -> int:
+        return self.batch.num_rows if self.batch is not None else len(self.rows or ())
+
+    def array(self, name: str, arrow_type: pa.DataType) -> pa.Array:
+        """v2: the column stored as `name` (NULL if this part lacks it)."""
+        i = self._index.get(name)
+        return pa.nulls(len(self), arrow_type) if i is None else self._arrays[i]
+
+    def values(self, name: str) -> list[Any]:
+        """v1: the column stored as `name` as the activities' values (None if this part lacks it)."""
+        i = self._index.get(name)
+        rows = self.rows or []
+        # C-level `map(itemgetter(i), rows)`: no per-row allocation
+        return [None] * len(rows) if i is None else list(map(itemgetter(i), rows))
+
+
 class InsertRows:
-    columns: list[Column]  # every column that appears in the run, first-seen order
-    values: dict[str, list[Any]]  # column name as stored -> `count` values (None where absent)
-    count: int
+    """A run of consecutive inserts, as Arrow: `table` has one column per `columns` entry
+    (every column that appears in the run, first-seen order), named as stored, typed
+    `TYPES[type].arrow_type`, NULL where an activity did not name the column.
+
+    Built lazily from its parts (one per run or shape), so merging steps costs nothing.
+    `sources` says where the rows come from, in row order: (dedup_id, first index, rows).
+    """
+
+    __slots__ = ("columns", "parts", "sources", "_columns")
+
+    def __init__(self, columns: list[Column], parts: list[RowPart], sources: list[Source]) -> None:
+        self.columns = columns
+        self.parts = parts
+        self.sources = sources
+        self._columns: dict[str, pa.ChunkedArray] = {}
+
+    def __repr__(self) -> str:
+        return f"InsertRows(columns={self.columns!r}, count={self.count})"
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, _, n in self.sources)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column in Arrow: v2 parts' arrays as they are; consecutive v1 parts' values
+        converted together (one `to_arrow` call, not one per part)."""
+        done = self._columns.get(name)
+        if done is not None:
+            return done
+        typ = next((t for stored, t in self.columns if stored == name), None)
+        if typ is None:
+            raise KeyError(name)
+        arrow_type = TYPES[typ].arrow_type
+        chunks: list[pa.Array] = []
+        pending: list[Any] = []
+        for part in self.parts:
+            if part.batch is None:
+                pending.extend(part.values(name))
+                continue
+            if pending:
+                chunks.append(to_arrow(typ, pending))
+                pending = []
+            chunks.append(part.array(name, arrow_type))
+        if pending:
+            chunks.append(to_arrow(typ, pending))
+        self._columns[name] = column = pa.chunked_array(chunks, arrow_type)
+        return column
+
+    @property
+    def table(self) -> pa.Table:
+        return pa.Table.from_arrays([self.column(name) for name, _ in self.columns], schema=arrow_schema(self.columns))
+
+    def column_values(self, name: str) -> list[Any]:
+        """One column as canonical values (None where absent); for paths that need Python values."""
+        for stored, typ in self.columns:
+            if stored == name:
+                return to_canonical(typ, self.column(name))
+        return [None] * self.count
+
+    def canonical_values(self) -> dict[str, list[Any]]:
+        """Column name as stored -> canonical values (insertAll, tests)."""
+        return {name: self.column_values(name) for name, _ in self.columns}
+
+    def source_rows(self) -> list[tuple[str, int]]:
+        """(dedup_id, index in its envelope) of each row, in order."""
+        return [(dedup_id, first + i) for dedup_id, first, n in self.sources for i in range(n)]
+
+    def dedup_ids(self) -> pa.Array:
+        """The dedup_id of each row, as an Arrow string array."""
+        return pa.array(list(chain.from_iterable(repeat(d, n) for d, _, n in self.sources)), pa.string())
+
+
+def merge_columns(steps: Sequence[InsertRows]) -> list[Column]:
+    """The union of the steps' columns, first-seen order."""
+    columns: list[Column] = []
+    known: set[str] = set()
+    for step in steps:
+        for col in step.columns:
+            if col[0] not in known:
+                known.add(col[0])
+                columns.append(col)
+    return columns
 
 
 @dataclass(slots=True)
@@ -83,105 +214,141 @@ class Plan:
     schema: Schema | None = None  # the table's schema after the plan
 
 
+# A resolved insert shape: (stored names, columns), or the reason it can never apply.
+Resolution = Union[tuple[tuple[str, ...], tuple[Column, ...]], str]
+
+
 class _InsertRun:
-    """Pending consecutive inserts, kept as segments of activities with the same shape.
+    """Pending consecutive inserts: their columns, parts and sources, until a barrier."""
 
-    Rows stay as the activities' own value lists until `build`, which transposes each
-    segment with C-level `map(itemgetter(i), rows)`: no per-row allocation, so the hot
-    path neither allocates nor wakes the cyclic garbage collector.
-    """
-
-    __slots__ = ("columns", "col_index", "segments")
+    __slots__ = ("columns", "col_index", "parts", "sources")
 
     def __init__(self) -> None:
         self.columns: list[Column] = []
         self.col_index: set[str] = set()
-        self.segments: list[tuple[tuple[str, ...], list[list[Any]]]] = []
+        self.parts: list[RowPart] = []
+        self.sources: list[Source] = []
 
-    def new_segment(self, names: tuple[str, ...], columns: tuple[Column, ...]) -> list[list[Any]]:
+    def _add_columns(self, columns: tuple[Column, ...]) -> None:
         for col in columns:
             if col[0] not in self.col_index:
                 self.col_index.add(col[0])
                 self.columns.append(col)
+
+    def new_rows(self, columns: tuple[Column, ...]) -> list[list[Any]]:
+        self._add_columns(columns)
         rows: list[list[Any]] = []
-        self.segments.append((names, rows))
+        self.parts.append(RowPart(columns, rows=rows))
         return rows
 
+    def add_batch(self, columns: tuple[Column, ...], batch: pa.RecordBatch) -> None:
+        self._add_columns(columns)
+        self.parts.append(RowPart(columns, batch=batch))
+
+    def add_source(self, dedup_id: str, index: int, n: int) -> None:
+        sources = self.sources
+        if sources:
+            last = sources[-1]
+            if last[0] == dedup_id and last[1] + last[2] == index:
+                sources[-1] = (dedup_id, last[1], last[2] + n)
+                return
+        sources.append((dedup_id, index, n))
+
     def build(self) -> InsertRows:
-        out: dict[str, list[Any]] = {name: [] for name, _ in self.columns}
-        total = 0
-        single = len(self.segments) == 1
-        for names, rows in self.segments:
-            n = len(rows)
-            total += n
-            for i, name in enumerate(names):
-                if single:
-                    out[name] = list(map(itemgetter(i), rows))
-                else:
-                    out[name].extend(map(itemgetter(i), rows))
-            if len(names) != len(out):
-                present = set(names)
-                pad = [None] * n
-                for name, lst in out.items():
-                    if name not in present:
-                        lst.extend(pad)
-        return InsertRows(columns=self.columns, values=out, count=total)
+        return InsertRows(columns=self.columns, parts=self.parts, sources=self.sources)
 
 
 def type_conflict_reason(column: str, table: str, table_type: str, sent_type: str) -> str:
     return f"column '{column}' is {table_type} in table {table}, activity sends {sent_type}"
 
 
-def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope]) -> Plan:
-    """Plan the envelopes of one table (already-applied envelopes must be left out)."""
-    plan = Plan()
-    steps = plan.steps
-    rejections = plan.rejections
-    cur: Schema | None = dict(schema) if schema is not None else None
+class _Planner:
+    """The state of one `plan_table` call; v1 activities and v2 runs feed the same steps."""
 
-    run: _InsertRun | None = None
-    pending_deletes: list[list[Condition]] | None = None
-    # Per-shape resolution cache: (names, types) -> (stored names, columns) or reason str.
-    # Safe for the whole plan: the schema only grows and columns never change type.
-    insert_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+    def __init__(self, table: str, schema: Schema | None) -> None:
+        self.table = table
+        self.plan = Plan()
+        self.cur: Schema | None = dict(schema) if schema is not None else None
+        self.run: _InsertRun | None = None
+        self.pending_deletes: list[list[Condition]] | None = None
+        self.schema_steps: list[Step] = []  # at most one CreateTable or one AddColumns
+        # Per-shape resolution cache: (names, types) -> Resolution. Safe for the whole
+        # plan: the schema only grows and columns never change type.
+        self.insert_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], Resolution] = {}
+        # v1: (insert run, resolution, rows) of the part activities are appended to
+        self.rows_part: tuple[_InsertRun | None, Any, list[list[Any]]] = (None, None, [])
 
-    seg_res: Any = None  # resolution of the shape of the open segment of `run`
-    seg_rows: list[list[Any]] = []
-    last_names: list[str] | None = None  # fast path: same shape as the previous insert
-    last_types: list[str] | None = None
-    last_res: Any = None
+    # -- steps ----------------------------------------------------------------------------
 
-    def flush_inserts() -> None:
-        nonlocal run, seg_res
-        if run is not None:
-            steps.append(run.build())
-            run = None
-            seg_res = None
+    def flush_inserts(self) -> None:
+        if self.run is not None:
+            self.plan.steps.append(self.run.build())
+            self.run = None
 
-    def flush_deletes() -> None:
-        nonlocal pending_deletes
-        if pending_deletes:
-            steps.append(DeleteRows(conditions=pending_deletes))
-        pending_deletes = None
+    def flush_deletes(self) -> None:
+        if self.pending_deletes:
+            self.plan.steps.append(DeleteRows(conditions=self.pending_deletes))
+        self.pending_deletes = None
 
-    schema_steps: list[Step] = []  # at most one CreateTable or one AddColumns
+    def insert_run(self) -> _InsertRun:
+        """The pending insert run (a delete before it is a barrier: emitted first)."""
+        if self.pending_deletes is not None:
+            self.flush_deletes()
+        if self.run is None:
+            self.run = _InsertRun()
+        return self.run
 
-    def schema_step(new_cols: list[Column], create: bool) -> None:
+    def add_deletes(self, conditions: list[list[Condition]]) -> None:
+        self.flush_inserts()
+        if self.pending_deletes is None:
+            self.pending_deletes = []
+        self.pending_deletes.extend(conditions)
+        self.plan.deletes += len(conditions)
+
+    def schema_step(self, new_cols: list[Column], create: bool) -> None:
         if create:
-            schema_steps.append(CreateTable(columns=list(new_cols)))
-        elif schema_steps:
-            schema_steps[0].columns.extend(new_cols)  # type: ignore[union-attr]
+            self.schema_steps.append(CreateTable(columns=list(new_cols)))
+        elif self.schema_steps:
+            self.schema_steps[0].columns.extend(new_cols)  # type: ignore[union-attr]
         else:
-            schema_steps.append(AddColumns(columns=list(new_cols)))
+            self.schema_steps.append(AddColumns(columns=list(new_cols)))
 
-    def resolve_insert(names: tuple[str, ...], types: tuple[str, ...]) -> Any:
-        """Resolve a shape against `cur`, applying schema changes; cached per shape."""
-        nonlocal cur
+    def finish(self) -> Plan:
+        self.flush_inserts()
+        self.flush_deletes()
+        plan = self.plan
+        if self.schema_steps:
+            plan.steps[:0] = self.schema_steps
+        for step in plan.steps:
+            if isinstance(step, InsertRows):
+                plan.rows_to_insert += step.count
+            elif isinstance(step, CreateTable):
+                plan.schema_changes += 1
+            elif isinstance(step, AddColumns):
+                plan.schema_changes += len(step.columns)
+        plan.schema = self.cur
+        return plan
+
+    # -- shapes ---------------------------------------------------------------------------
+
+    def resolve_insert(self, names: Sequence[Any], types: Sequence[Any]) -> Resolution:
+        """Resolve an insert shape against the schema, applying schema changes; cached."""
+        if not all(x.__class__ is str for x in (*names, *types)):
+            return "col_names and col_types must be strings"
+        key = (tuple(names), tuple(types))
+        res = self.insert_cache.get(key)
+        if res is None:
+            res = self._resolve_insert(*key) if names else "insert without columns"
+            self.insert_cache[key] = res
+        return res
+
+    def _resolve_insert(self, names: tuple[str, ...], types: tuple[str, ...]) -> Resolution:
+        cur = self.cur
         seen: set[str] = set()
         stored: list[str] = []
         new_cols: list[Column] = []
         for name, typ in zip(names, types):
-            if name.__class__ is not str or not _valid_name(name):
+            if not _valid_name(name):
                 return f"invalid column name {name!r}"
             if typ not in TYPES:
                 return f"column '{name}' has unknown type {typ!r}"
@@ -194,118 +361,183 @@ def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope])
                 new_cols.append((name, typ))
                 stored.append(name)
             elif existing[1] != typ:
-                return type_conflict_reason(existing[0], table, existing[1], typ)
+                return type_conflict_reason(existing[0], self.table, existing[1], typ)
             else:
                 stored.append(existing[0])
         if new_cols:
             # Schema steps are hoisted before every data step (see the module docstring).
             if cur is None:
-                cur = {}
-                schema_step(new_cols, create=True)
+                cur = self.cur = {}
+                self.schema_step(new_cols, create=True)
             else:
-                schema_step(new_cols, create=False)
+                self.schema_step(new_cols, create=False)
             for col in new_cols:
                 cur[col[0].lower()] = col
         stored_t = tuple(stored)
         return stored_t, tuple(zip(stored_t, types))
 
-    for env in envelopes:
-        dedup_id = env.dedup_id
-        for index, act in enumerate(env.activities):
+    def resolve_delete(self, names: Sequence[Any], types: Sequence[Any]) -> tuple[Column, ...] | str:
+        """The stored columns a delete shape names, or the reason it can never apply (`cur` exists)."""
+        cur = self.cur
+        assert cur is not None
+        columns: list[Column] = []
+        seen: set[str] = set()
+        for name, typ in zip(names, types):
+            if typ.__class__ is not str:
+                return "col_types must be strings"
+            if name.__class__ is not str or not _valid_name(name):
+                return f"invalid column name {name!r}"
+            low = name.lower()
+            if typ not in TYPES:
+                return f"column '{name}' has unknown type {typ!r}"
+            if low in seen:
+                return f"column '{name}' appears more than once"
+            seen.add(low)
+            existing = cur.get(low)
+            if existing is None:
+                return f"delete names column '{name}' which table {self.table} does not have"
+            if existing[1] != typ:
+                return type_conflict_reason(existing[0], self.table, existing[1], typ)
+            columns.append((existing[0], typ))
+        return tuple(columns)
+
+    # -- v1: activities -------------------------------------------------------------------
+
+    def add_activities(self, dedup_id: str, activities: list[Activity]) -> None:
+        rejections = self.plan.rejections
+        # the open row part of `self.run` (it continues across envelopes) and its shape
+        seg_run, seg_res, seg_rows = self.rows_part
+        last_names: list[str] | None = None  # fast path: same shape as the previous insert
+        last_types: list[str] | None = None
+        last_res: Any = None
+        for index, act in enumerate(activities):
             names = act.col_names
             types = act.col_types
             values = act.col_values
             op = act.operation
             if len(names) != len(types) or len(names) != len(values):
-                rejections.append(
-                    Rejection(dedup_id, index, act, "col_names, col_types and col_values differ in length")
-                )
+                rejections.append(Rejection(dedup_id, index, act, LENGTH_MISMATCH))
                 continue
             if op == "insert":
                 if types == last_types and names == last_names:
                     res = last_res
-                elif not all(x.__class__ is str for x in (*names, *types)):
-                    rejections.append(Rejection(dedup_id, index, act, "col_names and col_types must be strings"))
-                    continue
                 else:
-                    key = (tuple(names), tuple(types))
-                    res = insert_cache.get(key)
-                    if res is None:
-                        if not names:
-                            res = "insert without columns"
-                        else:
-                            res = resolve_insert(key[0], key[1])
-                        insert_cache[key] = res
+                    res = self.resolve_insert(names, types)
                     last_names, last_types, last_res = names, types, res
-                if res is seg_res:
-                    seg_rows.append(values)
-                    continue
                 if res.__class__ is str:
                     rejections.append(Rejection(dedup_id, index, act, res))
                     continue
-                if pending_deletes is not None:
-                    flush_deletes()
-                if run is None:
-                    run = _InsertRun()
-                seg_rows = run.new_segment(res[0], res[1])
+                if res is not seg_res or self.run is not seg_run:
+                    seg_run = self.insert_run()
+                    seg_rows = seg_run.new_rows(res[1])
+                    seg_res = res
                 seg_rows.append(values)
-                seg_res = res
+                seg_run.add_source(dedup_id, index, 1)  # type: ignore[union-attr]
             elif op == "delete":
-                if not names:
-                    rejections.append(Rejection(dedup_id, index, act, "delete without columns would delete every row"))
-                    continue
-                if cur is None:
-                    plan.noop_deletes += 1
-                    continue
-                conds: list[Condition] = []
-                reason = None
-                seen: set[str] = set()
-                for name, typ, value in zip(names, types, values):
-                    if typ.__class__ is not str:
-                        reason = "col_types must be strings"
-                        break
-                    if name.__class__ is not str or not _valid_name(name):
-                        reason = f"invalid column name {name!r}"
-                        break
-                    low = name.lower()
-                    if typ not in TYPES:
-                        reason = f"column '{name}' has unknown type {typ!r}"
-                        break
-                    if low in seen:
-                        reason = f"column '{name}' appears more than once"
-                        break
-                    seen.add(low)
-                    existing = cur.get(low)
-                    if existing is None:
-                        reason = f"delete names column '{name}' which table {table} does not have"
-                        break
-                    if existing[1] != typ:
-                        reason = type_conflict_reason(existing[0], table, existing[1], typ)
-                        break
-                    conds.append((existing[0], typ, value))
-                if reason is not None:
-                    rejections.append(Rejection(dedup_id, index, act, reason))
-                    continue
-                flush_inserts()
-                if pending_deletes is None:
-                    pending_deletes = []
-                pending_deletes.append(conds)
-                plan.deletes += 1
+                conds = self._delete_conditions(dedup_id, index, act, names, types, [values])
+                if conds is not None:
+                    self.add_deletes(conds)
             else:
                 rejections.append(Rejection(dedup_id, index, act, f"unknown operation {op!r}"))
-    flush_inserts()
-    flush_deletes()
-    if schema_steps:
-        steps[:0] = schema_steps
-    for step in steps:
-        if isinstance(step, InsertRows):
-            plan.rows_to_insert += step.count
-        elif isinstance(step, CreateTable):
-            plan.schema_changes += 1
-        elif isinstance(step, AddColumns):
-            plan.schema_changes += len(step.columns)
-    plan.schema = cur
-    return plan
+        self.rows_part = (seg_run, seg_res, seg_rows)
+
+    def _delete_conditions(
+        self,
+        dedup_id: str,
+        first: int,
+        acts: Activity | ActivityRun,
+        names: Sequence[Any],
+        types: Sequence[Any],
+        rows: Sequence[Sequence[Any]] | None,
+    ) -> list[list[Condition]] | None:
+        """The conditions of delete activities of one shape; None after rejecting them or
+        counting them as no-ops. `rows` None: take the values from the run `acts`."""
+        if not names:
+            self._reject(dedup_id, first, acts, "delete without columns would delete every row")
+            return None
+        if self.cur is None:
+            self.plan.noop_deletes += 1 if isinstance(acts, Activity) else len(acts)
+            return None
+        res = self.resolve_delete(names, types)
+        if isinstance(res, str):
+            self._reject(dedup_id, first, acts, res)
+            return None
+        if rows is None:
+            assert isinstance(acts, ActivityRun)
+            mismatch = _arrow_mismatch(names, types, acts.batch)
+            if mismatch is not None:
+                self._reject(dedup_id, first, acts, mismatch)
+                return None
+            rows = list(zip(*acts.column_values()))
+        return [[(name, typ, value) for (name, typ), value in zip(res, row)] for row in rows]
+
+    def _reject(self, dedup_id: str, first: int, acts: Activity | ActivityRun, reason: str) -> None:
+        """Reject one activity, or every activity of a run (materialized only here)."""
+        listed = [acts] if isinstance(acts, Activity) else acts.activities()
+        self.plan.rejections.extend(Rejection(dedup_id, first + i, a, reason) for i, a in enumerate(listed))
+
+    # -- v2: runs -------------------------------------------------------------------------
+
+    def add_runs(self, dedup_id: str, runs: list[ActivityRun]) -> None:
+        first = 0
+        for run in runs:
+            self.add_run(dedup_id, first, run)
+            first += len(run)
+
+    def add_run(self, dedup_id: str, first: int, run: ActivityRun) -> None:
+        names, types, batch = run.col_names, run.col_types, run.batch
+        if len(run) == 0:
+            return
+        if len(names) != len(types) or len(names) != batch.num_columns:
+            self._reject(dedup_id, first, run, LENGTH_MISMATCH)
+            return
+        if run.operation == "insert":
+            # checked first: a rejected run must not add columns
+            mismatch = _arrow_mismatch(names, types, batch)
+            res = self.resolve_insert(names, types) if mismatch is None else mismatch
+            if isinstance(res, str):
+                self._reject(dedup_id, first, run, res)
+                return
+            target = self.insert_run()
+            target.add_batch(res[1], batch)
+            target.add_source(dedup_id, first, len(run))
+            self.rows_part = (None, None, [])  # v1 rows after this batch start a new part
+        elif run.operation == "delete":
+            conds = self._delete_conditions(dedup_id, first, run, names, types, None)
+            if conds is not None:
+                self.add_deletes(conds)
+        else:
+            self._reject(dedup_id, first, run, f"unknown operation {run.operation!r}")
+
+
+def _arrow_mismatch(names: Sequence[str], types: Sequence[str], batch: pa.RecordBatch) -> str | None:
+    """A run's column that is not in its type's Arrow type (a malformed message), if any."""
+    if all(t.__class__ is str for t in types) and batch.schema.types == _expected_arrow_types(tuple(types)):
+        return None  # the common case, checked once per shape
+    for name, typ, arrow in zip(names, types, batch.schema.types):
+        spec = TYPES.get(typ) if typ.__class__ is str else None
+        if spec is not None and arrow != spec.arrow_type:
+            return f"column '{name}' carries Arrow {arrow}, {typ} is {TYPES[typ].arrow_type}"
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected_arrow_types(types: tuple[str, ...]) -> list[pa.DataType] | None:
+    if not all(t in TYPES for t in types):
+        return None
+    return [TYPES[t].arrow_type for t in types]
+
+
+def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope]) -> Plan:
+    """Plan the envelopes of one table (already-applied envelopes must be left out)."""
+    planner = _Planner(table, schema)
+    for env in envelopes:
+        runs = env.runs
+        if runs is not None:
+            planner.add_runs(env.dedup_id, runs)
+        else:
+            planner.add_activities(env.dedup_id, env.activities)
+    return planner.finish()
 
 
 # Types whose canonical values (see app.schema.types) are equal in Python exactly when
@@ -316,16 +548,53 @@ _EXACT_EQUALITY_TYPES = frozenset(
 )
 
 
+def _matches_a_later_insert(
+    inserts: list[tuple[int, InsertRows]], key_columns: tuple[Column, ...], first_delete: dict[tuple, int]
+) -> bool:
+    """Whether a row inserted at step position q equals a key first deleted at a position < q.
+
+    `inserts`: (step position, step); `first_delete`: key -> position of its first delete.
+    One key column (the common case) is matched in Arrow over every inserted row at once
+    (`index_in`); only the matching rows, as few as the deletes, are looked at in Python.
+    """
+    if len(key_columns) > 1:
+        for pos, step in inserts:
+            names = {name for name, _ in step.columns}
+            columns = [step.column_values(n) if n in names else [None] * step.count for n, _ in key_columns]
+            if any(first_delete.get(row, pos) < pos for row in zip(*columns)):
+                return True
+        return False
+    name, typ = key_columns[0]
+    arrow_type = TYPES[typ].arrow_type
+    chunks: list[pa.Array] = []
+    starts: list[int] = []  # first row of each insert step
+    total = 0
+    for _, step in inserts:
+        starts.append(total)
+        total += step.count
+        if any(stored == name for stored, _ in step.columns):
+            chunks.extend(step.column(name).chunks)
+        else:
+            chunks.append(pa.nulls(step.count, arrow_type))
+    keys = list(first_delete)
+    found = pc.index_in(pa.chunked_array(chunks, arrow_type), value_set=to_arrow(typ, [k[0] for k in keys]), skip_nulls=False)
+    rows = pc.indices_nonzero(pc.is_valid(found))
+    for row, key in zip(rows.to_pylist(), pc.take(found, rows).to_pylist()):
+        if first_delete[keys[key]] < inserts[bisect_right(starts, row) - 1][0]:
+            return True
+    return False
+
+
 def coalesce_steps(steps: list[Step]) -> list[Step]:
     """The same plan as at most one `InsertRows` then one `DeleteRows`, when that is equivalent.
 
     A delete is a barrier only for the rows inserted after it that it would match.
     When no delete matches any row inserted later in the plan (checked exactly, in
-    memory, on the canonical values), running every insert first and every delete
-    after leaves the same rows: each delete then also sees the rows inserted before it
-    (as in order) and no row it must not see. A backlog with a few deletes among many
-    inserts then costs two statements instead of two per delete. Otherwise the steps
-    are returned unchanged. Schema steps (always first) stay first.
+    memory, on the key columns only: Arrow's `is_in` for one key column), running every insert
+    first and every delete after leaves the same rows: each delete then also sees the
+    rows inserted before it (as in order) and no row it must not see. A backlog with a
+    few deletes among many inserts then costs two statements instead of two per delete.
+    Otherwise the steps are returned unchanged. Schema steps (always first) stay first.
     """
     head = 0
     while head < len(steps) and isinstance(steps[head], (CreateTable, AddColumns)):
@@ -335,42 +604,20 @@ def coalesce_steps(steps: list[Step]) -> list[Step]:
     deletes = [s for s in data if isinstance(s, DeleteRows)]
     if len(inserts) + len(deletes) != len(data) or (len(inserts) <= 1 and len(deletes) <= 1):
         return steps  # nothing to merge (consecutive steps of one kind are merged already)
-    later: dict[tuple[str, ...], set[tuple]] = {}
-    for step in deletes:
-        for conds in step.conditions:
-            if any(typ not in _EXACT_EQUALITY_TYPES for _, typ, _ in conds):
-                return steps
-            later.setdefault(tuple(name for name, _, _ in conds), set())
-    for step in reversed(data):
-        if isinstance(step, InsertRows):
-            for pattern, seen in later.items():
-                pad = None
-                cols = []
-                for name in pattern:
-                    col = step.values.get(name)
-                    if col is None:
-                        pad = pad or [None] * step.count
-                        col = pad
-                    cols.append(col)
-                seen.update(zip(*cols))
-        else:
+    first_delete: dict[tuple[Column, ...], dict[tuple, int]] = {}  # key columns -> key -> first delete position
+    for pos, step in enumerate(data):
+        if isinstance(step, DeleteRows):
             for conds in step.conditions:
-                if tuple(value for _, _, value in conds) in later[tuple(name for name, _, _ in conds)]:
+                if any(typ not in _EXACT_EQUALITY_TYPES for _, typ, _ in conds):
                     return steps
-    columns: list[Column] = []
-    known: set[str] = set()
-    for step in inserts:
-        for col in step.columns:
-            if col[0] not in known:
-                known.add(col[0])
-                columns.append(col)
-    values: dict[str, list[Any]] = {name: [] for name, _ in columns}
-    total = 0
-    for step in inserts:
-        for name, lst in values.items():
-            col = step.values.get(name)
-            lst.extend(col if col is not None else [None] * step.count)
-        total += step.count
-    merged: list[Step] = [InsertRows(columns=columns, values=values, count=total)]
+                key_columns = tuple((name, typ) for name, typ, _ in conds)
+                first_delete.setdefault(key_columns, {}).setdefault(tuple(value for _, _, value in conds), pos)
+    positioned = [(pos, step) for pos, step in enumerate(data) if isinstance(step, InsertRows)]
+    for key_columns, keys in first_delete.items():
+        if _matches_a_later_insert(positioned, key_columns, keys):
+            return steps  # a delete matches a row inserted after it: it stays a barrier
+    parts = [part for step in inserts for part in step.parts]
+    sources = [source for step in inserts for source in step.sources]
+    merged: list[Step] = [InsertRows(columns=merge_columns(inserts), parts=parts, sources=sources)]
     merged.append(DeleteRows(conditions=[conds for step in deletes for conds in step.conditions]))
     return steps[:head] + merged

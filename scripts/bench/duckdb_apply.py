@@ -1,12 +1,14 @@
 """Micro-benchmark: `DuckDBWarehouse.apply` against a raw DuckDB append of the same rows.
 
-    .venv/bin/python scripts/bench/duckdb_apply.py [--rows 200000] [--per-apply 20] [--deletes 0]
+    .venv/bin/python scripts/bench/duckdb_apply.py [--rows 200000] [--per-apply 20] [--deletes 0] [--format v2]
 
 Rows (integer, string, timestamp, numeric; canonical values as messages carry them) go
 through `apply` in envelopes of 500, `--per-apply` envelopes per call (one transaction
 each, as the subscriber hands over a pull). The ceiling, in the same run, is one
 `INSERT ... SELECT` per call from a natively typed Arrow table built outside the timer.
 `--deletes N` adds N single-key deletes spread over the envelopes (a delete run each).
+`--format v2` hands the envelopes over as columnar runs (what v2 messages decode to),
+`v1` as canonical Python activities.
 Prints both rates and their ratio (medians of alternating rounds: this machine is noisy); profile it with `py-spy record -- python <this>`.
 """
 
@@ -25,6 +27,8 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.schema.activity import Activity  # noqa: E402
+from app.schema.columnar import runs_of, to_arrow  # noqa: E402
+from app.schema.types import TYPES as TYPE_TABLE  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from app.warehouse.base import Envelope  # noqa: E402
 from app.warehouse.duckdb import DuckDBWarehouse  # noqa: E402
@@ -42,14 +46,17 @@ def make_rows(n: int) -> list[list]:
     ]
 
 
-def make_calls(rows: list[list], per_apply: int, deletes: int) -> list[list[Envelope]]:
+def make_calls(rows: list[list], per_apply: int, deletes: int, columnar: bool) -> list[list[Envelope]]:
     envelopes = []
     every = max(1, len(rows) // ENVELOPE // deletes) if deletes else 0
     for k, start in enumerate(range(0, len(rows), ENVELOPE)):
         acts = [Activity("insert", "bench", NAMES, TYPES, r) for r in rows[start:start + ENVELOPE]]
         if every and k % every == 0:
             acts.append(Activity("delete", "bench", ["id"], ["integer"], [start]))
-        envelopes.append(Envelope(f"e{k}", "bench", acts))
+        if columnar:
+            envelopes.append(Envelope(f"e{k}", "bench", runs=runs_of(acts)))
+        else:
+            envelopes.append(Envelope(f"e{k}", "bench", acts))
     return [envelopes[i:i + per_apply] for i in range(0, len(envelopes), per_apply)]
 
 
@@ -66,17 +73,12 @@ def bench_apply(path: Path, calls: list[list[Envelope]]) -> float:
 
 def bench_raw(path: Path, rows: list[list], per_apply: int) -> float:
     con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE bench (id BIGINT, name VARCHAR, ts TIMESTAMPTZ, amount DECIMAL(38,9))")
+    con.execute(f"CREATE TABLE bench ({', '.join(f'{n} {TYPE_TABLE[t].duckdb_type}' for n, t in zip(NAMES, TYPES))})")
     step = per_apply * ENVELOPE
     tables = []
     for start in range(0, len(rows), step):
         cols = list(zip(*rows[start:start + step]))
-        tables.append(pa.table({
-            "id": pa.array(cols[0], pa.int64()),
-            "name": pa.array(cols[1], pa.string()),
-            "ts": pa.array(cols[2], pa.string()).cast(pa.timestamp("us", tz="UTC")),
-            "amount": pa.array(cols[3], pa.string()).cast(pa.decimal128(38, 9)),
-        }))
+        tables.append(pa.table({name: to_arrow(typ, list(col)) for name, typ, col in zip(NAMES, TYPES, cols)}))
     started = time.perf_counter()
     for tbl in tables:
         con.execute("BEGIN")
@@ -94,17 +96,18 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--per-apply", type=int, default=20, help="envelopes of 500 per apply call")
     p.add_argument("--deletes", type=int, default=0)
+    p.add_argument("--format", choices=("v1", "v2"), default="v2", help="activities (v1) or columnar runs (v2)")
     p.add_argument("--rounds", type=int, default=3, help="alternate apply and raw runs; report medians")
     args = p.parse_args()
     rows = make_rows(args.rows)
-    calls = make_calls(rows, args.per_apply, args.deletes)
+    calls = make_calls(rows, args.per_apply, args.deletes, args.format == "v2")
     applied, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             applied.append(bench_apply(Path(tmp) / f"apply{r}.duckdb", calls))
             raw.append(bench_raw(Path(tmp) / f"raw{r}.duckdb", rows, args.per_apply))
     ratios = sorted(b / a for a, b in zip(applied, raw))
-    print(f"apply: {args.rows / statistics.median(applied):,.0f} rows/s, "
+    print(f"apply ({args.format}): {args.rows / statistics.median(applied):,.0f} rows/s, "
           f"raw Arrow append: {args.rows / statistics.median(raw):,.0f} rows/s (medians of {args.rounds}, "
           f"{len(calls)} calls of {args.per_apply} envelopes); ratio median {statistics.median(ratios):.3f}x "
           f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})")

@@ -34,6 +34,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from app.api.app import create_app
+from app.schema.columnar import runs_of
 from app.schema.types import TYPE_NAMES
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.schema.values import loads_exact
@@ -256,7 +257,8 @@ def test_every_accepted_value_lands_in_duckdb_and_reads_back_equal(typ, warehous
         body = wire(body_for(typ, raw, table, row_id))
         activities = validator_accepts(body)
         assert activities is not None, f"valid {typ} value refused: {raw!r}"
-        result = warehouse.apply(table, [Envelope(f"prop:{row_id}", table, activities)])
+        # as a v2 message carries them (columnar runs); v1 and v2 apply alike (tests/warehouse)
+        result = warehouse.apply(table, [Envelope(f"prop:{row_id}", table, runs=runs_of(activities))])
         assert result.rows_inserted == 1 and not result.rejections, result
         _, rows = warehouse.query(f"SELECT {READ_EXPR.get(typ, 'v')} FROM {table} WHERE id = ?", [row_id])
         assert len(rows) == 1
@@ -277,7 +279,7 @@ def test_near_misses_that_are_accepted_also_land(typ, warehouse):
         activities = validator_accepts(wire(body_for(typ, raw, table, row_id)))
         if activities is None:
             return
-        result = warehouse.apply(table, [Envelope(f"near:{row_id}", table, activities)])
+        result = warehouse.apply(table, [Envelope(f"near:{row_id}", table, runs=runs_of(activities))])
         assert result.rows_inserted == 1 and not result.rejections, (raw, result)
 
     check()
@@ -377,7 +379,7 @@ def test_every_accepted_value_reads_back_equal_on_bigquery(bigquery):
                                                "col_values": [row_id] + [row[t][0] for t in BQ_TYPES]}]})
         activities = validator_accepts(loads_exact(text))
         assert activities is not None, f"valid row refused: {text}"
-        result = bigquery.warehouse.apply(table, [Envelope(f"bq:{row_id}", table, activities)])
+        result = bigquery.warehouse.apply(table, [Envelope(f"bq:{row_id}", table, runs=runs_of(activities))])
         assert result.rows_inserted == 1 and not result.rejections, result
         read = {r[0]: r for r in bigquery.read_rows(table, columns)}[row_id]
         for (_, typ), got in zip(columns[1:], read[1:]):

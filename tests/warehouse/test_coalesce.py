@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.schema.activity import Activity
+from app.schema.columnar import runs_of
 from app.warehouse.base import Envelope
 from app.warehouse.plan import DeleteRows, InsertRows, Plan, coalesce_steps, plan_table
 
@@ -16,8 +17,9 @@ def _rows(steps: list) -> list[tuple]:
     rows: list[dict] = []
     for step in steps:
         if isinstance(step, InsertRows):
+            values = step.canonical_values()
             for j in range(step.count):
-                rows.append({n.lower(): step.values[n][j] for n, _ in step.columns})
+                rows.append({n.lower(): values[n][j] for n, _ in step.columns})
         elif isinstance(step, DeleteRows):
             for conds in step.conditions:
                 rows = [r for r in rows if not all(r.get(n.lower()) == v for n, _, v in conds)]
@@ -43,7 +45,7 @@ def test_unrelated_deletes_move_after_all_inserts() -> None:
     assert _kinds(plan.steps) == ["InsertRows", "DeleteRows", "InsertRows", "DeleteRows", "InsertRows"]
     merged = coalesce_steps(plan.steps)
     assert _kinds(merged) == ["InsertRows", "DeleteRows"]
-    assert merged[0].values == {"k": [1, 2, 3], "s": [None, "x", None]} and merged[0].count == 3
+    assert merged[0].canonical_values() == {"k": [1, 2, 3], "s": [None, "x", None]} and merged[0].count == 3
     assert _rows(merged) == _rows(plan.steps)
 
 
@@ -77,9 +79,10 @@ def _activity(draw: Any) -> Activity:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(_activity(), max_size=14))
-def test_coalesced_plan_leaves_the_same_rows(acts: list[Activity]) -> None:
-    plan = plan_table("t", {"a": ("a", "integer"), "b": ("b", "string"), "c": ("c", "integer")}, [Envelope("b:t:0", "t", acts)])
+@given(st.lists(_activity(), max_size=14), st.booleans())
+def test_coalesced_plan_leaves_the_same_rows(acts: list[Activity], columnar: bool) -> None:
+    envelope = Envelope("b:t:0", "t", runs=runs_of(acts)) if columnar else Envelope("b:t:0", "t", acts)
+    plan = plan_table("t", {"a": ("a", "integer"), "b": ("b", "string"), "c": ("c", "integer")}, [envelope])
     merged = coalesce_steps(plan.steps)
     assert _rows(merged) == _rows(plan.steps)
     assert sum(s.count for s in merged if isinstance(s, InsertRows)) == plan.rows_to_insert

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from app.schema.activity import Activity
+from app.schema.columnar import runs_of
 from app.schema.types import TYPE_NAMES
 from app.warehouse.base import Envelope
 
@@ -218,3 +219,36 @@ def test_mixed_column_sets_merge(backend: Backend, table: str) -> None:
     assert rows == [
         (i, f"a{i}" if i % 3 == 0 else None, i / 2 if i % 3 == 1 else None) for i in range(300)
     ]
+
+
+def _every_type_activities(table: str) -> list[Activity]:
+    """Inserts of every type (nulls too), a type conflict, deletes (one unknown column) and
+    a narrower insert after them: what a v2 message must apply exactly like a v1 one."""
+    cols = [("id", "integer")] + [(f"v_{t}", t) for t in TYPE_NAMES]
+    rows = [[k] + [ROUND_TRIP[t][k % len(ROUND_TRIP[t])][0] for t in TYPE_NAMES] for k in range(3)]
+    rows.append([3] + [None] * len(TYPE_NAMES))
+    acts = [ins(table, cols, row) for row in rows]
+    acts.append(ins(table, [("id", "integer"), ("v_integer", "string")], [9, "x"]))  # type conflict
+    acts.append(dele(table, [("id", "integer")], [1]))
+    acts.append(dele(table, [("nope", "integer")], [1]))  # unknown column
+    acts.append(ins(table, [("id", "integer"), ("v_string", "string")], [4, "after the delete"]))
+    return acts
+
+
+def test_columnar_envelope_applies_like_activities(backend: Backend, table: str) -> None:
+    """The same activities as a v1 envelope (activities) and a v2 one (columnar runs)."""
+    by_runs_table = table + "_runs"
+    cols = [("id", "integer")] + [(f"v_{t}", t) for t in TYPE_NAMES]
+    v1 = backend.warehouse.apply(table, [env(table, *_every_type_activities(table))])
+    v2_id = f"{uuid.uuid4().hex}:{by_runs_table}:0"
+    v2 = backend.warehouse.apply(
+        by_runs_table, [Envelope(v2_id, by_runs_table, runs=runs_of(_every_type_activities(by_runs_table)))]
+    )
+    assert (v2.rows_inserted, v2.rows_deleted, v2.schema_changes) == (v1.rows_inserted, v1.rows_deleted, v1.schema_changes) == (5, 1, 1)
+    assert [(r.index, r.activity.col_names, r.activity.col_values) for r in v2.rejections] == [
+        (r.index, r.activity.col_names, r.activity.col_values) for r in v1.rejections
+    ] == [(4, ["id", "v_integer"], [9, "x"]), (6, ["nope"], [1])]
+    assert [r.reason.replace(by_runs_table, table) for r in v2.rejections] == [r.reason for r in v1.rejections]
+    assert backend.warehouse.table_schema(by_runs_table) == backend.warehouse.table_schema(table)
+    assert sorted(backend.read_rows(by_runs_table, cols)) == sorted(backend.read_rows(table, cols))
+    assert sorted(r[0] for r in backend.read_rows(table, cols)) == [0, 2, 3, 4]

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from app.schema.activity import Activity
+from app.schema.columnar import to_arrow
 from app.schema.types import TYPES
 from app.settings import Settings
 from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
@@ -310,21 +311,27 @@ def test_lone_delete_binds_each_type(wh: DuckDBWarehouse, typ: str) -> None:
     assert [row[0] for row in wh.query('SELECT id FROM "t" ORDER BY id')[1]] == list(range(1, len(cases) - 1))
 
 
-@pytest.mark.parametrize("typ", sorted(t for t, spec in duck_types(spatial=True).items() if spec.stage_cast is not None))
-def test_arrow_stage_cast_equals_duckdb_cast(typ: str) -> None:
-    # Inserts cast these columns in Arrow (faster) instead of SQL; the stored values must
-    # be exactly what DuckDB's own cast of the canonical text gives.
+# DuckDB's own parse of each type's canonical text (geography and record go through SQL anyway)
+_TEXT_SQL = {typ: f"CAST({{}} AS {spec.duckdb_type})" for typ, spec in TYPES.items() if typ not in ("geography", "record")}
+_TEXT_SQL["bytes"] = "from_base64({})"
+
+
+@pytest.mark.parametrize("typ", sorted(_TEXT_SQL))
+def test_arrow_column_equals_duckdb_parse_of_canonical_text(typ: str) -> None:
+    # Inserts hand DuckDB each column in its Arrow type (no SQL cast); the stored values
+    # must be exactly what DuckDB's own conversion of the canonical text gives.
     spec = duck_types(spatial=True)[typ]
     sent = [value for value, _ in ROUND_TRIP[typ]] + [None]
+    texts = [None if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in sent]
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
-        con.register("staged", pa.table({"c": spec.arrow(sent), "text": pa.array(sent, pa.string())}))
-        column_type = TYPES[typ].duckdb_type
-        assert con.execute(f"SELECT typeof(c) = typeof(CAST(NULL AS {column_type})) FROM staged LIMIT 1").fetchone() == (True,)
+        con.execute(f"CREATE TABLE t (c {spec.sql_type})")
+        con.register("staged", pa.table({"c": to_arrow(typ, sent), "text": pa.array(texts, pa.string())}))
+        con.execute(f"INSERT INTO t SELECT {spec.value_sql.format('c')} FROM staged")
         differ, values = con.execute(
-            f"SELECT count(*) FILTER ({spec.value_sql.format('c')} IS DISTINCT FROM {spec.value_sql.format('text')}),"
-            " count(c) FROM staged"
+            f"SELECT count(*) FILTER (t.c IS DISTINCT FROM {_TEXT_SQL[typ].format('s.text')}), count(t.c)"
+            " FROM t POSITIONAL JOIN staged s"
         ).fetchone()
     finally:
         con.close()
@@ -386,3 +393,26 @@ def test_geography_falls_back_to_wkt_text_when_spatial_cannot_load(
         assert w.apply("t", [env("t", dele("t", [("g", "geography")], ["POINT(1 2)"]))]).rows_deleted == 1
     finally:
         w.close()
+
+
+def test_redelivered_ids_among_many_new_are_skipped_after_the_retry(wh: DuckDBWarehouse) -> None:
+    # The claim first tries a plain INSERT (all ids new); one id seen before makes it
+    # roll back and claim again with INSERT OR IGNORE, so nothing applies twice.
+    envs = [env("t", ins("t", [("id", "integer")], [i])) for i in range(40)]
+    assert wh.apply("t", envs[:20]).applied_envelopes == 20
+    r = wh.apply("t", envs[10:40])
+    assert (r.applied_envelopes, r.skipped_duplicates, r.rows_inserted) == (20, 10, 20)
+    assert wh.query('SELECT count(*), count(DISTINCT id) FROM "t"')[1] == [(40, 40)]
+    assert wh.query(f"SELECT count(*) FROM {APPLIED_TABLE}")[1] == [(40,)]
+
+
+def test_threads_and_memory_limit_come_from_settings(tmp_path: Path) -> None:
+    wh = DuckDBWarehouse(Settings(duckdb_path=tmp_path / "w.duckdb", duckdb_threads=2, duckdb_memory_limit="256MB"))
+    try:
+        assert wh.query("SELECT current_setting('threads'), current_setting('memory_limit')")[1] == [(2, "244.1 MiB")]
+    finally:
+        wh.close()
+
+
+def test_one_duckdb_thread_by_default(wh: DuckDBWarehouse) -> None:
+    assert wh.query("SELECT current_setting('threads')")[1] == [(1,)]

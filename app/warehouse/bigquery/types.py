@@ -1,6 +1,8 @@
-"""BigQuery's type mapper: reads `app.schema.types.TYPES` (column types) and adds only
-what BigQuery's clients need per type: the Arrow type rows are sent in, the converters
-from canonical values, and how a delete compares a column with a bound parameter.
+"""BigQuery's type mapper: reads `app.schema.types.TYPES` (column and Arrow types) and
+adds only what BigQuery's clients need per type: the one Arrow type BigQuery takes in
+another physical form (BIGNUMERIC as decimal256(76, 38), from the canonical decimal
+text), the converters of canonical values to query parameters, and how a delete
+compares a column with a bound parameter.
 
 Emulator only (bqemulator cannot create BIGNUMERIC: its storage stops at 38 digits),
 bignumeric columns are STRING holding the canonical decimal text, exact like DuckDB.
@@ -17,6 +19,7 @@ from typing import Any, Callable
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from google.cloud import bigquery
 
 from app.schema.types import TYPES
@@ -47,41 +50,42 @@ def _checked_b64_text(value: str) -> str:
 class BigQueryType:
     """How one activity type is written and compared in BigQuery (column type: TYPES).
 
-    `convert` turns a canonical value into what Arrow and query parameters take (None:
-    as is); `param_convert` overrides it for parameters.
+    `convert` turns a canonical value into what query parameters take (None: as is);
+    `param_convert` overrides it where the parameter type differs. Rows are sent in
+    `TYPES[...].arrow_type` unless `arrow_type` says otherwise.
     """
 
-    arrow_type: pa.DataType
     convert: Callable[[Any], Any] | None
     param_type: str  # query parameter type in deletes
     compare: str = "{column} = @{param}"
     param_convert: Callable[[Any], Any] | None = None
     column_type: str | None = None  # None: TYPES[...].bigquery_type
+    arrow_type: pa.DataType | None = None  # None: TYPES[...].arrow_type
 
-
-_STRING = BigQueryType(pa.string(), None, "STRING")
 
 _BIGQUERY_TYPES: dict[str, BigQueryType] = {
-    "string": _STRING,
-    "bytes": BigQueryType(pa.binary(), b64, "BYTES"),
-    "integer": BigQueryType(pa.int64(), None, "INT64"),
-    "float": BigQueryType(pa.float64(), float, "FLOAT64"),  # "NaN" / "Infinity" parse too
-    "numeric": BigQueryType(pa.decimal128(38, 9), Decimal, "NUMERIC"),
-    "bignumeric": BigQueryType(pa.decimal256(76, 38), Decimal, "BIGNUMERIC"),
-    "boolean": BigQueryType(pa.bool_(), None, "BOOL"),
-    "timestamp": BigQueryType(pa.timestamp("us", tz="UTC"), timestamp, "TIMESTAMP"),
-    "date": BigQueryType(pa.date32(), dt.date.fromisoformat, "DATE"),
-    "time": BigQueryType(pa.time64("us"), dt.time.fromisoformat, "TIME"),
-    "datetime": BigQueryType(pa.timestamp("us"), dt.datetime.fromisoformat, "DATETIME"),
-    "geography": BigQueryType(pa.string(), None, "STRING", "ST_EQUALS({column}, ST_GEOGFROMTEXT(@{param}))"),  # WKT
+    "string": BigQueryType(None, "STRING"),
+    "bytes": BigQueryType(b64, "BYTES"),
+    "integer": BigQueryType(None, "INT64"),
+    "float": BigQueryType(float, "FLOAT64"),  # "NaN" / "Infinity" parse too
+    "numeric": BigQueryType(Decimal, "NUMERIC"),
+    # the Storage Write API takes BIGNUMERIC as decimal256(76, 38)
+    # (https://cloud.google.com/bigquery/docs/supported-data-types, "Supported Apache Arrow data types")
+    "bignumeric": BigQueryType(Decimal, "BIGNUMERIC", arrow_type=pa.decimal256(76, 38)),
+    "boolean": BigQueryType(None, "BOOL"),
+    "timestamp": BigQueryType(timestamp, "TIMESTAMP"),
+    "date": BigQueryType(dt.date.fromisoformat, "DATE"),
+    "time": BigQueryType(dt.time.fromisoformat, "TIME"),
+    "datetime": BigQueryType(dt.datetime.fromisoformat, "DATETIME"),
+    "geography": BigQueryType(None, "STRING", "ST_EQUALS({column}, ST_GEOGFROMTEXT(@{param}))"),  # WKT
     "record": BigQueryType(  # JSON text
-        pa.string(), json_text, "STRING", "TO_JSON_STRING({column}) = TO_JSON_STRING(PARSE_JSON(@{param}))"
+        json_text, "STRING", "TO_JSON_STRING({column}) = TO_JSON_STRING(PARSE_JSON(@{param}))"
     ),
 }
 _EMULATOR_TYPES: dict[str, BigQueryType] = {
-    "bignumeric": BigQueryType(pa.string(), None, "STRING", column_type="STRING"),  # canonical decimal text
+    "bignumeric": BigQueryType(None, "STRING", column_type="STRING"),  # canonical decimal text
     # it mangles non-empty BYTES parameters; the base64 text decoded in SQL compares right
-    "bytes": BigQueryType(pa.binary(), b64, "STRING", "{column} = FROM_BASE64(@{param})", _checked_b64_text),
+    "bytes": BigQueryType(b64, "STRING", "{column} = FROM_BASE64(@{param})", _checked_b64_text),
 }
 if set(_BIGQUERY_TYPES) != set(TYPES):  # pragma: no cover - caught by any import in tests
     raise RuntimeError(f"BigQuery type mapper out of date: {sorted(set(TYPES) ^ set(_BIGQUERY_TYPES))}")
@@ -118,13 +122,12 @@ class TypeMapper:
     # ----------------------------------------------------------------- Storage Write (Arrow)
 
     def arrow_type(self, typ: str) -> pa.DataType:
-        return self._types[typ].arrow_type
+        return self._types[typ].arrow_type or TYPES[typ].arrow_type
 
-    def arrow_array(self, typ: str, values: list[Any]) -> pa.Array:
-        spec = self._types[typ]
-        if spec.convert is not None:
-            values = [None if v is None else spec.convert(v) for v in values]
-        return pa.array(values, type=spec.arrow_type)
+    def arrow_column(self, typ: str, column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+        """A column in `TYPES[typ].arrow_type` as BigQuery takes it (cast only where it differs)."""
+        target = self.arrow_type(typ)
+        return column if column.type == target else pc.cast(column, target)
 
     # ----------------------------------------------------------------- insertAll (JSON)
 

@@ -221,10 +221,11 @@ class BigQueryWarehouse(Warehouse):
         """The prepared inserts and deletes, in plan order."""
         for kind, payload, count in writes:
             if kind == "insert":
-                requests, sources = payload
+                requests, sent = payload
                 try:
                     self.writer.append(ref.default_stream, ref.table, requests)
                 except errors.RowsRefusedError as exc:
+                    sources = sent.sources()
                     reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
                     raise _RowsRefused(reasons) from exc
                 result.rows_inserted += count
@@ -275,11 +276,16 @@ class BigQueryWarehouse(Warehouse):
         refused in an earlier attempt (`refused`) as rejections."""
         swapped: dict[tuple[str, int], tuple[Activity, str]] = {}
         planned: list[Envelope] = []
+        refused_ids = {dedup_id for dedup_id, _ in refused}
         for env in envelopes:
+            runs = env.runs
+            if runs is not None and env.dedup_id not in refused_ids and not any(_bad_columns(r.col_names) for r in runs):
+                planned.append(env)  # columnar: planned without a Python object per value
+                continue
             acts = env.activities
             new_acts = None
             for i, act in enumerate(acts):
-                reason = refused.get((env.dedup_id, i)) or _bad_columns(act)
+                reason = refused.get((env.dedup_id, i)) or _bad_columns(act.col_names)
                 if reason is not None:
                     if new_acts is None:
                         new_acts = list(acts)
@@ -306,55 +312,48 @@ class BigQueryWarehouse(Warehouse):
         self, ref: TableRef, plan: planner.Plan, todo: list[Envelope]
     ) -> tuple[list[tuple[str, Any, int]], list[Rejection]]:
         """The plan's data steps as ready-to-send payloads (no I/O), and rows too big to send."""
-        rejected = {(r.dedup_id, r.index) for r in plan.rejections}
-        activity_of = {(env.dedup_id, i): act for env in todo for i, act in enumerate(env.activities)}
-        # the source (dedup_id, index) of every insert that survived planning, in order
-        sources = [key for key, act in activity_of.items() if act.operation == "insert" and key not in rejected]
+        by_id = {env.dedup_id: env for env in todo}
         writes: list[tuple[str, Any, int]] = []
         oversized: list[Rejection] = []
-        pos = 0
         for step in plan.steps:
             if isinstance(step, planner.InsertRows):
-                src = sources[pos : pos + step.count]
-                pos += step.count
-                if len(src) != step.count:  # pragma: no cover - planner invariant
-                    raise TerminalWarehouseError("internal: insert rows do not line up with their activities")
                 if self.insert_mode == "insert_all":
-                    chunks, too_big = self._json_rows(step, src)
+                    chunks, too_big = self._json_rows(step)
                     writes.append(("insert_all", chunks, step.count - len(too_big)))
                 else:
-                    requests, too_big = split_rows(self._arrow_batch(step, [s[0] for s in src]))
-                    left_out = {row for row, _ in too_big}
-                    sent = [key for row, key in enumerate(src) if row not in left_out]
-                    writes.append(("insert", (requests, sent), step.count - len(too_big)))
-                for row, size in too_big:
-                    key = src[row]
-                    oversized.append(
-                        Rejection(
-                            key[0],
-                            key[1],
-                            activity_of[key],
-                            f"row of {size} bytes exceeds BigQuery's request size limit",
+                    requests, too_big = split_rows(self._arrow_batch(step))
+                    writes.append(("insert", (requests, _SentRows(step, [row for row, _ in too_big])), step.count - len(too_big)))
+                if too_big:
+                    sources = step.source_rows()
+                    for row, size in too_big:
+                        dedup_id, index = sources[row]
+                        activity = by_id[dedup_id].activities[index]  # materialized only here
+                        oversized.append(
+                            Rejection(dedup_id, index, activity, f"row of {size} bytes exceeds BigQuery's request size limit")
                         )
-                    )
             elif isinstance(step, planner.DeleteRows):
                 writes.append(("delete", self.queries.delete_statements(ref, step), len(step.conditions)))
         return writes, oversized
 
-    def _arrow_batch(self, step: planner.InsertRows, dedup_ids: list[str]) -> pa.RecordBatch:
+    def _arrow_batch(self, step: planner.InsertRows) -> pa.RecordBatch:
+        """The planner's Arrow rows as BigQuery takes them, plus each row's dedup_id."""
         fields = [pa.field(name, self.types.arrow_type(typ)) for name, typ in step.columns]
-        arrays = [self.types.arrow_array(typ, step.values[name]) for name, typ in step.columns]
+        arrays = [self.types.arrow_column(typ, step.table.column(name)) for name, typ in step.columns]
         fields.append(pa.field(DEDUP_COLUMN, pa.string()))
-        arrays.append(pa.array(dedup_ids, type=pa.string()))
-        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+        arrays.append(step.dedup_ids())
+        table = pa.Table.from_arrays(arrays, schema=pa.schema(fields)).combine_chunks()
+        batches = table.to_batches()
+        return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
 
-    def _json_rows(self, step: planner.InsertRows, src: list[tuple[str, int]]) -> tuple[list, list[tuple[int, int]]]:
-        columns = [(name, typ, step.values[name]) for name, typ in step.columns]
+    def _json_rows(self, step: planner.InsertRows) -> tuple[list, list[tuple[int, int]]]:
+        """insertAll rows: this legacy path builds Python values."""
+        values = step.canonical_values()
+        columns = [(name, typ, values[name]) for name, typ in step.columns]
         rows: list[dict] = []
         row_ids: list[str] = []
         sizes: list[int] = []
         too_big: list[tuple[int, int]] = []
-        for r, (dedup_id, index) in enumerate(src):
+        for r, (dedup_id, index) in enumerate(step.source_rows()):
             row = {name: self.types.json_value(typ, vals[r]) for name, typ, vals in columns if vals[r] is not None}
             row[DEDUP_COLUMN] = dedup_id
             size = len(orjson.dumps(row)) + 200  # + insertId and JSON framing
@@ -439,6 +438,21 @@ class BigQueryWarehouse(Warehouse):
         self.client.close()
 
 
+class _SentRows:
+    """The rows of an `InsertRows` sent to AppendRows (all but `left_out`), traced to their
+    activities only when BigQuery refuses some (rare: no per-row objects otherwise)."""
+
+    __slots__ = ("step", "left_out")
+
+    def __init__(self, step: planner.InsertRows, left_out: list[int]) -> None:
+        self.step = step
+        self.left_out = set(left_out)
+
+    def sources(self) -> list[tuple[str, int]]:
+        """(dedup_id, index) of each row sent, in the order sent."""
+        return [key for row, key in enumerate(self.step.source_rows()) if row not in self.left_out]
+
+
 class _RowsRefused(Exception):
     """AppendRows refused these activities' rows: (dedup_id, index) -> reason."""
 
@@ -447,8 +461,8 @@ class _RowsRefused(Exception):
         self.reasons = reasons
 
 
-def _bad_columns(act: Activity) -> str | None:
-    for name in act.col_names:
+def _bad_columns(col_names: Sequence[Any]) -> str | None:
+    for name in col_names:
         if not isinstance(name, str) or not COLUMN_RE.match(name):
             return f"column name {name!r} is not valid in BigQuery (letters, digits, underscore; not starting with a digit)"
         low = name.lower()
