@@ -187,7 +187,7 @@ def _from_text(
     return convert
 
 
-_naive_timestamps = _from_text(pa.timestamp("us"), datetime.fromisoformat)
+_naive_timestamps = _from_text(TYPES["datetime"].arrow_type, datetime.fromisoformat)  # zone-less wall time
 _zoned_timestamps = _from_text(TYPES["timestamp"].arrow_type)
 _numerics = _from_text(TYPES["numeric"].arrow_type)
 
