@@ -13,7 +13,6 @@ client for the end-to-end test), each bounded in time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.client
 import json
 import os

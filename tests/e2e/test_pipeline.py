@@ -90,11 +90,11 @@ def test_delete_schema_evolution_and_type_conflict(pipeline):
     out = pipeline.cli("dead-letters", "list", "--json")
     assert out.returncode == 0, out.stderr
     letters = [json.loads(line) for line in out.stdout.splitlines()]
-    reasons = sorted(l["reason"] for l in letters)
+    reasons = sorted(letter["reason"] for letter in letters)
     assert len(letters) == 2, letters
     assert any("name" in r and "integer" in r and "string" in r for r in reasons), reasons
     assert any("nope" in r for r in reasons), reasons
-    conflict = next(l for l in letters if l["payload"]["col_values"] == [4, 7])
+    conflict = next(letter for letter in letters if letter["payload"]["col_values"] == [4, 7])
     assert conflict["payload"]["col_types"] == ["integer", "integer"] and conflict["table"] == t
 
 

@@ -628,8 +628,9 @@ def scenario_poison(tmp: Path, max_attempts: int = 3, flow_batches: int = 6) -> 
         out.lost = (flow_batches * 10 + 3 + 1) - out.landed  # everything but the conflict and the stuck row
         out.data.update(dead_letters=letters, counts=counts)
         out.notes.append("dead letters: " + "; ".join(
-            f"{l.get('kind')} of {l.get('table')} after {l.get('attempts')} attempt(s): {str(l.get('reason'))[:90]}"
-            for l in letters))
+            f"{letter.get('kind')} of {letter.get('table')} after {letter.get('attempts')} attempt(s): "
+            f"{str(letter.get('reason'))[:90]}"
+            for letter in letters))
     finally:
         p.stop()
     return out

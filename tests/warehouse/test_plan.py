@@ -150,21 +150,21 @@ def _naive(schema: dict | None, envelopes: list[Envelope]) -> tuple[list[dict], 
         for i, a in enumerate(e.activities):
             lows = [n.lower() for n in a.col_names]
             if a.operation == "insert":
-                if any(l in cols and cols[l][1] != t for l, t in zip(lows, a.col_types)):
+                if any(low in cols and cols[low][1] != t for low, t in zip(lows, a.col_types)):
                     rejected.append(i)
                     continue
-                for n, l, t in zip(a.col_names, lows, a.col_types):
-                    cols.setdefault(l, (n, t))
+                for n, low, t in zip(a.col_names, lows, a.col_types):
+                    cols.setdefault(low, (n, t))
                 exists = True
                 rows.append(dict(zip(lows, a.col_values)))
             else:
                 if not exists:
                     noop += 1
                     continue
-                if any(l not in cols or cols[l][1] != t for l, t in zip(lows, a.col_types)):
+                if any(low not in cols or cols[low][1] != t for low, t in zip(lows, a.col_types)):
                     rejected.append(i)
                     continue
-                rows = [r for r in rows if not all(r.get(l) == v for l, v in zip(lows, a.col_values))]
+                rows = [r for r in rows if not all(r.get(low) == v for low, v in zip(lows, a.col_values))]
     return rows, rejected, noop
 
 
