@@ -59,9 +59,13 @@ BUSY_RETRY_SECONDS = 0.0002
 
 
 def connect(
-    path: Path, *, synchronous: str, busy_timeout: float, cached_statements: int = 128
+    path: Path, *, synchronous: str, busy_timeout: float, cached_statements: int = 128, cache_mib: int = 32
 ) -> sqlite3.Connection:
-    """Open the file in WAL mode (creating the schema if needed), autocommit, any thread."""
+    """Open the file in WAL mode (creating the schema if needed), autocommit, any thread.
+
+    `cache_mib`: SQLite's page cache; 32 MiB keeps the index pages of a big backlog hot
+    for the subscriber's lease queries.
+    """
     conn = sqlite3.connect(
         str(path),
         timeout=busy_timeout,
@@ -79,7 +83,7 @@ def connect(
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA journal_size_limit = 67108864")  # truncate a big WAL after checkpoints
         conn.execute("PRAGMA temp_store = MEMORY")
-        conn.execute("PRAGMA cache_size = -32768")  # 32 MiB: index pages of a big backlog stay hot
+        conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_mib)}")  # negative: KiB
     except BaseException:
         conn.close()
         raise

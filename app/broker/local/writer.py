@@ -277,6 +277,10 @@ class GroupCommitWriter:
                 synchronous="FULL",
                 busy_timeout=self.busy_timeout,
                 cached_statements=2 * INSERT_ROWS_PER_STATEMENT,
+                # It only appends, so it needs little beyond the indexes' right edges: 32 MiB
+                # mostly kept written message pages (~15 MB more API RSS under 500-activity
+                # batches); 4 MiB measured 10-20% fewer requests/s, 12 MiB no loss.
+                cache_mib=12,
             )
             # Every write of this connection is inside `begin_immediate`, which polls for the
             # lock itself: without a busy handler the uncontended lock costs one statement.
