@@ -131,7 +131,12 @@ class LeaseStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._conn_ is None:
-            self._conn_ = store.connect(self.path, synchronous="NORMAL", busy_timeout=self.busy_timeout)
+            # A small page cache: message pages are read once, and a big cache only kept
+            # them (32 MiB: ~35 MB more peak RSS on a 1M drain, no faster); 4 MiB still
+            # holds the upper index levels of a backlog of millions.
+            self._conn_ = store.connect(
+                self.path, synchronous="NORMAL", busy_timeout=self.busy_timeout, cache_mib=4
+            )
         return self._conn_
 
     def _drop_conn(self) -> None:

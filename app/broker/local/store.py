@@ -63,8 +63,7 @@ def connect(
 ) -> sqlite3.Connection:
     """Open the file in WAL mode (creating the schema if needed), autocommit, any thread.
 
-    `cache_mib`: SQLite's page cache; 32 MiB keeps the index pages of a big backlog hot
-    for the subscriber's lease queries.
+    `cache_mib`: SQLite's page cache per connection (each role sets its own).
     """
     conn = sqlite3.connect(
         str(path),
