@@ -142,6 +142,11 @@ def test_an_expired_lease_redelivers_to_another_replica(broker_backend: BrokerBa
     publish(holder, msg("t", 0))
     held = pull_until(holder, 1)
     assert dedup_ids(held) == ["b:t:0"]
+    if broker_backend.name == "pubsub":
+        # Its background Pull would race `other` for every redelivery (Pub/Sub gives a
+        # message to any open Pull). Closing stops it and gives back nothing held by the
+        # pipeline: the lease still just expires.
+        holder.close()
     other = broker_backend.make(ack_deadline_seconds=lease)
     again = pull_until(other, 1, timeout=lease * 4 + 20)
     assert dedup_ids(again) == ["b:t:0"]
