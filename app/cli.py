@@ -51,7 +51,7 @@ Rendered = tuple[list[str], list[str], list[list[Any]]]  # columns, warehouse ty
 
 
 def _query_via_subscriber(sql: str) -> Rendered:
-    from app.pipeline.admin_client import admin_request
+    from app.admin_client import admin_request
 
     body = admin_request(get_settings(), "/query", {"sql": sql})
     return body["columns"], body.get("types") or [], body["rows"]
@@ -78,7 +78,7 @@ def _query_directly(sql: str) -> Rendered:
 
 
 def _waiting_note(wait: float) -> None:
-    from app.pipeline.admin_client import admin_url
+    from app.admin_client import admin_url
 
     typer.echo(f"the warehouse file is locked (a subscriber starting?); waiting up to {wait:.0f}s for the subscriber's"
                f" admin port on {admin_url(get_settings())}", err=True)
@@ -86,7 +86,7 @@ def _waiting_note(wait: float) -> None:
 
 def _run_query(sql: str, wait: float) -> Rendered:
     """Through the running subscriber (which holds the DuckDB file) when there is one."""
-    from app.pipeline.admin_client import AdminError, SubscriberNotReady, through_subscriber
+    from app.admin_client import AdminError, SubscriberNotReady, through_subscriber
     from app.warehouse import WarehouseQueryError
 
     try:
@@ -142,7 +142,7 @@ def dead_letters_list(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """List dead letters with their reason, attempts and payload."""
-    from app.pipeline.deadletter import DeadLetterStore
+    from app.messages.deadletters import DeadLetterStore
 
     store = DeadLetterStore(get_settings().dead_letter_file)
     entries = store.list(limit=limit, include_replayed=include_replayed)
@@ -208,7 +208,7 @@ def dead_letters_pubsub_list(
 ) -> None:
     """List the Pub/Sub dead-letter subscription (leased briefly, then given back)."""
     from app.broker.pubsub.deadletters import DeadLetterSubscription, age
-    from app.pipeline.codec import readable_body
+    from app.messages.codec import readable_body
 
     subscription = DeadLetterSubscription(get_settings())
     try:

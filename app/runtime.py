@@ -69,7 +69,7 @@ def use_system_allocator_for_arrow() -> None:
 def run_subscriber(settings: Settings | None = None) -> None:
     from app.broker import make_broker
     from app.pipeline.admin import AdminServer
-    from app.pipeline.deadletter import DeadLetterStore
+    from app.messages.deadletters import DeadLetterStore
     from app.pipeline.subscriber import Subscriber
     from app.warehouse import make_warehouse
 

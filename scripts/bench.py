@@ -400,7 +400,7 @@ def bench_bigquery(tmp: Path, activities: int, proto_sample: int, results: dict[
 def _bigquery_counts(emu, activities: int, proto_sample: int) -> dict[str, Any]:
     import uuid
 
-    from app.pipeline.codec import encode_batch
+    from app.messages.codec import encode_batch
     from app.schema.validation import validate_batch
     from app.settings import Settings
     from app.warehouse.base import Envelope
@@ -653,7 +653,7 @@ METHOD = """
   `List[dict]` Pydantic model and a fire-and-forget `PublisherClient.publish` of the body to Pub/Sub on
   pstest, its future never awaited (`scripts/bench/proto_app.py`). No subscriber runs during 1.
 - **2 drain.** The local broker file is pre-filled through `LocalBroker.publish` with 500-activity
-  requests encoded by `app.pipeline.codec.encode_batch` (3 tables of 4-6 columns: integer, string,
+  requests encoded by `app.messages.codec.encode_batch` (3 tables of 4-6 columns: integer, string,
   datetime, numeric, float, boolean, timestamp, date; ~1% deletes by id). Then the real subscriber
   (`python -m app subscriber`) starts; the clock runs from its admin port answering until the broker
   holds no message (every message acked after its DuckDB commit). Ceiling: the same insert rows as

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from app.broker import make_broker
-from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
+from app.messages.deadletters import DeadLetterStore, NewDeadLetter
 from app.settings import Settings
 from tests.support.processes import ROOT
 from tests.support.typed_values import TYPED_COLUMNS
@@ -104,7 +104,7 @@ def test_backlog_reports_and_waits_for_drain(tmp_path):
     import time
 
     from app.broker.local import LocalBroker
-    from app.pipeline.codec import encode_batch
+    from app.messages.codec import encode_batch
     from app.schema.activity import Activity
 
     settings = Settings(data_dir=tmp_path)

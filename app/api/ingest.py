@@ -24,7 +24,7 @@ from app.api.auth import is_authorized
 from app.api.errors import ApiError, error_response
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
 from app.logs import batch_id_var
-from app.pipeline.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
+from app.messages.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
 from app.schema.columnar import ActivityRun
 from app.schema.activity import Activity
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch, validate_runs

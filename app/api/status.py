@@ -171,7 +171,7 @@ def _backlog(broker: Any) -> tuple[tuple[int, float | None] | None, str | None]:
 
 
 def _dead_letters(path: Path) -> tuple[int | None, dict[str, int], list[Any], str | None]:
-    from app.pipeline.deadletter import DeadLetterStore
+    from app.messages.deadletters import DeadLetterStore
 
     if not Path(path).exists():
         return 0, {}, [], None

@@ -24,8 +24,8 @@ from typing import Callable
 
 from app.broker import make_broker
 from app.broker.base import Broker, ReceivedMessage
-from app.pipeline.codec import UndecodableMessage, decode_message, encode_batch, new_batch_id
-from app.pipeline.deadletter import DeadLetter, DeadLetterStore
+from app.messages.codec import UndecodableMessage, decode_message, encode_batch, new_batch_id
+from app.messages.deadletters import DeadLetter, DeadLetterStore
 from app.schema.activity import Activity
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.settings import Settings
@@ -60,7 +60,7 @@ class TableSchemas:
 
     def get(self, table: str) -> dict[str, str] | None:
         if table not in self._cache:
-            from app.pipeline.admin_client import through_subscriber
+            from app.admin_client import through_subscriber
 
             self._cache[table] = through_subscriber(
                 lambda: self._via_admin(table), lambda: self._directly(table), SCHEMA_WAIT_SECONDS
@@ -68,7 +68,7 @@ class TableSchemas:
         return self._cache[table]
 
     def _via_admin(self, table: str) -> dict[str, str] | None:
-        from app.pipeline.admin_client import admin_request
+        from app.admin_client import admin_request
 
         return admin_request(self.settings, f"/tables/{table}")["columns"]
 

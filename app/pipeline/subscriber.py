@@ -32,8 +32,8 @@ import orjson
 from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
-from app.pipeline.codec import UndecodableMessage, decode_message, readable_body
-from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
+from app.messages.codec import UndecodableMessage, decode_message, readable_body
+from app.messages.deadletters import DeadLetterStore, NewDeadLetter
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse

@@ -6,7 +6,7 @@
 
 An `ActivityRun` is consecutive activities of one table with the same operation, column
 names and column types, held as one Arrow record batch (one column per `col_names`
-entry). It is what messages carry (`app.pipeline.codec`) and what the warehouses write.
+entry). It is what messages carry (`app.messages.codec`) and what the warehouses write.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import orjson  # noqa: E402
 from workload import mixed_bodies, readme_batch, readme_body  # noqa: E402
 
 from app.broker.base import OutgoingMessage, ReceivedMessage  # noqa: E402
-from app.pipeline.codec import dedup_id, decode_message, encode_runs  # noqa: E402
+from app.messages.codec import dedup_id, decode_message, encode_runs  # noqa: E402
 from app.schema.columnar import runs_of  # noqa: E402
 from app.schema.validation import validate_batch  # noqa: E402
 

@@ -34,7 +34,7 @@ _BYTES = re.compile(r"^(\w*bytes_(?:processed|billed)\w*?)(?:_total)?(?:\{[^}]*\
 
 
 def _messages_of(body: dict[str, Any]) -> int:
-    from app.pipeline.codec import encode_batch
+    from app.messages.codec import encode_batch
     from app.schema.validation import validate_batch
 
     return len(encode_batch(validate_batch(body, max_activities=10_000), uuid.uuid4().hex))

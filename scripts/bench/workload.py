@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from app.pipeline.codec import encode_batch
+from app.messages.codec import encode_batch
 from app.schema.validation import validate_batch
 
 ROOT = Path(__file__).resolve().parents[2]

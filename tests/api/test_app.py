@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.api.app import create_app
 from app.broker import BrokerUnavailable, make_broker
-from app.pipeline.codec import decode_message
+from app.messages.codec import decode_message
 from app.settings import Settings
 from tests.support.brokers import StubBroker
 from tests.support.processes import ROOT

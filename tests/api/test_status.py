@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from app.api.app import create_app
 from app.api.status import EventRate, Snapshot, build_commit, nice_ceiling, render
-from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
+from app.messages.deadletters import DeadLetterStore, NewDeadLetter
 from app.settings import Settings
 from tests.support.processes import ROOT, free_port
 

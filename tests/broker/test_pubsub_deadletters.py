@@ -18,7 +18,7 @@ from app.broker.base import OutgoingMessage
 from app.broker.pubsub import PubSubBroker
 from app.broker.pubsub.deadletters import DeadLetterSubscription
 from app.broker.pubsub.publisher import Publisher
-from app.pipeline.codec import decode_message, encode_batch
+from app.messages.codec import decode_message, encode_batch
 from app.provision import provision_pubsub
 from app.schema.activity import Activity
 from tests.broker.test_pubsub import make_settings, msg, pull_until

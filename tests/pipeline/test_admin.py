@@ -9,8 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.broker.local import LocalBroker
 from app.pipeline.admin import AdminServer
-from app.pipeline.codec import encode_batch
-from app.pipeline.deadletter import DeadLetterStore
+from app.messages.codec import encode_batch
+from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings

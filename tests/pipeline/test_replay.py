@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.broker.local import LocalBroker
-from app.pipeline.deadletter import DeadLetterStore, NewDeadLetter
+from app.messages.deadletters import DeadLetterStore, NewDeadLetter
 from app.pipeline.replay import replay
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
@@ -120,7 +120,7 @@ def test_replay_reads_the_schema_through_the_running_subscriber(tmp_path):
 
 
 def test_message_entries_replay_from_their_json_rendering_or_a_columnar_body(settings):
-    from app.pipeline.codec import MAGIC, decode_message, encode_batch, readable_body
+    from app.messages.codec import MAGIC, decode_message, encode_batch, readable_body
 
     store = DeadLetterStore(settings.dead_letter_file)
     row = [Activity("insert", "scores", ["id", "score"], ["integer", "integer"], [4, 40])]

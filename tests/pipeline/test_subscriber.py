@@ -22,8 +22,8 @@ import pytest
 from app.broker import OutgoingMessage
 from app.broker.base import Broker, PublishResult, ReceivedMessage
 from app.broker.local import LocalBroker
-from app.pipeline.codec import encode_batch, json_body, new_batch_id
-from app.pipeline.deadletter import DeadLetterStore
+from app.messages.codec import encode_batch, json_body, new_batch_id
+from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings

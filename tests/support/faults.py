@@ -643,7 +643,7 @@ def scenario_poison(tmp: Path, max_attempts: int = 3, flow_batches: int = 6) -> 
 def scenario_idempotent_retries(tmp: Path, batches: int = 30, rows: int = 20, kills: int = 2, seed: int = 3) -> Outcome:
     """Clients retry every batch with its Idempotency-Key across API kills; plus a re-published chunk."""
     from app.broker.local import LocalBroker
-    from app.pipeline.codec import encode_batch
+    from app.messages.codec import encode_batch
     from app.schema.validation import validate_batch
     from app.settings import Settings
 

@@ -71,7 +71,7 @@ class PubSubBroker(Broker):
         """Publish all messages and wait until Pub/Sub has them all, or raise BrokerUnavailable.
 
         Pub/Sub cannot dedupe publishes: the batch id (derived from the Idempotency-Key
-        and the body's fingerprint, see app.pipeline.codec) makes the `dedup_id`s of a
+        and the body's fingerprint, see app.messages.codec) makes the `dedup_id`s of a
         retried request equal, and the warehouse drops the copies.
         """
         if not messages:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.broker.base import ReceivedMessage
-from app.pipeline.codec import (
+from app.messages.codec import (
     MAGIC,
     UndecodableMessage,
     decode_message,

@@ -57,7 +57,7 @@ from app.broker.base import OutgoingMessage, ReceivedMessage
 from app.schema.activity import OPERATIONS, Activity
 from app.schema.columnar import ActivityRun, field_name, runs_of
 from app.schema.types import TYPES
-from app.warehouse.base import Envelope
+from app.messages.envelope import Envelope
 
 FORMAT_VERSION = 2
 JSON_FORMAT_VERSION = 1
