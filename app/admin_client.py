@@ -38,8 +38,22 @@ class SubscriberNotReady(Exception):
     """The warehouse file stayed locked and no admin port answered within the wait."""
 
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def url_host(host: str) -> str:
+    """`host` as a URL spells it: an IPv6 literal in brackets."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
 def admin_url(settings: Settings, path: str = "") -> str:
-    return f"http://{settings.subscriber_host}:{settings.subscriber_port}{path}"
+    """The subscriber's admin port as a client reaches it: a wildcard bind via loopback."""
+    host = settings.subscriber_host
+    if host in WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    return f"http://{url_host(host)}:{settings.subscriber_port}{path}"
 
 
 def admin_request(settings: Settings, path: str, body: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:

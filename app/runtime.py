@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 
+from app.admin_client import url_host
 from app.logs import configure_logging
 from app.settings import Settings, get_settings
 
@@ -116,7 +117,7 @@ def run_both(settings: Settings | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     log.info(
         "running: API on http://%s:%d, subscriber admin on http://%s:%d",
-        settings.api_host, settings.api_port, settings.subscriber_host, settings.subscriber_port,
+        url_host(settings.api_host), settings.api_port, url_host(settings.subscriber_host), settings.subscriber_port,
     )
     while not stopping.wait(0.5):
         if any(c.poll() is not None for c in children):

@@ -34,7 +34,7 @@ from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandle
 from app.api.middleware import RequestContextMiddleware
 from app.api.status import install_status_page
 from app.broker import Broker, make_broker
-from app.schema.validation import IngestRequest
+from app.api.models import IngestRequest
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("app.api")

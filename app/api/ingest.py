@@ -27,7 +27,8 @@ from app.logs import batch_id_var
 from app.messages.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
 from app.schema.columnar import ActivityRun
 from app.schema.activity import Activity
-from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch, validate_runs
+from app.schema.columnar_validation import validate_runs
+from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.schema.values import loads_exact
 from app.settings import Settings
 

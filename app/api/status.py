@@ -34,6 +34,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 from app import __version__
+from app.admin_client import admin_url
 
 log = logging.getLogger("app.api.status")
 
@@ -125,15 +126,6 @@ class Snapshot:
     generated_at: float
 
 
-def _admin_url(settings: Any) -> str:
-    host = settings.subscriber_host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.subscriber_port}"
-
-
 def _get_json(url: str) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(url, timeout=SUBSCRIBER_TIMEOUT_SECONDS) as response:
@@ -146,7 +138,7 @@ def _get_json(url: str) -> tuple[int, Any]:
 
 
 def _subscriber_view(settings: Any) -> tuple[list[dict[str, Any]] | None, str | None, dict[str, Any] | None]:
-    base = _admin_url(settings)
+    base = admin_url(settings)
     try:
         status, body = _get_json(base + "/tables")
     except (urllib.error.URLError, OSError, ValueError):

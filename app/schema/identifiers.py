@@ -41,7 +41,9 @@ RESERVED_COLUMN_PREFIXES: tuple[str, ...] = (
 )
 INTERNAL_PREFIX = "_ingest_"
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# The one spelling of the rule; also the JSON Schema `pattern` of the OpenAPI models.
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
 _BAD_CHAR = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -64,7 +66,7 @@ def _check(name: Any, kind: str, max_len: int) -> str | None:
         return f"{kind} name must not be empty"
     if len(name) > max_len:
         return f"{kind} name is {len(name)} characters long; at most {max_len} are allowed"
-    if _IDENT.match(name) is None:
+    if IDENTIFIER_RE.fullmatch(name) is None:  # fullmatch: `$` alone would admit a final newline
         bad = _BAD_CHAR.search(name)
         if bad is not None:
             ch = bad.group()

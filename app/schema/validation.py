@@ -11,12 +11,9 @@ either returns the validated, canonical activities or raises:
 
 It never raises anything else, whatever the input (fuzzed in tests).
 
-`validate_runs(body, ...)` is the same check with columnar output: exactly
-`runs_of(validate_batch(body, ...))`, the same errors for a bad body, but built column by
-column (`app.schema.vectorized`) without a Python object per value when the body is
-well-formed and its values are in the common forms.
+`app.schema.columnar_validation.validate_runs` gives the same verdicts as runs.
 
-Contract (what the docs models `IngestRequest` / `ActivityIn` describe):
+Contract (what the OpenAPI models in `app.api.models` describe):
 
 - the body is an object with exactly one key, `user_activities`, a non-empty list;
 - each activity is an object with exactly the keys operation, table, col_names,
@@ -38,44 +35,29 @@ activity, also for unknown keys and unequal lengths), `user_activities[i].<key>`
 from __future__ import annotations
 
 import logging
-from operator import itemgetter
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schema.activity import ACTIVITY_FIELDS, Activity
-from app.schema.columnar import ActivityRun, record_batch, runs_of, to_arrow
 from app.schema.identifiers import check_column_name, check_table_name
 from app.schema.types import TYPE_NAMES, TYPES
 from app.schema.values import brief
-from app.schema.vectorized import column_array
 
 __all__ = [
-    "ActivityIn",
-    "IngestRequest",
     "BatchInvalid",
     "LimitExceeded",
+    "ValidationContext",
+    "ValueTooLarge",
+    "OPERATIONS",
     "validate_batch",
-    "validate_runs",
+    "validation_context",
     "MAX_DETAILS",
-    "EXAMPLE_ACTIVITY",
-    "EXAMPLE_REQUEST",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_DETAILS = 1000
-
-EXAMPLE_ACTIVITY: dict[str, Any] = {
-    "operation": "insert",
-    "table": "user_activities_table",
-    "col_names": ["user_id", "event_type_id", "detail", "occured_at"],
-    "col_types": ["integer", "integer", "string", "datetime"],
-    "col_values": [1, 2, "logged in", "2021-03-30 06:12:44"],
-}
-EXAMPLE_REQUEST: dict[str, Any] = {"user_activities": [EXAMPLE_ACTIVITY]}
-
 
 # --- errors -----------------------------------------------------------------------
 
@@ -101,63 +83,6 @@ class LimitExceeded(Exception):
 class _TooManyDetails(Exception):
     pass
 
-
-# --- OpenAPI models (documentation of the contract) ---------------------------------
-
-
-class ActivityIn(BaseModel):
-    """One row-level change. Documents the contract; `validate_batch` enforces it."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_ACTIVITY]})
-
-    operation: Literal["insert", "delete"] = Field(
-        description="`insert` adds a row; `delete` removes the rows whose named columns all equal "
-        "the given values. Any letter case is accepted.",
-        examples=["insert"],
-    )
-    table: str = Field(
-        min_length=1,
-        max_length=1024,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Target table: ASCII letters, digits and underscores, not starting with a digit; "
-        "created on first insert. Names starting with `_ingest_` are reserved.",
-        examples=["user_activities_table"],
-    )
-    col_names: list[str] = Field(
-        min_length=1,
-        description="Column names (same rules as table names, at most 300 characters, unique "
-        "case-insensitively; BigQuery's reserved prefixes such as `_TABLE_` are refused).",
-        examples=[EXAMPLE_ACTIVITY["col_names"]],
-    )
-    col_types: list[str] = Field(
-        min_length=1,
-        description="One type per column, any letter case: " + ", ".join(f"`{t}`" for t in TYPE_NAMES) + ".",
-        json_schema_extra={"items": {"type": "string", "enum": list(TYPE_NAMES)}},
-        examples=[EXAMPLE_ACTIVITY["col_types"]],
-    )
-    col_values: list[Any] = Field(
-        min_length=1,
-        description="One value per column (null allowed for every type), in a form its type accepts: "
-        "BigQuery's JSON-ingestion forms (see the per-type examples).",
-        examples=[EXAMPLE_ACTIVITY["col_values"]],
-    )
-
-    @field_validator("operation", mode="before")
-    @classmethod
-    def _lower_operation(cls, v: Any) -> Any:
-        return v.lower() if isinstance(v, str) else v
-
-
-class IngestRequest(BaseModel):
-    """The body of `POST /api-log/v1/`."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
-
-    user_activities: list[ActivityIn] = Field(
-        min_length=1, description="Activities, applied in order per table."
-    )
-
-
 # --- validation -------------------------------------------------------------------
 #
 # Two paths per activity. The fast path handles a well-formed activity whose
@@ -167,11 +92,11 @@ class IngestRequest(BaseModel):
 # problem with its location.
 
 _FIELDS = frozenset(ACTIVITY_FIELDS)
-_OPERATIONS = {"insert": "insert", "delete": "delete"}
+OPERATIONS = {"insert": "insert", "delete": "delete"}
 _CACHE_MAX = 4096
 
 
-class _TooLarge(Exception):
+class ValueTooLarge(Exception):
     """A value is over a limit; the slow path turns it into LimitExceeded with its loc."""
 
     def __init__(self, message: str, limit_name: str):
@@ -200,7 +125,7 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-class _Context:
+class ValidationContext:
     """Limit-aware normalizers and the cache of valid column sets, per limit values."""
 
     def __init__(self, max_value_bytes: int, max_record_depth: int):
@@ -210,18 +135,18 @@ class _Context:
             if len(v) > safe_chars:
                 size = _utf8_len(v)
                 if size > max_value_bytes:
-                    raise _TooLarge(f"is {size} bytes; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes")
+                    raise ValueTooLarge(f"is {size} bytes; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes")
 
         def check_json_size(v: Any) -> None:
             size = len(orjson.dumps(v))  # canonical records always encode (values.normalize_record)
             if size > max_value_bytes:
-                raise _TooLarge(
+                raise ValueTooLarge(
                     f"is {size} bytes as JSON; at most {max_value_bytes} bytes per value are allowed", "max_value_bytes"
                 )
 
         def check_depth(v: Any) -> None:
             if _too_deep(v, max_record_depth):
-                raise _TooLarge(f"nests deeper than {max_record_depth} levels", "max_record_depth")
+                raise ValueTooLarge(f"nests deeper than {max_record_depth} levels", "max_record_depth")
 
         def sized(normalize: Callable[[Any], Any]) -> Callable[[Any], Any]:
             def normalize_sized(v: Any) -> Any:
@@ -266,16 +191,16 @@ class _Context:
         self.schemas[key] = (lowered, tuple(self.normalizers[t] for t in lowered))
 
 
-_contexts: dict[tuple[int, int], _Context] = {}
+_contexts: dict[tuple[int, int], ValidationContext] = {}
 
 
-def _context(max_value_bytes: int, max_record_depth: int) -> _Context:
+def validation_context(max_value_bytes: int, max_record_depth: int) -> ValidationContext:
     key = (max_value_bytes, max_record_depth)
     ctx = _contexts.get(key)
     if ctx is None:
         if len(_contexts) >= 16:
             _contexts.clear()
-        ctx = _contexts[key] = _Context(max_value_bytes, max_record_depth)
+        ctx = _contexts[key] = ValidationContext(max_value_bytes, max_record_depth)
     return ctx
 
 
@@ -290,7 +215,7 @@ def validate_batch(
     """Validate and normalize a decoded request body (see the module docstring)."""
     details: list[dict[str, str]] = []
     try:
-        result = _validate(body, details, max_activities, max_columns, _context(max_value_bytes, max_record_depth))
+        result = _validate(body, details, max_activities, max_columns, validation_context(max_value_bytes, max_record_depth))
     except (LimitExceeded, BatchInvalid):
         raise
     except _TooManyDetails:
@@ -306,7 +231,7 @@ def validate_batch(
 
 
 def _validate(
-    body: Any, details: list[dict[str, str]], max_activities: int, max_columns: int, ctx: _Context
+    body: Any, details: list[dict[str, str]], max_activities: int, max_columns: int, ctx: ValidationContext
 ) -> list[Activity]:
     def add(loc: str, message: str) -> None:
         if len(details) >= MAX_DETAILS:
@@ -343,7 +268,7 @@ def _validate(
         # Fast path: a well-formed activity with a known-valid column set and valid values.
         if type(act) is dict and len(act) == 5:
             try:
-                op = _OPERATIONS[act["operation"]]
+                op = OPERATIONS[act["operation"]]
                 table = act["table"]
                 names = act["col_names"]
                 types = act["col_types"]
@@ -356,7 +281,7 @@ def _validate(
                 if len(vals) == len(lowered) <= max_columns:
                     try:
                         new_vals = [None if v is None else f(v) for f, v in zip(normalizers, vals)]
-                    except (ValueError, _TooLarge):
+                    except (ValueError, ValueTooLarge):
                         pass
                     else:
                         append_out(Activity(op, table, list(names), lowered.copy(), new_vals))  # type: ignore[arg-type]
@@ -407,7 +332,7 @@ def _resolve_types(types: list) -> tuple[list[str], list[tuple[int, str]]]:
 
 
 def _validate_activity(
-    i: int, act: Any, details: list[dict[str, str]], add: Callable[[str, str], None], max_columns: int, ctx: _Context
+    i: int, act: Any, details: list[dict[str, str]], add: Callable[[str, str], None], max_columns: int, ctx: ValidationContext
 ) -> Activity | None:
     """Check one activity completely, reporting every problem; the Activity if it is valid."""
     at = f"user_activities[{i}]"
@@ -426,7 +351,7 @@ def _validate_activity(
     op: str | None = None
     if "operation" in act:
         op_raw = act["operation"]
-        if type(op_raw) is str and op_raw.lower() in _OPERATIONS:
+        if type(op_raw) is str and op_raw.lower() in OPERATIONS:
             op = op_raw.lower()
         else:
             add(f"{at}.operation", f"expected 'insert' or 'delete', got {brief(op_raw)}")
@@ -501,159 +426,9 @@ def _validate_activity(
                 new_vals.append(f(v))
             except ValueError as exc:
                 add(f"{at}.col_values[{j}]", str(exc))
-            except _TooLarge as exc:
+            except ValueTooLarge as exc:
                 raise LimitExceeded(f"{at}.col_values[{j}] {exc.message}", exc.limit_name) from None
 
     if len(details) != n_details or op is None or names is None:
         return None
     return Activity(op, table, list(names), lowered, new_vals)  # type: ignore[arg-type]
-
-
-
-# --- columnar validation ------------------------------------------------------------
-#
-# `validate_runs` takes the columnar road only for a body every activity of which would
-# take `_validate`'s fast path (well-formed, known-valid column set); it groups the
-# activities as `runs_of` does and builds each column with `column_array`, or with the
-# per-value normalizers where that declines. Anything else, an invalid value included,
-# goes through `validate_batch` (then `runs_of`), the one source of the 4xx details.
-
-
-def validate_runs(
-    body: Any,
-    *,
-    max_activities: int,
-    max_columns: int = 10000,
-    max_value_bytes: int = 1 << 20,
-    max_record_depth: int = 15,
-) -> list[ActivityRun]:
-    """`runs_of(validate_batch(body, ...))`, built column by column where it can be."""
-    ctx = _context(max_value_bytes, max_record_depth)
-    try:
-        runs = _columnar_runs(body, ctx, max_activities, max_columns, max_value_bytes)
-    except Exception:  # anything unusual: the per-activity rules decide, and word the errors
-        runs = None
-    if runs is None:
-        return runs_of(
-            validate_batch(
-                body,
-                max_activities=max_activities,
-                max_columns=max_columns,
-                max_value_bytes=max_value_bytes,
-                max_record_depth=max_record_depth,
-            )
-        )
-    return runs
-
-
-class _Group:
-    """Consecutive activities of one table with one operation, names and (lower-case) types."""
-
-    __slots__ = ("operation", "names", "raw_types", "types", "normalizers", "values")
-
-    def __init__(self, operation: str, names: list, raw_types: list, schema: tuple, values: list) -> None:
-        self.operation = operation
-        self.names = names
-        self.raw_types = raw_types
-        self.types, self.normalizers = schema
-        self.values = values  # each activity's col_values
-
-
-_get_table = itemgetter("table")
-_get_operation = itemgetter("operation")
-_get_names = itemgetter("col_names")
-_get_types = itemgetter("col_types")
-_get_values = itemgetter("col_values")
-
-
-def _columnar_runs(
-    body: Any, ctx: _Context, max_activities: int, max_columns: int, max_value_bytes: int
-) -> list[ActivityRun] | None:
-    """The runs of a body all of whose activities take `_validate`'s fast path, else None."""
-    if type(body) is not dict or len(body) != 1:
-        return None
-    activities = body.get("user_activities")
-    if type(activities) is not list or not 0 < len(activities) <= max_activities:
-        return None
-    if set(map(type, activities)) != {dict} or set(map(len, activities)) != {5}:
-        return None
-    # KeyError for a missing key: with five keys, all five present means no unknown one
-    tables = list(map(_get_table, activities))
-    operations = list(map(_get_operation, activities))
-    names = list(map(_get_names, activities))
-    types = list(map(_get_types, activities))
-    values = list(map(_get_values, activities))
-    groups = _groups(tables, operations, names, types, values, ctx)
-    if groups is None:
-        return None
-    runs: list[ActivityRun] = []
-    for table, table_groups in groups.items():
-        for group in table_groups:
-            run = _run(table, group, max_columns, max_value_bytes)
-            if run is None:
-                return None
-            runs.append(run)
-    return runs
-
-
-def _groups(
-    tables: list, operations: list, names: list, types: list, values: list, ctx: _Context
-) -> dict[str, list[_Group]] | None:
-    """Activities grouped as `runs_of` groups them: per table (first seen first), then
-    consecutive ones of one operation, names and types; None unless every column set is
-    known valid."""
-    n = len(tables)
-    first_names, first_types = names[0], types[0]
-    if type(first_names) is not list or type(first_types) is not list:
-        return None  # (equal to a list is a list, below)
-    schemas_get = ctx.schemas.get
-    if (  # one table, one shape: the common request
-        tables.count(tables[0]) == n
-        and operations.count(operations[0]) == n
-        and names.count(first_names) == n
-        and types.count(first_types) == n
-    ):
-        operation = _OPERATIONS.get(operations[0])
-        schema = schemas_get((tables[0], tuple(first_names), tuple(first_types)))
-        if operation is None or schema is None:
-            return None
-        return {tables[0]: [_Group(operation, first_names, first_types, schema, values)]}
-
-    groups: dict[str, list[_Group]] = {}
-    last: dict[str, _Group] = {}  # each table's latest group
-    for table, op, nm, ty, vals in zip(tables, operations, names, types, values):
-        group = last.get(table)
-        # Equal to the group's raw operation, names and types: the same, valid, shape.
-        if group is not None and op == group.operation and nm == group.names and ty == group.raw_types:
-            group.values.append(vals)
-            continue
-        operation = _OPERATIONS.get(op)
-        if operation is None or type(nm) is not list or type(ty) is not list:
-            return None
-        schema = schemas_get((table, tuple(nm), tuple(ty)))
-        if schema is None:
-            return None
-        if group is not None and operation == group.operation and nm == group.names and schema[0] == group.types:
-            group.values.append(vals)  # "INTEGER" and "integer" are one type
-            continue
-        group = last[table] = _Group(operation, nm, ty, schema, [vals])
-        groups.setdefault(table, []).append(group)
-    return groups
-
-
-def _run(table: str, group: _Group, max_columns: int, max_value_bytes: int) -> ActivityRun | None:
-    """The group's run, or None when a value is not valid (or over a limit)."""
-    n_columns = len(group.types)
-    rows = group.values
-    if n_columns > max_columns or set(map(type, rows)) != {list} or set(map(len, rows)) != {n_columns}:
-        return None
-    arrays = []
-    for type_name, normalize, column in zip(group.types, group.normalizers, zip(*rows)):
-        array = column_array(type_name, column, max_value_bytes)
-        if array is None:
-            try:
-                array = to_arrow(type_name, [None if v is None else normalize(v) for v in column])
-            except (ValueError, _TooLarge):
-                return None
-        arrays.append(array)
-    return ActivityRun(table, group.operation, list(group.names), group.types.copy(), record_batch(group.types, arrays))

@@ -4,9 +4,10 @@
 `TYPES[type_name].arrow_type`) holding exactly what `TYPES[type_name].normalize` would
 make of every value, or None when it cannot be sure cheaply: the column holds a form the
 fast parsers leave alone (a digit string for an integer, a one-digit month, a zone name,
-a base64 text ...) or a value that may be invalid. The caller then runs the per-value
-rules (`app.schema.validation`), which accept the rest and word the 422. So None never
-means "invalid", and a parser never accepts what the type table refuses.
+a base64 text ...) or a value that may be invalid. The caller
+(`app.schema.columnar_validation`) then runs the per-value rules (`app.schema.validation`),
+which accept the rest and word the 422. So None never means "invalid", and a parser never
+accepts what the type table refuses.
 
 The forms parsed here are a strict subset of each type's accepted forms (see
 `app.schema.types`): every check is on the JSON type of each value (Arrow's own

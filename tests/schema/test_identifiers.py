@@ -33,6 +33,7 @@ def test_valid_column_names(name):
         ("a.b", "'.'"),
         ("a$", "'$'"),
         ("tab\tle", "U+0009"),
+        ("name\n", "U+000A"),  # `$` of the pattern admits a final newline; the check must not
         ("_ingest_x", "reserved for the pipeline"),
         ("_INGEST_offsets", "reserved for the pipeline"),
         ("_Ingest_", "reserved for the pipeline"),
