@@ -1,7 +1,7 @@
 """Fault and hostile-input report: runs the fault scenarios and writes docs/reliability.md.
 
-`make reliability` (or `.venv/bin/python scripts/reliability.py [--only NAME ...] [--no-gcp]`).
-The scenarios are the ones the fault tests assert on (`tests/support/faults.py`), so the
+`make reliability` (or `.venv/bin/python -m scripts.reliability [--only NAME ...] [--no-gcp]` from the repo root).
+The scenarios are the ones the fault tests assert on (`tests/support/faults/`), so the
 report and the tests describe the same runs. Each scenario starts its own processes in a
 temp dir; the emulator ones need pstest / bqemulator (`make emulators`) and are reported
 as not run when those cannot start. Input classes: the injection scenario, plus the
@@ -22,10 +22,11 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.support.faults.google import GCP_SCENARIOS
+from tests.support.faults.local import LOCAL_SCENARIOS
+from tests.support.faults.outcome import Outcome
 
-from tests.support import faults  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "docs" / "reliability.md"
 
@@ -36,8 +37,8 @@ INPUT_SUITES = [
 ]
 
 
-def run_scenarios(names: list[str]) -> list[tuple[str, faults.Outcome | None, str]]:
-    every = {**faults.LOCAL_SCENARIOS, **faults.GCP_SCENARIOS}
+def run_scenarios(names: list[str]) -> list[tuple[str, Outcome | None, str]]:
+    every = {**LOCAL_SCENARIOS, **GCP_SCENARIOS}
     results = []
     for name in names:
         print(f"== {name}", flush=True)
@@ -81,7 +82,7 @@ def render(results, suites) -> str:
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.",
         "Rerun it to refresh this file. Every scenario starts real processes (`python -m app api|subscriber`) in a "
         "temp dir and injects the fault from outside (SIGKILL, a lock held by another process, an emulator "
-        "stopped); the same scenario functions (`tests/support/faults.py`) back the fault tests "
+        "stopped); the same scenario functions (`tests/support/faults/`) back the fault tests "
         "(`tests/e2e/test_faults.py`, `tests/e2e/test_faults_gcp.py`), which assert on the numbers below.",
         "",
         "Columns: **sent** activities sent (each batch once), **accepted** activities of batches answered 200, "
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-suites", action="store_true", help="skip the hostile-input pytest suites")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    names = list(faults.LOCAL_SCENARIOS) + ([] if args.no_gcp else list(faults.GCP_SCENARIOS))
+    names = list(LOCAL_SCENARIOS) + ([] if args.no_gcp else list(GCP_SCENARIOS))
     if args.only:
         names = [n for n in names if n in args.only]
     results = run_scenarios(names)

@@ -63,7 +63,7 @@ def _drain(p: Any, expected_acked: float, timeout: float) -> float:
 
 
 def _applies(p: Any, tables: set[str] | None = None) -> list[int]:
-    from tests.support.faults import log_events
+    from tests.support.faults.outcome import log_events
 
     return [int(e["messages"]) for e in log_events(p, "subscriber")
             if e.get("msg") == "applied" and "messages" in e and (tables is None or e.get("table") in tables)]

@@ -1,6 +1,6 @@
 """Fault injection against the real processes (embedded default: SQLite broker, DuckDB).
 
-The scenarios live in `tests/support/faults.py` (shared with `scripts/reliability.py`,
+The scenarios live in `tests/support/faults/local.py` (shared with `scripts/reliability.py`,
 which writes `docs/reliability.md`); these tests assert on what they return. Nothing is
 mocked: processes are SIGKILLed, files are locked by other processes. No assertion is
 on timing: recovery times are only measured for the report.
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import faults
+from tests.support.faults import local
 
 
 @pytest.mark.slow
 def test_subscriber_kill9_ten_times_during_100k_stream(tmp_path):
-    o = faults.scenario_subscriber_kill9(tmp_path)
+    o = local.scenario_subscriber_kill9(tmp_path)
     assert o.data["kills"] == 10
     assert o.statuses == {"200": 200}, o.statuses  # the API kept accepting throughout
     assert o.accepted == o.sent == 100_000
@@ -27,7 +27,7 @@ def test_subscriber_kill9_ten_times_during_100k_stream(tmp_path):
 
 @pytest.mark.slow
 def test_api_kill9_under_concurrent_load_no_partial_batch(tmp_path):
-    o = faults.scenario_api_kill9(tmp_path)
+    o = local.scenario_api_kill9(tmp_path)
     assert o.data["kills"] >= 3
     assert o.data["failed_batches"] > 0, "the kills should have broken some requests"
     assert o.data["ok_batches"] > 0
@@ -39,7 +39,7 @@ def test_api_kill9_under_concurrent_load_no_partial_batch(tmp_path):
 
 
 def test_broker_locked_answers_503_then_resumes_by_itself(tmp_path):
-    o = faults.scenario_broker_locked(tmp_path)
+    o = local.scenario_broker_locked(tmp_path)
     during = {k: v for k, v in o.statuses.items() if not k.startswith("after:")}
     assert during == {"200": 1, "503": 6}, o.statuses  # the batch before the lock, then only 503s
     assert o.data["retry_after"] == ["1"]
@@ -51,7 +51,7 @@ def test_broker_locked_answers_503_then_resumes_by_itself(tmp_path):
 
 
 def test_backpressure_stalled_broker_sheds_load_with_503(tmp_path):
-    o = faults.scenario_backpressure(tmp_path)
+    o = local.scenario_backpressure(tmp_path)
     # Every request of every burst is refused with 503 + Retry-After: none hangs (the
     # client's timeout would show up as an error name), none is buffered and accepted later.
     assert o.statuses == {"503": 3 * 150}, o.statuses
@@ -65,7 +65,7 @@ def test_backpressure_stalled_broker_sheds_load_with_503(tmp_path):
 
 
 def test_duckdb_locked_backlog_waits_with_capped_backoff_then_drains(tmp_path):
-    o = faults.scenario_duckdb_locked(tmp_path)
+    o = local.scenario_duckdb_locked(tmp_path)
     assert o.statuses == {"200": 5}
     # While locked: nothing acked, everything waits in the broker, readiness names the warehouse.
     assert o.data["acked_while_locked"] == 0
@@ -85,7 +85,7 @@ def test_duckdb_locked_backlog_waits_with_capped_backoff_then_drains(tmp_path):
 
 
 def test_poison_messages_are_dead_lettered_and_the_rest_flows(tmp_path):
-    o = faults.scenario_poison(tmp_path, max_attempts=3)
+    o = local.scenario_poison(tmp_path, max_attempts=3)
     letters = o.data["dead_letters"]
     by_table = {letter["table"]: letter for letter in letters}
     assert set(by_table) == {"garbage", "stuck", "conflict"}, letters
@@ -104,7 +104,7 @@ def test_poison_messages_are_dead_lettered_and_the_rest_flows(tmp_path):
 
 
 def test_idempotency_key_retries_across_api_kills_create_no_duplicates(tmp_path):
-    o = faults.scenario_idempotent_retries(tmp_path)
+    o = local.scenario_idempotent_retries(tmp_path)
     assert o.data["batch_ids_per_key"] == 1  # every retry got the original batch id
     assert o.statuses["replayed"] >= 30  # each batch's second send was a replay
     assert o.data["replay_after_restart"] == (200, "true", True)

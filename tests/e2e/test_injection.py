@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.support.faults import HOSTILE_NAMES, HOSTILE_VALUES, scenario_injection
+from tests.support.faults.local import HOSTILE_NAMES, HOSTILE_VALUES, scenario_injection
 from tests.support.processes import wait_until
 
 PATH = "/api-log/v1/"
