@@ -46,10 +46,10 @@ test-fast: $(VENV)/.dev
 
 # The load generator is Debian's wrk (installed by system-bench like the test packages).
 bench: system-bench $(VENV)/.dev emulators
-	$(PY) scripts/bench.py
+	$(PY) -m scripts.bench
 
 reliability: system $(VENV)/.dev emulators
-	$(PY) scripts/reliability.py
+	$(PY) -m scripts.reliability
 
 provision: $(VENV)/.runtime
 	bash pubsub.sh

@@ -3,12 +3,12 @@
 Measures the main thread's CPU time (time.thread_time, so time lost to other processes
 on a shared machine is not counted) per README-body request, best of several batches:
 
-    .venv/bin/python scripts/bench/api_inprocess.py                 # stub broker: the app's own work
-    .venv/bin/python scripts/bench/api_inprocess.py --broker local  # the real local broker, 32 concurrent
-    .venv/bin/python scripts/bench/api_inprocess.py --activities 500  # README-shaped batches of 500
+    .venv/bin/python -m scripts.bench.api_inprocess                 # stub broker: the app's own work
+    .venv/bin/python -m scripts.bench.api_inprocess --broker local  # the real local broker, 32 concurrent
+    .venv/bin/python -m scripts.bench.api_inprocess --activities 500  # README-shaped batches of 500
 
 Lines go through the same JSON logging as the real API (into a temp file). Compare two
-versions by running each tree's copy of this script alternately.
+versions by running it from each tree's root alternately.
 """
 
 from __future__ import annotations
@@ -16,21 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
-
-import workload  # noqa: E402
-
-from app.api.app import create_app  # noqa: E402
-from app.logs import configure_logging  # noqa: E402
-from app.runtime import freeze_startup_heap  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from tests.support.brokers import StubBroker  # noqa: E402  (accepts at once: only the API's own work is measured)
+from app.api.app import create_app
+from app.logs import configure_logging
+from app.runtime import freeze_startup_heap
+from app.settings import Settings
+from scripts.bench import workload
+from tests.support.brokers import StubBroker  # accepts at once: only the API's own work is measured
 
 
 def main() -> None:

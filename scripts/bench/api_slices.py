@@ -5,26 +5,20 @@ other pass), many times. Background load on a shared machine changes slowly, so 
 server sees about the same load and the ratio to bare is steadier than from separate
 runs. Also prints CPU per request of each server process and of its main thread.
 
-    .venv/bin/python scripts/bench/api_slices.py                       # this tree
-    .venv/bin/python scripts/bench/api_slices.py --slices 16 /path/to/old/tree .
+    .venv/bin/python -m scripts.bench.api_slices                       # this tree
+    .venv/bin/python -m scripts.bench.api_slices --slices 16 /path/to/old/tree .
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import psutil
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
-
-import harness  # noqa: E402
-import workload  # noqa: E402
+from scripts.bench import harness, workload
 
 
 def _main_thread_cpu(proc: psutil.Process) -> float:
@@ -33,7 +27,7 @@ def _main_thread_cpu(proc: psutil.Process) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("trees", nargs="*", default=[str(HERE.parents[1])], help="source trees with a .venv")
+    p.add_argument("trees", nargs="*", default=[str(harness.ROOT)], help="source trees with a .venv")
     p.add_argument("--slices", type=int, default=12)
     p.add_argument("--seconds", type=float, default=2.0)
     args = p.parse_args()
@@ -45,11 +39,11 @@ def main() -> None:
     servers: dict[str, harness.Server] = {}
     names = ["bare"] + [f"{i}:{t.name}" for i, t in enumerate(trees)]
     try:
-        servers["bare"] = harness.start_uvicorn_app("bare", "bare_app:app", harness.base_env(tmp / "bare"), tmp / "logs")
+        servers["bare"] = harness.start_uvicorn_app("bare", "scripts.bench.bare_app:app", harness.base_env(tmp / "bare"), tmp / "logs")
         for name, tree in zip(names[1:], trees):
             port = harness.free_port()
             env = {**harness.base_env(tmp / name.replace(":", "-")), "API_PORT": str(port),
-                   "PYTHONPATH": str(tree) + os.pathsep + str(tree / "scripts" / "bench")}
+                   "PYTHONPATH": str(tree)}
             servers[name] = harness.start(name.replace(":", "-"), [str(tree / ".venv/bin/python"), "-m", "app", "api"],
                                           env, port, tmp / "logs")
         for server in servers.values():

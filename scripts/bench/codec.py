@@ -1,7 +1,7 @@
 """Message codec cost, in process: encode per README-body request and decode of a
 500-activity message, format 1 (JSON) against format 2 (Arrow IPC).
 
-    .venv/bin/python scripts/bench/codec.py
+    .venv/bin/python -m scripts.bench.codec
 
 Best of 5 repeats of timeit, in microseconds of this process's CPU time per call (so
 time lost to other processes on a shared machine is not counted). The format 1 encoder
@@ -10,22 +10,17 @@ is the one the API used before format 2, kept here for the comparison.
 
 from __future__ import annotations
 
-import sys
 import time
 import timeit
-from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+import orjson
 
-import orjson  # noqa: E402
-from workload import mixed_bodies, readme_batch, readme_body  # noqa: E402
-
-from app.broker.base import OutgoingMessage, ReceivedMessage  # noqa: E402
-from app.messages.codec import dedup_id, decode_message, encode_runs  # noqa: E402
-from app.schema.columnar import runs_of  # noqa: E402
-from app.schema.validation import validate_batch  # noqa: E402
+from app.broker.base import OutgoingMessage, ReceivedMessage
+from app.messages.codec import decode_message, dedup_id, encode_runs
+from app.schema.columnar import runs_of
+from app.schema.validation import validate_batch
+from scripts.bench.workload import mixed_bodies, readme_batch, readme_body
 
 
 def _per_call_us(fn: Callable[[], Any], seconds: float = 1.0) -> float:

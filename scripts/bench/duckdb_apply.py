@@ -1,6 +1,6 @@
 """Micro-benchmark: `DuckDBWarehouse.apply` against a raw DuckDB append of the same rows.
 
-    .venv/bin/python scripts/bench/duckdb_apply.py [--rows 200000] [--per-apply 20] [--deletes 0] [--format v2]
+    .venv/bin/python -m scripts.bench.duckdb_apply [--rows 200000] [--per-apply 20] [--deletes 0] [--format v2]
 
 Rows (integer, string, timestamp, numeric; canonical values as messages carry them) go
 through `apply` in envelopes of 500, `--per-apply` envelopes per call (one transaction
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,12 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from app.schema.activity import Activity  # noqa: E402
-from app.schema.columnar import runs_of, to_arrow  # noqa: E402
-from app.schema.types import TYPES as TYPE_TABLE  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from app.warehouse.base import Envelope  # noqa: E402
-from app.warehouse.duckdb import DuckDBWarehouse  # noqa: E402
+from app.schema.activity import Activity
+from app.schema.columnar import runs_of, to_arrow
+from app.schema.types import TYPES as TYPE_TABLE
+from app.settings import Settings
+from app.warehouse.base import Envelope
+from app.warehouse.duckdb import DuckDBWarehouse
 
 NAMES = ["id", "name", "ts", "amount"]
 TYPES = ["integer", "string", "timestamp", "numeric"]

@@ -93,11 +93,16 @@ class _Counts:
 
 def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sample: int,
             prototype: Callable[[Any, int], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
-    import workload  # scripts/bench/workload.py
-
     from app.settings import Settings
+    from scripts.bench import workload
     from tests.support.bqemulator import running_bqemulator
-    from tests.support.fault_proxy import BigQueryRestProxy, GrpcProxy, OrderingGate, SchemaVisibility, StorageWriteFaults
+    from tests.support.fault_proxy import (
+        BigQueryRestProxy,
+        GrpcProxy,
+        OrderingGate,
+        SchemaVisibility,
+        StorageWriteFaults,
+    )
     from tests.support.processes import Pipeline
     from tests.support.pstest import running_pstest
 

@@ -33,7 +33,7 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DATA_DIR=str(data_dir),
-        PYTHONPATH=str(ROOT) + os.pathsep + str(BENCH_DIR),
+        PYTHONPATH=str(ROOT),  # the servers import app and scripts.bench.* from this tree
         API_HOST="127.0.0.1",
         SUBSCRIBER_HOST="127.0.0.1",
     )
