@@ -11,13 +11,7 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from tests.support.faults.harness import (
-    activity,
-    post_until_accepted,
-    rows_body,
-    start_pipeline,
-    status_of,
-)
+from tests.support.faults.harness import activity, post_until_accepted, rows_body, start_pipeline, status_of
 from tests.support.faults.outcome import (
     Outcome,
     backlog,
