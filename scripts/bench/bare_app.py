@@ -1,6 +1,6 @@
 """Benchmark baseline: the framework ceiling. Reads the body, answers 200, nothing else.
 
-Started by scripts/bench.py with the same uvicorn settings as the real API
+Started by `python -m scripts.bench` (scripts/bench/run.py) with the same uvicorn settings as the real API
 (uvloop, httptools, no access log).
 """
 

@@ -2,8 +2,8 @@
 
 A `List[dict]` Pydantic model (shape only: no value is validated) and a fire-and-forget
 publish to Pub/Sub on pstest: the publisher client's future is never awaited, so the 200
-says nothing about durability. Started by scripts/bench.py with the real API's uvicorn
-settings and `PUBSUB_EMULATOR_HOST` pointing at a pstest it started.
+says nothing about durability. Started by `python -m scripts.bench` (scripts/bench/run.py)
+with the real API's uvicorn settings and `PUBSUB_EMULATOR_HOST` pointing at a pstest it started.
 """
 
 import os
