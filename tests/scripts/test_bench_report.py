@@ -1,0 +1,51 @@
+"""`make bench` sets each figure against its target and same-run baselines, and renders the report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+
+from scripts.bench.evaluate import TARGETS, evaluate
+from tests.support.processes import ROOT
+
+
+def drain(rows_per_s: float, rss_mb: float = 100.0) -> dict:
+    return {
+        "activities": 1_000_000, "rows_per_s": rows_per_s, "seconds": 1_000_000 / rows_per_s, "sub_peak_rss_mb": rss_mb,
+        "ceiling": {"rows_per_s": 800_000.0, "from_lists_rows_per_s": 400_000.0},
+        "row_at_a_time": {"rows_per_s": 2_000.0},
+    }
+
+
+def verdicts(results: dict) -> dict[str, str]:
+    return {row["target"].split(":")[-1].strip(): row["verdict"] for row in evaluate(results)}
+
+
+def test_drain_verdicts_follow_the_targets():
+    assert verdicts({"drain": drain(TARGETS["2_rows"], rss_mb=TARGETS["4_sub_rss_mb"])}) == {
+        ">= 200,000 rows/s": "PASS",
+        ">= 0.25x raw Arrow append ceiling": "PASS",  # 200k of an 800k ceiling: exactly 0.25x
+        "4 subscriber peak RSS <= 250 MB (during 2)": "PASS",
+    }
+    assert set(verdicts({"drain": drain(TARGETS["2_rows"] - 1, rss_mb=251.0)}).values()) == {"MISS"}
+
+
+def test_missing_sections_give_no_rows_and_errors_are_reported_unjudged():
+    assert evaluate({}) == []
+    [row] = evaluate({"gcp": {"error": "not measured: pstest unavailable"}})
+    assert row["verdict"] == "n/a" and "pstest unavailable" in row["measured"]
+
+
+def test_report_renders_from_saved_results(tmp_path):
+    saved = tmp_path / "results.json"
+    saved.write_bytes(orjson.dumps({"drain": drain(300_000.0)}))
+    out = tmp_path / "benchmarks.md"
+    run = subprocess.run([sys.executable, "-m", "scripts.bench", "--from-json", str(saved), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = out.read_text()
+    assert "| 2 drain 1,000,000 activities: >= 200,000 rows/s | 300,000 rows/s (3.3 s) |" in report
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "2 drain 1,000,000 activities: >= 200,000 rows/s" in run.stdout
