@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.schema.identifiers import IDENTIFIER_PATTERN, INTERNAL_PREFIX, MAX_TABLE_NAME
+from app.schema.identifiers import IDENTIFIER_PATTERN, INTERNAL_PREFIX, MAX_COLUMN_NAME, MAX_TABLE_NAME
 from app.schema.types import TYPE_NAMES
 
 __all__ = ["ActivityIn", "IngestRequest", "EXAMPLE_ACTIVITY", "EXAMPLE_REQUEST"]
@@ -45,7 +45,7 @@ class ActivityIn(BaseModel):
     )
     col_names: list[str] = Field(
         min_length=1,
-        description="Column names (same rules as table names, at most 300 characters, unique "
+        description=f"Column names (same rules as table names, at most {MAX_COLUMN_NAME} characters, unique "
         "case-insensitively; BigQuery's reserved prefixes such as `_TABLE_` are refused).",
         examples=[EXAMPLE_ACTIVITY["col_names"]],
     )
