@@ -94,3 +94,9 @@ def test_link_check_sees_links_and_headings():
     assert "https://cloud.google.com/pubsub/docs/ordering" not in relative_links(ROOT / "docs" / "google-cloud.md")
     assert {"ops-running-it", "quick-start"} <= set(anchors(README))
     assert list(anchors("# A: `b_c` d\n## A: b_c d\n```\n# not a heading\n```\n")) == ["a-b_c-d", "a-b_c-d-1"]
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {target.partition("#")[0] for target in relative_links(ROOT / "README.md")}
+    pages = {f"docs/{page.name}" for page in (ROOT / "docs").glob("*.md")}
+    assert pages - linked == set()
