@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from google.cloud import bigquery
 
+from app.schema.identifiers import IDENTIFIER, MAX_COLUMN_NAME
 from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.bigquery import errors
@@ -33,12 +34,11 @@ MARKERS_TABLE = "_ingest_markers"
 MARKER_RETENTION_DAYS = 8
 MAX_CLUSTERING_COLUMNS = 4  # https://cloud.google.com/bigquery/docs/clustered-tables#limitations
 
-TABLE_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
-COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
+DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 
 
 def quote_column(name: str) -> str:
-    if not COLUMN_RE.match(name):
+    if not IDENTIFIER.match(name) or len(name) > MAX_COLUMN_NAME:
         raise ValueError(f"invalid column name {name!r}")
     return f"`{name}`"
 
