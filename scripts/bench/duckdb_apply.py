@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.schema.activity import Activity  # noqa: E402
 from app.schema.columnar import runs_of, to_arrow  # noqa: E402
-from app.schema.types import TYPES as TYPE_TABLE  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from app.warehouse.base import Envelope  # noqa: E402
-from app.warehouse.duckdb import DuckDBWarehouse  # noqa: E402
+from app.warehouse.duckdb import TYPE_MAPPER, DuckDBWarehouse  # noqa: E402
 
 NAMES = ["id", "name", "ts", "amount"]
 TYPES = ["integer", "string", "timestamp", "numeric"]
@@ -73,7 +72,7 @@ def bench_apply(path: Path, calls: list[list[Envelope]]) -> float:
 
 def bench_raw(path: Path, rows: list[list], per_apply: int) -> float:
     con = duckdb.connect(str(path))
-    con.execute(f"CREATE TABLE bench ({', '.join(f'{n} {TYPE_TABLE[t].duckdb_type}' for n, t in zip(NAMES, TYPES))})")
+    con.execute(f"CREATE TABLE bench ({', '.join(f'{n} {TYPE_MAPPER.column_type(t)}' for n, t in zip(NAMES, TYPES))})")
     step = per_apply * ENVELOPE
     tables = []
     for start in range(0, len(rows), step):
