@@ -117,6 +117,7 @@ class BigQueryWarehouse(Warehouse):
             max_alters_per_statement=1 if self.emulator else None,
             supports_geometry=True,
             concurrent_tables=True,  # per-table locks; shared caches and counters are locked
+            max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
         )
         self.client = BigQueryClient(settings, rest=client)
         self.api_calls = self.client.calls  # calls per kind (see client.py)
@@ -484,5 +485,5 @@ def _bad_columns(col_names: Sequence[Any]) -> str | None:
     for name in col_names:
         error = check_column_name(name)
         if error is not None:
-            return error
+            return f"{error} (not valid in BigQuery)"
     return None
