@@ -20,15 +20,15 @@ from dataclasses import dataclass
 
 from google.cloud import bigquery
 
-from app.schema.identifiers import IDENTIFIER, MAX_COLUMN_NAME
+from app.schema.identifiers import IDENTIFIER, INTERNAL_PREFIX, MAX_COLUMN_NAME
 from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.types import TypeMapper
 
-DEDUP_COLUMN = "_ingest_dedup_id"
-MARKERS_TABLE = "_ingest_markers"
+DEDUP_COLUMN = INTERNAL_PREFIX + "dedup_id"
+MARKERS_TABLE = INTERNAL_PREFIX + "markers"
 # Markers outlive any redelivery: Pub/Sub keeps unacked messages 7 days by default
 # (https://cloud.google.com/pubsub/docs/subscription-properties#retention_duration), plus a day.
 MARKER_RETENTION_DAYS = 8
