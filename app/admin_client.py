@@ -85,11 +85,11 @@ def through_subscriber(
 ) -> T:
     """`via_admin()` if a subscriber answers, else `directly()`; if the file is locked, wait.
 
-    `directly` raises `DuckDBFileLocked` while a subscriber holds the file; this then
+    `directly` raises `WarehouseLocked` while a subscriber holds the file; this then
     polls both for up to `wait_seconds` (calling `on_wait` once) and raises
     `SubscriberNotReady` if neither succeeds.
     """
-    from app.warehouse.duckdb import DuckDBFileLocked
+    from app.warehouse.base import WarehouseLocked
 
     try:
         return via_admin()
@@ -97,7 +97,7 @@ def through_subscriber(
         pass
     try:
         return directly()
-    except DuckDBFileLocked as exc:
+    except WarehouseLocked as exc:
         locked: Exception = exc
     if on_wait is not None:
         on_wait()
@@ -110,6 +110,6 @@ def through_subscriber(
             pass
         try:
             return directly()  # the subscriber may have stopped meanwhile
-        except DuckDBFileLocked as exc:
+        except WarehouseLocked as exc:
             locked = exc
     raise SubscriberNotReady(f"{locked} (no admin port answered within {wait_seconds:.0f}s)")

@@ -47,7 +47,7 @@ def provision() -> None:
     raise typer.Exit(provision_main([]))  # not sys.argv: it holds the word `provision`
 
 
-Rendered = tuple[list[str], list[str], list[list[Any]]]  # columns, warehouse types, rendered rows
+Rendered = tuple[list[str], list[str | None], list[list[Any]]]  # columns, activity types, rendered rows
 
 
 def _query_via_subscriber(sql: str) -> Rendered:
@@ -58,21 +58,15 @@ def _query_via_subscriber(sql: str) -> Rendered:
 
 
 def _query_directly(sql: str) -> Rendered:
-    """Read the warehouse from this process (DuckDB: the file, read-only)."""
+    """Read the warehouse from this process (opened read-only: a DuckDB file without the writer's lock)."""
     from app.pipeline.render import render_rows
-    from app.warehouse import make_warehouse
+    from app.warehouse import open_read_only
 
-    s = get_settings()
-    if s.warehouse == "duckdb":
-        from app.warehouse.duckdb import query_file
-
-        result = query_file(s.duckdb_file, sql)
-    else:
-        warehouse = make_warehouse(s)
-        try:
-            result = warehouse.query(sql)
-        finally:
-            warehouse.close()
+    warehouse = open_read_only(get_settings())
+    try:
+        result = warehouse.query(sql)
+    finally:
+        warehouse.close()
     columns, rows = result
     return columns, result.types, render_rows(rows, result.types)
 
@@ -109,14 +103,14 @@ def query(
     Goes through the running subscriber (which holds the DuckDB file) when there is one.
     Values print as BigQuery shows them: WKT, base64 bytes, NaN/Infinity, plain decimals.
     """
-    from app.pipeline.render import activity_type, cell_text, json_value
+    from app.pipeline.render import cell_text, json_value
 
     if output not in ("table", "json", "csv"):
         typer.echo(f"--format must be table, json or csv, got {output!r}", err=True)
         raise typer.Exit(2)
     columns, types, rows = _run_query(sql, wait)
     if output == "json":
-        kinds = [activity_type(t) for t in types] + [None] * (len(columns) - len(types))
+        kinds = list(types) + [None] * (len(columns) - len(types))
         typer.echo(orjson.dumps([{c: json_value(v, k) for c, v, k in zip(columns, r, kinds)} for r in rows]).decode())
         return
     cells = [[cell_text(v) for v in r] for r in rows]

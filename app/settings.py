@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     # --- where things live ---
     data_dir: Path = Field(Path("data"), description="Folder for the local broker, warehouse and dead-letter files.")
     broker: Literal["local", "pubsub"] = Field("local", description="Which broker: `local` (SQLite file) or `pubsub`.")
-    warehouse: Literal["duckdb", "bigquery"] = Field("duckdb", description="Which warehouse: `duckdb` (file) or `bigquery`.")
+    warehouse: str = Field("duckdb", description="Which warehouse: `duckdb` (file) or `bigquery` (any registered backend).")
     duckdb_path: Path | None = Field(None, description="DuckDB file; default `$DATA_DIR/warehouse.duckdb`.")
     duckdb_memory_limit: str = Field("512MB", description="Cap on DuckDB's buffer pool in the subscriber (e.g. 128MB, 1GB).")
     duckdb_threads: int = Field(1, ge=1, description="DuckDB worker threads in the subscriber (appends gain nothing from more).")
@@ -92,6 +92,13 @@ class Settings(BaseSettings):
 
     # --- logging ---
     log_level: str = Field("INFO", description="Log level for both processes.")
+
+    @field_validator("warehouse")
+    @classmethod
+    def _registered_warehouse(cls, name: str) -> str:
+        from app.warehouse.registry import check_name
+
+        return check_name(name)
 
     @property
     def duckdb_file(self) -> Path:

@@ -17,6 +17,7 @@ import orjson
 
 from app import metrics
 from app.pipeline.render import render_rows
+from app.schema.identifiers import IDENTIFIER
 from app.warehouse.base import WarehouseQueryError
 
 if TYPE_CHECKING:
@@ -32,59 +33,18 @@ def _dumps(value: Any) -> bytes:
 
 
 MAX_TABLES_LISTED = 500
-_COUNTS_PER_QUERY = 50
 
 
 def table_stats(sub: "Subscriber") -> list[dict[str, Any]]:
-    """Per user table: row count (None if unknown) and this process's last write (epoch s).
-
-    Internal `_ingest_*` tables are left out. A warehouse may offer `table_stats()`
-    returning `[(name, rows), ...]`; DuckDB is counted exactly through `query`; any
-    other backend gets the tables this process wrote to, counted best-effort.
-    """
+    """Per user table (the first `MAX_TABLES_LISTED` by name): exact row count and this
+    process's last write (epoch s, None if it wrote none). Internal tables are left out."""
     warehouse = sub.warehouse
     last_write = dict(sub.totals.last_write_by_table)
-    own = getattr(warehouse, "table_stats", None)
-    counts: dict[str, int | None] = {}
-    if callable(own):
-        with sub.warehouse_lock:
-            counts = {name: rows for name, rows in own()}
-    elif warehouse.capabilities.name == "duckdb":
-        from app.warehouse.duckdb import quote_ident
-
-        with sub.warehouse_lock:
-            _, rows = warehouse.query(
-                "SELECT table_name FROM information_schema.tables"
-                " WHERE table_schema = 'main' AND table_type = 'BASE TABLE' ORDER BY table_name"
-            )
-        names: list[str] = []
-        for (name,) in rows:
-            try:
-                if not name.lower().startswith("_ingest_"):
-                    quote_ident(name)
-                    names.append(name)
-            except ValueError:
-                continue  # not created by the pipeline
-        names = names[:MAX_TABLES_LISTED]
-        for start in range(0, len(names), _COUNTS_PER_QUERY):
-            chunk = names[start:start + _COUNTS_PER_QUERY]
-            sql = " UNION ALL ".join(f"SELECT ? AS t, count(*) AS n FROM {quote_ident(n)}" for n in chunk)
-            with sub.warehouse_lock:
-                _, counted = warehouse.query(sql, chunk)
-            counts.update({t: int(n) for t, n in counted})
-    else:
-        from app.warehouse.plan import NAME_PATTERN
-
-        for name in sorted(last_write)[:MAX_TABLES_LISTED]:
-            if not NAME_PATTERN.match(name):  # identifiers only ever reach SQL validated
-                continue
-            try:
-                with sub.warehouse_lock:
-                    _, counted = warehouse.query(f"SELECT count(*) FROM {name}")
-                counts[name] = int(counted[0][0])
-            except Exception:
-                counts[name] = None
-    return [{"table": name, "rows": counts[name], "last_write": last_write.get(name)} for name in sorted(counts)]
+    with sub.warehouse_lock:
+        names = warehouse.list_tables()[:MAX_TABLES_LISTED]
+    with sub.warehouse_lock:
+        counts = warehouse.count_rows(names)
+    return [{"table": name, "rows": counts.get(name), "last_write": last_write.get(name)} for name in names]
 
 
 class AdminServer:
@@ -167,9 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _table_schema(self, table: str) -> None:
         """GET /tables/<name>: the table's columns and activity types (null if it does not exist)."""
-        from app.warehouse.plan import NAME_PATTERN
-
-        if not NAME_PATTERN.match(table):
+        if not IDENTIFIER.match(table):
             self._send(400, _dumps({"error": True, "message": f"invalid table name {table!r}", "details": []}))
             return
         try:
@@ -205,5 +163,5 @@ class _Handler(BaseHTTPRequestHandler):
             return
         columns, rows = result
         # Rendered here (WKT, base64, "NaN", plain decimals, record text) so nothing is
-        # lost in JSON; `types` are the warehouse's column types.
+        # lost in JSON; `types` are the columns' activity types (null: none).
         self._send(200, _dumps({"columns": columns, "types": result.types, "rows": render_rows(rows, result.types)}))

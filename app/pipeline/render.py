@@ -16,8 +16,8 @@ cell and a JSON document, and the same whether it came from DuckDB or BigQuery:
 
 `render_rows` gives JSON-safe values (str, int, finite float, bool, None);
 `cell_text` turns one into the text of a table or CSV cell, `json_value` into a value
-of a JSON document. The column's activity type is read from the warehouse type
-through `app.schema.types`.
+of a JSON document. Columns are known by their activity type (`QueryResult.types`,
+which each warehouse reads through its own type mapper); None: rendered by value.
 """
 
 from __future__ import annotations
@@ -32,30 +32,14 @@ from typing import Any, Sequence
 
 import orjson
 
-from app.schema.types import TYPES
-
 NULL_TEXT = "NULL"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _WKT_TAG_SPACE = re.compile(r"([A-Z]) \(")  # "POINT (1 2)" -> "POINT(1 2)", as BigQuery writes WKT
 
 
-def activity_type(warehouse_type: str | None) -> str | None:
-    """The activity type whose DuckDB or BigQuery column type is `warehouse_type`, if any.
-
-    VARCHAR holds both string and bignumeric in DuckDB; both render as their text.
-    """
-    if not warehouse_type:
-        return None
-    upper = warehouse_type.upper()
-    for spec in TYPES.values():
-        if upper in (spec.duckdb_type, spec.bigquery_type):
-            return spec.name
-    return None
-
-
-def render_rows(rows: Sequence[Sequence[Any]], warehouse_types: Sequence[str] | None) -> list[list[Any]]:
-    """Every value of `rows` rendered for its column (see the module docstring)."""
-    types = [activity_type(t) for t in (warehouse_types or [])]
+def render_rows(rows: Sequence[Sequence[Any]], column_types: Sequence[str | None] | None) -> list[list[Any]]:
+    """Every value of `rows` rendered for its column's activity type (see the module docstring)."""
+    types = list(column_types or [])
     types += [None] * (max((len(r) for r in rows), default=0) - len(types))
     return [[render_value(v, t) for v, t in zip(row, types)] for row in rows]
 

@@ -73,14 +73,10 @@ class TableSchemas:
         return admin_request(self.settings, f"/tables/{table}")["columns"]
 
     def _directly(self, table: str) -> dict[str, str] | None:
-        if self.settings.warehouse == "duckdb":
-            from app.warehouse.duckdb import table_schema_file
-
-            return table_schema_file(self.settings.duckdb_file, table)
         if self._warehouse is None:
-            from app.warehouse import make_warehouse
+            from app.warehouse import open_read_only
 
-            self._warehouse = make_warehouse(self.settings)
+            self._warehouse = open_read_only(self.settings)
         return self._warehouse.table_schema(table)
 
     def close(self) -> None:

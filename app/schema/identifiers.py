@@ -41,9 +41,10 @@ RESERVED_COLUMN_PREFIXES: tuple[str, ...] = (
 )
 INTERNAL_PREFIX = "_ingest_"
 
-# The one spelling of the rule; also the JSON Schema `pattern` of the OpenAPI models.
+# The one spelling of the rule: the JSON Schema `pattern` of the OpenAPI models, and the
+# shape of every name the pipeline puts into SQL (backends quote only names matching it).
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
+IDENTIFIER = re.compile(IDENTIFIER_PATTERN[1:-1] + r"\Z")  # \Z: `$` would admit a final newline
 _BAD_CHAR = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -66,7 +67,7 @@ def _check(name: Any, kind: str, max_len: int) -> str | None:
         return f"{kind} name must not be empty"
     if len(name) > max_len:
         return f"{kind} name is {len(name)} characters long; at most {max_len} are allowed"
-    if IDENTIFIER_RE.fullmatch(name) is None:  # fullmatch: `$` alone would admit a final newline
+    if IDENTIFIER.match(name) is None:
         bad = _BAD_CHAR.search(name)
         if bad is not None:
             ch = bad.group()
@@ -80,7 +81,7 @@ def _check(name: Any, kind: str, max_len: int) -> str | None:
                 "only letters, digits and underscores are allowed"
             )
         return f"{kind} name {_shown(name)} starts with a digit; it must start with a letter or underscore"
-    if name[:8].lower() == INTERNAL_PREFIX:
+    if is_internal(name):
         return f"{kind} name {_shown(name)} starts with '{INTERNAL_PREFIX}', which is reserved for the pipeline"
     return None
 
@@ -100,6 +101,11 @@ def _check_column_cached(name: str) -> str | None:
         if low.startswith(prefix):
             return f"column name {_shown(name)} starts with the reserved prefix '{prefix.upper()}' (reserved by BigQuery)"
     return None
+
+
+def is_internal(name: str) -> bool:
+    """A name under the pipeline's own prefix (any letter case)."""
+    return name[: len(INTERNAL_PREFIX)].lower() == INTERNAL_PREFIX
 
 
 def check_table_name(name: Any) -> str | None:

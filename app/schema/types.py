@@ -1,8 +1,9 @@
 """The type-mapping table: one row per activity column type, in one place.
 
 Each row says how a value of that type is validated and normalized at the API edge
-(`normalize`, from `app.schema.values`) and which column type it becomes in each
-warehouse; backends read it and never restate it.
+(`normalize`, from `app.schema.values`) and how messages carry it as Arrow. Which
+column type it becomes is each warehouse's own business: its type mapper (see
+`app.warehouse.types`).
 
 Accepted forms: exactly BigQuery's JSON-ingestion forms (insertAll and
 JSON load jobs) with BigQuery's meaning, including what the official clients send.
@@ -66,8 +67,6 @@ from app.schema import values
 class TypeSpec:
     name: str
     normalize: Callable[[Any], Any]  # raises ValueError with a message a person can act on
-    duckdb_type: str
-    bigquery_type: str
     # How messages and the warehouses' writers carry the canonical value as Arrow
     # (`app.schema.columnar` converts both ways, losslessly).
     arrow_type: pa.DataType
@@ -76,23 +75,22 @@ class TypeSpec:
 TYPES: dict[str, TypeSpec] = {
     spec.name: spec
     for spec in (
-        TypeSpec("string", values.normalize_string, "VARCHAR", "STRING", pa.string()),
-        TypeSpec("bytes", values.normalize_bytes, "BLOB", "BYTES", pa.binary()),
-        TypeSpec("integer", values.normalize_integer, "BIGINT", "INT64", pa.int64()),
-        TypeSpec("float", values.normalize_float, "DOUBLE", "FLOAT64", pa.float64()),
-        TypeSpec("numeric", values.normalize_numeric, "DECIMAL(38,9)", "NUMERIC", pa.decimal128(38, 9)),
-        # DuckDB's DECIMAL stops at 38 digits; BIGNUMERIC needs 76, so DuckDB keeps the
-        # canonical decimal text (lossless, compares exactly because it is canonical), and
-        # so does Arrow (BigQuery's writer makes decimal256 of it).
-        TypeSpec("bignumeric", values.normalize_bignumeric, "VARCHAR", "BIGNUMERIC", pa.string()),
-        TypeSpec("boolean", values.normalize_boolean, "BOOLEAN", "BOOL", pa.bool_()),
-        TypeSpec("timestamp", values.normalize_timestamp, "TIMESTAMPTZ", "TIMESTAMP", pa.timestamp("us", tz="UTC")),
-        TypeSpec("date", values.normalize_date, "DATE", "DATE", pa.date32()),
-        TypeSpec("time", values.normalize_time, "TIME", "TIME", pa.time64("us")),
-        TypeSpec("datetime", values.normalize_datetime, "TIMESTAMP", "DATETIME", pa.timestamp("us")),
+        TypeSpec("string", values.normalize_string, pa.string()),
+        TypeSpec("bytes", values.normalize_bytes, pa.binary()),
+        TypeSpec("integer", values.normalize_integer, pa.int64()),
+        TypeSpec("float", values.normalize_float, pa.float64()),
+        TypeSpec("numeric", values.normalize_numeric, pa.decimal128(38, 9)),
+        # The canonical decimal text: BIGNUMERIC needs 76 digits, more than Arrow's
+        # decimal128 (BigQuery's writer makes decimal256 of it).
+        TypeSpec("bignumeric", values.normalize_bignumeric, pa.string()),
+        TypeSpec("boolean", values.normalize_boolean, pa.bool_()),
+        TypeSpec("timestamp", values.normalize_timestamp, pa.timestamp("us", tz="UTC")),
+        TypeSpec("date", values.normalize_date, pa.date32()),
+        TypeSpec("time", values.normalize_time, pa.time64("us")),
+        TypeSpec("datetime", values.normalize_datetime, pa.timestamp("us")),
         # geography: WKT text; record: its JSON text with sorted keys.
-        TypeSpec("geography", values.normalize_geography, "GEOMETRY", "GEOGRAPHY", pa.string()),
-        TypeSpec("record", values.normalize_record, "JSON", "JSON", pa.string()),
+        TypeSpec("geography", values.normalize_geography, pa.string()),
+        TypeSpec("record", values.normalize_record, pa.string()),
     )
 }
 

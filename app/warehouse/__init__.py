@@ -1,8 +1,8 @@
-"""Warehouse backends behind one interface; `make_warehouse` picks one from Settings."""
+"""Warehouse backends behind one interface; `make_warehouse` opens the one Settings names
+(through `app.warehouse.registry`)."""
 
 from __future__ import annotations
 
-from app.settings import Settings
 from app.warehouse.base import (
     ApplyResult,
     Capabilities,
@@ -11,18 +11,12 @@ from app.warehouse.base import (
     TerminalWarehouseError,
     TransientWarehouseError,
     Warehouse,
+    WarehouseLocked,
     WarehouseQueryError,
 )
+from app.warehouse.registry import open_read_only, open_warehouse, register
 
-
-def make_warehouse(settings: Settings) -> Warehouse:
-    if settings.warehouse == "bigquery":
-        from app.warehouse.bigquery import BigQueryWarehouse
-
-        return BigQueryWarehouse(settings)
-    from app.warehouse.duckdb import DuckDBWarehouse
-
-    return DuckDBWarehouse(settings)
+make_warehouse = open_warehouse  # the name callers have used
 
 
 __all__ = [
@@ -33,6 +27,10 @@ __all__ = [
     "TerminalWarehouseError",
     "TransientWarehouseError",
     "Warehouse",
+    "WarehouseLocked",
     "WarehouseQueryError",
     "make_warehouse",
+    "open_read_only",
+    "open_warehouse",
+    "register",
 ]

@@ -8,9 +8,11 @@ Errors are split the way a retry loop needs them: a `TransientWarehouseError` me
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from app.schema import identifiers
 from app.schema.activity import Activity
 from app.messages.envelope import Envelope
 
@@ -40,17 +42,24 @@ class WarehouseQueryError(Exception):
     """A read-only query given to `Warehouse.query` failed (bad SQL, unknown table)."""
 
 
+class WarehouseLocked(WarehouseQueryError):
+    """A read-only opening found the warehouse held by its writer (read through the writer instead)."""
+
+
 class QueryResult(tuple):
-    """`(columns, rows)` of a read-only query, plus `types`: each column's warehouse type name.
+    """`(columns, rows)` of a read-only query, plus `types`: each column's ACTIVITY type.
 
     A plain 2-tuple to unpack, so callers that only need the values stay simple; the
     types let `app.pipeline.render` show a value as the warehouse stores it (GEOMETRY
-    bytes as WKT, JSON text as JSON).
+    bytes as WKT, JSON text as JSON) without knowing the warehouse. A type is read from
+    the column's warehouse type through the backend's type mapper, so a column type
+    two activity types share reads as the first (DuckDB VARCHAR: "string"); None for a
+    column no activity type is stored as (HUGEINT sums, INTERVAL, lists, structs).
     """
 
-    types: list[str]
+    types: list[str | None]
 
-    def __new__(cls, columns: list[str], rows: list[tuple], types: list[str]) -> "QueryResult":
+    def __new__(cls, columns: list[str], rows: list[tuple], types: list[str | None]) -> "QueryResult":
         result = super().__new__(cls, (columns, rows))
         result.types = types
         return result
@@ -58,7 +67,11 @@ class QueryResult(tuple):
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a backend can do, declared as data (after dlt's destination capabilities)."""
+    """What a backend can do, declared as data (after dlt's destination capabilities).
+
+    The identifier rules default to the one copy in `app.schema.identifiers` (the API
+    edge checks names against it); a backend states only where it differs.
+    """
 
     name: str
     transactional: bool  # rows + applied ids commit atomically
@@ -67,6 +80,14 @@ class Capabilities:
     # Applies of different tables may run at once on separate threads. False: the
     # subscriber serializes every apply (one connection that is not thread-safe).
     concurrent_tables: bool = False
+    identifier_pattern: re.Pattern[str] = identifiers.IDENTIFIER  # table and column names
+    max_table_name_length: int = identifiers.MAX_TABLE_NAME
+    max_column_name_length: int = identifiers.MAX_COLUMN_NAME
+    reserved_column_prefixes: tuple[str, ...] = identifiers.RESERVED_COLUMN_PREFIXES  # lower case, any case refused
+    internal_prefix: str = identifiers.INTERNAL_PREFIX  # the pipeline's own tables and columns
+    max_columns: int | None = None  # per table; None: no limit the pipeline knows of
+    # Schema changes an apply may make; columns are never dropped, renamed or retyped.
+    alterations: tuple[str, ...] = ("create_table", "add_column")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +130,18 @@ class Warehouse(abc.ABC):
     @abc.abstractmethod
     def table_schema(self, table: str) -> dict[str, str] | None:
         """Column name -> activity type name, or None if the table does not exist."""
+
+    # Not abstract: a test double that never lists tables need not implement them.
+    def list_tables(self) -> list[str]:
+        """The user tables (internal `_ingest_*` ones left out), sorted by name."""
+        raise NotImplementedError
+
+    def count_rows(self, tables: Sequence[str]) -> dict[str, int]:
+        """Exact row counts of those of `tables` that exist as user tables (others left out).
+
+        Names are validated before they reach SQL; an invalid one is left out too.
+        """
+        raise NotImplementedError
 
     def ready(self) -> tuple[bool, str]:
         return True, "ok"

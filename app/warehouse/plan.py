@@ -34,7 +34,6 @@ column. Columns created by an earlier activity of the same plan count as existin
 from __future__ import annotations
 
 import functools
-import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -45,14 +44,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from app.schema.activity import Activity
+from app.schema.identifiers import IDENTIFIER
 from app.schema.columnar import ActivityRun, to_arrow, to_canonical
 from app.schema.types import TYPES
 from app.warehouse.base import Envelope, Rejection
 
 # The API validates names to this form; the planner re-checks so a backend never has to
 # quote anything else (defence in depth: such an activity is rejected, not executed).
-NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_valid_name = NAME_PATTERN.match
+_valid_name = IDENTIFIER.match
 
 # lowercased column name -> (column name as stored, activity type name)
 Schema = dict[str, tuple[str, str]]

@@ -25,10 +25,9 @@ import pyarrow as pa
 
 from app.schema.activity import Activity
 from app.schema.columnar import runs_of, to_arrow
-from app.schema.types import TYPES as TYPE_TABLE
 from app.settings import Settings
 from app.warehouse.base import Envelope
-from app.warehouse.duckdb import DuckDBWarehouse
+from app.warehouse.duckdb import TYPE_MAPPER, DuckDBWarehouse
 
 NAMES = ["id", "name", "ts", "amount"]
 TYPES = ["integer", "string", "timestamp", "numeric"]
@@ -70,7 +69,7 @@ def bench_apply(path: Path, calls: list[list[Envelope]]) -> float:
 
 def bench_raw(path: Path, rows: list[list], per_apply: int) -> float:
     con = duckdb.connect(str(path))
-    con.execute(f"CREATE TABLE bench ({', '.join(f'{n} {TYPE_TABLE[t].duckdb_type}' for n, t in zip(NAMES, TYPES))})")
+    con.execute(f"CREATE TABLE bench ({', '.join(f'{n} {TYPE_MAPPER.column_type(t)}' for n, t in zip(NAMES, TYPES))})")
     step = per_apply * ENVELOPE
     tables = []
     for start in range(0, len(rows), step):

@@ -156,10 +156,10 @@ def bench_drain(tmp: Path, backlog: int, sample_rows: int, results: dict[str, An
 
 
 def _duck_schema() -> dict[str, list[tuple[str, str, str]]]:
-    """table -> [(column, DuckDB type, activity type)], from the one type table."""
-    from app.schema.types import TYPES
+    """table -> [(column, DuckDB type, activity type)], from DuckDB's type mapper."""
+    from app.warehouse.duckdb import TYPE_MAPPER
 
-    return {t: [(c, TYPES[ty].duckdb_type, ty) for c, ty in cols] for t, cols in workload.table_types().items()}
+    return {t: [(c, TYPE_MAPPER.column_type(ty), ty) for c, ty in cols] for t, cols in workload.table_types().items()}
 
 
 def _raw_arrow_append(path: Path, columns: dict[str, dict[str, list]]) -> dict[str, float]:

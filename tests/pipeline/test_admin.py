@@ -14,6 +14,7 @@ from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings
+from app.warehouse.base import Envelope
 from app.warehouse.duckdb import DuckDBWarehouse
 from tests.support.processes import free_port
 from tests.support.subscribers import running, wait_until
@@ -50,3 +51,37 @@ def test_admin_metrics_list_only_the_subscribers_metrics(tmp_path):
     assert after["pipeline_apply_seconds_count"] >= 1 and after["broker_backlog_messages"] == 0
     assert "process_resident_memory_bytes" in after
     assert not [n for n in after if n.startswith("ingest_")], "the API's metrics belong on the API"
+
+
+def test_tables_and_query_answer_in_activity_terms(tmp_path):
+    # /tables lists every user table (not only those this process wrote) with exact
+    # counts; /query types its columns with activity types, as the renderer needs them.
+    settings = Settings(data_dir=tmp_path)
+    broker, warehouse, store = LocalBroker(settings), DuckDBWarehouse(settings), DeadLetterStore(settings.dead_letter_file)
+    subscriber = Subscriber(settings, broker, warehouse, store)
+    port = free_port()
+    admin = AdminServer(subscriber, "127.0.0.1", port)
+    admin.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        warehouse.apply("old", [Envelope("e1", "old", [Activity("insert", "old", ["n"], ["integer"], [1])] * 3)])
+        messages = encode_batch(
+            [Activity("insert", "new", ["wall", "g", "r"], ["datetime", "geography", "record"],
+                      ["2024-01-02T03:04:05", "POINT(1 2)", {"a": 1}])], "batch1"
+        )
+        asyncio.run(broker.publish(messages, batch_id="batch1"))
+        with running(subscriber):
+            wait_until(lambda: subscriber.totals.messages_acked == 1, "the message to be applied and acked")
+            tables = httpx.get(url + "/tables", timeout=10).json()
+            answer = httpx.post(url + "/query", json={"sql": 'SELECT wall, g, r, count(*) OVER () :: HUGEINT AS c FROM "new"'},
+                                timeout=10).json()
+    finally:
+        admin.stop()
+        broker.close()
+        warehouse.close()
+        store.close()
+    assert tables["warehouse"] == "duckdb"
+    assert [(t["table"], t["rows"]) for t in tables["tables"]] == [("new", 1), ("old", 3)]
+    assert tables["tables"][0]["last_write"] is not None and tables["tables"][1]["last_write"] is None
+    assert answer["types"] == ["datetime", "geography", "record", None]
+    assert answer["rows"] == [["2024-01-02T03:04:05", "POINT(1 2)", '{"a":1}', "1"]]

@@ -778,7 +778,9 @@ def _official_client_row(values: dict[str, object]) -> dict[str, object]:
     from google.cloud.bigquery import SchemaField
     from google.cloud.bigquery._helpers import _record_field_to_json  # what insert_rows calls
 
-    schema = [SchemaField(name, TYPES[name].bigquery_type) for name in values]
+    from app.warehouse.bigquery.types import COLUMN_TYPES
+
+    schema = [SchemaField(name, COLUMN_TYPES[name]) for name in values]
     return v.loads_exact(json.dumps(_record_field_to_json(schema, values)).encode())
 
 

@@ -25,6 +25,7 @@ from app.warehouse.base import Envelope, TransientWarehouseError
 from app.warehouse.bigquery import DEDUP_COLUMN, MARKERS_TABLE, BigQueryClient, BigQueryWarehouse, ensure_dataset
 from app.warehouse.bigquery.errors import SchemaPendingError
 from app.warehouse.bigquery.schema import MARKER_RETENTION_DAYS
+from app.warehouse.bigquery.types import COLUMN_TYPES
 from app.warehouse.bigquery.writer import insert_id, split_rows
 
 
@@ -96,7 +97,7 @@ def test_table_created_with_type_map_and_descriptions(wh) -> None:
     table = wh.client.rest.get_table(f"{wh.project}.{wh.dataset}.typed")
     got = {f.name: (f.field_type, f.description) for f in table.schema}
     for name, typ in cols:
-        expected = "STRING" if (typ == "bignumeric" and wh.emulator) else TYPES[typ].bigquery_type
+        expected = "STRING" if (typ == "bignumeric" and wh.emulator) else COLUMN_TYPES[typ]
         assert got[name][0] in (expected, {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN"}.get(expected))
         assert got[name][1] == f"activity type: {typ}"
     assert DEDUP_COLUMN in got  # hidden column for retry safety ...

@@ -18,7 +18,16 @@ from app.schema.columnar import to_arrow
 from app.schema.types import TYPES
 from app.settings import Settings
 from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
-from app.warehouse.duckdb import APPLIED_TABLE, DuckDBFileLocked, DuckDBWarehouse, duck_types, query_file
+from app.warehouse import open_read_only
+from app.warehouse.duckdb import (
+    APPLIED_TABLE,
+    COLUMN_TYPES,
+    DuckDBFileLocked,
+    DuckDBFileReader,
+    DuckDBWarehouse,
+    duck_types,
+    query_file,
+)
 from tests.warehouse.test_contract import ROUND_TRIP
 
 
@@ -91,7 +100,9 @@ def test_query_file_read_only(settings: Settings) -> None:
     w.apply("t", [env("t", ins("t", [("id", "integer"), ("g", "geography")], [1, "POINT(1 2)"]))])
     w.close()
     assert query_file(settings.duckdb_file, 'SELECT id, ST_AsText(g) FROM "t"') == (["id", "st_astext(g)"], [(1, "POINT (1 2)")])
-    assert query_file(settings.duckdb_file, 'SELECT id, g FROM "t"').types == ["BIGINT", "GEOMETRY"]  # for rendering
+    # activity types, for rendering; a computed column of no activity type is None
+    assert query_file(settings.duckdb_file, 'SELECT id, g, sum(id)::HUGEINT FROM "t" GROUP BY ALL').types == [
+        "integer", "geography", None]
     with pytest.raises(WarehouseQueryError):
         query_file(settings.duckdb_file, 'DELETE FROM "t"')
     with pytest.raises(WarehouseQueryError, match="no DuckDB warehouse"):
@@ -312,7 +323,7 @@ def test_lone_delete_binds_each_type(wh: DuckDBWarehouse, typ: str) -> None:
 
 
 # DuckDB's own parse of each type's canonical text (geography and record go through SQL anyway)
-_TEXT_SQL = {typ: f"CAST({{}} AS {spec.duckdb_type})" for typ, spec in TYPES.items() if typ not in ("geography", "record")}
+_TEXT_SQL = {typ: f"CAST({{}} AS {COLUMN_TYPES[typ]})" for typ in TYPES if typ not in ("geography", "record")}
 _TEXT_SQL["bytes"] = "from_base64({})"
 
 
@@ -379,9 +390,9 @@ def query_file_after_close(wh: DuckDBWarehouse, settings: Settings, sql: str) ->
 def test_geography_falls_back_to_wkt_text_when_spatial_cannot_load(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.warehouse.duckdb as duck
+    import app.warehouse.duckdb.connection as connection
 
-    monkeypatch.setattr(duck, "_load_spatial", lambda con: (False, "simulated: no extension"))
+    monkeypatch.setattr(connection, "load_spatial", lambda con: (False, "simulated: no extension"))
     w = DuckDBWarehouse(settings)
     try:
         assert w.capabilities.supports_geometry  # not known until geography arrives
@@ -416,3 +427,58 @@ def test_threads_and_memory_limit_come_from_settings(tmp_path: Path) -> None:
 
 def test_one_duckdb_thread_by_default(wh: DuckDBWarehouse) -> None:
     assert wh.query("SELECT current_setting('threads')")[1] == [(1,)]
+
+
+def test_a_file_that_fails_to_open_unlocked_is_not_reported_locked(tmp_path: Path) -> None:
+    # DuckDB says "locked" and "not a database" with the same exception class; the OS
+    # lock decides which, so a broken file fails at once instead of waiting for a subscriber.
+    broken = tmp_path / "broken.duckdb"
+    broken.write_bytes(b"not a duckdb file" * 512)
+    with pytest.raises(WarehouseQueryError) as caught:
+        query_file(broken, "SELECT 1")
+    assert not isinstance(caught.value, DuckDBFileLocked)
+
+
+def _three_tables(wh: DuckDBWarehouse) -> None:
+    for table, n in (("b_t", 2), ("A_t", 1), ("c_t", 0)):
+        acts = [ins(table, [("id", "integer")], [i]) for i in range(n)] or [dele(table, [("id", "integer")], [0])]
+        if n == 0:  # an empty table: create it, then delete its one row
+            acts = [ins(table, [("id", "integer")], [0]), dele(table, [("id", "integer")], [0])]
+        wh.apply(table, [env(table, *acts)])
+
+
+def test_list_tables_and_count_rows_leave_out_internal_missing_and_invalid(wh: DuckDBWarehouse, settings: Settings) -> None:
+    _three_tables(wh)
+    wh._connection().execute('CREATE TABLE "odd name" (x INT)')  # not made by the pipeline
+    assert wh.list_tables() == ["A_t", "b_t", "c_t"]  # no _ingest_* tables, sorted
+    asked = ["b_t", "a_t", "c_t", "missing", "_ingest_applied", 'b_t" UNION SELECT 1 --', "odd name"]
+    assert wh.count_rows(asked) == {"b_t": 2, "a_t": 1, "c_t": 0}  # DuckDB names ignore case
+    assert wh.count_rows([]) == {}
+    wh.close()
+    reader = open_read_only(settings)  # the file read-only, as `python -m app query` does
+    assert isinstance(reader, DuckDBFileReader)
+    assert reader.list_tables() == ["A_t", "b_t", "c_t"]
+    assert reader.count_rows(["c_t", "b_t", "nope"]) == {"c_t": 0, "b_t": 2}
+    assert reader.table_schema("b_t") == {"id": "integer"}
+
+
+def test_count_rows_past_one_query(wh: DuckDBWarehouse) -> None:
+    names = [f"t{i:02d}" for i in range(60)]  # more than one UNION ALL statement
+    for i, name in enumerate(names):
+        wh.apply(name, [env(name, *[ins(name, [("id", "integer")], [k]) for k in range(i % 3)] or [ins(name, [("id", "integer")], [9])])])
+    assert wh.count_rows(names) == {name: (i % 3) or 1 for i, name in enumerate(names)}
+
+
+def test_file_reader_holds_no_lock_and_reports_a_missing_file(settings: Settings) -> None:
+    reader = DuckDBFileReader(settings)
+    assert (reader.list_tables(), reader.count_rows(["t"]), reader.table_schema("t")) == ([], {}, None)
+    with pytest.raises(WarehouseQueryError, match="no DuckDB warehouse"):
+        reader.query("SELECT 1")
+    writer = DuckDBWarehouse(settings)  # the reader took no lock
+    try:
+        assert writer.apply("t", [env("t", ins("t", [("id", "integer")], [1]))]).rows_inserted == 1
+        with pytest.raises(TerminalWarehouseError, match="read-only"):
+            reader.apply("t", [env("t", ins("t", [("id", "integer")], [2]))])
+    finally:
+        writer.close()
+    assert reader.query('SELECT id FROM "t"') == (["id"], [(1,)])

@@ -223,6 +223,13 @@ class BigQueryClient:
             lambda: self.rest_call("other", f"get table {table_id}", self.rest.get_table, table_id)
         )
 
+    def list_tables(self) -> list[str]:
+        """The names of the dataset's tables (all pages)."""
+        dataset_id = f"{self.project}.{self.dataset}"
+        return self.rest_call(
+            "other", f"list tables of {self.dataset}", lambda **kw: [t.table_id for t in self.rest.list_tables(dataset_id, **kw)]
+        )
+
     def create_table(self, table: bigquery.Table, *, exists_ok: bool = False) -> bigquery.Table:
         what = f"create table {table.table_id}"
         return self.rest_call("metadata_update", what, self.rest.create_table, table, exists_ok=exists_ok)

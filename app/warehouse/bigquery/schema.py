@@ -20,25 +20,25 @@ from dataclasses import dataclass
 
 from google.cloud import bigquery
 
+from app.schema.identifiers import IDENTIFIER, INTERNAL_PREFIX, MAX_COLUMN_NAME
 from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.types import TypeMapper
 
-DEDUP_COLUMN = "_ingest_dedup_id"
-MARKERS_TABLE = "_ingest_markers"
+DEDUP_COLUMN = INTERNAL_PREFIX + "dedup_id"
+MARKERS_TABLE = INTERNAL_PREFIX + "markers"
 # Markers outlive any redelivery: Pub/Sub keeps unacked messages 7 days by default
 # (https://cloud.google.com/pubsub/docs/subscription-properties#retention_duration), plus a day.
 MARKER_RETENTION_DAYS = 8
 MAX_CLUSTERING_COLUMNS = 4  # https://cloud.google.com/bigquery/docs/clustered-tables#limitations
 
-TABLE_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
-COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
+DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 
 
 def quote_column(name: str) -> str:
-    if not COLUMN_RE.match(name):
+    if not IDENTIFIER.match(name) or len(name) > MAX_COLUMN_NAME:
         raise ValueError(f"invalid column name {name!r}")
     return f"`{name}`"
 

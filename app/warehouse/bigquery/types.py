@@ -1,8 +1,8 @@
-"""BigQuery's type mapper: reads `app.schema.types.TYPES` (column and Arrow types) and
-adds only what BigQuery's clients need per type: the one Arrow type BigQuery takes in
-another physical form (BIGNUMERIC as decimal256(76, 38), from the canonical decimal
-text), the converters of canonical values to query parameters, and how a delete
-compares a column with a bound parameter.
+"""BigQuery's type mapper: each activity type's column type (both ways), and what
+BigQuery's clients need per type: the one Arrow type BigQuery takes in another
+physical form (BIGNUMERIC as decimal256(76, 38), from the canonical decimal text), the
+converters of canonical values to query parameters, and how a delete compares a column
+with a bound parameter.
 
 Emulator only (bqemulator cannot create BIGNUMERIC: its storage stops at 38 digits),
 bignumeric columns are STRING holding the canonical decimal text, exact like DuckDB.
@@ -23,10 +23,27 @@ import pyarrow.compute as pc
 from google.cloud import bigquery
 
 from app.schema.types import TYPES
+from app.warehouse import types as mapping
 
 TYPE_DESCRIPTION_PREFIX = "activity type: "
-# legacy SQL names the tables API may report for the GoogleSQL types in TYPES
-_LEGACY_NAMES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
+COLUMN_TYPES: dict[str, str] = {
+    "string": "STRING",
+    "bytes": "BYTES",
+    "integer": "INT64",
+    "float": "FLOAT64",
+    "numeric": "NUMERIC",
+    "bignumeric": "BIGNUMERIC",
+    "boolean": "BOOL",
+    "timestamp": "TIMESTAMP",
+    "date": "DATE",
+    "time": "TIME",
+    "datetime": "DATETIME",
+    "geography": "GEOGRAPHY",
+    "record": "JSON",
+}
+_EMULATOR_COLUMN_TYPES = {"bignumeric": "STRING"}  # canonical decimal text
+# legacy SQL names the tables API and query results report for GoogleSQL types
+_LEGACY_NAMES = {"INTEGER": "integer", "FLOAT": "float", "BOOLEAN": "boolean"}
 
 
 def b64(value: str) -> bytes:
@@ -48,7 +65,7 @@ def _checked_b64_text(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class BigQueryType:
-    """How one activity type is written and compared in BigQuery (column type: TYPES).
+    """How one activity type is written and compared in BigQuery (column type: COLUMN_TYPES).
 
     `convert` turns a canonical value into what query parameters take (None: as is);
     `param_convert` overrides it where the parameter type differs. Rows are sent in
@@ -59,7 +76,6 @@ class BigQueryType:
     param_type: str  # query parameter type in deletes
     compare: str = "{column} = @{param}"
     param_convert: Callable[[Any], Any] | None = None
-    column_type: str | None = None  # None: TYPES[...].bigquery_type
     arrow_type: pa.DataType | None = None  # None: TYPES[...].arrow_type
 
 
@@ -83,7 +99,7 @@ _BIGQUERY_TYPES: dict[str, BigQueryType] = {
     ),
 }
 _EMULATOR_TYPES: dict[str, BigQueryType] = {
-    "bignumeric": BigQueryType(None, "STRING", column_type="STRING"),  # canonical decimal text
+    "bignumeric": BigQueryType(None, "STRING"),  # canonical decimal text
     # it mangles non-empty BYTES parameters; the base64 text decoded in SQL compares right
     "bytes": BigQueryType(b64, "STRING", "{column} = FROM_BASE64(@{param})", _checked_b64_text),
 }
@@ -91,16 +107,13 @@ if set(_BIGQUERY_TYPES) != set(TYPES):  # pragma: no cover - caught by any impor
     raise RuntimeError(f"BigQuery type mapper out of date: {sorted(set(TYPES) ^ set(_BIGQUERY_TYPES))}")
 
 
-class TypeMapper:
+class TypeMapper(mapping.TypeMapper):
     """Activity type <-> BigQuery column, Arrow array, insertAll JSON, delete condition."""
 
     def __init__(self, emulator: bool) -> None:
+        super().__init__({**COLUMN_TYPES, **(_EMULATOR_COLUMN_TYPES if emulator else {})}, aliases=_LEGACY_NAMES)
         self.emulator = emulator
         self._types = {**_BIGQUERY_TYPES, **(_EMULATOR_TYPES if emulator else {})}
-        self._reverse = {spec.bigquery_type: name for name, spec in TYPES.items()}
-
-    def column_type(self, typ: str) -> str:
-        return self._types[typ].column_type or TYPES[typ].bigquery_type
 
     def field(self, name: str, typ: str) -> bigquery.SchemaField:
         """A user column; its description records the activity type so it maps back exactly."""
@@ -116,8 +129,13 @@ class TypeMapper:
                 return typ
         if field.mode == "REPEATED" or field.field_type in ("RECORD", "STRUCT"):
             return "record"
-        bq = field.field_type.upper()
-        return self._reverse.get(_LEGACY_NAMES.get(bq, bq), "string")
+        return self.activity_type_of(field.field_type) or "string"
+
+    def result_type(self, field: bigquery.SchemaField) -> str | None:
+        """The activity type of a query result's column; None for arrays and structs."""
+        if field.mode == "REPEATED":
+            return None
+        return self.activity_type_of(field.field_type)
 
     # ----------------------------------------------------------------- Storage Write (Arrow)
 

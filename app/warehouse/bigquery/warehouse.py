@@ -29,8 +29,10 @@ import threading
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
+from google.cloud import bigquery
 
 from app.schema.activity import Activity
+from app.schema.identifiers import check_column_name, check_table_name
 from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.base import (
@@ -48,10 +50,9 @@ from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.queries import DONE, INTENT, Queries
 from app.warehouse.bigquery.schema import (
-    COLUMN_RE,
+    DATASET_RE,
     DEDUP_COLUMN,
     MARKERS_TABLE,
-    TABLE_RE,
     SchemaRaced,
     TableRef,
     TableSchemas,
@@ -70,10 +71,9 @@ import orjson
 
 log = logging.getLogger(__name__)
 
-RESERVED_PREFIX = "_ingest_"
-_FORBIDDEN_COLUMN_PREFIXES = ("_table_", "_file_", "_partition", "_row_timestamp", "__root__", "_colidentifier")
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$|^[A-Za-z0-9:._-]+$")
 SCHEMA_RETRIES = 6
+_COUNTS_PER_QUERY = 50
 REFUSED_ROWS_RETRIES = 4  # re-runs leaving out rows AppendRows refused
 DONE_CACHE_SIZE = 100_000
 # Rows of an attempt land in partitions from its intent's day on; allow for a writer's
@@ -107,7 +107,7 @@ class BigQueryWarehouse(Warehouse):
         self.settings = settings
         self.project = settings.gcp_project
         self.dataset = settings.bigquery_dataset
-        if not TABLE_RE.match(self.dataset) or not _PROJECT_RE.match(self.project):
+        if not DATASET_RE.match(self.dataset) or not _PROJECT_RE.match(self.project):
             raise ValueError(f"invalid BigQuery project/dataset {self.project!r}/{self.dataset!r}")
         self.emulator = bool(settings.bigquery_emulator_host)
         self.insert_mode = settings.bigquery_insert_mode
@@ -117,6 +117,7 @@ class BigQueryWarehouse(Warehouse):
             max_alters_per_statement=1 if self.emulator else None,
             supports_geometry=True,
             concurrent_tables=True,  # per-table locks; shared caches and counters are locked
+            max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
         )
         self.client = BigQueryClient(settings, rest=client)
         self.api_calls = self.client.calls  # calls per kind (see client.py)
@@ -130,8 +131,9 @@ class BigQueryWarehouse(Warehouse):
         self._done_lock = threading.Lock()
 
     def _ref(self, table: str) -> TableRef:
-        if not TABLE_RE.match(table):
-            raise TerminalWarehouseError(f"invalid BigQuery table name {table!r}")
+        error = check_table_name(table)
+        if error is not None:
+            raise TerminalWarehouseError(f"invalid BigQuery table: {error}")
         return TableRef(self.project, self.dataset, table)
 
     # ----------------------------------------------------------------- apply
@@ -408,10 +410,28 @@ class BigQueryWarehouse(Warehouse):
         except TerminalWarehouseError as exc:
             raise WarehouseQueryError(str(exc)) from exc
         columns = [f.name for f in rows.schema]
-        return QueryResult(columns, [tuple(r.values()) for r in rows], [f.field_type for f in rows.schema])
+        return QueryResult(columns, [tuple(r.values()) for r in rows], [self.types.result_type(f) for f in rows.schema])
+
+    def list_tables(self) -> list[str]:
+        listed = self.client.list_tables()
+        return sorted(name for name in listed if check_table_name(name) is None)
+
+    def count_rows(self, tables: Sequence[str]) -> dict[str, int]:
+        existing = set(self.list_tables())  # BigQuery table names are case-sensitive
+        wanted = [name for name in dict.fromkeys(tables) if name in existing]
+        counts: dict[str, int] = {}
+        for start in range(0, len(wanted), _COUNTS_PER_QUERY):
+            chunk = wanted[start : start + _COUNTS_PER_QUERY]
+            sql = " UNION ALL ".join(
+                f"SELECT @t{i} AS t, COUNT(*) AS n FROM {self._ref(name).sql}" for i, name in enumerate(chunk)
+            )
+            params = [bigquery.ScalarQueryParameter(f"t{i}", "STRING", name) for i, name in enumerate(chunk)]
+            rows = self.client.query(sql, params, "query", "count rows")
+            counts.update({row["t"]: int(row["n"]) for row in rows})
+        return counts
 
     def table_schema(self, table: str) -> dict[str, str] | None:
-        if not TABLE_RE.match(table):
+        if check_table_name(table) is not None:
             return None
         state = self.schemas.fetch(table)
         if state is None:
@@ -463,11 +483,7 @@ class _RowsRefused(Exception):
 
 def _bad_columns(col_names: Sequence[Any]) -> str | None:
     for name in col_names:
-        if not isinstance(name, str) or not COLUMN_RE.match(name):
-            return f"column name {name!r} is not valid in BigQuery (letters, digits, underscore; not starting with a digit)"
-        low = name.lower()
-        if low.startswith(RESERVED_PREFIX):
-            return f"column name {name!r} is reserved (prefix {RESERVED_PREFIX!r})"
-        if low.startswith(_FORBIDDEN_COLUMN_PREFIXES):
-            return f"column name {name!r} uses a prefix BigQuery reserves"
+        error = check_column_name(name)
+        if error is not None:
+            return f"{error} (not valid in BigQuery)"
     return None

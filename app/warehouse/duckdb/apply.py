@@ -1,0 +1,193 @@
+"""The DuckDB writer: one apply's statements, inside the transaction the warehouse opened.
+
+Exactly once: the call's dedup_ids are recorded in `_ingest_applied` (a plain INSERT; if
+the primary key refuses one, the transaction is retried with `INSERT OR IGNORE ...
+RETURNING`: an index probe per id either way, so its cost does not grow with the
+table) and those already there are skipped.
+
+Inserts arrive as the planner's Arrow table (`InsertRows.table`, each column in its
+type's `arrow_type`), which DuckDB scans in place: one `INSERT ... SELECT` per run of
+inserts, converting in SQL only WKT to GEOMETRY and JSON text to JSON; values never
+become Python objects or SQL text. A run of deletes is one semi-join per set of named
+columns against an Arrow batch of its keys (`DELETE ... WHERE EXISTS`).
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Any, Callable, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from app.schema.columnar import to_arrow
+from app.warehouse.base import ApplyResult, Envelope
+from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, STAGE_VIEW, quote_ident, read_schema
+from app.warehouse.duckdb.types import DuckType, key_param
+from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, Step, coalesce_steps, plan_table
+
+
+class SpatialNeeded(Exception):
+    """An apply names a geography column but the connection has not loaded spatial (yet)."""
+
+
+class SeenBefore(Exception):
+    """Some dedup_id of the apply is recorded already: claim again, skipping those."""
+
+
+def names_geography(steps: Sequence[Step]) -> bool:
+    for step in steps:
+        if isinstance(step, DeleteRows):
+            if any(typ == "geography" for conds in step.conditions for _, typ, _ in conds):
+                return True
+        elif any(typ == "geography" for _, typ in step.columns):
+            return True
+    return False
+
+
+class Writer:
+    """The statements of one apply on `con`; `types`: how each activity type is stored."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, types: dict[str, DuckType]) -> None:
+        self.con = con
+        self.types = types
+
+    def apply(
+        self,
+        table: str,
+        envelopes: Sequence[Envelope],
+        schema: Schema | None,
+        result: ApplyResult,
+        all_new: bool,
+        spatial_missing: bool,
+    ) -> Schema | None:
+        """Apply in the open transaction; returns the table's schema after it (for the cache).
+
+        `schema`: the cached one, None to read it. `spatial_missing`: raise
+        `SpatialNeeded` if the plan names a geography column.
+        """
+        unique = list(dict.fromkeys(env.dedup_id for env in envelopes))
+        new_ids = self._claim_ids(unique, all_new)
+        todo: list[Envelope] = []
+        for env in envelopes:
+            if env.dedup_id in new_ids:
+                new_ids.discard(env.dedup_id)  # the same id twice in one call applies once
+                todo.append(env)
+            else:
+                result.skipped_duplicates += 1
+        if schema is None:
+            schema = read_schema(self.con, table)
+        if not todo:
+            return schema
+        plan = plan_table(table, schema, todo)
+        if spatial_missing and names_geography(plan.steps):
+            raise SpatialNeeded()
+        result.rejections.extend(plan.rejections)
+        result.noop_deletes += plan.noop_deletes
+        result.schema_changes += plan.schema_changes
+        qtable = quote_ident(table)
+        lower_table = table.lower()
+        for step in coalesce_steps(plan.steps):
+            if isinstance(step, InsertRows):
+                result.rows_inserted += self._insert(qtable, step)
+            elif isinstance(step, DeleteRows):
+                result.rows_deleted += self._delete(qtable, step)
+            elif isinstance(step, CreateTable):
+                cols = ", ".join(f"{quote_ident(n)} {self.types[t].sql_type}" for n, t in step.columns)
+                self.con.execute(f"CREATE TABLE {qtable} ({cols})")
+                self._record_columns(lower_table, step.columns)
+            elif isinstance(step, AddColumns):
+                for n, t in step.columns:
+                    self.con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self.types[t].sql_type}")
+                self._record_columns(lower_table, step.columns)
+        result.applied_envelopes += len(todo)
+        return plan.schema
+
+    def _claim_ids(self, ids: list[str], all_new: bool) -> set[str]:
+        """Record ids in `_ingest_applied` (same transaction); return those not recorded before.
+
+        With `all_new` (the common case: no redelivery), a plain INSERT, ~5x cheaper than
+        `INSERT OR IGNORE ... RETURNING` for hundreds of ids in DuckDB 1.5; if an id is
+        there already the primary key refuses it and `SeenBefore` asks for a retry
+        without `all_new`. Either way each id is checked through the primary-key index, so
+        the cost does not grow with the table (an `IN (...)` lookup scans it).
+        """
+        con = self.con
+        if all_new:
+            try:
+                con.register(STAGE_VIEW, pa.table({"c0": pa.array(ids, type=pa.string())}))
+                con.execute(f"INSERT INTO {APPLIED_TABLE} SELECT c0, now() FROM {STAGE_VIEW}")
+            except duckdb.ConstraintException as exc:
+                raise SeenBefore() from exc
+            finally:
+                con.unregister(STAGE_VIEW)
+            return set(ids)
+        if len(ids) <= 16:  # small: bound parameters (binding big lists is slow in duckdb-python)
+            sql = (
+                f"INSERT OR IGNORE INTO {APPLIED_TABLE} VALUES "
+                + ", ".join(["(?, now())"] * len(ids))
+                + " RETURNING dedup_id"
+            )
+            rows = con.execute(sql, ids).fetchall()
+        else:
+            con.register(STAGE_VIEW, pa.table({"c0": pa.array(ids, type=pa.string())}))
+            rows = con.execute(
+                f"INSERT OR IGNORE INTO {APPLIED_TABLE} SELECT c0, now() FROM {STAGE_VIEW} RETURNING dedup_id"
+            ).fetchall()
+            con.unregister(STAGE_VIEW)
+        return {row[0] for row in rows}
+
+    def _record_columns(self, table: str, columns: list[tuple[str, str]]) -> None:
+        # one statement: executemany runs one INSERT OR REPLACE per column (~4 ms each)
+        self.con.execute(
+            f"INSERT OR REPLACE INTO {COLUMNS_TABLE} VALUES " + ", ".join(["(?, ?, ?)"] * len(columns)),
+            [value for n, t in columns for value in (table, n, t)],
+        )
+
+    def _stage(self, columns: Sequence[pa.Array | pa.ChunkedArray]) -> None:
+        """Register Arrow columns as STAGE_VIEW, named c0, c1, ... (DuckDB scans them in place)."""
+        self.con.register(STAGE_VIEW, pa.Table.from_arrays(list(columns), names=[f"c{i}" for i in range(len(columns))]))
+
+    def _insert(self, qtable: str, step: InsertRows) -> int:
+        # One chunk per column: DuckDB scans each Arrow chunk on its own, and a run of
+        # 500-row chunks (one per message) inserts half as fast; combining costs ~0.01 ms per 1k rows.
+        self._stage(step.table.combine_chunks().columns)
+        targets = ", ".join(quote_ident(name) for name, _ in step.columns)
+        exprs = ", ".join(self.types[typ].value_sql.format(f"c{i}") for i, (_, typ) in enumerate(step.columns))
+        self.con.execute(f"INSERT INTO {qtable} ({targets}) SELECT {exprs} FROM {STAGE_VIEW}")
+        self.con.unregister(STAGE_VIEW)
+        return step.count
+
+    def _delete(self, qtable: str, step: DeleteRows) -> int:
+        """A run of deletes: one semi-join per set of named columns, against an Arrow batch of keys.
+
+        Deletes commute with each other, so their order inside the run does not matter; a
+        NULL key matches NULL (`IS NOT DISTINCT FROM`, which DuckDB runs as a hash join).
+        Each statement's count excludes rows an earlier statement already deleted.
+        """
+        groups: dict[tuple[tuple[str, str], ...], list[tuple[Any, ...]]] = {}
+        for conds in step.conditions:
+            ordered = sorted(conds, key=itemgetter(0))  # (a, b) and (b, a) are one column set
+            key = tuple((name, typ) for name, typ, _ in ordered)
+            groups.setdefault(key, []).append(tuple(value for _, _, value in ordered))
+        return sum(self._delete_keys(qtable, columns, keys) for columns, keys in groups.items())
+
+    def _delete_keys(self, qtable: str, columns: tuple[tuple[str, str], ...], keys: list[tuple[Any, ...]]) -> int:
+        def match(key_sql: Callable[[int], str]) -> str:
+            return " AND ".join(
+                f"{self.types[typ].compare_column_sql.format(qtable + '.' + quote_ident(name))} "
+                f"IS NOT DISTINCT FROM {self.types[typ].cmp_value(key_sql(i))}"
+                for i, (name, typ) in enumerate(columns)
+            )
+
+        if len(keys) == 1:
+            # One key: bound parameters filter the scan directly, ~3x faster than registering
+            # a one-row Arrow table and joining it (a lone delete between inserts is common).
+            params = [key_param(typ, value) for (_, typ), value in zip(columns, keys[0])]
+            return self.con.execute(f"DELETE FROM {qtable} WHERE {match(lambda i: '?')}", params).fetchone()[0]
+        self._stage([to_arrow(typ, list(values)) for (_, typ), values in zip(columns, zip(*keys))])
+        count = self.con.execute(
+            f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} k WHERE {match(lambda i: f'k.c{i}')})"
+        ).fetchone()[0]
+        self.con.unregister(STAGE_VIEW)
+        return count

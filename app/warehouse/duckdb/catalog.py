@@ -1,0 +1,84 @@
+"""What the DuckDB file holds: the pipeline's bookkeeping tables, user tables, their schemas.
+
+The activity types of the columns are kept in `_ingest_columns` (VARCHAR is ambiguous
+between string and bignumeric); a column missing there reads through the type mapper.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import duckdb
+
+from app.schema.identifiers import IDENTIFIER, INTERNAL_PREFIX, is_internal
+from app.warehouse.duckdb.types import TYPE_MAPPER
+from app.warehouse.plan import Schema
+
+APPLIED_TABLE = INTERNAL_PREFIX + "applied"
+COLUMNS_TABLE = INTERNAL_PREFIX + "columns"
+STAGE_VIEW = INTERNAL_PREFIX + "stage"  # connection-local Arrow view used while applying
+_COUNTS_PER_QUERY = 50
+
+
+def quote_ident(name: str) -> str:
+    """Double-quote an identifier after checking it is a plain name (defence in depth)."""
+    if not isinstance(name, str) or not IDENTIFIER.match(name):
+        raise ValueError(f"refusing identifier {name!r}")
+    return '"' + name + '"'
+
+
+def create_bookkeeping(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {APPLIED_TABLE} (dedup_id VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {COLUMNS_TABLE} (table_name VARCHAR NOT NULL, "
+        "column_name VARCHAR NOT NULL, activity_type VARCHAR NOT NULL, "
+        "PRIMARY KEY (table_name, column_name))"
+    )
+
+
+def has_bookkeeping(con: duckdb.DuckDBPyConnection) -> bool:
+    return con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?",
+        [COLUMNS_TABLE],
+    ).fetchone()[0] > 0
+
+
+def read_schema(con: duckdb.DuckDBPyConnection, table: str) -> Schema | None:
+    rows = con.execute(
+        f"""SELECT c.column_name, c.data_type, m.activity_type
+            FROM information_schema.columns c
+            LEFT JOIN {COLUMNS_TABLE} m
+              ON m.table_name = lower(c.table_name) AND lower(m.column_name) = lower(c.column_name)
+            WHERE c.table_schema = 'main' AND lower(c.table_name) = lower(?)
+            ORDER BY c.ordinal_position""",
+        [table],
+    ).fetchall()
+    if not rows:
+        return None
+    schema: Schema = {}
+    for name, data_type, activity_type in rows:
+        typ = activity_type or TYPE_MAPPER.activity_type_of(str(data_type)) or f"unsupported:{data_type}"
+        schema[name.lower()] = (name, typ)
+    return schema
+
+
+def list_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """User tables, sorted; a table not named as the pipeline names tables is not one of them."""
+    rows = con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' AND table_type = 'BASE TABLE'"
+    ).fetchall()
+    return sorted(name for (name,) in rows if IDENTIFIER.match(name) and not is_internal(name))
+
+
+def count_rows(con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> dict[str, int]:
+    """Exact counts of the existing user tables among `tables` (DuckDB names ignore case)."""
+    existing = {name.lower() for name in list_tables(con)}
+    wanted = [name for name in dict.fromkeys(tables) if isinstance(name, str) and name.lower() in existing]
+    counts: dict[str, int] = {}
+    for start in range(0, len(wanted), _COUNTS_PER_QUERY):
+        chunk = wanted[start : start + _COUNTS_PER_QUERY]
+        sql = " UNION ALL ".join(f"SELECT ? AS t, count(*) AS n FROM {quote_ident(name)}" for name in chunk)
+        counts.update({name: int(n) for name, n in con.execute(sql, chunk).fetchall()})
+    return counts

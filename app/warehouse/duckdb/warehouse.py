@@ -1,0 +1,258 @@
+"""`DuckDBWarehouse`: one local file, one writing process (the subscriber).
+
+Every `apply` runs in ONE transaction: the writer (`apply.py`) claims the call's
+dedup_ids, runs the planned schema changes, inserts and deletes, and it commits.
+Anything failing rolls back everything and is translated once (`errors.py`): transient
+(retry the same messages later) or terminal (the subscriber isolates and eventually
+dead-letters the culprit). `_ingest_applied` rows older than `REDELIVERY_WINDOW_DAYS`
+(7 days: Pub/Sub keeps an unacked message at most 7 days, so no redelivery comes later)
+are pruned at most once an hour; a chunk re-published after that window would apply again.
+
+Throughput: each apply is one COMMIT (a WAL fsync, ~1-3 ms), so give `apply` all the
+pulled envelopes of a table at once; one 500-row envelope per call is fsync-bound.
+
+Reads: `query` runs one SELECT on the writer's database in a transaction that is
+always rolled back (the subscriber serves it on its admin port); `DuckDBFileReader`
+opens the file read-only when no subscriber holds it. Both switch off
+`enable_external_access` after loading spatial, so a query cannot read or write other
+files (read_csv, COPY, ATTACH). Spatial loads only where a geography column is: at connect
+if a table has a GEOMETRY column, else the first apply naming one reconnects with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import duckdb
+
+from app.schema.identifiers import IDENTIFIER, is_internal
+from app.settings import Settings
+from app.warehouse.base import (
+    ApplyResult,
+    Envelope,
+    QueryResult,
+    Rejection,
+    TerminalWarehouseError,
+    TransientWarehouseError,
+    Warehouse,
+)
+from app.warehouse.duckdb import catalog
+from app.warehouse.duckdb.apply import SeenBefore, SpatialNeeded, Writer
+from app.warehouse.duckdb.capabilities import duckdb_capabilities
+from app.warehouse.duckdb.catalog import APPLIED_TABLE, STAGE_VIEW
+from app.warehouse.duckdb.connection import open_connection, spatial_extension_path
+from app.warehouse.duckdb.errors import apply_failed
+from app.warehouse.duckdb.reads import run_read_only
+from app.warehouse.duckdb.types import duck_types
+from app.warehouse.plan import Schema
+
+log = logging.getLogger("app.warehouse.duckdb")
+
+REDELIVERY_WINDOW_DAYS = 7
+PRUNE_EVERY_SECONDS = 3600.0
+
+
+class DuckDBWarehouse(Warehouse):
+    def __init__(self, settings: Settings) -> None:
+        self.path = Path(settings.duckdb_file)
+        self._memory_limit = settings.duckdb_memory_limit
+        self._threads = settings.duckdb_threads
+        self._lock = threading.RLock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        # Whether geography is GEOMETRY (spatial loads) or WKT text; refined on connect and
+        # when a load fails. The extension loads only with the first geography column.
+        self._spatial = spatial_extension_path() is not None
+        self._spatial_loaded = False
+        self._types = duck_types(self._spatial)
+        self._last_prune = 0.0
+        # Schemas of tables this process wrote, valid because it is the only writer (the
+        # file lock); dropped on any error or reconnect so a retry re-reads the catalog.
+        self._schemas: dict[str, Schema] = {}
+        self.capabilities = duckdb_capabilities(self._spatial)
+        try:
+            self._connection()
+        except TransientWarehouseError as exc:
+            log.warning("DuckDB not available yet, will retry on the next apply: %s", exc)
+
+    # -- connection handling ------------------------------------------------------------
+
+    def _connection(self, spatial: bool = False) -> duckdb.DuckDBPyConnection:
+        """The writer's connection; with `spatial`, one that has loaded the extension.
+
+        Spatial cannot be loaded into an open connection (external access is off), so
+        the first geography column reconnects once; a query running on the old connection
+        then fails with `WarehouseQueryError` (DuckDB interrupts it), and can be retried.
+        """
+        with self._lock:
+            if self._con is not None:
+                if not spatial or self._spatial_loaded:
+                    return self._con
+                self._drop_connection()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                con, loaded = open_connection(
+                    self.path,
+                    read_only=False,
+                    memory_limit=self._memory_limit,
+                    spatial=True if spatial else None,
+                    threads=self._threads,
+                )
+            except duckdb.Error as exc:
+                raise TransientWarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
+            except OSError as exc:
+                raise TransientWarehouseError(f"cannot create {self.path.parent}: {exc}") from exc
+            try:
+                catalog.create_bookkeeping(con)
+            except duckdb.Error as exc:
+                con.close()
+                raise TransientWarehouseError(f"cannot prepare {self.path}: {exc}") from exc
+            self._spatial_loaded = bool(loaded)
+            available = loaded is not False
+            if available != self._spatial:
+                self._spatial = available
+                self._types = duck_types(available)
+                self.capabilities = duckdb_capabilities(available)
+            self._con = con
+            return con
+
+    def _drop_connection(self) -> None:
+        self._schemas.clear()
+        con, self._con = self._con, None
+        if con is not None:
+            try:
+                con.close()
+            except duckdb.Error:
+                pass
+
+    def ready(self) -> tuple[bool, str]:
+        try:
+            with self._lock:
+                self._connection().execute("SELECT 1").fetchall()
+        except (TransientWarehouseError, duckdb.Error) as exc:
+            return False, str(exc)
+        return True, "ok" if self._spatial else "ok (no spatial extension: geography stored as WKT)"
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+    # -- catalog --------------------------------------------------------------------------
+
+    def _read_catalog(self, read: Any) -> Any:
+        with self._lock:
+            con = self._connection()
+            try:
+                return read(con)
+            except duckdb.Error as exc:
+                raise TransientWarehouseError(str(exc)) from exc
+
+    def table_schema(self, table: str) -> dict[str, str] | None:
+        schema = self._read_catalog(lambda con: catalog.read_schema(con, table))
+        return None if schema is None else {name: typ for name, typ in schema.values()}
+
+    def list_tables(self) -> list[str]:
+        return self._read_catalog(catalog.list_tables)
+
+    def count_rows(self, tables: Sequence[str]) -> dict[str, int]:
+        return self._read_catalog(lambda con: catalog.count_rows(con, tables))
+
+    # -- apply ----------------------------------------------------------------------------
+
+    def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
+        result = ApplyResult()
+        if not envelopes:
+            return result
+        if not IDENTIFIER.match(table) or is_internal(table):
+            reason = f"table name {table!r} is not allowed (reserved or invalid)"
+            for env in envelopes:
+                result.rejections.extend(Rejection(env.dedup_id, i, a, reason) for i, a in enumerate(env.activities))
+            # Nothing to write: not recorded, a redelivery is rejected the same way.
+            result.applied_envelopes = len(envelopes)
+            return result
+        spatial, all_new = False, True
+        with self._lock:
+            for _ in range(3):  # each retry switches one flag for good
+                try:
+                    return self._apply_once(table, envelopes, spatial, all_new)
+                except SpatialNeeded:
+                    spatial = True  # rolled back: plan again on a connection with spatial
+                except SeenBefore:
+                    all_new = False  # rolled back: claim again, skipping ids applied before
+        raise TerminalWarehouseError(f"DuckDB apply to {table} kept restarting")  # pragma: no cover
+
+    def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool, all_new: bool) -> ApplyResult:
+        result = ApplyResult()
+        with self._lock:
+            con = self._connection(spatial)
+            writer = Writer(con, self._types)
+            try:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    schema = writer.apply(
+                        table,
+                        envelopes,
+                        self._schemas.get(table.lower()),
+                        result,
+                        all_new,
+                        spatial_missing=self._spatial and not self._spatial_loaded,
+                    )
+                    con.execute("COMMIT")
+                    if schema is not None:
+                        self._schemas[table.lower()] = schema
+                except BaseException:
+                    self._schemas.clear()
+                    try:
+                        con.execute("ROLLBACK")
+                    except duckdb.Error:
+                        pass
+                    raise
+            except (SpatialNeeded, SeenBefore):
+                raise
+            except Exception as exc:
+                error, reconnect = apply_failed(exc, table)
+                if reconnect:
+                    self._drop_connection()
+                raise error from exc
+            finally:
+                try:
+                    con.unregister(STAGE_VIEW)
+                except duckdb.Error:
+                    pass
+            self._maybe_prune()
+        return result
+
+    def _maybe_prune(self) -> None:
+        """Forget dedup_ids older than the redelivery window (at most once per hour)."""
+        now = time.monotonic()
+        if self._last_prune and now - self._last_prune < PRUNE_EVERY_SECONDS:
+            return
+        self._last_prune = now
+        self.prune_applied()
+
+    def prune_applied(self, days: int = REDELIVERY_WINDOW_DAYS) -> int:
+        """Delete `_ingest_applied` rows older than `days`; returns how many were removed."""
+        with self._lock:
+            try:
+                con = self._connection()
+                return con.execute(
+                    f"DELETE FROM {APPLIED_TABLE} WHERE applied_at < now() - to_days(?)", [int(days)]
+                ).fetchone()[0]
+            except (duckdb.Error, TransientWarehouseError) as exc:
+                log.warning("pruning %s failed (will retry later): %s", APPLIED_TABLE, exc)
+                return 0
+
+    # -- read path --------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
+        """One read-only SELECT, on its own cursor (safe from another thread), always rolled back."""
+        with self._lock:
+            cur = self._connection().cursor()
+        try:
+            cur.execute("SET TimeZone = 'UTC'")
+            return run_read_only(cur, sql, params)
+        finally:
+            cur.close()
