@@ -14,6 +14,7 @@ from app.schema.activity import Activity
 from app.schema.columnar import runs_of
 from app.schema.types import TYPE_NAMES
 from app.warehouse.base import Envelope
+from tests.support.builders import dele, env, ins
 
 if TYPE_CHECKING:
     from tests.warehouse.conftest import Backend
@@ -58,18 +59,6 @@ ROUND_TRIP: dict[str, list[tuple[Any, Any]]] = {
 
 def test_round_trip_covers_every_type() -> None:
     assert set(ROUND_TRIP) == set(TYPE_NAMES)
-
-
-def ins(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("insert", table, [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def dele(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("delete", table, [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def env(table: str, *activities: Activity, dedup_id: str | None = None) -> Envelope:
-    return Envelope(dedup_id or f"{uuid.uuid4().hex}:{table}:0", table, list(activities))
 
 
 def ids(backend: Backend, table: str) -> list[int]:
