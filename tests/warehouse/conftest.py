@@ -1,8 +1,8 @@
 """Fixtures for the warehouse tests: the same contract suite runs against every backend.
 
 Adding a backend is one entry in `BACKENDS`: a factory taking pytest's `tmp_path` and
-returning a `Backend` (the warehouse plus a `read_rows` adapter that reads a table back
-with backend-specific SQL). A factory may `pytest.skip` when its emulator is missing,
+returning a `Backend` (the warehouse, a `read_rows` adapter that reads a table back with
+backend-specific SQL, and `table_sql`: how that SQL names a table). A factory may `pytest.skip` when its emulator is missing,
 but must fail instead when CI=true (use `skip_unless_ci`).
 """
 
@@ -34,6 +34,8 @@ class Backend:
     warehouse: Warehouse
     # (table, [(column, activity type)]) -> rows of values normalized by `normalize_value`
     read_rows: Callable[[str, list[tuple[str, str]]], list[tuple]]
+    # table -> the table as this backend's SQL names it (quoted, qualified)
+    table_sql: Callable[[str], str]
 
     def close(self) -> None:
         self.warehouse.close()
@@ -116,7 +118,25 @@ def _duckdb_backend(tmp_path: Path) -> Backend:
         _, rows = wh.query(f'SELECT {", ".join(exprs)} FROM "{table}"')
         return [tuple(normalize_value(typ, v) for (_, typ), v in zip(columns, row)) for row in rows]
 
-    return Backend("duckdb", wh, read_rows)
+    return Backend("duckdb", wh, read_rows, _double_quoted)
+
+
+def _double_quoted(table: str) -> str:
+    return '"' + table + '"'
+
+
+def _memory_backend(tmp_path: Path) -> Backend:
+    """The in-memory warehouse (tests.support.memory_warehouse): DuckDB SQL over Arrow copies."""
+    from tests.support.memory_warehouse import MemoryWarehouse
+
+    wh = MemoryWarehouse()
+
+    def read_rows(table: str, columns: list[tuple[str, str]]) -> list[tuple]:
+        # geography is WKT text and record JSON text here: `normalize_value` reads both
+        _, rows = wh.query(f'SELECT {", ".join(_double_quoted(name) for name, _ in columns)} FROM "{table}"')
+        return [tuple(normalize_value(typ, v) for (_, typ), v in zip(columns, row)) for row in rows]
+
+    return Backend("memory", wh, read_rows, _double_quoted)
 
 
 def _bigquery_backend(tmp_path: Path) -> Backend:
@@ -157,12 +177,13 @@ def _bigquery_backend(tmp_path: Path) -> Backend:
         _, rows = wh.query(f"SELECT {', '.join(exprs)} FROM `{settings.bigquery_dataset}.{table}`")
         return [tuple(normalize_value(typ, v) for (_, typ), v in zip(columns, row)) for row in rows]
 
-    return Backend("bigquery", wh, read_rows)
+    return Backend("bigquery", wh, read_rows, lambda table: f"`{settings.bigquery_dataset}.{table}`")
 
 
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "duckdb": _duckdb_backend,
     "bigquery": _bigquery_backend,
+    "memory": _memory_backend,
 }
 
 
