@@ -1,8 +1,8 @@
 """Fixtures for the warehouse tests: the same contract suite runs against every backend.
 
 Adding a backend is one entry in `BACKENDS`: a factory taking pytest's `tmp_path` and
-returning a `Backend` (the warehouse plus a `read_rows` adapter that reads a table back
-with backend-specific SQL). A factory may `pytest.skip` when its emulator is missing,
+returning a `Backend`: the warehouse, and how its SQL names a table and reads a column
+back (`read_rows` builds its SELECT from those two). A factory may `pytest.skip` when its emulator is missing,
 but must fail instead when CI=true (use `skip_unless_ci`).
 """
 
@@ -32,8 +32,15 @@ from app.warehouse.base import Warehouse
 class Backend:
     name: str
     warehouse: Warehouse
-    # (table, [(column, activity type)]) -> rows of values normalized by `normalize_value`
-    read_rows: Callable[[str, list[tuple[str, str]]], list[tuple]]
+    table_sql: Callable[[str], str]  # table -> the table as this backend's SQL names it
+    # (column, activity type) -> a select expression giving a value `normalize_value` reads
+    column_sql: Callable[[str, str], str]
+
+    def read_rows(self, table: str, columns: list[tuple[str, str]]) -> list[tuple]:
+        """The table's rows, each value normalized by `normalize_value` (any order)."""
+        exprs = ", ".join(self.column_sql(name, typ) for name, typ in columns)
+        _, rows = self.warehouse.query(f"SELECT {exprs} FROM {self.table_sql(table)}")
+        return [tuple(normalize_value(typ, v) for (_, typ), v in zip(columns, row)) for row in rows]
 
     def close(self) -> None:
         self.warehouse.close()
@@ -98,25 +105,41 @@ def normalize_value(typ: str, value: Any) -> Any:
 # --------------------------------------------------------------------------- backends
 
 
+def _double_quoted(name: str) -> str:
+    return '"' + name + '"'
+
+
 def _duckdb_backend(tmp_path: Path) -> Backend:
     from app.warehouse.duckdb import DuckDBWarehouse
 
     wh = DuckDBWarehouse(Settings(data_dir=tmp_path / "data"))
 
-    def read_rows(table: str, columns: list[tuple[str, str]]) -> list[tuple]:
-        exprs = []
-        for name, typ in columns:
-            q = '"' + name + '"'
-            if typ == "geography" and wh.capabilities.supports_geometry:
-                exprs.append(f"ST_AsText({q})")
-            elif typ == "record":
-                exprs.append(f"CAST({q} AS VARCHAR)")
-            else:
-                exprs.append(q)
-        _, rows = wh.query(f'SELECT {", ".join(exprs)} FROM "{table}"')
-        return [tuple(normalize_value(typ, v) for (_, typ), v in zip(columns, row)) for row in rows]
+    def column_sql(name: str, typ: str) -> str:
+        if typ == "geography" and wh.capabilities.supports_geometry:
+            return f"ST_AsText({_double_quoted(name)})"
+        if typ == "record":
+            return f"CAST({_double_quoted(name)} AS VARCHAR)"
+        return _double_quoted(name)
 
-    return Backend("duckdb", wh, read_rows)
+    return Backend("duckdb", wh, _double_quoted, column_sql)
+
+
+def _memory_backend(tmp_path: Path) -> Backend:
+    """The in-memory warehouse (tests.support.memory_warehouse): DuckDB SQL over Arrow copies
+    in which geography is WKT text and record JSON text, as `normalize_value` reads them."""
+    from tests.support.memory_warehouse import MemoryWarehouse
+
+    return Backend("memory", MemoryWarehouse(), _double_quoted, lambda name, typ: _double_quoted(name))
+
+
+# BigQuery select expressions per type; the BYTES one is an emulator quirk only (BYTES do
+# not always round-trip through its query results)
+_BIGQUERY_READS = {
+    "geography": "ST_ASTEXT({})",
+    "record": "TO_JSON_STRING({})",
+    "bignumeric": "CAST({} AS STRING)",
+    "bytes": "TO_BASE64({})",
+}
 
 
 def _bigquery_backend(tmp_path: Path) -> Backend:
@@ -137,32 +160,18 @@ def _bigquery_backend(tmp_path: Path) -> Backend:
         bigquery_emulator_host=emu.rest,
         bigquery_emulator_grpc_host=emu.grpc,
     )
-    wh = BigQueryWarehouse(settings)
-
-    def read_rows(table: str, columns: list[tuple[str, str]]) -> list[tuple]:
-        exprs = []
-        for name, typ in columns:
-            q = "`" + name + "`"
-            if typ == "geography":
-                exprs.append(f"ST_ASTEXT({q})")
-            elif typ == "record":
-                exprs.append(f"TO_JSON_STRING({q})")
-            elif typ == "bignumeric":
-                exprs.append(f"CAST({q} AS STRING)")
-            elif typ == "bytes":
-                # emulator quirk only: BYTES do not always round-trip through query results
-                exprs.append(f"TO_BASE64({q})")
-            else:
-                exprs.append(q)
-        _, rows = wh.query(f"SELECT {', '.join(exprs)} FROM `{settings.bigquery_dataset}.{table}`")
-        return [tuple(normalize_value(typ, v) for (_, typ), v in zip(columns, row)) for row in rows]
-
-    return Backend("bigquery", wh, read_rows)
+    return Backend(
+        "bigquery",
+        BigQueryWarehouse(settings),
+        lambda table: f"`{settings.bigquery_dataset}.{table}`",
+        lambda name, typ: _BIGQUERY_READS.get(typ, "{}").format(f"`{name}`"),
+    )
 
 
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "duckdb": _duckdb_backend,
     "bigquery": _bigquery_backend,
+    "memory": _memory_backend,
 }
 
 

@@ -10,20 +10,8 @@ from hypothesis import strategies as st
 from app.schema.activity import Activity
 from app.schema.columnar import runs_of
 from app.warehouse.base import Envelope
-from app.warehouse.plan import DeleteRows, InsertRows, Plan, coalesce_steps, plan_table
-
-
-def _rows(steps: list) -> list[tuple]:
-    rows: list[dict] = []
-    for step in steps:
-        if isinstance(step, InsertRows):
-            values = step.canonical_values()
-            for j in range(step.count):
-                rows.append({n.lower(): values[n][j] for n, _ in step.columns})
-        elif isinstance(step, DeleteRows):
-            for conds in step.conditions:
-                rows = [r for r in rows if not all(r.get(n.lower()) == v for n, _, v in conds)]
-    return sorted(tuple(sorted((k, repr(v)) for k, v in r.items() if v is not None)) for r in rows)
+from app.warehouse.plan import InsertRows, Plan, coalesce_steps, plan_table
+from tests.support.reference import canon, execute
 
 
 def _kinds(steps: list) -> list[str]:
@@ -46,7 +34,7 @@ def test_unrelated_deletes_move_after_all_inserts() -> None:
     merged = coalesce_steps(plan.steps)
     assert _kinds(merged) == ["InsertRows", "DeleteRows"]
     assert merged[0].canonical_values() == {"k": [1, 2, 3], "s": [None, "x", None]} and merged[0].count == 3
-    assert _rows(merged) == _rows(plan.steps)
+    assert canon(execute(merged)) == canon(execute(plan.steps))
 
 
 def test_delete_matching_a_later_insert_keeps_the_barrier() -> None:
@@ -84,5 +72,5 @@ def test_coalesced_plan_leaves_the_same_rows(acts: list[Activity], columnar: boo
     envelope = Envelope("b:t:0", "t", runs=runs_of(acts)) if columnar else Envelope("b:t:0", "t", acts)
     plan = plan_table("t", {"a": ("a", "integer"), "b": ("b", "string"), "c": ("c", "integer")}, [envelope])
     merged = coalesce_steps(plan.steps)
-    assert _rows(merged) == _rows(plan.steps)
+    assert canon(execute(merged)) == canon(execute(plan.steps))
     assert sum(s.count for s in merged if isinstance(s, InsertRows)) == plan.rows_to_insert

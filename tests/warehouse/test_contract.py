@@ -14,6 +14,7 @@ from app.schema.activity import Activity
 from app.schema.columnar import runs_of
 from app.schema.types import TYPE_NAMES
 from app.warehouse.base import Envelope
+from tests.support.builders import dele, env, ins
 
 if TYPE_CHECKING:
     from tests.warehouse.conftest import Backend
@@ -58,18 +59,6 @@ ROUND_TRIP: dict[str, list[tuple[Any, Any]]] = {
 
 def test_round_trip_covers_every_type() -> None:
     assert set(ROUND_TRIP) == set(TYPE_NAMES)
-
-
-def ins(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("insert", table, [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def dele(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("delete", table, [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def env(table: str, *activities: Activity, dedup_id: str | None = None) -> Envelope:
-    return Envelope(dedup_id or f"{uuid.uuid4().hex}:{table}:0", table, list(activities))
 
 
 def ids(backend: Backend, table: str) -> list[int]:
@@ -252,3 +241,161 @@ def test_columnar_envelope_applies_like_activities(backend: Backend, table: str)
     assert backend.warehouse.table_schema(by_runs_table) == backend.warehouse.table_schema(table)
     assert sorted(backend.read_rows(by_runs_table, cols)) == sorted(backend.read_rows(table, cols))
     assert sorted(r[0] for r in backend.read_rows(table, cols)) == [0, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def test_query_binds_positional_params_and_unpacks_as_columns_and_rows(backend: Backend, table: str) -> None:
+    cols = [("id", "integer"), ("s", "string")]
+    backend.warehouse.apply(table, [env(table, ins(table, cols, [1, "a"]), ins(table, cols, [2, "b"]))])
+    columns, rows = backend.warehouse.query(f"SELECT id FROM {backend.table_sql(table)} WHERE s = ? AND id > ?", ["b", 0])
+    assert columns == ["id"] and rows == [(2,)]
+
+
+@pytest.mark.parametrize("typ", TYPE_NAMES)
+def test_query_types_are_activity_types(backend: Backend, table: str, typ: str) -> None:
+    cols = [("id", "integer"), ("v", typ)]
+    backend.warehouse.apply(table, [env(table, ins(table, cols, [1, ROUND_TRIP[typ][0][0]]))])
+    result = backend.warehouse.query(f"SELECT id, v FROM {backend.table_sql(table)}")
+    assert result.types == ["integer", typ]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["DELETE FROM {t} WHERE TRUE", "INSERT INTO {t} (id) VALUES (9)", "DROP TABLE {t}", "UPDATE {t} SET id = 0 WHERE TRUE"],
+    ids=["delete", "insert", "drop", "update"],
+)
+def test_query_refuses_a_write_and_changes_nothing(backend: Backend, table: str, statement: str) -> None:
+    from app.warehouse.base import WarehouseQueryError
+
+    backend.warehouse.apply(table, [env(table, ins(table, [("id", "integer")], [1]))])
+    with pytest.raises(WarehouseQueryError):
+        backend.warehouse.query(statement.format(t=backend.table_sql(table)))
+    assert ids(backend, table) == [1]
+
+
+def test_query_errors_are_warehouse_query_errors(backend: Backend, table: str) -> None:
+    from app.warehouse.base import WarehouseQueryError
+
+    backend.warehouse.apply(table, [env(table, ins(table, [("id", "integer")], [1]))])
+    with pytest.raises(WarehouseQueryError):
+        backend.warehouse.query(f"SELECT nope FROM {backend.table_sql(table)}")
+    with pytest.raises(WarehouseQueryError):
+        backend.warehouse.query(f"SELECT id FROM {backend.table_sql(table + '_missing')}")
+    with pytest.raises(WarehouseQueryError):
+        backend.warehouse.query("SELEC 1")
+
+
+def test_list_tables_are_the_user_tables_sorted(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    assert wh.list_tables() == []
+    later, earlier = table + "_b", table + "_a"
+    wh.apply(later, [env(later, ins(later, [("id", "integer")], [1]))])
+    wh.apply(earlier, [env(earlier, ins(earlier, [("id", "integer")], [1]))])
+    missing = table + "_c"
+    wh.apply(missing, [env(missing, dele(missing, [("id", "integer")], [1]))])  # a no-op creates nothing
+    # the backends' own bookkeeping (dedup markers, column types) is not listed
+    assert wh.list_tables() == [earlier, later]
+
+
+def test_count_rows_counts_exactly_the_tables_asked(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    other, untouched = table + "_other", table + "_untouched"
+    cols = [("id", "integer")]
+    wh.apply(table, [env(table, *(ins(table, cols, [i]) for i in range(5)), dele(table, cols, [0]))])
+    wh.apply(other, [env(other, ins(other, cols, [1]))])
+    wh.apply(untouched, [env(untouched, ins(untouched, cols, [1]))])
+    assert wh.count_rows([table, other]) == {table: 4, other: 1}
+    wh.apply(other, [env(other, dele(other, cols, [1]))])
+    assert wh.count_rows([other]) == {other: 0}
+
+
+def test_ready_once_it_has_applied(backend: Backend, table: str) -> None:
+    backend.warehouse.apply(table, [env(table, ins(table, [("id", "integer")], [1]))])
+    assert backend.warehouse.ready() == (True, "ok")
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name", ["_ingest_user", "_INGEST_Other", "bad-name", "t; DROP TABLE t"])
+def test_internal_and_invalid_table_names_are_refused(backend: Backend, name: str) -> None:
+    """The API refuses these names already; a warehouse refuses them again (its own
+    bookkeeping tables start with `_ingest_`). Naming rules beyond these are per backend."""
+    wh = backend.warehouse
+    e = env(name, ins(name, [("id", "integer")], [1]), dele(name, [("id", "integer")], [1]))
+    r = wh.apply(name, [e])
+    assert [(j.dedup_id, j.index) for j in r.rejections] == [(e.dedup_id, 0), (e.dedup_id, 1)]
+    assert r.rows_inserted == 0 and r.rows_deleted == 0
+    assert wh.table_schema(name) is None and wh.list_tables() == []
+
+
+# --------------------------------------------------------------------------- exactly once, order, errors
+
+
+def test_an_envelope_with_a_rejection_is_recorded_once_like_any_other(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer")], [1]))])
+    e = env(table, ins(table, [("id", "string")], ["x"]), ins(table, [("id", "integer")], [2]))
+    first = wh.apply(table, [e])
+    assert [j.index for j in first.rejections] == [0] and first.rows_inserted == 1
+    again = wh.apply(table, [e])
+    assert (again.skipped_duplicates, again.applied_envelopes, again.rejections) == (1, 0, [])
+    assert ids(backend, table) == [1, 2]
+
+
+def test_envelopes_apply_in_the_order_given_across_calls(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    cols = [("id", "integer"), ("k", "string")]
+    wh.apply(table, [env(table, ins(table, cols, [1, "x"])), env(table, dele(table, [("k", "string")], ["x"]))])
+    wh.apply(table, [env(table, ins(table, cols, [2, "x"]))])
+    assert sorted(backend.read_rows(table, cols)) == [(2, "x")]
+    r = wh.apply(table, [env(table, dele(table, [("k", "string")], ["x"])), env(table, ins(table, cols, [3, "x"]))])
+    assert (r.rows_deleted, r.rows_inserted) == (1, 1)
+    assert sorted(backend.read_rows(table, cols)) == [(3, "x")]
+
+
+def test_a_value_the_warehouse_cannot_store_is_terminal_and_commits_nothing(backend: Backend, table: str) -> None:
+    """A v1 (JSON) datetime the API would have refused: not retryable, and nothing of the call
+    applies, so the pipeline can retry each envelope alone to find the culprit."""
+    from app.warehouse.base import TransientWarehouseError
+
+    wh = backend.warehouse
+    cols = [("id", "integer"), ("d", "datetime")]
+    good = env(table, ins(table, cols, [1, "2024-01-02T03:04:05"]))
+    bad = env(table, ins(table, cols, [2, "not a datetime"]))
+    with pytest.raises(Exception) as raised:
+        wh.apply(table, [good, bad])
+    assert not isinstance(raised.value, TransientWarehouseError)
+    assert wh.table_schema(table) is None or ids(backend, table) == []
+    r = wh.apply(table, [good])  # the good envelope was not recorded as applied
+    assert (r.applied_envelopes, r.skipped_duplicates) == (1, 0) and ids(backend, table) == [1]
+
+
+def test_transient_and_terminal_errors_are_distinct() -> None:
+    from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
+
+    assert not issubclass(TerminalWarehouseError, TransientWarehouseError)
+    assert not issubclass(TransientWarehouseError, TerminalWarehouseError)
+    assert TransientWarehouseError("throttled", retry_after=3.0).retry_after == 3.0
+    assert TransientWarehouseError("unreachable").retry_after is None
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_a_third_warehouse_is_one_package_plus_one_registry_line(tmp_path) -> None:
+    """`tests.support.memory_warehouse.registration` is that line; WAREHOUSE=memory opens it."""
+    import tests.support.memory_warehouse.registration  # noqa: F401  (registers "memory")
+    from app.settings import Settings
+    from app.warehouse.registry import open_warehouse
+    from tests.support.memory_warehouse import MemoryWarehouse
+
+    wh = open_warehouse(Settings(data_dir=tmp_path, warehouse="memory"))
+    try:
+        assert isinstance(wh, MemoryWarehouse)
+        r = wh.apply("t", [env("t", ins("t", [("id", "integer")], [1]))])
+        assert r.rows_inserted == 1 and wh.list_tables() == ["t"]
+    finally:
+        wh.close()

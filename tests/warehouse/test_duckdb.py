@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,12 +12,11 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from app.schema.activity import Activity
 from app.schema.columnar import to_arrow
 from app.schema.types import TYPES
 from app.settings import Settings
-from app.warehouse.base import Envelope, TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
 from app.warehouse import open_read_only
+from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
 from app.warehouse.duckdb import (
     APPLIED_TABLE,
     COLUMN_TYPES,
@@ -28,6 +26,7 @@ from app.warehouse.duckdb import (
     duck_types,
     query_file,
 )
+from tests.support.builders import dele, env, ins
 from tests.warehouse.test_contract import ROUND_TRIP
 
 
@@ -41,18 +40,6 @@ def wh(settings: Settings) -> Iterator[DuckDBWarehouse]:
     w = DuckDBWarehouse(settings)
     yield w
     w.close()
-
-
-def ins(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("insert", table, [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def dele(table: str, cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("delete", table, [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def env(table: str, *acts: Activity) -> Envelope:
-    return Envelope(f"{uuid.uuid4().hex}:{table}:0", table, list(acts))
 
 
 HOLD_LOCK = """

@@ -13,19 +13,9 @@ import pyarrow as pa
 
 from app.schema.columnar import runs_of
 from app.schema.types import TYPES
+from tests.support.builders import dele, env, ins
+from tests.support.reference import canon, execute
 from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Plan, plan_table
-
-
-def ins(cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("insert", "t", [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def dele(cols: list[tuple[str, str]], values: list[Any]) -> Activity:
-    return Activity("delete", "t", [c for c, _ in cols], [t for _, t in cols], list(values))
-
-
-def env(n: int, *acts: Activity) -> Envelope:
-    return Envelope(f"b:t:{n}", "t", list(acts))
 
 
 def kinds(plan: Plan) -> list[str]:
@@ -37,9 +27,9 @@ def test_inserts_merge_across_envelopes_and_column_sets() -> None:
         "t",
         None,
         [
-            env(0, ins([("id", "integer"), ("a", "string")], [1, "x"]), ins([("id", "integer"), ("a", "string")], [2, "y"])),
-            env(1, ins([("b", "float"), ("ID", "integer")], [0.5, 3])),
-            env(2, ins([("id", "integer")], [4]), ins([("id", "integer"), ("a", "string")], [5, "z"])),
+            env("t", ins("t", [("id", "integer"), ("a", "string")], [1, "x"]), ins("t", [("id", "integer"), ("a", "string")], [2, "y"])),
+            env("t", ins("t", [("b", "float"), ("ID", "integer")], [0.5, 3])),
+            env("t", ins("t", [("id", "integer")], [4]), ins("t", [("id", "integer"), ("a", "string")], [5, "z"])),
         ],
     )
     assert kinds(plan) == ["CreateTable", "InsertRows"]
@@ -59,9 +49,9 @@ def test_existing_table_columns_added_once_and_hoisted() -> None:
         "t",
         schema,
         [
-            env(0, ins([("id", "integer")], [1]), dele([("ID", "integer")], [1])),
-            env(1, ins([("id", "integer"), ("New", "string")], [2, "n"]), ins([("id", "integer"), ("new", "string")], [3, "m"])),
-            env(2, ins([("x", "boolean")], [True])),
+            env("t", ins("t", [("id", "integer")], [1]), dele("t", [("ID", "integer")], [1])),
+            env("t", ins("t", [("id", "integer"), ("New", "string")], [2, "n"]), ins("t", [("id", "integer"), ("new", "string")], [3, "m"])),
+            env("t", ins("t", [("x", "boolean")], [True])),
         ],
     )
     assert kinds(plan) == ["AddColumns", "InsertRows", "DeleteRows", "InsertRows"]
@@ -81,7 +71,7 @@ def test_consecutive_deletes_grouped_and_barrier() -> None:
     plan = plan_table(
         "t",
         {"k": ("k", "string")},
-        [env(0, dele(c, ["a"]), dele(c, [None]), ins(c, ["b"]), dele(c, ["b"]))],
+        [env("t", dele("t", c, ["a"]), dele("t", c, [None]), ins("t", c, ["b"]), dele("t", c, ["b"]))],
     )
     assert kinds(plan) == ["DeleteRows", "InsertRows", "DeleteRows"]
     assert plan.steps[0].conditions == [[("k", "string", "a")], [("k", "string", None)]]
@@ -91,20 +81,21 @@ def test_consecutive_deletes_grouped_and_barrier() -> None:
 def test_rejections() -> None:
     schema = {"x": ("x", "integer")}
     e = env(
-        7,
-        ins([("x", "string")], ["s"]),  # 0 type conflict
-        dele([("y", "integer")], [1]),  # 1 unknown column
-        dele([("x", "float")], [1.0]),  # 2 delete type conflict
-        ins([("x", "integer"), ("X", "integer")], [1, 2]),  # 3 duplicate column
+        "t",
+        ins("t", [("x", "string")], ["s"]),  # 0 type conflict
+        dele("t", [("y", "integer")], [1]),  # 1 unknown column
+        dele("t", [("x", "float")], [1.0]),  # 2 delete type conflict
+        ins("t", [("x", "integer"), ("X", "integer")], [1, 2]),  # 3 duplicate column
         Activity("insert", "t", ["x"], ["integer"], [1, 2]),  # 4 length mismatch
-        ins([("z", "money")], [1]),  # 5 unknown type
+        ins("t", [("z", "money")], [1]),  # 5 unknown type
         Activity("upsert", "t", ["x"], ["integer"], [1]),  # 6 unknown operation
-        dele([], []),  # 7 delete everything: refused
-        ins([('a"; DROP TABLE t; --', "integer")], [1]),  # 8 invalid name
-        ins([("x", "integer")], [9]),  # 9 fine
-        ins([("x", "string")], ["again"]),  # 10 type conflict (cached shape)
+        dele("t", [], []),  # 7 delete everything: refused
+        ins("t", [('a"; DROP TABLE t; --', "integer")], [1]),  # 8 invalid name
+        ins("t", [("x", "integer")], [9]),  # 9 fine
+        ins("t", [("x", "string")], ["again"]),  # 10 type conflict (cached shape)
         Activity("insert", "t", ["x"], [["integer"]], [1]),  # 11 not a string (unhashable)
         Activity("delete", "t", [{"x": 1}], ["integer"], [1]),  # 12 not a string
+        dedup_id="b:t:7",
     )
     plan = plan_table("t", schema, [e])
     assert [r.index for r in plan.rejections] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12]
@@ -119,14 +110,14 @@ def test_rejections() -> None:
 
 
 def test_conflict_with_column_added_earlier_in_same_plan() -> None:
-    plan = plan_table("t", None, [env(0, ins([("a", "integer")], [1])), env(1, ins([("A", "date")], ["2024-01-01"]))])
+    plan = plan_table("t", None, [env("t", ins("t", [("a", "integer")], [1])), env("t", ins("t", [("A", "date")], ["2024-01-01"]))])
     assert [r.reason for r in plan.rejections] == ["column 'a' is integer in table t, activity sends date"]
     assert plan.rows_to_insert == 1
 
 
 def test_delete_on_missing_table_is_noop_until_created() -> None:
     c = [("k", "integer")]
-    plan = plan_table("t", None, [env(0, dele(c, [1]), dele([("other", "string")], ["x"]), ins(c, [1]), dele(c, [1]))])
+    plan = plan_table("t", None, [env("t", dele("t", c, [1]), dele("t", [("other", "string")], ["x"]), ins("t", c, [1]), dele("t", c, [1]))])
     assert plan.noop_deletes == 2 and plan.rejections == []
     assert kinds(plan) == ["CreateTable", "InsertRows", "DeleteRows"]
 
@@ -168,23 +159,6 @@ def _naive(schema: dict | None, envelopes: list[Envelope]) -> tuple[list[dict], 
     return rows, rejected, noop
 
 
-def _execute(plan: Plan) -> list[dict]:
-    rows: list[dict] = []
-    for step in plan.steps:
-        if isinstance(step, InsertRows):
-            values = step.canonical_values()
-            for j in range(step.count):
-                rows.append({n.lower(): values[n][j] for n, _ in step.columns})
-        elif isinstance(step, DeleteRows):
-            for conds in step.conditions:
-                rows = [r for r in rows if not all(r.get(n.lower()) == v for n, _, v in conds)]
-    return rows
-
-
-def _canon(rows: list[dict]) -> list[tuple]:
-    return sorted(tuple(sorted((k, v) for k, v in r.items() if v is not None)) for r in rows)
-
-
 _columns = st.sampled_from([("a", "integer"), ("A", "integer"), ("b", "string"), ("c", "integer"), ("b", "integer")])
 
 
@@ -203,7 +177,7 @@ def test_plan_matches_row_at_a_time(batches: list[list[Activity]], table_exists:
     envelopes = [Envelope(f"b:t:{n}", "t", acts) for n, acts in enumerate(batches)]
     plan = plan_table("t", schema, envelopes)
     want_rows, want_rejected, want_noop = _naive(schema, envelopes)
-    assert _canon(_execute(plan)) == _canon(want_rows)
+    assert canon(execute(plan.steps)) == canon(want_rows)
     assert [r.index for r in plan.rejections] == want_rejected
     assert plan.noop_deletes == want_noop
 
@@ -273,7 +247,7 @@ def test_runs_plan_like_activities(batches: list[list[Activity]], table_exists: 
 
 
 def test_run_in_the_wrong_arrow_type_is_rejected_whole() -> None:
-    run = runs_of([ins([("x", "integer")], [1]), ins([("x", "integer")], [2])])[0]
+    run = runs_of([ins("t", [("x", "integer")], [1]), ins("t", [("x", "integer")], [2])])[0]
     run.batch = pa.RecordBatch.from_arrays([pa.array(["1", "2"])], names=["0"])
     plan = plan_table("t", None, [Envelope("b:t:0", "t", runs=[run])])
     assert kinds(plan) == []

@@ -1,0 +1,42 @@
+"""BigQuery fixtures: one emulator per session (tests.support.bqemulator.shared_emulator), a
+fresh dataset per test. The emulator failing to start fails these tests (no skip).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Iterator
+
+import pytest
+
+from app.settings import Settings
+from app.warehouse.bigquery import BigQueryWarehouse
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from tests.support.bqemulator import EmulatorUnavailable, shared_emulator
+
+    try:
+        return shared_emulator()
+    except EmulatorUnavailable as exc:  # CI=true: fail loudly
+        pytest.fail(str(exc))
+
+
+@pytest.fixture
+def settings(emu, tmp_path) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        warehouse="bigquery",
+        gcp_project=emu.project,
+        bigquery_dataset="bq_" + uuid.uuid4().hex[:12],
+        bigquery_emulator_host=emu.rest,
+        bigquery_emulator_grpc_host=emu.grpc,
+    )
+
+
+@pytest.fixture
+def wh(settings) -> Iterator[BigQueryWarehouse]:
+    w = BigQueryWarehouse(settings)
+    yield w
+    w.close()

@@ -1,0 +1,89 @@
+"""The SQL the warehouse runs: parameterized deletes, clean-ups of unfinished attempts (app/warehouse/bigquery/queries.py).
+
+Over the wire against bqemulator unless a test says otherwise (fixtures in conftest.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.warehouse.base import TransientWarehouseError
+
+
+from tests.support.builders import dele, env, ins
+from tests.warehouse.bigquery.support import ids
+
+
+def test_deletes_are_one_parameterized_dml_job(wh, monkeypatch) -> None:
+    t = "del"
+    cols = [("id", "integer"), ("name", "string"), ("team", "string")]
+    evil = "x'; DROP TABLE del; --"
+    wh.apply(
+        t,
+        [env(t, *(ins(t, cols, row) for row in [[1, "ann", "a"], [2, evil, None], [3, "bob", "b"], [4, "cy", None]]))],
+    )
+    seen: list[tuple[str, Any]] = []
+    # emulator: statements run as jobs (see BigQueryClient._emulator_query)
+    real_query = wh.client.rest.query
+
+    def spy(sql: str, job_config: Any = None, **kw: Any) -> Any:
+        seen.append((sql, job_config))
+        return real_query(sql, job_config=job_config, **kw)
+
+    monkeypatch.setattr(wh.client.rest, "query", spy)
+    before = wh.api_calls["dml"]
+    r = wh.apply(
+        t,
+        [
+            env(t, dele(t, [("name", "string"), ("team", "string")], [evil, None]), dele(t, [("id", "integer")], [1])),
+            env(t, dele(t, [("team", "string")], ["b"])),
+        ],
+    )
+    assert r.rows_deleted == 3 and wh.api_calls["dml"] - before == 1
+    deletes = [(sql, cfg) for sql, cfg in seen if sql.startswith("DELETE")]
+    assert len(deletes) == 1
+    sql, cfg = deletes[0]
+    assert sql == (
+        f"DELETE FROM `{wh.project}.{wh.dataset}.del` WHERE "
+        "(`name` = @p0 AND `team` IS NULL) OR (`id` = @p1) OR (`team` = @p2)"
+    )
+    assert evil not in sql
+    assert [(p.name, p.type_, p.value) for p in cfg.query_parameters] == [
+        ("p0", "STRING", evil),
+        ("p1", "INT64", 1),
+        ("p2", "STRING", "b"),
+    ]
+    assert ids(wh, t) == [4]
+
+
+def test_delete_right_after_storage_write_insert(wh) -> None:
+    t = "fresh"
+    cols = [("id", "integer"), ("k", "string")]
+    r = wh.apply(t, [env(t, ins(t, cols, [1, "a"]), ins(t, cols, [2, "b"]), dele(t, [("k", "string")], ["a"]))])
+    assert (r.rows_inserted, r.rows_deleted) == (2, 1)
+    r = wh.apply(t, [env(t, ins(t, cols, [3, "c"]))])
+    r = wh.apply(t, [env(t, dele(t, [("id", "integer")], [3]))])
+    assert r.rows_deleted == 1
+    assert ids(wh, t) == [2]
+    assert wh.client.has_write_client  # inserts went through the Storage Write API
+
+
+def test_unfinished_delete_on_a_missing_table_retries_as_a_noop(wh, monkeypatch) -> None:
+    t = "never_created"
+    e = env(t, dele(t, [("id", "integer")], [1]))
+    real = wh._write_markers
+
+    def lose_completion(markers: Any, table: str, dedup_ids: list[str], state: str) -> None:
+        if state == "done":
+            raise TransientWarehouseError("simulated: completion marker lost")
+        real(markers, table, dedup_ids, state)
+
+    monkeypatch.setattr(wh, "_write_markers", lose_completion)
+    with pytest.raises(TransientWarehouseError):
+        wh.apply(t, [e])
+    monkeypatch.setattr(wh, "_write_markers", real)
+    r = wh.apply(t, [e])  # an intent without completion, but no table to clean
+    assert r.applied_envelopes == 1 and r.noop_deletes == 1
+    assert wh.table_schema(t) is None

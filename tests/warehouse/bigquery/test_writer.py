@@ -1,0 +1,197 @@
+"""Rows through the Storage Write API or insertAll: streams, request sizes, refused rows (app/warehouse/bigquery/writer.py).
+
+Over the wire against bqemulator unless a test says otherwise (fixtures in conftest.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import threading
+from decimal import Decimal
+
+import pyarrow as pa
+import pytest
+
+from app.schema.columnar import runs_of
+from app.warehouse.base import Envelope, TransientWarehouseError
+from app.warehouse.bigquery import MARKERS_TABLE, BigQueryWarehouse
+from app.warehouse.bigquery.errors import SchemaPendingError
+from app.warehouse.bigquery.writer import insert_id, split_rows
+
+
+from tests.support.builders import dele, env, ins
+from tests.warehouse.bigquery.support import ids
+
+
+@pytest.mark.parametrize("columnar", [False, True], ids=["v1", "v2"])
+def test_insert_all_fallback(settings, columnar: bool) -> None:
+    w = BigQueryWarehouse(settings.model_copy(update={"bigquery_insert_mode": "insert_all"}))
+    try:
+        t = "legacy_v2" if columnar else "legacy"
+        cols = [
+            ("id", "integer"),
+            ("f", "float"),
+            ("n", "numeric"),
+            ("ts", "timestamp"),
+            ("r", "record"),
+            ("g", "geography"),
+        ]
+        e = env(
+            t,
+            ins(t, cols, [1, "NaN", "1.5", "2024-01-02T03:04:05.000006Z", {"a": [1]}, "POINT(1 2)"]),
+            ins(t, cols, [2, 2.5, None, None, None, None]),
+        )
+        if columnar:  # a v2 message: the legacy path materializes the values itself
+            e = Envelope(e.dedup_id, t, runs=runs_of(e.activities))
+        r = w.apply(t, [e])
+        assert r.rows_inserted == 2 and r.rejections == []
+        assert w.apply(t, [e]).skipped_duplicates == 1
+        assert not w.client.has_write_client  # no Storage Write client was needed
+        _, rows = w.query(
+            f"SELECT id, IS_NAN(f), n, ts, TO_JSON_STRING(r), ST_ASTEXT(g) FROM `{w.dataset}.{t}` ORDER BY id"
+        )
+        assert (
+            rows[0][:3] == (1, True, Decimal("1.5"))
+            and rows[0][4] == '{"a":[1]}'
+            and rows[0][5].replace(" ", "") == "POINT(12)"
+        )
+        assert rows[0][3] == dt.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc)
+        assert rows[1][:2] == (2, False)
+        assert w.apply(t, [env(t, dele(t, [("id", "integer")], [2]))]).rows_deleted == 1
+        assert ids(w, t) == [1]
+    finally:
+        w.close()
+
+
+def test_one_long_lived_connection_per_table(wh) -> None:
+    t = "conn"
+    cols = [("id", "integer")]
+    wh.apply(t, [env(t, ins(t, cols, [0]))])
+    stream = wh.writer._streams[f"projects/{wh.project}/datasets/{wh.dataset}/tables/{t}/streams/_default"]
+    for n in range(1, 4):
+        wh.apply(t, [env(t, ins(t, cols, [n]))])
+    assert wh.writer._streams[stream_name(wh, t)] is stream  # reused, not reopened
+    assert wh.writer.open_streams == 2  # the table and the markers table
+    assert ids(wh, t) == [0, 1, 2, 3]
+
+
+def stream_name(wh: BigQueryWarehouse, table: str) -> str:
+    return f"projects/{wh.project}/datasets/{wh.dataset}/tables/{table}/streams/_default"
+
+
+@pytest.mark.parametrize("columnar", [False, True], ids=["v1", "v2"])
+def test_row_too_big_for_any_request_is_rejected_alone(wh, monkeypatch, columnar: bool) -> None:
+    limit = 64 * 1024
+    monkeypatch.setattr("app.warehouse.bigquery.warehouse.split_rows", functools.partial(split_rows, limit=limit))
+    t = "big_v2" if columnar else "big"
+    cols = [("id", "integer"), ("blob", "string")]
+    e = env(t, ins(t, cols, [1, "small"]), ins(t, cols, [2, "x" * limit]), ins(t, cols, [3, "small"]))
+    r = wh.apply(t, [Envelope(e.dedup_id, t, runs=runs_of(e.activities)) if columnar else e])
+    assert [(j.index, j.activity) for j in r.rejections] == [(1, e.activities[1])]
+    assert "exceeds" in r.rejections[0].reason
+    assert r.rows_inserted == 2 and ids(wh, t) == [1, 3]
+
+
+def test_requests_are_sized_with_the_writer_schema() -> None:
+    wide = pa.RecordBatch.from_pydict({f"column_with_a_long_name_{i}": ["v" * 100] * 200 for i in range(50)})
+    schema_bytes = len(wide.schema.serialize().to_pybytes())
+    limit = 200_000
+    requests, oversized = split_rows(wide, limit=limit)
+    assert oversized == [] and sum(r.rows for r in requests) == 200 and len(requests) > 1
+    assert all(len(r.schema) == schema_bytes and len(r.schema) + len(r.batch) <= limit for r in requests)
+    _, oversized = split_rows(pa.RecordBatch.from_pydict({"a": ["x" * 10_000]}), limit=5_000)
+    assert [row for row, _ in oversized] == [0]
+
+
+def test_insert_ids_fit_the_128_character_limit() -> None:
+    long_id = "b" * 32 + ":" + "t" * 1024 + ":7"
+    assert len(insert_id(long_id, 12345)) <= 128
+    assert insert_id(long_id, 1) == insert_id(long_id, 1) != insert_id(long_id, 2)
+
+
+def test_new_column_pending_in_the_write_stream_holds_only_that_table(wh, monkeypatch) -> None:
+    a, b = "pending_a", "pending_b"
+    wh.apply(a, [env(a, ins(a, [("id", "integer")], [0]))])
+    real_append = wh.writer.append
+    refused = {"n": 0}
+
+    def append(stream: str, table: str, requests: list) -> None:
+        if table == a and refused["n"] == 0:
+            real_append(stream, table, requests)  # committed, but the answer says "not yet"
+            refused["n"] += 1
+            raise SchemaPendingError("BigQuery AppendRows: extra fields: 'note'", retry_after=30.0)
+        real_append(stream, table, requests)
+
+    monkeypatch.setattr(wh.writer, "append", append)
+    e = env(a, ins(a, [("id", "integer"), ("note", "string")], [1, "n"]))
+    with pytest.raises(TransientWarehouseError) as raised:
+        wh.apply(a, [e])
+    assert raised.value.retry_after == 30.0
+    assert wh.apply(b, [env(b, ins(b, [("id", "integer")], [7]))]).rows_inserted == 1  # the other table goes on
+    r = wh.apply(a, [e])  # later: written once, the half-written attempt cleaned up
+    assert r.applied_envelopes == 1 and ids(wh, a) == [0, 1]
+
+
+@pytest.mark.parametrize("columnar", [False, True], ids=["v1", "v2"])
+def test_rows_refused_by_append_rows_are_rejected_alone(wh, monkeypatch, columnar: bool) -> None:
+    import grpc
+    from google.api_core import exceptions as gexc
+    from google.cloud.bigquery_storage_v1 import types as storage_types
+    from google.rpc import status_pb2
+
+    from app.warehouse.bigquery import errors
+
+    t = "refused_v2" if columnar else "refused"
+    cols = [("id", "integer"), ("g", "geography")]
+    wh.apply(t, [env(t, ins(t, cols, [0, "POINT(0 0)"]))])
+    real_append = wh.writer.append
+    calls = {"n": 0}
+
+    def append(stream: str, table: str, requests: list) -> None:
+        if table == t and calls["n"] == 0:
+            calls["n"] += 1
+            # what AppendRowsStream raises for a request whose row 1 BigQuery refused
+            response = storage_types.AppendRowsResponse(
+                error=status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="Rows are invalid"),
+                row_errors=[
+                    storage_types.RowError(
+                        index=1, code=storage_types.RowError.RowErrorCode.FIELDS_ERROR, message="bad geography"
+                    )
+                ],
+            )
+            exc = gexc.from_grpc_status(response.error.code, response.error.message, response=response)
+            raise errors.translate(exc, "AppendRows") from exc
+        real_append(stream, table, requests)
+
+    monkeypatch.setattr(wh.writer, "append", append)
+    e = env(t, ins(t, cols, [1, "POINT(1 1)"]), ins(t, cols, [2, "POINT(2 2)"]), ins(t, cols, [3, "POINT(3 3)"]))
+    r = wh.apply(t, [Envelope(e.dedup_id, t, runs=runs_of(e.activities)) if columnar else e])
+    assert [(j.index, j.activity) for j in r.rejections] == [(1, e.activities[1])]
+    assert "bad geography" in r.rejections[0].reason
+    assert r.applied_envelopes == 1 and r.rows_inserted == 2
+    assert ids(wh, t) == [0, 1, 3]
+
+
+def test_tables_apply_concurrently_sharing_the_markers_connection(wh) -> None:
+    tables = [f"conc_{i}" for i in range(4)]
+    failures: list[BaseException] = []
+
+    def run(t: str) -> None:
+        try:
+            for n in range(5):
+                r = wh.apply(t, [env(t, ins(t, [("id", "integer")], [n]))])
+                assert r.applied_envelopes == 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in tables]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert failures == []
+    for t in tables:
+        assert ids(wh, t) == [0, 1, 2, 3, 4]
+    _, rows = wh.query(f"SELECT state, COUNT(*) FROM `{wh.dataset}.{MARKERS_TABLE}` GROUP BY state ORDER BY state")
+    assert rows == [("done", 20), ("intent", 20)]
