@@ -152,7 +152,7 @@ def test_a_pull_and_its_ack_over_many_keys_take_a_few_statements_not_one_per_key
 
     got, pull_statements = _statements_during(broker, lambda: broker.pull(2 * keys, timeout=5))
     assert sorted(datas(got)) == sorted(f"m{i}" for i in range(2 * keys))
-    assert len(pull_statements) <= 4, pull_statements
+    assert len(pull_statements) <= 6, pull_statements  # keys (twice when idle), runs, fill, lease, bodies
 
     _, ack_statements = _statements_during(broker, lambda: broker.ack(got))
     assert len(ack_statements) <= 2, ack_statements

@@ -37,11 +37,13 @@ from app.broker.local import store
 log = logging.getLogger(__name__)
 
 
-# The first messages of each listed key after a given id, oldest first, with their
-# deliveries so far: `?1` is a JSON array of [key, after_id] in the order to take them,
-# `?2` the most messages per key. One statement for a whole pull, however many keys.
+# The first messages of each listed key after a given id, oldest first, with their size
+# and deliveries so far: `?1` is a JSON array of [key, after_id] in the order to take
+# them, `?2` the most messages per key, `?3` in all. One statement for a whole pull,
+# however many keys. Bodies are not read here (the rows are sorted, so all of them would
+# be held): `_BODIES_SQL` reads only those that fit the pull's byte budget.
 _RUNS_SQL = """
-SELECT m.id, m.ordering_key, m.data, m.attributes, coalesce(l.attempts, 0)
+SELECT m.id, m.ordering_key, length(m.data), m.attributes, coalesce(l.attempts, 0)
 FROM json_each(?1) AS k
 JOIN messages AS m ON m.id IN (
     SELECT id FROM messages
@@ -49,7 +51,9 @@ JOIN messages AS m ON m.id IN (
     ORDER BY id LIMIT ?2)
 LEFT JOIN leases AS l ON l.message_id = m.id
 ORDER BY k.key, m.id
+LIMIT ?3
 """
+_BODIES_SQL = "SELECT id, data FROM messages WHERE id IN (SELECT value FROM json_each(?1))"
 
 # Lease the taken messages (`?3`: JSON array of [id, key]): one statement a pull.
 _LEASE_SQL = """
@@ -75,7 +79,7 @@ class _Lease:
         self.token = token
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self.taken: dict[str, list[ReceivedMessage]] = {}
+        self.taken: dict[str, list[tuple[int, str, int]]] = {}  # key -> (id, attributes, attempts)
         self.last_id: dict[str, int] = {}
         self.total = 0
         self.nbytes = 0
@@ -84,7 +88,7 @@ class _Lease:
         return self.total >= self.max_messages or self.nbytes >= self.max_bytes
 
     def take_runs(self, starts: list[tuple[str, int]], limit: int) -> list[str]:
-        """Lease up to `limit` messages of each key following its start id, keys in the given order.
+        """Take up to `limit` messages of each key following its start id, keys in the given order.
 
         A key's run stops at the first message over the byte budget (FIFO: no later one is
         taken). The budget may be exceeded only by the first message of the whole pull, so a
@@ -92,43 +96,43 @@ class _Lease:
         """
         if not starts:
             return []
-        cursor = self.conn.execute(_RUNS_SQL, (orjson.dumps(starts).decode(), limit))
+        params = (orjson.dumps(starts).decode(), limit, self.max_messages - self.total)
         counts: dict[str, int] = {}
         stopped: set[str] = set()
-        try:
-            for message_id, key, data, attributes, attempts in cursor:
-                if self.full():
-                    break
-                if key in stopped:
-                    continue
-                if self.nbytes + len(data) > self.max_bytes and self.total:
-                    stopped.add(key)
-                    continue
-                self.nbytes += len(data)
-                self.total += 1
-                counts[key] = counts.get(key, 0) + 1
-                self.last_id[key] = message_id
-                self.taken.setdefault(key, []).append(
-                    ReceivedMessage(
-                        message_id=str(message_id),
-                        data=bytes(data),
-                        attributes=orjson.loads(attributes),
-                        ordering_key=key,
-                        delivery_attempt=attempts + 1,
-                        handle=(message_id, self.token),
-                    )
-                )
-        finally:
-            cursor.close()
+        for message_id, key, size, attributes, attempts in self.conn.execute(_RUNS_SQL, params).fetchall():
+            if self.full():
+                break
+            if key in stopped:
+                continue
+            if self.nbytes + size > self.max_bytes and self.total:
+                stopped.add(key)
+                continue
+            self.nbytes += size
+            self.total += 1
+            counts[key] = counts.get(key, 0) + 1
+            self.last_id[key] = message_id
+            self.taken.setdefault(key, []).append((message_id, attributes, attempts))
         return [key for key, _ in starts if counts.get(key) == limit]
 
     def mark_leased(self, expiry: float) -> list[ReceivedMessage]:
-        """Write the lease (token, expiry, attempt) of every taken message in one statement."""
-        result = [m for got in self.taken.values() for m in got]
-        if result:
-            ids = orjson.dumps([(m.handle[0], m.ordering_key) for m in result]).decode()
-            self.conn.execute(_LEASE_SQL, (expiry, self.token, ids))
-        return result
+        """Lease every taken message (token, expiry, attempt) in one statement, then read their bodies in one."""
+        ids = [(message_id, key) for key, got in self.taken.items() for message_id, _, _ in got]
+        if not ids:
+            return []
+        self.conn.execute(_LEASE_SQL, (expiry, self.token, orjson.dumps(ids).decode()))
+        bodies = dict(self.conn.execute(_BODIES_SQL, (orjson.dumps([i for i, _ in ids]).decode(),)).fetchall())
+        return [
+            ReceivedMessage(
+                message_id=str(message_id),
+                data=bytes(bodies[message_id]),
+                attributes=orjson.loads(attributes),
+                ordering_key=key,
+                delivery_attempt=attempts + 1,
+                handle=(message_id, self.token),
+            )
+            for key, got in self.taken.items()
+            for message_id, attributes, attempts in got
+        ]
 
 
 class LeaseStore:
