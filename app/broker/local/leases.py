@@ -13,7 +13,10 @@ loss only causes a redelivery, which at-least-once delivery allows and the wareh
   blocks its key (`store.deliverable_keys`), which keeps FIFO per key.
 * ``attempts`` counts deliveries; `ReceivedMessage.delivery_attempt` starts at 1.
   Dead-lettering after N attempts is the pipeline's decision.
-* Acked messages are deleted (the writer reuses and later frees their pages).
+* Delivery state (token, expiry, attempts) is a row in ``leases``; the message row is
+  never rewritten. Acked messages and their lease rows are deleted (the writer reuses
+  and later frees their pages). Every pull, ack and nack is a fixed handful of set-based
+  statements (JSON arrays bound as one parameter), whatever the number of messages or keys.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import orjson
 
@@ -32,6 +35,40 @@ from app.broker.base import BacklogStats, BrokerUnavailable, ReceivedMessage
 from app.broker.local import store
 
 log = logging.getLogger(__name__)
+
+
+# The first messages of each listed key after a given id, oldest first, with their size
+# and deliveries so far: `?1` is a JSON array of [key, after_id] in the order to take
+# them, `?2` the most messages per key, `?3` in all. One statement for a whole pull,
+# however many keys. Bodies are not read here (the rows are sorted, so all of them would
+# be held): `_BODIES_SQL` reads only those that fit the pull's byte budget.
+_RUNS_SQL = """
+SELECT m.id, m.ordering_key, length(m.data), m.attributes, coalesce(l.attempts, 0)
+FROM json_each(?1) AS k
+JOIN messages AS m ON m.id IN (
+    SELECT id FROM messages
+    WHERE ordering_key = json_extract(k.value, '$[0]') AND id > json_extract(k.value, '$[1]')
+    ORDER BY id LIMIT ?2)
+LEFT JOIN leases AS l ON l.message_id = m.id
+ORDER BY k.key, m.id
+LIMIT ?3
+"""
+_BODIES_SQL = "SELECT id, data FROM messages WHERE id IN (SELECT value FROM json_each(?1))"
+
+# Lease the taken messages (`?3`: JSON array of [id, key]): one statement a pull.
+_LEASE_SQL = """
+INSERT INTO leases (message_id, ordering_key, not_before, attempts, lease_token)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), ?1, 1, ?2 FROM json_each(?3) WHERE true
+ON CONFLICT (message_id) DO UPDATE
+SET not_before = excluded.not_before, lease_token = excluded.lease_token, attempts = attempts + 1
+"""
+
+# The lease rows still held by the given handles (JSON array of [id, token]).
+_HELD = "(message_id, lease_token) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?{n}))"
+_ACK_LEASES_SQL = f"DELETE FROM leases WHERE {_HELD.format(n=1)} RETURNING message_id"
+_ACK_MESSAGES_SQL = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?1))"
+_NACK_SQL = f"UPDATE leases SET not_before = ?1, lease_token = NULL WHERE {_HELD.format(n=2)}"
+_RETURN_SQL = "UPDATE leases SET not_before = 0, lease_token = NULL WHERE lease_token IN (SELECT value FROM json_each(?1))"
 
 
 class _Lease:
@@ -42,7 +79,7 @@ class _Lease:
         self.token = token
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self.taken: dict[str, list[ReceivedMessage]] = {}
+        self.taken: dict[str, list[tuple[int, str, int]]] = {}  # key -> (id, attributes, attempts)
         self.last_id: dict[str, int] = {}
         self.total = 0
         self.nbytes = 0
@@ -50,55 +87,52 @@ class _Lease:
     def full(self) -> bool:
         return self.total >= self.max_messages or self.nbytes >= self.max_bytes
 
-    def take_run(self, key: str, after_id: int, limit: int) -> int:
-        """Lease up to `limit` messages of `key` following `after_id`; how many were taken.
+    def take_runs(self, starts: list[tuple[str, int]], limit: int) -> list[str]:
+        """Take up to `limit` messages of each key following its start id, keys in the given order.
 
-        The byte budget may be exceeded only by the first message of the whole pull, so a
-        message bigger than the budget is still delivered.
+        A key's run stops at the first message over the byte budget (FIFO: no later one is
+        taken). The budget may be exceeded only by the first message of the whole pull, so a
+        message bigger than the budget is still delivered. Returns the keys that gave `limit`.
         """
-        first = self.total == 0
-        got: list[ReceivedMessage] = []
-        size = 0
-        budget = self.max_bytes - self.nbytes
-        cursor = self.conn.execute(
-            "SELECT id, data, attributes, attempts FROM messages WHERE ordering_key = ? AND id > ?"
-            " ORDER BY id LIMIT ?",
-            (key, after_id, limit),
-        )
-        for message_id, data, attributes, attempts in cursor:
-            if size + len(data) > budget and (got or not first):
+        if not starts:
+            return []
+        params = (orjson.dumps(starts).decode(), limit, self.max_messages - self.total)
+        counts: dict[str, int] = {}
+        stopped: set[str] = set()
+        for message_id, key, size, attributes, attempts in self.conn.execute(_RUNS_SQL, params).fetchall():
+            if self.full():
                 break
-            size += len(data)
-            got.append(
-                ReceivedMessage(
-                    message_id=str(message_id),
-                    data=bytes(data),
-                    attributes=orjson.loads(attributes),
-                    ordering_key=key,
-                    delivery_attempt=attempts + 1,
-                    handle=(message_id, self.token),
-                )
-            )
-        cursor.close()
-        if got:
-            self.taken.setdefault(key, []).extend(got)
-            self.last_id[key] = int(got[-1].message_id)
-            self.total += len(got)
+            if key in stopped:
+                continue
+            if self.nbytes + size > self.max_bytes and self.total:
+                stopped.add(key)
+                continue
             self.nbytes += size
-        return len(got)
+            self.total += 1
+            counts[key] = counts.get(key, 0) + 1
+            self.last_id[key] = message_id
+            self.taken.setdefault(key, []).append((message_id, attributes, attempts))
+        return [key for key, _ in starts if counts.get(key) == limit]
 
     def mark_leased(self, expiry: float) -> list[ReceivedMessage]:
-        """Write the lease (token, expiry, attempt) onto the taken runs; the messages, key by key."""
-        result: list[ReceivedMessage] = []
-        for key, got in self.taken.items():
-            # The run is the first messages of the key, so a range update leases exactly them.
-            self.conn.execute(
-                "UPDATE messages SET not_before = ?, lease_token = ?, attempts = attempts + 1"
-                " WHERE ordering_key = ? AND id BETWEEN ? AND ?",
-                (expiry, self.token, key, int(got[0].message_id), self.last_id[key]),
+        """Lease every taken message (token, expiry, attempt) in one statement, then read their bodies in one."""
+        ids = [(message_id, key) for key, got in self.taken.items() for message_id, _, _ in got]
+        if not ids:
+            return []
+        self.conn.execute(_LEASE_SQL, (expiry, self.token, orjson.dumps(ids).decode()))
+        bodies = dict(self.conn.execute(_BODIES_SQL, (orjson.dumps([i for i, _ in ids]).decode(),)).fetchall())
+        return [
+            ReceivedMessage(
+                message_id=str(message_id),
+                data=bytes(bodies[message_id]),
+                attributes=orjson.loads(attributes),
+                ordering_key=key,
+                delivery_attempt=attempts + 1,
+                handle=(message_id, self.token),
             )
-            result.extend(got)
-        return result
+            for key, got in self.taken.items()
+            for message_id, attributes, attempts in got
+        ]
 
 
 class LeaseStore:
@@ -189,18 +223,12 @@ class LeaseStore:
         if not keys:
             return []
         lease = _Lease(conn, secrets.randbits(62), max_messages, self.max_pull_bytes)
+        # Fair share per key first; a key needs no more than that, so at most
+        # `max_messages` keys take part.
         quota = max(1, -(-max_messages // len(keys)))
-        had_more: list[str] = []
-        for key, head in keys:
-            if lease.full():
-                break
-            want = min(quota, max_messages - lease.total)
-            if lease.take_run(key, head - 1, want) == want:
-                had_more.append(key)
-        for key in had_more:
-            if lease.full():
-                break
-            lease.take_run(key, lease.last_id[key], max_messages - lease.total)
+        had_more = lease.take_runs([(key, head - 1) for key, head in keys[:max_messages]], quota)
+        if had_more and not lease.full():
+            lease.take_runs([(key, lease.last_id[key]) for key in had_more], max_messages - lease.total)
         expiry = now + self.ack_deadline
         messages = lease.mark_leased(expiry)
         if messages:
@@ -219,28 +247,28 @@ class LeaseStore:
     def ack(self, messages: Sequence[ReceivedMessage]) -> None:
         """Delete the messages; a handle whose lease was taken over by another pull is ignored."""
         handles = _handles(messages)
-        if not handles:
-            return
-        self._write("DELETE FROM messages WHERE id = ? AND lease_token = ?", handles, "ack")
+        if handles:
+            self._write(self._ack, handles, "ack")
+
+    @staticmethod
+    def _ack(conn: sqlite3.Connection, handles: str) -> None:
+        acked = [row[0] for row in conn.execute(_ACK_LEASES_SQL, (handles,))]
+        if acked:
+            conn.execute(_ACK_MESSAGES_SQL, (orjson.dumps(acked).decode(),))
 
     def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
         """Make the messages deliverable again after `delay_seconds` (their key waits too)."""
         handles = _handles(messages)
-        if not handles:
-            return
-        when = time.time() + max(0.0, delay_seconds)
-        self._write(
-            "UPDATE messages SET not_before = ?, lease_token = NULL WHERE id = ? AND lease_token = ?",
-            [(when, i, t) for (i, t) in handles],
-            "nack",
-        )
+        if handles:
+            when = time.time() + max(0.0, delay_seconds)
+            self._write(lambda conn, held: conn.execute(_NACK_SQL, (when, held)), handles, "nack")
 
-    def _write(self, sql: str, params: list[tuple], what: str) -> None:
+    def _write(self, statements: Callable[[sqlite3.Connection, str], object], handles: str, what: str) -> None:
         with self._lock:
             try:
                 conn = self._conn()
                 with store.immediate_transaction(conn, self.busy_timeout, busy_timeout=self.busy_timeout):
-                    conn.executemany(sql, params)
+                    statements(conn, handles)
             except sqlite3.Error as exc:
                 self._drop_conn()
                 raise BrokerUnavailable(f"local broker {what} failed: {exc}") from exc
@@ -270,23 +298,24 @@ class LeaseStore:
 
     def _return_leases(self) -> None:
         now = time.time()
-        tokens = [(t,) for t, e in self._tokens.items() if e > now]
+        tokens = [t for t, e in self._tokens.items() if e > now]
         self._tokens.clear()
         if not tokens or self._conn_ is None:
             return
         conn = self._conn_
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("UPDATE messages SET not_before = 0, lease_token = NULL WHERE lease_token = ?", tokens)
+            conn.execute(_RETURN_SQL, (orjson.dumps(tokens).decode(),))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.debug("could not return leases on close: %s", exc)
 
 
-def _handles(messages: Sequence[ReceivedMessage]) -> list[tuple[int, int]]:
+def _handles(messages: Sequence[ReceivedMessage]) -> str:
+    """The messages' (id, token) handles as a JSON array; empty string if none."""
     out = []
     for m in messages:
         h = m.handle
         if isinstance(h, tuple) and len(h) == 2:
             out.append((int(h[0]), int(h[1])))
-    return out
+    return orjson.dumps(out).decode() if out else ""

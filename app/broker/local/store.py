@@ -1,11 +1,13 @@
-"""The broker's SQLite file: schema, connections, taking the write lock, deliverable keys.
+"""The broker's SQLite file: schema (and its migration), connections, the write lock, deliverable keys.
 
-Every message row has ``not_before``: 0 for a fresh message, the lease expiry while it is
-leased, ``now + delay`` after a nack. A key is deliverable iff ``max(not_before) <= now``
-over its messages (one index probe on ``(ordering_key, not_before)``), which blocks the key
-while any of its messages is leased or delayed and so keeps FIFO per key. Keys are
-enumerated with a skip-scan over the ``(ordering_key, id)`` index, so finding them costs
-O(keys * log n), not O(n).
+A message row is written once by the publisher and deleted once on ack; delivery state
+lives in ``leases`` (one row per message delivered at least once), so leasing never
+rewrites a message's body. A lease row's ``not_before`` is the lease expiry while leased,
+``now + delay`` after a nack. A key is deliverable iff no lease row of it has
+``not_before > now`` (one index probe on ``leases (ordering_key, not_before)``), which
+blocks the key while any of its messages is leased or delayed and so keeps FIFO per key.
+Keys are enumerated with a skip-scan over the ``(ordering_key, id)`` index, so finding
+them costs O(keys * log n), not O(n), in one statement.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from typing import Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -24,13 +26,9 @@ CREATE TABLE IF NOT EXISTS messages (
     ordering_key TEXT    NOT NULL,
     data         BLOB    NOT NULL,
     attributes   TEXT    NOT NULL,                   -- JSON object of str -> str
-    published_at REAL    NOT NULL,                   -- unix time of the commit
-    not_before   REAL    NOT NULL DEFAULT 0,         -- lease expiry or nack delay, 0 = ready
-    attempts     INTEGER NOT NULL DEFAULT 0,         -- deliveries so far
-    lease_token  INTEGER                             -- token of the current lease, NULL if none
+    published_at REAL    NOT NULL                    -- unix time of the commit
 );
 CREATE INDEX IF NOT EXISTS messages_key_id ON messages (ordering_key, id);
-CREATE INDEX IF NOT EXISTS messages_key_not_before ON messages (ordering_key, not_before);
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key         TEXT PRIMARY KEY,
     batch_id    TEXT NOT NULL,
@@ -40,8 +38,28 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
 """
 
-# Skip-scan over the ordering keys: per key its oldest message id and the largest
-# not_before (> now means: leased or delayed, the key is blocked).
+_LEASES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    message_id   INTEGER PRIMARY KEY,                -- messages.id, deleted with it on ack
+    ordering_key TEXT    NOT NULL,                   -- the message's, to block its key
+    not_before   REAL    NOT NULL,                   -- lease expiry or nack delay
+    attempts     INTEGER NOT NULL,                   -- deliveries so far
+    lease_token  INTEGER                             -- token of the current lease, NULL if none
+);
+CREATE INDEX IF NOT EXISTS leases_key_not_before ON leases (ordering_key, not_before);
+"""
+
+# Version 1 kept the delivery state in the message row; move it to `leases`. Its
+# columns stay in `messages` (dropping them rewrites the table) with their defaults.
+_MIGRATE_FROM_1 = _LEASES_SCHEMA + """
+INSERT INTO leases (message_id, ordering_key, not_before, attempts, lease_token)
+    SELECT id, ordering_key, not_before, attempts, lease_token FROM messages
+    WHERE attempts > 0 OR not_before > 0 OR lease_token IS NOT NULL;
+DROP INDEX IF EXISTS messages_key_not_before;
+"""
+
+# Skip-scan over the ordering keys: per key its oldest message id and the largest lease
+# not_before (> now means: leased or delayed, the key is blocked; 0: no lease).
 _KEYS_SQL = """
 WITH RECURSIVE keys(k) AS (
     SELECT (SELECT min(ordering_key) FROM messages)
@@ -51,7 +69,7 @@ WITH RECURSIVE keys(k) AS (
 )
 SELECT k,
        (SELECT min(id) FROM messages WHERE ordering_key = k),
-       (SELECT max(not_before) FROM messages WHERE ordering_key = k)
+       coalesce((SELECT max(not_before) FROM leases WHERE ordering_key = k), 0)
 FROM keys WHERE k IS NOT NULL
 """
 
@@ -75,7 +93,7 @@ def connect(
     try:
         set_busy_timeout(conn, busy_timeout)
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-            create_schema(conn)
+            ensure_schema(conn)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch {path} to WAL (journal_mode={mode})")
@@ -89,20 +107,25 @@ def connect(
     return conn
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the schema in a new file or migrate an older one, under the write lock (once)."""
     # auto_vacuum must be chosen before the first table exists (no-op afterwards).
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _SCHEMA.split(";"):
+        # Re-read under the lock: another connection may have done it meanwhile.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"broker file schema {version} is newer than this code's {SCHEMA_VERSION}")
+        script = "" if version == SCHEMA_VERSION else _MIGRATE_FROM_1 if version == 1 else _SCHEMA + _LEASES_SCHEMA
+        for statement in script.split(";"):
             if statement.strip():
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        rollback_quietly(conn)
         raise
 
 
