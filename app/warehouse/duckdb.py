@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 INTERNAL_PREFIX = "_ingest_"
 APPLIED_TABLE = "_ingest_applied"
+# Tables applied in one transaction: one COMMIT (a WAL fsync) and one dedup claim for
+# all of them, instead of one per table.
+MAX_TABLES_PER_APPLY = 256
 COLUMNS_TABLE = "_ingest_columns"
 STAGE_VIEW = "_ingest_stage"  # connection-local Arrow view used while applying
 REDELIVERY_WINDOW_DAYS = 7
@@ -99,6 +102,14 @@ class _SpatialNeeded(Exception):
 
 class _SeenBefore(Exception):
     """Some dedup_id of the apply is recorded already: claim again, skipping those."""
+
+
+class _TableFailed(Exception):
+    """One table of a shared transaction failed: everything was rolled back."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(position)
+        self.position = position
 
 
 def _names_geography(steps: Sequence[Step]) -> bool:
@@ -406,6 +417,7 @@ class DuckDBWarehouse(Warehouse):
         self.capabilities = Capabilities(
             name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=self._spatial,
             concurrent_tables=False,  # one connection, not thread-safe
+            max_tables_per_apply=MAX_TABLES_PER_APPLY,
         )
         try:
             self._connection()
@@ -459,7 +471,7 @@ class DuckDBWarehouse(Warehouse):
                 self._types = duck_types(available)
                 self.capabilities = Capabilities(
                     name="duckdb", transactional=True, max_alters_per_statement=1, supports_geometry=available,
-                    concurrent_tables=False,
+                    concurrent_tables=False, max_tables_per_apply=MAX_TABLES_PER_APPLY,
                 )
             self._con = con
             return con
@@ -544,16 +556,7 @@ class DuckDBWarehouse(Warehouse):
             except (_SpatialNeeded, _SeenBefore):
                 raise
             except Exception as exc:
-                # Everything was rolled back. Lock, disk and connection trouble is
-                # transient (retried in place, never dead-lettered). Anything else, e.g.
-                # a value DuckDB refuses, is terminal: the subscriber narrows it down to
-                # the message and dead-letters it after max_delivery_attempts.
-                message = f"DuckDB apply to {table} failed, rolled back: {type(exc).__name__}: {exc}"
-                if isinstance(exc, _TRANSIENT_ERRORS):
-                    if isinstance(exc, (duckdb.IOException, duckdb.FatalException, duckdb.ConnectionException)):
-                        self._drop_connection()  # reconnect on the next apply
-                    raise TransientWarehouseError(message) from exc
-                raise TerminalWarehouseError(message) from exc
+                raise self._translate(exc, table) from exc
             finally:
                 try:
                     con.unregister(STAGE_VIEW)
@@ -561,6 +564,107 @@ class DuckDBWarehouse(Warehouse):
                     pass
             self._maybe_prune(con)
         return result
+
+    def apply_many(self, batches: Sequence[tuple[str, Sequence[Envelope]]]) -> list[ApplyResult | Exception]:
+        """All tables in one transaction: one dedup claim and one COMMIT for all of them.
+
+        A table that fails inside it rolls everything back; that table is then applied
+        alone (its own outcome), and the others go again together.
+        """
+        outcomes: list[ApplyResult | Exception | None] = [None] * len(batches)
+        pending = [i for i, (table, envelopes) in enumerate(batches) if envelopes and self._allowed(table)]
+        if len(pending) < 2:
+            return super().apply_many(batches)
+        for i in set(range(len(batches))) - set(pending):
+            outcomes[i] = self._outcome(*batches[i])
+        spatial, all_new = False, True
+        with self._lock:
+            while len(pending) > 1:
+                try:
+                    results = self._apply_group_once([batches[i] for i in pending], spatial, all_new)
+                except _SpatialNeeded:
+                    spatial = True  # rolled back: plan again on a connection with spatial
+                    continue
+                except _SeenBefore:
+                    all_new = False  # rolled back: claim again, skipping ids applied before
+                    continue
+                except _TableFailed as failed:
+                    alone = pending.pop(failed.position)
+                    outcomes[alone] = self._outcome(*batches[alone])
+                    continue
+                except TransientWarehouseError as exc:  # nothing of any table committed
+                    for i in pending:
+                        outcomes[i] = exc
+                    return outcomes  # type: ignore[return-value]
+                except TerminalWarehouseError:
+                    break  # not one table's fault (e.g. at COMMIT): each alone finds out
+                for i, result in zip(pending, results):
+                    outcomes[i] = result
+                pending = []
+            for i in pending:
+                outcomes[i] = self._outcome(*batches[i])
+        return outcomes  # type: ignore[return-value]
+
+    def _outcome(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult | Exception:
+        try:
+            return self.apply(table, envelopes)
+        except Exception as exc:
+            return exc
+
+    @staticmethod
+    def _allowed(table: str) -> bool:
+        return bool(_IDENT.match(table)) and not table.lower().startswith(INTERNAL_PREFIX)
+
+    def _apply_group_once(
+        self, group: list[tuple[str, Sequence[Envelope]]], spatial: bool, all_new: bool
+    ) -> list[ApplyResult]:
+        results = [ApplyResult() for _ in group]
+        schemas: dict[str, Schema | None] = {}
+        con = self._connection(spatial)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                unique = list(dict.fromkeys(env.dedup_id for _, envelopes in group for env in envelopes))
+                new_ids = self._claim_ids(con, unique, all_new)
+                for position, (table, envelopes) in enumerate(group):
+                    todo = _first_of_new(envelopes, new_ids, results[position])
+                    try:
+                        schemas[table.lower()] = self._apply_table(con, table, todo, results[position])
+                    except (_SpatialNeeded, _SeenBefore):
+                        raise
+                    except Exception as exc:
+                        raise _TableFailed(position) from exc
+                con.execute("COMMIT")
+            except BaseException:
+                self._schemas.clear()
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+                raise
+        except (_SpatialNeeded, _SeenBefore, _TableFailed):
+            raise
+        except Exception as exc:
+            raise self._translate(exc, ", ".join(table for table, _ in group)) from exc
+        finally:
+            try:
+                con.unregister(STAGE_VIEW)
+            except duckdb.Error:
+                pass
+        self._schemas.update({name: schema for name, schema in schemas.items() if schema is not None})
+        self._maybe_prune(con)
+        return results
+
+    def _translate(self, exc: Exception, tables: str) -> TransientWarehouseError | TerminalWarehouseError:
+        """Everything was rolled back. Lock, disk and connection trouble is transient
+        (retried in place, never dead-lettered). Anything else, e.g. a value DuckDB
+        refuses, is terminal: the subscriber narrows it down to the message."""
+        message = f"DuckDB apply to {tables} failed, rolled back: {type(exc).__name__}: {exc}"
+        if isinstance(exc, _TRANSIENT_ERRORS):
+            if isinstance(exc, (duckdb.IOException, duckdb.FatalException, duckdb.ConnectionException)):
+                self._drop_connection()  # reconnect on the next apply
+            return TransientWarehouseError(message)
+        return TerminalWarehouseError(message)
 
     def _claim_ids(self, con: duckdb.DuckDBPyConnection, ids: list[str], all_new: bool) -> set[str]:
         """Record ids in `_ingest_applied` (same transaction); return those not recorded before.
@@ -606,13 +710,12 @@ class DuckDBWarehouse(Warehouse):
         """Returns the table's schema after the apply (for the cache)."""
         unique = list(dict.fromkeys(env.dedup_id for env in envelopes))
         new_ids = self._claim_ids(con, unique, all_new)
-        todo: list[Envelope] = []
-        for env in envelopes:
-            if env.dedup_id in new_ids:
-                new_ids.discard(env.dedup_id)  # the same id twice in one call applies once
-                todo.append(env)
-            else:
-                result.skipped_duplicates += 1
+        return self._apply_table(con, table, _first_of_new(envelopes, new_ids, result), result)
+
+    def _apply_table(
+        self, con: duckdb.DuckDBPyConnection, table: str, todo: list[Envelope], result: ApplyResult
+    ) -> Schema | None:
+        """Apply the (claimed, new) envelopes of one table inside the open transaction."""
         lower_table = table.lower()
         schema = self._schemas.get(lower_table)
         if schema is None:
@@ -734,3 +837,16 @@ class DuckDBWarehouse(Warehouse):
             return _run_read_only(cur, sql, params)
         finally:
             cur.close()
+
+
+def _first_of_new(envelopes: Sequence[Envelope], new_ids: set[str], result: ApplyResult) -> list[Envelope]:
+    """The envelopes whose dedup_id was just claimed (each id once; consumed from `new_ids`);
+    the others are counted as skipped duplicates."""
+    todo: list[Envelope] = []
+    for env in envelopes:
+        if env.dedup_id in new_ids:
+            new_ids.discard(env.dedup_id)  # the same id twice in one call applies once
+            todo.append(env)
+        else:
+            result.skipped_duplicates += 1
+    return todo
