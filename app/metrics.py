@@ -59,9 +59,15 @@ APPLY_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=SUBSCRIBER,
 )
+TABLES_PER_APPLY = Histogram(
+    "pipeline_tables_per_apply",
+    "Tables applied together in one warehouse round trip.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+    registry=SUBSCRIBER,
+)
 MESSAGES_PER_APPLY = Histogram(
     "pipeline_messages_per_apply",
-    "Messages of one table applied in one warehouse round trip.",
+    "Messages applied in one warehouse round trip (all its tables).",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
     registry=SUBSCRIBER,
 )

@@ -123,19 +123,28 @@ class Scheduler:
             return [], 0.0
 
     # --- workers ---
-    def next_table(self) -> TableQueue | None:
-        """Block until a claimed table is due; None once stopping."""
+    def next_tables(self, max_tables: int) -> list[TableQueue]:
+        """Block until a claimed table is due; then take every due table, most overdue
+        first, up to `max_tables` (applied together). Empty once stopping."""
         with self._changed:
             while not self._stopping:
                 if self._due:
                     when = self._due[0][0]
                     now = time.monotonic()
                     if when <= now:
-                        return self._tables[heapq.heappop(self._due)[2]]
+                        due = []
+                        while self._due and self._due[0][0] <= now and len(due) < max_tables:
+                            due.append(self._tables[heapq.heappop(self._due)[2]])
+                        return due
                     self._changed.wait(when - now)
                 else:
                     self._changed.wait()
-            return None
+            return []
+
+    def next_table(self) -> TableQueue | None:
+        """One due table (blocking as `next_tables`); None once stopping."""
+        due = self.next_tables(1)
+        return due[0] if due else None
 
     def batch(self, queue: TableQueue, max_messages: int, max_bytes: int) -> list[Held]:
         """The oldest held messages of `queue`, at least one, within both bounds."""

@@ -184,49 +184,72 @@ class Subscriber:
 
     # --- workers ---
     def _work(self) -> None:
-        while (queue := self.scheduler.next_table()) is not None:
-            retry_at = None
+        max_tables = self.warehouse.capabilities.max_tables_per_apply
+        while queues := self.scheduler.next_tables(max_tables):
+            retry_at: dict[str, float | None] = {}
             try:
-                retry_at = self._apply_next(queue)
+                retry_at = self._apply_next(queues)
             except Exception:
-                log.exception("unexpected error while applying to %s; handing its messages back", queue.name)
-                self._release(queue, POISON_RETRY_DELAY_SECONDS, "error")
+                log.exception("unexpected error while applying to %s; handing their messages back",
+                              ", ".join(q.name for q in queues))
+                for queue in queues:
+                    self._release(queue, POISON_RETRY_DELAY_SECONDS, "error")
             finally:
-                self.scheduler.finish(queue, retry_at)
+                for queue in queues:
+                    self.scheduler.finish(queue, retry_at.get(queue.name))
 
-    def _apply_next(self, queue: TableQueue) -> float | None:
-        """Apply the table's oldest messages; return when to try again, if it should wait."""
-        held_since = self.scheduler.held_since(queue)
-        if held_since is None:
-            return None
-        if time.monotonic() - held_since > self.lease_seconds:
-            # The broker has given them out again by now; applying them here could
-            # overtake the redelivered copies, so hand everything back in order.
-            log.warning("held messages of %s outlived their lease; handing them back", queue.name)
-            self._release(queue, 0.0, "lease_expired")
-            return None
-        batch = self.scheduler.batch(
-            queue, 1 if queue.isolate else self.settings.pull_max_messages, APPLY_MAX_BYTES
-        )
-        with bound(batch_id=_batch_ids(batch)):  # on every line logged while applying
-            try:
-                result = self._apply(queue.name, [h.envelope for h in batch])
-            except TransientWarehouseError as exc:
-                return self._on_transient(queue, exc)
-            except Exception as exc:
-                self._on_terminal(queue, batch, exc)
-                return None
-            self._on_applied(queue, batch, result)
-        return None
+    def _apply_next(self, queues: list[TableQueue]) -> dict[str, float | None]:
+        """Apply the oldest messages of each table together; return when tables that
+        should wait may try again."""
+        batches = self._take_batches(queues)
+        if not batches:
+            return {}
+        with bound(batch_id=_batch_ids([h for _, batch in batches for h in batch])):  # on every line logged while applying
+            outcomes = self._apply([(queue.name, [h.envelope for h in batch]) for queue, batch in batches])
+            retry_at: dict[str, float | None] = {}
+            applied: list[tuple[TableQueue, list[Held]]] = []
+            for (queue, batch), outcome in zip(batches, outcomes):
+                if isinstance(outcome, TransientWarehouseError):
+                    retry_at[queue.name] = self._on_transient(queue, outcome)
+                elif isinstance(outcome, BaseException):
+                    self._on_terminal(queue, batch, outcome)
+                else:
+                    self._on_applied(queue, batch, outcome)
+                    applied.append((queue, batch))
+            self._settle(applied)
+        return retry_at
 
-    def _apply(self, table: str, envelopes: list[Envelope]) -> ApplyResult:
+    def _take_batches(self, queues: list[TableQueue]) -> list[tuple[TableQueue, list[Held]]]:
+        """Each table's oldest messages, all tables within one apply's byte budget (a table
+        left out goes again at once)."""
+        batches: list[tuple[TableQueue, list[Held]]] = []
+        budget = APPLY_MAX_BYTES
+        for queue in queues:
+            held_since = self.scheduler.held_since(queue)
+            if held_since is None:
+                continue
+            if time.monotonic() - held_since > self.lease_seconds:
+                # The broker has given them out again by now; applying them here could
+                # overtake the redelivered copies, so hand everything back in order.
+                log.warning("held messages of %s outlived their lease; handing them back", queue.name)
+                self._release(queue, 0.0, "lease_expired")
+                continue
+            if budget <= 0:
+                continue
+            batch = self.scheduler.batch(queue, 1 if queue.isolate else self.settings.pull_max_messages, budget)
+            budget -= sum(h.size for h in batch)
+            batches.append((queue, batch))
+        return batches
+
+    def _apply(self, batches: list[tuple[str, list[Envelope]]]) -> list[ApplyResult | Exception]:
         serialize = not self.warehouse.capabilities.concurrent_tables
         with self.warehouse_lock if serialize else nullcontext():
             started = time.perf_counter()
-            result = self.warehouse.apply(table, envelopes)
+            outcomes = self.warehouse.apply_many(batches)
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
-        metrics.MESSAGES_PER_APPLY.observe(len(envelopes))
-        return result
+        metrics.MESSAGES_PER_APPLY.observe(sum(len(envelopes) for _, envelopes in batches))
+        metrics.TABLES_PER_APPLY.observe(len(batches))
+        return outcomes
 
     def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> None:
         table = queue.name
@@ -257,7 +280,6 @@ class Subscriber:
                 "rejected",
             )
         self.failures.forget([h.envelope.dedup_id for h in batch])
-        self._settle(queue, batch)
 
     def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError) -> float | None:
         """Wait in place while the messages' hold stays within budget, else nack them with a delay."""
@@ -314,19 +336,23 @@ class Subscriber:
         self._forward([(message, reason)])
         self.failures.forget([dedup_id])
         queue.isolate = max(0, queue.isolate - 1)
-        self._settle(queue, batch)
+        self._settle([(queue, batch)])
 
     # --- settling with the broker ---
-    def _settle(self, queue: TableQueue, batch: list[Held]) -> None:
-        """Ack the oldest messages of `queue` (`batch`) and stop holding them."""
+    def _settle(self, batches: list[tuple[TableQueue, list[Held]]]) -> None:
+        """Ack the oldest messages of each queue (its batch), in one call, and stop holding them."""
+        if not batches:
+            return
+        messages = [h.message for _, batch in batches for h in batch]
         try:
-            self._ack([h.message for h in batch])
+            self._ack(messages)
         except BrokerUnavailable as exc:
             # They come back after their lease and the warehouse's dedup_id drops what
             # was already applied.
-            log.warning("broker unavailable while acking %d message(s) (they will be redelivered): %s", len(batch), exc)
+            log.warning("broker unavailable while acking %d message(s) (they will be redelivered): %s", len(messages), exc)
         finally:
-            self.scheduler.done(queue, len(batch))
+            for queue, batch in batches:
+                self.scheduler.done(queue, len(batch))
 
     def _release(self, queue: TableQueue, delay: float, why: str) -> None:
         self._nack(self.scheduler.release(queue, delay), delay, why)

@@ -88,6 +88,8 @@ class Capabilities:
     max_columns: int | None = None  # per table; None: no limit the pipeline knows of
     # Schema changes an apply may make; columns are never dropped, renamed or retyped.
     alterations: tuple[str, ...] = ("create_table", "add_column")
+    # How many tables' batches the subscriber hands to one `apply_many`.
+    max_tables_per_apply: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,22 @@ class Warehouse(abc.ABC):
         can never apply come back as `rejections` (the rest still apply). Raises
         `TransientWarehouseError` when nothing could be committed.
         """
+
+    def apply_many(self, batches: Sequence[tuple[str, Sequence[Envelope]]]) -> list[ApplyResult | Exception]:
+        """Apply several tables' batches; one outcome per batch, in order: its result, or the
+        exception `apply` raised for it (nothing of that table committed).
+
+        Each table keeps `apply`'s meaning and isolation: a table that fails never stops
+        the others. This default applies them one by one; a backend overrides it to share
+        one transaction, one marker write or parallel connections among them.
+        """
+        outcomes: list[ApplyResult | Exception] = []
+        for table, envelopes in batches:
+            try:
+                outcomes.append(self.apply(table, envelopes))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     @abc.abstractmethod
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:

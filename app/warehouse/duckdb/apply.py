@@ -45,6 +45,19 @@ def names_geography(steps: Sequence[Step]) -> bool:
     return False
 
 
+def first_of_new(envelopes: Sequence[Envelope], new_ids: set[str], result: ApplyResult) -> list[Envelope]:
+    """The envelopes whose dedup_id was just claimed, each id once (taken out of `new_ids`);
+    the others count as skipped duplicates."""
+    todo: list[Envelope] = []
+    for env in envelopes:
+        if env.dedup_id in new_ids:
+            new_ids.discard(env.dedup_id)  # the same id twice in one call applies once
+            todo.append(env)
+        else:
+            result.skipped_duplicates += 1
+    return todo
+
+
 class Writer:
     """The statements of one apply on `con`; `types`: how each activity type is stored."""
 
@@ -66,15 +79,22 @@ class Writer:
         `schema`: the cached one, None to read it. `spatial_missing`: raise
         `SpatialNeeded` if the plan names a geography column.
         """
-        unique = list(dict.fromkeys(env.dedup_id for env in envelopes))
-        new_ids = self._claim_ids(unique, all_new)
-        todo: list[Envelope] = []
-        for env in envelopes:
-            if env.dedup_id in new_ids:
-                new_ids.discard(env.dedup_id)  # the same id twice in one call applies once
-                todo.append(env)
-            else:
-                result.skipped_duplicates += 1
+        new_ids = self.claim(envelopes, all_new)
+        return self.apply_table(table, first_of_new(envelopes, new_ids, result), schema, result, spatial_missing)
+
+    def claim(self, envelopes: Sequence[Envelope], all_new: bool) -> set[str]:
+        """Record the envelopes' dedup_ids (of any tables) in one statement; those new."""
+        return self._claim_ids(list(dict.fromkeys(env.dedup_id for env in envelopes)), all_new)
+
+    def apply_table(
+        self,
+        table: str,
+        todo: list[Envelope],
+        schema: Schema | None,
+        result: ApplyResult,
+        spatial_missing: bool,
+    ) -> Schema | None:
+        """Apply envelopes already claimed (`claim`) to one table; its schema after it."""
         if schema is None:
             schema = read_schema(self.con, table)
         if not todo:

@@ -10,6 +10,8 @@ are pruned at most once an hour; a chunk re-published after that window would ap
 
 Throughput: each apply is one COMMIT (a WAL fsync, ~1-3 ms), so give `apply` all the
 pulled envelopes of a table at once; one 500-row envelope per call is fsync-bound.
+`apply_many` puts several tables in one transaction (one claim, one COMMIT); a table
+failing in it rolls everything back, is applied alone, and the others go again together.
 
 Reads: `query` runs one SELECT on the writer's database in a transaction that is
 always rolled back (the subscriber serves it on its admin port); `DuckDBFileReader`
@@ -41,7 +43,7 @@ from app.warehouse.base import (
     Warehouse,
 )
 from app.warehouse.duckdb import catalog
-from app.warehouse.duckdb.apply import SeenBefore, SpatialNeeded, Writer
+from app.warehouse.duckdb.apply import SeenBefore, SpatialNeeded, Writer, first_of_new
 from app.warehouse.duckdb.capabilities import duckdb_capabilities
 from app.warehouse.duckdb.catalog import APPLIED_TABLE, STAGE_VIEW
 from app.warehouse.duckdb.connection import open_connection, spatial_extension_path
@@ -54,6 +56,14 @@ log = logging.getLogger("app.warehouse.duckdb")
 
 REDELIVERY_WINDOW_DAYS = 7
 PRUNE_EVERY_SECONDS = 3600.0
+
+
+class _TableFailed(Exception):
+    """One table of a shared transaction failed; everything was rolled back."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(position)
+        self.position = position
 
 
 class DuckDBWarehouse(Warehouse):
@@ -224,6 +234,104 @@ class DuckDBWarehouse(Warehouse):
                     pass
             self._maybe_prune()
         return result
+
+    def apply_many(self, batches: Sequence[tuple[str, Sequence[Envelope]]]) -> list[ApplyResult | Exception]:
+        outcomes: list[ApplyResult | Exception | None] = [None] * len(batches)
+        together = [i for i, (table, envelopes) in enumerate(batches) if envelopes and self._allowed(table)]
+        if len(together) < 2:
+            return super().apply_many(batches)
+        for i in sorted(set(range(len(batches))) - set(together)):
+            outcomes[i] = self._outcome(*batches[i])
+        spatial, all_new = False, True
+        with self._lock:
+            while len(together) > 1:
+                try:
+                    results = self._apply_together([batches[i] for i in together], spatial, all_new)
+                except SpatialNeeded:
+                    spatial = True  # rolled back: plan again on a connection with spatial
+                    continue
+                except SeenBefore:
+                    all_new = False  # rolled back: claim again, skipping ids applied before
+                    continue
+                except _TableFailed as failed:
+                    alone = together.pop(failed.position)
+                    outcomes[alone] = self._outcome(*batches[alone])
+                    continue
+                except TransientWarehouseError as exc:  # nothing of any table committed
+                    for i in together:
+                        outcomes[i] = exc
+                    together = []
+                    break
+                except TerminalWarehouseError:
+                    break  # no one table's fault (e.g. at COMMIT): each alone finds out
+                for i, result in zip(together, results):
+                    outcomes[i] = result
+                together = []
+            for i in together:
+                outcomes[i] = self._outcome(*batches[i])
+        return outcomes  # type: ignore[return-value]
+
+    def _outcome(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult | Exception:
+        try:
+            return self.apply(table, envelopes)
+        except Exception as exc:
+            return exc
+
+    @staticmethod
+    def _allowed(table: str) -> bool:
+        return bool(IDENTIFIER.match(table)) and not is_internal(table)
+
+    def _apply_together(
+        self, group: list[tuple[str, Sequence[Envelope]]], spatial: bool, all_new: bool
+    ) -> list[ApplyResult]:
+        """One transaction for the group's tables; `_TableFailed` names a table that failed."""
+        results = [ApplyResult() for _ in group]
+        schemas: dict[str, Schema] = {}
+        con = self._connection(spatial)
+        writer = Writer(con, self._types)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                new_ids = writer.claim([env for _, envelopes in group for env in envelopes], all_new)
+                for position, (table, envelopes) in enumerate(group):
+                    result = results[position]
+                    try:
+                        schema = writer.apply_table(
+                            table,
+                            first_of_new(envelopes, new_ids, result),
+                            self._schemas.get(table.lower()),
+                            result,
+                            spatial_missing=self._spatial and not self._spatial_loaded,
+                        )
+                    except (SpatialNeeded, SeenBefore):
+                        raise
+                    except Exception as exc:
+                        raise _TableFailed(position) from exc
+                    if schema is not None:
+                        schemas[table.lower()] = schema
+                con.execute("COMMIT")
+            except BaseException:
+                self._schemas.clear()
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+                raise
+        except (SpatialNeeded, SeenBefore, _TableFailed):
+            raise
+        except Exception as exc:
+            error, reconnect = apply_failed(exc, ", ".join(table for table, _ in group))
+            if reconnect:
+                self._drop_connection()
+            raise error from exc
+        finally:
+            try:
+                con.unregister(STAGE_VIEW)
+            except duckdb.Error:
+                pass
+        self._schemas.update(schemas)
+        self._maybe_prune()
+        return results
 
     def _maybe_prune(self) -> None:
         """Forget dedup_ids older than the redelivery window (at most once per hour)."""

@@ -1,0 +1,134 @@
+"""The many-tables drain: the same rows as one table, or spread over many tables.
+
+A database has many tables and one request usually carries activity for several of
+them; each (request, table) chunk is its own message. This workload publishes
+`requests` requests of `per_request` one-row activities, each request spread over
+`tables_per_request` tables out of `tables` (or all to one table), as the API would
+encode them, then times a subscriber draining the backlog and samples its peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from app.messages.codec import encode_batch
+from app.schema.validation import validate_batch
+
+COLUMNS = [("user_id", "integer"), ("event_type_id", "integer"), ("detail", "string"), ("occured_at", "datetime")]
+
+
+def bodies(requests: int, per_request: int, tables: int, tables_per_request: int) -> Iterator[dict[str, Any]]:
+    """Request bodies; with `tables == 1` every activity goes to one table."""
+    row = 0
+    for r in range(requests):
+        first = (r * tables_per_request) % tables
+        acts = []
+        for i in range(per_request):
+            table = (first + i % tables_per_request) % tables if tables > 1 else 0
+            acts.append({
+                "operation": "insert", "table": f"bench_t{table:05d}",
+                "col_names": [n for n, _ in COLUMNS], "col_types": [t for _, t in COLUMNS],
+                "col_values": [row, row % 50, "logged in", f"2021-03-{1 + row % 28:02d} 06:12:44"],
+            })
+            row += 1
+        yield {"user_activities": acts}
+
+
+def prefill(broker, requests: int, per_request: int, tables: int, tables_per_request: int) -> dict[str, int]:
+    """Publish the workload through `broker.publish`; returns rows and messages."""
+    counts = {"rows": 0, "messages": 0}
+
+    async def run() -> None:
+        pending = []
+        for body in bodies(requests, per_request, tables, tables_per_request):
+            activities = validate_batch(body, max_activities=10_000)
+            batch_id = uuid.uuid4().hex
+            messages = encode_batch(activities, batch_id)
+            counts["rows"] += len(activities)
+            counts["messages"] += len(messages)
+            pending.append(broker.publish(messages, batch_id=batch_id))
+            if len(pending) >= 64:
+                await asyncio.gather(*pending)
+                pending = []
+        if pending:
+            await asyncio.gather(*pending)
+
+    asyncio.run(run())
+    return counts
+
+
+def backlog(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def drain(tmp: Path, name: str, requests: int, per_request: int, tables: int, tables_per_request: int,
+          log=print) -> dict[str, Any]:
+    """Pre-fill a local broker, then time a subscriber process draining it."""
+    from app.broker import make_broker
+    from app.settings import Settings
+    from scripts.bench import harness
+
+    data = tmp / name / "data"
+    settings = Settings(data_dir=data)
+    broker = make_broker(settings)
+    started = time.perf_counter()
+    filled = prefill(broker, requests, per_request, tables, tables_per_request)
+    broker.close()
+    log(f"  {name}: pre-filled {filled['rows']:,} rows as {filled['messages']:,} messages over {tables:,} table(s) "
+        f"in {time.perf_counter() - started:.1f}s")
+    sub = harness.start_subscriber(harness.base_env(data), tmp / name / "logs", healthy=False)
+    try:
+        with harness.RssSampler(sub.proc.pid) as rss:
+            sub.wait_healthy()
+            t0 = time.monotonic()
+            while backlog(settings.broker_file) > 0:
+                if sub.proc.poll() is not None:
+                    raise RuntimeError(f"subscriber exited; see {sub.log_path}")
+                time.sleep(0.05)
+            elapsed = time.monotonic() - t0
+        with urllib.request.urlopen(sub.url + "/stats", timeout=30) as answer:
+            stats = json.loads(answer.read())
+    finally:
+        sub.stop()
+    if stats["rows_inserted"] != filled["rows"] or stats["dead_lettered"]:
+        raise RuntimeError(f"{name}: inserted {stats['rows_inserted']} of {filled['rows']}, "
+                           f"dead letters {stats['dead_lettered']}")
+    log(f"  {name}: drained in {elapsed:.2f}s ({filled['rows'] / elapsed:,.0f} rows/s), peak RSS {rss.peak_mb:.0f} MB")
+    return {"rows": filled["rows"], "messages": filled["messages"], "tables": tables, "seconds": elapsed,
+            "rows_per_s": filled["rows"] / elapsed, "sub_peak_rss_mb": rss.peak_mb}
+
+
+def bench_many_tables(tmp: Path, results: dict[str, Any], requests: int = 500, per_request: int = 100,
+                      tables: int = 1000, tables_per_request: int = 100, log=print) -> None:
+    """One table against `tables` tables, the same rows (issue 20's shape by default)."""
+    one = drain(tmp, "one_table", requests, per_request, 1, 1, log)
+    many = drain(tmp, "many_tables", requests, per_request, tables, tables_per_request, log)
+    results["many_tables"] = {"one_table": one, "many_tables": many, "slowdown": many["seconds"] / one["seconds"]}
+    log(f"  many tables / one table: {many['seconds'] / one['seconds']:.2f}x the time")
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--per-request", type=int, default=100)
+    parser.add_argument("--tables", type=int, default=1000)
+    parser.add_argument("--tables-per-request", type=int, default=100)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out: dict[str, Any] = {}
+        bench_many_tables(Path(tmp), out, args.requests, args.per_request, args.tables, args.tables_per_request)
+        print(json.dumps(out, indent=2))
