@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     # --- where things live ---
     data_dir: Path = Field(Path("data"), description="Folder for the local broker, warehouse and dead-letter files.")
-    broker: Literal["local", "pubsub"] = Field("local", description="Which broker: `local` (SQLite file) or `pubsub`.")
+    broker: str = Field("local", description="Which broker: `local` (SQLite file) or `pubsub`.")
     warehouse: Literal["duckdb", "bigquery"] = Field("duckdb", description="Which warehouse: `duckdb` (file) or `bigquery`.")
     duckdb_path: Path | None = Field(None, description="DuckDB file; default `$DATA_DIR/warehouse.duckdb`.")
     duckdb_memory_limit: str = Field("512MB", description="Cap on DuckDB's buffer pool in the subscriber (e.g. 128MB, 1GB).")
@@ -92,6 +92,13 @@ class Settings(BaseSettings):
 
     # --- logging ---
     log_level: str = Field("INFO", description="Log level for both processes.")
+
+    @field_validator("broker")
+    @classmethod
+    def _registered_broker(cls, name: str) -> str:
+        from app.broker.registry import check_name  # the registry imports backends lazily
+
+        return check_name(name)
 
     @property
     def duckdb_file(self) -> Path:

@@ -1,16 +1,15 @@
 """The subscriber loop: per-table workers, order, flow control, retries and dead letters.
 
-Most tests run the real loop (`Subscriber.run` on a thread) against an in-memory broker
-with Pub/Sub semantics and a warehouse whose behaviour each test scripts. The broker
-hands nacked messages back at once and records the delay asked for, so retry paths
-run without waiting. The last tests run the loop over the real local broker and DuckDB.
+Most tests run the real loop (`Subscriber.run` on a thread) against the in-memory broker
+(tests/support/memory_broker.py) and a warehouse whose behaviour each test scripts. The
+broker hands nacked messages back at once and records the delay asked for, so retry
+paths run without waiting. The last tests run the loop over the real local broker and DuckDB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import threading
 import time
@@ -20,7 +19,6 @@ import orjson
 import pytest
 
 from app.broker import OutgoingMessage
-from app.broker.base import Broker, PublishResult, ReceivedMessage
 from app.broker.local import LocalBroker
 from app.messages.codec import encode_batch, json_body, new_batch_id
 from app.messages.deadletters import DeadLetterStore
@@ -29,6 +27,7 @@ from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Capabilities, Envelope, TransientWarehouseError, Warehouse
 from app.warehouse.duckdb import DuckDBWarehouse
+from tests.support.memory_broker import MemoryBroker
 from tests.support.subscribers import WAIT_SECONDS, running, wait_until
 
 def _insert(table: str, n: int, value: str = "x") -> Activity:
@@ -42,101 +41,11 @@ def _numbers(envelopes: Sequence[Envelope]) -> list[int]:
 # --------------------------------------------------------------------------- fakes
 
 
-class FakeBroker(Broker):
-    """In-memory Pub/Sub semantics: leases, FIFO per ordering key, delivery attempts.
-
-    `one_run_per_key=True` is the local broker's behaviour (a key with leased messages
-    gives no more); False hands out a key's later messages while earlier ones are still
-    held, as a synchronous pull may. Nacked messages are deliverable again at once; the
-    delay asked for is recorded in `nacks`.
-    """
-
-    name = "fake"
-
-    def __init__(self, *, one_run_per_key: bool = True, max_lease_seconds: float | None = 600.0) -> None:
-        self.one_run_per_key = one_run_per_key
-        self.max_lease_seconds = max_lease_seconds
-        self._cond = threading.Condition()
-        self._ids = itertools.count(1)
-        self._pending: dict[str, list[ReceivedMessage]] = collections.defaultdict(list)  # per key, oldest first
-        self._leased: dict[str, ReceivedMessage] = {}
-        self._attempts: collections.Counter[str] = collections.Counter()
-        self.acked: list[str] = []
-        self.nacks: list[tuple[str, float]] = []
-        self.max_leased = 0
-
-    def put(self, messages: Sequence[OutgoingMessage]) -> list[str]:
-        ids = []
-        with self._cond:
-            for m in messages:
-                message_id = str(next(self._ids))
-                self._pending[m.ordering_key].append(
-                    ReceivedMessage(message_id, m.data, dict(m.attributes), m.ordering_key, 0)
-                )
-                ids.append(message_id)
-            self._cond.notify_all()
-        return ids
-
-    def put_activities(self, *activities: Activity) -> list[str]:
-        return self.put(encode_batch(list(activities), new_batch_id(None)))
-
-    @property
-    def leased(self) -> int:
-        with self._cond:
-            return len(self._leased)
-
-    @property
-    def unacked(self) -> int:
-        with self._cond:
-            return sum(len(v) for v in self._pending.values())
-
-    async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None) -> PublishResult:
-        self.put(messages)
-        return PublishResult(batch_id, len(messages))
-
-    def pull(self, max_messages: int, timeout: float) -> list[ReceivedMessage]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._deliverable(1), timeout)
-            out = self._deliverable(max_messages)
-            for m in out:
-                self._attempts[m.message_id] += 1
-                m.delivery_attempt = self._attempts[m.message_id]
-                self._leased[m.message_id] = m
-            self.max_leased = max(self.max_leased, len(self._leased))
-            return [ReceivedMessage(m.message_id, m.data, m.attributes, m.ordering_key, m.delivery_attempt)
-                    for m in out]
-
-    def _deliverable(self, limit: int) -> list[ReceivedMessage]:
-        out: list[ReceivedMessage] = []
-        for queue in self._pending.values():
-            if self.one_run_per_key and any(m.message_id in self._leased for m in queue):
-                continue
-            for m in queue:
-                if len(out) >= limit:
-                    return out
-                if m.message_id in self._leased:
-                    continue
-                out.append(m)
-        return out
-
-    def ack(self, messages: Sequence[ReceivedMessage]) -> None:
-        with self._cond:
-            for m in messages:
-                if self._leased.pop(m.message_id, None) is not None:
-                    queue = self._pending[m.ordering_key]
-                    queue[:] = [x for x in queue if x.message_id != m.message_id]
-                    self.acked.append(m.message_id)
-            self._cond.notify_all()
-
-    def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
-        with self._cond:
-            for m in messages:
-                if self._leased.pop(m.message_id, None) is not None:
-                    self.nacks.append((m.message_id, delay_seconds))
-            self._cond.notify_all()
-
-    def ready(self) -> tuple[bool, str]:
-        return True, "ok"
+def _broker(*, one_run_per_key: bool = True, max_lease_seconds: float | None = 600.0) -> MemoryBroker:
+    """The in-memory broker, handing nacked messages back at once (the delay is recorded)."""
+    return MemoryBroker(
+        one_run_per_key=one_run_per_key, max_lease_seconds=max_lease_seconds, redeliver_nacked_at_once=True
+    )
 
 
 class FakeWarehouse(Warehouse):
@@ -212,7 +121,7 @@ def test_a_blocked_table_does_not_stop_another_from_applying_and_acking(tmp_path
             entered.set()
             assert gate.wait(WAIT_SECONDS)
 
-    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    broker, warehouse = _broker(), FakeWarehouse(plan=plan)
     [slow_id] = broker.put_activities(_insert("slow", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
         assert entered.wait(WAIT_SECONDS)
@@ -226,7 +135,7 @@ def test_a_blocked_table_does_not_stop_another_from_applying_and_acking(tmp_path
 
 
 def test_without_concurrent_tables_applies_never_overlap(tmp_path, store):
-    broker, warehouse = FakeBroker(), FakeWarehouse(concurrent_tables=False, plan=lambda t, e: time.sleep(0.002))
+    broker, warehouse = _broker(), FakeWarehouse(concurrent_tables=False, plan=lambda t, e: time.sleep(0.002))
     for i in range(20):
         broker.put_activities(*(_insert(t, i) for t in "abcdef"))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
@@ -238,7 +147,7 @@ def test_without_concurrent_tables_applies_never_overlap(tmp_path, store):
 def test_each_table_applies_in_pull_order_one_batch_at_a_time(tmp_path, store):
     # Later messages of a key are handed out while earlier ones are still held, so the
     # subscriber's own per-table queue must keep the order.
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = FakeWarehouse(plan=lambda t, e: time.sleep(0.001))
     settings = _settings(tmp_path, pull_max_messages=7)
     with running(Subscriber(settings, broker, warehouse, store)):
@@ -257,7 +166,7 @@ def test_a_backlog_of_one_table_applies_many_messages_per_apply(tmp_path, store)
         entered.set()
         assert gate.wait(WAIT_SECONDS)
 
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = FakeWarehouse(plan=plan)
     broker.put_activities(_insert("t", 0))
     with running(Subscriber(_settings(tmp_path, pull_max_messages=10), broker, warehouse, store)):
@@ -273,7 +182,7 @@ def test_a_backlog_of_one_table_applies_many_messages_per_apply(tmp_path, store)
 
 def test_flow_control_bounds_the_messages_held(tmp_path, store):
     gate = threading.Event()
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = FakeWarehouse(plan=lambda t, e: gate.wait(WAIT_SECONDS) if t == "a" else None)
     for i in range(10):
         broker.put_activities(_insert("a", i))
@@ -295,7 +204,7 @@ def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_pa
             refused[0] = False
             raise Flaky("rateLimitExceeded", retry_after=60.0)
 
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = FakeWarehouse(plan=plan)
     held = [m for i in range(4) for m in broker.put_activities(_insert("waiting", i))]
     settings = _settings(tmp_path, subscriber_max_outstanding_messages=4)
@@ -319,7 +228,7 @@ def test_transient_errors_never_dead_letter_even_after_many_nacks(tmp_path, stor
             failures_left[table] -= 1
             raise TransientWarehouseError("quotaExceeded")
 
-    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    broker, warehouse = _broker(), FakeWarehouse(plan=plan)
     ids = broker.put_activities(_insert("t", 1)) + broker.put_activities(_insert("t", 2))
     # No in-place budget: every transient error nacks, so delivery_attempt climbs far
     # beyond MAX_DELIVERY_ATTEMPTS=3.
@@ -339,7 +248,7 @@ def test_transient_errors_are_retried_in_place_while_the_budget_allows(tmp_path,
             failures_left[0] -= 1
             raise TransientWarehouseError("backendError")
 
-    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    broker, warehouse = _broker(), FakeWarehouse(plan=plan)
     [message_id] = broker.put_activities(_insert("t", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
         wait_until(lambda: message_id in broker.acked, "acked")
@@ -354,7 +263,7 @@ def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(tmp
             refused[0] = False
             raise Flaky("new field not yet visible to the write stream", retry_after=300.0)
 
-    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    broker, warehouse = _broker(), FakeWarehouse(plan=plan)
     [waiting] = broker.put_activities(_insert("new_column", 1))
     other = broker.put_activities(_insert("other", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
@@ -368,7 +277,7 @@ def test_retry_after_within_the_budget_waits_in_place_and_stop_releases_the_held
         if table == "waiting":
             raise Flaky("schema not yet visible", retry_after=5.0)
 
-    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    broker, warehouse = _broker(), FakeWarehouse(plan=plan)
     held = broker.put_activities(_insert("waiting", 1), _insert("waiting", 2))
     other = broker.put_activities(_insert("other", 1))
     caplog.set_level(logging.WARNING, logger="app.subscriber")
@@ -383,11 +292,11 @@ def test_retry_after_within_the_budget_waits_in_place_and_stop_releases_the_held
 
 
 def test_in_place_retries_stay_within_half_a_lease_that_is_not_extended(tmp_path, store):
-    broker = FakeBroker(max_lease_seconds=None)
+    broker = _broker(max_lease_seconds=None)
     sub = Subscriber(_settings(tmp_path, ack_deadline_seconds=10, max_in_place_retry_seconds=120), broker,
                      FakeWarehouse(), store)
     assert sub.in_place_budget == 5.0
-    extended = Subscriber(_settings(tmp_path), FakeBroker(max_lease_seconds=600), FakeWarehouse(), store)
+    extended = Subscriber(_settings(tmp_path), _broker(max_lease_seconds=600), FakeWarehouse(), store)
     assert extended.in_place_budget == 120.0
 
 
@@ -399,7 +308,7 @@ def test_messages_held_past_an_unextended_lease_are_handed_back_not_applied(tmp_
             entered.set()
             assert gate.wait(WAIT_SECONDS)
 
-    broker = FakeBroker(one_run_per_key=False, max_lease_seconds=None)
+    broker = _broker(one_run_per_key=False, max_lease_seconds=None)
     warehouse = FakeWarehouse(plan=plan)
     [first] = broker.put_activities(_insert("t", 0))
     with running(Subscriber(_settings(tmp_path, ack_deadline_seconds=0.2), broker, warehouse, store)):
@@ -428,7 +337,7 @@ def test_terminal_culprit_is_dead_lettered_after_n_terminal_failures_and_order_h
                 raise TransientWarehouseError("rateLimitExceeded")
             raise ValueError("value the warehouse refuses")
 
-    broker, warehouse = FakeBroker(), FakeWarehouse(plan=plan)
+    broker, warehouse = _broker(), FakeWarehouse(plan=plan)
     ids = broker.put(
         encode_batch([_insert("t", 1)], "b1") + encode_batch([_insert("t", 2)], "b2")
         + encode_batch([_insert("t", 3)], "b3")
@@ -446,7 +355,7 @@ def test_terminal_culprit_is_dead_lettered_after_n_terminal_failures_and_order_h
 
 
 def test_undecodable_message_is_dead_lettered_at_once(tmp_path, store):
-    broker, warehouse = FakeBroker(), FakeWarehouse()
+    broker, warehouse = _broker(), FakeWarehouse()
     [garbage] = broker.put([OutgoingMessage(b"\x00garbage", "t", {"table": "t", "batch_id": "b", "dedup_id": "b:t:0"})])
     good = broker.put_activities(_insert("t", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
