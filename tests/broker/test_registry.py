@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from pydantic import ValidationError
 
 from app.broker import make_broker
+from app.broker.base import PORTABLE_LIMITS
 from app.broker.local import LocalBroker
 from app.broker import registry
 from app.broker.registry import names, register
@@ -43,3 +45,15 @@ def test_registering_a_name_makes_it_a_valid_setting(tmp_path, monkeypatch):
     register("recorded", lambda settings: opened.append(settings) or MemoryBroker(settings))
     settings = Settings(broker="recorded", data_dir=tmp_path)
     assert "recorded" in names() and make_broker(settings).name == "recorded" and opened == [settings]
+
+
+@pytest.mark.parametrize("name", ["local", "pubsub", "memory"])
+def test_every_registered_broker_takes_the_portable_limits(tmp_path, name):
+    broker = make_broker(Settings(broker=name, data_dir=tmp_path))  # opening connects nowhere yet
+    try:
+        limits = broker.capabilities.message
+        assert all(
+            getattr(limits, f.name) >= getattr(PORTABLE_LIMITS, f.name) for f in dataclasses.fields(PORTABLE_LIMITS)
+        )
+    finally:
+        broker.close()

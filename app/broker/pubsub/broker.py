@@ -16,7 +16,7 @@ from app.broker.base import (
 )
 from app.broker.pubsub.clients import make_subscriber, probe_permission
 from app.broker.pubsub.deadletters import DeadLetterSubscription
-from app.broker.pubsub.publisher import Publisher
+from app.broker.pubsub.publisher import ATTRIBUTE_VALUE_MAX_BYTES, Publisher
 from app.broker.pubsub.pull import MAX_ACK_DEADLINE, MIN_ACK_DEADLINE, Puller
 from app.settings import Settings
 
@@ -33,7 +33,7 @@ def capabilities(settings: Settings) -> BrokerCapabilities:
             max_message_bytes=8 * 1024 * 1024,  # bodies stay well below 10 MB, leaving room for attributes
             max_attributes=100,
             max_attribute_key_bytes=256,
-            max_attribute_value_bytes=1024,
+            max_attribute_value_bytes=ATTRIBUTE_VALUE_MAX_BYTES,
             max_ordering_key_bytes=1024,
         ),
         ordered_keys=settings.pubsub_ordering,
