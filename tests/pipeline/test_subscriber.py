@@ -41,11 +41,10 @@ def _numbers(envelopes: Sequence[Envelope]) -> list[int]:
 # --------------------------------------------------------------------------- fakes
 
 
-def _broker(*, one_run_per_key: bool = True, max_lease_seconds: float | None = 600.0) -> MemoryBroker:
+def _broker(**capabilities) -> MemoryBroker:
     """The in-memory broker, handing nacked messages back at once (the delay is recorded)."""
-    return MemoryBroker(
-        one_run_per_key=one_run_per_key, max_lease_seconds=max_lease_seconds, redeliver_nacked_at_once=True
-    )
+    capabilities.setdefault("max_lease_seconds", 600.0)
+    return MemoryBroker(redeliver_nacked_at_once=True, **capabilities)
 
 
 class FakeWarehouse(Warehouse):
@@ -255,20 +254,26 @@ def test_transient_errors_are_retried_in_place_while_the_budget_allows(tmp_path,
     assert broker.nacks == [] and warehouse.attempts["t"] == 4
 
 
-def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(tmp_path, store):
+@pytest.mark.parametrize(
+    "retry_after, max_ack_deadline, delay", [(300.0, None, 300.0), (900.0, None, 900.0), (900.0, 600.0, 600.0)]
+)
+def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(
+    tmp_path, store, retry_after, max_ack_deadline, delay
+):
+    """...as long a delay as the broker can express (its longest ack deadline)."""
     refused = [True]
 
     def plan(table, envelopes):
         if table == "new_column" and refused[0]:
             refused[0] = False
-            raise Flaky("new field not yet visible to the write stream", retry_after=300.0)
+            raise Flaky("new field not yet visible to the write stream", retry_after=retry_after)
 
-    broker, warehouse = _broker(), FakeWarehouse(plan=plan)
+    broker, warehouse = _broker(max_ack_deadline_seconds=max_ack_deadline), FakeWarehouse(plan=plan)
     [waiting] = broker.put_activities(_insert("new_column", 1))
     other = broker.put_activities(_insert("other", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
         wait_until(lambda: {waiting, *other} <= set(broker.acked), "both tables acked")
-    assert broker.nacks == [(waiting, 300.0)]
+    assert broker.nacks == [(waiting, delay)]
     assert store.count() == 0
 
 

@@ -105,6 +105,7 @@ class MemoryBroker(Broker):
         limits: MessageLimits = PORTABLE_LIMITS,
         one_run_per_key: bool = True,
         max_lease_seconds: float | None = None,
+        max_ack_deadline_seconds: float | None = None,
         redeliver_nacked_at_once: bool = False,
     ) -> None:
         self.settings = settings or Settings()
@@ -116,7 +117,7 @@ class MemoryBroker(Broker):
             ordered_keys=one_run_per_key,
             remembers_idempotency_keys=True,
             min_ack_deadline_seconds=0.0,
-            max_ack_deadline_seconds=None,
+            max_ack_deadline_seconds=max_ack_deadline_seconds,
             max_lease_seconds=max_lease_seconds,
             has_dead_letter_destination=True,
             reports_backlog=True,
@@ -250,6 +251,8 @@ class MemoryBroker(Broker):
     def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
         with self.stream.cond:
             wait = 0.0 if self.redeliver_nacked_at_once else delay_seconds
+            if self.capabilities.max_ack_deadline_seconds is not None:
+                wait = min(wait, self.capabilities.max_ack_deadline_seconds)
             for stored in self._settle(messages):
                 stored.visible_at = time.monotonic() + wait
                 self.stream.nacks.append((stored.message_id, delay_seconds))
