@@ -195,20 +195,39 @@ def dead_letters_replay(
     raise typer.Exit(1 if failed else 0)
 
 
+def _broker_dead_letters():
+    """The configured broker and its own dead-letter destination; exit 1 if it has none."""
+    from app.broker import make_broker
+
+    broker = make_broker(get_settings())
+    source = broker.dead_letter_source()
+    if source is None:
+        broker.close()
+        typer.echo(f"the {broker.name} broker has no dead-letter destination of its own", err=True)
+        raise typer.Exit(1)
+    return broker, source
+
+
+def _age(published_at: float | None) -> str:
+    import time
+
+    return "-" if published_at is None else f"{max(0.0, time.time() - published_at):.0f}s"
+
+
 @dead_letters_cli.command("pubsub-list")
 def dead_letters_pubsub_list(
     limit: int = typer.Option(50, help="How many, oldest first."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """List the Pub/Sub dead-letter subscription (leased briefly, then given back)."""
-    from app.broker.pubsub.deadletters import DeadLetterSubscription, age
     from app.messages.codec import readable_body
 
-    subscription = DeadLetterSubscription(get_settings())
+    broker, source = _broker_dead_letters()
     try:
-        messages = subscription.list(limit)
+        messages = source.list(limit)
     finally:
-        subscription.close()
+        source.close()
+        broker.close()
     for m in messages:
         if as_json:
             typer.echo(orjson.dumps({
@@ -217,9 +236,9 @@ def dead_letters_pubsub_list(
                 "data": readable_body(m.data).decode("utf-8", "replace"),  # format 2 rendered as JSON
             }).decode())
         else:
-            typer.echo(f"{m.message_id} table={m.table} age={age(m)} reason={m.reason}")
+            typer.echo(f"{m.message_id} table={m.table} age={_age(m.published_at)} reason={m.reason}")
     if not as_json:
-        typer.echo(f"({len(messages)} dead letter{'s' if len(messages) != 1 else ''} on {subscription.path})")
+        typer.echo(f"({len(messages)} dead letter{'s' if len(messages) != 1 else ''} on {source.path})")
 
 
 @dead_letters_cli.command("pubsub-replay")
@@ -230,14 +249,13 @@ def dead_letters_pubsub_replay(
     ),
 ) -> None:
     """Re-publish what Pub/Sub dead-lettered to the main topic (same ordering key), then ack it."""
-    from app.broker.pubsub.deadletters import DeadLetterSubscription
-
-    subscription = DeadLetterSubscription(get_settings())
+    broker, source = _broker_dead_letters()
     try:
-        replayed, left = subscription.replay(limit, include_forwarded=include_forwarded)
+        replayed, left = source.replay(limit, include_forwarded=include_forwarded)
     finally:
-        subscription.close()
-    typer.echo(f"replayed {replayed}, left {left} on {subscription.path}")
+        source.close()
+        broker.close()
+    typer.echo(f"replayed {replayed}, left {left} on {source.path}")
 
 
 @cli.command()

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     # --- where things live ---
     data_dir: Path = Field(Path("data"), description="Folder for the local broker, warehouse and dead-letter files.")
-    broker: Literal["local", "pubsub"] = Field("local", description="Which broker: `local` (SQLite file) or `pubsub`.")
+    broker: str = Field("local", description="Which broker: `local` (SQLite file) or `pubsub` (any registered backend).")
     warehouse: str = Field("duckdb", description="Which warehouse: `duckdb` (file) or `bigquery` (any registered backend).")
     duckdb_path: Path | None = Field(None, description="DuckDB file; default `$DATA_DIR/warehouse.duckdb`.")
     duckdb_memory_limit: str = Field("512MB", description="Cap on DuckDB's buffer pool in the subscriber (e.g. 128MB, 1GB).")
@@ -96,7 +96,14 @@ class Settings(BaseSettings):
     @field_validator("warehouse")
     @classmethod
     def _registered_warehouse(cls, name: str) -> str:
-        from app.warehouse.registry import check_name
+        from app.warehouse.registry import check_name  # the registry imports backends lazily
+
+        return check_name(name)
+
+    @field_validator("broker")
+    @classmethod
+    def _registered_broker(cls, name: str) -> str:
+        from app.broker.registry import check_name  # the registry imports backends lazily
 
         return check_name(name)
 

@@ -251,3 +251,43 @@ def test_query_waits_for_a_starting_subscribers_admin_port(tmp_path):
         warehouse.close()
         broker.close()
         store.close()
+
+
+
+# ---------------------------------------------------------------- the broker's own dead letters
+
+
+def test_broker_dead_letters_are_listed_and_replayed_through_the_broker_interface(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from app import cli
+    from app.broker.base import OutgoingMessage
+    from tests.support.memory_broker import MemoryBroker  # registers BROKER=memory
+
+    settings = Settings(broker="memory", data_dir=tmp_path)
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    broker = MemoryBroker.open(settings)
+    broker.put([OutgoingMessage(b'{"v": 1}', "t", {"table": "t", "dedup_id": "b:t:0"})])
+    [received] = broker.pull(1, 1.0)
+    broker.forward_dead_letters([(received, "undecodable: not JSON")])
+    broker.ack([received])
+
+    listed = CliRunner().invoke(cli.cli, ["dead-letters", "pubsub-list"])
+    assert listed.exit_code == 0, listed.output
+    assert re.search(r"table=t age=\d+s reason=undecodable: not JSON", listed.output)
+    assert "(1 dead letter on memory:" in listed.output
+    replayed = CliRunner().invoke(cli.cli, ["dead-letters", "pubsub-replay", "--include-forwarded"])
+    assert replayed.exit_code == 0 and replayed.output.startswith("replayed 1, left 0 on memory:")
+    assert [m.data for m in broker.pull(10, 1.0)] == [b'{"v": 1}']
+
+
+def test_broker_dead_letter_commands_refuse_a_broker_without_a_destination_of_its_own(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from app import cli
+
+    monkeypatch.setattr(cli, "get_settings", lambda: Settings(data_dir=tmp_path))
+    for command in ("pubsub-list", "pubsub-replay"):
+        result = CliRunner().invoke(cli.cli, ["dead-letters", command])
+        assert result.exit_code == 1
+        assert "the local broker has no dead-letter destination of its own" in result.output

@@ -219,11 +219,12 @@ class IngestHandler:
             metrics.ACTIVITIES_REJECTED.inc(_activity_count(body))
             raise ApiError(422, f"batch rejected: {len(exc.details)} problem(s); nothing was published", exc.details) from None
 
-    @staticmethod
-    def encode(validated: list[Activity] | list[ActivityRun], batch_id: str) -> list[OutgoingMessage]:
+    def encode(self, validated: list[Activity] | list[ActivityRun], batch_id: str) -> list[OutgoingMessage]:
+        """Messages within the limits of the broker they are published to."""
+        limits = self.state.broker.capabilities.message
         if _is_small(validated):
-            return encode_small_batch(validated, batch_id)  # type: ignore[arg-type]
-        return encode_runs(validated, batch_id)  # type: ignore[arg-type]
+            return encode_small_batch(validated, batch_id, limits)  # type: ignore[arg-type]
+        return encode_runs(validated, batch_id, limits)  # type: ignore[arg-type]
 
     async def publish(
         self,

@@ -1,32 +1,25 @@
-"""Broker backends behind one interface; `make_broker` picks one from Settings."""
+"""Broker backends behind one interface; `make_broker` opens the one Settings names
+(through `app.broker.registry`)."""
 
 from __future__ import annotations
 
 from app.broker.base import (
     BacklogStats,
     Broker,
+    BrokerCapabilities,
     BrokerUnavailable,
     IdempotencyConflict,
     OutgoingMessage,
     PublishResult,
     ReceivedMessage,
 )
-from app.settings import Settings
-
-
-def make_broker(settings: Settings) -> Broker:
-    if settings.broker == "pubsub":
-        from app.broker.pubsub import PubSubBroker
-
-        return PubSubBroker(settings)
-    from app.broker.local import LocalBroker
-
-    return LocalBroker(settings)
+from app.broker.registry import open_broker as make_broker
 
 
 __all__ = [
     "BacklogStats",
     "Broker",
+    "BrokerCapabilities",
     "BrokerUnavailable",
     "IdempotencyConflict",
     "OutgoingMessage",

@@ -1,16 +1,18 @@
 """The broker seam: what the API publishes to and the subscriber pulls from.
 
-Both backends (`local`, `pubsub`) give Pub/Sub semantics so the subscriber is the same
-code for either: at-least-once delivery, an ack deadline after which unacked messages
-come back, FIFO per ordering key (the table), and a delivery-attempt counter that the
-pipeline uses to dead-letter messages that keep failing.
+Every backend gives Pub/Sub semantics so the subscriber is the same code for any:
+at-least-once delivery, an ack deadline after which unacked messages come back, FIFO
+per ordering key (the table), and a delivery-attempt counter that the pipeline uses to
+dead-letter messages that keep failing. What differs between backends (size limits,
+ack deadlines, idempotency keys, a dead-letter destination of their own) is data:
+`Broker.capabilities`, so shared code reads a field instead of asking which broker runs.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 
 class BrokerUnavailable(Exception):
@@ -63,14 +65,92 @@ class BacklogStats:
     oldest_age_seconds: float | None
 
 
-class Broker(abc.ABC):
-    """A durable message stream with Pub/Sub semantics."""
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """What one message may be; the codec keeps to these."""
 
-    name: str = "abstract"
+    max_message_bytes: int  # largest body the codec writes (a run too big is cut by rows)
+    max_attributes: int
+    max_attribute_key_bytes: int
+    max_attribute_value_bytes: int  # a longer `dedup_id` is replaced by its hash
+    max_ordering_key_bytes: int
+
+
+# Limits every built-in broker takes: what a message keeps to when no broker is at hand
+# (tools, benchmarks), so it can be published to any of them.
+PORTABLE_LIMITS = MessageLimits(
+    max_message_bytes=8 * 1024 * 1024,
+    max_attributes=100,
+    max_attribute_key_bytes=256,
+    max_attribute_value_bytes=1024,
+    max_ordering_key_bytes=1024,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerCapabilities:
+    """What a broker takes and promises, read by shared code (codec, API, subscriber, CLI)."""
+
+    message: MessageLimits
+    # --- delivery ---
+    ordered_keys: bool  # FIFO per ordering key, a key with leased messages held back
+    remembers_idempotency_keys: bool  # publish answers a repeated key itself (duplicate / conflict)
+    min_ack_deadline_seconds: float  # shortest lease (and so shortest redelivery) it accepts
+    max_ack_deadline_seconds: float | None  # longest lease or nack delay in one go; None: no limit
     # How long a pulled message stays leased while the subscriber holds it: the broker
     # keeps extending the lease up to this many seconds. None: it does not extend, the
     # lease ends after the ack deadline (`ACK_DEADLINE_SECONDS`).
-    max_lease_seconds: float | None = None
+    max_lease_seconds: float | None
+    # --- operations ---
+    has_dead_letter_destination: bool  # `dead_letter_source()` lists and replays it
+    reports_backlog: bool  # `backlog()` answers cheaply (else None)
+
+
+class DeadLetter(Protocol):
+    """One message on a broker's own dead-letter destination, as `dead-letters *-list` shows it."""
+
+    message_id: str
+    data: bytes
+    attributes: dict[str, str]
+    published_at: float | None
+
+    @property
+    def table(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def forwarded_by_pipeline(self) -> bool: ...
+
+
+class DeadLetterSource(Protocol):
+    """A broker's own dead-letter destination: what the broker dead-lettered by itself, and
+    what the pipeline forwarded there (`Broker.forward_dead_letters`)."""
+
+    path: str  # where it lives, for people
+
+    def list(self, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters, oldest first, left where they are."""
+
+    def replay(self, limit: int, *, include_forwarded: bool = False) -> tuple[int, int]:
+        """Re-publish up to `limit` to the main stream and remove them; (replayed, left).
+        Forwarded ones are in the dead-letter store too, so they stay unless included."""
+
+    def close(self) -> None: ...
+
+
+class Broker(abc.ABC):
+    """A durable message stream with Pub/Sub semantics."""
+
+    # The registry names what it opens (`app.broker.registry`); a broker made directly
+    # keeps this.
+    name: str = "unnamed"
+    capabilities: BrokerCapabilities
+
+    @property
+    def max_lease_seconds(self) -> float | None:
+        return self.capabilities.max_lease_seconds
 
     # --- publisher side (API process) ---
     @abc.abstractmethod
@@ -111,16 +191,21 @@ class Broker(abc.ABC):
         """(reachable, reason) for /readyz."""
 
     def backlog(self) -> BacklogStats | None:
-        """Messages waiting and the oldest one's age, if the backend can tell cheaply."""
+        """Messages waiting and the oldest one's age, when `capabilities.reports_backlog`."""
         return None
 
     def forward_dead_letters(self, entries: Sequence[tuple[ReceivedMessage, str]]) -> None:
         """Also hand messages that were dead-lettered (with their reasons) to the broker's own
         dead-letter destination, if it has one. The dead-letter store already holds them, so
-        this is best effort. Local: the store is the only destination; nothing to do."""
+        this is best effort. Without one the store is the only destination: nothing to do."""
+
+    def dead_letter_source(self) -> DeadLetterSource | None:
+        """The broker's own dead-letter destination (`capabilities.has_dead_letter_destination`),
+        or None."""
+        return None
 
     def start_subscriber(self) -> None:
-        """Open the subscriber side (background Pull and lease keeper for Pub/Sub). Local: nothing to do."""
+        """Open the subscriber side (e.g. a background Pull and lease keeper); nothing by default."""
 
     def close(self) -> None:
         """Release connections; pending leases return to the broker."""

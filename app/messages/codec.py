@@ -32,14 +32,15 @@ form of dead letters (`readable_body`):
     {"v": 1, "batch_id": "...", "table": "t", "activities": [
         {"operation": "insert", "col_names": [...], "col_types": [...], "col_values": [...]}]}
 
-Pub/Sub limits (https://cloud.google.com/pubsub/quotas#resource_limits): a message of at
-most 10 MB including attributes, at most 100 attributes, keys of at most 256 bytes,
-values and the ordering key of at most 1,024 bytes. Bodies stay within
-`max_message_bytes` (8 MB by default, leaving room for attributes): a run too big is
-cut by rows across chunks; only a single activity bigger than the limit (the API's
-value limits rule it out) travels alone in a chunk over it. Table names are ASCII of at
-most 1,024 characters (app.schema.identifiers), so `table` and the ordering key fit; a
-`dedup_id` that would not fit is replaced by a stable `sha256:<hex>` of itself.
+Sizes keep to the `MessageLimits` the encoder is given: the API passes its broker's
+(`broker.capabilities.message`), tools without a broker the portable ones every built-in
+broker takes (`app.broker.base.PORTABLE_LIMITS`). Bodies stay within
+`max_message_bytes`: a run too big is cut by rows across chunks; only a single activity
+bigger than the limit (the API's value limits rule it out) travels alone in a chunk
+over it. Table names are ASCII of at most 1,024 characters (app.schema.identifiers),
+which is the built-in brokers' ordering-key and attribute-value limit, so `table` and
+the ordering key fit; a `dedup_id` that would not fit is replaced by a stable
+`sha256:<hex>` of itself.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from typing import Sequence
 import orjson
 import pyarrow as pa
 
-from app.broker.base import OutgoingMessage, ReceivedMessage
+from app.broker.base import PORTABLE_LIMITS, MessageLimits, OutgoingMessage, ReceivedMessage
 from app.schema.activity import OPERATIONS, Activity
 from app.schema.columnar import ActivityRun, field_name, runs_of
 from app.schema.types import TYPES
@@ -64,9 +65,6 @@ JSON_FORMAT_VERSION = 1
 MAGIC = b"ACTV"
 _PREFIX = struct.Struct("<4sII")  # magic, version, header length
 _ALIGNMENT = 8
-# Pub/Sub refuses messages over 10 MB; stay well below it including attributes.
-DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-ATTRIBUTE_VALUE_MAX_BYTES = 1024
 HASHED_ID_PREFIX = "sha256:"
 
 # What a malformed body can raise while it is read: orjson's errors are ValueErrors;
@@ -103,11 +101,11 @@ def new_batch_id(idempotency_key: str | None, request_fingerprint: str | None = 
     return hashlib.sha256(seed.encode()).hexdigest()[:32]
 
 
-def dedup_id(batch_id: str, table: str, chunk_index: int) -> str:
-    """`<batch_id>:<table>:<chunk>`, or a stable hash of it when that would not fit in a
-    Pub/Sub attribute value (long table names)."""
+def dedup_id(batch_id: str, table: str, chunk_index: int, limits: MessageLimits = PORTABLE_LIMITS) -> str:
+    """`<batch_id>:<table>:<chunk>`, or a stable hash of it when that would not fit in an
+    attribute value (long table names)."""
     readable = f"{batch_id}:{table}:{chunk_index}"
-    if len(readable.encode()) <= ATTRIBUTE_VALUE_MAX_BYTES:
+    if len(readable.encode()) <= limits.max_attribute_value_bytes:
         return readable
     return HASHED_ID_PREFIX + hashlib.sha256(readable.encode()).hexdigest()
 
@@ -122,10 +120,10 @@ def _schema(col_types: tuple[str, ...]) -> pa.Schema:
 
 
 def encode_batch(
-    activities: Sequence[Activity], batch_id: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    activities: Sequence[Activity], batch_id: str, limits: MessageLimits = PORTABLE_LIMITS
 ) -> list[OutgoingMessage]:
     """Split a validated batch into per-table messages, keeping each table's order."""
-    return encode_runs(runs_of(activities), batch_id, max_message_bytes)
+    return encode_runs(runs_of(activities), batch_id, limits)
 
 
 # Requests of at most this many activities are validated per value and written as format
@@ -135,7 +133,7 @@ SMALL_BATCH_ACTIVITIES = 8
 
 
 def encode_small_batch(
-    activities: Sequence[Activity], batch_id: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    activities: Sequence[Activity], batch_id: str, limits: MessageLimits = PORTABLE_LIMITS
 ) -> list[OutgoingMessage]:
     """A small validated batch as format 1 messages, one per table (format 2 when a
     table's body would pass the size limit, which chunks it)."""
@@ -145,13 +143,15 @@ def encode_small_batch(
     messages: list[OutgoingMessage] = []
     for table, table_activities in by_table.items():
         data = json_body(batch_id, table, table_activities)
-        if len(data) > max_message_bytes:
-            return encode_batch(activities, batch_id, max_message_bytes)
-        messages.append(_message(data, table, len(table_activities), batch_id, 0))
+        if len(data) > limits.max_message_bytes:
+            return encode_batch(activities, batch_id, limits)
+        messages.append(_message(data, table, len(table_activities), batch_id, 0, limits))
     return messages
 
 
-def _message(data: bytes, table: str, count: int, batch_id: str, chunk_index: int) -> OutgoingMessage:
+def _message(
+    data: bytes, table: str, count: int, batch_id: str, chunk_index: int, limits: MessageLimits
+) -> OutgoingMessage:
     return OutgoingMessage(
         data=data,
         ordering_key=table,
@@ -159,13 +159,13 @@ def _message(data: bytes, table: str, count: int, batch_id: str, chunk_index: in
             "table": table,
             "count": str(count),
             "batch_id": batch_id,
-            "dedup_id": dedup_id(batch_id, table, chunk_index),
+            "dedup_id": dedup_id(batch_id, table, chunk_index, limits),
         },
     )
 
 
 def encode_runs(
-    runs: Sequence[ActivityRun], batch_id: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    runs: Sequence[ActivityRun], batch_id: str, limits: MessageLimits = PORTABLE_LIMITS
 ) -> list[OutgoingMessage]:
     """Split validated runs (`app.schema.columnar.runs_of`) into per-table messages.
 
@@ -175,8 +175,8 @@ def encode_runs(
         by_table.setdefault(run.table, []).append(run)
     messages: list[OutgoingMessage] = []
     for table, table_runs in by_table.items():
-        for chunk_index, (data, count) in enumerate(_bodies(batch_id, table, table_runs, max_message_bytes)):
-            messages.append(_message(data, table, count, batch_id, chunk_index))
+        for chunk_index, (data, count) in enumerate(_bodies(batch_id, table, table_runs, limits.max_message_bytes)):
+            messages.append(_message(data, table, count, batch_id, chunk_index, limits))
     return messages
 
 

@@ -160,7 +160,8 @@ class Replayer:
         batch_id = replay_batch_id(entry)
         if self._broker is None:
             self._broker = make_broker(self.settings)
-        await self._broker.publish(encode_batch(activities, batch_id), batch_id=batch_id)
+        messages = encode_batch(activities, batch_id, self._broker.capabilities.message)
+        await self._broker.publish(messages, batch_id=batch_id)
         self.store.mark_replayed(entry.id, batch_id)
         log.info("replayed dead letter %d as batch %s", entry.id, batch_id)
         return batch_id

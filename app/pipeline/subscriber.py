@@ -43,8 +43,6 @@ log = logging.getLogger("app.subscriber")
 PULL_TIMEOUT_SECONDS = 0.5
 RETRY_BACKOFF_START_SECONDS = 0.2
 POISON_RETRY_DELAY_SECONDS = 1.0
-# Pub/Sub's longest ack deadline, hence the longest nack delay it can express.
-MAX_NACK_DELAY_SECONDS = 600.0
 # One apply takes at most this many bytes of messages (and PULL_MAX_MESSAGES messages).
 APPLY_MAX_BYTES = 32 * 1024 * 1024
 # When flow control is full, tables waiting at least this long for a retry hand their
@@ -298,7 +296,8 @@ class Subscriber:
         if now - held_since + wait <= self.in_place_budget:
             log.warning("warehouse unavailable, retrying %s in %.1fs: %s", table, wait, exc)
             return now + wait
-        delay = min(wait, MAX_NACK_DELAY_SECONDS)
+        longest = self.broker.capabilities.max_ack_deadline_seconds  # the longest nack delay it can express
+        delay = wait if longest is None else min(wait, longest)
         log.warning(
             "warehouse unavailable, retrying %s in %.1fs (its messages, held %.0fs, handed back to the broker): %s",
             table, delay, now - held_since, exc,

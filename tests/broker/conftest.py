@@ -9,11 +9,11 @@ from typing import Callable, Iterator
 
 import pytest
 
+from app.broker import make_broker as open_broker
 from app.broker.base import Broker
-from app.broker.local import LocalBroker
-from app.broker.pubsub import PubSubBroker
 from app.provision import provision_pubsub
 from app.settings import Settings
+from tests.support import memory_broker  # noqa: F401  (registers BROKER=memory)
 from tests.support.local_broker import broker, make_broker  # noqa: F401  (local broker fixtures)
 from tests.support.pstest import running_pstest
 
@@ -30,10 +30,13 @@ def pubsub_emulator() -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- contract suite
-# test_contract.py runs against every entry of BACKENDS. A backend is a factory of
-# brokers that share one stream (so a second broker is "another replica" or "after a
-# restart"). `enforces_ordering` is False for pstest, which stores ordering keys but
-# does not enforce them: per-key order is asserted only where the backend enforces it.
+# test_contract.py runs against every entry of BACKENDS, each opened through the
+# registry. A backend is a factory of brokers that share one stream (so a second broker
+# is "another replica" or "after a restart"). What a backend takes and promises the
+# tests read from `broker.capabilities`; `enforces_ordering` is False for pstest, which
+# stores ordering keys but does not enforce them (Pub/Sub does), so per-key order is
+# asserted only where the backend at hand enforces it; nor does it count delivery
+# attempts (Pub/Sub does for a subscription with a dead-letter policy): `counts_attempts`.
 
 
 @dataclass
@@ -41,14 +44,21 @@ class BrokerBackend:
     name: str
     make: Callable[..., Broker]  # make(**settings overrides) -> a broker on the shared stream
     enforces_ordering: bool
-    min_ack_deadline: float  # shortest lease the backend accepts
+    counts_attempts: bool = True
 
 
 def _local_backend(request, tmp_path) -> BrokerBackend:
     def make(**overrides) -> Broker:
-        return LocalBroker(Settings(data_dir=tmp_path, **overrides))
+        return open_broker(Settings(broker="local", data_dir=tmp_path, **overrides))
 
-    return BrokerBackend("local", make, enforces_ordering=True, min_ack_deadline=1.0)
+    return BrokerBackend("local", make, enforces_ordering=True)
+
+
+def _memory_backend(request, tmp_path) -> BrokerBackend:
+    def make(**overrides) -> Broker:
+        return open_broker(Settings(broker="memory", data_dir=tmp_path, **overrides))
+
+    return BrokerBackend("memory", make, enforces_ordering=True)
 
 
 def _pubsub_backend(request, tmp_path) -> BrokerBackend:
@@ -61,15 +71,15 @@ def _pubsub_backend(request, tmp_path) -> BrokerBackend:
     provision_pubsub(base)
 
     def make(**overrides) -> Broker:
-        return PubSubBroker(base.model_copy(update=overrides))
+        return open_broker(base.model_copy(update=overrides))
 
-    return BrokerBackend("pubsub", make, enforces_ordering=False, min_ack_deadline=10.0)
-
-
-BACKENDS = {"local": _local_backend, "pubsub": _pubsub_backend}
+    return BrokerBackend("pubsub", make, enforces_ordering=False, counts_attempts=False)
 
 
-@pytest.fixture(params=["local", pytest.param("pubsub", marks=pytest.mark.emulator)])
+BACKENDS = {"local": _local_backend, "memory": _memory_backend, "pubsub": _pubsub_backend}
+
+
+@pytest.fixture(params=["local", "memory", pytest.param("pubsub", marks=pytest.mark.emulator)])
 def broker_backend(request, tmp_path) -> Iterator[BrokerBackend]:
     made: list[Broker] = []
     backend = BACKENDS[request.param](request, tmp_path)

@@ -1,10 +1,13 @@
 """The broker contract, backend-neutral: only the `Broker` interface.
 
-Runs against every backend in conftest's BACKENDS (the local SQLite broker, Pub/Sub on
-pstest). pstest does not enforce ordering keys, so per-key order is asserted only on
-backends that enforce it (`enforces_ordering`); what every backend must show (several
-messages of one key per pull, a busy key held back, leases, nacks) is asserted on all.
-No timing assertions beyond "not before the delay": waits are generous pull timeouts.
+Runs against every backend in conftest's BACKENDS (the local SQLite broker, the
+in-memory one of tests/support, Pub/Sub on pstest). What differs between backends is
+read from `broker.capabilities` (idempotency keys, backlog, a dead-letter destination
+of their own, the shortest ack deadline). pstest does not enforce ordering keys, so
+per-key order is asserted only on backends that enforce it (`enforces_ordering`); what
+every backend must show (several messages of one key per pull, a busy key held back,
+leases, nacks) is asserted on all. No timing assertions beyond "not before the delay":
+waits are generous pull timeouts.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from app.broker.base import Broker, BrokerUnavailable, OutgoingMessage, ReceivedMessage
+from app.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    IdempotencyConflict,
+    OutgoingMessage,
+    PublishResult,
+    ReceivedMessage,
+)
 
 if TYPE_CHECKING:
     from tests.broker.conftest import BrokerBackend
@@ -137,15 +147,17 @@ def test_nack_with_delay_redelivers_after_the_delay_not_before(broker_backend: B
 def test_an_expired_lease_redelivers_to_another_replica(broker_backend: BrokerBackend):
     # The lease ends: after the ack deadline (local), or once the lease keeper stops
     # extending it at the max lease and Pub/Sub's ack deadline passes (pubsub).
-    lease = broker_backend.min_ack_deadline
+    holder = broker_backend.make()
+    lease = max(holder.capabilities.min_ack_deadline_seconds, 1.0)
+    holder.close()
     holder = broker_backend.make(ack_deadline_seconds=lease, pubsub_max_lease_seconds=1)
     publish(holder, msg("t", 0))
     held = pull_until(holder, 1)
     assert dedup_ids(held) == ["b:t:0"]
-    if broker_backend.name == "pubsub":
-        # Its background Pull would race `other` for every redelivery (Pub/Sub gives a
-        # message to any open Pull). Closing stops it and gives back nothing held by the
-        # pipeline: the lease still just expires.
+    if holder.capabilities.max_lease_seconds is not None:
+        # A lease keeper (Pub/Sub) pulls in the background and would race `other` for
+        # every redelivery (Pub/Sub gives a message to any open Pull). Closing stops it
+        # and gives back nothing held by the pipeline: the lease still just expires.
         holder.close()
     other = broker_backend.make(ack_deadline_seconds=lease)
     again = pull_until(other, 1, timeout=lease * 4 + 20)
@@ -160,3 +172,86 @@ def test_ready_while_open_and_publish_unavailable_once_closed(broker_backend: Br
     broker.close()
     with pytest.raises(BrokerUnavailable):
         publish(broker, msg("t", 0))
+
+
+def test_a_failed_publish_stores_nothing(broker_backend: BrokerBackend):
+    closed = broker_backend.make()
+    closed.close()
+    with pytest.raises(BrokerUnavailable):
+        publish(closed, msg("t", 0), msg("u", 0))
+    assert broker_backend.make().pull(10, 2.0) == []
+
+
+def test_per_key_order_holds_across_publishes(broker_backend: BrokerBackend):
+    broker = broker_backend.make()
+    for n in range(3):
+        publish(broker, msg("t", n), msg("u", n), batch_id=f"b{n}")
+    got = pull_until(broker, 6, ack=True)
+    per_key = {key: [m.dedup_id for m in got if m.ordering_key == key] for key in ("t", "u")}
+    expected = {key: [f"b:{key}:{n}" for n in range(3)] for key in ("t", "u")}
+    if broker_backend.enforces_ordering:
+        assert per_key == expected
+    else:
+        assert {key: sorted(ids) for key, ids in per_key.items()} == expected
+
+
+def test_each_delivery_counts_an_attempt(broker_backend: BrokerBackend):
+    broker = broker_backend.make()
+    publish(broker, msg("t", 0))
+    [first] = pull_until(broker, 1)
+    broker.nack([first])
+    [second] = pull_until(broker, 1)
+    assert second.message_id == first.message_id
+    assert first.delivery_attempt >= 1
+    if broker_backend.counts_attempts:
+        assert second.delivery_attempt == first.delivery_attempt + 1
+
+
+def test_a_repeated_idempotency_key(broker_backend: BrokerBackend):
+    broker = broker_backend.make()
+
+    def publish_keyed(body: OutgoingMessage, fingerprint: str) -> PublishResult:
+        return asyncio.run(broker.publish([body], batch_id="b1", idempotency_key="key", request_fingerprint=fingerprint))
+
+    assert publish_keyed(msg("t", 0), "fp") == PublishResult("b1", 1)
+    again = publish_keyed(msg("t", 0), "fp")
+    if broker.capabilities.remembers_idempotency_keys:
+        assert again == PublishResult("b1", 0, duplicate=True)
+        with pytest.raises(IdempotencyConflict):
+            publish_keyed(msg("t", 1), "another fingerprint")
+        assert dedup_ids(pull_until(broker, 1, ack=True)) == ["b:t:0"]
+        assert broker.pull(10, 2.0) == []
+    else:  # published again: the copy carries the same dedup id, which the warehouse drops
+        assert again == PublishResult("b1", 1)
+        assert dedup_ids(pull_until(broker, 2, ack=True)) == ["b:t:0", "b:t:0"]
+
+
+def test_backlog_counts_what_waits(broker_backend: BrokerBackend):
+    broker = broker_backend.make()
+    if not broker.capabilities.reports_backlog:
+        assert broker.backlog() is None
+        return
+    assert broker.backlog().messages == 0
+    publish(broker, msg("t", 0), msg("t", 1), msg("u", 0))
+    stats = broker.backlog()
+    assert stats.messages == 3 and stats.oldest_age_seconds is not None and stats.oldest_age_seconds >= 0
+    pull_until(broker, 3, ack=True)
+    assert broker.backlog().messages == 0
+
+
+def test_forwarded_dead_letters_reach_the_broker_s_own_destination(broker_backend: BrokerBackend):
+    broker = broker_backend.make()
+    publish(broker, msg("t", 0))
+    [received] = pull_until(broker, 1)
+    broker.forward_dead_letters([(received, "undecodable: not JSON")])
+    broker.ack([received])
+    source = broker.dead_letter_source()
+    if not broker.capabilities.has_dead_letter_destination:
+        assert source is None
+        return
+    try:
+        [letter] = source.list(10)
+    finally:
+        source.close()
+    assert (letter.data, letter.table, letter.reason) == (b"t-0", "t", "undecodable: not JSON")
+    assert letter.forwarded_by_pipeline and letter.attributes["dedup_id"] == "b:t:0"

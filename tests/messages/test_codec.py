@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import random
 import struct
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.broker.base import ReceivedMessage
+from app.broker.base import PORTABLE_LIMITS, MessageLimits, ReceivedMessage
 from app.messages.codec import (
     MAGIC,
     UndecodableMessage,
@@ -33,6 +35,11 @@ from tests.schema.test_properties import VALID
 from tests.support.typed_values import TYPED_COLUMNS
 
 PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _limits(max_message_bytes: int) -> MessageLimits:
+    """A broker's limits with a smaller body size."""
+    return dataclasses.replace(PORTABLE_LIMITS, max_message_bytes=max_message_bytes)
 
 
 def _received(m, attempt=1) -> ReceivedMessage:
@@ -126,7 +133,7 @@ def test_large_batches_are_split_below_the_limit_in_order():
         + [_act("t", i) for i in range(60, 100)]
     )
     limit = 1500
-    messages = encode_batch(batch, "bid", max_message_bytes=limit)
+    messages = encode_batch(batch, "bid", _limits(limit))
     assert len(messages) > 3
     assert all(len(m.data) <= limit for m in messages)
     assert [m.attributes["dedup_id"] for m in messages] == [f"bid:t:{i}" for i in range(len(messages))]
@@ -138,14 +145,14 @@ def test_large_batches_are_split_below_the_limit_in_order():
 def test_chunks_fill_up_to_the_limit():
     batch = [_act("t", i) for i in range(1000)]
     whole = len(encode_batch(batch, "bid")[0].data)
-    messages = encode_batch(batch, "bid", max_message_bytes=whole // 4)
+    messages = encode_batch(batch, "bid", _limits(whole // 4))
     assert 4 < len(messages) <= 6  # slices are sized from the run's bytes per row, not one row at a time
 
 
 def test_an_activity_bigger_than_the_limit_travels_alone_and_nothing_is_lost():
     big = Activity("insert", "t", ["n", "s"], ["integer", "string"], [1, "y" * 5000])
     batch = [_act("t", 0), _act("t", 1), big, _act("t", 2)]
-    messages = encode_batch(batch, "bid", max_message_bytes=1000)
+    messages = encode_batch(batch, "bid", _limits(1000))
     sizes = [(int(m.attributes["count"]), len(m.data) <= 1000) for m in messages]
     assert (1, False) in sizes and all(fits for count, fits in sizes if (count, fits) != (1, False))
     assert _decoded(messages) == batch
@@ -168,17 +175,22 @@ def test_batch_id_is_derived_from_the_idempotency_key_and_the_body():
 def test_attributes_fit_pub_sub_limits_for_the_longest_table_name():
     table = "t" * MAX_TABLE_NAME
     batch_id = new_batch_id("k", "fp")
-    messages = encode_batch([_act(table, i) for i in range(40)], batch_id, max_message_bytes=3000)
+    messages = encode_batch([_act(table, i) for i in range(40)], batch_id, _limits(3000))
     assert len(messages) > 1
     dedup_ids = [m.attributes["dedup_id"] for m in messages]
     assert len(set(dedup_ids)) == len(messages)  # one per chunk
     for m in messages:
         assert len(m.data) <= 3000
         assert len(m.attributes) <= 100
-        assert all(len(k.encode()) <= 256 and len(v.encode()) <= 1024 for k, v in m.attributes.items())
-        assert len(m.ordering_key.encode()) <= 1024
+        assert len(m.attributes) <= PORTABLE_LIMITS.max_attributes
+        assert all(
+            len(k.encode()) <= PORTABLE_LIMITS.max_attribute_key_bytes
+            and len(v.encode()) <= PORTABLE_LIMITS.max_attribute_value_bytes
+            for k, v in m.attributes.items()
+        )
+        assert len(m.ordering_key.encode()) <= PORTABLE_LIMITS.max_ordering_key_bytes
     # Hashed ids are stable: a retry of the same request produces the same ones.
-    again = encode_batch([_act(table, i) for i in range(40)], batch_id, max_message_bytes=3000)
+    again = encode_batch([_act(table, i) for i in range(40)], batch_id, _limits(3000))
     assert [m.attributes["dedup_id"] for m in again] == dedup_ids
     assert [m.data for m in again] == [m.data for m in messages]
     assert (
@@ -190,9 +202,17 @@ def test_attributes_fit_pub_sub_limits_for_the_longest_table_name():
 
 def test_readable_dedup_ids_are_kept_up_to_the_limit():
     batch_id = "b" * 32
-    fits = "t" * (1024 - len(batch_id) - len("::0"))
+    fits = "t" * (PORTABLE_LIMITS.max_attribute_value_bytes - len(batch_id) - len("::0"))
     assert dedup_id(batch_id, fits, 0) == f"{batch_id}:{fits}:0"
     assert dedup_id(batch_id, fits + "x", 0).startswith("sha256:")
+
+
+def test_the_dedup_id_keeps_to_the_attribute_limit_it_is_given():
+    small = dataclasses.replace(PORTABLE_LIMITS, max_attribute_value_bytes=64)
+    [portable] = encode_batch([_act("t" * 40, 0)], "b" * 32)
+    [hashed] = encode_batch([_act("t" * 40, 0)], "b" * 32, small)
+    assert portable.attributes["dedup_id"] == f"{'b' * 32}:{'t' * 40}:0"
+    assert hashed.attributes["dedup_id"] == "sha256:" + hashlib.sha256(portable.attributes["dedup_id"].encode()).hexdigest()
 
 
 # --- format 1 (JSON) ----------------------------------------------------------------
@@ -364,6 +384,6 @@ def test_a_small_batch_is_json_per_table_and_decodes_to_the_same_activities():
 
 def test_a_small_batch_over_the_size_limit_is_chunked_as_arrow():
     acts = [_act("a", n) for n in range(6)]
-    messages = encode_small_batch(acts, "b1", max_message_bytes=300)
+    messages = encode_small_batch(acts, "b1", _limits(300))
     assert len(messages) > 1 and all(m.data.startswith(MAGIC) for m in messages)
     assert _decoded(messages) == acts

@@ -1,17 +1,16 @@
 """The subscriber loop: per-table workers, order, flow control, retries and dead letters.
 
-Most tests run the real loop (`Subscriber.run` on a thread) against an in-memory broker
-with Pub/Sub semantics and the in-memory warehouse, whose `before_apply` hook each test
-scripts (block, raise). The broker
-hands nacked messages back at once and records the delay asked for, so retry paths
-run without waiting. The last tests run the loop over the real local broker and DuckDB.
+Most tests run the real loop (`Subscriber.run` on a thread) against the in-memory broker
+(tests/support/memory_broker.py) and the in-memory warehouse, whose `before_apply` hook
+each test scripts (block, raise). The broker hands nacked messages back at once and
+records the delay asked for, so retry paths run without waiting. The last tests run
+the loop over the real local broker and DuckDB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import threading
 import time
@@ -21,7 +20,6 @@ import orjson
 import pytest
 
 from app.broker import OutgoingMessage
-from app.broker.base import Broker, PublishResult, ReceivedMessage
 from app.broker.local import LocalBroker
 from app.messages.codec import encode_batch, json_body, new_batch_id
 from app.messages.deadletters import DeadLetterStore
@@ -31,6 +29,7 @@ from app.settings import Settings
 from app.warehouse.base import Envelope, TransientWarehouseError
 from app.warehouse.duckdb import DuckDBWarehouse
 from tests.support.memory_warehouse import MemoryWarehouse
+from tests.support.memory_broker import MemoryBroker
 from tests.support.subscribers import WAIT_SECONDS, running, wait_until
 
 def _insert(table: str, n: int, value: str = "x") -> Activity:
@@ -44,101 +43,10 @@ def _numbers(envelopes: Sequence[Envelope]) -> list[int]:
 # --------------------------------------------------------------------------- fakes
 
 
-class FakeBroker(Broker):
-    """In-memory Pub/Sub semantics: leases, FIFO per ordering key, delivery attempts.
-
-    `one_run_per_key=True` is the local broker's behaviour (a key with leased messages
-    gives no more); False hands out a key's later messages while earlier ones are still
-    held, as a synchronous pull may. Nacked messages are deliverable again at once; the
-    delay asked for is recorded in `nacks`.
-    """
-
-    name = "fake"
-
-    def __init__(self, *, one_run_per_key: bool = True, max_lease_seconds: float | None = 600.0) -> None:
-        self.one_run_per_key = one_run_per_key
-        self.max_lease_seconds = max_lease_seconds
-        self._cond = threading.Condition()
-        self._ids = itertools.count(1)
-        self._pending: dict[str, list[ReceivedMessage]] = collections.defaultdict(list)  # per key, oldest first
-        self._leased: dict[str, ReceivedMessage] = {}
-        self._attempts: collections.Counter[str] = collections.Counter()
-        self.acked: list[str] = []
-        self.nacks: list[tuple[str, float]] = []
-        self.max_leased = 0
-
-    def put(self, messages: Sequence[OutgoingMessage]) -> list[str]:
-        ids = []
-        with self._cond:
-            for m in messages:
-                message_id = str(next(self._ids))
-                self._pending[m.ordering_key].append(
-                    ReceivedMessage(message_id, m.data, dict(m.attributes), m.ordering_key, 0)
-                )
-                ids.append(message_id)
-            self._cond.notify_all()
-        return ids
-
-    def put_activities(self, *activities: Activity) -> list[str]:
-        return self.put(encode_batch(list(activities), new_batch_id(None)))
-
-    @property
-    def leased(self) -> int:
-        with self._cond:
-            return len(self._leased)
-
-    @property
-    def unacked(self) -> int:
-        with self._cond:
-            return sum(len(v) for v in self._pending.values())
-
-    async def publish(self, messages, *, batch_id, idempotency_key=None, request_fingerprint=None) -> PublishResult:
-        self.put(messages)
-        return PublishResult(batch_id, len(messages))
-
-    def pull(self, max_messages: int, timeout: float) -> list[ReceivedMessage]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._deliverable(1), timeout)
-            out = self._deliverable(max_messages)
-            for m in out:
-                self._attempts[m.message_id] += 1
-                m.delivery_attempt = self._attempts[m.message_id]
-                self._leased[m.message_id] = m
-            self.max_leased = max(self.max_leased, len(self._leased))
-            return [ReceivedMessage(m.message_id, m.data, m.attributes, m.ordering_key, m.delivery_attempt)
-                    for m in out]
-
-    def _deliverable(self, limit: int) -> list[ReceivedMessage]:
-        out: list[ReceivedMessage] = []
-        for queue in self._pending.values():
-            if self.one_run_per_key and any(m.message_id in self._leased for m in queue):
-                continue
-            for m in queue:
-                if len(out) >= limit:
-                    return out
-                if m.message_id in self._leased:
-                    continue
-                out.append(m)
-        return out
-
-    def ack(self, messages: Sequence[ReceivedMessage]) -> None:
-        with self._cond:
-            for m in messages:
-                if self._leased.pop(m.message_id, None) is not None:
-                    queue = self._pending[m.ordering_key]
-                    queue[:] = [x for x in queue if x.message_id != m.message_id]
-                    self.acked.append(m.message_id)
-            self._cond.notify_all()
-
-    def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
-        with self._cond:
-            for m in messages:
-                if self._leased.pop(m.message_id, None) is not None:
-                    self.nacks.append((m.message_id, delay_seconds))
-            self._cond.notify_all()
-
-    def ready(self) -> tuple[bool, str]:
-        return True, "ok"
+def _broker(**capabilities) -> MemoryBroker:
+    """The in-memory broker, handing nacked messages back at once (the delay is recorded)."""
+    capabilities.setdefault("max_lease_seconds", 600.0)
+    return MemoryBroker(redeliver_nacked_at_once=True, **capabilities)
 
 
 def _applied(warehouse: MemoryWarehouse, table: str) -> list[list[int]]:
@@ -174,7 +82,7 @@ def test_a_blocked_table_does_not_stop_another_from_applying_and_acking(tmp_path
             entered.set()
             assert gate.wait(WAIT_SECONDS)
 
-    broker, warehouse = FakeBroker(), MemoryWarehouse(before_apply=plan)
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
     [slow_id] = broker.put_activities(_insert("slow", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
         assert entered.wait(WAIT_SECONDS)
@@ -188,7 +96,7 @@ def test_a_blocked_table_does_not_stop_another_from_applying_and_acking(tmp_path
 
 
 def test_without_concurrent_tables_applies_never_overlap(tmp_path, store):
-    broker, warehouse = FakeBroker(), MemoryWarehouse(concurrent_tables=False, before_apply=lambda t, e: time.sleep(0.002))
+    broker, warehouse = _broker(), MemoryWarehouse(concurrent_tables=False, before_apply=lambda t, e: time.sleep(0.002))
     for i in range(20):
         broker.put_activities(*(_insert(t, i) for t in "abcdef"))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
@@ -200,7 +108,7 @@ def test_without_concurrent_tables_applies_never_overlap(tmp_path, store):
 def test_each_table_applies_in_pull_order_one_batch_at_a_time(tmp_path, store):
     # Later messages of a key are handed out while earlier ones are still held, so the
     # subscriber's own per-table queue must keep the order.
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = MemoryWarehouse(before_apply=lambda t, e: time.sleep(0.001))
     settings = _settings(tmp_path, pull_max_messages=7)
     with running(Subscriber(settings, broker, warehouse, store)):
@@ -219,7 +127,7 @@ def test_a_backlog_of_one_table_applies_many_messages_per_apply(tmp_path, store)
         entered.set()
         assert gate.wait(WAIT_SECONDS)
 
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = MemoryWarehouse(before_apply=plan)
     broker.put_activities(_insert("t", 0))
     with running(Subscriber(_settings(tmp_path, pull_max_messages=10), broker, warehouse, store)):
@@ -235,7 +143,7 @@ def test_a_backlog_of_one_table_applies_many_messages_per_apply(tmp_path, store)
 
 def test_flow_control_bounds_the_messages_held(tmp_path, store):
     gate = threading.Event()
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = MemoryWarehouse(before_apply=lambda t, e: gate.wait(WAIT_SECONDS) if t == "a" else None)
     for i in range(10):
         broker.put_activities(_insert("a", i))
@@ -257,7 +165,7 @@ def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_pa
             refused[0] = False
             raise TransientWarehouseError("rateLimitExceeded", retry_after=60.0)
 
-    broker = FakeBroker(one_run_per_key=False)
+    broker = _broker(one_run_per_key=False)
     warehouse = MemoryWarehouse(before_apply=plan)
     held = [m for i in range(4) for m in broker.put_activities(_insert("waiting", i))]
     settings = _settings(tmp_path, subscriber_max_outstanding_messages=4)
@@ -281,7 +189,7 @@ def test_transient_errors_never_dead_letter_even_after_many_nacks(tmp_path, stor
             failures_left[table] -= 1
             raise TransientWarehouseError("quotaExceeded")
 
-    broker, warehouse = FakeBroker(), MemoryWarehouse(before_apply=plan)
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
     ids = broker.put_activities(_insert("t", 1)) + broker.put_activities(_insert("t", 2))
     # No in-place budget: every transient error nacks, so delivery_attempt climbs far
     # beyond MAX_DELIVERY_ATTEMPTS=3.
@@ -301,14 +209,20 @@ def test_transient_errors_are_retried_in_place_while_the_budget_allows(tmp_path,
             failures_left[0] -= 1
             raise TransientWarehouseError("backendError")
 
-    broker, warehouse = FakeBroker(), MemoryWarehouse(before_apply=plan)
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
     [message_id] = broker.put_activities(_insert("t", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
         wait_until(lambda: message_id in broker.acked, "acked")
     assert broker.nacks == [] and warehouse.observer.attempts["t"] == 4
 
 
-def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(tmp_path, store):
+@pytest.mark.parametrize(
+    "retry_after, max_ack_deadline, delay", [(300.0, None, 300.0), (900.0, None, 900.0), (900.0, 600.0, 600.0)]
+)
+def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(
+    tmp_path, store, retry_after, max_ack_deadline, delay
+):
+    """...as long a delay as the broker can express (its longest ack deadline)."""
     refused = [True]
 
     def plan(table, envelopes):
@@ -316,12 +230,12 @@ def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(tmp
             refused[0] = False
             raise TransientWarehouseError("new field not yet visible to the write stream", retry_after=300.0)
 
-    broker, warehouse = FakeBroker(), MemoryWarehouse(before_apply=plan)
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
     [waiting] = broker.put_activities(_insert("new_column", 1))
     other = broker.put_activities(_insert("other", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
         wait_until(lambda: {waiting, *other} <= set(broker.acked), "both tables acked")
-    assert broker.nacks == [(waiting, 300.0)]
+    assert broker.nacks == [(waiting, delay)]
     assert store.count() == 0
 
 
@@ -330,7 +244,7 @@ def test_retry_after_within_the_budget_waits_in_place_and_stop_releases_the_held
         if table == "waiting":
             raise TransientWarehouseError("schema not yet visible", retry_after=5.0)
 
-    broker, warehouse = FakeBroker(), MemoryWarehouse(before_apply=plan)
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
     held = broker.put_activities(_insert("waiting", 1), _insert("waiting", 2))
     other = broker.put_activities(_insert("other", 1))
     caplog.set_level(logging.WARNING, logger="app.subscriber")
@@ -345,11 +259,11 @@ def test_retry_after_within_the_budget_waits_in_place_and_stop_releases_the_held
 
 
 def test_in_place_retries_stay_within_half_a_lease_that_is_not_extended(tmp_path, store):
-    broker = FakeBroker(max_lease_seconds=None)
+    broker = _broker(max_lease_seconds=None)
     sub = Subscriber(_settings(tmp_path, ack_deadline_seconds=10, max_in_place_retry_seconds=120), broker,
                      MemoryWarehouse(), store)
     assert sub.in_place_budget == 5.0
-    extended = Subscriber(_settings(tmp_path), FakeBroker(max_lease_seconds=600), MemoryWarehouse(), store)
+    extended = Subscriber(_settings(tmp_path), _broker(max_lease_seconds=600), MemoryWarehouse(), store)
     assert extended.in_place_budget == 120.0
 
 
@@ -361,7 +275,7 @@ def test_messages_held_past_an_unextended_lease_are_handed_back_not_applied(tmp_
             entered.set()
             assert gate.wait(WAIT_SECONDS)
 
-    broker = FakeBroker(one_run_per_key=False, max_lease_seconds=None)
+    broker = _broker(one_run_per_key=False, max_lease_seconds=None)
     warehouse = MemoryWarehouse(before_apply=plan)
     [first] = broker.put_activities(_insert("t", 0))
     with running(Subscriber(_settings(tmp_path, ack_deadline_seconds=0.2), broker, warehouse, store)):
@@ -390,7 +304,7 @@ def test_terminal_culprit_is_dead_lettered_after_n_terminal_failures_and_order_h
                 raise TransientWarehouseError("rateLimitExceeded")
             raise ValueError("value the warehouse refuses")
 
-    broker, warehouse = FakeBroker(), MemoryWarehouse(before_apply=plan)
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
     ids = broker.put(
         encode_batch([_insert("t", 1)], "b1") + encode_batch([_insert("t", 2)], "b2")
         + encode_batch([_insert("t", 3)], "b3")
@@ -408,7 +322,7 @@ def test_terminal_culprit_is_dead_lettered_after_n_terminal_failures_and_order_h
 
 
 def test_undecodable_message_is_dead_lettered_at_once(tmp_path, store):
-    broker, warehouse = FakeBroker(), MemoryWarehouse()
+    broker, warehouse = _broker(), MemoryWarehouse()
     [garbage] = broker.put([OutgoingMessage(b"\x00garbage", "t", {"table": "t", "batch_id": "b", "dedup_id": "b:t:0"})])
     good = broker.put_activities(_insert("t", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):

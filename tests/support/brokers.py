@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
-from app.broker.base import Broker, PublishResult
+from app.broker.base import PORTABLE_LIMITS, Broker, BrokerCapabilities, PublishResult
 
 
 class StubBroker(Broker):
     """Publishes nothing: raises `publish_error` (or waits `publish_delay` and succeeds)."""
 
     name = "stub"
+    capabilities = BrokerCapabilities(
+        message=PORTABLE_LIMITS,
+        ordered_keys=True,
+        remembers_idempotency_keys=False,
+        min_ack_deadline_seconds=0.0,
+        max_ack_deadline_seconds=None,
+        max_lease_seconds=None,
+        has_dead_letter_destination=False,
+        reports_backlog=False,
+    )
 
     def __init__(self, *, publish_error: Exception | None = None, publish_delay: float = 0.0,
                  ready: tuple[bool, str] = (True, "ok"), backlog_error: Exception | None = None) -> None:

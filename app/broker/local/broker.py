@@ -8,7 +8,15 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
-from app.broker.base import BacklogStats, Broker, OutgoingMessage, PublishResult, ReceivedMessage
+from app.broker.base import (
+    BacklogStats,
+    Broker,
+    BrokerCapabilities,
+    OutgoingMessage,
+    PORTABLE_LIMITS,
+    PublishResult,
+    ReceivedMessage,
+)
 from app.broker.local.leases import LeaseStore
 from app.broker.local.writer import GroupCommitWriter
 from app.settings import Settings
@@ -17,11 +25,25 @@ log = logging.getLogger(__name__)
 
 READY_WRITE_WAIT_SECONDS = 1.0
 
+CAPABILITIES = BrokerCapabilities(
+    # SQLite would take a row of up to 1 GB and attributes of any size (a JSON column);
+    # the portable limits let a message, a dead letter or a replay move between brokers
+    # unchanged and keep a leased run within the subscriber's byte budget.
+    message=PORTABLE_LIMITS,
+    ordered_keys=True,
+    remembers_idempotency_keys=True,  # the writer's idempotency table: duplicate, or 409 on another body
+    min_ack_deadline_seconds=0.0,
+    max_ack_deadline_seconds=None,
+    max_lease_seconds=None,  # no lease keeper: a lease ends after ACK_DEADLINE_SECONDS
+    has_dead_letter_destination=False,  # the dead-letter store is the only one
+    reports_backlog=True,
+)
+
 
 class LocalBroker(Broker):
     """Durable SQLite-file broker; see the package docstring."""
 
-    name = "local"
+    capabilities = CAPABILITIES
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

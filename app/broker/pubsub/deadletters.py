@@ -17,7 +17,6 @@ Pub/Sub has no peek: `list` pulls messages and gives them straight back (ack dea
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,8 +164,3 @@ class DeadLetterSubscription:
             except Exception:
                 pass
 
-
-def age(message: DeadLetterMessage) -> str:
-    if message.published_at is None:
-        return "-"
-    return f"{max(0.0, time.time() - message.published_at):.0f}s"
