@@ -228,9 +228,10 @@ def test_retry_after_beyond_the_budget_nacks_that_table_only_with_that_delay(
     def plan(table, envelopes):
         if table == "new_column" and refused[0]:
             refused[0] = False
-            raise TransientWarehouseError("new field not yet visible to the write stream", retry_after=300.0)
+            raise TransientWarehouseError("new field not yet visible to the write stream", retry_after=retry_after)
 
-    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
+    broker = _broker(max_ack_deadline_seconds=max_ack_deadline)
+    warehouse = MemoryWarehouse(before_apply=plan)
     [waiting] = broker.put_activities(_insert("new_column", 1))
     other = broker.put_activities(_insert("other", 1))
     with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
