@@ -210,6 +210,7 @@ class DuckDBWarehouse(Warehouse):
                         all_new,
                         spatial_missing=self._spatial and not self._spatial_loaded,
                     )
+                    writer.finish()
                     con.execute("COMMIT")
                     if schema is not None:
                         self._schemas[table.lower()] = schema
@@ -293,15 +294,18 @@ class DuckDBWarehouse(Warehouse):
             con.execute("BEGIN TRANSACTION")
             try:
                 new_ids = writer.claim([env for _, envelopes in group for env in envelopes], all_new)
+                unknown = [table for table, _ in group if table.lower() not in self._schemas]
+                known = {**catalog.read_schemas(con, unknown), **self._schemas} if unknown else self._schemas
                 for position, (table, envelopes) in enumerate(group):
                     result = results[position]
                     try:
                         schema = writer.apply_table(
                             table,
                             first_of_new(envelopes, new_ids, result),
-                            self._schemas.get(table.lower()),
+                            known.get(table.lower()),
                             result,
                             spatial_missing=self._spatial and not self._spatial_loaded,
+                            read_missing=False,
                         )
                     except (SpatialNeeded, SeenBefore):
                         raise
@@ -309,6 +313,7 @@ class DuckDBWarehouse(Warehouse):
                         raise _TableFailed(position) from exc
                     if schema is not None:
                         schemas[table.lower()] = schema
+                writer.finish()
                 con.execute("COMMIT")
             except BaseException:
                 self._schemas.clear()
