@@ -10,6 +10,7 @@ encode them, then times a subscriber draining the backlog and samples its peak R
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import sqlite3
 import time
@@ -87,19 +88,17 @@ def drain(tmp: Path, name: str, requests: int, per_request: int, tables: int, ta
     broker.close()
     log(f"  {name}: pre-filled {filled['rows']:,} rows as {filled['messages']:,} messages over {tables:,} table(s) "
         f"in {time.perf_counter() - started:.1f}s")
-    startup = startup_seconds(tmp / f"{name}_empty", log)
-    spawned = time.monotonic()
     sub = harness.start_subscriber(harness.base_env(data), tmp / name / "logs", healthy=False)
     try:
         with harness.RssSampler(sub.proc.pid) as rss:
-            # It starts pulling before it answers /healthz: time the drain from the spawn,
-            # less the start-up of a subscriber on an empty broker measured just before.
             while backlog(settings.broker_file) > 0:
                 if sub.proc.poll() is not None:
                     raise RuntimeError(f"subscriber exited; see {sub.log_path}")
-                time.sleep(0.005)
-            elapsed = max(time.monotonic() - spawned - startup, 1e-3)
+                time.sleep(0.05)
             sub.wait_healthy()
+        # It starts pulling before it answers /healthz: the drain is timed by its own log,
+        # from "subscriber started" to the last "applied" line (millisecond stamps).
+        elapsed = max(drain_seconds(sub.log_path), 1e-3)
         with urllib.request.urlopen(sub.url + "/stats", timeout=30) as answer:
             stats = json.loads(answer.read())
     finally:
@@ -112,17 +111,21 @@ def drain(tmp: Path, name: str, requests: int, per_request: int, tables: int, ta
             "rows_per_s": filled["rows"] / elapsed, "sub_peak_rss_mb": rss.peak_mb}
 
 
-def startup_seconds(data: Path, log=print) -> float:
-    """Seconds from spawning a subscriber on an empty broker until it answers /healthz."""
-    from scripts.bench import harness
-
-    spawned = time.monotonic()
-    sub = harness.start_subscriber(harness.base_env(data), data / "logs", healthy=False)
-    try:
-        sub.wait_healthy()
-        return time.monotonic() - spawned
-    finally:
-        sub.stop()
+def drain_seconds(log_path: Path) -> float:
+    """From the subscriber's "subscriber started" line to its last "applied" line."""
+    started = last = None
+    for line in log_path.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if entry.get("msg") == "subscriber started":
+            started = entry["ts"]
+        elif entry.get("msg") == "applied":
+            last = entry["ts"]
+    if started is None or last is None:
+        raise RuntimeError(f"no start or apply in {log_path}")
+    stamp = lambda ts: datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()  # noqa: E731
+    return stamp(last) - stamp(started)
 
 
 def bench_many_tables(tmp: Path, results: dict[str, Any], requests: int = 500, per_request: int = 100,
