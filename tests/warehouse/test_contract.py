@@ -399,3 +399,20 @@ def test_a_third_warehouse_is_one_package_plus_one_registry_line(tmp_path) -> No
         assert r.rows_inserted == 1 and wh.list_tables() == ["t"]
     finally:
         wh.close()
+
+
+# --------------------------------------------------------------------------- many tables at once
+
+
+def test_apply_many_gives_one_outcome_per_table_and_a_rejection_stops_no_other_table(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    a, b, c = table + "_a", table + "_b", table + "_c"
+    wh.apply(b, [env(b, ins(b, [("id", "integer")], [1]))])
+    outcomes = wh.apply_many([
+        (a, [env(a, ins(a, [("id", "integer")], [1])), env(a, ins(a, [("id", "integer")], [2]))]),
+        (b, [env(b, ins(b, [("id", "string")], ["not a number"]))]),  # a type conflict: rejected
+        (c, [env(c, ins(c, [("id", "integer")], [3]))]),
+    ])
+    assert [type(o).__name__ for o in outcomes] == ["ApplyResult"] * 3
+    assert (outcomes[0].rows_inserted, len(outcomes[1].rejections), outcomes[2].rows_inserted) == (2, 1, 1)
+    assert sorted(ids(backend, a)) == [1, 2] and ids(backend, b) == [1] and ids(backend, c) == [3]
