@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         "(at most half the broker's lease); then it nacks them with a delay."
     )
     subscriber_workers: int = Field(4, ge=1, description="Tables applied at once (BigQuery); DuckDB applies one at a time.")
+    table_cache_size: int = Field(
+        2000, ge=1, description="Tables whose schema the subscriber keeps in memory (least recently used dropped first)."
+    )
     subscriber_max_outstanding_messages: int = Field(2000, ge=1, description="Most messages pulled and not yet acked/nacked.")
     subscriber_max_outstanding_bytes: int = Field(
         100 * 1024 * 1024, ge=1, description="Most message bytes pulled and not yet acked/nacked."

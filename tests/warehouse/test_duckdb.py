@@ -508,3 +508,18 @@ def test_apply_many_keeps_each_tables_order_and_applies_a_redelivered_table_once
     assert wh.query("SELECT v FROM a ORDER BY v")[1] == [(7,)]  # m1 seen before: the deleted row stays deleted
     assert wh.query("SELECT v FROM b ORDER BY v")[1] == [(2,)]
     assert second[1].skipped_duplicates == 1
+
+
+def test_the_schema_cache_is_bounded_and_a_dropped_schema_is_read_again(tmp_path):
+    wh = DuckDBWarehouse(Settings(data_dir=tmp_path, table_cache_size=2))
+    try:
+        cols = [("v", "integer")]
+        outcomes = wh.apply_many([(t, [env(t, ins(t, cols, [1]))]) for t in ("t1", "t2", "t3")])
+        assert all(not isinstance(o, Exception) for o in outcomes)
+        assert len(wh._schemas) == 2
+        more = [("v", "integer"), ("w", "string")]  # t1's schema was dropped: read again, then a column added
+        wh.apply_many([(t, [env(t, ins(t, more, [2, "x"]))]) for t in ("t1", "t3")])
+        assert wh.table_schema("t1") == {"v": "integer", "w": "string"}
+        assert wh.query("SELECT v, w FROM t1 ORDER BY v")[1] == [(1, None), (2, "x")]
+    finally:
+        wh.close()

@@ -42,6 +42,7 @@ from app.warehouse.base import (
     TransientWarehouseError,
     Warehouse,
 )
+from app.warehouse.cache import LruCache
 from app.warehouse.duckdb import catalog
 from app.warehouse.duckdb.apply import SeenBefore, SpatialNeeded, Writer, first_of_new
 from app.warehouse.duckdb.capabilities import duckdb_capabilities
@@ -81,7 +82,7 @@ class DuckDBWarehouse(Warehouse):
         self._last_prune = 0.0
         # Schemas of tables this process wrote, valid because it is the only writer (the
         # file lock); dropped on any error or reconnect so a retry re-reads the catalog.
-        self._schemas: dict[str, Schema] = {}
+        self._schemas: LruCache[str, Schema] = LruCache(settings.table_cache_size)
         self.capabilities = duckdb_capabilities(self._spatial)
         try:
             self._connection()
@@ -295,14 +296,14 @@ class DuckDBWarehouse(Warehouse):
             try:
                 new_ids = writer.claim([env for _, envelopes in group for env in envelopes], all_new)
                 unknown = [table for table, _ in group if table.lower() not in self._schemas]
-                known = {**catalog.read_schemas(con, unknown), **self._schemas} if unknown else self._schemas
+                read = catalog.read_schemas(con, unknown) if unknown else {}
                 for position, (table, envelopes) in enumerate(group):
                     result = results[position]
                     try:
                         schema = writer.apply_table(
                             table,
                             first_of_new(envelopes, new_ids, result),
-                            known.get(table.lower()),
+                            self._schemas.get(table.lower()) or read.get(table.lower()),
                             result,
                             spatial_missing=self._spatial and not self._spatial_loaded,
                             read_missing=False,
@@ -334,7 +335,7 @@ class DuckDBWarehouse(Warehouse):
                 con.unregister(STAGE_VIEW)
             except duckdb.Error:
                 pass
-        self._schemas.update(schemas)
+        self._schemas.update(schemas.items())
         self._maybe_prune()
         return results
 
