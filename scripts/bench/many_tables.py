@@ -9,18 +9,15 @@ encode them, then times a subscriber draining the backlog and samples its peak R
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import sqlite3
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from app.messages.codec import encode_batch
-from app.schema.validation import validate_batch
+from scripts.bench.workload import publish_bodies
 
 COLUMNS = [("user_id", "integer"), ("event_type_id", "integer"), ("detail", "string"), ("occured_at", "datetime")]
 
@@ -44,25 +41,13 @@ def bodies(requests: int, per_request: int, tables: int, tables_per_request: int
 
 def prefill(broker, requests: int, per_request: int, tables: int, tables_per_request: int) -> dict[str, int]:
     """Publish the workload through `broker.publish`; returns rows and messages."""
-    counts = {"rows": 0, "messages": 0}
+    rows = [0]
 
-    async def run() -> None:
-        pending = []
-        for body in bodies(requests, per_request, tables, tables_per_request):
-            activities = validate_batch(body, max_activities=10_000)
-            batch_id = uuid.uuid4().hex
-            messages = encode_batch(activities, batch_id)
-            counts["rows"] += len(activities)
-            counts["messages"] += len(messages)
-            pending.append(broker.publish(messages, batch_id=batch_id))
-            if len(pending) >= 64:
-                await asyncio.gather(*pending)
-                pending = []
-        if pending:
-            await asyncio.gather(*pending)
+    def count(activities) -> None:
+        rows[0] += len(activities)
 
-    asyncio.run(run())
-    return counts
+    messages = publish_bodies(broker, bodies(requests, per_request, tables, tables_per_request), count)
+    return {"rows": rows[0], "messages": messages}
 
 
 def backlog(path: Path) -> int:

@@ -36,15 +36,8 @@ def test_subscriber_kill9_loses_and_duplicates_nothing(tmp_path):
 
     producer = threading.Thread(target=produce)
     producer.start()
-    rng = random.Random(7)
-    kills = 0
     try:
-        while producer.is_alive() or kills < 5:
-            threading.Event().wait(rng.uniform(0.3, 1.2))
-            p.kill("subscriber", signal.SIGKILL)
-            kills += 1
-            p.start("subscriber")
-        producer.join()
+        kills = _kill_subscriber_while(p, producer, random.Random(7), at_least=5, pause=(0.3, 1.2))
         assert not errors, errors[:3]
         assert len(accepted) == TOTAL
         wait_until(lambda: p.query("SELECT count(*) FROM stream")[0][0] >= TOTAL, timeout=180, what="all rows")
@@ -54,6 +47,21 @@ def test_subscriber_kill9_loses_and_duplicates_nothing(tmp_path):
     finally:
         p.stop()
     assert kills >= 5
+
+
+def _kill_subscriber_while(
+    p: Pipeline, producer: threading.Thread, rng: random.Random, *, at_least: int, pause: tuple[float, float]
+) -> int:
+    """kill -9 and restart the subscriber at random moments until the producer is done
+    (and at least `at_least` times); returns the number of kills."""
+    kills = 0
+    while producer.is_alive() or kills < at_least:
+        threading.Event().wait(rng.uniform(*pause))
+        p.kill("subscriber", signal.SIGKILL)
+        kills += 1
+        p.start("subscriber")
+    producer.join()
+    return kills
 
 
 def _backlog_empty(p: Pipeline) -> bool:
@@ -103,15 +111,8 @@ def test_subscriber_kill9_during_many_table_applies_keeps_every_row_once_and_in_
 
     producer = threading.Thread(target=produce)
     producer.start()
-    rng = random.Random(11)
-    kills = 0
     try:
-        while producer.is_alive() or kills < 4:
-            threading.Event().wait(rng.uniform(0.3, 1.0))
-            p.kill("subscriber", signal.SIGKILL)
-            kills += 1
-            p.start("subscriber")
-        producer.join()
+        kills = _kill_subscriber_while(p, producer, random.Random(11), at_least=4, pause=(0.3, 1.0))
         assert not errors, errors[:3]
         total = sum(len(rows) for rows in expected.values())
         count_sql = " UNION ALL ".join(f"SELECT count(*) FROM {t}" for t in sorted(expected))

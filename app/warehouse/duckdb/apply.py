@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from app.schema.columnar import to_arrow
 from app.warehouse.base import ApplyResult, Envelope
-from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, STAGE_VIEW, quote_ident, read_schema
+from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, STAGE_VIEW, quote_ident
 from app.warehouse.duckdb.types import DuckType, key_param
 from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, Step, coalesce_steps, plan_table
 
@@ -77,23 +77,6 @@ class Writer:
             self.con.unregister(STAGE_VIEW)
             self._columns = []
 
-    def apply(
-        self,
-        table: str,
-        envelopes: Sequence[Envelope],
-        schema: Schema | None,
-        result: ApplyResult,
-        all_new: bool,
-        spatial_missing: bool,
-    ) -> Schema | None:
-        """Apply in the open transaction; returns the table's schema after it (for the cache).
-
-        `schema`: the cached one, None to read it. `spatial_missing`: raise
-        `SpatialNeeded` if the plan names a geography column.
-        """
-        new_ids = self.claim(envelopes, all_new)
-        return self.apply_table(table, first_of_new(envelopes, new_ids, result), schema, result, spatial_missing)
-
     def claim(self, envelopes: Sequence[Envelope], all_new: bool) -> set[str]:
         """Record the envelopes' dedup_ids (of any tables) in one statement; those new."""
         return self._claim_ids(list(dict.fromkeys(env.dedup_id for env in envelopes)), all_new)
@@ -105,15 +88,13 @@ class Writer:
         schema: Schema | None,
         result: ApplyResult,
         spatial_missing: bool,
-        *,
-        read_missing: bool = True,
     ) -> Schema | None:
-        """Apply envelopes already claimed (`claim`) to one table; its schema after it.
+        """Apply envelopes already claimed (`claim`) to one table, inside the open
+        transaction; returns its schema after it (for the cache).
 
-        `schema` None: read it, unless `read_missing` is False (the caller read the
-        catalog already and the table does not exist)."""
-        if schema is None and read_missing:
-            schema = read_schema(self.con, table)
+        `schema`: the table's (None: it does not exist; the caller read the catalog).
+        `spatial_missing`: raise `SpatialNeeded` if the plan names a geography column.
+        """
         if not todo:
             return schema
         plan = plan_table(table, schema, todo)

@@ -196,45 +196,15 @@ class DuckDBWarehouse(Warehouse):
         raise TerminalWarehouseError(f"DuckDB apply to {table} kept restarting")  # pragma: no cover
 
     def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool, all_new: bool) -> ApplyResult:
-        result = ApplyResult()
-        with self._lock:
-            con = self._connection(spatial)
-            writer = Writer(con, self._types)
-            try:
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    schema = writer.apply(
-                        table,
-                        envelopes,
-                        self._schemas.get(table.lower()),
-                        result,
-                        all_new,
-                        spatial_missing=self._spatial and not self._spatial_loaded,
-                    )
-                    writer.finish()
-                    con.execute("COMMIT")
-                    if schema is not None:
-                        self._schemas[table.lower()] = schema
-                except BaseException:
-                    self._schemas.clear()
-                    try:
-                        con.execute("ROLLBACK")
-                    except duckdb.Error:
-                        pass
-                    raise
-            except (SpatialNeeded, SeenBefore):
-                raise
-            except Exception as exc:
-                error, reconnect = apply_failed(exc, table)
-                if reconnect:
-                    self._drop_connection()
-                raise error from exc
-            finally:
-                try:
-                    con.unregister(STAGE_VIEW)
-                except duckdb.Error:
-                    pass
-            self._maybe_prune()
+        """One table's transaction: the many-table one with a group of one."""
+        try:
+            [result] = self._apply_together([(table, envelopes)], spatial, all_new)
+        except _TableFailed as failed:
+            cause = failed.__cause__ if isinstance(failed.__cause__, Exception) else failed
+            error, reconnect = apply_failed(cause, table)
+            if reconnect:
+                self._drop_connection()
+            raise error from cause
         return result
 
     def apply_many(self, batches: Sequence[tuple[str, Sequence[Envelope]]]) -> list[ApplyResult | Exception]:
@@ -306,7 +276,6 @@ class DuckDBWarehouse(Warehouse):
                             self._schemas.get(table.lower()) or read.get(table.lower()),
                             result,
                             spatial_missing=self._spatial and not self._spatial_loaded,
-                            read_missing=False,
                         )
                     except (SpatialNeeded, SeenBefore):
                         raise
