@@ -8,7 +8,8 @@ metrics and `make bench`), and translates every error in `errors.translate`.
 Counters (both `collections.Counter`, keys = kind):
 - `calls`: `query` (dedup lookups), `dml` (deletes, clean-ups), `write` (AppendRows
   requests / insertAll calls), `metadata_update` (create table, schema/clustering patch),
-  `other` (table and dataset reads), `emulator_ddl` (emulator only).
+  `other` (table and dataset reads), `dry_run` (statement checks of read-only queries),
+  `emulator_ddl` (emulator only).
 - `bytes_processed`: `totalBytesProcessed` of each query/DML job, by the same kinds.
 """
 
@@ -269,6 +270,18 @@ class BigQueryClient:
             with self._count_lock:
                 self.bytes_processed[kind] += int(processed)
         return rows
+
+    def statement_type(self, sql: str, params: list | None, what: str) -> str:
+        """What kind of statement `sql` is, from a dry run: validated, not run, not billed
+        (https://cloud.google.com/bigquery/docs/running-queries#dry-run; `statementType`:
+        https://cloud.google.com/bigquery/docs/reference/rest/v2/Job#JobStatistics2)."""
+        config = bigquery.QueryJobConfig(
+            dry_run=True, query_parameters=params or [], default_dataset=f"{self.project}.{self.dataset}",
+            use_legacy_sql=False,
+        )
+        job = self.call("dry_run", what, self.rest.query, sql, job_config=config, location=self.location,
+                        timeout=CALL_TIMEOUT_SECONDS)
+        return job.statement_type or ""
 
     def _emulator_query(self, sql: str, config: bigquery.QueryJobConfig) -> Any:
         """Emulator only: its jobs.query answers 200 with the failure in `errors` (Google

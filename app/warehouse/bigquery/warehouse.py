@@ -406,6 +406,9 @@ class BigQueryWarehouse(Warehouse):
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         qparams = [positional_param(v) for v in (params or [])]
         try:
+            kind = self.client.statement_type(sql, qparams, "query")
+            if kind != "SELECT":  # read-only: a script, DML or DDL never runs from here
+                raise WarehouseQueryError(f"only read-only SELECT queries are allowed, got {kind or 'unknown'}")
             rows = self.client.query(sql, qparams, "query", "query")
         except TerminalWarehouseError as exc:
             raise WarehouseQueryError(str(exc)) from exc
