@@ -104,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception as exc:
                 self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
                 return
-            self._send(200, _dumps({"warehouse": sub.warehouse.capabilities.name, "tables": tables}))
+            self._send(200, _dumps({"warehouse": sub.warehouse.name, "tables": tables}))
         elif self.path.startswith("/tables/"):
             self._table_schema(self.path.removeprefix("/tables/"))
         elif self.path == "/stats":

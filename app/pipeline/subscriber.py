@@ -106,7 +106,7 @@ class Subscriber:
             worker.start()
         log.info(
             "subscriber started",
-            extra={"broker": self.broker.name, "warehouse": self.warehouse.capabilities.name, "workers": len(workers)},
+            extra={"broker": self.broker.name, "warehouse": self.warehouse.name, "workers": len(workers)},
         )
         try:
             while not self.stop_event.is_set():

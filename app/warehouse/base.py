@@ -73,7 +73,6 @@ class Capabilities:
     edge checks names against it); a backend states only where it differs.
     """
 
-    name: str
     transactional: bool  # rows + applied ids commit atomically
     max_alters_per_statement: int | None  # None: unlimited
     supports_geometry: bool
@@ -115,6 +114,7 @@ class ApplyResult:
 
 class Warehouse(abc.ABC):
     capabilities: Capabilities
+    name: str = "unnamed"  # the registry's name for it (`WAREHOUSE`), set when opened
 
     @abc.abstractmethod
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:

@@ -15,7 +15,7 @@ from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.base import Envelope
-from app.warehouse.duckdb import DuckDBWarehouse
+from app.warehouse import open_warehouse
 from tests.support.processes import free_port
 from tests.support.subscribers import running, wait_until
 
@@ -28,7 +28,7 @@ def _scrape(url: str) -> dict[str, float]:
 
 def test_admin_metrics_list_only_the_subscribers_metrics(tmp_path):
     settings = Settings(data_dir=tmp_path)
-    broker, warehouse, store = LocalBroker(settings), DuckDBWarehouse(settings), DeadLetterStore(settings.dead_letter_file)
+    broker, warehouse, store = LocalBroker(settings), open_warehouse(settings), DeadLetterStore(settings.dead_letter_file)
     subscriber = Subscriber(settings, broker, warehouse, store)
     port = free_port()
     admin = AdminServer(subscriber, "127.0.0.1", port)
@@ -57,7 +57,7 @@ def test_tables_and_query_answer_in_activity_terms(tmp_path):
     # /tables lists every user table (not only those this process wrote) with exact
     # counts; /query types its columns with activity types, as the renderer needs them.
     settings = Settings(data_dir=tmp_path)
-    broker, warehouse, store = LocalBroker(settings), DuckDBWarehouse(settings), DeadLetterStore(settings.dead_letter_file)
+    broker, warehouse, store = LocalBroker(settings), open_warehouse(settings), DeadLetterStore(settings.dead_letter_file)
     subscriber = Subscriber(settings, broker, warehouse, store)
     port = free_port()
     admin = AdminServer(subscriber, "127.0.0.1", port)

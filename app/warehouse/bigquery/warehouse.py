@@ -112,7 +112,6 @@ class BigQueryWarehouse(Warehouse):
         self.emulator = bool(settings.bigquery_emulator_host)
         self.insert_mode = settings.bigquery_insert_mode
         self.capabilities = Capabilities(
-            name="bigquery",
             transactional=False,
             max_alters_per_statement=1 if self.emulator else None,
             supports_geometry=True,

@@ -38,7 +38,7 @@ class MemoryWarehouse(Warehouse):
         before_apply: BeforeApply | None = None,
     ) -> None:
         self.capabilities = Capabilities(
-            "memory", transactional=True, max_alters_per_statement=None, supports_geometry=False,
+            transactional=True, max_alters_per_statement=None, supports_geometry=False,
             concurrent_tables=concurrent_tables,
         )
         self.before_apply = before_apply
