@@ -13,6 +13,8 @@ from app.settings import get_settings
 cli = typer.Typer(help="User-activity ingest pipeline.", no_args_is_help=True, add_completion=False)
 dead_letters_cli = typer.Typer(help="Inspect and replay the dead-letter store.", no_args_is_help=True)
 cli.add_typer(dead_letters_cli, name="dead-letters")
+tables_cli = typer.Typer(help="The tables file (TABLES_FILE): effective settings, checks.", invoke_without_command=True)
+cli.add_typer(tables_cli, name="tables")
 
 
 @cli.command()
@@ -193,6 +195,45 @@ def dead_letters_replay(
     failed = sum(o.problem is not None for o in outcomes)
     typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
+
+
+# --- tables file (docs/contracts.md) ---
+
+
+@tables_cli.callback()
+def tables(ctx: typer.Context) -> None:
+    """List each table section's effective settings and the file line each comes from."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from app.contracts.describe import describe
+    from app.contracts.file import TablesFileInvalid, load
+
+    path = get_settings().tables_file
+    if path is None:
+        typer.echo("no tables file (TABLES_FILE is not set): every table evolves as sent")
+        return
+    try:
+        config = load(path)
+    except TablesFileInvalid as exc:
+        typer.echo(f"invalid: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for line in describe(config):
+        typer.echo(line)
+
+
+@tables_cli.command("check")
+def tables_check(path: str = typer.Argument(..., help="The tables file to validate.")) -> None:
+    """Validate a tables file without starting anything; exit 1 with the line and reason if invalid."""
+    from pathlib import Path
+
+    from app.contracts.file import TablesFileInvalid, load
+
+    try:
+        config = load(Path(path))
+    except TablesFileInvalid as exc:
+        typer.echo(f"invalid: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"ok: {path} ({len(config.exact)} table(s), {len(config.globs)} glob(s))")
 
 
 def _broker_dead_letters():

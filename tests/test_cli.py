@@ -28,6 +28,8 @@ COMMANDS = {
     ("dead-letters", "list"): "List dead letters with their reason, attempts and payload.",
     ("dead-letters", "replay"): "Publish dead letters again (after fixing the table or the data); marks them replayed.",
     ("bench",): "Run the benchmark suite (writes docs/benchmarks.md).",
+    ("tables",): "The tables file (TABLES_FILE): effective settings, checks.",
+    ("tables", "check"): "Validate a tables file without starting anything; exit 1 with the line and reason if invalid.",
     ("backlog",): "Show the broker backlog (messages waiting, oldest age); --wait follows it to empty.",
 }
 
@@ -291,3 +293,18 @@ def test_broker_dead_letter_commands_refuse_a_broker_without_a_destination_of_it
         result = CliRunner().invoke(cli.cli, ["dead-letters", command])
         assert result.exit_code == 1
         assert "the local broker has no dead-letter destination of its own" in result.output
+
+
+def test_tables_check_and_listing(tmp_path):
+    good = tmp_path / "tables.toml"
+    good.write_text("[defaults]\nnew_tables = 'refuse'\n\n[tables.orders]\ncolumns = {id = 'integer'}\ncontract = 'freeze'\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tables.orders]\ncolumns = {id = 'int'}\n")
+    ok = run_cli("tables", "check", str(good))
+    assert ok.returncode == 0 and "ok:" in ok.stdout and "1 table(s)" in ok.stdout
+    refused = run_cli("tables", "check", str(bad))
+    assert refused.returncode == 1 and f"{bad}:2: column 'id' has unknown type 'int'" in refused.stderr
+    listed = run_cli("tables", env={"TABLES_FILE": str(good)})
+    assert listed.returncode == 0
+    assert f"new tables: refuse  ({good}:2)" in listed.stdout
+    assert f"[tables.orders]\n  contract: freeze  ({good}:6)\n  columns: id integer  ({good}:5)" in listed.stdout

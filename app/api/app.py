@@ -34,6 +34,7 @@ from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandle
 from app.api.middleware import RequestContextMiddleware
 from app.api.status import install_status_page
 from app.broker import Broker, make_broker
+from app.contracts.reload import TablesFile
 from app.api.models import IngestRequest
 from app.settings import Settings, get_settings
 
@@ -132,6 +133,8 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         redoc_url=None,
     )
     app.state.settings = settings
+    # --- tables under contract: an invalid file is refused here, at start ---
+    app.state.tables_file = TablesFile(settings.tables_file)
     app.add_middleware(RequestContextMiddleware, counted_paths=_INGEST_PATHS)
     install_status_page(app)
     install_docs(app)
@@ -162,7 +165,10 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     @app.get("/readyz", summary="Ready: the broker is reachable")
     async def readyz(request: Request) -> Response:
         ok, reason = await asyncio.to_thread(request.app.state.broker.ready)
-        return json_response(200 if ok else 503, {"ready": ok, "broker": reason})
+        detail = {"ready": ok, "broker": reason}
+        if request.app.state.tables_file.path is not None:
+            detail["tables_file"] = request.app.state.tables_file.status()  # a refused change is shown, still ready
+        return json_response(200 if ok else 503, detail)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:

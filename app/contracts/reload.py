@@ -1,0 +1,71 @@
+"""The tables file in force: read at start, read again when it changes, no restart.
+
+A change that breaks the file keeps the last good version; the problem is logged once
+per change and shown by `status()` (the `/readyz` detail). Checking for a change is one
+`stat` per call, so a new version takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from app.contracts.file import TablesConfig, TablesFileInvalid, load
+
+log = logging.getLogger("app.contracts")
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class TablesFile:
+    """The current `TablesConfig` of one file; `None` path: no file, no contracts."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.config: TablesConfig | None = None
+        self.problem: str | None = None
+        self.loaded_at: float | None = None
+        self._signature: tuple[int, int, int] | None = None
+        if path is not None:
+            self._signature = _signature(path)
+            self.config = load(path)  # an invalid file is refused at start: TablesFileInvalid
+            self.loaded_at = time.time()
+
+    def current(self) -> TablesConfig | None:
+        """The config in force, reloaded first if the file changed since the last call."""
+        if self.path is None:
+            return None
+        signature = _signature(self.path)
+        if signature != self._signature:
+            self._signature = signature
+            self._reload()
+        return self.config
+
+    def _reload(self) -> None:
+        assert self.path is not None
+        try:
+            if self._signature is None:
+                raise TablesFileInvalid(str(self.path), 0, "the file is missing")
+            config = load(self.path)
+        except TablesFileInvalid as exc:
+            self.problem = f"{exc}; keeping the version loaded at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.loaded_at or 0))}"
+            log.warning("tables file not reloaded: %s", self.problem)
+            return
+        self.config, self.problem, self.loaded_at = config, None, time.time()
+        log.info("tables file reloaded: %s", self.path)
+
+    def status(self) -> dict[str, Any]:
+        """The `/readyz` detail: which file is in force and whether its last change was refused."""
+        self.current()
+        if self.path is None:
+            return {"file": None}
+        return {"file": str(self.path), "ok": self.problem is None, "problem": self.problem}
