@@ -48,6 +48,21 @@ SUCCESS_SCHEMA = {
         "message": {"type": "string"},
         "accepted": {"type": "integer"},
         "batch_id": {"type": "string"},
+        # tables under contract (docs/contracts.md): present only when something was quarantined or dropped
+        "quarantined": {"type": "integer"},
+        "quarantine": {
+            "type": "array",
+            "items": {"type": "object", "properties": {
+                "index": {"type": "integer"}, "table": {"type": "string"}, "rule": {"type": "string"},
+                "column": {"type": ["string", "null"]}, "reason": {"type": "string"},
+            }},
+        },
+        "dropped_columns": {
+            "type": "array",
+            "items": {"type": "object", "properties": {
+                "table": {"type": "string"}, "column": {"type": "string"}, "activities": {"type": "integer"},
+            }},
+        },
     },
 }
 
@@ -61,7 +76,7 @@ INGEST_RESPONSES = {
             (409, "Idempotency-Key reused with another body."),
             (413, "A limit was exceeded (body, activities, columns, value size, record depth)."),
             (415, "Content-Type is not application/json, or unsupported Content-Encoding."),
-            (422, "At least one activity is invalid; every problem is listed with its path."),
+            (422, "At least one activity is invalid, or breaks a frozen table contract; every problem is listed with its path."),
             (503, "The broker cannot take the batch; retry after Retry-After seconds."),
         )
     },

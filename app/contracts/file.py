@@ -75,6 +75,7 @@ class TablesConfig:
     globs: list[tuple[str, TableSettings]]  # longest pattern first
     new_tables_line: int = 0
     _resolved: dict[str, TableSettings] = field(default_factory=dict, repr=False)
+    verdicts: dict[tuple, object] = field(default_factory=dict, repr=False)  # app.contracts.check's memo
 
     def settings_for(self, table: str) -> TableSettings:
         """The table's effective settings (memoized: the config never changes once built)."""

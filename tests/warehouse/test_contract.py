@@ -399,3 +399,20 @@ def test_a_third_warehouse_is_one_package_plus_one_registry_line(tmp_path) -> No
         assert r.rows_inserted == 1 and wh.list_tables() == ["t"]
     finally:
         wh.close()
+
+
+def test_quarantine_rows_apply_to_the_quarantine_table(backend: Backend, table: str) -> None:
+    from app.contracts.check import Violation
+    from app.contracts.quarantine import QUARANTINE_COLUMNS, quarantine_row
+    from app.schema.identifiers import QUARANTINE_TABLE
+
+    quarantined = Activity("insert", table, ["id", "coupon"], ["integer", "string"], [7, "XMAS"])
+    violation = Violation("columns", "discard_row", "coupon", 1, f"column 'coupon' is not declared for table {table!r}")
+    row = quarantine_row(quarantined, 3, violation, f"batch-{table}", "2026-01-02T03:04:05.000006Z")
+    result = backend.warehouse.apply(QUARANTINE_TABLE, [env(QUARANTINE_TABLE, row)])
+    assert (result.rows_inserted, result.rejections) == (1, [])
+    rows = [r for r in backend.read_rows(QUARANTINE_TABLE, list(QUARANTINE_COLUMNS)) if r[5] == f"batch-{table}"]
+    assert rows == [(
+        table, "columns", violation.reason, "coupon", 3, f"batch-{table}",
+        dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), quarantined.to_dict(),
+    )]
