@@ -153,13 +153,12 @@ def refuse_open_unauthenticated(settings: Settings) -> None:
 
 def refuse_invalid_tables_file(settings: Settings) -> None:
     """An invalid TABLES_FILE stops the start with its line and reason (docs/contracts.md)."""
-    from app.contracts.file import TablesFileInvalid, load
+    from app.contracts.file import TablesFileInvalid
+    from app.contracts.reload import tables_file_of
 
-    if settings.tables_file is None:
-        return
     try:
-        load(settings.tables_file)
-    except TablesFileInvalid as exc:
+        tables_file_of(settings)
+    except (TablesFileInvalid, ValueError) as exc:
         log.error("refusing to start: tables file is invalid: %s", exc)
         raise UnsafeConfiguration(2) from None
 

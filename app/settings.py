@@ -35,6 +35,10 @@ class Settings(BaseSettings):
         None, description="TOML file of table contracts, PII policies and options (docs/contracts.md); reloaded on change."
     )
 
+    pii_hmac_keys: str | None = Field(
+        None, description="Versioned keys for pii = hmac, newest first: `v2:secret,v1:old` (the first is used)."
+    )
+
     # --- where things live ---
     data_dir: Path = Field(Path("data"), description="Folder for the local broker, warehouse and dead-letter files.")
     broker: str = Field("local", description="Which broker: `local` (SQLite file) or `pubsub` (any registered backend).")

@@ -34,7 +34,7 @@ from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandle
 from app.api.middleware import RequestContextMiddleware
 from app.api.status import install_status_page
 from app.broker import Broker, make_broker
-from app.contracts.reload import TablesFile
+from app.contracts.reload import tables_file_of
 from app.api.models import IngestRequest
 from app.settings import Settings, get_settings
 
@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     )
     app.state.settings = settings
     # --- tables under contract: an invalid file is refused here, at start ---
-    app.state.tables_file = TablesFile(settings.tables_file)
+    app.state.tables_file = tables_file_of(settings)
     app.add_middleware(RequestContextMiddleware, counted_paths=_INGEST_PATHS)
     install_status_page(app)
     install_docs(app)

@@ -16,11 +16,13 @@ from app import metrics
 from app.api.errors import ApiError
 from app.contracts.check import KEEP, QUARANTINE, REFUSE, TRIM, Verdict, Violation, verdict
 from app.contracts.file import TablesConfig
+from app.contracts.pii import PiiPolicies, parse_hmac_keys
 from app.contracts.quarantine import quarantine_row, received_at_now
 from app.contracts.reload import TablesFile
 from app.schema.activity import Activity
-from app.schema.columnar import ActivityRun, runs_of
+from app.schema.columnar import ActivityRun, record_batch, runs_of
 from app.schema.validation import MAX_DETAILS
+from app.settings import Settings
 
 UNDECLARED_LABEL = "_undeclared"  # metrics label of tables not in the file: names from clients are unbounded
 
@@ -57,8 +59,9 @@ class EdgeOutcome:
 
 
 class EdgeContracts:
-    def __init__(self, tables_file: TablesFile) -> None:
+    def __init__(self, tables_file: TablesFile, settings: Settings) -> None:
         self.tables_file = tables_file
+        self.pii = PiiPolicies(parse_hmac_keys(settings.pii_hmac_keys))
 
     def check(self, body: Any, validated: list[Activity] | list[ActivityRun]) -> EdgeOutcome:
         config = self.tables_file.current()
@@ -68,12 +71,24 @@ class EdgeContracts:
             outcome = _check_runs(config, body, validated)  # type: ignore[arg-type]
         else:
             outcome = _check_activities(config, validated)  # type: ignore[arg-type]
+        self._apply_pii(config, outcome)
         for _, activity, violation in outcome.quarantined:
             table = activity.table if config.settings_for(activity.table).declared else UNDECLARED_LABEL
             metrics.ACTIVITIES_QUARANTINED.labels(table, violation.rule).inc()
         for (table, _), count in outcome.dropped.items():
             metrics.COLUMNS_DROPPED.labels(table).inc(count)
         return outcome
+
+
+    def _apply_pii(self, config: TablesConfig, outcome: EdgeOutcome) -> None:
+        """PII policies on everything that leaves the edge: kept activities and quarantined ones."""
+        if not outcome.validated:
+            pass
+        elif outcome.validated[0].__class__ is ActivityRun:
+            outcome.validated = [self.pii.run(config, r) for r in outcome.validated]  # type: ignore[arg-type]
+        else:
+            outcome.validated = [self.pii.activity(config, a) for a in outcome.validated]  # type: ignore[arg-type]
+        outcome.quarantined = [(i, self.pii.activity(config, a), v) for i, a, v in outcome.quarantined]
 
 
 def _refuse(refusals: list[tuple[int, Verdict]], activities: int) -> ApiError:
@@ -141,9 +156,9 @@ def _check_runs(config: TablesConfig, body: Any, runs: list[ActivityRun]) -> Edg
         if found.action == QUARANTINE:
             outcome.quarantined.extend(zip(span, run.activities(), [found.violations[0]] * len(run)))
         elif found.action == TRIM:
-            keep = list(found.keep)
-            kept.append(ActivityRun(run.table, run.operation, [run.col_names[p] for p in keep],
-                                    [run.col_types[p] for p in keep], run.batch.select(keep)))
+            types = [run.col_types[p] for p in found.keep]  # batch fields are named by position: rebuilt
+            columns = [run.batch.column(p) for p in found.keep]
+            kept.append(ActivityRun(run.table, run.operation, [run.col_names[p] for p in found.keep], types, record_batch(types, columns)))
             outcome.dropped.update({(run.table, v.column): len(run) for v in found.violations})  # type: ignore[misc]
         else:
             kept.append(run)

@@ -63,7 +63,7 @@ class IngestHandler:
     def __init__(self, settings: Settings, api_key_digests: list[bytes], state: Any) -> None:
         self.api_key_digests = api_key_digests
         self.state = state
-        self.contracts = EdgeContracts(state.tables_file)  # tables under contract (app.api.contracts)
+        self.contracts = EdgeContracts(state.tables_file, settings)  # tables under contract (app.api.contracts)
         self.in_flight = 0
         # Read once: the settings do not change while the app runs.
         self.max_in_flight = settings.max_in_flight_requests

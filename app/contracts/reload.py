@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from app.contracts.file import TablesConfig, TablesFileInvalid, load
 
@@ -29,15 +29,16 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 class TablesFile:
     """The current `TablesConfig` of one file; `None` path: no file, no contracts."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, check: Callable[[TablesConfig], None] | None = None) -> None:
         self.path = path
+        self._check = check  # what the file alone cannot tell (e.g. hmac needs a key); raises TablesFileInvalid
         self.config: TablesConfig | None = None
         self.problem: str | None = None
         self.loaded_at: float | None = None
         self._signature: tuple[int, int, int] | None = None
         if path is not None:
             self._signature = _signature(path)
-            self.config = load(path)  # an invalid file is refused at start: TablesFileInvalid
+            self.config = self._load(path)  # an invalid file is refused at start: TablesFileInvalid
             self.loaded_at = time.time()
 
     def current(self) -> TablesConfig | None:
@@ -55,7 +56,7 @@ class TablesFile:
         try:
             if self._signature is None:
                 raise TablesFileInvalid(str(self.path), 0, "the file is missing")
-            config = load(self.path)
+            config = self._load(self.path)
         except TablesFileInvalid as exc:
             self.problem = f"{exc}; keeping the version loaded at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.loaded_at or 0))}"
             log.warning("tables file not reloaded: %s", self.problem)
@@ -63,9 +64,23 @@ class TablesFile:
         self.config, self.problem, self.loaded_at = config, None, time.time()
         log.info("tables file reloaded: %s", self.path)
 
+    def _load(self, path: Path) -> TablesConfig:
+        config = load(path)
+        if self._check is not None:
+            self._check(config)
+        return config
+
     def status(self) -> dict[str, Any]:
         """The `/readyz` detail: which file is in force and whether its last change was refused."""
         self.current()
         if self.path is None:
             return {"file": None}
         return {"file": str(self.path), "ok": self.problem is None, "problem": self.problem}
+
+
+def tables_file_of(settings: Any) -> TablesFile:
+    """The settings' tables file, checked against the settings too (hmac needs PII_HMAC_KEYS)."""
+    from app.contracts.pii import parse_hmac_keys, require_keys_for
+
+    keys = parse_hmac_keys(settings.pii_hmac_keys)
+    return TablesFile(settings.tables_file, check=lambda config: require_keys_for(config, keys))
