@@ -77,6 +77,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
 
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    refuse_invalid_tables_file(settings)
     use_system_allocator_for_arrow()
     broker = make_broker(settings)
     warehouse = make_warehouse(settings)

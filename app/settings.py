@@ -35,6 +35,9 @@ class Settings(BaseSettings):
         None, description="TOML file of table contracts, PII policies and options (docs/contracts.md); reloaded on change."
     )
 
+    tables_file_check_seconds: float = Field(
+        0.5, ge=0, description="How often the API looks for a change of TABLES_FILE (one stat); 0: on every request."
+    )
     pii_hmac_keys: str | None = Field(
         None, description="Versioned keys for pii = hmac, newest first: `v2:secret,v1:old` (the first is used)."
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from app import metrics
 from app.api.errors import ApiError
-from app.contracts.check import KEEP, QUARANTINE, REFUSE, TRIM, Verdict, Violation, verdict
+from app.contracts.check import KEEP_VERDICT, QUARANTINE, REFUSE, TRIM, Verdict, Violation, verdict
 from app.contracts.file import TablesConfig
 from app.contracts.pii import PiiPolicies, parse_hmac_keys
 from app.contracts.quarantine import quarantine_row, received_at_now
@@ -31,7 +31,7 @@ UNDECLARED_LABEL = "_undeclared"  # metrics label of tables not in the file: nam
 class EdgeOutcome:
     validated: list[Activity] | list[ActivityRun]
     quarantined: list[tuple[int, Activity, Violation]] = field(default_factory=list)
-    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (table, column) -> activities
+    dropped: Counter[tuple[str, str]] | None = None  # (table, column) -> activities; made when needed
 
     def to_publish(self, batch_id: str) -> list[Activity] | list[ActivityRun]:
         """The kept activities, then one quarantine row per quarantined activity."""
@@ -71,11 +71,12 @@ class EdgeContracts:
             outcome = _check_runs(config, body, validated)  # type: ignore[arg-type]
         else:
             outcome = _check_activities(config, validated)  # type: ignore[arg-type]
-        self._apply_pii(config, outcome)
+        if config.has_pii:
+            self._apply_pii(config, outcome)
         for _, activity, violation in outcome.quarantined:
             table = activity.table if config.settings_for(activity.table).declared else UNDECLARED_LABEL
             metrics.ACTIVITIES_QUARANTINED.labels(table, violation.rule).inc()
-        for (table, _), count in outcome.dropped.items():
+        for (table, _), count in (outcome.dropped or {}).items():
             metrics.COLUMNS_DROPPED.labels(table).inc(count)
         return outcome
 
@@ -110,7 +111,7 @@ def _trimmed(activity: Activity, keep: tuple[int, ...]) -> Activity:
 
 def _check_activities(config: TablesConfig, activities: list[Activity]) -> EdgeOutcome:
     verdicts = [verdict(config, a.table, a.operation, a.col_names, a.col_types) for a in activities]
-    if all(v.action == KEEP for v in verdicts):  # the common case: nothing to copy
+    if all(v is KEEP_VERDICT for v in verdicts):  # the common case: nothing to copy
         return EdgeOutcome(activities)
     refusals = [(i, v) for i, v in enumerate(verdicts) if v.action == REFUSE]
     if refusals:
@@ -122,6 +123,7 @@ def _check_activities(config: TablesConfig, activities: list[Activity]) -> EdgeO
             outcome.quarantined.append((index, activity, found.violations[0]))
         elif found.action == TRIM:
             kept.append(_trimmed(activity, found.keep))
+            outcome.dropped = outcome.dropped or Counter()
             outcome.dropped.update((activity.table, v.column) for v in found.violations)  # type: ignore[misc]
         else:
             kept.append(activity)
@@ -138,7 +140,7 @@ def _indexes_by_table(body: Any) -> dict[str, list[int]]:
 
 def _check_runs(config: TablesConfig, body: Any, runs: list[ActivityRun]) -> EdgeOutcome:
     verdicts = [verdict(config, r.table, r.operation, r.col_names, r.col_types) for r in runs]
-    if all(v.action == KEEP for v in verdicts):
+    if all(v is KEEP_VERDICT for v in verdicts):
         return EdgeOutcome(runs)
     indexes = _indexes_by_table(body)
     offsets: dict[str, int] = {}
@@ -159,6 +161,7 @@ def _check_runs(config: TablesConfig, body: Any, runs: list[ActivityRun]) -> Edg
             types = [run.col_types[p] for p in found.keep]  # batch fields are named by position: rebuilt
             columns = [run.batch.column(p) for p in found.keep]
             kept.append(ActivityRun(run.table, run.operation, [run.col_names[p] for p in found.keep], types, record_batch(types, columns)))
+            outcome.dropped = outcome.dropped or Counter()
             outcome.dropped.update({(run.table, v.column): len(run) for v in found.violations})  # type: ignore[misc]
         else:
             kept.append(run)

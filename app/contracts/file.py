@@ -76,6 +76,7 @@ class TablesConfig:
     new_tables_line: int = 0
     _resolved: dict[str, TableSettings] = field(default_factory=dict, repr=False)
     verdicts: dict[tuple, object] = field(default_factory=dict, repr=False)  # app.contracts.check's memo
+    has_pii: bool = False  # any table with a pii policy: else the edge skips that pass
 
     def settings_for(self, table: str) -> TableSettings:
         """The table's effective settings (memoized: the config never changes once built)."""
@@ -265,7 +266,8 @@ def parse(text: str, path: str = "<tables file>") -> TablesConfig:
         else:
             exact[name] = settings
     globs.sort(key=lambda item: -len(item[0]))  # stable: the first in the file wins a tie
-    return TablesConfig(path, new_tables, defaults, exact, globs, new_tables_line)
+    has_pii = any(s.pii for s in exact.values()) or any(s.pii for _, s in globs)
+    return TablesConfig(path, new_tables, defaults, exact, globs, new_tables_line, has_pii=has_pii)
 
 
 def load(path: Path) -> TablesConfig:

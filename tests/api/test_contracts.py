@@ -152,7 +152,7 @@ def test_an_undeclared_table_evolves_when_new_tables_are_allowed(run):
 def test_a_hot_reload_that_changes_a_mode_takes_effect_on_the_next_request(tmp_path):
     path = tmp_path / "tables.toml"
     path.write_text(ORDERS.format(mode="evolve"))
-    with TestClient(create_app(Settings(data_dir=tmp_path, tables_file=path))) as client:
+    with TestClient(create_app(Settings(data_dir=tmp_path, tables_file=path, tables_file_check_seconds=0))) as client:
         assert client.post(PATH, json={"user_activities": [NEW_COLUMN]}).status_code == 200
         path.write_text(ORDERS.format(mode="freeze"))
         assert client.post(PATH, json={"user_activities": [NEW_COLUMN]}).status_code == 422

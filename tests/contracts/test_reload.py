@@ -57,3 +57,14 @@ def test_a_removed_file_keeps_the_last_good_version(tmp_path):
     path.unlink()
     assert tables.current().defaults.contract.tables == "freeze"
     assert "the file is missing" in tables.status()["problem"]
+
+
+def test_between_checks_the_file_is_not_looked_at_and_readyz_looks_now(tmp_path):
+    path = tmp_path / "tables.toml"
+    path.write_text("[defaults]\ncontract = 'evolve'\n")
+    tables = TablesFile(path, check_seconds=3600)
+    assert tables.current().defaults.contract.columns == "evolve"  # the first call looks, then not for an hour
+    path.write_text("[defaults]\ncontract = 'freeze'\n")
+    assert tables.current().defaults.contract.columns == "evolve"
+    assert tables.status()["ok"] is True
+    assert tables.current().defaults.contract.columns == "freeze"
