@@ -16,7 +16,7 @@ from app import metrics
 from app.api.errors import ApiError
 from app.contracts.check import KEEP_VERDICT, QUARANTINE, REFUSE, TRIM, Verdict, Violation, verdict
 from app.contracts.file import TablesConfig
-from app.contracts.pii import PiiPolicies, parse_hmac_keys
+from app.contracts.pii import PiiPolicies, delete_problem, parse_hmac_keys
 from app.contracts.quarantine import quarantine_row, received_at_now
 from app.contracts.reload import TablesFile
 from app.schema.activity import Activity
@@ -83,6 +83,14 @@ class EdgeContracts:
 
     def _apply_pii(self, config: TablesConfig, outcome: EdgeOutcome) -> None:
         """PII policies on everything that leaves the edge: kept activities and quarantined ones."""
+        refused = [
+            {"loc": "user_activities", "message": problem}
+            for item in outcome.validated
+            if (problem := delete_problem(config, item.table, item.operation, item.col_names)) is not None
+        ]
+        if refused:
+            metrics.ACTIVITIES_REJECTED.inc(sum(1 if a.__class__ is Activity else len(a) for a in outcome.validated))
+            raise ApiError(422, "batch refused by the table PII policies; nothing was published", refused[:MAX_DETAILS])
         if not outcome.validated:
             pass
         elif outcome.validated[0].__class__ is ActivityRun:

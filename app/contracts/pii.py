@@ -27,6 +27,19 @@ from app.schema.activity import Activity
 from app.schema.columnar import ActivityRun, record_batch
 
 REDACTED = "[redacted]"
+# A delete's conditions under these would match other rows (a marker) or more rows (none).
+UNSAFE_IN_DELETES = frozenset({"drop", "redact"})
+
+
+def delete_problem(config: TablesConfig, table: str, operation: str, names: list[str]) -> str | None:
+    """Why a delete cannot go through its table's PII policies, or None."""
+    if operation != "delete":
+        return None
+    pii = config.settings_for(table).pii
+    unsafe = [n for n in names if pii.get(n) in UNSAFE_IN_DELETES]
+    if not unsafe:
+        return None
+    return f"a delete cannot name column {unsafe[0]!r}: its pii policy is {pii[unsafe[0]]}, so the condition would not match the stored rows"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import orjson
 
 from app.broker import make_broker
 from app.contracts.check import KEEP, verdict
+from app.contracts.pii import delete_problem
 from app.contracts.quarantine import QUARANTINE_COLUMNS
 from app.contracts.reload import tables_file_of
 from app.messages.codec import encode_batch, new_batch_id
@@ -105,6 +106,9 @@ def _problem(settings: Settings, entry: QuarantineEntry, config: Any) -> tuple[A
         details = getattr(exc, "details", None) or [{"message": str(exc)}]
         return None, "; ".join(d["message"] for d in details)
     if config is not None:
+        # The row holds the activity after its PII policies: a delete may have lost a condition.
+        if (problem := delete_problem(config, activity.table, activity.operation, list(config.settings_for(activity.table).pii))):
+            return None, problem
         found = verdict(config, activity.table, activity.operation, activity.col_names, activity.col_types)
         if found.action != KEEP:
             return None, "the contract still does not allow it: " + "; ".join(v.describe(found.where) for v in found.violations)

@@ -125,3 +125,21 @@ def test_no_raw_pii_value_reaches_broker_warehouse_quarantine_dead_letters_logs_
         broker.close()
     assert not _leaks(api_metrics + subscriber_metrics)
     assert not _leaks("\n".join(r.getMessage() + repr(r.__dict__) for r in caplog.records))
+
+
+@pytest.mark.parametrize(("column", "status"), [("phone", 422), ("ssn", 422), ("email", 200)])
+def test_a_delete_may_name_a_hashed_column_but_not_a_dropped_or_redacted_one(tmp_path, column, status):
+    settings = _settings(tmp_path)
+    delete = {"operation": "delete", "table": "people", "col_names": [column], "col_types": ["string"], "col_values": [EMAIL]}
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(PATH, json={"user_activities": [delete]})
+    assert answer.status_code == status
+    broker = make_broker(settings)
+    try:
+        published = [a for m in broker.pull(10, 0.2) for a in decode_message(m).activities]
+    finally:
+        broker.close()
+    if status == 422:
+        assert published == [] and f"cannot name column {column!r}" in answer.json()["details"][0]["message"]
+    else:
+        assert [a.col_values for a in published] == [[_digest(b"new-secret", EMAIL.encode())]]  # matches the stored hash
