@@ -311,3 +311,12 @@ def test_tables_check_and_listing(tmp_path):
     assert listed.returncode == 0
     assert f"new tables: refuse  ({good}:2)" in listed.stdout
     assert f"[tables.orders]\n  contract: freeze  ({good}:6)\n  columns: id integer  ({good}:5)" in listed.stdout
+
+
+@pytest.mark.parametrize("process", ["api", "subscriber"])
+def test_an_invalid_tables_file_stops_each_process_at_start_with_line_and_reason(tmp_path, process):
+    bad = tmp_path / "tables.toml"
+    bad.write_text("[defaults]\nnew_tables = 'sometimes'\n")
+    started = run_cli(process, env={"TABLES_FILE": str(bad), "DATA_DIR": str(tmp_path)})
+    assert started.returncode == 2
+    assert f"{bad}:2: new_tables must be one of allow, refuse" in started.stdout + started.stderr
