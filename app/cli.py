@@ -13,6 +13,10 @@ from app.settings import get_settings
 cli = typer.Typer(help="User-activity ingest pipeline.", no_args_is_help=True, add_completion=False)
 dead_letters_cli = typer.Typer(help="Inspect and replay the dead-letter store.", no_args_is_help=True)
 cli.add_typer(dead_letters_cli, name="dead-letters")
+quarantine_cli = typer.Typer(help="Activities a contract quarantined (_ingest_quarantine): list, replay.", no_args_is_help=True)
+cli.add_typer(quarantine_cli, name="quarantine")
+tables_cli = typer.Typer(help="The tables file (TABLES_FILE): effective settings, checks.", invoke_without_command=True)
+cli.add_typer(tables_cli, name="tables")
 
 
 @cli.command()
@@ -190,6 +194,92 @@ def dead_letters_replay(
         outcomes = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
     for o in outcomes:
         typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" if o.problem is None else f"#{o.entry_id} not replayed: {o.problem}")
+    failed = sum(o.problem is not None for o in outcomes)
+    typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
+    raise typer.Exit(1 if failed else 0)
+
+
+# --- tables file (docs/contracts.md) ---
+
+
+@tables_cli.callback()
+def tables(ctx: typer.Context) -> None:
+    """List each table section's effective settings and the file line each comes from."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from app.contracts.describe import describe
+    from app.contracts.file import TablesFileInvalid, load
+
+    path = get_settings().tables_file
+    if path is None:
+        typer.echo("no tables file (TABLES_FILE is not set): every table evolves as sent")
+        return
+    try:
+        config = load(path)
+    except TablesFileInvalid as exc:
+        typer.echo(f"invalid: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for line in describe(config):
+        typer.echo(line)
+
+
+@tables_cli.command("check")
+def tables_check(path: str = typer.Argument(..., help="The tables file to validate.")) -> None:
+    """Validate a tables file without starting anything; exit 1 with the line and reason if invalid."""
+    from pathlib import Path
+
+    from app.contracts.file import TablesFileInvalid, load
+
+    try:
+        config = load(Path(path))
+    except TablesFileInvalid as exc:
+        typer.echo(f"invalid: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"ok: {path} ({len(config.exact)} table(s), {len(config.globs)} glob(s))")
+
+
+# --- quarantine (docs/contracts.md#quarantine) ---
+
+
+@quarantine_cli.command("list")
+def quarantine_list(
+    table: Optional[str] = typer.Option(None, "--table", help="Only this table's activities."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only those received at or after this timestamp."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """List quarantined activities with their table, rule and reason, oldest first."""
+    from app.pipeline.quarantine import list_entries
+
+    try:
+        entries = list_entries(get_settings(), table, since)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for e in entries:
+        if as_json:
+            typer.echo(orjson.dumps({name: getattr(e, name) for name in e.__slots__}).decode())
+        else:
+            typer.echo(f"{e.received_at} {e.batch_id}[{e.activity_index}] table={e.table_name} rule={e.rule} reason={e.reason}")
+    if not as_json:
+        typer.echo(f"({len(entries)} quarantined activit{'y' if len(entries) == 1 else 'ies'})")
+
+
+@quarantine_cli.command("replay")
+def quarantine_replay(
+    table: Optional[str] = typer.Option(None, "--table", help="Only this table's activities."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only those received at or after this timestamp."),
+) -> None:
+    """Publish quarantined activities the current tables file allows; the others stay (exit 1)."""
+    from app.pipeline.quarantine import replay
+
+    try:
+        outcomes = replay(get_settings(), table, since)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for o in outcomes:
+        name = f"{o.entry.batch_id}[{o.entry.activity_index}]"
+        typer.echo(f"{name} replayed as {o.batch_id}" if o.problem is None else f"{name} not replayed: {o.problem}")
     failed = sum(o.problem is not None for o in outcomes)
     typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)

@@ -30,6 +30,18 @@ class Settings(BaseSettings):
     max_in_flight_requests: int = Field(256, description="Ingest requests handled at once; more get 503 + Retry-After (bounds memory).")
     publish_timeout_seconds: float = Field(10.0, description="How long the API waits for the broker before answering 503.")
 
+    # --- tables under contract ---
+    tables_file: Path | None = Field(
+        None, description="TOML file of table contracts, PII policies and options (docs/contracts.md); reloaded on change."
+    )
+
+    tables_file_check_seconds: float = Field(
+        0.5, ge=0, description="How often the API looks for a change of TABLES_FILE (one stat); 0: on every request."
+    )
+    pii_hmac_keys: str | None = Field(
+        None, description="Versioned keys for pii = hmac, newest first: `v2:secret,v1:old` (the first is used)."
+    )
+
     # --- where things live ---
     data_dir: Path = Field(Path("data"), description="Folder for the local broker, warehouse and dead-letter files.")
     broker: str = Field("local", description="Which broker: `local` (SQLite file) or `pubsub` (any registered backend).")

@@ -34,6 +34,7 @@ from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandle
 from app.api.middleware import RequestContextMiddleware
 from app.api.status import install_status_page
 from app.broker import Broker, make_broker
+from app.contracts.reload import tables_file_of
 from app.api.models import IngestRequest
 from app.settings import Settings, get_settings
 
@@ -47,6 +48,21 @@ SUCCESS_SCHEMA = {
         "message": {"type": "string"},
         "accepted": {"type": "integer"},
         "batch_id": {"type": "string"},
+        # tables under contract (docs/contracts.md): present only when something was quarantined or dropped
+        "quarantined": {"type": "integer"},
+        "quarantine": {
+            "type": "array",
+            "items": {"type": "object", "properties": {
+                "index": {"type": "integer"}, "table": {"type": "string"}, "rule": {"type": "string"},
+                "column": {"type": ["string", "null"]}, "reason": {"type": "string"},
+            }},
+        },
+        "dropped_columns": {
+            "type": "array",
+            "items": {"type": "object", "properties": {
+                "table": {"type": "string"}, "column": {"type": "string"}, "activities": {"type": "integer"},
+            }},
+        },
     },
 }
 
@@ -60,7 +76,7 @@ INGEST_RESPONSES = {
             (409, "Idempotency-Key reused with another body."),
             (413, "A limit was exceeded (body, activities, columns, value size, record depth)."),
             (415, "Content-Type is not application/json, or unsupported Content-Encoding."),
-            (422, "At least one activity is invalid; every problem is listed with its path."),
+            (422, "At least one activity is invalid, or breaks a frozen table contract; every problem is listed with its path."),
             (503, "The broker cannot take the batch; retry after Retry-After seconds."),
         )
     },
@@ -132,6 +148,8 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         redoc_url=None,
     )
     app.state.settings = settings
+    # --- tables under contract: an invalid file is refused here, at start ---
+    app.state.tables_file = tables_file_of(settings)
     app.add_middleware(RequestContextMiddleware, counted_paths=_INGEST_PATHS)
     install_status_page(app)
     install_docs(app)
@@ -162,7 +180,10 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     @app.get("/readyz", summary="Ready: the broker is reachable")
     async def readyz(request: Request) -> Response:
         ok, reason = await asyncio.to_thread(request.app.state.broker.ready)
-        return json_response(200 if ok else 503, {"ready": ok, "broker": reason})
+        detail = {"ready": ok, "broker": reason}
+        if request.app.state.tables_file.path is not None:
+            detail["tables_file"] = request.app.state.tables_file.status()  # a refused change is shown, still ready
+        return json_response(200 if ok else 503, detail)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:

@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from app import metrics
 from app.api.auth import is_authorized
+from app.api.contracts import EdgeContracts
 from app.api.errors import ApiError, error_response
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
 from app.logs import batch_id_var
@@ -62,6 +63,7 @@ class IngestHandler:
     def __init__(self, settings: Settings, api_key_digests: list[bytes], state: Any) -> None:
         self.api_key_digests = api_key_digests
         self.state = state
+        self.contracts = EdgeContracts(state.tables_file, settings)  # tables under contract (app.api.contracts)
         self.in_flight = 0
         # Read once: the settings do not change while the app runs.
         self.max_in_flight = settings.max_in_flight_requests
@@ -102,18 +104,21 @@ class IngestHandler:
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
         validated = self.validate(body)
+        # --- tables under contract: a 422, or what to publish and what the answer adds ---
+        checked = self.contracts.check(body, validated)
+        validated = checked.validated
         count = len(validated) if _is_small(validated) else sum(map(len, validated))
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
-        messages = self.encode(validated, batch_id)
+        messages = self.encode(checked.to_publish(batch_id), batch_id)
         result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
         # One INFO line per request: the middleware's `request finished` carries these.
         request.scope["log_extra"] = {
             "activities": count, "messages": len(messages), "duplicate": result.duplicate,
             "publish_ms": round(publish_seconds * 1000, 2),
         }
-        return self.answer(count, result)
+        return self.answer(count, result, checked.answer_fields())
 
     def authorize(self, request: Request) -> None:
         if not is_authorized(request, self.api_key_digests):
@@ -257,7 +262,7 @@ class IngestHandler:
         return result, publish_seconds
 
     @staticmethod
-    def answer(accepted: int, result: PublishResult) -> Response:
+    def answer(accepted: int, result: PublishResult, contract_fields: dict[str, Any] | None = None) -> Response:
         return json_response(
             200,
             {
@@ -265,6 +270,7 @@ class IngestHandler:
                 "message": "already accepted" if result.duplicate else "accepted",
                 "accepted": accepted,
                 "batch_id": result.batch_id,
+                **(contract_fields or {}),
             },
             {"Idempotent-Replayed": "true"} if result.duplicate else None,
         )

@@ -32,7 +32,7 @@ import pyarrow as pa
 from google.cloud import bigquery
 
 from app.schema.activity import Activity
-from app.schema.identifiers import check_column_name, check_table_name
+from app.schema.identifiers import check_applied_table_name, check_column_name, check_table_name
 from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.base import (
@@ -130,7 +130,7 @@ class BigQueryWarehouse(Warehouse):
         self._done_lock = threading.Lock()
 
     def _ref(self, table: str) -> TableRef:
-        error = check_table_name(table)
+        error = check_applied_table_name(table)  # the quarantine table too
         if error is not None:
             raise TerminalWarehouseError(f"invalid BigQuery table: {error}")
         return TableRef(self.project, self.dataset, table)
@@ -433,7 +433,7 @@ class BigQueryWarehouse(Warehouse):
         return counts
 
     def table_schema(self, table: str) -> dict[str, str] | None:
-        if check_table_name(table) is not None:
+        if check_applied_table_name(table) is not None:
             return None
         state = self.schemas.fetch(table)
         if state is None:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import duckdb
 
-from app.schema.identifiers import IDENTIFIER, is_internal
+from app.schema.identifiers import IDENTIFIER, takes_no_activities
 from app.settings import Settings
 from app.warehouse.base import (
     ApplyResult,
@@ -177,7 +177,7 @@ class DuckDBWarehouse(Warehouse):
         result = ApplyResult()
         if not envelopes:
             return result
-        if not IDENTIFIER.match(table) or is_internal(table):
+        if not IDENTIFIER.match(table) or takes_no_activities(table):
             reason = f"table name {table!r} is not allowed (reserved or invalid)"
             for env in envelopes:
                 result.rejections.extend(Rejection(env.dedup_id, i, a, reason) for i, a in enumerate(env.activities))
@@ -251,7 +251,7 @@ class DuckDBWarehouse(Warehouse):
 
     @staticmethod
     def _allowed(table: str) -> bool:
-        return bool(IDENTIFIER.match(table)) and not is_internal(table)
+        return bool(IDENTIFIER.match(table)) and not takes_no_activities(table)
 
     def _apply_together(
         self, group: list[tuple[str, Sequence[Envelope]]], spatial: bool, all_new: bool

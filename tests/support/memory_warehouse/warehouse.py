@@ -17,7 +17,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from app.messages.envelope import Envelope
-from app.schema.identifiers import check_table_name
+from app.schema.identifiers import check_applied_table_name
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Capabilities, QueryResult, Rejection, Warehouse
 from app.warehouse.plan import plan_table
@@ -59,7 +59,7 @@ class MemoryWarehouse(Warehouse):
 
     def _apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
         result = ApplyResult()
-        bad_table = check_table_name(table)
+        bad_table = check_applied_table_name(table)
         if bad_table is not None:
             for envelope in envelopes:
                 result.rejections += [Rejection(envelope.dedup_id, i, a, bad_table) for i, a in enumerate(envelope.activities)]
