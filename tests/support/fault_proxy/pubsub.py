@@ -13,9 +13,9 @@ messages leased from pstest meanwhile (re-extended to 600 s, acked upstream on a
 - Key affinity (same page): while messages of a key are outstanding to a StreamingPull
   subscriber (its `client_id`, kept across reconnects), later messages of that key go to
   that subscriber only. Google documents no such thing for unary Pull: with
-  `key_affinity=False` a Pull gets later messages of a key while earlier ones are
-  outstanding to another subscriber (the case a replica must survive); by default a
-  Pull gets none of a key while any of it is outstanding.
+  `key_affinity=False` later messages of a key go only to a Pull from another subscriber
+  (connection) than the one holding earlier ones (the worst case a replica must survive);
+  by default a Pull gets none of a key while any of it is outstanding.
 - Exactly-once delivery (https://cloud.google.com/pubsub/docs/exactly-once-delivery), when
   the subscription has it: an ack or modack naming an ack id that expired or was
   superseded fails with INVALID_ARGUMENT and an ErrorInfo mapping it to
@@ -78,7 +78,7 @@ class _Lease:
     deadline: float
     cap: float | None  # expire_leases_after: no extension goes past this
     stream: int | None = None
-    client: str | None = None  # the StreamingPull subscriber holding it; None for unary Pull
+    client: str | None = None  # who holds it: a StreamingPull client_id, or a unary Pull's peer
 
 
 @dataclass
@@ -100,6 +100,7 @@ class OrderingGate:
         self.expire_leases_after = expire_leases_after
         self.key_affinity = key_affinity  # for unary Pull (streams always have it, as documented)
         self.served_across = 0  # deliveries of a key while earlier ones were outstanding to another subscriber
+        self.subscribers: set[str] = set()  # who pulled: stream client ids and unary Pull peers
         self.refused_acks = 0  # exactly-once: ack/modack of an expired or superseded ack id, answered with an error
         self.expiring_leases = expiring_leases  # how many deliveries get that cap (None: all)
         self.dead_lettered: list[str] = []  # message ids sent to the dead-letter topic
@@ -230,13 +231,15 @@ class OrderingGate:
         with self._delivering:
             return self._deliver_locked(sub, limit, deadline_seconds, stream, client)
 
-    def _may_serve(self, holders: set[str | None], client: str | None) -> bool:
+    def _may_serve(self, holders: set[str | None], client: str | None, streaming: bool) -> bool:
         """May a key whose outstanding messages are held by `holders` go to `client`?"""
         if not holders:
             return True
-        if client is not None:  # a stream: affinity, only to the subscriber holding the key
+        if streaming:  # affinity: only to the subscriber holding the key
             return holders == {client}
-        return not self.key_affinity  # unary Pull: no affinity documented
+        # Unary Pull: by default nothing of a key while any is outstanding; without affinity,
+        # the worst Google allows: only to another subscriber than the one holding the key.
+        return not self.key_affinity and client not in holders
 
     def _deliver_locked(self, sub: _Subscription, limit: int, deadline_seconds: float, stream: int | None,
                         client: str | None) -> list[Any]:
@@ -253,7 +256,7 @@ class OrderingGate:
                 if lease.msg.key:
                     holders.setdefault(lease.msg.key, set()).add(lease.client)
             for key in list(sub.pending):
-                if key and not self._may_serve(holders.get(key, set()), client):
+                if key and not self._may_serve(holders.get(key, set()), client, stream is not None):
                     continue
                 if key and holders.get(key, set()) - {client}:
                     self.served_across += 1
@@ -375,7 +378,10 @@ class OrderingGate:
         limit = request.max_messages or 1000
         end = time.monotonic() + min(PULL_WAIT_SECONDS, context.time_remaining() or PULL_WAIT_SECONDS)
         while True:
-            got = self._deliver(sub, limit, sub.ack_deadline)
+            client = f"peer:{context.peer()}"
+            with self._lock:
+                self.subscribers.add(client)
+            got = self._deliver(sub, limit, sub.ack_deadline, client=client)
             if got or request.return_immediately or time.monotonic() >= end or not context.is_active():
                 return t.PullResponse(received_messages=got)
             time.sleep(0.05)
@@ -404,6 +410,8 @@ class OrderingGate:
             return
         stream = next(self._stream_ids)
         client = first.client_id or f"stream-{stream}"  # a stream without client_id is its own subscriber
+        with self._lock:
+            self.subscribers.add(client)
         deadline = float(first.stream_ack_deadline_seconds or sub.ack_deadline)
         max_outstanding = first.max_outstanding_messages or 1000
         ended = threading.Event()
