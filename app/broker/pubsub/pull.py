@@ -32,7 +32,7 @@ Every ack and modack result is checked (`settle`): a failed ack is logged and co
 message comes back; the warehouse's dedup id keeps it applied once); a failed lease
 extension means the lease is lost: the message is dropped if still queued, or marked
 `lease_lost` for the pipeline, which hands it back instead of applying it. An apply
-already running cannot be stopped from here; the warehouse's attempt token fences it.
+already running cannot be stopped from here; fencing it is the warehouse's job.
 
 `pull()` hands out queued messages of keys the pipeline holds none of. `nack(delay)` sets
 the ack deadline to the delay: Pub/Sub has no per-message nack delay, a message whose
