@@ -46,6 +46,12 @@ class ReceivedMessage:
     ordering_key: str
     delivery_attempt: int
     handle: Any = field(default=None, repr=False)  # backend-specific ack handle
+    # time.monotonic() of the delivery, set by brokers that lease per delivery: the
+    # subscriber's lease guard counts from here, not from when a worker got it.
+    received_at: float | None = None
+    # Set by the broker when it learns the lease is gone (another copy may be with
+    # another replica): the subscriber must stop working on it.
+    lease_lost: bool = False
 
     @property
     def dedup_id(self) -> str:

@@ -161,7 +161,9 @@ class Subscriber:
             except UndecodableMessage as exc:
                 undecodable.append((message, str(exc)))
                 continue
-            by_table.setdefault(envelope.table, []).append(Held(message, envelope, now))
+            # The lease runs from the delivery (the broker's clock when it has one), not from now.
+            received_at = now if message.received_at is None else message.received_at
+            by_table.setdefault(envelope.table, []).append(Held(message, envelope, received_at))
         if undecodable:
             self._dead_letter(
                 [
@@ -231,6 +233,11 @@ class Subscriber:
                 # overtake the redelivered copies, so hand everything back in order.
                 log.warning("held messages of %s outlived their lease; handing them back", queue.name)
                 self._release(queue, 0.0, "lease_expired")
+                continue
+            if any(h.message.lease_lost for h in list(queue.items)):  # list(): one atomic copy
+                # The broker says another delivery may be elsewhere: never apply ours.
+                log.warning("the broker lost the lease of held messages of %s; handing them back", queue.name)
+                self._release(queue, 0.0, "lease_lost")
                 continue
             if budget <= 0:
                 continue

@@ -290,6 +290,63 @@ def test_messages_held_past_an_unextended_lease_are_handed_back_not_applied(tmp_
     assert _applied(warehouse, "t") == [[0], [1]]
 
 
+def _capturing_pulls(broker: MemoryBroker, on_message) -> None:
+    """Let the test touch each delivered message (as the broker's own threads would)."""
+    pull = broker.pull
+
+    def pull_and_touch(max_messages, timeout):
+        messages = pull(max_messages, timeout)
+        for m in messages:
+            on_message(m)
+        return messages
+
+    broker.pull = pull_and_touch
+
+
+def test_a_held_message_whose_lease_the_broker_lost_is_handed_back_not_applied(tmp_path, store):
+    gate, entered = threading.Event(), threading.Event()
+    delivered: dict[str, list] = collections.defaultdict(list)
+
+    def plan(table, envelopes):
+        if _numbers(envelopes) == [0]:
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker = _broker(one_run_per_key=False)
+    _capturing_pulls(broker, lambda m: delivered[m.message_id].append(m))
+    warehouse = MemoryWarehouse(before_apply=plan)
+    [first] = broker.put_activities(_insert("t", 0))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        assert entered.wait(WAIT_SECONDS)
+        [second] = broker.put_activities(_insert("t", 1))
+        wait_until(lambda: delivered[second], "the second message held behind the first")
+        delivered[second][0].lease_lost = True  # e.g. Pub/Sub refused its lease extension
+        gate.set()
+        wait_until(lambda: second in broker.acked, "the second message applied after its redelivery")
+    assert (second, 0.0) in broker.nacks and first not in dict(broker.nacks)
+    assert len(delivered[second]) == 2  # applied from the redelivery only
+    assert _applied(warehouse, "t") == [[0], [1]]
+
+
+def test_the_lease_guard_counts_from_the_broker_s_delivery_time(tmp_path, store):
+    broker = _broker(max_lease_seconds=None)
+    delivered_long_ago = time.monotonic() - 60  # longer ago than the 10 s ack deadline
+    seen: list = []
+
+    def stamp(m):
+        if not seen:  # only the first delivery is old
+            m.received_at = delivered_long_ago
+        seen.append(m.message_id)
+
+    _capturing_pulls(broker, stamp)
+    warehouse = MemoryWarehouse()
+    [only] = broker.put_activities(_insert("t", 0))
+    with running(Subscriber(_settings(tmp_path, ack_deadline_seconds=10), broker, warehouse, store)):
+        wait_until(lambda: only in broker.acked, "the message applied from its redelivery")
+    assert (only, 0.0) in broker.nacks  # the old delivery was handed back unapplied
+    assert seen == [only, only] and _applied(warehouse, "t") == [[0]]
+
+
 # --------------------------------------------------------------------------- terminal failures
 
 

@@ -260,7 +260,7 @@ class GoogleStack:
 
 @contextlib.contextmanager
 def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_after: float | None = None,
-                 expiring_leases: int | None = None, **env: str) -> Iterator[GoogleStack]:
+                 expiring_leases: int | None = None, key_affinity: bool = True, **env: str) -> Iterator[GoogleStack]:
     """pstest + a bqemulator of its own, the fault proxies in front, the processes provisioned but not started.
 
     Its own emulator: faults, lease expiries and restarts leave the emulator's state where
@@ -283,7 +283,8 @@ def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_af
         rest = stack.enter_context(BigQueryRestProxy(emu.rest, schema=lag))
         storage_write = StorageWriteFaults(lag)
         bq_grpc = stack.enter_context(GrpcProxy(emu.grpc, storage_write=storage_write))
-        gate = OrderingGate(expire_leases_after=expire_leases_after, expiring_leases=expiring_leases)
+        gate = OrderingGate(expire_leases_after=expire_leases_after, expiring_leases=expiring_leases,
+                            key_affinity=key_affinity)
         stack.callback(gate.close)
         ps_grpc = stack.enter_context(GrpcProxy(pstest, pubsub=gate))
         suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
