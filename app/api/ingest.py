@@ -250,10 +250,7 @@ class IngestHandler:
             raise ApiError(409, "Idempotency-Key was already used with a different body") from None
         except BrokerUnavailable as exc:
             log.warning("broker unavailable: %s", exc)
-            raise ApiError(
-                503, "the stream cannot take the batch right now; nothing was accepted, retry later",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            ) from None
+            raise ApiError(503, unavailable_message(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         publish_seconds = time.perf_counter() - started
         metrics.PUBLISH_SECONDS.observe(publish_seconds)
         metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else count)
@@ -274,3 +271,13 @@ class IngestHandler:
             },
             {"Idempotent-Replayed": "true"} if result.duplicate else None,
         )
+
+
+def unavailable_message(exc: BrokerUnavailable) -> str:
+    """The 503's message: honest about a publish whose outcome the broker did not confirm."""
+    if exc.maybe_published:
+        return (
+            "the stream did not confirm the batch in time: it may have been accepted. Retry with the "
+            "same Idempotency-Key header (and the same body): a retry with it is applied once"
+        )
+    return "the stream cannot take the batch right now; nothing was accepted, retry later"

@@ -77,11 +77,13 @@ class Publisher:
         pending = list(messages)
         delay = 0.05
         last_error: BaseException | None = None
+        handed_over = False  # some message reached the client library: it may still publish
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            failed, last_error, fatal = await self._publish_once(pending, remaining)
+            failed, last_error, fatal, sent = await self._publish_once(pending, remaining)
+            handed_over = handed_over or sent
             if not failed:
                 return
             self.paused_keys.resume(self._client, (m.ordering_key for m in failed))
@@ -93,12 +95,18 @@ class Publisher:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-        raise BrokerUnavailable(f"pubsub publish to {self.topic_path} failed: {last_error!r}") from last_error
+        # A publish that timed out or failed in flight may still be stored by Pub/Sub
+        # (https://cloud.google.com/pubsub/docs/publisher#retry: retried publishes can
+        # duplicate), so the API must not answer "nothing was accepted".
+        raise BrokerUnavailable(
+            f"pubsub publish to {self.topic_path} failed: {last_error!r}", maybe_published=handed_over
+        ) from last_error
 
     async def _publish_once(
         self, messages: Sequence[OutgoingMessage], timeout: float
-    ) -> tuple[list[OutgoingMessage], BaseException | None, bool]:
-        """One attempt: returns (failed messages in order, an error, whether it is not worth retrying).
+    ) -> tuple[list[OutgoingMessage], BaseException | None, bool, bool]:
+        """One attempt: returns (failed messages in order, an error, whether it is not worth
+        retrying, whether any message was handed to the client library).
 
         `retry=None` and a per-RPC timeout keep every future bounded: with ordering the
         library would otherwise retry transient errors forever in the background.
@@ -106,7 +114,7 @@ class Publisher:
         try:
             publisher = self.client
         except Exception as exc:  # e.g. no credentials
-            return list(messages), exc, True
+            return list(messages), exc, True, False
         futures: list[asyncio.Future] = []
         failed: list[OutgoingMessage] = []
         error: BaseException | None = None
@@ -124,12 +132,12 @@ class Publisher:
             except Exception as exc:  # stopped publisher, bad attribute, message too large
                 for f in futures:
                     f.cancel()  # only our wrapper; what was handed over may still publish
-                return list(messages), exc, True
+                return list(messages), exc, True, bool(futures)
             futures.append(asyncio.wrap_future(f))
         try:
             results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
         except asyncio.TimeoutError:
-            return list(messages), TimeoutError(f"no answer within {timeout:.1f}s"), False
+            return list(messages), TimeoutError(f"no answer within {timeout:.1f}s"), False, True
         for m, r in zip(messages, results):
             if isinstance(r, BaseException):
                 failed.append(m)
@@ -137,7 +145,7 @@ class Publisher:
                     error = r
                 if not retryable(r):
                     fatal = True
-        return failed, error, fatal
+        return failed, error, fatal, True
 
     def forward_dead_letters(self, entries: Sequence[tuple[ReceivedMessage, str]]) -> None:
         """Publish dead-lettered messages to `<topic>-dead-letter` with the reason attached.
