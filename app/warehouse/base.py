@@ -29,6 +29,20 @@ class TransientWarehouseError(Exception):
         self.retry_after = retry_after
 
 
+class WarehouseUnavailable(TransientWarehouseError):
+    """The warehouse refuses this process as a whole (a permission or credential it lacks,
+    an API or feature not enabled): no message is at fault, so none is dead-lettered;
+    the subscriber stops pulling and probes slowly until an apply succeeds.
+
+    `reason`: a short label for logs and metrics ("permission_denied",
+    "unauthenticated", "credentials", "not_enabled").
+    """
+
+    def __init__(self, *args: object, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(*args, retry_after=retry_after)
+        self.reason = reason
+
+
 class TerminalWarehouseError(Exception):
     """These envelopes can never apply as they are (e.g. a value the warehouse refuses).
 

@@ -45,6 +45,7 @@ from app.warehouse.base import (
     TransientWarehouseError,
     Warehouse,
     WarehouseQueryError,
+    WarehouseUnavailable,
 )
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
@@ -443,6 +444,10 @@ class BigQueryWarehouse(Warehouse):
         quota reason) says nothing about health: reported ready, reason "unknown"."""
         try:
             dataset = self.client.get_dataset()
+        except WarehouseUnavailable as exc:
+            if exc.reason == "permission_denied":  # the role may lack datasets.get only
+                return True, f"unknown: not allowed to read dataset {self.project}.{self.dataset} metadata"
+            return False, f"BigQuery unavailable ({exc.reason}): {exc}"
         except TransientWarehouseError as exc:
             return False, f"BigQuery dataset {self.project}.{self.dataset} not reachable: {exc}"
         except TerminalWarehouseError as exc:
