@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from app.schema import identifiers
 from app.schema.activity import Activity
 from app.messages.envelope import Envelope
+from app.warehouse.types import TypeMapper
 
 
 class TransientWarehouseError(Exception):
@@ -129,6 +130,7 @@ class ApplyResult:
 
 class Warehouse(abc.ABC):
     capabilities: Capabilities
+    type_mapper: TypeMapper  # activity type <-> this backend's column types
 
     @abc.abstractmethod
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:

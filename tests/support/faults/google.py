@@ -206,22 +206,23 @@ class GoogleStack:
         return f"{self.dataset}.{name}"
 
     def query(self, sql: str) -> list[tuple] | None:
-        """Rows of a query run directly on the emulator (not through the fault layer), None on error."""
+        """Rows of a query run on the emulator past the faults (through a rule-less proxy, in
+        Google's shape and one call at a time with the stack's), None on error."""
         from google.api_core.client_options import ClientOptions
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import bigquery
 
-        from app.warehouse.bigquery.client import _EMULATOR_LOCK as emulator_calls
+        from tests.support.fault_proxy import BigQueryRestProxy
 
-        client = bigquery.Client(project=self.emulator.project, credentials=AnonymousCredentials(),
-                                 client_options=ClientOptions(api_endpoint=f"http://{self.emulator.rest}"))
-        try:
-            with emulator_calls:  # never alongside the subscriber's calls: bqemulator deadlocks
+        with BigQueryRestProxy(self.emulator.rest) as reads:
+            client = bigquery.Client(project=self.emulator.project, credentials=AnonymousCredentials(),
+                                     client_options=ClientOptions(api_endpoint=f"http://{reads.address}"))
+            try:
                 return [tuple(r.values()) for r in client.query_and_wait(sql)]
-        except Exception:
-            return None
-        finally:
-            client.close()
+            except Exception:
+                return None
+            finally:
+                client.close()
 
     def marker_counts(self, tables: list[str]) -> dict[str, tuple[int, int]]:
         """marker -> (rows, distinct ids) over the given tables of this stack's dataset."""
@@ -274,6 +275,7 @@ def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_af
         SchemaVisibility,
         StorageWriteFaults,
     )
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
     from tests.support.pstest import running_pstest
 
     with contextlib.ExitStack() as stack:
@@ -282,7 +284,8 @@ def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_af
         lag = SchemaVisibility(schema_lag_seconds)
         rest = stack.enter_context(BigQueryRestProxy(emu.rest, schema=lag))
         storage_write = StorageWriteFaults(lag)
-        bq_grpc = stack.enter_context(GrpcProxy(emu.grpc, storage_write=storage_write))
+        serial = stack.enter_context(SerialGrpcProxy(emu.grpc))  # one call at a time, with the REST proxy's
+        bq_grpc = stack.enter_context(GrpcProxy(serial.address, storage_write=storage_write))
         gate = OrderingGate(expire_leases_after=expire_leases_after, expiring_leases=expiring_leases)
         stack.callback(gate.close)
         ps_grpc = stack.enter_context(GrpcProxy(pstest, pubsub=gate))
