@@ -391,6 +391,37 @@ def scenario_bigquery_quota(tmp: Path, reason: str = "quotaExceeded", times: int
 
 
 @timed
+def scenario_bigquery_permission_denied(tmp: Path, seconds: float = 8.0) -> Outcome:
+    """Every BigQuery REST call answers 403 accessDenied (a revoked role) for `seconds`."""
+    from tests.support.fault_proxy import errors
+
+    out = Outcome("BigQuery 403 accessDenied on every call",
+                  f"every BigQuery call answered 403 accessDenied for {seconds:g} s, then allowed again")
+    table = "denied"
+    with google_stack(tmp) as g:
+        g.p.start("subscriber")
+        g.p.start("api")
+        _post_ok(g.p, rows_body(table, 0, 5, "before"))
+        _wait_markers(g, [table], {"before": 5})
+        rule = g.rest.add(errors.access_denied(), errors.ALL_KINDS, seconds=seconds)
+        for n in range(3):
+            _post_ok(g.p, rows_body(table, 100 + 10 * n, 5, f"during{n}"))
+        readyz: list[tuple[int, str]] = []
+        while not (rule.hits and rule.spent(time.monotonic())):
+            r = httpx.get(g.p.admin_url + "/readyz", timeout=10)
+            readyz.append((r.status_code, str(r.json().get("warehouse"))))
+            time.sleep(0.3)
+        expected = {"before": 5, "during0": 5, "during1": 5, "during2": 5}
+        _wait_markers(g, [table], expected)
+        wait_until(lambda: httpx.get(g.p.admin_url + "/readyz", timeout=10).status_code == 200, timeout=30,
+                   interval=0.3, what="ready again")
+        out.data["readyz_during"] = readyz
+        out.data["blocked_metric"] = httpx.get(g.p.admin_url + "/metrics", timeout=10).text.count(
+            'subscriber_blocked{reason="permission_denied"}')
+        return _google_outcome(out, g, [table], expected)
+
+
+@timed
 def scenario_bigquery_dml_queue(tmp: Path, queue_full: int = 3, concurrent: int = 2) -> Outcome:
     """DELETE jobs fail with the DML queue's 400 resourcesExceeded, then with 'concurrent update'."""
     from tests.support.fault_proxy import errors
