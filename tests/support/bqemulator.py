@@ -145,6 +145,17 @@ def running_bqemulator(project: str = PROJECT) -> Iterator[BqEmulator]:
             _stop(proc)
 
 
+@contextlib.contextmanager
+def proxied_bqemulator(project: str = PROJECT) -> Iterator[BqEmulator]:
+    """`running_bqemulator` behind the Google-shape REST proxy and the `SerialGrpcProxy`:
+    `rest` and `grpc` are the proxies' addresses."""
+    from tests.support.fault_proxy.rest import BigQueryRestProxy
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
+
+    with running_bqemulator(project) as emu, BigQueryRestProxy(emu.rest) as rest, SerialGrpcProxy(emu.grpc) as grpc:
+        yield BqEmulator(rest.address, grpc.address, emu.project, emu.log_path)
+
+
 def _rest_ready(port: int, project: str) -> bool:
     import urllib.request
 
@@ -194,20 +205,13 @@ def shared_emulator() -> BqEmulator:
 
         import pytest
 
-        from tests.support.fault_proxy.rest import BigQueryRestProxy
-
-        cm = contextlib.ExitStack()
+        cm = proxied_bqemulator()
         try:
-            emu = cm.enter_context(running_bqemulator())  # skips / raises like running_bqemulator
+            emu = cm.__enter__()  # skips / raises like running_bqemulator
         except (EmulatorUnavailable, pytest.skip.Exception) as exc:
             _FAILED = str(exc)
-            cm.close()
             raise
-        from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
-
-        proxy = cm.enter_context(BigQueryRestProxy(emu.rest))
-        grpc_proxy = cm.enter_context(SerialGrpcProxy(emu.grpc))
-        _SHARED, _SHARED_CM = BqEmulator(proxy.address, grpc_proxy.address, emu.project, emu.log_path), cm
+        _SHARED, _SHARED_CM = emu, cm
         atexit.register(_stop_shared)
     return _SHARED
 

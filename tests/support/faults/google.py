@@ -99,9 +99,15 @@ def scenario_bigquery_down(tmp: Path, batches: int = 3, backoff_max: float = 1.0
     from tests.support import bqemulator
 
     out = Outcome("BigQuery emulator stopped", "bqemulator killed while batches arrive, then a new one on the same ports")
+    from tests.support.fault_proxy import BigQueryRestProxy
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
+
     emu_cm = bqemulator.running_bqemulator()
     emu = emu_cm.__enter__()
-    p = start_pipeline(tmp, WAREHOUSE="bigquery", BIGQUERY_EMULATOR_HOST=emu.rest, BIGQUERY_EMULATOR_GRPC_HOST=emu.grpc,
+    # Google's shape, one call at a time; the proxies outlive the emulator's restart on the same ports
+    rest, grpc_proxy = BigQueryRestProxy(emu.rest).start(), SerialGrpcProxy(emu.grpc).start()
+    p = start_pipeline(tmp, WAREHOUSE="bigquery", BIGQUERY_EMULATOR_HOST=rest.address,
+                  BIGQUERY_EMULATOR_GRPC_HOST=grpc_proxy.address,
                   GCP_PROJECT=emu.project, RETRY_BACKOFF_MAX_SECONDS=str(backoff_max), ACK_DEADLINE_SECONDS="5",
                   PROVISION_PUBSUB="false")
     table = "bqd"
@@ -153,6 +159,8 @@ def scenario_bigquery_down(tmp: Path, batches: int = 3, backoff_max: float = 1.0
                          "only the batches sent while it was down are counted as lost/landed")
     finally:
         p.stop()
+        rest.close()
+        grpc_proxy.close()
         if emu_cm is not None:
             emu_cm.__exit__(None, None, None)
     return out
