@@ -88,6 +88,12 @@ DEAD_LETTERED = Counter(
     registry=SUBSCRIBER,
 )
 SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.", registry=SUBSCRIBER)
+SUBSCRIBER_BLOCKED = Gauge(
+    "subscriber_blocked",
+    "1 while the warehouse refuses this subscriber as a whole (permission, credentials, feature not enabled), by reason.",
+    ["reason"],
+    registry=SUBSCRIBER,
+)
 TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.", registry=SUBSCRIBER)
 
 

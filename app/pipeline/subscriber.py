@@ -16,6 +16,11 @@ Errors are kept apart the way a retry loop needs:
 - any other failure is narrowed down to the culprit envelope, whose terminal failures
   this process counts per `dedup_id`; it is dead-lettered after `MAX_DELIVERY_ATTEMPTS`.
   Until then it is nacked with the table's later messages, so the table's order holds.
+- a `WarehouseUnavailable` (a permission, credential or feature the whole warehouse
+  refuses) blocks the subscriber: not ready (/readyz says why), no pulling, and its
+  held messages are retried (or, once pulled again, probed) only every
+  `RETRY_BACKOFF_MAX_SECONDS`, until an apply succeeds. Like any transient error it
+  never counts towards dead-lettering.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
-from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse
+from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse, WarehouseUnavailable
 
 log = logging.getLogger("app.subscriber")
 
@@ -83,6 +88,8 @@ class Subscriber:
         )
         self.failures = TerminalFailures(TRACKED_FAILURES)
         self._transient_errors: dict[str, str] = {}  # table -> last transient error, until it applies
+        self._blocked: WarehouseUnavailable | None = None  # until an apply succeeds
+        self._blocked_until = 0.0  # monotonic: no pull before this while blocked
         # A held message must be settled before its lease ends; retries in place stay
         # within half of it.
         self.lease_seconds = broker.max_lease_seconds or settings.ack_deadline_seconds
@@ -94,6 +101,12 @@ class Subscriber:
         with self._totals_lock:
             errors = list(self._transient_errors.values())
         return errors[-1] if errors else None
+
+    @property
+    def blocked(self) -> str | None:
+        """Why the whole warehouse refuses this process (for /readyz), or None."""
+        blocked = self._blocked
+        return None if blocked is None else f"{blocked.reason}: {blocked}"
 
     # --- loop ---
     def run(self) -> None:
@@ -110,6 +123,10 @@ class Subscriber:
         )
         try:
             while not self.stop_event.is_set():
+                blocked_for = self._blocked_until - time.monotonic() if self._blocked is not None else 0.0
+                if blocked_for > 0:  # the next pull is the probe
+                    self.stop_event.wait(min(blocked_for, PULL_TIMEOUT_SECONDS))
+                    continue
                 room = self.scheduler.wait_for_room(PULL_TIMEOUT_SECONDS)
                 if room <= 0:
                     self._make_room()
@@ -209,7 +226,10 @@ class Subscriber:
             retry_at: dict[str, float | None] = {}
             applied: list[tuple[TableQueue, list[Held]]] = []
             for (queue, batch), outcome in zip(batches, outcomes):
-                if isinstance(outcome, TransientWarehouseError):
+                if isinstance(outcome, WarehouseUnavailable):
+                    self._block(outcome)
+                    retry_at[queue.name] = self._on_transient(queue, outcome, self.settings.retry_backoff_max_seconds)
+                elif isinstance(outcome, TransientWarehouseError):
                     retry_at[queue.name] = self._on_transient(queue, outcome)
                 elif isinstance(outcome, BaseException):
                     self._on_terminal(queue, batch, outcome)
@@ -256,8 +276,26 @@ class Subscriber:
         metrics.TABLES_PER_APPLY.observe(len(batches))
         return outcomes
 
+    def _block(self, exc: WarehouseUnavailable) -> None:
+        with self._totals_lock:
+            newly = self._blocked is None
+            self._blocked = exc
+            self._blocked_until = time.monotonic() + self.settings.retry_backoff_max_seconds
+        if newly:
+            metrics.SUBSCRIBER_BLOCKED.labels(exc.reason).set(1)
+            log.error("warehouse refuses this subscriber (%s); pulling stops, retrying every %.0fs: %s",
+                      exc.reason, self.settings.retry_backoff_max_seconds, exc)
+
+    def _unblock(self) -> None:
+        with self._totals_lock:
+            blocked, self._blocked = self._blocked, None
+        if blocked is not None:
+            metrics.SUBSCRIBER_BLOCKED.labels(blocked.reason).set(0)
+            log.info("warehouse accepts this subscriber again (was %s); pulling resumes", blocked.reason)
+
     def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> None:
         table = queue.name
+        self._unblock()
         with self._totals_lock:
             self._transient_errors.pop(table, None)
         queue.last_error = None
@@ -286,14 +324,14 @@ class Subscriber:
             )
         self.failures.forget([h.envelope.dedup_id for h in batch])
 
-    def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError) -> float | None:
+    def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError, min_wait: float = 0.0) -> float | None:
         """Wait in place while the messages' hold stays within budget, else nack them with a delay."""
         table = queue.name
         queue.last_error = str(exc)
         with self._totals_lock:
             self._transient_errors[table] = queue.last_error
         metrics.TRANSIENT_ERRORS.inc()
-        wait = queue.backoff
+        wait = max(queue.backoff, min_wait)
         retry_after = getattr(exc, "retry_after", None)  # e.g. a new column not yet visible to writes
         if retry_after:
             wait = max(wait, float(retry_after))

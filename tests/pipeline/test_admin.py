@@ -85,3 +85,48 @@ def test_tables_and_query_answer_in_activity_terms(tmp_path):
     assert tables["tables"][0]["last_write"] is not None and tables["tables"][1]["last_write"] is None
     assert answer["types"] == ["datetime", "geography", "record", None]
     assert answer["rows"] == [["2024-01-02T03:04:05", "POINT(1 2)", '{"a":1}', "1"]]
+
+
+def test_readyz_and_metrics_say_why_while_the_warehouse_refuses_the_subscriber(tmp_path):
+    from tests.support.memory_warehouse import MemoryWarehouse
+    from app.warehouse.base import WarehouseUnavailable
+
+    refusing = [True]
+
+    def plan(table, envelopes):
+        if refusing[0]:
+            raise WarehouseUnavailable("403 accessDenied: role revoked", reason="permission_denied")
+
+    settings = Settings(data_dir=tmp_path, retry_backoff_max_seconds=0.2, max_in_place_retry_seconds=0)
+    broker, warehouse, store = LocalBroker(settings), MemoryWarehouse(before_apply=plan), DeadLetterStore(settings.dead_letter_file)
+    subscriber = Subscriber(settings, broker, warehouse, store)
+    port = free_port()
+    admin = AdminServer(subscriber, "127.0.0.1", port)
+    admin.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def blocked_gauge() -> float:
+        r = httpx.get(url + "/metrics", timeout=10)
+        samples = [s for f in text_string_to_metric_families(r.text) for s in f.samples if s.name == "subscriber_blocked"]
+        return sum(s.value for s in samples if s.labels.get("reason") == "permission_denied")
+
+    try:
+        messages = encode_batch([Activity("insert", "t", ["n"], ["integer"], [1])], "batch1")
+        asyncio.run(broker.publish(messages, batch_id="batch1"))
+        with running(subscriber):
+            wait_until(lambda: subscriber.blocked is not None, "the subscriber blocked")
+            r = httpx.get(url + "/readyz", timeout=10)
+            assert r.status_code == 503
+            assert r.json()["warehouse"].startswith("blocked: permission_denied") and "accessDenied" in r.json()["warehouse"]
+            assert blocked_gauge() == 1
+            refusing[0] = False
+            wait_until(lambda: subscriber.totals.messages_acked == 1, "applied once the warehouse accepts again")
+            assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+            assert blocked_gauge() == 0
+    finally:
+        admin.stop()
+        broker.close()
+        warehouse.close()
+        dead = store.count()
+        store.close()
+    assert dead == 0

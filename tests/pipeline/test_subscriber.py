@@ -19,14 +19,14 @@ from typing import Sequence
 import orjson
 import pytest
 
-from app.broker import OutgoingMessage
+from app.broker import OutgoingMessage, ReceivedMessage
 from app.broker.local import LocalBroker
 from app.messages.codec import encode_batch, json_body, new_batch_id
 from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings
-from app.warehouse.base import Envelope, TransientWarehouseError
+from app.warehouse.base import Envelope, TransientWarehouseError, WarehouseUnavailable
 from app.warehouse.duckdb import DuckDBWarehouse
 from tests.support.memory_warehouse import MemoryWarehouse
 from tests.support.memory_broker import MemoryBroker
@@ -199,6 +199,79 @@ def test_transient_errors_never_dead_letter_even_after_many_nacks(tmp_path, stor
     assert store.count() == 0
     assert _applied_numbers(warehouse, "t") == [1, 2]
     assert len(broker.nacks) >= 25 and all(delay > 0 for _, delay in broker.nacks)
+
+
+def test_a_warehouse_refusing_everything_blocks_the_subscriber_and_dead_letters_nothing(tmp_path, store):
+    from app import metrics
+
+    sub_box: list[Subscriber] = []
+    refusals_left = [8]  # far beyond MAX_DELIVERY_ATTEMPTS=3
+    seen_while_refused: list[str | None] = []
+
+    def plan(table, envelopes):
+        if refusals_left[0] > 0:
+            refusals_left[0] -= 1
+            seen_while_refused.append(sub_box[0].blocked)
+            raise WarehouseUnavailable("403 accessDenied: role revoked", reason="permission_denied")
+
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
+    ids = [i for n in range(3) for t in ("a", "b") for i in broker.put_activities(_insert(t, n))]
+    # No in-place budget: every refusal hands the messages back, with the slow delay.
+    settings = _settings(tmp_path, max_in_place_retry_seconds=0, retry_backoff_max_seconds=0.2)
+    sub = Subscriber(settings, broker, warehouse, store)
+    sub_box.append(sub)
+    gauge = metrics.SUBSCRIBER_BLOCKED.labels("permission_denied")
+    with running(sub):
+        wait_until(lambda: set(ids) <= set(broker.acked), "everything acked after the refusals")
+    assert store.count() == 0 and sub.totals.dead_lettered == 0
+    assert seen_while_refused[0] is None and all(b and b.startswith("permission_denied") for b in seen_while_refused[1:])
+    assert sub.blocked is None and gauge._value.get() == 0
+    assert _applied_numbers(warehouse, "a") == [0, 1, 2] and _applied_numbers(warehouse, "b") == [0, 1, 2]
+    assert broker.nacks and all(delay >= 0.2 for _, delay in broker.nacks)  # retried slowly, not at once
+
+
+class _CountingEvent(threading.Event):
+    """A stop event that counts the loop's waits on it (a blocked loop waits on it instead of pulling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+class _CountingBroker(MemoryBroker):
+    pulls = 0
+
+    def __init__(self) -> None:
+        super().__init__(redeliver_nacked_at_once=True, max_lease_seconds=600.0)
+
+    def pull(self, max_messages: int, timeout: float) -> list[ReceivedMessage]:
+        self.pulls += 1
+        return super().pull(max_messages, timeout)
+
+
+def test_a_blocked_subscriber_does_not_pull_until_its_probe_is_due(tmp_path, store):
+    def plan(table, envelopes):
+        raise WarehouseUnavailable("UNAUTHENTICATED", reason="unauthenticated")
+
+    broker, warehouse = _CountingBroker(), MemoryWarehouse(before_apply=plan)
+    [first] = broker.put_activities(_insert("t", 1))
+    # the probe is an hour away and nothing may wait in place: the refused message goes back
+    settings = _settings(tmp_path, max_in_place_retry_seconds=0, retry_backoff_max_seconds=3600)
+    sub = Subscriber(settings, broker, warehouse, store)
+    sub.stop_event = stop = _CountingEvent()
+    with running(sub):
+        wait_until(lambda: sub.blocked is not None and broker.nacks, "blocked, the message handed back")
+        wait_until(lambda: stop.waits >= 1, "the loop waiting instead of pulling")
+        pulls = broker.pulls
+        later = broker.put_activities(_insert("u", 1))
+        wait_until(lambda: stop.waits >= 3, "the loop went round twice more")
+        assert broker.pulls == pulls and broker.leased == 0
+    assert "u" not in warehouse.observer.attempts  # (a pull already waiting when it blocked may get "t" back)
+    assert first not in broker.acked and later[0] not in broker.acked and store.count() == 0
 
 
 def test_transient_errors_are_retried_in_place_while_the_budget_allows(tmp_path, store):

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,11 +35,6 @@ class Backend:
     table_sql: Callable[[str], str]  # table -> the table as this backend's SQL names it
     # (column, activity type) -> a select expression giving a value `normalize_value` reads
     column_sql: Callable[[str, str], str]
-    # Activity types kept in another type's column, so a query reports that type: DuckDB
-    # and the emulator keep bignumeric as decimal text (a string column).
-    stored_as: dict[str, str] = field(default_factory=dict)
-    # Types whose plain query result the backend's SDK cannot read here, with why.
-    unreadable_results: dict[str, str] = field(default_factory=dict)
 
     def read_rows(self, table: str, columns: list[tuple[str, str]]) -> list[tuple]:
         """The table's rows, each value normalized by `normalize_value` (any order)."""
@@ -126,7 +121,7 @@ def _duckdb_backend(tmp_path: Path) -> Backend:
             return f"CAST({_double_quoted(name)} AS VARCHAR)"
         return _double_quoted(name)
 
-    return Backend("duckdb", wh, _double_quoted, column_sql, stored_as={"bignumeric": "string"})
+    return Backend("duckdb", wh, _double_quoted, column_sql)
 
 
 def _memory_backend(tmp_path: Path) -> Backend:
@@ -150,7 +145,7 @@ _BIGQUERY_READS = {
 def _bigquery_backend(tmp_path: Path) -> Backend:
     """BigQuery over the wire against bqemulator (one emulator per session, a dataset per test)."""
     from app.warehouse.bigquery import BigQueryWarehouse
-    from tests.support.bqemulator import EmulatorUnavailable, shared_emulator
+    from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES, EmulatorUnavailable, shared_emulator
 
     try:
         emu = shared_emulator()
@@ -167,16 +162,9 @@ def _bigquery_backend(tmp_path: Path) -> Backend:
     )
     return Backend(
         "bigquery",
-        BigQueryWarehouse(settings),
+        BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES),
         lambda table: f"`{settings.bigquery_dataset}.{table}`",
         lambda name, typ: _BIGQUERY_READS.get(typ, "{}").format(f"`{name}`"),
-        stored_as={"bignumeric": "string"},  # the test-only override: bqemulator stops at 38 digits
-        unreadable_results={
-            # bqemulator types a GEOGRAPHY result column BYTES, holding WKT text, which the
-            # client then fails to base64-decode; Google types it GEOGRAPHY
-            # (https://cloud.google.com/bigquery/docs/reference/standard-sql/data-types#geography_type)
-            "geography": "bqemulator types GEOGRAPHY results as BYTES",
-        },
     )
 
 

@@ -50,7 +50,7 @@ from app.warehouse.duckdb.catalog import APPLIED_TABLE, STAGE_VIEW
 from app.warehouse.duckdb.connection import open_connection, spatial_extension_path
 from app.warehouse.duckdb.errors import apply_failed
 from app.warehouse.duckdb.reads import run_read_only
-from app.warehouse.duckdb.types import duck_types
+from app.warehouse.duckdb.types import TYPE_MAPPER, duck_types
 from app.warehouse.plan import Schema
 
 log = logging.getLogger("app.warehouse.duckdb")
@@ -68,6 +68,8 @@ class _TableFailed(Exception):
 
 
 class DuckDBWarehouse(Warehouse):
+    type_mapper = TYPE_MAPPER
+
     def __init__(self, settings: Settings) -> None:
         self.path = Path(settings.duckdb_file)
         self._memory_limit = settings.duckdb_memory_limit

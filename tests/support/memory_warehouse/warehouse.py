@@ -21,6 +21,8 @@ from app.schema.identifiers import check_applied_table_name
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Capabilities, QueryResult, Rejection, Warehouse
 from app.warehouse.plan import plan_table
+from app.warehouse.types import TypeMapper
+from app.schema.types import TYPES
 from tests.support.memory_warehouse.observer import ApplyObserver
 from tests.support.memory_warehouse.queries import run_query
 from tests.support.memory_warehouse.tables import StoredTable
@@ -37,6 +39,7 @@ class MemoryWarehouse(Warehouse):
         concurrent_tables: bool = True,
         before_apply: BeforeApply | None = None,
     ) -> None:
+        self.type_mapper = TypeMapper({typ: typ for typ in TYPES})  # kept as given: every type reads back
         self.capabilities = Capabilities(
             transactional=True, max_alters_per_statement=None, supports_geometry=False,
             concurrent_tables=concurrent_tables,
