@@ -58,6 +58,18 @@ def test_quota_errors_reach_the_client_as_google_sends_them(bq, make, cls, reaso
     assert list(client.query_and_wait("SELECT 2 AS x")) and rest.rules[0].hits == 1  # spent after one call
 
 
+def test_jobs_query_resolves_names_in_the_default_dataset_as_google_does(bq):
+    from google.api_core import exceptions as gexc
+    from google.cloud import bigquery
+
+    client, _, _, _, dataset = bq
+    client.query_and_wait(f"INSERT INTO {dataset}.t (id) VALUES (4)")
+    config = bigquery.QueryJobConfig(default_dataset=f"{client.project}.{dataset}")
+    assert [r[0] for r in client.query_and_wait("SELECT id FROM t", job_config=config)] == [4]
+    with pytest.raises(gexc.NotFound):
+        client.query_and_wait("SELECT id FROM no_such_table", job_config=config, job_retry=None)
+
+
 @pytest.mark.parametrize("how", ["jobs.insert", "jobs.query"])
 def test_dml_queue_error_fails_the_job_and_never_runs_the_statement(bq, how):
     from google.api_core import exceptions as gexc

@@ -30,7 +30,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
-from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY
+from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY, job_retry_reasons
 from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
 
@@ -42,10 +42,24 @@ CALL_TIMEOUT_SECONDS = 30.0  # one HTTP request
 RETRY_DEADLINE_SECONDS = 10.0  # all retries of one call (the library's default is 10 minutes)
 JOB_TIMEOUT_SECONDS = 120.0  # waiting for one query job
 PROBE_TIMEOUT_SECONDS = 5.0  # the readiness probe answers quickly or not at all
+# Reasons Google says to retry (https://cloud.google.com/bigquery/docs/error-messages#errortable)
+RETRYABLE_REASONS = frozenset({"backendError", "internalError", "rateLimitExceeded", "badGateway"})
+
+
+def _job_failed_retryably(exc: BaseException) -> bool:
+    """A query job that failed with a reason worth a new job (`jobRateLimitExceeded`,
+    `backendError`, ...: the library's job and call reasons). Not a transport error: RETRY
+    has retried that within the call already, and retrying it again here would hold the
+    subscriber inside one call for minutes instead of backing off on its own terms."""
+    errors_ = getattr(exc, "errors", None)
+    reason = errors_[0].get("reason") if errors_ and isinstance(errors_[0], dict) else None
+    return reason in job_retry_reasons or reason in RETRYABLE_REASONS
+
+
 # Job retries re-run a job that failed with a retryable reason (a failed job committed
 # nothing); the library gives job retries four times the call deadline, so do we.
 RETRY = DEFAULT_RETRY.with_timeout(RETRY_DEADLINE_SECONDS)
-JOB_RETRY = DEFAULT_JOB_RETRY.with_timeout(4 * RETRY_DEADLINE_SECONDS)
+JOB_RETRY = DEFAULT_JOB_RETRY.with_predicate(_job_failed_retryably).with_timeout(4 * RETRY_DEADLINE_SECONDS)
 EMULATOR_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 
 JOB_POLL_SECONDS = 0.5

@@ -21,6 +21,8 @@ emulator answer it the way Google does:
   to its storage first, one `ALTER TABLE` each.
 - `ALTER TABLE ... ADD COLUMN a ..., ADD COLUMN b ...`: the emulator takes one ALTER per
   statement; it is split.
+- `jobs.query` with a `defaultDataset`: the emulator ignores it there (its `jobs.insert`
+  honours it), so such a query runs as a job whose results are the answer.
 - `tables.insert` into a missing dataset: the emulator answers 500, Google 404 `notFound`.
 - BYTES query parameters: the emulator compares their base64 text, not the bytes; they
   are sent as STRING and decoded in SQL (`FROM_BASE64`).
@@ -107,8 +109,31 @@ class GoogleShape:
             if isinstance(payload, dict) and kind in ("jobs.query", "jobs.insert"):
                 body = json.dumps(payload).encode()
                 headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
-            upstream = self._raw(method, path, content=body, headers=headers)
+            if kind == "jobs.query" and isinstance(payload, dict) and payload.get("defaultDataset"):
+                upstream = self._query_as_job(params.get("project", ""), payload)
+            else:
+                upstream = self._raw(method, path, content=body, headers=headers)
             return self._after(kind, params, upstream)
+
+    def _query_as_job(self, project: str, payload: dict) -> httpx.Response:
+        """`jobs.query` run as `jobs.insert` + `jobs.getQueryResults`; a failed job answers
+        200 with `errors[]`, as the emulator's jobs.query does (translated after)."""
+        fields = ("query", "useLegacySql", "defaultDataset", "queryParameters", "parameterMode")
+        job = {"configuration": {"query": {k: payload[k] for k in fields if k in payload}}}
+        inserted = self._raw("POST", f"/bigquery/v2/projects/{project}/jobs", json=job)
+        if inserted.status_code >= 300:
+            return inserted
+        resource = inserted.json()
+        failure = (resource.get("status") or {}).get("errorResult")
+        if failure:
+            return httpx.Response(200, json={"kind": "bigquery#queryResponse", "errors": [failure]})
+        job_id = resource["jobReference"]["jobId"]
+        results = self._raw("GET", f"/bigquery/v2/projects/{project}/queries/{job_id}")
+        if results.status_code < 300 and "numDmlAffectedRows" not in results.json():
+            answer = results.json()
+            self._dml_count({"project": project, "job": job_id}, answer)
+            return httpx.Response(200, json=answer)
+        return results
 
     # ------------------------------------------------------------------ before forwarding
     def _before(self, kind: str, params: dict[str, str], payload: Any, headers: dict[str, str]) -> Answer | None:

@@ -69,3 +69,15 @@ def test_client_counts_calls_and_bytes_processed_per_kind() -> None:
     assert client.bytes_processed == {"query": 2 * 10_485_760, "dml": 10_485_760}
     assert {c["location"] for c in rest.calls} == {"EU"}
     assert all(c["job_retry"] is not None and c["wait_timeout"] for c in rest.calls)  # bounded, not unbounded
+
+
+def test_a_job_is_retried_for_a_failed_job_not_for_a_transport_error_already_retried_in_the_call():
+    from google.api_core import exceptions as gexc
+
+    from app.warehouse.bigquery.client import JOB_RETRY
+
+    predicate = JOB_RETRY._predicate
+    assert predicate(gexc.InternalServerError("job failed", errors=[{"reason": "jobInternalError"}]))
+    assert predicate(gexc.Forbidden("slow down", errors=[{"reason": "rateLimitExceeded"}]))
+    assert not predicate(gexc.RetryError("10 s of connection errors", ConnectionError("refused")))
+    assert not predicate(gexc.BadRequest("bad", errors=[{"reason": "invalidQuery"}]))
