@@ -22,7 +22,7 @@ from starlette.responses import Response
 from app import metrics
 from app.api.auth import is_authorized
 from app.api.errors import ApiError, error_response
-from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
+from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishOutcomeUnknown, PublishResult
 from app.logs import batch_id_var
 from app.messages.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
 from app.schema.columnar import ActivityRun
@@ -243,6 +243,13 @@ class IngestHandler:
         except IdempotencyConflict:
             metrics.ACTIVITIES_REJECTED.inc(count)
             raise ApiError(409, "Idempotency-Key was already used with a different body") from None
+        except PublishOutcomeUnknown as exc:
+            log.warning("publish outcome unknown: %s", exc)
+            raise ApiError(
+                503, "the stream did not confirm the batch in time; it may still have been accepted: "
+                "retry with the same Idempotency-Key and body, and it is applied once",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            ) from None
         except BrokerUnavailable as exc:
             log.warning("broker unavailable: %s", exc)
             raise ApiError(

@@ -10,6 +10,7 @@ from app.broker.base import (
     BrokerUnavailable,
     IdempotencyConflict,
     OutgoingMessage,
+    PublishOutcomeUnknown,
     PublishResult,
     ReceivedMessage,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "BrokerUnavailable",
     "IdempotencyConflict",
     "OutgoingMessage",
+    "PublishOutcomeUnknown",
     "PublishResult",
     "ReceivedMessage",
     "make_broker",

@@ -19,6 +19,12 @@ class BrokerUnavailable(Exception):
     """The broker cannot take or give messages right now (answered as 503 / retried)."""
 
 
+class PublishOutcomeUnknown(BrokerUnavailable):
+    """Publishing failed or timed out after messages were handed to the broker: some may
+    still land later. A retry with the same Idempotency-Key and body publishes the same
+    `dedup_id`s, so the warehouse applies the batch once."""
+
+
 class IdempotencyConflict(Exception):
     """An Idempotency-Key was reused with a different request body."""
 

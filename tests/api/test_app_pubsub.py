@@ -3,6 +3,7 @@ keeps no record of keys."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import uuid
 
@@ -72,3 +73,36 @@ def test_same_key_other_body_gets_its_own_batch_and_is_not_dropped(settings):
     # body travels under its own, so it is applied.
     ids = pulled_dedup_ids(settings, 3)
     assert sorted(ids) == sorted([f"{first.json()['batch_id']}:t:0"] * 2 + [f"{other.json()['batch_id']}:t:0"])
+
+
+class LandsWithoutAnswer:
+    """A publisher client whose publishes reach Pub/Sub but whose answers never come back:
+    what a publish timed out on the client's side, yet accepted by Pub/Sub, looks like."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def publish(self, topic, data, **kwargs):
+        self.real.publish(topic, data, **kwargs).result(timeout=10)
+        return concurrent.futures.Future()  # never resolved
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_timed_out_publish_answers_503_saying_it_may_have_landed_and_a_keyed_retry_is_one_batch(settings):
+    settings = settings.model_copy(update={"publish_timeout_seconds": 1})
+    broker = PubSubBroker(settings)
+    publisher = broker._publisher
+    real = publisher.client
+    with TestClient(create_app(settings, broker=broker)) as client:
+        publisher._client = LandsWithoutAnswer(real)
+        timed_out = client.post(PATH, json=body(1), headers={"Idempotency-Key": "k"})
+        publisher._client = real
+        retry = client.post(PATH, json=body(1), headers={"Idempotency-Key": "k"})
+    assert timed_out.status_code == 503 and timed_out.headers["retry-after"] == "1"
+    message = timed_out.json()["message"]
+    assert "may still have been accepted" in message and "same Idempotency-Key" in message
+    assert retry.status_code == 200
+    # Both copies landed under one dedup id: the warehouse applies the batch once.
+    assert pulled_dedup_ids(settings, 2) == [f"{retry.json()['batch_id']}:t:0"] * 2

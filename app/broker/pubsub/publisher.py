@@ -5,11 +5,14 @@ when `PUBSUB_ORDERING` is on, and bounded flow control that *errors* instead of 
 (a blocked publish would stall the API's event loop). `publish()` waits for every
 message's future, re-publishing failed ones (per key in their original order, after
 `PausedKeys` resumed the key) until `PUBLISH_TIMEOUT_SECONDS`, then raises
-`BrokerUnavailable` (answered as 503).
+`BrokerUnavailable` (answered as 503): `PublishOutcomeUnknown` when some of the batch
+may have landed.
 
 Publishing is not transactional: if one message of a request fails, others may already
-be published, and a publish that timed out on our side may still land. A retry with the
-same Idempotency-Key and body re-publishes the same `dedup_id`s, which the warehouse drops.
+be published, and a publish that timed out on our side may still land (a timeout only
+stops the client waiting, https://cloud.google.com/pubsub/docs/retry-requests; the
+request it sent is not withdrawn). A retry with the same
+Idempotency-Key and body re-publishes the same `dedup_id`s, which the warehouse drops.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from app.broker.base import BrokerUnavailable, OutgoingMessage, ReceivedMessage
+from app.broker.base import BrokerUnavailable, OutgoingMessage, PublishOutcomeUnknown, ReceivedMessage
 from app.broker.pubsub.clients import DEAD_LETTER_SUFFIX, make_publisher
 from app.broker.pubsub.ordering import PausedKeys
 from app.settings import Settings
@@ -55,6 +58,16 @@ def retryable(exc: BaseException) -> bool:
     )
 
 
+def outcome_unknown(exc: BaseException) -> bool:
+    """Whether a failed publish may still have reached Pub/Sub: no answer in time, or an
+    answer that does not say the request was refused."""
+    from google.api_core import exceptions as gexc
+
+    return isinstance(
+        exc, (PublishOutcomeUnknown, TimeoutError, gexc.DeadlineExceeded, gexc.Unknown, gexc.Cancelled, gexc.RetryError)
+    )
+
+
 class Publisher:
     def __init__(self, settings: Settings, topic_path: str) -> None:
         self.settings = settings
@@ -77,6 +90,7 @@ class Publisher:
         pending = list(messages)
         delay = 0.05
         last_error: BaseException | None = None
+        may_have_landed = False  # part of the batch published, or an attempt without a clear refusal
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -84,6 +98,9 @@ class Publisher:
             failed, last_error, fatal = await self._publish_once(pending, remaining)
             if not failed:
                 return
+            may_have_landed = may_have_landed or len(failed) < len(pending) or (
+                last_error is not None and outcome_unknown(last_error)
+            )
             self.paused_keys.resume(self._client, (m.ordering_key for m in failed))
             if fatal:
                 break
@@ -93,7 +110,8 @@ class Publisher:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-        raise BrokerUnavailable(f"pubsub publish to {self.topic_path} failed: {last_error!r}") from last_error
+        error = PublishOutcomeUnknown if may_have_landed else BrokerUnavailable
+        raise error(f"pubsub publish to {self.topic_path} failed: {last_error!r}") from last_error
 
     async def _publish_once(
         self, messages: Sequence[OutgoingMessage], timeout: float
@@ -124,7 +142,7 @@ class Publisher:
             except Exception as exc:  # stopped publisher, bad attribute, message too large
                 for f in futures:
                     f.cancel()  # only our wrapper; what was handed over may still publish
-                return list(messages), exc, True
+                return list(messages), exc if not futures else PublishOutcomeUnknown(repr(exc)), True
             futures.append(asyncio.wrap_future(f))
         try:
             results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
