@@ -79,6 +79,7 @@ class Subscriber:
         self.scheduler = Scheduler(
             max_messages=settings.subscriber_max_outstanding_messages,
             max_bytes=settings.subscriber_max_outstanding_bytes,
+            max_messages_per_table=settings.subscriber_max_outstanding_messages_per_table,
             initial_backoff=min(RETRY_BACKOFF_START_SECONDS, settings.retry_backoff_max_seconds),
         )
         self.failures = TerminalFailures(TRACKED_FAILURES)
@@ -176,9 +177,9 @@ class Subscriber:
             self._forward(undecodable)
             self._ack([m for m, _ in undecodable])
         for table, items in by_table.items():
-            late, delay = self.scheduler.hold(table, items, pull)
-            if late:
-                self._nack(late, delay, "ordering")
+            handed_back, delay, why = self.scheduler.hold(table, items, pull)
+            if handed_back:
+                self._nack(handed_back, delay, why)
 
     # --- workers ---
     def _work(self) -> None:

@@ -178,6 +178,38 @@ def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_pa
     assert _applied_numbers(warehouse, "waiting") == [0, 1, 2, 3] and store.count() == 0
 
 
+
+def test_a_table_stuck_in_a_schema_change_holds_only_its_share_while_another_table_lands(tmp_path, store):
+    # The gate stands for a schema change pending for minutes (the new column not yet
+    # writable): the apply of "pending" does not return until the test opens it.
+    gate, entered = threading.Event(), threading.Event()
+
+    def plan(table, envelopes):
+        if table == "pending":
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker = MemoryBroker(max_lease_seconds=600.0)  # ordered keys, nack delays honoured
+    warehouse = MemoryWarehouse(before_apply=plan)
+    pending = [m for i in range(10) for m in broker.put_activities(_insert("pending", i))]
+    settings = _settings(
+        tmp_path, pull_max_messages=10, subscriber_max_outstanding_messages=6,
+        subscriber_max_outstanding_messages_per_table=3,
+    )
+    with running(Subscriber(settings, broker, warehouse, store)) as subscriber:
+        assert entered.wait(WAIT_SECONDS)
+        other = [m for i in range(5) for m in broker.put_activities(_insert("other", i))]
+        wait_until(lambda: set(other) <= set(broker.acked), "the other table, while the pending one is stuck")
+        assert _applied_numbers(warehouse, "other") == [0, 1, 2, 3, 4]
+        assert _applied_numbers(warehouse, "pending") == []
+        assert subscriber.scheduler.held_by_table() == {"pending": 3}
+        # What it could not hold went back to the broker, the newest, for a later delivery.
+        assert [m for m, _ in broker.nacks] == pending[3:6] and all(delay >= 30 for _, delay in broker.nacks)
+        gate.set()
+        wait_until(lambda: set(pending[:3]) <= set(broker.acked), "the pending table, once its change is done")
+    assert _applied_numbers(warehouse, "pending") == [0, 1, 2] and store.count() == 0
+    assert broker.unacked == 7  # the rest is still in the broker, in order, for the next delivery
+
 # --------------------------------------------------------------------------- transient errors
 
 
