@@ -214,6 +214,13 @@ def _age(published_at: float | None) -> str:
     return "-" if published_at is None else f"{max(0.0, time.time() - published_at):.0f}s"
 
 
+def _kind(dead_letter) -> str:
+    """`activity` (one the warehouse refused) or `message` (a whole one)."""
+    from app.messages.deadletters import KIND_ATTRIBUTE
+
+    return dead_letter.attributes.get(KIND_ATTRIBUTE, "message")
+
+
 @dead_letters_cli.command("pubsub-list")
 def dead_letters_pubsub_list(
     limit: int = typer.Option(50, help="How many, oldest first."),
@@ -231,12 +238,13 @@ def dead_letters_pubsub_list(
     for m in messages:
         if as_json:
             typer.echo(orjson.dumps({
-                "message_id": m.message_id, "table": m.table, "reason": m.reason, "published_at": m.published_at,
+                "message_id": m.message_id, "kind": _kind(m), "table": m.table, "reason": m.reason,
+                "published_at": m.published_at,
                 "forwarded_by_pipeline": m.forwarded_by_pipeline, "attributes": m.attributes,
                 "data": readable_body(m.data).decode("utf-8", "replace"),  # format 2 rendered as JSON
             }).decode())
         else:
-            typer.echo(f"{m.message_id} table={m.table} age={_age(m.published_at)} reason={m.reason}")
+            typer.echo(f"{m.message_id} kind={_kind(m)} table={m.table} age={_age(m.published_at)} reason={m.reason}")
     if not as_json:
         typer.echo(f"({len(messages)} dead letter{'s' if len(messages) != 1 else ''} on {source.path})")
 
@@ -245,7 +253,9 @@ def dead_letters_pubsub_list(
 def dead_letters_pubsub_replay(
     limit: int = typer.Option(1000, help="Replay at most this many, oldest first."),
     include_forwarded: bool = typer.Option(
-        False, "--include-forwarded", help="Also those the pipeline forwarded (they are in the dead-letter store too)."
+        False, "--include-forwarded",
+        help="Also those the pipeline forwarded, whole messages and refused activities (they are in the "
+        "dead-letter store of the replica that refused them too, unless its disk is gone).",
     ),
 ) -> None:
     """Re-publish what Pub/Sub dead-lettered to the main topic (same ordering key), then ack it."""

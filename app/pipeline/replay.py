@@ -25,7 +25,7 @@ from typing import Callable
 from app.broker import make_broker
 from app.broker.base import Broker, ReceivedMessage
 from app.messages.codec import UndecodableMessage, decode_message, encode_batch, new_batch_id
-from app.messages.deadletters import DeadLetter, DeadLetterStore
+from app.messages.deadletters import DeadLetter, DeadLetterStore, rejected_activity_batch_id
 from app.schema.activity import Activity
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.settings import Settings
@@ -85,7 +85,11 @@ class TableSchemas:
 
 
 def replay_batch_id(entry: DeadLetter) -> str:
-    """The same for every replay of this entry (its id and creation time name it)."""
+    """The same for every replay of this entry. A refused activity's derives from where it
+    was refused, as its copy on the broker's dead-letter topic does: replayed from both, it
+    applies once. Other entries' from the entry's id and creation time."""
+    if entry.kind == "activity" and entry.dedup_id is not None and entry.activity_index is not None:
+        return rejected_activity_batch_id(entry.dedup_id, entry.activity_index)
     return new_batch_id(f"dead-letter-replay:{entry.id}:{entry.created_at!r}")
 
 

@@ -20,6 +20,7 @@ Errors are kept apart the way a retry loop needs:
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -33,7 +34,7 @@ from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
-from app.messages.deadletters import DeadLetterStore, NewDeadLetter
+from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse
@@ -83,6 +84,11 @@ class Subscriber:
             initial_backoff=min(RETRY_BACKOFF_START_SECONDS, settings.retry_backoff_max_seconds),
         )
         self.failures = TerminalFailures(TRACKED_FAILURES)
+        # Refused activities whose forward to the broker's dead-letter destination failed,
+        # by dedup_id, until their message comes back (bounded like `failures`).
+        self._unforwarded: collections.OrderedDict[str, dict[int, tuple[ReceivedMessage, str]]] = (
+            collections.OrderedDict()
+        )
         self._transient_errors: dict[str, str] = {}  # table -> last transient error, until it applies
         # A held message must be settled before its lease ends; retries in place stay
         # within half of it.
@@ -212,8 +218,7 @@ class Subscriber:
                     retry_at[queue.name] = self._on_transient(queue, outcome)
                 elif isinstance(outcome, BaseException):
                     self._on_terminal(queue, batch, outcome)
-                else:
-                    self._on_applied(queue, batch, outcome)
+                elif self._on_applied(queue, batch, outcome):
                     applied.append((queue, batch))
             self._settle(applied)
         return retry_at
@@ -250,7 +255,9 @@ class Subscriber:
         metrics.TABLES_PER_APPLY.observe(len(batches))
         return outcomes
 
-    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> None:
+    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> bool:
+        """Record an apply; whether its messages may be acked (their refused activities
+        reached the broker's dead-letter destination)."""
         table = queue.name
         with self._totals_lock:
             self._transient_errors.pop(table, None)
@@ -279,6 +286,7 @@ class Subscriber:
                 "rejected",
             )
         self.failures.forget([h.envelope.dedup_id for h in batch])
+        return self._forward_rejections(queue, batch, result)
 
     def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError) -> float | None:
         """Wait in place while the messages' hold stays within budget, else nack them with a delay."""
@@ -397,6 +405,39 @@ class Subscriber:
         metrics.DEAD_LETTERED.labels(category).inc(len(entries))
         for e in entries:
             log.warning("dead-lettered %s of %s: %s", e.kind, e.table_name, e.reason)
+
+    def _forward_rejections(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> bool:
+        """Hand each refused activity of `batch` to the broker's dead-letter destination
+        before its message is acked (on Pub/Sub the store is one replica's disk). If that
+        fails, the messages go back: applied again they are duplicates, so this process
+        keeps what is left to forward until they come back."""
+        message_of = {h.envelope.dedup_id: h.message for h in batch}
+        limits = self.broker.capabilities.message
+        with self._totals_lock:
+            for r in result.rejections:
+                source = message_of.get(r.dedup_id)
+                out = rejected_activity_message(queue.name, r.dedup_id, r.index, r.activity, limits)
+                self._unforwarded.setdefault(r.dedup_id, {})[r.index] = (
+                    ReceivedMessage(source.message_id if source else "", out.data, out.attributes, out.ordering_key,
+                                    source.delivery_attempt if source else 1),
+                    r.reason,
+                )
+            due = {d: self._unforwarded.pop(d) for d in message_of if d in self._unforwarded}
+        entries = [entry for by_index in due.values() for entry in by_index.values()]
+        if not entries:
+            return True
+        try:
+            self.broker.forward_dead_letters(entries)
+        except Exception as exc:
+            log.warning("could not forward %d refused activit(ies) of %s to the dead-letter destination; "
+                        "their messages go back: %s", len(entries), queue.name, exc)
+            with self._totals_lock:
+                self._unforwarded.update(due)
+                while len(self._unforwarded) > TRACKED_FAILURES:
+                    self._unforwarded.popitem(last=False)
+            self._release(queue, POISON_RETRY_DELAY_SECONDS, "dead_letter_forward")
+            return False
+        return True
 
     def _forward(self, entries: list[tuple[ReceivedMessage, str]]) -> None:
         """Best effort: the dead-letter store already holds these durably."""
