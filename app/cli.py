@@ -167,11 +167,16 @@ def dead_letters_list(
 def dead_letters_replay(
     ids: Optional[list[int]] = typer.Argument(None, help="Ids to replay (see `dead-letters list`)."),
     replay_all: bool = typer.Option(False, "--all", help="Replay every entry not replayed yet."),
+    force: bool = typer.Option(
+        False, "--force", help="Replay entries even if they overwrite or duplicate what their table got since."
+    ),
 ) -> None:
     """Publish dead letters again (after fixing the table or the data); marks them replayed.
 
     Each entry is first checked against the edge validator and the table's current
     schema; one that would fail again stays, is reported with why, and the exit code is 1.
+    So is one that would delete rows or add values its table got since the failure (a
+    replay applies after everything since), unless --force.
     """
     from app.pipeline.replay import replay
 
@@ -187,9 +192,14 @@ def dead_letters_replay(
         console=Console(stderr=True), transient=False,
     ) as bar:
         task = bar.add_task("replay", total=None)
-        outcomes = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
+        outcomes = replay(
+            get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total), force=force
+        )
     for o in outcomes:
-        typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" if o.problem is None else f"#{o.entry_id} not replayed: {o.problem}")
+        if o.problem is not None:
+            typer.echo(f"#{o.entry_id} not replayed: {o.problem}")
+        else:
+            typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" + (f" (forced: {o.changes})" if o.changes else ""))
     failed = sum(o.problem is not None for o in outcomes)
     typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
