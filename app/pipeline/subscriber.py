@@ -411,6 +411,8 @@ class Subscriber:
         before its message is acked (on Pub/Sub the store is one replica's disk). If that
         fails, the messages go back: applied again they are duplicates, so this process
         keeps what is left to forward until they come back."""
+        if not self.broker.capabilities.has_dead_letter_destination:
+            return True  # the store is the only destination
         message_of = {h.envelope.dedup_id: h.message for h in batch}
         limits = self.broker.capabilities.message
         with self._totals_lock:
