@@ -171,11 +171,16 @@ def dead_letters_list(
 def dead_letters_replay(
     ids: Optional[list[int]] = typer.Argument(None, help="Ids to replay (see `dead-letters list`)."),
     replay_all: bool = typer.Option(False, "--all", help="Replay every entry not replayed yet."),
+    force: bool = typer.Option(
+        False, "--force", help="Replay entries even if they overwrite or duplicate what their table got since."
+    ),
 ) -> None:
     """Publish dead letters again (after fixing the table or the data); marks them replayed.
 
     Each entry is first checked against the edge validator and the table's current
     schema; one that would fail again stays, is reported with why, and the exit code is 1.
+    So is one that would delete rows or add values its table got since the failure (a
+    replay applies after everything since), unless --force.
     """
     from app.pipeline.replay import replay
 
@@ -191,9 +196,14 @@ def dead_letters_replay(
         console=Console(stderr=True), transient=False,
     ) as bar:
         task = bar.add_task("replay", total=None)
-        outcomes = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
+        outcomes = replay(
+            get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total), force=force
+        )
     for o in outcomes:
-        typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" if o.problem is None else f"#{o.entry_id} not replayed: {o.problem}")
+        if o.problem is not None:
+            typer.echo(f"#{o.entry_id} not replayed: {o.problem}")
+        else:
+            typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" + (f" (forced: {o.changes})" if o.changes else ""))
     failed = sum(o.problem is not None for o in outcomes)
     typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
@@ -304,6 +314,13 @@ def _age(published_at: float | None) -> str:
     return "-" if published_at is None else f"{max(0.0, time.time() - published_at):.0f}s"
 
 
+def _kind(dead_letter) -> str:
+    """`activity` (one the warehouse refused) or `message` (a whole one)."""
+    from app.messages.deadletters import KIND_ATTRIBUTE
+
+    return dead_letter.attributes.get(KIND_ATTRIBUTE, "message")
+
+
 @dead_letters_cli.command("pubsub-list")
 def dead_letters_pubsub_list(
     limit: int = typer.Option(50, help="How many, oldest first."),
@@ -321,12 +338,13 @@ def dead_letters_pubsub_list(
     for m in messages:
         if as_json:
             typer.echo(orjson.dumps({
-                "message_id": m.message_id, "table": m.table, "reason": m.reason, "published_at": m.published_at,
+                "message_id": m.message_id, "kind": _kind(m), "table": m.table, "reason": m.reason,
+                "published_at": m.published_at,
                 "forwarded_by_pipeline": m.forwarded_by_pipeline, "attributes": m.attributes,
                 "data": readable_body(m.data).decode("utf-8", "replace"),  # format 2 rendered as JSON
             }).decode())
         else:
-            typer.echo(f"{m.message_id} table={m.table} age={_age(m.published_at)} reason={m.reason}")
+            typer.echo(f"{m.message_id} kind={_kind(m)} table={m.table} age={_age(m.published_at)} reason={m.reason}")
     if not as_json:
         typer.echo(f"({len(messages)} dead letter{'s' if len(messages) != 1 else ''} on {source.path})")
 
@@ -335,7 +353,9 @@ def dead_letters_pubsub_list(
 def dead_letters_pubsub_replay(
     limit: int = typer.Option(1000, help="Replay at most this many, oldest first."),
     include_forwarded: bool = typer.Option(
-        False, "--include-forwarded", help="Also those the pipeline forwarded (they are in the dead-letter store too)."
+        False, "--include-forwarded",
+        help="Also those the pipeline forwarded, whole messages and refused activities (they are in the "
+        "dead-letter store of the replica that refused them too, unless its disk is gone).",
     ),
 ) -> None:
     """Re-publish what Pub/Sub dead-lettered to the main topic (same ordering key), then ack it."""

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     subscriber_max_outstanding_bytes: int = Field(
         100 * 1024 * 1024, ge=1, description="Most message bytes pulled and not yet acked/nacked."
     )
+    subscriber_max_outstanding_messages_per_table: int = Field(
+        1000, ge=1, description="Most messages one table holds of those (a stuck table leaves room for the others)."
+    )
 
     # --- subscriber admin port (metrics, read path for `query`) ---
     subscriber_host: str = Field("127.0.0.1", description="Address of the subscriber's admin HTTP port.")

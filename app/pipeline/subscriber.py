@@ -25,6 +25,7 @@ Errors are kept apart the way a retry loop needs:
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -38,7 +39,7 @@ from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
-from app.messages.deadletters import DeadLetterStore, NewDeadLetter
+from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse, WarehouseUnavailable
@@ -84,9 +85,15 @@ class Subscriber:
         self.scheduler = Scheduler(
             max_messages=settings.subscriber_max_outstanding_messages,
             max_bytes=settings.subscriber_max_outstanding_bytes,
+            max_messages_per_table=settings.subscriber_max_outstanding_messages_per_table,
             initial_backoff=min(RETRY_BACKOFF_START_SECONDS, settings.retry_backoff_max_seconds),
         )
         self.failures = TerminalFailures(TRACKED_FAILURES)
+        # Refused activities whose forward to the broker's dead-letter destination failed,
+        # by dedup_id, until their message comes back (bounded like `failures`).
+        self._unforwarded: collections.OrderedDict[str, dict[int, tuple[ReceivedMessage, str]]] = (
+            collections.OrderedDict()
+        )
         self._transient_errors: dict[str, str] = {}  # table -> last transient error, until it applies
         self._blocked: WarehouseUnavailable | None = None  # until an apply succeeds
         self._blocked_until = 0.0  # monotonic: no pull before this while blocked
@@ -195,9 +202,9 @@ class Subscriber:
             self._forward(undecodable)
             self._ack([m for m, _ in undecodable])
         for table, items in by_table.items():
-            late, delay = self.scheduler.hold(table, items, pull)
-            if late:
-                self._nack(late, delay, "ordering")
+            handed_back, delay, why = self.scheduler.hold(table, items, pull)
+            if handed_back:
+                self._nack(handed_back, delay, why)
 
     # --- workers ---
     def _work(self) -> None:
@@ -233,8 +240,7 @@ class Subscriber:
                     retry_at[queue.name] = self._on_transient(queue, outcome)
                 elif isinstance(outcome, BaseException):
                     self._on_terminal(queue, batch, outcome)
-                else:
-                    self._on_applied(queue, batch, outcome)
+                elif self._on_applied(queue, batch, outcome):
                     applied.append((queue, batch))
             self._settle(applied)
         return retry_at
@@ -293,7 +299,9 @@ class Subscriber:
             metrics.SUBSCRIBER_BLOCKED.labels(blocked.reason).set(0)
             log.info("warehouse accepts this subscriber again (was %s); pulling resumes", blocked.reason)
 
-    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> None:
+    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> bool:
+        """Record an apply; whether its messages may be acked (their refused activities
+        reached the broker's dead-letter destination)."""
         table = queue.name
         self._unblock()
         with self._totals_lock:
@@ -323,6 +331,7 @@ class Subscriber:
                 "rejected",
             )
         self.failures.forget([h.envelope.dedup_id for h in batch])
+        return self._forward_rejections(queue, batch, result)
 
     def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError, min_wait: float = 0.0) -> float | None:
         """Wait in place while the messages' hold stays within budget, else nack them with a delay."""
@@ -441,6 +450,41 @@ class Subscriber:
         metrics.DEAD_LETTERED.labels(category).inc(len(entries))
         for e in entries:
             log.warning("dead-lettered %s of %s: %s", e.kind, e.table_name, e.reason)
+
+    def _forward_rejections(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> bool:
+        """Hand each refused activity of `batch` to the broker's dead-letter destination
+        before its message is acked (on Pub/Sub the store is one replica's disk). If that
+        fails, the messages go back: applied again they are duplicates, so this process
+        keeps what is left to forward until they come back."""
+        if not self.broker.capabilities.has_dead_letter_destination:
+            return True  # the store is the only destination
+        message_of = {h.envelope.dedup_id: h.message for h in batch}
+        limits = self.broker.capabilities.message
+        with self._totals_lock:
+            for r in result.rejections:
+                source = message_of.get(r.dedup_id)
+                out = rejected_activity_message(queue.name, r.dedup_id, r.index, r.activity, limits)
+                self._unforwarded.setdefault(r.dedup_id, {})[r.index] = (
+                    ReceivedMessage(source.message_id if source else "", out.data, out.attributes, out.ordering_key,
+                                    source.delivery_attempt if source else 1),
+                    r.reason,
+                )
+            due = {d: self._unforwarded.pop(d) for d in message_of if d in self._unforwarded}
+        entries = [entry for by_index in due.values() for entry in by_index.values()]
+        if not entries:
+            return True
+        try:
+            self.broker.forward_dead_letters(entries)
+        except Exception as exc:
+            log.warning("could not forward %d refused activit(ies) of %s to the dead-letter destination; "
+                        "their messages go back: %s", len(entries), queue.name, exc)
+            with self._totals_lock:
+                self._unforwarded.update(due)
+                while len(self._unforwarded) > TRACKED_FAILURES:
+                    self._unforwarded.popitem(last=False)
+            self._release(queue, POISON_RETRY_DELAY_SECONDS, "dead_letter_forward")
+            return False
+        return True
 
     def _forward(self, entries: list[tuple[ReceivedMessage, str]]) -> None:
         """Best effort: the dead-letter store already holds these durably."""

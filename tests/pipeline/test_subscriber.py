@@ -19,9 +19,9 @@ from typing import Sequence
 import orjson
 import pytest
 
-from app.broker import OutgoingMessage, ReceivedMessage
+from app.broker import BrokerUnavailable, OutgoingMessage, ReceivedMessage
 from app.broker.local import LocalBroker
-from app.messages.codec import encode_batch, json_body, new_batch_id
+from app.messages.codec import decode_message, encode_batch, json_body, new_batch_id
 from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
@@ -177,6 +177,87 @@ def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_pa
     assert {m for m, _ in broker.nacks} == set(held) and all(30 < delay <= 60 for _, delay in broker.nacks)
     assert _applied_numbers(warehouse, "waiting") == [0, 1, 2, 3] and store.count() == 0
 
+
+
+def test_a_table_stuck_in_a_schema_change_holds_only_its_share_while_another_table_lands(tmp_path, store):
+    # The gate stands for a schema change pending for minutes (the new column not yet
+    # writable): the apply of "pending" does not return until the test opens it.
+    gate, entered = threading.Event(), threading.Event()
+
+    def plan(table, envelopes):
+        if table == "pending":
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker = MemoryBroker(max_lease_seconds=600.0)  # ordered keys, nack delays honoured
+    warehouse = MemoryWarehouse(before_apply=plan)
+    pending = [m for i in range(10) for m in broker.put_activities(_insert("pending", i))]
+    settings = _settings(
+        tmp_path, pull_max_messages=10, subscriber_max_outstanding_messages=6,
+        subscriber_max_outstanding_messages_per_table=3,
+    )
+    with running(Subscriber(settings, broker, warehouse, store)) as subscriber:
+        assert entered.wait(WAIT_SECONDS)
+        other = [m for i in range(5) for m in broker.put_activities(_insert("other", i))]
+        wait_until(lambda: set(other) <= set(broker.acked), "the other table, while the pending one is stuck")
+        assert _applied_numbers(warehouse, "other") == [0, 1, 2, 3, 4]
+        assert _applied_numbers(warehouse, "pending") == []
+        assert subscriber.scheduler.held_by_table() == {"pending": 3}
+        # What it could not hold went back to the broker, the newest, for a later delivery.
+        assert [m for m, _ in broker.nacks] == pending[3:6] and all(delay >= 30 for _, delay in broker.nacks)
+        gate.set()
+        wait_until(lambda: set(pending[:3]) <= set(broker.acked), "the pending table, once its change is done")
+    assert _applied_numbers(warehouse, "pending") == [0, 1, 2] and store.count() == 0
+    assert broker.unacked == 7  # the rest is still in the broker, in order, for the next delivery
+
+
+# --------------------------------------------------------------------------- refused activities
+
+
+def _refused() -> Activity:
+    return Activity("insert", "t", ["n"], ["string"], ["not a number"])  # "n" is an integer column
+
+
+def test_a_refused_activity_reaches_the_broker_s_dead_letters_with_its_reason_before_its_message_is_acked(
+    tmp_path, store
+):
+    broker, warehouse = _broker(), MemoryWarehouse()
+    acked_when_forwarded: list[bool] = []
+    forward = broker.forward_dead_letters
+
+    def forward_and_look(entries):
+        acked_when_forwarded.extend(m.message_id in broker.acked for m, _ in entries)
+        forward(entries)
+
+    broker.forward_dead_letters = forward_and_look
+    [message_id] = broker.put_activities(_insert("t", 1), _refused(), _insert("t", 2))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: message_id in broker.acked, "the message acked")
+    assert acked_when_forwarded == [False]
+    [letter] = broker.dead_letter_source().list()
+    assert letter.attributes["dead_letter_kind"] == "activity" and "n" in letter.reason
+    # The dead letter is a message of that one activity, to be replayed as it is.
+    replayed = decode_message(ReceivedMessage("r", letter.data, letter.attributes, "t", 1))
+    assert replayed.activities == [_refused()]
+    assert _applied(warehouse, "t") == [[1, "not a number", 2]] and store.count() == 1  # committed once
+
+
+def test_when_the_refusal_cannot_be_forwarded_the_message_comes_back_and_is_forwarded_then(tmp_path, store):
+    broker, warehouse = _broker(), MemoryWarehouse()
+    forward, failures = broker.forward_dead_letters, [1]
+
+    def flaky_forward(entries):
+        if failures.pop() if failures else False:
+            raise BrokerUnavailable("dead-letter topic unreachable")
+        forward(entries)
+
+    broker.forward_dead_letters = flaky_forward
+    [message_id] = broker.put_activities(_insert("t", 1), _refused())
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)) as subscriber:
+        wait_until(lambda: message_id in broker.acked, "the message acked after its redelivery")
+    assert [m for m, _ in broker.nacks] == [message_id]  # not acked while its refusal was only on disk
+    assert len(broker.dead_letter_source().list()) == 1
+    assert _applied_numbers(warehouse, "t") == [1, "not a number"] and subscriber.totals.duplicates_skipped == 1
 
 # --------------------------------------------------------------------------- transient errors
 

@@ -28,6 +28,8 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 FORWARD_TIMEOUT = 30.0
+# What forwarding sets (a message dead-lettered again gets fresh ones).
+FORWARD_ATTRIBUTES = ("dead_letter_reason", "dead_letter_source_message_id")
 # Pub/Sub's limit on one attribute value; reasons are cut to fit.
 # https://cloud.google.com/pubsub/quotas#resource_limits
 ATTRIBUTE_VALUE_MAX_BYTES = 1024
@@ -152,14 +154,17 @@ class Publisher:
 
         The subscription's own dead-letter policy only fires when Pub/Sub counts too many
         deliveries; messages the pipeline gives up on earlier (undecodable, rejected after
-        N attempts) are acked, so they are forwarded here to reach the same topic.
+        N attempts) are acked, so they are forwarded here to reach the same topic, and so
+        are single activities the warehouse refused (`rejected_activity_message`, marked
+        by their `dead_letter_kind`). Raises if any publish fails: the caller then keeps
+        the source message unacked.
         """
         if not entries:
             return
         topic = f"{self.topic_path}{DEAD_LETTER_SUFFIX}"
         futures = []
         for message, reason in entries:
-            attributes = {k: v for k, v in message.attributes.items() if not k.startswith("dead_letter_")}
+            attributes = {k: v for k, v in message.attributes.items() if k not in FORWARD_ATTRIBUTES}
             attributes["dead_letter_reason"] = fit_attribute(reason)
             attributes["dead_letter_source_message_id"] = message.message_id
             futures.append(
