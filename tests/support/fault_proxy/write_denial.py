@@ -5,7 +5,7 @@ call's gRPC status PERMISSION_DENIED, "Permission 'TABLES_UPDATE_DATA' denied on
 'projects/<p>/datasets/<d>/tables/<t>' (or it may not exist)"
 (https://cloud.google.com/bigquery/docs/write-api#required_permissions; the status and
 message as users report it: https://github.com/apache/beam/issues/20890). For AppendRows
-the whole call ends with that status, before any response.
+the call ends with that status (checked at each request: connections stay open).
 
 `WriteDenial` serves every BigQueryWrite method through a `GrpcProxy`: while armed it
 ends each call with that status, otherwise it forwards it unchanged (bytes in, bytes
@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from tests.support.fault_proxy.storage_write import abort_like
+from tests.support.fault_proxy.storage_write import _Upstream, abort_like
 
 WRITE_SERVICE = "/google.cloud.bigquery.storage.v1.BigQueryWrite/"
 UNARY_METHODS = ("CreateWriteStream", "GetWriteStream", "FinalizeWriteStream", "BatchCommitWriteStreams", "FlushRows")
@@ -59,14 +59,14 @@ class WriteDenial:
             return grpc.unary_unary_rpc_method_handler(call)
 
         def append_rows(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-            self._refuse_if_active(APPEND_ROWS, context)
-            call = channel.stream_stream(APPEND_ROWS)(requests, metadata=metadata(context))
-            context.add_callback(call.cancel)
+            # checked per request: a writer keeps one AppendRows connection open across appends
+            upstream = _Upstream(channel, metadata(context), context)
             try:
-                yield from call
-            except grpc.RpcError as err:
-                if context.is_active():
-                    abort_like(context, err)
+                for raw in requests:
+                    self._refuse_if_active(APPEND_ROWS, context)
+                    yield upstream.send(raw)
+            finally:
+                upstream.close()
 
         served = {WRITE_SERVICE + name: unary(WRITE_SERVICE + name) for name in UNARY_METHODS}
         served[APPEND_ROWS] = grpc.stream_stream_rpc_method_handler(append_rows)

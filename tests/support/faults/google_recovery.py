@@ -59,13 +59,17 @@ def _blocked_gauge(g: GoogleStack) -> float | None:
 
 
 @timed
-def scenario_permission_denied_everywhere(tmp: Path, seconds: float = 60.0) -> Outcome:
+def scenario_permission_denied_everywhere(tmp: Path, seconds: float = 60.0, write_tail: float = 10.0) -> Outcome:
     """Every BigQuery REST call answers 403 accessDenied and every Storage Write call ends
-    with gRPC PERMISSION_DENIED for `seconds` (a revoked role), while batches arrive."""
+    with gRPC PERMISSION_DENIED for `seconds` (a revoked role), while batches arrive.
+
+    An apply reaches the Storage Write API only past its REST calls, so the Write API's
+    refusal lasts `write_tail` seconds longer: the subscriber meets both."""
     from tests.support.fault_proxy import errors
 
     out = Outcome("BigQuery permission denied everywhere",
-                  f"403 accessDenied on every REST call and PERMISSION_DENIED on every Storage Write call for {seconds:g} s")
+                  f"403 accessDenied on every REST call for {seconds:g} s, PERMISSION_DENIED on every Storage Write "
+                  f"call for {seconds + write_tail:g} s")
     table = "denied"
     with google_stack(tmp) as g, _write_denial_in_front(g) as denial:
         g.p.start("subscriber")
@@ -74,7 +78,7 @@ def scenario_permission_denied_everywhere(tmp: Path, seconds: float = 60.0) -> O
         _wait_markers(g, [table], {"before": 5})
         rule = g.rest.add(errors.access_denied(), errors.ALL_KINDS, seconds=seconds)
         rule.first_hit = time.monotonic()  # one window from now for both APIs, not from the first REST call
-        denial.deny(seconds)
+        denial.deny(seconds + write_tail)
         for n in range(3):
             _post_ok(g.p, rows_body(table, 100 + 10 * n, 5, f"during{n}"))
         readyz: list[tuple[int, str]] = []
