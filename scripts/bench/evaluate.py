@@ -111,6 +111,23 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{mixed['min_bytes_billed_per_10k'] / 1e6:,.0f} MB{own_text}",
             f"prototype: processed {proto['bytes_processed_per_10k'] / 1e6:,.1f} MB; billed >= {proto['min_bytes_billed_per_10k'] / 1e6:,.0f} MB "
             "(its ALTER jobs are DDL: not billed by bytes)", "", None)
+        inserts = g.get("inserts_only")
+        if inserts and "estimated_bytes_billed_per_10k" in mixed:
+            row("6 bytes billed per 10,000 activities, estimated (on-demand rules from each job's statement and the "
+                "tables' sizes; bqemulator reports 0), next to the API calls",
+                f"with ~1% deletes: {mixed['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB, {mixed['calls_per_10k']:,.0f} calls "
+                f"({_jobs_text(mixed)})",
+                f"without deletes: {inserts['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB, {inserts['calls_per_10k']:,.0f} calls "
+                f"({_jobs_text(inserts)})",
+                f"{mixed['estimated_bytes_billed_per_10k'] / max(1.0, inserts['estimated_bytes_billed_per_10k']):,.1f}x", None)
     elif g:
         row("6 Google path (pstest -> bqemulator)", g["error"], "", "", None)
     return rows
+
+
+def _jobs_text(run: dict) -> str:
+    """Query jobs by statement and the MB each kind would bill, per 10,000 activities."""
+    est = run["billing_estimate"]
+    per = 10_000 / max(1, run["activities"])
+    return ", ".join(f"{est['jobs_by_statement'][w] * per:,.0f} {w} jobs {est['bytes_by_statement'].get(w, 0) * per / 1e6:,.0f} MB"
+                     for w in sorted(est["jobs_by_statement"]))

@@ -12,8 +12,11 @@ Measured:
 - a one-table backlog of one-activity requests: messages per apply under ordering;
 - bytes: `totalBytesProcessed` from the job statistics in the emulator's answers (bqemulator
   reports 0), the subscriber's own counters if its /metrics has any (`*bytes_processed*`,
-  `*bytes_billed*`), and the least Google would bill: 10 MB per query job other than DDL
-  (on-demand minimum, https://cloud.google.com/bigquery/pricing#on_demand_pricing).
+  `*bytes_billed*`), the least Google would bill: 10 MB per query job other than DDL
+  (on-demand minimum, https://cloud.google.com/bigquery/pricing#on_demand_pricing), and an
+  estimate of what it would bill from the jobs' statements and the tables' sizes
+  (`billing.py`: DML bills every column of each partition it changes);
+- the same mixed backlog without deletes, into a fresh dataset: calls and bytes billed.
 The prototype's pattern (per activity: list tables, an ALTER job, insertAll of one row;
 one message per apply) runs through the same REST proxy on a sample.
 """
@@ -29,6 +32,7 @@ from typing import Any, Callable
 import httpx
 
 MIN_BILLED_PER_QUERY = 10 * 1024 * 1024
+INSERTS_ONLY_DATASET = "bench_gcp_inserts"
 _ACKED = re.compile(r"^pipeline_messages_acked_total (\S+)", re.M)
 _BYTES = re.compile(r"^(\w*bytes_(?:processed|billed)\w*?)(?:_total)?(?:\{[^}]*\})? (\S+)", re.M)
 
@@ -91,6 +95,45 @@ class _Counts:
         }  # fmt: skip
 
 
+def _mixed_backlog(p: Any, counts: _Counts, emu: Any, bodies: Any, activities: int) -> dict[str, Any]:
+    """Publish `bodies` with the subscriber stopped, drain them; rates, calls, and the bytes
+    Google would bill for the drain's query jobs (an estimate: `billing.py`)."""
+    messages = 0
+    for body in bodies:
+        r = p.post(body)
+        if r.status_code != 200:
+            raise RuntimeError(f"bench body refused: {r.status_code} {r.text[:200]}")
+        messages += _messages_of(body)
+    counts.reset()
+    since_ms = int(time.time() * 1000)
+    seconds = _drain(p, messages, timeout=900)
+    applies = _applies(p)
+    run = {"activities": activities, "messages": messages, "seconds": seconds, "activities_per_s": activities / seconds,
+           "applies": len(applies), "messages_per_apply": sum(applies) / max(1, len(applies)),
+           **counts.snapshot(activities), "subscriber_byte_counters": _metric(p, _BYTES)}  # fmt: skip
+    billed = _estimate_billing(emu, p.env["BIGQUERY_DATASET"], since_ms)
+    run.update(estimated_bytes_billed_per_10k=billed["bytes"] * 10_000 / max(1, activities), billing_estimate=billed)
+    return run
+
+
+def _estimate_billing(emu: Any, dataset: str, since_ms: int) -> dict[str, Any]:
+    """`billing.estimate` read through a proxy of its own (the counting one stays untouched)."""
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    from scripts.bench import billing
+    from tests.support.fault_proxy import BigQueryRestProxy
+
+    with BigQueryRestProxy(emu.rest) as reads:
+        client = bigquery.Client(project=emu.project, credentials=AnonymousCredentials(),
+                                 client_options=ClientOptions(api_endpoint=f"http://{reads.address}"))
+        try:
+            return billing.estimate(client, dataset, since_ms)
+        finally:
+            client.close()
+
+
 def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sample: int,
             prototype: Callable[[Any, int], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
     from app.settings import Settings
@@ -123,22 +166,11 @@ def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sam
             if prov.returncode != 0:
                 raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
             p.start("api")
-            # 1. mixed backlog
-            bodies = list(workload.mixed_bodies(activities, per_body, seed=5))
-            messages = 0
-            for body in bodies:
-                r = p.post(body)
-                if r.status_code != 200:
-                    raise RuntimeError(f"bench body refused: {r.status_code} {r.text[:200]}")
-                messages += _messages_of(body)
-            counts.reset()
-            seconds = _drain(p, messages, timeout=900)
-            applies = _applies(p)
-            mixed = {"activities": activities, "messages": messages, "seconds": seconds, "activities_per_s": activities / seconds,
-                     "applies": len(applies), "messages_per_apply": sum(applies) / max(1, len(applies)),
-                     **counts.snapshot(activities), "subscriber_byte_counters": _metric(p, _BYTES)}  # fmt: skip
+            # 1. mixed backlog (~1% deletes)
+            mixed = _mixed_backlog(p, counts, emu, workload.mixed_bodies(activities, per_body, seed=5), activities)
             log(f"  pipeline, mixed backlog: {mixed['activities_per_s']:.0f} act/s, {mixed['messages_per_apply']:.1f} msgs/apply, "
-                f"{mixed['calls_per_10k']:.0f} calls/10k, {mixed['query_jobs_per_10k']:.0f} query jobs/10k")
+                f"{mixed['calls_per_10k']:.0f} calls/10k, {mixed['query_jobs_per_10k']:.0f} query jobs/10k, "
+                f"est. billed {mixed['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB/10k")
             # 2. one-table backlog (one activity per request)
             p.kill("subscriber", 15)
             for i in range(one_table):
@@ -152,9 +184,19 @@ def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sam
             single = {"messages": one_table, "seconds": seconds_one, "applies": len(one),
                       "messages_per_apply": sum(one) / max(1, len(one)), **counts.snapshot(one_table)}  # fmt: skip
             log(f"  pipeline, one-table backlog of {one_table}: {single['messages_per_apply']:.1f} msgs/apply in {len(one)} applies")
+            # 3. the same mixed backlog without deletes, into a fresh dataset (its tables' sizes are its own)
+            p.kill("subscriber", 15)
+            p.env["BIGQUERY_DATASET"] = INSERTS_ONLY_DATASET
+            prov = p.cli("provision")
+            if prov.returncode != 0:
+                raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
+            inserts = _mixed_backlog(p, counts, emu, workload.mixed_bodies(activities, per_body, seed=5, delete_share=0.0),
+                                     activities)
+            log(f"  pipeline, mixed backlog without deletes: {inserts['calls_per_10k']:.0f} calls/10k, "
+                f"{inserts['query_jobs_per_10k']:.0f} query jobs/10k, est. billed {inserts['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB/10k")
         finally:
             p.stop()
-        # 3. the prototype's pattern, through the same proxy
+        # 4. the prototype's pattern, through the same proxy
         counts.reset()
         settings = Settings(warehouse="bigquery", gcp_project=emu.project, bigquery_dataset="bench_gcp",
                             bigquery_emulator_host=rest.address, bigquery_emulator_grpc_host=bq_grpc.address)  # fmt: skip
@@ -162,4 +204,4 @@ def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sam
         proto.update(counts.snapshot(proto["activities"]), activities_per_s=proto["activities"] / max(1e-9, proto["seconds"]),
                      messages_per_apply=1.0)  # fmt: skip
         log(f"  prototype pattern: {proto['activities_per_s']:.1f} act/s, {proto['calls_per_10k']:,.0f} calls/10k")
-        return {"mixed": mixed, "one_table": single, "prototype": proto}
+        return {"mixed": mixed, "inserts_only": inserts, "one_table": single, "prototype": proto}

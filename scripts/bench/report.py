@@ -67,8 +67,13 @@ METHOD = """
   then the real subscriber drains it (clock: subscriber healthy -> every message acked); then a one-table
   backlog of one-activity requests. Messages per apply come from the subscriber's `applied` log lines.
   Bytes: job statistics seen at the proxy (bqemulator reports 0 processed), and Google's on-demand minimum
-  of 10 MB per query job as the least that would be billed. The prototype's pattern runs through the same
-  proxy on a sample (one message per apply by construction).
+  of 10 MB per query job as the least that would be billed; and an estimate of the bytes billed
+  (`scripts/bench/billing.py`: each job's statement from jobs.list, the tables' logical sizes at the end of
+  the drain by Google's data size calculation; DML bills the referenced columns plus every column of the
+  partitions it changes, at least 10 MB per table; DDL nothing), for the mixed backlog (~1% deletes) and for
+  the same backlog without deletes drained into a fresh dataset. At bench sizes every job is at the 10 MB
+  minimum; a DELETE's share grows with the size of the day partition it deletes from. The prototype's
+  pattern runs through the same proxy on a sample (one message per apply by construction).
 - **7 many tables.** The same 50,000 one-row activities (500 requests of 100) are published as the API
   would, once all to one table (500 messages) and once over 1,000 tables, each request spread over 100 of
   them (50,000 messages); a real subscriber drains each backlog, timed by its own log ("subscriber

@@ -58,8 +58,8 @@ def readme_batch(n: int) -> bytes:
     return orjson.dumps({"user_activities": acts})
 
 
-def mixed_bodies(total: int, per_batch: int = 500, seed: int = 7) -> Iterator[dict]:
-    """Request bodies of `per_batch` activities over the mixed tables, ~1% deletes of earlier rows."""
+def mixed_bodies(total: int, per_batch: int = 500, seed: int = 7, delete_share: float = DELETE_SHARE) -> Iterator[dict]:
+    """Request bodies of `per_batch` activities over the mixed tables, `delete_share` (~1%) deletes of earlier rows."""
     rnd = random.Random(seed)
     weights = [share for _, share, _ in TABLES]
     next_id = [0] * len(TABLES)
@@ -69,7 +69,7 @@ def mixed_bodies(total: int, per_batch: int = 500, seed: int = 7) -> Iterator[di
         for _ in range(min(per_batch, total - made)):
             t = rnd.choices(range(len(TABLES)), weights)[0]
             name, _, cols = TABLES[t]
-            if next_id[t] > 10 and rnd.random() < DELETE_SHARE:
+            if next_id[t] > 10 and rnd.random() < delete_share:
                 victim = rnd.randrange(next_id[t])
                 acts.append({"operation": "delete", "table": name, "col_names": [cols[0][0]],
                              "col_types": [cols[0][1]], "col_values": [victim]})
