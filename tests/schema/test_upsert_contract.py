@@ -95,3 +95,16 @@ def test_runs_keep_upserts_apart_by_key_and_from_inserts():
     assert [(r.operation, r.key, r.activities()) for r in runs] == [
         (r.operation, r.key, r.activities()) for r in runs_of(validate(b))
     ]
+
+
+def test_a_body_of_upserts_is_built_column_by_column_once_its_shape_is_known(monkeypatch):
+    from app.schema import columnar_validation
+
+    b = body(*[upsert(col_values=[i, f"u{i}@example.com", "pro"]) for i in range(50)])
+    expected = [(r.key, r.activities()) for r in runs_of(validate(b))]  # caches the shape
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validate_batch called")
+
+    monkeypatch.setattr(columnar_validation, "validate_batch", refuse)
+    assert [(r.key, r.activities()) for r in validate_runs(b, max_activities=100)] == expected
