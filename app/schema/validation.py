@@ -292,8 +292,11 @@ def _validate(
                 names = act["col_names"]
                 types = act["col_types"]
                 vals = act["col_values"]
-                key = act[KEY_FIELD] if size == 6 else None
-                schema = schemas_get(shape_cache_key(table, names, types, key)) if (op == "upsert") == (size == 6) else None
+                if size == 5:
+                    schema = schemas_get((table, tuple(names), tuple(types))) if op != "upsert" else None
+                else:
+                    key = act[KEY_FIELD]
+                    schema = schemas_get((table, tuple(names), tuple(types), tuple(key))) if op == "upsert" else None
             except (KeyError, TypeError):  # missing key, unhashable or non-iterable garbage
                 schema = None
             if schema is not None and type(vals) is list and type(names) is list and type(types) is list:
@@ -304,11 +307,11 @@ def _validate(
                     except (ValueError, ValueTooLarge):
                         pass
                     else:
+                        if canonical_key is None:
+                            append_out(Activity(op, table, list(names), lowered.copy(), new_vals))  # type: ignore[arg-type]
+                            continue
                         if not any(new_vals[p] is None for p in positions):
-                            activity = Activity(op, table, list(names), lowered.copy(), new_vals)  # type: ignore[arg-type]
-                            if canonical_key is not None:
-                                activity.key = canonical_key.copy()
-                            append_out(activity)
+                            append_out(Activity(op, table, list(names), lowered.copy(), new_vals, canonical_key.copy()))  # type: ignore[arg-type]
                             continue
         activity = _validate_activity(i, act, details, add, max_columns, ctx)
         if activity is not None:

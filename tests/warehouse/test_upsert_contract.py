@@ -218,3 +218,16 @@ def test_random_sequences_end_as_the_model_says(name: str, form: str, tmp_path_f
         check()
     finally:
         backend.close()
+
+
+def test_upserts_of_several_tables_in_one_apply_many(keyed, table: str) -> None:
+    backend, form = keyed
+    a, b, c = f"{table}_a", f"{table}_b", f"{table}_c"
+    apply(keyed, c, [ups(c, COLS, [1, "c"], ["id"])])
+    outcomes = backend.warehouse.apply_many([
+        (a, [envelope(form, a, ups(a, COLS, [1, "x"], ["id"]), ups(a, COLS, [1, "y"], ["id"]))]),
+        (b, [envelope(form, b, ins(b, COLS, [1, "p"]), ins(b, COLS, [1, "q"]))]),
+        (c, [envelope(form, c, ups(c, COLS, [2, "z"], ["v"]), ins(c, COLS, [1, "d"]))]),  # another key: refused
+    ])
+    assert [len(o.rejections) for o in outcomes] == [0, 0, 1]
+    assert rows(keyed, a) == [(1, "y")] and rows(keyed, b) == [(1, "p"), (1, "q")] and rows(keyed, c) == [(1, "d")]
