@@ -86,7 +86,7 @@ class EdgeContracts:
         refused = [
             {"loc": "user_activities", "message": problem}
             for item in outcome.validated
-            if (problem := delete_problem(config, item.table, item.operation, item.col_names)) is not None
+            if (problem := delete_problem(config, item.table, item.operation, item.col_names, item.key)) is not None
         ]
         if refused:
             metrics.ACTIVITIES_REJECTED.inc(sum(1 if a.__class__ is Activity else len(a) for a in outcome.validated))
@@ -114,7 +114,7 @@ def _refuse(refusals: list[tuple[int, Verdict]], activities: int) -> ApiError:
 
 def _trimmed(activity: Activity, keep: tuple[int, ...]) -> Activity:
     names, types, values = activity.col_names, activity.col_types, activity.col_values
-    return Activity(activity.operation, activity.table, [names[p] for p in keep], [types[p] for p in keep], [values[p] for p in keep])
+    return Activity(activity.operation, activity.table, [names[p] for p in keep], [types[p] for p in keep], [values[p] for p in keep], activity.key)
 
 
 def _check_activities(config: TablesConfig, activities: list[Activity]) -> EdgeOutcome:
@@ -168,7 +168,7 @@ def _check_runs(config: TablesConfig, body: Any, runs: list[ActivityRun]) -> Edg
         elif found.action == TRIM:
             types = [run.col_types[p] for p in found.keep]  # batch fields are named by position: rebuilt
             columns = [run.batch.column(p) for p in found.keep]
-            kept.append(ActivityRun(run.table, run.operation, [run.col_names[p] for p in found.keep], types, record_batch(types, columns)))
+            kept.append(ActivityRun(run.table, run.operation, [run.col_names[p] for p in found.keep], types, record_batch(types, columns), run.key))
             outcome.dropped = outcome.dropped or Counter()
             outcome.dropped.update({(run.table, v.column): len(run) for v in found.violations})  # type: ignore[misc]
         else:

@@ -56,6 +56,16 @@ DELETE_BATCH: dict[str, Any] = {
     ]
 }
 
+UPSERT_BATCH: dict[str, Any] = {
+    "user_activities": [
+        {"operation": "upsert", "table": "users", "col_names": ["user_id", "email", "plan"],
+         "col_types": ["integer", "string", "string"], "col_values": [7, "a@example.com", "pro"], "key": ["user_id"]},
+        # the same key again: the later row wins; columns not sent become null
+        {"operation": "upsert", "table": "users", "col_names": ["user_id", "plan"],
+         "col_types": ["integer", "string"], "col_values": [7, "team"], "key": ["user_id"]},
+    ]
+}
+
 _PER_TYPE = dict(
     (
         _one_type("string", ["logged in", "", None]),
@@ -81,6 +91,10 @@ REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
     "delete": {
         "summary": "Deletes: rows whose named columns all equal the values (null matches IS NULL)",
         "value": DELETE_BATCH,
+    },
+    "upsert": {
+        "summary": "Upserts: one row per key, the whole row replaced (the first upsert fixes the table's key)",
+        "value": UPSERT_BATCH,
     },
     **_PER_TYPE,
 }

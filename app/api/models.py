@@ -30,9 +30,11 @@ class ActivityIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_ACTIVITY]})
 
-    operation: Literal["insert", "delete"] = Field(
+    operation: Literal["insert", "delete", "upsert"] = Field(
         description="`insert` adds a row; `delete` removes the rows whose named columns all equal "
-        "the given values. Any letter case is accepted.",
+        "the given values; `upsert` replaces the row with the same `key` values (the whole row: "
+        "columns not sent become null) or adds it. On a table that has a key (fixed by its first "
+        "upsert) an `insert` is an upsert on that key. Any letter case is accepted.",
         examples=["insert"],
     )
     table: str = Field(
@@ -60,6 +62,16 @@ class ActivityIn(BaseModel):
         description="One value per column (null allowed for every type), in a form its type accepts: "
         "BigQuery's JSON-ingestion forms (see the per-type examples).",
         examples=[EXAMPLE_ACTIVITY["col_values"]],
+    )
+
+    key: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Upsert only (required there, refused on other operations): the distinct names, "
+        "from `col_names`, of the columns that identify a row; their values must not be null, and "
+        "their types compare exactly (not `float`, `record` or `geography`). The first upsert fixes "
+        "the table's key; an upsert naming another key is refused (dead-lettered).",
+        examples=[["user_id"]],
     )
 
     @field_validator("operation", mode="before")

@@ -95,8 +95,11 @@ def _decide(config: TablesConfig, table: str, operation: str, names: tuple[str, 
         return Verdict(QUARANTINE, by_mode["discard_row"][:1], where=where)
     dropped = {v.position for v in by_mode["discard_value"]}
     keep = tuple(p for p in range(len(names)) if p not in dropped)
-    if operation == "delete" or not keep:
-        reason = "a delete's condition columns are never dropped" if operation == "delete" else "every column was dropped"
+    if operation in ("delete", "upsert") or not keep:
+        reason = {
+            "delete": "a delete's condition columns are never dropped",
+            "upsert": "an upsert's columns are never dropped (the whole row is replaced)",
+        }.get(operation, "every column was dropped")
         first = by_mode["discard_value"][0]
         return Verdict(QUARANTINE, (Violation(first.rule, "discard_value", first.column, first.position, f"{first.reason}; {reason}"),), where=where)
     return Verdict(TRIM, by_mode["discard_value"], keep, where=where)

@@ -31,8 +31,17 @@ REDACTED = "[redacted]"
 UNSAFE_IN_DELETES = frozenset({"drop", "redact"})
 
 
-def delete_problem(config: TablesConfig, table: str, operation: str, names: list[str]) -> str | None:
-    """Why a delete cannot go through its table's PII policies, or None."""
+def delete_problem(
+    config: TablesConfig, table: str, operation: str, names: list[str], key: list[str] | None = None
+) -> str | None:
+    """Why a delete, or an upsert's key, cannot go through its table's PII policies, or None."""
+    if operation == "upsert" and key is not None:
+        pii = config.settings_for(table).pii
+        unsafe = [n for n in key if pii.get(n) in UNSAFE_IN_DELETES]
+        if unsafe:
+            return (f"an upsert's key cannot name column {unsafe[0]!r}: its pii policy is {pii[unsafe[0]]}, "
+                    "so rows could not be told apart")
+        return None
     if operation != "delete":
         return None
     pii = config.settings_for(table).pii
@@ -104,7 +113,7 @@ class PiiPolicies:
             names.append(name)
             types.append(type_name if policy is None else "string")
             values.append(value if policy is None else self._value(policy, type_name, value))
-        return Activity(activity.operation, activity.table, names, types, values)
+        return Activity(activity.operation, activity.table, names, types, values, activity.key)
 
     def run(self, config: TablesConfig, run: ActivityRun) -> ActivityRun:
         pii = config.settings_for(run.table).pii
@@ -124,4 +133,4 @@ class PiiPolicies:
             canonical = canonical or run.column_values()
             types.append("string")
             arrays.append(pa.array([self._value(policy, type_name, v) for v in canonical[position]], pa.string()))
-        return ActivityRun(run.table, run.operation, names, types, record_batch(types, arrays))
+        return ActivityRun(run.table, run.operation, names, types, record_batch(types, arrays), run.key)

@@ -15,6 +15,9 @@ unsigned little-endian:
     offset 12  H bytes of JSON, padded with spaces so that 12 + H is a multiple of 8:
                {"batch_id": "...", "table": "t", "runs": [{"operation": "insert",
                 "col_names": [...], "col_types": [...], "rows": n, "bytes": m}, ...]}
+               an upsert run's entry also has "key": [...] (its key columns); an
+               entry without it is a run of no key, so bodies written before upserts
+               existed decode unchanged
     then, per run in order, its record batch as one Arrow IPC encapsulated message
     (https://arrow.apache.org/docs/format/Columnar.html#encapsulated-message-format) of
     `bytes` bytes, a multiple of 8, so every buffer stays 8-byte aligned.
@@ -31,6 +34,8 @@ form of dead letters (`readable_body`):
 
     {"v": 1, "batch_id": "...", "table": "t", "activities": [
         {"operation": "insert", "col_names": [...], "col_types": [...], "col_values": [...]}]}
+
+    (an upsert's object also has "key": [...])
 
 Sizes keep to the `MessageLimits` the encoder is given: the API passes its broker's
 (`broker.capabilities.message`), tools without a broker the portable ones every built-in
@@ -203,7 +208,12 @@ def _conformed(run: ActivityRun) -> ActivityRun:
         raise ValueError(f"a run of {run.table} has {batch.num_columns} columns for {len(schema)} col_types")
     columns = [column.cast(field.type) for column, field in zip(batch.columns, schema)]
     return ActivityRun(
-        run.table, run.operation, run.col_names, run.col_types, pa.RecordBatch.from_arrays(columns, schema=schema)
+        run.table,
+        run.operation,
+        run.col_names,
+        run.col_types,
+        pa.RecordBatch.from_arrays(columns, schema=schema),
+        run.key,
     )
 
 
@@ -215,15 +225,16 @@ class _Piece:
     def __init__(self, run: ActivityRun, rows: int, payload: pa.Buffer) -> None:
         self.rows = rows
         self.payload = payload
-        self.entry = orjson.dumps(
-            {
-                "operation": run.operation,
-                "col_names": run.col_names,
-                "col_types": run.col_types,
-                "rows": rows,
-                "bytes": payload.size,
-            }
-        )
+        entry = {
+            "operation": run.operation,
+            "col_names": run.col_names,
+            "col_types": run.col_types,
+            "rows": rows,
+            "bytes": payload.size,
+        }
+        if run.key is not None:
+            entry["key"] = run.key
+        self.entry = orjson.dumps(entry)
 
 
 def _body(head: bytes, pieces: Sequence[_Piece]) -> bytes:
@@ -333,15 +344,27 @@ def _decode_runs(data: bytes) -> tuple[str, str, list[ActivityRun]]:
             raise ValueError("col_names and col_types must be non-empty lists of the same length")
         if rows.__class__ is not int or size.__class__ is not int or rows < 0 or size < 0 or offset + size > len(data):
             raise ValueError("a run's rows or bytes are out of range")
+        key = _key_of(operation, entry.get("key"), names)
         batch = pa.ipc.read_record_batch(body.slice(offset, size), _schema(tuple(types)))
         if batch.num_rows != rows:
             raise ValueError(f"a run holds {batch.num_rows} rows, its header says {rows}")
         batch.validate(full=True)
-        runs.append(ActivityRun(table, operation, names, types, batch))
+        runs.append(ActivityRun(table, operation, names, types, batch, key))
         offset += size
     if offset != len(data):
         raise ValueError(f"{len(data) - offset} bytes after the last run")
     return batch_id, table, runs
+
+
+def _key_of(operation: str, key: object, names: list) -> list[str] | None:
+    """A run's or activity's key as decoded: a list of its column names for an upsert, else absent."""
+    if operation != "upsert":
+        if key is not None:
+            raise ValueError(f"a {operation} has a key")
+        return None
+    if key.__class__ is not list or not key or not all(k.__class__ is str and k in names for k in key):  # type: ignore[union-attr]
+        raise ValueError("an upsert needs a key: a non-empty list of its column names")
+    return key  # type: ignore[return-value]
 
 
 def _decode_json(data: bytes) -> tuple[str, list[Activity]]:
@@ -358,6 +381,7 @@ def _decode_json(data: bytes) -> tuple[str, list[Activity]]:
             names if (names := item["col_names"]).__class__ is list else list(names),
             types if (types := item["col_types"]).__class__ is list else list(types),
             values if (values := item["col_values"]).__class__ is list else list(values),
+            _key_of(item["operation"], item.get("key"), names) if "key" in item or item["operation"] == "upsert" else None,
         )
         for item in body["activities"]
     ]
@@ -374,17 +398,16 @@ def json_body(batch_id: str, table: str, activities: Sequence[Activity]) -> byte
             "v": JSON_FORMAT_VERSION,
             "batch_id": batch_id,
             "table": table,
-            "activities": [
-                {
-                    "operation": a.operation,
-                    "col_names": a.col_names,
-                    "col_types": a.col_types,
-                    "col_values": a.col_values,
-                }
-                for a in activities
-            ],
+            "activities": [_json_item(a) for a in activities],
         }
     )
+
+
+def _json_item(a: Activity) -> dict:
+    item = {"operation": a.operation, "col_names": a.col_names, "col_types": a.col_types, "col_values": a.col_values}
+    if a.key is not None:
+        item["key"] = a.key
+    return item
 
 
 def readable_body(data: bytes) -> bytes:

@@ -118,6 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
                     {
                         "messages_acked": t.messages_acked,
                         "rows_inserted": t.rows_inserted,
+                        "rows_upserted": t.rows_upserted,
                         "rows_deleted": t.rows_deleted,
                         "duplicates_skipped": t.duplicates_skipped,
                         "dead_lettered": t.dead_lettered,

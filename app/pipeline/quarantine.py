@@ -107,7 +107,7 @@ def _problem(settings: Settings, entry: QuarantineEntry, config: Any) -> tuple[A
         return None, "; ".join(d["message"] for d in details)
     if config is not None:
         # The row holds the activity after its PII policies: a delete may have lost a condition.
-        if (problem := delete_problem(config, activity.table, activity.operation, list(config.settings_for(activity.table).pii))):
+        if (problem := delete_problem(config, activity.table, activity.operation, list(config.settings_for(activity.table).pii), activity.key)):
             return None, problem
         found = verdict(config, activity.table, activity.operation, activity.col_names, activity.col_types)
         if found.action != KEEP:

@@ -177,7 +177,9 @@ class Replayer:
                 continue
             schema = None if columns is None else {name.lower(): (name, typ) for name, typ in columns.items()}
             # Planned together, in id order, as the subscriber would apply them.
-            plan = plan_table(table, schema, [Envelope(str(entry.id), table, acts) for entry, acts in items])
+            # (upserts=True: the keys are not known here; the subscriber dead-letters a
+            # refused upsert again, with its reason)
+            plan = plan_table(table, schema, [Envelope(str(entry.id), table, acts) for entry, acts in items], upserts=True)
             for rejection in plan.rejections:
                 entry_id = int(rejection.dedup_id)
                 if not isinstance(checked[entry_id], str):

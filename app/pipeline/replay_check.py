@@ -7,7 +7,8 @@ table's current rows, through the warehouse's read-only `query` with bound value
 
 - a delete would remove the rows matching it now, rows written after the failure too;
 - an insert whose values are already in the table (written again since) would add an
-  older copy after them.
+  older copy after them;
+- an upsert whose key is in the table would replace that row, written since, by its older one.
 
 Only columns of types that compare equal the same way in every warehouse (string,
 integer, boolean) are compared; a delete compared on fewer columns than it names counts
@@ -63,6 +64,17 @@ def what_it_would_change(activity: Activity, columns: dict[str, str] | None, cou
         bound = "up to " if len(compared) < len(activity.col_names) else ""
         return (f"would delete {bound}{n} row(s) of {activity.table} as it is now ({shown or 'every row'}), "
                 "rows written after the failure included")
+    if activity.operation == "upsert":
+        key = {k.lower() for k in activity.key or ()}
+        on_key = [(name, value) for name, value in compared if name.lower() in key]
+        if len(on_key) != len(key):
+            return None  # a key column of a type not compared here
+        sql, params = matching_sql(activity.table, on_key)
+        if count(sql, params) == 0:
+            return None
+        shown = ", ".join(f"{name}={value!r}" for name, value in on_key)
+        return (f"{activity.table} holds the row of key {shown}, written since: "
+                "the replay would replace it by this older one")
     if not compared:
         return None
     sql, params = matching_sql(activity.table, compared)

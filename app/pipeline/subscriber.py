@@ -64,6 +64,7 @@ class Totals:
 
     messages_acked: int = 0
     rows_inserted: int = 0
+    rows_upserted: int = 0
     rows_deleted: int = 0
     duplicates_skipped: int = 0
     dead_lettered: int = 0
@@ -313,7 +314,7 @@ class Subscriber:
         log.info(
             "applied",
             extra={"table": table, "messages": len(batch), "rows_inserted": result.rows_inserted,
-                   "rows_deleted": result.rows_deleted, "duplicates_skipped": result.skipped_duplicates,
+                   "rows_upserted": result.rows_upserted, "rows_deleted": result.rows_deleted, "duplicates_skipped": result.skipped_duplicates,
                    "rejected": len(result.rejections), "schema_changes": result.schema_changes},
         )
         if result.rejections:
@@ -431,12 +432,15 @@ class Subscriber:
         with self._totals_lock:
             t = self.totals
             t.rows_inserted += result.rows_inserted
+            t.rows_upserted += result.rows_upserted
             t.rows_deleted += result.rows_deleted
             t.duplicates_skipped += result.skipped_duplicates
-            if result.rows_inserted or result.rows_deleted:
+            if result.rows_inserted or result.rows_upserted or result.rows_deleted:
                 t.last_write_by_table[table] = time.time()
         if result.rows_inserted:
             metrics.ROWS_APPLIED.labels(table, "insert").inc(result.rows_inserted)
+        if result.rows_upserted:
+            metrics.ROWS_APPLIED.labels(table, "upsert").inc(result.rows_upserted)
         if result.rows_deleted:
             metrics.ROWS_APPLIED.labels(table, "delete").inc(result.rows_deleted)
         metrics.DUPLICATES_SKIPPED.inc(result.skipped_duplicates)

@@ -207,6 +207,7 @@ class ActivityRun:
     col_names: list[str]
     col_types: list[str]
     batch: pa.RecordBatch
+    key: list[str] | None = None  # an upsert run's key columns (names as in col_names)
 
     def __len__(self) -> int:
         return self.batch.num_rows
@@ -218,15 +219,16 @@ class ActivityRun:
     def activities(self) -> list[Activity]:
         columns = self.column_values()
         rows = zip(*columns) if columns else ()
+        key = self.key
         return [
-            Activity(self.operation, self.table, list(self.col_names), list(self.col_types), list(row))  # type: ignore[arg-type]
+            Activity(self.operation, self.table, list(self.col_names), list(self.col_types), list(row), None if key is None else list(key))  # type: ignore[arg-type]
             for row in rows
         ]
 
 
 def runs_of(activities: Iterable[Activity]) -> list[ActivityRun]:
     """Validated activities as runs: grouped by table (first-seen order), then consecutive
-    activities of the same operation, names and types; each table's order is kept."""
+    activities of the same operation, names, types and key; each table's order is kept."""
     by_table: dict[str, list[list[Activity]]] = {}
     for a in activities:
         groups = by_table.setdefault(a.table, [])
@@ -236,6 +238,7 @@ def runs_of(activities: Iterable[Activity]) -> list[ActivityRun]:
             and last.operation == a.operation
             and last.col_types == a.col_types
             and last.col_names == a.col_names
+            and last.key == a.key
         ):
             groups[-1].append(a)
         else:
@@ -252,6 +255,7 @@ def runs_of(activities: Iterable[Activity]) -> list[ActivityRun]:
                     list(first.col_names),
                     list(first.col_types),
                     record_batch(first.col_types, columns),
+                    None if first.key is None else list(first.key),
                 )
             )
     return runs

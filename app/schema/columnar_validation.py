@@ -17,7 +17,14 @@ from operator import itemgetter
 from typing import Any
 
 from app.schema.columnar import ActivityRun, record_batch, runs_of, to_arrow
-from app.schema.validation import OPERATIONS, ValidationContext, ValueTooLarge, validate_batch, validation_context
+from app.schema.validation import (
+    OPERATIONS,
+    ValidationContext,
+    ValueTooLarge,
+    shape_cache_key,
+    validate_batch,
+    validation_context,
+)
 from app.schema.vectorized import column_array
 
 __all__ = ["validate_runs"]
@@ -53,13 +60,14 @@ def validate_runs(
 class _Group:
     """Consecutive activities of one table with one operation, names and (lower-case) types."""
 
-    __slots__ = ("operation", "names", "raw_types", "types", "normalizers", "values")
+    __slots__ = ("operation", "names", "raw_types", "raw_key", "types", "normalizers", "key_positions", "key", "values")
 
-    def __init__(self, operation: str, names: list, raw_types: list, schema: tuple, values: list) -> None:
+    def __init__(self, operation: str, names: list, raw_types: list, raw_key: Any, schema: tuple, values: list) -> None:
         self.operation = operation
         self.names = names
         self.raw_types = raw_types
-        self.types, self.normalizers = schema
+        self.raw_key = raw_key
+        self.types, self.normalizers, self.key_positions, self.key = schema
         self.values = values  # each activity's col_values
 
 
@@ -79,7 +87,16 @@ def _columnar_runs(
     activities = body.get("user_activities")
     if type(activities) is not list or not 0 < len(activities) <= max_activities:
         return None
-    if set(map(type, activities)) != {dict} or set(map(len, activities)) != {5}:
+    if set(map(type, activities)) != {dict}:
+        return None
+    sizes = set(map(len, activities))
+    if sizes == {5}:
+        keys: list[Any] = [None] * len(activities)  # a "key" among five keys: another is missing (KeyError)
+    elif sizes <= {5, 6}:
+        keys = [a.get("key") for a in activities]
+        if any(len(a) != (5 if k is None else 6) for a, k in zip(activities, keys)):
+            return None  # an unknown key, or a null key
+    else:
         return None
     # KeyError for a missing key: with five keys, all five present means no unknown one
     tables = list(map(_get_table, activities))
@@ -87,7 +104,7 @@ def _columnar_runs(
     names = list(map(_get_names, activities))
     types = list(map(_get_types, activities))
     values = list(map(_get_values, activities))
-    groups = _groups(tables, operations, names, types, values, ctx)
+    groups = _groups(tables, operations, names, types, keys, values, ctx)
     if groups is None:
         return None
     runs: list[ActivityRun] = []
@@ -100,8 +117,15 @@ def _columnar_runs(
     return runs
 
 
+def _shape(ctx: ValidationContext, table: Any, operation: str | None, names: list, types: list, key: Any) -> tuple | None:
+    """The cached valid shape of an activity, None unless known (or the key fits not the operation)."""
+    if operation is None or (operation == "upsert") != (key is not None):
+        return None
+    return ctx.schemas.get(shape_cache_key(table, names, types, key))
+
+
 def _groups(
-    tables: list, operations: list, names: list, types: list, values: list, ctx: ValidationContext
+    tables: list, operations: list, names: list, types: list, keys: list, values: list, ctx: ValidationContext
 ) -> dict[str, list[_Group]] | None:
     """Activities grouped as `runs_of` groups them: per table (first seen first), then
     consecutive ones of one operation, names and types; None unless every column set is
@@ -110,37 +134,49 @@ def _groups(
     first_names, first_types = names[0], types[0]
     if type(first_names) is not list or type(first_types) is not list:
         return None  # (equal to a list is a list, below)
-    schemas_get = ctx.schemas.get
     if (  # one table, one shape: the common request
         tables.count(tables[0]) == n
         and operations.count(operations[0]) == n
         and names.count(first_names) == n
         and types.count(first_types) == n
+        and keys.count(keys[0]) == n
     ):
         operation = OPERATIONS.get(operations[0])
-        schema = schemas_get((tables[0], tuple(first_names), tuple(first_types)))
+        schema = _shape(ctx, tables[0], operation, first_names, first_types, keys[0])
         if operation is None or schema is None:
             return None
-        return {tables[0]: [_Group(operation, first_names, first_types, schema, values)]}
+        return {tables[0]: [_Group(operation, first_names, first_types, keys[0], schema, values)]}
 
     groups: dict[str, list[_Group]] = {}
     last: dict[str, _Group] = {}  # each table's latest group
-    for table, op, nm, ty, vals in zip(tables, operations, names, types, values):
+    for table, op, nm, ty, key, vals in zip(tables, operations, names, types, keys, values):
         group = last.get(table)
-        # Equal to the group's raw operation, names and types: the same, valid, shape.
-        if group is not None and op == group.operation and nm == group.names and ty == group.raw_types:
+        # Equal to the group's raw operation, names, types and key: the same, valid, shape.
+        if (
+            group is not None
+            and op == group.operation
+            and nm == group.names
+            and ty == group.raw_types
+            and key == group.raw_key
+        ):
             group.values.append(vals)
             continue
         operation = OPERATIONS.get(op)
         if operation is None or type(nm) is not list or type(ty) is not list:
             return None
-        schema = schemas_get((table, tuple(nm), tuple(ty)))
+        schema = _shape(ctx, table, operation, nm, ty, key)
         if schema is None:
             return None
-        if group is not None and operation == group.operation and nm == group.names and schema[0] == group.types:
+        if (
+            group is not None
+            and operation == group.operation
+            and nm == group.names
+            and schema[0] == group.types
+            and schema[3] == group.key
+        ):
             group.values.append(vals)  # "INTEGER" and "integer" are one type
             continue
-        group = last[table] = _Group(operation, nm, ty, schema, [vals])
+        group = last[table] = _Group(operation, nm, ty, key, schema, [vals])
         groups.setdefault(table, []).append(group)
     return groups
 
@@ -160,4 +196,9 @@ def _run(table: str, group: _Group, max_columns: int, max_value_bytes: int) -> A
             except (ValueError, ValueTooLarge):
                 return None
         arrays.append(array)
-    return ActivityRun(table, group.operation, list(group.names), group.types.copy(), record_batch(group.types, arrays))
+    if any(arrays[p].null_count for p in group.key_positions):
+        return None  # a null key value: the per-activity rules report it
+    key = None if group.key is None else list(group.key)
+    return ActivityRun(
+        table, group.operation, list(group.names), group.types.copy(), record_batch(group.types, arrays), key
+    )

@@ -17,8 +17,11 @@ Contract (what the OpenAPI models in `app.api.models` describe):
 
 - the body is an object with exactly one key, `user_activities`, a non-empty list;
 - each activity is an object with exactly the keys operation, table, col_names,
-  col_types, col_values (unknown keys refused, missing keys reported);
-- `operation` is "insert" or "delete" in any letter case (canonical: lower case);
+  col_types, col_values, and `key` for an upsert (unknown keys refused, missing keys
+  reported, `key` on another operation refused);
+- `operation` is "insert", "delete" or "upsert" in any letter case (canonical: lower case);
+- an upsert's `key` is a non-empty list of distinct names from col_names (canonical: their
+  spelling in col_names), each of a type in `KEY_TYPES`, whose values are not null;
 - `table` and each column name follow `app.schema.identifiers`;
 - col_names, col_types and col_values are lists of equal length with at least one entry
   (a delete must name at least one column to match rows on);
@@ -29,7 +32,7 @@ Contract (what the OpenAPI models in `app.api.models` describe):
 
 Locations: `body` for the body itself, `user_activities`, `user_activities[i]` (the
 activity, also for unknown keys and unequal lengths), `user_activities[i].<key>` and
-`user_activities[i].<list>[j]`.
+`user_activities[i].<list>[j]` (`key[k]` too; a null key value at its `col_values[j]`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any, Callable
 
 import orjson
 
-from app.schema.activity import ACTIVITY_FIELDS, Activity
+from app.schema.activity import ACTIVITY_FIELDS, KEY_FIELD, KEY_TYPES, Activity
 from app.schema.identifiers import check_column_name, check_table_name
 from app.schema.types import TYPE_NAMES, TYPES
 from app.schema.values import brief
@@ -92,7 +95,8 @@ class _TooManyDetails(Exception):
 # problem with its location.
 
 _FIELDS = frozenset(ACTIVITY_FIELDS)
-OPERATIONS = {"insert": "insert", "delete": "delete"}
+_UPSERT_FIELDS = _FIELDS | {KEY_FIELD}
+OPERATIONS = {"insert": "insert", "delete": "delete", "upsert": "upsert"}
 _CACHE_MAX = 4096
 
 
@@ -182,13 +186,27 @@ class ValidationContext:
                 # Other types accept only short canonical text; a huge string is refused by
                 # the normalizer itself with a brief message.
                 self.normalizers[name] = spec.normalize
-        # (table, names tuple, types tuple) -> (lowered types, normalizers) for valid sets only
-        self.schemas: dict[tuple, tuple[list[str], tuple[Callable[[Any], Any], ...]]] = {}
+        # (table, names tuple, types tuple[, key tuple as sent]) -> Shape, for valid sets only
+        self.schemas: dict[tuple, Shape] = {}
 
-    def remember(self, key: tuple, lowered: list[str]) -> None:
+    def remember(self, cache_key: tuple, lowered: list[str], key: list[str] | None = None) -> None:
+        """A valid shape; `key`: an upsert's key, canonical (its columns' spelling in col_names)."""
         if len(self.schemas) >= _CACHE_MAX:
             self.schemas.clear()
-        self.schemas[key] = (lowered, tuple(self.normalizers[t] for t in lowered))
+        names = [n.lower() for n in cache_key[1]]
+        positions = tuple(names.index(k.lower()) for k in key) if key is not None else ()
+        self.schemas[cache_key] = (lowered, tuple(self.normalizers[t] for t in lowered), positions, key)
+
+
+# (lowered types, their normalizers, key column positions, canonical key or None)
+Shape = tuple[list[str], tuple[Callable[[Any], Any], ...], tuple[int, ...], "list[str] | None"]
+
+
+def shape_cache_key(table: Any, names: Any, types: Any, key: Any) -> tuple:
+    """The cache key of an activity's shape (TypeError for unhashable garbage)."""
+    if key is None:
+        return (table, tuple(names), tuple(types))
+    return (table, tuple(names), tuple(types), tuple(key))
 
 
 _contexts: dict[tuple[int, int], ValidationContext] = {}
@@ -266,26 +284,35 @@ def _validate(
 
     for i, act in enumerate(activities):
         # Fast path: a well-formed activity with a known-valid column set and valid values.
-        if type(act) is dict and len(act) == 5:
+        size = len(act) if type(act) is dict else 0
+        if size == 5 or size == 6:
             try:
                 op = OPERATIONS[act["operation"]]
                 table = act["table"]
                 names = act["col_names"]
                 types = act["col_types"]
                 vals = act["col_values"]
-                schema = schemas_get((table, tuple(names), tuple(types)))
+                if size == 5:
+                    schema = schemas_get((table, tuple(names), tuple(types))) if op != "upsert" else None
+                else:
+                    key = act[KEY_FIELD]
+                    schema = schemas_get((table, tuple(names), tuple(types), tuple(key))) if op == "upsert" else None
             except (KeyError, TypeError):  # missing key, unhashable or non-iterable garbage
                 schema = None
             if schema is not None and type(vals) is list and type(names) is list and type(types) is list:
-                lowered, normalizers = schema
+                lowered, normalizers, positions, canonical_key = schema
                 if len(vals) == len(lowered) <= max_columns:
                     try:
                         new_vals = [None if v is None else f(v) for f, v in zip(normalizers, vals)]
                     except (ValueError, ValueTooLarge):
                         pass
                     else:
-                        append_out(Activity(op, table, list(names), lowered.copy(), new_vals))  # type: ignore[arg-type]
-                        continue
+                        if canonical_key is None:
+                            append_out(Activity(op, table, list(names), lowered.copy(), new_vals))  # type: ignore[arg-type]
+                            continue
+                        if not any(new_vals[p] is None for p in positions):
+                            append_out(Activity(op, table, list(names), lowered.copy(), new_vals, canonical_key.copy()))  # type: ignore[arg-type]
+                            continue
         activity = _validate_activity(i, act, details, add, max_columns, ctx)
         if activity is not None:
             append_out(activity)
@@ -340,10 +367,14 @@ def _validate_activity(
         add(at, f"expected an activity object, got {brief(act)}")
         return None
     n_details = len(details)
-    if len(act) != 5 or act.keys() != _FIELDS:
-        for key in act:
-            if key not in _FIELDS:
-                add(at, f"unknown key {brief(key)}; an activity has exactly the keys {', '.join(ACTIVITY_FIELDS)}")
+    if act.keys() != _FIELDS and act.keys() != _UPSERT_FIELDS:
+        for field in act:
+            if field not in _UPSERT_FIELDS:
+                add(
+                    at,
+                    f"unknown key {brief(field)}; an activity has exactly the keys {', '.join(ACTIVITY_FIELDS)} "
+                    f"(and {KEY_FIELD} for an upsert)",
+                )
         for f in ACTIVITY_FIELDS:
             if f not in act:
                 add(f"{at}.{f}", "missing")
@@ -354,7 +385,7 @@ def _validate_activity(
         if type(op_raw) is str and op_raw.lower() in OPERATIONS:
             op = op_raw.lower()
         else:
-            add(f"{at}.operation", f"expected 'insert' or 'delete', got {brief(op_raw)}")
+            add(f"{at}.operation", f"expected 'insert', 'delete' or 'upsert', got {brief(op_raw)}")
 
     table = act.get("table")
     table_ok = False
@@ -380,6 +411,15 @@ def _validate_activity(
             )
         lists[field] = lst
     names, types, vals = lists["col_names"], lists["col_types"], lists["col_values"]
+
+    key_present = KEY_FIELD in act
+    if op == "upsert" and not key_present:
+        add(f"{at}.{KEY_FIELD}", "missing: an upsert needs key, the list of the columns that identify a row")
+    elif op is not None and op != "upsert" and key_present:
+        add(
+            f"{at}.{KEY_FIELD}",
+            f"only an upsert takes a key, not {op} (an insert on a table with a key is an upsert on that key)",
+        )
 
     names_ok = types_ok = False
     if names is not None:
@@ -409,8 +449,17 @@ def _validate_activity(
                 )
             else:
                 add(f"{at}.col_names", "at least one column is required")
-        elif names_ok and types_ok and table_ok:
-            ctx.remember((table, tuple(names), tuple(types)), lowered)
+    key: list[str] | None = None
+    key_positions: list[int] = []
+    if op == "upsert" and key_present:
+        sized = types_ok and names is not None and len(lowered) == len(names)
+        key, key_positions = _check_key(at, act[KEY_FIELD], names if names_ok else None, lowered if sized else None, add)
+    if names is not None and types is not None and vals is not None:
+        if len(names) == len(types) == len(vals) > 0 and names_ok and types_ok and table_ok:
+            if op != "upsert":
+                ctx.remember((table, tuple(names), tuple(types)), lowered)
+            elif key is not None:
+                ctx.remember((table, tuple(names), tuple(types), tuple(act[KEY_FIELD])), lowered, key)
 
     new_vals: list[Any] = []
     if types is not None and vals is not None:
@@ -429,6 +478,60 @@ def _validate_activity(
             except ValueTooLarge as exc:
                 raise LimitExceeded(f"{at}.col_values[{j}] {exc.message}", exc.limit_name) from None
 
+    if key is not None and len(new_vals) == len(names or ()):
+        for j in key_positions:
+            if new_vals[j] is None:
+                add(f"{at}.col_values[{j}]", f"a key column's value cannot be null ({brief(names[j])} is in key)")  # type: ignore[index]
+
     if len(details) != n_details or op is None or names is None:
         return None
-    return Activity(op, table, list(names), lowered, new_vals)  # type: ignore[arg-type]
+    return Activity(op, table, list(names), lowered, new_vals, key)  # type: ignore[arg-type]
+
+
+def _check_key(
+    at: str, raw: Any, names: list | None, lowered: list[str] | None, add: Callable[[str, str], None]
+) -> tuple[list[str] | None, list[int]]:
+    """An upsert's key, canonical (each name spelled as in col_names), and its column
+    positions; (None, []) after reporting its problems. `names`/`lowered` None: invalid."""
+    loc = f"{at}.{KEY_FIELD}"
+    if type(raw) is not list:
+        add(loc, f"expected a list of column names, got {brief(raw)}")
+        return None, []
+    if not raw:
+        add(loc, "at least one key column is required")
+        return None, []
+    index = {n.lower(): j for j, n in enumerate(names)} if names is not None else None
+    canonical: list[str] = []
+    positions: list[int] = []
+    seen: set[str] = set()
+    ok = True
+    for k, name in enumerate(raw):
+        if type(name) is not str:
+            add(f"{loc}[{k}]", f"expected a column name, got {brief(name)}")
+            ok = False
+            continue
+        low = name.lower()
+        if low in seen:
+            add(f"{loc}[{k}]", f"{brief(name)} appears more than once in key")
+            ok = False
+            continue
+        seen.add(low)
+        if index is None:
+            ok = False  # col_names is invalid, reported already
+            continue
+        j = index.get(low)
+        if j is None:
+            add(f"{loc}[{k}]", f"{brief(name)} is not in col_names; key columns must be sent with the row")
+            ok = False
+            continue
+        if lowered is not None and lowered[j] not in KEY_TYPES:
+            add(
+                f"{loc}[{k}]",
+                f"{brief(name)} is {lowered[j]}; a key column must be of a type that compares exactly, "
+                f"not float, record or geography",
+            )
+            ok = False
+            continue
+        canonical.append(names[j])  # type: ignore[index]
+        positions.append(j)
+    return (canonical, positions) if ok and lowered is not None else (None, [])

@@ -104,6 +104,8 @@ class Capabilities:
     alterations: tuple[str, ...] = ("create_table", "add_column")
     # How many tables' batches the subscriber hands to one `apply_many`.
     max_tables_per_apply: int = 1
+    # Applies `upsert` (current-state tables by key); False: upserts are dead-lettered.
+    upserts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,7 @@ class ApplyResult:
     applied_envelopes: int = 0
     skipped_duplicates: int = 0  # envelopes whose dedup_id was already applied
     rows_inserted: int = 0
+    rows_upserted: int = 0  # rows written by upserts (each replacing its key's row, if any)
     rows_deleted: int = 0
     noop_deletes: int = 0  # deletes on a table that does not exist
     schema_changes: int = 0  # tables created + columns added

@@ -14,6 +14,17 @@ order, `plan_table` produces the ordered steps a backend executes:
   one) into one Arrow table the backends append as it is.
 * `DeleteRows`: one or more consecutive deletes (deletes commute with each other). A
   delete is a barrier: pending inserts before it are emitted first.
+* `UpsertRows`: a run of consecutive upserts (and inserts on a keyed table, which are
+  upserts on its key), merged as inserts are; the backend replaces every row with one
+  of their keys by the LAST row of that key (`UpsertRows.last_per_key`). Upserts, inserts
+  and deletes are barriers to each other.
+
+Keys (upserts, only with `plan_table(..., upserts=True)`: the backend says it applies
+them; elsewhere an upsert is rejected). A table's key is `Schema.key`; the first upsert
+on a table without one fixes it (`Plan.new_key`, and `CreateTable.key` when the plan
+creates the table and has inserted nothing into it before: the backend declares it).
+An upsert naming another key, a key column of an inexact type, or a row with a NULL key
+value is rejected; so is an insert on a keyed table that lacks a key column.
 
 A v2 envelope (columnar `runs`) is planned run by run: a run's shape is checked once
 and its record batch becomes part of the Arrow table without a Python object per
@@ -43,7 +54,7 @@ from typing import Any, Sequence, Union
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from app.schema.activity import Activity
+from app.schema.activity import KEY_TYPES, Activity
 from app.schema.identifiers import IDENTIFIER
 from app.schema.columnar import ActivityRun, to_arrow, to_canonical
 from app.schema.types import TYPES
@@ -53,9 +64,24 @@ from app.warehouse.base import Envelope, Rejection
 # quote anything else (defence in depth: such an activity is rejected, not executed).
 _valid_name = IDENTIFIER.match
 
-# lowercased column name -> (column name as stored, activity type name)
-Schema = dict[str, tuple[str, str]]
 Column = tuple[str, str]  # (column name as stored, activity type name)
+
+
+class Schema(dict[str, Column]):
+    """Lowercased column name -> (column name as stored, activity type name), and `key`:
+    the table's key columns as stored, fixed by its first upsert (None: no key)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, columns: Any = (), key: Sequence[str] | None = None) -> None:
+        super().__init__(columns)
+        self.key: tuple[str, ...] | None = tuple(key) if key else None
+
+
+def table_key(schema: dict | None) -> tuple[str, ...] | None:
+    """A schema's key; a plain dict (a backend that keeps no keys) has none."""
+    return getattr(schema, "key", None)
+
 Condition = tuple[str, str, Any]  # (column name as stored, activity type name, canonical value or None)
 Source = tuple[str, int, int]  # (dedup_id, index of the first activity in its envelope, rows)
 
@@ -65,6 +91,7 @@ LENGTH_MISMATCH = "col_names, col_types and col_values differ in length"
 @dataclass(slots=True)
 class CreateTable:
     columns: list[Column]
+    key: tuple[str, ...] | None = None  # declare this key (the table's first rows are upserts)
 
 
 @dataclass(slots=True)
@@ -199,7 +226,43 @@ class DeleteRows:
     conditions: list[list[Condition]]
 
 
-Step = Union[CreateTable, AddColumns, InsertRows, DeleteRows]
+class UpsertRows:
+    """A run of consecutive upserts on `key` (columns as stored), rows in order: after it,
+    the table holds, for each key among the rows, exactly the last row of that key."""
+
+    __slots__ = ("key", "rows")
+
+    def __init__(self, key: tuple[Column, ...], rows: InsertRows) -> None:
+        self.key = key
+        self.rows = rows
+
+    def __repr__(self) -> str:
+        return f"UpsertRows(key={self.key!r}, columns={self.columns!r}, count={self.count})"
+
+    @property
+    def columns(self) -> list[Column]:
+        return self.rows.columns
+
+    @property
+    def count(self) -> int:
+        return self.rows.count
+
+    def last_per_key(self) -> pa.Table:
+        """The rows as `InsertRows.table`, only the last of each key kept (in Arrow)."""
+        table = self.rows.table
+        if table.num_rows < 2:
+            return table
+        names = [name for name, _ in self.key]
+        order = pa.array(range(table.num_rows), pa.int64())
+        last = table.select(names).append_column(_ROW, order).group_by(names, use_threads=False).aggregate([(_ROW, "max")])
+        kept = last.column(_ROW + "_max")
+        return table.take(pc.take(kept, pc.sort_indices(kept)))  # in row order
+
+
+_ROW = "__row"  # not a valid column name: cannot clash with the table's
+
+
+Step = Union[CreateTable, AddColumns, InsertRows, DeleteRows, UpsertRows]
 
 
 @dataclass(slots=True)
@@ -209,12 +272,17 @@ class Plan:
     noop_deletes: int = 0
     schema_changes: int = 0  # tables created + columns added
     rows_to_insert: int = 0
+    rows_to_upsert: int = 0  # upserts planned (rows sent, not rows replaced)
     deletes: int = 0  # delete activities planned (not rows)
     schema: Schema | None = None  # the table's schema after the plan
+    new_key: tuple[str, ...] | None = None  # the key the plan fixes (the table had none)
 
 
 # A resolved insert shape: (stored names, columns), or the reason it can never apply.
 Resolution = Union[tuple[tuple[str, ...], tuple[Column, ...]], str]
+# A resolved upsert shape: (stored names, columns, key positions in them), or the reason.
+UpsertResolution = Union[tuple[tuple[str, ...], tuple[Column, ...], tuple[int, ...]], str]
+NO_UPSERTS = "this warehouse does not apply upserts"
 
 
 class _InsertRun:
@@ -264,11 +332,20 @@ def type_conflict_reason(column: str, table: str, table_type: str, sent_type: st
 class _Planner:
     """The state of one `plan_table` call; v1 activities and v2 runs feed the same steps."""
 
-    def __init__(self, table: str, schema: Schema | None) -> None:
+    def __init__(self, table: str, schema: dict[str, Column] | None, upserts: bool) -> None:
         self.table = table
         self.plan = Plan()
-        self.cur: Schema | None = dict(schema) if schema is not None else None
+        self.cur: Schema | None = Schema(schema, table_key(schema)) if schema is not None else None
+        self.upserts = upserts
+        # The table's key as (stored name, type) columns; None: not keyed (yet).
+        self.key: tuple[Column, ...] | None = None
+        if self.cur is not None and self.cur.key and all(k.lower() in self.cur for k in self.cur.key):
+            self.key = tuple(self.cur[k.lower()] for k in self.cur.key)
+        self.created: CreateTable | None = None  # the table, when this plan creates it
+        self.inserted = False  # a plain insert was planned (a created table then declares no key)
+        self.upsert_cache: dict[tuple, UpsertResolution] = {}
         self.run: _InsertRun | None = None
+        self.run_upserts = False  # whether `run` is a run of upserts
         self.pending_deletes: list[list[Condition]] | None = None
         self.schema_steps: list[Step] = []  # at most one CreateTable or one AddColumns
         # Per-shape resolution cache: (names, types) -> Resolution. Safe for the whole
@@ -280,21 +357,27 @@ class _Planner:
     # -- steps ----------------------------------------------------------------------------
 
     def flush_inserts(self) -> None:
-        if self.run is not None:
-            self.plan.steps.append(self.run.build())
-            self.run = None
+        if self.run is not None and self.run.sources:  # (every row of a run may have been rejected)
+            rows = self.run.build()
+            self.plan.steps.append(UpsertRows(self.key, rows) if self.run_upserts else rows)  # type: ignore[arg-type]
+        self.run = None
 
     def flush_deletes(self) -> None:
         if self.pending_deletes:
             self.plan.steps.append(DeleteRows(conditions=self.pending_deletes))
         self.pending_deletes = None
 
-    def insert_run(self) -> _InsertRun:
-        """The pending insert run (a delete before it is a barrier: emitted first)."""
+    def insert_run(self, upserts: bool = False) -> _InsertRun:
+        """The pending run of inserts, or of upserts (a delete or a run of the other kind
+        before it is a barrier: emitted first)."""
         if self.pending_deletes is not None:
             self.flush_deletes()
+        if self.run is not None and self.run_upserts != upserts:
+            self.flush_inserts()
         if self.run is None:
             self.run = _InsertRun()
+            self.run_upserts = upserts
+        self.inserted = self.inserted or not upserts
         return self.run
 
     def add_deletes(self, conditions: list[list[Condition]]) -> None:
@@ -306,7 +389,8 @@ class _Planner:
 
     def schema_step(self, new_cols: list[Column], create: bool) -> None:
         if create:
-            self.schema_steps.append(CreateTable(columns=list(new_cols)))
+            self.created = CreateTable(columns=list(new_cols))
+            self.schema_steps.append(self.created)
         elif self.schema_steps:
             self.schema_steps[0].columns.extend(new_cols)  # type: ignore[union-attr]
         else:
@@ -321,6 +405,8 @@ class _Planner:
         for step in plan.steps:
             if isinstance(step, InsertRows):
                 plan.rows_to_insert += step.count
+            elif isinstance(step, UpsertRows):
+                plan.rows_to_upsert += step.count
             elif isinstance(step, CreateTable):
                 plan.schema_changes += 1
             elif isinstance(step, AddColumns):
@@ -366,7 +452,7 @@ class _Planner:
         if new_cols:
             # Schema steps are hoisted before every data step (see the module docstring).
             if cur is None:
-                cur = self.cur = {}
+                cur = self.cur = Schema()
                 self.schema_step(new_cols, create=True)
             else:
                 self.schema_step(new_cols, create=False)
@@ -374,6 +460,78 @@ class _Planner:
                 cur[col[0].lower()] = col
         stored_t = tuple(stored)
         return stored_t, tuple(zip(stored_t, types))
+
+    def resolve_upsert(self, names: Sequence[Any], types: Sequence[Any], key: Sequence[Any] | None) -> UpsertResolution:
+        """Resolve an upsert shape (`key` None: an insert on the keyed table), applying
+        schema changes and fixing the table's key; cached (the key, once fixed, stays)."""
+        if not all(x.__class__ is str for x in (*names, *types)):
+            return "col_names and col_types must be strings"
+        cache_key = (tuple(names), tuple(types), None if key is None else tuple(key))
+        res = self.upsert_cache.get(cache_key)
+        if res is None:
+            res = self.upsert_cache[cache_key] = self._resolve_upsert(names, types, key)
+        return res
+
+    def _resolve_upsert(self, names: Sequence[str], types: Sequence[str], key: Sequence[Any] | None) -> UpsertResolution:
+        if not self.upserts:
+            return NO_UPSERTS
+        sent = {name.lower(): typ for name, typ in zip(names, types)}
+        if key is None:  # an insert on the keyed table
+            assert self.key is not None
+            wanted = [name for name, _ in self.key]
+            missing = [name for name in wanted if name.lower() not in sent]
+            if missing:
+                return (f"table {self.table} has the key ({', '.join(wanted)}): an insert on it is an upsert "
+                        f"and must send column '{missing[0]}'")
+        else:
+            reason = self._key_problem(key, sent)
+            if reason is not None:
+                return reason
+            wanted = list(key)
+        res = self.resolve_insert(names, types)  # after the checks: a rejected shape adds no column
+        if isinstance(res, str):
+            return res
+        stored, columns = res
+        if self.key is None:
+            self._fix_key(wanted)
+        lowered = [name.lower() for name in stored]
+        assert self.key is not None
+        return stored, columns, tuple(lowered.index(name.lower()) for name, _ in self.key)
+
+    def _key_problem(self, key: Sequence[Any], sent: dict[str, str]) -> str | None:
+        """Why an upsert's key can never apply to this table, or None."""
+        if key.__class__ is not list or not key or not all(k.__class__ is str for k in key):
+            return "an upsert needs a key: a non-empty list of its column names"
+        lowered = [k.lower() for k in key]
+        if len(set(lowered)) != len(lowered):
+            return "a key column appears more than once"
+        for name, low in zip(key, lowered):
+            typ = sent.get(low)
+            if typ is None:
+                return f"key column '{name}' is not among the upsert's columns"
+            if typ not in KEY_TYPES:
+                return f"key column '{name}' is {typ}, which does not compare exactly (not float, record or geography)"
+        if self.key is not None:
+            have = [name for name, _ in self.key]
+            if set(lowered) != {name.lower() for name in have}:
+                if set(lowered) > {name.lower() for name in have}:
+                    return (f"adding a column to the key of table {self.table} is refused: its key is "
+                            f"({', '.join(have)}), the upsert names ({', '.join(key)})")
+                return (f"table {self.table} has the key ({', '.join(have)}); an upsert naming another "
+                        f"key ({', '.join(key)}) is refused")
+        return None
+
+    def _fix_key(self, names: Sequence[str]) -> None:
+        """The first upsert fixes the table's key (declared if this plan creates the table
+        and has inserted nothing into it yet)."""
+        cur = self.cur
+        assert cur is not None
+        self.key = tuple(cur[name.lower()] for name in names)
+        stored = tuple(name for name, _ in self.key)
+        cur.key = stored
+        self.plan.new_key = stored
+        if self.created is not None and not self.inserted:
+            self.created.key = stored
 
     def resolve_delete(self, names: Sequence[Any], types: Sequence[Any]) -> tuple[Column, ...] | str:
         """The stored columns a delete shape names, or the reason it can never apply (`cur` exists)."""
@@ -417,7 +575,23 @@ class _Planner:
             if len(names) != len(types) or len(names) != len(values):
                 rejections.append(Rejection(dedup_id, index, act, LENGTH_MISMATCH))
                 continue
-            if op == "insert":
+            if op == "upsert" or (op == "insert" and self.key is not None):
+                key = act.key if op == "upsert" else None
+                ures = self.resolve_upsert(names, types, key)
+                if ures.__class__ is str:
+                    rejections.append(Rejection(dedup_id, index, act, ures))  # type: ignore[arg-type]
+                    continue
+                null = next((p for p in ures[2] if values[p] is None), None)  # type: ignore[index]
+                if null is not None:
+                    rejections.append(Rejection(dedup_id, index, act, f"key column '{ures[1][null][0]}' is null"))  # type: ignore[index]
+                    continue
+                if ures is not seg_res or self.run is not seg_run:
+                    seg_run = self.insert_run(upserts=True)
+                    seg_rows = seg_run.new_rows(ures[1])  # type: ignore[arg-type]
+                    seg_res = ures
+                seg_rows.append(values)
+                seg_run.add_source(dedup_id, index, 1)  # type: ignore[union-attr]
+            elif op == "insert":
                 if types == last_types and names == last_names:
                     res = last_res
                 else:
@@ -490,7 +664,9 @@ class _Planner:
         if len(names) != len(types) or len(names) != batch.num_columns:
             self._reject(dedup_id, first, run, LENGTH_MISMATCH)
             return
-        if run.operation == "insert":
+        if run.operation == "upsert" or (run.operation == "insert" and self.key is not None):
+            self.add_upsert_run(dedup_id, first, run)
+        elif run.operation == "insert":
             # checked first: a rejected run must not add columns
             mismatch = _arrow_mismatch(names, types, batch)
             res = self.resolve_insert(names, types) if mismatch is None else mismatch
@@ -507,6 +683,39 @@ class _Planner:
                 self.add_deletes(conds)
         else:
             self._reject(dedup_id, first, run, f"unknown operation {run.operation!r}")
+
+
+    def add_upsert_run(self, dedup_id: str, first: int, run: ActivityRun) -> None:
+        names, types, batch = run.col_names, run.col_types, run.batch
+        mismatch = _arrow_mismatch(names, types, batch)
+        res = self.resolve_upsert(names, types, run.key if run.operation == "upsert" else None) if mismatch is None else mismatch
+        if isinstance(res, str):
+            self._reject(dedup_id, first, run, res)
+            return
+        _, columns, positions = res
+        nulls: pa.Array | None = None
+        for p in positions:
+            if batch.column(p).null_count:
+                is_null = batch.column(p).is_null()
+                nulls = is_null if nulls is None else pc.or_(nulls, is_null)
+        target = self.insert_run(upserts=True)
+        self.rows_part = (None, None, [])  # v1 rows after this batch start a new part
+        if nulls is None:
+            target.add_batch(columns, batch)
+            target.add_source(dedup_id, first, len(run))
+            return
+        bad = pc.indices_nonzero(nulls).to_pylist()
+        by_position = {p: columns[p][0] for p in positions}
+        listed = ActivityRun(run.table, run.operation, names, types, batch.take(pa.array(bad, pa.int64())), run.key).activities()
+        for row, act in zip(bad, listed):
+            column = next(by_position[p] for p in positions if act.col_values[p] is None)
+            self.plan.rejections.append(Rejection(dedup_id, first + row, act, f"key column '{column}' is null"))
+        start = 0
+        for end in [*bad, len(run)]:  # the valid rows between the null ones, in order
+            if end > start:
+                target.add_batch(columns, batch.slice(start, end - start))
+                target.add_source(dedup_id, first + start, end - start)
+            start = end + 1
 
 
 def _arrow_mismatch(names: Sequence[str], types: Sequence[str], batch: pa.RecordBatch) -> str | None:
@@ -527,9 +736,13 @@ def _expected_arrow_types(types: tuple[str, ...]) -> list[pa.DataType] | None:
     return [TYPES[t].arrow_type for t in types]
 
 
-def plan_table(table: str, schema: Schema | None, envelopes: Sequence[Envelope]) -> Plan:
-    """Plan the envelopes of one table (already-applied envelopes must be left out)."""
-    planner = _Planner(table, schema)
+def plan_table(
+    table: str, schema: dict[str, Column] | None, envelopes: Sequence[Envelope], *, upserts: bool = False
+) -> Plan:
+    """Plan the envelopes of one table (already-applied envelopes must be left out).
+
+    `upserts`: the backend applies `UpsertRows` (else every upsert is rejected)."""
+    planner = _Planner(table, schema, upserts)
     for env in envelopes:
         runs = env.runs
         if runs is not None:

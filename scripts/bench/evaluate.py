@@ -15,6 +15,7 @@ TARGETS = {
     "4_api_rss_mb": 150.0,
     "5_calls_per_10k": 20,
     "7_many_vs_one": 2.0,
+    "8_upsert_vs_insert": 0.5,
 }
 
 
@@ -73,6 +74,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"one table {one['sub_peak_rss_mb']:.0f} MB", "", many["sub_peak_rss_mb"] <= TARGETS["4_sub_rss_mb"])
     elif m:
         row("7 many-tables drain", m["error"], "", "", None)
+    u = results.get("upsert")
+    if u and "error" not in u:
+        ins, ups = u["insert"], u["upsert"]
+        row(f"8 upsert drain on DuckDB: {ups['rows']:,} upserts over {u['keys']:,} keys >= 0.5x the insert drain",
+            f"{ups['rows_per_s']:,.0f} rows/s ({ups['seconds']:.2f} s, {ups['table']:,} rows left)",
+            f"insert drain of the same rows {ins['rows_per_s']:,.0f} rows/s ({ins['seconds']:.2f} s)",
+            f"{u['ratio']:.2f}x (rounds {u['ratio_range'][0]:.2f}-{u['ratio_range'][1]:.2f}x)",
+            u["ratio"] >= TARGETS["8_upsert_vs_insert"])
+    elif u:
+        row("8 upsert drain", u["error"], "", "", None)
     bq = results.get("bigquery")
     if bq and "error" not in bq:
         backlog = bq["steady"]["backlog (20 requests per pull)"]

@@ -143,3 +143,22 @@ def test_a_delete_may_name_a_hashed_column_but_not_a_dropped_or_redacted_one(tmp
         assert published == [] and f"cannot name column {column!r}" in answer.json()["details"][0]["message"]
     else:
         assert [a.col_values for a in published] == [[_digest(b"new-secret", EMAIL.encode())]]  # matches the stored hash
+
+
+@pytest.mark.parametrize(("column", "status"), [("phone", 422), ("ssn", 422), ("email", 200)])
+def test_an_upsert_key_may_be_a_hashed_column_but_not_a_dropped_or_redacted_one(tmp_path, column, status):
+    settings = _settings(tmp_path)
+    upsert = {"operation": "upsert", "table": "people", "col_names": [column, "n"], "col_types": ["string", "integer"],
+              "col_values": [EMAIL, 1], "key": [column]}
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(PATH, json={"user_activities": [upsert]})
+    assert answer.status_code == status
+    broker = make_broker(settings)
+    try:
+        published = [a for m in broker.pull(10, 0.2) for a in decode_message(m).activities]
+    finally:
+        broker.close()
+    if status == 422:
+        assert published == [] and f"key cannot name column {column!r}" in answer.json()["details"][0]["message"]
+    else:  # the key travels with the hashed value
+        assert [(a.key, a.col_values) for a in published] == [(["email"], [_digest(b"new-secret", EMAIL.encode()), 1])]

@@ -124,3 +124,60 @@ def test_subscriber_kill9_during_many_table_applies_keeps_every_row_once_and_in_
     finally:
         p.stop()
     assert kills >= 4
+
+
+@pytest.mark.slow
+def test_subscriber_kill9_during_an_upsert_storm_leaves_every_key_with_its_last_value_once(tmp_path):
+    """Upserts (some as inserts on the keyed table, now and then a delete) of 400 keys,
+    each carrying a rising `version`; the subscriber is killed in the middle. Every key
+    ends as its last activity left it, in one row: a message applied twice, or out of
+    order, would bring an older version back or a deleted key to life."""
+    keys, per_request, requests = 400, 200, 120
+    p = Pipeline.create(tmp_path, ACK_DEADLINE_SECONDS="3", PULL_MAX_MESSAGES="50")
+    p.start("api")
+    p.start("subscriber")
+    errors: list[str] = []
+    expected: dict[int, int] = {}  # key -> version of its row (absent: deleted)
+    rng = random.Random(17)
+
+    def produce() -> None:
+        version = 0
+        for _ in range(requests):
+            acts, after = [], dict(expected)
+            for _ in range(per_request):
+                version += 1
+                k = rng.randrange(keys)
+                roll = rng.random()
+                if roll < 0.05:
+                    acts.append({"operation": "delete", "table": "current", "col_names": ["k"],
+                                 "col_types": ["integer"], "col_values": [k]})
+                    after.pop(k, None)
+                    continue
+                act = {"operation": "upsert" if roll < 0.8 or not expected else "insert", "table": "current",
+                       "col_names": ["k", "version", "note"], "col_types": ["integer", "integer", "string"],
+                       "col_values": [k, version, f"v{version}"]}
+                if act["operation"] == "upsert":
+                    act["key"] = ["k"]
+                acts.append(act)
+                after[k] = version
+            resp = p.post({"user_activities": acts})
+            if resp.status_code != 200:
+                errors.append(resp.text)
+                continue
+            expected.clear()
+            expected.update(after)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        kills = _kill_subscriber_while(p, producer, random.Random(19), at_least=4, pause=(0.3, 1.0))
+        assert not errors, errors[:3]
+        wanted = sorted(expected.items())
+
+        wait_until(lambda: p.query("SELECT count(*), CAST(coalesce(sum(version), 0) AS BIGINT) FROM current")
+                   == [(len(wanted), sum(v for _, v in wanted))] and _backlog_empty(p), timeout=180, what="every key")
+        assert p.query("SELECT k, version FROM current ORDER BY k") == wanted
+        assert p.query("SELECT count(*) FROM current WHERE note <> 'v' || version") == [(0,)]
+    finally:
+        p.stop()
+    assert kills >= 4

@@ -387,3 +387,45 @@ def test_a_small_batch_over_the_size_limit_is_chunked_as_arrow():
     messages = encode_small_batch(acts, "b1", _limits(300))
     assert len(messages) > 1 and all(m.data.startswith(MAGIC) for m in messages)
     assert _decoded(messages) == acts
+
+
+def _upserts(table: str) -> list[Activity]:
+    return [
+        Activity("upsert", table, ["id", "v"], ["integer", "string"], [i, f"v{i}"], ["id"]) for i in range(3)
+    ] + [Activity("insert", table, ["id", "v"], ["integer", "string"], [9, "x"])]
+
+
+def test_an_upsert_keeps_its_key_in_both_formats():
+    for encode in (encode_batch, encode_small_batch):
+        [message] = encode(_upserts("t"), "bid")
+        envelope = decode_message(_received(message))
+        assert envelope.activities == _upserts("t")
+        assert orjson.loads(readable_body(message.data))["activities"][0]["key"] == ["id"]
+    runs = decode_message(_received(encode_batch(_upserts("t"), "bid")[0])).runs
+    assert [(r.operation, r.key) for r in runs] == [("upsert", ["id"]), ("insert", None)]
+
+
+def test_a_format_2_body_written_before_upserts_existed_decodes():
+    """A header entry without "key" (what the broker may still hold): a run of no key."""
+    [message] = encode_batch([_act("t", 0), _act("t", 1)], "bid")
+    assert b'"key"' not in message.data
+    assert all(a.key is None for a in decode_message(_received(message)).activities)
+
+
+@pytest.mark.parametrize("key", [None, [], ["nope"], "id", [1]])
+def test_an_upsert_without_a_proper_key_is_undecodable(key):
+    body = json_body("b", "t", [Activity("upsert", "t", ["id"], ["integer"], [1], ["id"])])
+    item = orjson.loads(body)
+    if key is None:
+        del item["activities"][0]["key"]
+    else:
+        item["activities"][0]["key"] = key
+    with pytest.raises(UndecodableMessage):
+        decode_message(_raw(orjson.dumps(item)))
+
+
+def test_a_key_on_an_insert_is_undecodable():
+    item = orjson.loads(json_body("b", "t", [_act("t", 0)]))
+    item["activities"][0]["key"] = ["a"]
+    with pytest.raises(UndecodableMessage):
+        decode_message(_raw(orjson.dumps(item)))

@@ -161,3 +161,20 @@ def test_a_replay_that_would_change_what_the_table_got_since_needs_force(setting
     forced = {o.entry_id: o for o in replay(settings, [1, 2], force=True)}
     assert all(o.problem is None and o.batch_id for o in forced.values())
     assert forced[1].changes.startswith("would delete 1 row(s)") and "already holds" in forced[2].changes
+
+
+def test_an_upsert_replay_is_checked_on_its_key_only():
+    from app.pipeline.replay_check import what_it_would_change
+    from tests.support.builders import ups
+
+    asked = []
+
+    def count(sql, params):
+        asked.append((sql, params))
+        return 1 if params == [7] else 0
+
+    columns = {"id": "integer", "v": "string"}
+    older = ups("t", [("id", "integer"), ("v", "string")], [7, "old"], ["id"])
+    assert "would replace it by this older one" in what_it_would_change(older, columns, count)
+    assert asked == [("SELECT count(*) AS n FROM t WHERE id = ?", [7])]
+    assert what_it_would_change(ups("t", [("id", "integer"), ("v", "string")], [8, "x"], ["id"]), columns, count) is None

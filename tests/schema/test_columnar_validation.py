@@ -28,7 +28,7 @@ def verdict(validate, b):
 
 
 def run_rows(runs):
-    return [(r.table, r.operation, r.col_names, r.col_types, r.batch.schema, r.activities()) for r in runs]
+    return [(r.table, r.operation, r.col_names, r.col_types, r.key, r.batch.schema, r.activities()) for r in runs]
 
 
 def assert_same_verdict(b, **limits):
@@ -63,13 +63,16 @@ def run_bodies(draw):
     acts = []
     for _ in range(draw(st.integers(1, 25))):
         table, names, types = draw(st.sampled_from(shapes))
-        acts.append({
-            "operation": draw(st.sampled_from(["insert"] * 6 + ["delete", "INSERT"])),
+        act = {
+            "operation": draw(st.sampled_from(["insert"] * 6 + ["delete", "INSERT", "upsert", "upsert"])),
             "table": table,
             "col_names": list(names),
             "col_types": [draw(st.sampled_from([t] * 6 + [t.upper()])) for t in types],
             "col_values": [draw(wire_value(t, clean)) for t in types],
-        })
+        }
+        if act["operation"] == "upsert":  # a key of the first column(s), in odd spellings at times
+            act["key"] = [draw(st.sampled_from([n, n.upper()])) for n in names[: draw(st.integers(1, len(names)))]]
+        acts.append(act)
     if not clean and draw(st.integers(0, 4)) == 0:  # now and then a broken activity among them
         acts.insert(draw(st.integers(0, len(acts))), draw(activities))
     return {"user_activities": acts}

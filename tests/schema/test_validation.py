@@ -179,7 +179,7 @@ def test_all_keys_missing():
     assert locs(body({})) == [f"user_activities[0].{f}" for f in ("operation", "table", "col_names", "col_types", "col_values")]
 
 
-@pytest.mark.parametrize("op", ["upsert", "", None, 1, ["insert"], "insert "])
+@pytest.mark.parametrize("op", ["merge", "", None, 1, ["insert"], "insert "])
 def test_bad_operation(op):
     assert locs(body(activity(operation=op))) == ["user_activities[0].operation"]
 

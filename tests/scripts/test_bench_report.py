@@ -49,3 +49,13 @@ def test_report_renders_from_saved_results(tmp_path):
     assert "| 2 drain 1,000,000 activities: >= 200,000 rows/s | 300,000 rows/s (3.3 s) |" in report
     assert out.with_suffix(".png").stat().st_size > 0
     assert "2 drain 1,000,000 activities: >= 200,000 rows/s" in run.stdout
+
+
+def test_the_upsert_drain_is_judged_as_a_ratio_to_the_insert_drain():
+    def upsert(ratio: float) -> dict:
+        side = {"rows": 100_000, "seconds": 1.0, "rows_per_s": 100_000.0, "table": 10_000}
+        return {"upsert": {"insert": side, "upsert": {**side, "rows_per_s": 100_000.0 * ratio}, "keys": 10_000,
+                           "ratio": ratio, "ratio_range": [ratio, ratio]}}
+
+    assert list(verdicts(upsert(TARGETS["8_upsert_vs_insert"])).values()) == ["PASS"]
+    assert list(verdicts(upsert(TARGETS["8_upsert_vs_insert"] - 0.01)).values()) == ["MISS"]

@@ -22,3 +22,7 @@ def dele(table: str, cols: Columns, values: Sequence[Any]) -> Activity:
 def env(table: str, *activities: Activity, dedup_id: str | None = None, attempt: int = 1) -> Envelope:
     """An envelope of `table`; a fresh dedup_id unless one is given."""
     return Envelope(dedup_id or f"{uuid.uuid4().hex}:{table}:0", table, list(activities), attempt)
+
+
+def ups(table: str, cols: Columns, values: Sequence[Any], key: Sequence[str]) -> Activity:
+    return Activity("upsert", table, [c for c, _ in cols], [t for _, t in cols], list(values), list(key))

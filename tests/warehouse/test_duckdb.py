@@ -12,7 +12,8 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from app.schema.columnar import to_arrow
+from app.messages.envelope import Envelope
+from app.schema.columnar import runs_of, to_arrow
 from app.schema.types import TYPES
 from app.settings import Settings
 from app.warehouse import open_read_only
@@ -26,7 +27,7 @@ from app.warehouse.duckdb import (
     duck_types,
     query_file,
 )
-from tests.support.builders import dele, env, ins
+from tests.support.builders import dele, env, ins, ups
 from tests.warehouse.test_contract import ROUND_TRIP
 
 
@@ -523,3 +524,49 @@ def test_the_schema_cache_is_bounded_and_a_dropped_schema_is_read_again(tmp_path
         assert wh.query("SELECT v, w FROM t1 ORDER BY v")[1] == [(1, None), (2, "x")]
     finally:
         wh.close()
+
+
+# --- keys (upserts) ---
+
+
+def _constraints(wh: DuckDBWarehouse, table: str) -> list[tuple]:
+    return wh.query(
+        "SELECT constraint_type, constraint_column_names FROM duckdb_constraints() "
+        "WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'",
+        [table],
+    )[1]
+
+
+def test_a_table_created_by_an_upsert_declares_its_key_as_primary_key(wh: DuckDBWarehouse) -> None:
+    cols = [("a", "integer"), ("b", "string"), ("v", "integer")]
+    wh.apply("k", [env("k", ups("k", cols, [1, "x", 1], ["a", "b"]))])
+    assert _constraints(wh, "k") == [("PRIMARY KEY", ["a", "b"])]
+    wh.apply("k", [env("k", ups("k", [*cols, ("w", "date")], [1, "x", 2, "2024-01-01"], ["a", "b"]))])  # ALTER with a key
+    assert wh.query('SELECT a, b, v, CAST(w AS VARCHAR) FROM "k"')[1] == [(1, "x", 2, "2024-01-01")]
+
+
+def test_a_table_that_existed_records_its_key_without_a_constraint_and_keeps_it_on_reopen(settings: Settings) -> None:
+    cols = [("id", "integer"), ("v", "string")]
+    first = DuckDBWarehouse(settings)
+    try:
+        first.apply("t", [env("t", ins("t", cols, [1, "a"]), ins("t", cols, [1, "b"]), ups("t", cols, [2, "c"], ["id"]))])
+        assert _constraints(first, "t") == []  # rows of one key may have existed before the key
+    finally:
+        first.close()
+    again = DuckDBWarehouse(settings)  # the key is read back from the file
+    try:
+        result = again.apply("t", [env("t", ins("t", cols, [1, "one"]), ups("t", cols, [2, "x"], ["v"]))])
+        assert [r.reason for r in result.rejections] == ["table t has the key (id); an upsert naming another key (v) is refused"]
+        assert sorted(again.query('SELECT id, v FROM "t"')[1]) == [(1, "one"), (2, "c")]
+    finally:
+        again.close()
+
+
+def test_null_keys_in_a_run_reject_those_rows_only(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("v", "string")]
+    wh.apply("n", [env("n", ups("n", cols, [0, "z"], ["id"]))])
+    acts = [ins("n", cols, [i if i % 3 else None, str(i)]) for i in range(1, 8)]  # inserts on a keyed table
+    result = wh.apply("n", [Envelope("d:n:0", "n", runs=runs_of(acts))])
+    assert [r.index for r in result.rejections] == [2, 5]
+    assert all(r.reason == "key column 'id' is null" and r.activity.col_values[1] == str(r.index + 1) for r in result.rejections)
+    assert sorted(wh.query('SELECT id FROM "n"')[1]) == [(0,), (1,), (2,), (4,), (5,), (7,)]

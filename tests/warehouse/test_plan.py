@@ -255,3 +255,37 @@ def test_run_in_the_wrong_arrow_type_is_rejected_whole() -> None:
         (0, "column 'x' carries Arrow string, integer is int64"),
         (1, "column 'x' carries Arrow string, integer is int64"),
     ]
+
+
+# --- upserts ---
+
+
+def test_upserts_inserts_and_deletes_are_barriers_to_each_other_and_the_first_upsert_fixes_the_key():
+    from app.warehouse.plan import UpsertRows
+    from tests.support.builders import ups
+
+    c = [("id", "integer"), ("v", "string")]
+    plan = plan_table("t", None, [env("t", ins("t", c, [1, "a"]), ups("t", c, [1, "b"], ["id"]), ups("t", c, [2, "c"], ["ID"]),
+                                       dele("t", c[:1], [2]), ins("t", c, [3, "d"]))], upserts=True)
+    assert [type(s).__name__ for s in plan.steps] == ["CreateTable", "InsertRows", "UpsertRows", "DeleteRows", "UpsertRows"]
+    assert plan.steps[0].key is None  # rows were inserted before the key: not declared
+    assert plan.new_key == ("id",) and plan.schema.key == ("id",)
+    assert isinstance(plan.steps[2], UpsertRows) and plan.steps[2].count == 2 and plan.rows_to_upsert == 3
+
+
+def test_a_table_created_by_an_upsert_declares_its_key_and_the_last_row_of_a_key_wins():
+    from tests.support.builders import ups
+
+    c = [("id", "integer"), ("v", "string")]
+    plan = plan_table("t", None, [env("t", ups("t", c, [1, "a"], ["id"]), ups("t", c, [2, "b"], ["id"])),
+                                  env("t", ups("t", c, [1, "c"], ["id"]))], upserts=True)
+    assert plan.steps[0].key == ("id",)
+    assert plan.steps[1].last_per_key().to_pylist() == [{"id": 2, "v": "b"}, {"id": 1, "v": "c"}]
+
+
+def test_without_the_capability_every_upsert_is_rejected_and_adds_nothing():
+    from tests.support.builders import ups
+
+    plan = plan_table("t", None, [env("t", ups("t", [("id", "integer")], [1], ["id"]))])
+    assert [r.reason for r in plan.rejections] == ["this warehouse does not apply upserts"]
+    assert plan.steps == [] and plan.schema is None

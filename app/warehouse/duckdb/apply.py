@@ -9,7 +9,9 @@ Inserts arrive as the planner's Arrow table (`InsertRows.table`, each column in 
 type's `arrow_type`), which DuckDB scans in place: one `INSERT ... SELECT` per run of
 inserts, converting in SQL only WKT to GEOMETRY and JSON text to JSON; values never
 become Python objects or SQL text. A run of deletes is one semi-join per set of named
-columns against an Arrow batch of its keys (`DELETE ... WHERE EXISTS`).
+columns against an Arrow batch of its keys (`DELETE ... WHERE EXISTS`). A run of upserts
+is, on the last row of each key (deduplicated in Arrow), one such semi-join on the
+key columns plus one `INSERT ... SELECT`: the whole row is replaced, never row by row.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ import pyarrow as pa
 
 from app.schema.columnar import to_arrow
 from app.warehouse.base import ApplyResult, Envelope
-from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, STAGE_VIEW, quote_ident
+from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, KEYS_TABLE, STAGE_VIEW, quote_ident
 from app.warehouse.duckdb.types import DuckType, key_param
-from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, Step, coalesce_steps, plan_table
+from app.warehouse.plan import (
+    AddColumns,
+    CreateTable,
+    DeleteRows,
+    InsertRows,
+    Schema,
+    Step,
+    UpsertRows,
+    coalesce_steps,
+    plan_table,
+)
 
 
 class SpatialNeeded(Exception):
@@ -61,9 +73,10 @@ def first_of_new(envelopes: Sequence[Envelope], new_ids: set[str], result: Apply
 class Writer:
     """The statements of one apply on `con`; `types`: how each activity type is stored."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, types: dict[str, DuckType]) -> None:
+    def __init__(self, con: duckdb.DuckDBPyConnection, types: dict[str, DuckType], upserts: bool = True) -> None:
         self.con = con
         self.types = types
+        self.upserts = upserts  # the capability: apply upserts (else the planner rejects them)
         self._columns: list[tuple[str, str, str]] = []  # (table, column, activity type) to record
 
     def finish(self) -> None:
@@ -76,6 +89,10 @@ class Writer:
             self.con.execute(f"INSERT OR REPLACE INTO {COLUMNS_TABLE} SELECT * FROM {STAGE_VIEW}")
             self.con.unregister(STAGE_VIEW)
             self._columns = []
+
+    def _record_key(self, table: str, key: tuple[str, ...]) -> None:
+        """The key a table's first upsert fixed (a table is keyed once: never replaced)."""
+        self.con.execute(f"INSERT INTO {KEYS_TABLE} VALUES (?, ?)", [table, list(key)])
 
     def claim(self, envelopes: Sequence[Envelope], all_new: bool) -> set[str]:
         """Record the envelopes' dedup_ids (of any tables) in one statement; those new."""
@@ -97,7 +114,7 @@ class Writer:
         """
         if not todo:
             return schema
-        plan = plan_table(table, schema, todo)
+        plan = plan_table(table, schema, todo, upserts=self.upserts)
         if spatial_missing and names_geography(plan.steps):
             raise SpatialNeeded()
         result.rejections.extend(plan.rejections)
@@ -110,14 +127,20 @@ class Writer:
                 result.rows_inserted += self._insert(qtable, step)
             elif isinstance(step, DeleteRows):
                 result.rows_deleted += self._delete(qtable, step)
+            elif isinstance(step, UpsertRows):
+                result.rows_upserted += self._upsert(qtable, step)
             elif isinstance(step, CreateTable):
                 cols = ", ".join(f"{quote_ident(n)} {self.types[t].sql_type}" for n, t in step.columns)
+                if step.key:
+                    cols += f", PRIMARY KEY ({', '.join(quote_ident(n) for n in step.key)})"
                 self.con.execute(f"CREATE TABLE {qtable} ({cols})")
                 self._record_columns(lower_table, step.columns)
             elif isinstance(step, AddColumns):
                 for n, t in step.columns:
                     self.con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self.types[t].sql_type}")
                 self._record_columns(lower_table, step.columns)
+        if plan.new_key is not None:
+            self._record_key(lower_table, plan.new_key)
         result.applied_envelopes += len(todo)
         return plan.schema
 
@@ -167,6 +190,23 @@ class Writer:
         # One chunk per column: DuckDB scans each Arrow chunk on its own, and a run of
         # 500-row chunks (one per message) inserts half as fast; combining costs ~0.01 ms per 1k rows.
         self._stage(step.table.combine_chunks().columns)
+        targets = ", ".join(quote_ident(name) for name, _ in step.columns)
+        exprs = ", ".join(self.types[typ].value_sql.format(f"c{i}") for i, (_, typ) in enumerate(step.columns))
+        self.con.execute(f"INSERT INTO {qtable} ({targets}) SELECT {exprs} FROM {STAGE_VIEW}")
+        self.con.unregister(STAGE_VIEW)
+        return step.count
+
+    def _upsert(self, qtable: str, step: UpsertRows) -> int:
+        """Each key's last row replaces the rows with that key: one semi-join delete of the
+        keys, one append, on one staged Arrow table (key values are never NULL)."""
+        rows = step.last_per_key().combine_chunks()
+        self._stage(rows.columns)
+        position = {name: i for i, (name, _) in enumerate(step.columns)}
+        match = " AND ".join(
+            f"{qtable}.{quote_ident(name)} = {self.types[typ].value_sql.format(f'k.c{position[name]}')}"
+            for name, typ in step.key
+        )
+        self.con.execute(f"DELETE FROM {qtable} WHERE EXISTS (SELECT 1 FROM {STAGE_VIEW} k WHERE {match})")
         targets = ", ".join(quote_ident(name) for name, _ in step.columns)
         exprs = ", ".join(self.types[typ].value_sql.format(f"c{i}") for i, (_, typ) in enumerate(step.columns))
         self.con.execute(f"INSERT INTO {qtable} ({targets}) SELECT {exprs} FROM {STAGE_VIEW}")

@@ -17,4 +17,5 @@ def duckdb_capabilities(spatial: bool) -> Capabilities:
         supports_geometry=spatial,
         concurrent_tables=False,  # one connection, not thread-safe
         max_tables_per_apply=MAX_TABLES_PER_APPLY,
+        upserts=True,
     )

@@ -2,6 +2,9 @@
 
 The activity types of the columns are kept in `_ingest_columns` (VARCHAR is ambiguous
 between string and bignumeric); a column missing there reads through the type mapper.
+A table's key (fixed by its first upsert) is kept in `_ingest_keys`, for every keyed
+table: only a table created by an upsert also declares it as its PRIMARY KEY (one that
+existed before may hold rows sharing a key, until upserts replace them).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from app.warehouse.plan import Schema
 
 APPLIED_TABLE = INTERNAL_PREFIX + "applied"
 COLUMNS_TABLE = INTERNAL_PREFIX + "columns"
+KEYS_TABLE = INTERNAL_PREFIX + "keys"
 STAGE_VIEW = INTERNAL_PREFIX + "stage"  # connection-local Arrow view used while applying
 _COUNTS_PER_QUERY = 50
 
@@ -35,6 +39,9 @@ def create_bookkeeping(con: duckdb.DuckDBPyConnection) -> None:
         f"CREATE TABLE IF NOT EXISTS {COLUMNS_TABLE} (table_name VARCHAR NOT NULL, "
         "column_name VARCHAR NOT NULL, activity_type VARCHAR NOT NULL, "
         "PRIMARY KEY (table_name, column_name))"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {KEYS_TABLE} (table_name VARCHAR PRIMARY KEY, key_columns VARCHAR[] NOT NULL)"
     )
 
 
@@ -64,7 +71,14 @@ def read_schemas(con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> dict[
     schemas: dict[str, Schema] = {}
     for table, name, data_type, activity_type in rows:
         typ = activity_type or TYPE_MAPPER.activity_type_of(str(data_type)) or f"unsupported:{data_type}"
-        schemas.setdefault(table, {})[name.lower()] = (name, typ)
+        schemas.setdefault(table, Schema())[name.lower()] = (name, typ)
+    if schemas:
+        keys = con.execute(
+            f"SELECT table_name, key_columns FROM {KEYS_TABLE} WHERE table_name IN (SELECT unnest(?::VARCHAR[]))",
+            [list(schemas)],
+        ).fetchall()
+        for table, key in keys:
+            schemas[table].key = tuple(key)
     return schemas
 
 

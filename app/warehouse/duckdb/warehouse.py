@@ -262,7 +262,7 @@ class DuckDBWarehouse(Warehouse):
         results = [ApplyResult() for _ in group]
         schemas: dict[str, Schema] = {}
         con = self._connection(spatial)
-        writer = Writer(con, self._types)
+        writer = Writer(con, self._types, upserts=self.capabilities.upserts)
         try:
             con.execute("BEGIN TRANSACTION")
             try:

@@ -42,7 +42,7 @@ class MemoryWarehouse(Warehouse):
         self.type_mapper = TypeMapper({typ: typ for typ in TYPES})  # kept as given: every type reads back
         self.capabilities = Capabilities(
             transactional=True, max_alters_per_statement=None, supports_geometry=False,
-            concurrent_tables=concurrent_tables,
+            concurrent_tables=concurrent_tables, upserts=True,
         )
         self.before_apply = before_apply
         self.observer = ApplyObserver()
@@ -77,7 +77,7 @@ class MemoryWarehouse(Warehouse):
                 seen.add(envelope.dedup_id)
                 fresh.append(envelope)
         stored = self._tables.get(table)
-        plan = plan_table(table, stored.schema if stored else None, fresh)
+        plan = plan_table(table, stored.schema if stored else None, fresh, upserts=self.capabilities.upserts)
         before = list(stored.rows) if stored else []
         rows = execute(plan.steps, before)  # raises (commits nothing) on a value it cannot convert
         if plan.schema is not None:
@@ -86,7 +86,8 @@ class MemoryWarehouse(Warehouse):
         self.observer.committed(table, fresh)
         result.applied_envelopes = len(fresh)
         result.rows_inserted = plan.rows_to_insert
-        result.rows_deleted = len(before) + plan.rows_to_insert - len(rows)
+        result.rows_upserted = plan.rows_to_upsert
+        result.rows_deleted = len(before) + plan.rows_to_insert + plan.rows_to_upsert - len(rows)
         result.noop_deletes = plan.noop_deletes
         result.schema_changes = plan.schema_changes
         result.rejections = plan.rejections
