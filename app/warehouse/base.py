@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from app.schema import identifiers
 from app.schema.activity import Activity
@@ -104,6 +104,9 @@ class Capabilities:
     alterations: tuple[str, ...] = ("create_table", "add_column")
     # How many tables' batches the subscriber hands to one `apply_many`.
     max_tables_per_apply: int = 1
+    # The tables file's table options this backend gives a table (app.warehouse.options);
+    # the others are reported as not applicable, never silently ignored.
+    table_options: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +130,30 @@ class ApplyResult:
     rejections: list[Rejection] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class OptionsOutcome:
+    """What `apply_table_options` did to one table."""
+
+    changes: list[str] = field(default_factory=list)  # "description: None -> 'orders'"
+    not_applicable: list[str] = field(default_factory=list)  # option names this backend has no meaning for
+
+
+def applicable_options(capabilities: Capabilities, options: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`options` split into those the backend applies and the names of the others."""
+    applies = {n: v for n, v in options.items() if n in capabilities.table_options}
+    return applies, sorted(n for n in options if n not in capabilities.table_options)
+
+
+def option_change(name: str, old: Any, new: Any) -> str:
+    return f"{name}: {old!r} -> {new!r}"
+
+
 class Warehouse(abc.ABC):
     capabilities: Capabilities
     name: str = "unnamed"  # the registry's name for it (`WAREHOUSE`), set when opened
     type_mapper: TypeMapper  # activity type <-> this backend's column types
+    # table -> its options in the tables file; set by the subscriber, read when a table is created
+    table_options_source: Callable[[str], Mapping[str, Any]] | None = None
 
     @abc.abstractmethod
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
@@ -175,6 +198,17 @@ class Warehouse(abc.ABC):
 
         Names are validated before they reach SQL; an invalid one is left out too.
         """
+        raise NotImplementedError
+
+    def options_for_new_table(self, table: str) -> dict[str, Any]:
+        """The options a table this warehouse creates now gets (those it applies)."""
+        if self.table_options_source is None:
+            return {}
+        return applicable_options(self.capabilities, self.table_options_source(table))[0]
+
+    def apply_table_options(self, table: str, options: Mapping[str, Any]) -> OptionsOutcome | None:
+        """Bring an existing table's options to `options` (idempotent): what changed and
+        what this backend has no meaning for. None: the table does not exist."""
         raise NotImplementedError
 
     def ready(self) -> tuple[bool, str]:

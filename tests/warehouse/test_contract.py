@@ -436,3 +436,53 @@ def test_quarantine_rows_apply_to_the_quarantine_table(backend: Backend, table: 
         table, "columns", violation.reason, "coupon", 3, f"batch-{table}",
         dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), quarantined.to_dict(),
     )]
+
+
+# --- table options (tables file): each backend applies what it can and lists the rest ---
+
+TABLE_OPTIONS: dict[str, Any] = {
+    "description": "orders, as the shop's clients send them",
+    "labels": {"team": "data"},
+    "clustering": ["region"],
+    "partition_expiration_days": 30,
+    "require_partition_filter": True,
+}
+ORDER = [("id", "integer"), ("region", "string")]
+
+
+def _shown(backend: Backend, table: str) -> dict[str, Any]:
+    shown = backend.read_options(table)
+    return {name: shown.get(name) for name in TABLE_OPTIONS if name in backend.warehouse.capabilities.table_options}
+
+
+def test_a_table_gets_its_options_when_it_is_created(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.table_options_source = lambda name: TABLE_OPTIONS if name == table else {}
+    wh.apply(table, [env(table, ins(table, ORDER, [1, "eu"]))])
+    expected = {n: v for n, v in TABLE_OPTIONS.items() if n in wh.capabilities.table_options}
+    assert _shown(backend, table) == expected
+
+
+def test_apply_table_options_changes_what_differs_lists_the_rest_and_is_idempotent(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    assert wh.apply_table_options(table, TABLE_OPTIONS) is None  # no such table yet
+    wh.apply(table, [env(table, ins(table, ORDER, [1, "eu"]))])
+    first = wh.apply_table_options(table, TABLE_OPTIONS)
+    applies = wh.capabilities.table_options
+    assert first is not None
+    assert sorted(change.split(":")[0] for change in first.changes) == sorted(n for n in TABLE_OPTIONS if n in applies)
+    assert first.not_applicable == sorted(n for n in TABLE_OPTIONS if n not in applies)
+    assert _shown(backend, table) == {n: v for n, v in TABLE_OPTIONS.items() if n in applies}
+    again = wh.apply_table_options(table, TABLE_OPTIONS)
+    assert again is not None and again.changes == [] and again.not_applicable == first.not_applicable
+
+
+def test_deletes_and_counts_work_on_a_table_that_requires_a_partition_filter(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.table_options_source = lambda name: {"require_partition_filter": True}
+    wh.apply(table, [env(table, ins(table, ORDER, [1, "eu"]), ins(table, ORDER, [2, "us"]))])
+    result = wh.apply(table, [env(table, dele(table, [("id", "integer")], [1]))])
+    assert (result.rows_deleted, result.rejections) == (1, [])
+    assert wh.count_rows([table]) == {table: 1}
+    wh.apply_table_options(table, {"require_partition_filter": False})  # so that the test may read it plainly
+    assert ids(backend, table) == [2]

@@ -15,7 +15,7 @@ columns against an Arrow batch of its keys (`DELETE ... WHERE EXISTS`).
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -23,6 +23,7 @@ import pyarrow as pa
 from app.schema.columnar import to_arrow
 from app.warehouse.base import ApplyResult, Envelope
 from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, STAGE_VIEW, quote_ident
+from app.warehouse.duckdb.options import set_description
 from app.warehouse.duckdb.types import DuckType, key_param
 from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, Step, coalesce_steps, plan_table
 
@@ -61,9 +62,15 @@ def first_of_new(envelopes: Sequence[Envelope], new_ids: set[str], result: Apply
 class Writer:
     """The statements of one apply on `con`; `types`: how each activity type is stored."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, types: dict[str, DuckType]) -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        types: dict[str, DuckType],
+        new_table_options: Callable[[str], Mapping[str, Any]] | None = None,
+    ) -> None:
         self.con = con
         self.types = types
+        self.new_table_options = new_table_options  # table -> the options a table created now gets
         self._columns: list[tuple[str, str, str]] = []  # (table, column, activity type) to record
 
     def finish(self) -> None:
@@ -114,6 +121,10 @@ class Writer:
                 cols = ", ".join(f"{quote_ident(n)} {self.types[t].sql_type}" for n, t in step.columns)
                 self.con.execute(f"CREATE TABLE {qtable} ({cols})")
                 self._record_columns(lower_table, step.columns)
+                # --- table options (tables file), in the same transaction as the CREATE
+                description = self.new_table_options(table).get("description") if self.new_table_options else None
+                if description is not None:
+                    set_description(self.con, table, description)
             elif isinstance(step, AddColumns):
                 for n, t in step.columns:
                     self.con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self.types[t].sql_type}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from app.warehouse.base import Capabilities
+from app.warehouse.duckdb.options import DUCKDB_TABLE_OPTIONS
 
 # Tables applied in one transaction: one dedup claim and one COMMIT (a WAL fsync) for
 # all of them instead of one per table.
@@ -17,4 +18,5 @@ def duckdb_capabilities(spatial: bool) -> Capabilities:
         supports_geometry=spatial,
         concurrent_tables=False,  # one connection, not thread-safe
         max_tables_per_apply=MAX_TABLES_PER_APPLY,
+        table_options=DUCKDB_TABLE_OPTIONS,
     )

@@ -24,6 +24,12 @@ emulator answer it the way Google does:
 - `tables.insert` into a missing dataset: the emulator answers 500, Google 404 `notFound`.
 - BYTES query parameters: the emulator compares their base64 text, not the bytes; they
   are sent as STRING and decoded in SQL (`FROM_BASE64`).
+- `requirePartitionFilter`: the emulator neither keeps nor enforces it. It is kept here
+  (set by `tables.insert`/`patch`/`update`, shown by their answers and `tables.get`), and
+  a query naming such a table without a filter on `_PARTITIONTIME` is refused with 400
+  `invalidQuery`, as Google does
+  (https://cloud.google.com/bigquery/docs/managing-partitioned-tables#require-filter).
+  A rough test (the SQL mentions `_PARTITIONTIME`), enough for the pipeline's statements.
 - GEOGRAPHY query results: the emulator types them BYTES (values are WKT text); a BYTES
   column whose values are not base64 is a GEOGRAPHY, as Google types it. (A column with no
   non-null value cannot be told apart and stays BYTES.)
@@ -87,6 +93,7 @@ class GoogleShape:
         self.upstream = upstream
         self.http = http
         self.lock = emulator_lock(upstream)
+        self.require_partition_filter: set[tuple[str, str]] = set()  # (dataset, table)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         with self.lock:
@@ -116,6 +123,9 @@ class GoogleShape:
         if kind in ("jobs.query", "jobs.insert") and isinstance(payload, dict):
             query = payload if kind == "jobs.query" else (payload.get("configuration") or {}).get("query")
             if isinstance(query, dict) and query.get("query"):
+                refused = self._partition_filter_missing(query)
+                if refused is not None:
+                    return refused
                 _bytes_params_as_text(query)
                 statements = _split_alter(query["query"])
                 for statement in statements[:-1]:
@@ -129,8 +139,37 @@ class GoogleShape:
             if job_id and self._raw("GET", f"/bigquery/v2/projects/{project}/jobs/{job_id}").status_code == 200:
                 location = ref.get("location") or "US"
                 return error_answer(409, "duplicate", f"Already Exists: Job {project}:{location}.{job_id}")
+        if kind in ("tables.insert", "tables.patch", "tables.update") and isinstance(payload, dict):
+            self._note_partition_filter(params, payload)
         if kind in ("tables.patch", "tables.update") and isinstance(payload, dict):
             return self._before_table_update(params, payload, headers)
+        return None
+
+    def _note_partition_filter(self, params: dict[str, str], payload: dict) -> None:
+        if "requirePartitionFilter" not in payload:
+            return
+        ref = payload.get("tableReference") or {}
+        key = (params.get("dataset") or ref.get("datasetId", ""), params.get("table") or ref.get("tableId", ""))
+        if payload["requirePartitionFilter"]:
+            self.require_partition_filter.add(key)
+        else:
+            self.require_partition_filter.discard(key)
+
+    def _partition_filter_missing(self, query: dict) -> Answer | None:
+        sql = query["query"]
+        if "_PARTITIONTIME" in sql.upper():
+            return None
+        default = (query.get("defaultDataset") or {}).get("datasetId", "")
+        for dataset, table in self.require_partition_filter:
+            named = re.search(rf"`(?:[\w-]+\.)?{re.escape(dataset)}\.{re.escape(table)}`", sql) or (
+                dataset == default and re.search(rf"`{re.escape(table)}`|\b{re.escape(table)}\b", sql)
+            )
+            if named:
+                return error_answer(
+                    400, "invalidQuery",
+                    f"Cannot query over table '{dataset}.{table}' without a filter over column(s) '_PARTITION_LOAD_TIME', "
+                    "'_PARTITIONDATE', '_PARTITIONTIME' that can be used for partition elimination",
+                )  # fmt: skip
         return None
 
     def _before_table_update(self, params: dict[str, str], payload: dict, headers: dict[str, str]) -> Answer | None:
@@ -170,6 +209,10 @@ class GoogleShape:
             failed = _query_failure(upstream)
             if failed is not None:
                 return failed
+        if kind in ("tables.get", "tables.insert", "tables.patch", "tables.update"):
+            ref = answer.get("tableReference") or {}
+            if (ref.get("datasetId"), ref.get("tableId")) in self.require_partition_filter:
+                answer["requirePartitionFilter"] = True
         if kind in ("jobs.query", "jobs.getQueryResults"):
             _geography_types(answer)
             if kind == "jobs.getQueryResults" and "numDmlAffectedRows" not in answer:

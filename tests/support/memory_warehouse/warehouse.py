@@ -14,12 +14,12 @@ block one table's apply or raise `TransientWarehouseError` (retry) or any other 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from app.messages.envelope import Envelope
 from app.schema.identifiers import check_applied_table_name
 from app.settings import Settings
-from app.warehouse.base import ApplyResult, Capabilities, QueryResult, Rejection, Warehouse
+from app.warehouse.base import ApplyResult, Capabilities, OptionsOutcome, QueryResult, Rejection, Warehouse, applicable_options
 from app.warehouse.plan import plan_table
 from app.warehouse.types import TypeMapper
 from app.schema.types import TYPES
@@ -59,6 +59,13 @@ class MemoryWarehouse(Warehouse):
                 self.before_apply(table, list(envelopes))
             with self._lock:
                 return self._apply(table, envelopes)
+
+    def apply_table_options(self, table: str, options: Mapping[str, Any]) -> OptionsOutcome | None:
+        """No table option means anything in memory: every one is not applicable."""
+        with self._lock:
+            if table not in self._tables:
+                return None
+        return OptionsOutcome(not_applicable=applicable_options(self.capabilities, options)[1])
 
     def _apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
         result = ApplyResult()
