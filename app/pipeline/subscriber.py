@@ -37,6 +37,7 @@ import orjson
 
 from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
+from app.contracts.reload import tables_file_of
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
@@ -101,6 +102,12 @@ class Subscriber:
         # within half of it.
         self.lease_seconds = broker.max_lease_seconds or settings.ack_deadline_seconds
         self.in_place_budget = min(settings.max_in_place_retry_seconds, self.lease_seconds / 2)
+        # The tables file (docs/contracts.md), reloaded on change like the API's: the options
+        # of the tables this process creates come from the version in force.
+        self.tables_file = tables_file_of(settings)
+        self._tables_file_lock = threading.Lock()  # worker threads share one reload
+        if self.tables_file.path is not None:
+            warehouse.table_options_source = self.table_options
 
     @property
     def last_transient_error(self) -> str | None:
@@ -114,6 +121,19 @@ class Subscriber:
         """Why the whole warehouse refuses this process (for /readyz), or None."""
         blocked = self._blocked
         return None if blocked is None else f"{blocked.reason}: {blocked}"
+
+    def table_options(self, table: str) -> dict:
+        """`table`'s options in the tables file in force (reloaded first if it changed)."""
+        with self._tables_file_lock:
+            config = self.tables_file.current()
+        return {} if config is None else dict(config.settings_for(table).options)
+
+    def tables_file_status(self) -> dict | None:
+        """For /readyz: the file in force and a refused change, if any (None: no file)."""
+        if self.tables_file.path is None:
+            return None
+        with self._tables_file_lock:
+            return self.tables_file.status()
 
     # --- loop ---
     def run(self) -> None:
