@@ -100,8 +100,12 @@ class Capabilities:
     reserved_column_prefixes: tuple[str, ...] = identifiers.RESERVED_COLUMN_PREFIXES  # lower case, any case refused
     internal_prefix: str = identifiers.INTERNAL_PREFIX  # the pipeline's own tables and columns
     max_columns: int | None = None  # per table; None: no limit the pipeline knows of
-    # Schema changes an apply may make; columns are never dropped, renamed or retyped.
+    # Schema changes an apply may make; columns are never dropped or renamed, and retyped
+    # only by widening.
     alterations: tuple[str, ...] = ("create_table", "add_column")
+    # (column type, wider type) activity-type pairs an apply widens in place: a subset of
+    # app.warehouse.widening.WIDENINGS; any other type change is a conflict.
+    widenings: frozenset[tuple[str, str]] = frozenset()
     # How many tables' batches the subscriber hands to one `apply_many`.
     max_tables_per_apply: int = 1
     # The tables file's table options this backend gives a table (app.warehouse.options);
@@ -126,7 +130,8 @@ class ApplyResult:
     rows_inserted: int = 0
     rows_deleted: int = 0
     noop_deletes: int = 0  # deletes on a table that does not exist
-    schema_changes: int = 0  # tables created + columns added
+    schema_changes: int = 0  # tables created + columns added + columns widened
+    columns_widened: int = 0
     rejections: list[Rejection] = field(default_factory=list)
 
 

@@ -486,3 +486,63 @@ def test_deletes_and_counts_work_on_a_table_that_requires_a_partition_filter(bac
     assert wh.count_rows([table]) == {table: 1}
     wh.apply_table_options(table, {"require_partition_filter": False})  # so that the test may read it plainly
     assert ids(backend, table) == [2]
+
+
+# --- type widening (app.warehouse.widening): each backend widens the pairs it declares ---
+
+# (column type, wider type, a value of each); the values are exact in both types
+WIDENING = [
+    ("integer", "numeric", 7, "12.5"),
+    ("integer", "bignumeric", 7, "0." + "0" * 37 + "1"),
+    ("integer", "float", 7, 12.5),
+    ("numeric", "bignumeric", "1.5", "-" + "9" * 38),
+    ("numeric", "float", "1.25", 0.5),
+    ("bignumeric", "float", "2.5", 0.75),
+]
+
+
+@pytest.mark.parametrize("old,new,narrow,wide", WIDENING, ids=[f"{o}-{n}" for o, n, _, _ in WIDENING])
+def test_a_wider_value_widens_the_column_in_place_and_old_values_keep_their_value(
+    backend: Backend, table: str, old: str, new: str, narrow: Any, wide: Any
+) -> None:
+    from app.warehouse.widening import widen_value
+
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", old)], [1, narrow]))])
+    later = env(table, ins(table, [("id", "integer"), ("v", new)], [2, wide]), ins(table, [("id", "integer"), ("v", old)], [3, narrow]))
+    r = wh.apply(table, [later])
+    if (old, new) not in wh.capabilities.widenings:  # a type change like any other: rejected
+        assert [j.index for j in r.rejections] == [0] and wh.table_schema(table)["v"] == old
+        return
+    assert (r.rejections, r.columns_widened, r.rows_inserted) == ([], 1, 2)
+    assert wh.table_schema(table) == {"id": "integer", "v": new}
+    as_new = backend.normalize(new, widen_value(old, new, narrow))
+    assert sorted(backend.read_rows(table, [("id", "integer"), ("v", new)])) == [
+        (1, as_new), (2, backend.normalize(new, wide)), (3, as_new)
+    ]
+    # a delete naming the narrower type still matches the old and the later values
+    d = wh.apply(table, [env(table, dele(table, [("v", old)], [narrow]))])
+    assert (d.rows_deleted, d.rejections) == (2, [])
+    assert ids(backend, table) == [2]
+
+
+def test_a_column_created_narrow_and_widened_in_one_apply_is_created_wide(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    if ("integer", "float") not in wh.capabilities.widenings:
+        pytest.skip(f"{backend.name} does not widen integer to float")
+    r = wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", "integer")], [1, 3]),
+                             ins(table, [("id", "integer"), ("v", "float")], [2, 0.5]))])
+    assert (r.rejections, r.columns_widened) == ([], 0)
+    assert wh.table_schema(table) == {"id": "integer", "v": "float"}
+    assert sorted(backend.read_rows(table, [("id", "integer"), ("v", "float")])) == [(1, 3.0), (2, 0.5)]
+
+
+def test_a_type_change_no_widening_covers_stays_a_conflict(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", "numeric")], [1, "0.5"]))])
+    r = wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", "string")], [2, "1.5"]),
+                             ins(table, [("id", "integer"), ("v", "boolean")], [3, True]),
+                             ins(table, [("id", "integer"), ("v", "integer")], [4, 2]))])  # narrower: accepted
+    assert [j.index for j in r.rejections] == [0, 1] and r.columns_widened == 0
+    assert wh.table_schema(table) == {"id": "integer", "v": "numeric"}
+    assert sorted(backend.read_rows(table, [("id", "integer"), ("v", "numeric")])) == [(1, Decimal("0.5")), (4, Decimal(2))]

@@ -24,8 +24,10 @@ from app.schema.columnar import to_arrow
 from app.warehouse.base import ApplyResult, Envelope
 from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, STAGE_VIEW, quote_ident
 from app.warehouse.duckdb.options import set_description
+from app.warehouse.duckdb.widening import DUCKDB_WIDENINGS, widen_sql
 from app.warehouse.duckdb.types import DuckType, key_param
 from app.warehouse.plan import AddColumns, CreateTable, DeleteRows, InsertRows, Schema, Step, coalesce_steps, plan_table
+from app.warehouse.plan import WidenColumns
 
 
 class SpatialNeeded(Exception):
@@ -41,6 +43,8 @@ def names_geography(steps: Sequence[Step]) -> bool:
         if isinstance(step, DeleteRows):
             if any(typ == "geography" for conds in step.conditions for _, typ, _ in conds):
                 return True
+        elif isinstance(step, WidenColumns):
+            continue  # only numbers widen
         elif any(typ == "geography" for _, typ in step.columns):
             return True
     return False
@@ -104,12 +108,13 @@ class Writer:
         """
         if not todo:
             return schema
-        plan = plan_table(table, schema, todo)
+        plan = plan_table(table, schema, todo, DUCKDB_WIDENINGS)
         if spatial_missing and names_geography(plan.steps):
             raise SpatialNeeded()
         result.rejections.extend(plan.rejections)
         result.noop_deletes += plan.noop_deletes
         result.schema_changes += plan.schema_changes
+        result.columns_widened += plan.columns_widened
         qtable = quote_ident(table)
         lower_table = table.lower()
         for step in coalesce_steps(plan.steps):
@@ -129,6 +134,10 @@ class Writer:
                 for n, t in step.columns:
                     self.con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self.types[t].sql_type}")
                 self._record_columns(lower_table, step.columns)
+            elif isinstance(step, WidenColumns):  # --- type widening (app.warehouse.widening)
+                for n, old, new in step.columns:
+                    self.con.execute(widen_sql(table, n, old, new, self.types))
+                self._record_columns(lower_table, [(n, new) for n, _, new in step.columns])
         result.applied_envelopes += len(todo)
         return plan.schema
 

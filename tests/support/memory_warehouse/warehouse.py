@@ -21,6 +21,7 @@ from app.schema.identifiers import check_applied_table_name
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Capabilities, OptionsOutcome, QueryResult, Rejection, Warehouse, applicable_options
 from app.warehouse.plan import plan_table
+from app.warehouse.widening import WIDENINGS
 from app.warehouse.types import TypeMapper
 from app.schema.types import TYPES
 from tests.support.memory_warehouse.observer import ApplyObserver
@@ -42,7 +43,7 @@ class MemoryWarehouse(Warehouse):
         self.type_mapper = TypeMapper({typ: typ for typ in TYPES})  # kept as given: every type reads back
         self.capabilities = Capabilities(
             transactional=True, max_alters_per_statement=None, supports_geometry=False,
-            concurrent_tables=concurrent_tables,
+            concurrent_tables=concurrent_tables, widenings=WIDENINGS,
         )
         self.before_apply = before_apply
         self.observer = ApplyObserver()
@@ -84,7 +85,7 @@ class MemoryWarehouse(Warehouse):
                 seen.add(envelope.dedup_id)
                 fresh.append(envelope)
         stored = self._tables.get(table)
-        plan = plan_table(table, stored.schema if stored else None, fresh)
+        plan = plan_table(table, stored.schema if stored else None, fresh, self.capabilities.widenings)
         before = list(stored.rows) if stored else []
         rows = execute(plan.steps, before)  # raises (commits nothing) on a value it cannot convert
         if plan.schema is not None:
@@ -96,6 +97,7 @@ class MemoryWarehouse(Warehouse):
         result.rows_deleted = len(before) + plan.rows_to_insert - len(rows)
         result.noop_deletes = plan.noop_deletes
         result.schema_changes = plan.schema_changes
+        result.columns_widened = plan.columns_widened
         result.rejections = plan.rejections
         return result
 
