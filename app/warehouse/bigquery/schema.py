@@ -29,6 +29,7 @@ from app.warehouse.base import OptionsOutcome
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.options import clustering_of, set_options
 from app.warehouse.bigquery.types import TypeMapper
+from app.warehouse.bigquery.widening import with_activity_type
 
 DEDUP_COLUMN = INTERNAL_PREFIX + "dedup_id"
 MARKERS_TABLE = INTERNAL_PREFIX + "markers"
@@ -200,6 +201,39 @@ class TableSchemas:
                 patched.append("clustering_fields")
         try:
             updated = self.client.update_table(fresh, patched)
+        except errors.TerminalWarehouseError as exc:
+            if errors.is_schema_conflict(exc.__cause__ or exc):
+                raise SchemaRaced(str(exc)) from exc
+            raise
+        state = self._remember(ref.table, updated)
+        assert state is not None
+        return state
+
+    # ----------------------------------------------------------------- type widening
+
+    def widen(self, ref: TableRef, columns: list[tuple[str, str, str]]) -> TableState:
+        """Widen `columns` (name, from, to): one DDL each, then one patch of their
+        descriptions (see widening.py). `SchemaRaced` if the table is gone or changed."""
+        fresh = self.client.get_table(ref.api)
+        if fresh is None:
+            self._remember(ref.table, None)
+            raise SchemaRaced(f"table {ref.table} is gone")
+        by_name = {f.name: f for f in fresh.schema}
+        for name, old, new in columns:
+            current = by_name.get(name)
+            if current is None:
+                raise SchemaRaced(f"column {name} of {ref.table} is gone")
+            if self.types.activity_type_of(current.field_type) == new:
+                continue  # an earlier attempt's DDL ran
+            sql = f"ALTER TABLE {ref.sql} ALTER COLUMN {quote_column(name)} SET DATA TYPE {self.types.column_type(new)}"
+            self.client.query(sql, None, "metadata_update", f"widen {name} of {ref.table} to {new}")
+        fresh = self.client.get_table(ref.api)
+        if fresh is None:
+            raise SchemaRaced(f"table {ref.table} is gone")
+        wanted = {name: new for name, _, new in columns}
+        fresh.schema = [with_activity_type(f, wanted[f.name]) if f.name in wanted else f for f in fresh.schema]
+        try:
+            updated = self.client.update_table(fresh, ["schema"])
         except errors.TerminalWarehouseError as exc:
             if errors.is_schema_conflict(exc.__cause__ or exc):
                 raise SchemaRaced(str(exc)) from exc

@@ -53,6 +53,7 @@ from app.warehouse.base import (
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.options import apply_options, bigquery_table_options
+from app.warehouse.bigquery.widening import bigquery_widenings
 from app.warehouse.bigquery.queries import DONE, EVERY_PARTITION, INTENT, Queries, dml_job_id, table_job_prefix
 from app.warehouse.bigquery.schema import (
     DATASET_RE,
@@ -123,6 +124,7 @@ class BigQueryWarehouse(Warehouse):
             concurrent_tables=True,  # per-table locks; shared caches and counters are locked
             max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
             table_options=bigquery_table_options(settings.bigquery_partitioning == "day"),
+            widenings=bigquery_widenings(TypeMapper(type_overrides)),
         )
         self.client = BigQueryClient(settings, rest=client)
         self.api_calls = self.client.calls  # calls per kind (see client.py)
@@ -217,6 +219,7 @@ class BigQueryWarehouse(Warehouse):
         result.applied_envelopes += len(todo)
         result.noop_deletes += plan.noop_deletes
         result.schema_changes += plan.schema_changes
+        result.columns_widened += plan.columns_widened
         result.rejections.extend(plan.rejections)
         result.rejections.extend(oversized)
         return result
@@ -265,8 +268,11 @@ class BigQueryWarehouse(Warehouse):
         for _ in range(SCHEMA_RETRIES):
             plan = self._plan(ref.table, state, todo, refused)
             new_columns: list[planner.Column] = []
+            widened: list[tuple[str, str, str]] = []  # type widening (widening.py)
             create = False
             for step in plan.steps:
+                if isinstance(step, planner.WidenColumns):
+                    widened.extend(step.columns)
                 if isinstance(step, planner.CreateTable):
                     create = True
                     new_columns.extend(step.columns)
@@ -281,6 +287,8 @@ class BigQueryWarehouse(Warehouse):
                     state = self.schemas.create(ref, new_columns)
                 elif state is not None and (new_columns or not state.has_dedup_column):
                     state = self.schemas.add_columns(ref, state, new_columns)
+                if widened and state is not None:
+                    state = self.schemas.widen(ref, widened)
                 return plan, state, create, writes, oversized  # state None: only deletes on a missing table
             except SchemaRaced as raced:
                 log.info("schema of %s changed concurrently (%s); re-reading", ref.table, raced)
@@ -314,7 +322,7 @@ class BigQueryWarehouse(Warehouse):
                 env if new_acts is None else Envelope(env.dedup_id, env.table, new_acts, env.delivery_attempt)
             )
         schema = dict(state.schema) if state is not None else None
-        plan = planner.plan_table(table, schema, planned)
+        plan = planner.plan_table(table, schema, planned, self.capabilities.widenings)
         # A few deletes among many inserts: one write and one DML instead of one each per delete.
         plan.steps = planner.coalesce_steps(plan.steps)
         if swapped:

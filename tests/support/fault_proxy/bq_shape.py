@@ -30,6 +30,10 @@ emulator answer it the way Google does:
   `invalidQuery`, as Google does
   (https://cloud.google.com/bigquery/docs/managing-partitioned-tables#require-filter).
   A rough test (the SQL mentions `_PARTITIONTIME`), enough for the pipeline's statements.
+- `ALTER TABLE ... ALTER COLUMN c SET DATA TYPE T`: the emulator converts its storage
+  (NUMERIC as its DECIMAL(18,3), losing digits) but keeps the old type in its catalog.
+  Here the storage is converted with NUMERIC as NUMERIC(38, 9), as Google keeps it, and
+  the catalog's type is changed too.
 - GEOGRAPHY query results: the emulator types them BYTES (values are WKT text); a BYTES
   column whose values are not base64 is a GEOGRAPHY, as Google types it. (A column with no
   non-null value cannot be told apart and stays BYTES.)
@@ -54,6 +58,11 @@ _ALTER = re.compile(r"^\s*ALTER\s+TABLE\s+(?P<ref>[`\w.\-]+)\s+(?P<rest>ADD\s+CO
 _ADD_COLUMN_SPLIT = re.compile(r",\s*(?=ADD\s+COLUMN\b)", re.IGNORECASE)
 _HTTP_STATUS_OF_REASON = {"notFound": 404, "accessDenied": 403, "duplicate": 409}
 _STATUS_NAME = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION"}
+_SET_DATA_TYPE = re.compile(
+    r"^\s*ALTER\s+TABLE\s+`(?P<ref>[\w.\-]+)`\s+ALTER\s+COLUMN\s+`?(?P<col>\w+)`?\s+SET\s+DATA\s+TYPE\s+(?P<type>\w+)\s*$",
+    re.IGNORECASE,
+)
+_STORAGE_TYPE = {"NUMERIC": "NUMERIC(38, 9)"}  # the emulator's own NUMERIC is DECIMAL(18,3)
 _MISSING_TABLE = re.compile(r"Catalog Error: Table with name (?P<name>\S+) does not exist", re.IGNORECASE)
 
 
@@ -123,9 +132,9 @@ class GoogleShape:
         if kind in ("jobs.query", "jobs.insert") and isinstance(payload, dict):
             query = payload if kind == "jobs.query" else (payload.get("configuration") or {}).get("query")
             if isinstance(query, dict) and query.get("query"):
-                refused = self._partition_filter_missing(query)
-                if refused is not None:
-                    return refused
+                failed = self._set_data_type(project, query) or self._partition_filter_missing(query)
+                if failed is not None:
+                    return failed
                 _bytes_params_as_text(query)
                 statements = _split_alter(query["query"])
                 for statement in statements[:-1]:
@@ -155,10 +164,33 @@ class GoogleShape:
         else:
             self.require_partition_filter.discard(key)
 
+    def _set_data_type(self, project: str, query: dict) -> Answer | None:
+        """Run an ALTER COLUMN SET DATA TYPE the way Google keeps it; the statement itself
+        becomes a no-op query (so its job still answers). Its error, else None."""
+        found = _SET_DATA_TYPE.match(query["query"])
+        if found is None:
+            return None
+        *_, dataset, table = found["ref"].split(".")
+        new_type = found["type"].upper()
+        storage = f"ALTER TABLE `{found['ref']}` ALTER COLUMN `{found['col']}` SET DATA TYPE {_STORAGE_TYPE.get(new_type, new_type)}"
+        failed = self._run(project, storage)
+        if failed is not None:
+            return failed
+        path = f"/bigquery/v2/projects/{project}/datasets/{dataset}/tables/{table}"
+        resource = self._raw("GET", path).json()
+        for field in resource["schema"]["fields"]:
+            if field["name"] == found["col"]:
+                field["type"] = new_type
+        patched = self._raw("PATCH", path, json={"schema": resource["schema"]})
+        if patched.status_code != 200:
+            return Answer(patched.status_code, patched.content, patched.headers.get("content-type"))
+        query["query"] = "SELECT 1"
+        return None
+
     def _partition_filter_missing(self, query: dict) -> Answer | None:
         sql = query["query"]
-        if "_PARTITIONTIME" in sql.upper():
-            return None
+        if "_PARTITIONTIME" in sql.upper() or re.match(r"\s*(ALTER|CREATE|DROP)\b", sql, re.IGNORECASE):
+            return None  # DDL needs no partition filter
         default = (query.get("defaultDataset") or {}).get("datasetId", "")
         for dataset, table in self.require_partition_filter:
             named = re.search(rf"`(?:[\w-]+\.)?{re.escape(dataset)}\.{re.escape(table)}`", sql) or (
