@@ -462,6 +462,8 @@ class Subscriber:
         metrics.DUPLICATES_SKIPPED.inc(result.skipped_duplicates)
         metrics.NOOP_DELETES.inc(result.noop_deletes)
         metrics.SCHEMA_CHANGES.inc(result.schema_changes)
+        if result.columns_widened:
+            metrics.COLUMNS_WIDENED.labels(table).inc(result.columns_widened)
 
     def _dead_letter(self, entries: list[NewDeadLetter], category: str) -> None:
         self.dead_letters.add(entries)

@@ -104,7 +104,7 @@ class Capabilities:
     # only by widening.
     alterations: tuple[str, ...] = ("create_table", "add_column")
     # (column type, wider type) activity-type pairs an apply widens in place: a subset of
-    # app.warehouse.widening.WIDENINGS; any other type change is a conflict.
+    # app.schema.widening.WIDENINGS; any other type change is a conflict.
     widenings: frozenset[tuple[str, str]] = frozenset()
     # How many tables' batches the subscriber hands to one `apply_many`.
     max_tables_per_apply: int = 1

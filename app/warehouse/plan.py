@@ -48,7 +48,7 @@ from app.schema.identifiers import IDENTIFIER
 from app.schema.columnar import ActivityRun, to_arrow, to_canonical
 from app.schema.types import TYPES
 from app.warehouse.base import Envelope, Rejection
-from app.warehouse.widening import widen_array, widen_value
+from app.schema.widening import widen_array, widen_value
 
 # The API validates names to this form; the planner re-checks so a backend never has to
 # quote anything else (defence in depth: such an activity is rejected, not executed).
@@ -75,7 +75,7 @@ class AddColumns:
 
 @dataclass(slots=True)
 class WidenColumns:
-    """Columns whose type widens in place (app.warehouse.widening): (name as stored, from, to)."""
+    """Columns whose type widens in place (app.schema.widening): (name as stored, from, to)."""
 
     columns: list[tuple[str, str, str]]
 
@@ -362,7 +362,7 @@ class _Planner:
         plan.schema = self.cur
         return plan
 
-    # -- widening (app.warehouse.widening) ---------------------------------------------------
+    # -- widening (app.schema.widening) ---------------------------------------------------
 
     def widen(self, widenings: list[tuple[str, str, str]]) -> None:
         """Widen columns (name as stored, from, to): in the schema step that creates them, else

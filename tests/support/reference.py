@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from app.warehouse.plan import DeleteRows, InsertRows, WidenColumns
-from app.warehouse.widening import widen_value
+from app.schema.widening import widen_value
 
 Row = dict[str, Any]
 

@@ -488,7 +488,7 @@ def test_deletes_and_counts_work_on_a_table_that_requires_a_partition_filter(bac
     assert ids(backend, table) == [2]
 
 
-# --- type widening (app.warehouse.widening): each backend widens the pairs it declares ---
+# --- type widening (app.schema.widening): each backend widens the pairs it declares ---
 
 # (column type, wider type, a value of each); the values are exact in both types
 WIDENING = [
@@ -505,7 +505,7 @@ WIDENING = [
 def test_a_wider_value_widens_the_column_in_place_and_old_values_keep_their_value(
     backend: Backend, table: str, old: str, new: str, narrow: Any, wide: Any
 ) -> None:
-    from app.warehouse.widening import widen_value
+    from app.schema.widening import widen_value
 
     wh = backend.warehouse
     wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", old)], [1, narrow]))])

@@ -5,7 +5,7 @@ NUMERIC, BIGNUMERIC or FLOAT64, NUMERIC to BIGNUMERIC or FLOAT64, BIGNUMERIC to 
 by DDL; the tables API cannot
 (https://cloud.google.com/bigquery/docs/managing-table-schemas#change_a_columns_data_type,
 https://cloud.google.com/bigquery/docs/reference/standard-sql/data-definition-language#alter_column_set_data_type_statement).
-So the pairs of app.warehouse.widening this backend widens are those whose column
+So the pairs of app.schema.widening this backend widens are those whose column
 types (after any type override) are such a coercion. The column description records
 the activity type (types.py), so it is patched after the DDL, with the table's etag
 (https://cloud.google.com/bigquery/docs/managing-table-schemas#change_a_columns_description).
@@ -17,7 +17,7 @@ from __future__ import annotations
 from google.cloud import bigquery
 
 from app.warehouse.bigquery.types import TYPE_DESCRIPTION_PREFIX, TypeMapper
-from app.warehouse.widening import WIDENINGS
+from app.schema.widening import WIDENINGS
 
 # BigQuery column type -> the types ALTER COLUMN SET DATA TYPE takes from it
 COERCIONS: dict[str, frozenset[str]] = {

@@ -134,7 +134,7 @@ class Writer:
                 for n, t in step.columns:
                     self.con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self.types[t].sql_type}")
                 self._record_columns(lower_table, step.columns)
-            elif isinstance(step, WidenColumns):  # --- type widening (app.warehouse.widening)
+            elif isinstance(step, WidenColumns):  # --- type widening (app.schema.widening)
                 for n, old, new in step.columns:
                     self.con.execute(widen_sql(table, n, old, new, self.types))
                 self._record_columns(lower_table, [(n, new) for n, _, new in step.columns])

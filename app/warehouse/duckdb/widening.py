@@ -1,6 +1,6 @@
 """Type widening on DuckDB: one `ALTER COLUMN ... SET DATA TYPE` per widened column.
 
-Every pair of app.warehouse.widening applies. DuckDB's own casts keep integers and
+Every pair of app.schema.widening applies. DuckDB's own casts keep integers and
 decimals exact and give floats the nearest double; a `bignumeric` column is the
 canonical decimal text (types.py), so a DECIMAL becomes that text without the trailing
 zeros DuckDB's cast prints (`1.500000000` -> `1.5`, `2.000000000` -> `2`): equal
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from app.warehouse.duckdb.catalog import quote_ident
 from app.warehouse.duckdb.types import DuckType
-from app.warehouse.widening import WIDENINGS
+from app.schema.widening import WIDENINGS
 
 DUCKDB_WIDENINGS = WIDENINGS
 

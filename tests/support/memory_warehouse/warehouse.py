@@ -21,7 +21,7 @@ from app.schema.identifiers import check_applied_table_name
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Capabilities, OptionsOutcome, QueryResult, Rejection, Warehouse, applicable_options
 from app.warehouse.plan import plan_table
-from app.warehouse.widening import WIDENINGS
+from app.schema.widening import WIDENINGS
 from app.warehouse.types import TypeMapper
 from app.schema.types import TYPES
 from tests.support.memory_warehouse.observer import ApplyObserver
