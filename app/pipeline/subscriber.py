@@ -38,12 +38,16 @@ import orjson
 from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.contracts.reload import tables_file_of
+from app.pipeline.type_conflicts import to_quarantine
+from app.schema.identifiers import QUARANTINE_TABLE
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
-from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse, WarehouseUnavailable
+from app.warehouse.base import (
+    ApplyResult, Envelope, Rejection, TransientWarehouseError, Warehouse, WarehouseUnavailable,
+)
 
 log = logging.getLogger("app.subscriber")
 
@@ -336,6 +340,8 @@ class Subscriber:
                    "rows_deleted": result.rows_deleted, "duplicates_skipped": result.skipped_duplicates,
                    "rejected": len(result.rejections), "schema_changes": result.schema_changes},
         )
+        if result.rejections and self.tables_file.path is not None:
+            result.rejections = self._quarantine_type_conflicts(table, batch, result.rejections)
         if result.rejections:
             message_of = {h.envelope.dedup_id: h.message for h in batch}
             self._dead_letter(
@@ -352,6 +358,24 @@ class Subscriber:
             )
         self.failures.forget([h.envelope.dedup_id for h in batch])
         return self._forward_rejections(queue, batch, result)
+
+    def _quarantine_type_conflicts(self, table: str, batch: list[Held], rejections: list[Rejection]) -> list[Rejection]:
+        """Type conflicts the table's contract quarantines go to `_ingest_quarantine`; the
+        rejections left to dead-letter (all of them if the quarantine apply fails)."""
+        with self._tables_file_lock:
+            config = self.tables_file.current()
+        batch_ids = {h.envelope.dedup_id: h.message.attributes.get("batch_id") or h.envelope.dedup_id for h in batch}
+        envelopes, rest = to_quarantine(config, table, rejections, batch_ids)
+        if not envelopes:
+            return rejections
+        outcome = self._apply([(QUARANTINE_TABLE, envelopes)])[0]
+        if isinstance(outcome, Exception) or outcome.rejections:
+            log.warning("could not quarantine %d type conflict(s) of %s; dead-lettering them: %s",
+                        len(envelopes), table, outcome if isinstance(outcome, Exception) else outcome.rejections[0].reason)
+            return rejections
+        metrics.ACTIVITIES_QUARANTINED_BY_SUBSCRIBER.labels(table, "types").inc(len(envelopes))
+        log.info("quarantined %d type conflict(s) of %s (contract types = discard_row)", len(envelopes), table)
+        return rest
 
     def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError, min_wait: float = 0.0) -> float | None:
         """Wait in place while the messages' hold stays within budget, else nack them with a delay."""

@@ -113,6 +113,19 @@ class Capabilities:
     table_options: frozenset[str] = frozenset()
 
 
+class TypeConflict(str):
+    """The reason of a rejection for a value of a type its column does not take (and
+    does not widen to): the subscriber routes these by the table's contract."""
+
+    column: str  # the column as stored
+
+    @classmethod
+    def of(cls, column: str, table: str, table_type: str, sent_type: str) -> "TypeConflict":
+        reason = cls(f"column '{column}' is {table_type} in table {table}, activity sends {sent_type}")
+        reason.column = column
+        return reason
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """An activity that can never apply (type conflict, unknown column in a delete)."""
@@ -120,7 +133,11 @@ class Rejection:
     dedup_id: str
     index: int  # position of the activity inside its envelope
     activity: Activity
-    reason: str
+    reason: str  # a `TypeConflict` for a type conflict
+
+    @property
+    def type_conflict(self) -> TypeConflict | None:
+        return self.reason if isinstance(self.reason, TypeConflict) else None
 
 
 @dataclass(slots=True)

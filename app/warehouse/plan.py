@@ -47,7 +47,7 @@ from app.schema.activity import Activity
 from app.schema.identifiers import IDENTIFIER
 from app.schema.columnar import ActivityRun, to_arrow, to_canonical
 from app.schema.types import TYPES
-from app.warehouse.base import Envelope, Rejection
+from app.warehouse.base import Envelope, Rejection, TypeConflict
 from app.schema.widening import widen_array, widen_value
 
 # The API validates names to this form; the planner re-checks so a backend never has to
@@ -283,8 +283,8 @@ class _InsertRun:
         return InsertRows(columns=self.columns, parts=self.parts, sources=self.sources)
 
 
-def type_conflict_reason(column: str, table: str, table_type: str, sent_type: str) -> str:
-    return f"column '{column}' is {table_type} in table {table}, activity sends {sent_type}"
+def type_conflict_reason(column: str, table: str, table_type: str, sent_type: str) -> TypeConflict:
+    return TypeConflict.of(column, table, table_type, sent_type)
 
 
 class _Planner:

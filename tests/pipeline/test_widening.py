@@ -37,3 +37,44 @@ def test_a_wider_value_widens_the_column_and_counts_in_columns_widened_total(tmp
         broker.close()
         warehouse.close()
         dead.close()
+
+
+def _apply_in_turn(tmp_path, tables_text: str, activities: list[Activity]):
+    path = tmp_path / "tables.toml"
+    path.write_text(tables_text)
+    settings = Settings(data_dir=tmp_path, tables_file=path, max_delivery_attempts=1)
+    broker, warehouse, dead = LocalBroker(settings), DuckDBWarehouse(settings), DeadLetterStore(settings.dead_letter_file)
+    subscriber = Subscriber(settings, broker, warehouse, dead)
+    try:
+        with running(subscriber):
+            for n, activity in enumerate(activities, 1):
+                messages = encode_batch([activity], new_batch_id(None))
+                asyncio.run(broker.publish(messages, batch_id=messages[0].attributes["batch_id"]))
+                wait_until(lambda: subscriber.totals.messages_acked == n, f"message {n} settled")  # noqa: B023
+        with subscriber.warehouse_lock:
+            quarantined = warehouse.query("SELECT table_name, rule, column_name, reason FROM _ingest_quarantine")[1] \
+                if warehouse.table_schema("_ingest_quarantine") else []
+            notes = warehouse.query("SELECT note FROM orders")[1]
+        return quarantined, notes, dead.count()
+    finally:
+        broker.close()
+        warehouse.close()
+        dead.close()
+
+
+ORDERS = '[tables.orders]\ncolumns = {{id = "integer"}}\ncontract = {{types = "{mode}"}}\n'
+NOTES = [
+    Activity("insert", "orders", ["id", "note"], ["integer", "integer"], [1, 7]),
+    Activity("insert", "orders", ["id", "note"], ["integer", "boolean"], [2, True]),  # note neither takes nor widens
+]
+
+
+def test_a_type_conflict_on_an_undeclared_column_is_quarantined_under_types_discard_row(tmp_path):
+    quarantined, notes, dead_letters = _apply_in_turn(tmp_path, ORDERS.format(mode="discard_row"), NOTES)
+    assert notes == [(7,)] and dead_letters == 0
+    assert quarantined == [("orders", "types", "note", "column 'note' is integer in table orders, activity sends boolean")]
+
+
+def test_a_type_conflict_on_an_undeclared_column_is_dead_lettered_under_evolve(tmp_path):
+    quarantined, notes, dead_letters = _apply_in_turn(tmp_path, ORDERS.format(mode="evolve"), NOTES)
+    assert notes == [(7,)] and dead_letters == 1 and quarantined == []
