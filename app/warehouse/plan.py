@@ -499,7 +499,7 @@ class _Planner:
                 else:
                     res = self.resolve_insert(names, types)
                     last_names, last_types, last_res = names, types, res
-                if res.__class__ is str:
+                if res.__class__ is not tuple:  # a reason (str or TypeConflict)
                     rejections.append(Rejection(dedup_id, index, act, res))
                     continue
                 if res is not seg_res or self.run is not seg_run:
