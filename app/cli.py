@@ -248,6 +248,38 @@ def tables_check(path: str = typer.Argument(..., help="The tables file to valida
     typer.echo(f"ok: {path} ({len(config.exact)} table(s), {len(config.globs)} glob(s))")
 
 
+@tables_cli.command("apply")
+def tables_apply() -> None:
+    """Apply the tables file's table options to the tables that exist (idempotent); print what changed."""
+    from app.admin_client import AdminError, admin_request, through_subscriber
+    from app.contracts.file import TablesFileInvalid, load
+    from app.pipeline.table_options import apply_all
+    from app.warehouse import TransientWarehouseError, open_warehouse
+
+    settings = get_settings()
+    if settings.tables_file is None:
+        typer.echo("no tables file (TABLES_FILE is not set): no options to apply", err=True)
+        raise typer.Exit(1)
+
+    def directly() -> list[str]:
+        warehouse = open_warehouse(settings)
+        try:
+            return apply_all(warehouse, load(settings.tables_file))
+        finally:
+            warehouse.close()
+
+    try:
+        lines = through_subscriber(lambda: admin_request(settings, "/table-options", {})["lines"], directly, 0)
+    except TablesFileInvalid as exc:
+        typer.echo(f"invalid: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (AdminError, TransientWarehouseError) as exc:
+        typer.echo(f"not applied: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for line in lines or ["no table has options to apply"]:
+        typer.echo(line)
+
+
 # --- quarantine (docs/contracts.md#quarantine) ---
 
 

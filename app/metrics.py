@@ -88,6 +88,15 @@ DEAD_LETTERED = Counter(
     registry=SUBSCRIBER,
 )
 SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.", registry=SUBSCRIBER)
+# Type conflicts the warehouse found that a table's contract quarantines (app.pipeline.type_conflicts)
+ACTIVITIES_QUARANTINED_BY_SUBSCRIBER = Counter(
+    "activities_quarantined", "Activities a contract sent to _ingest_quarantine, by table and rule.",
+    ["table", "reason"], registry=SUBSCRIBER,
+)
+COLUMNS_WIDENED = Counter(
+    "columns_widened", "Columns whose type widened in place (docs/contracts.md#type-widening), by table.", ["table"],
+    registry=SUBSCRIBER,
+)
 SUBSCRIBER_BLOCKED = Gauge(
     "subscriber_blocked",
     "1 while the warehouse refuses this subscriber as a whole (permission, credentials, feature not enabled), by reason.",

@@ -33,6 +33,7 @@ COMMANDS = {
     ("quarantine", "replay"): "Publish quarantined activities the current tables file allows; the others stay (exit 1).",
     ("tables",): "The tables file (TABLES_FILE): effective settings, checks.",
     ("tables", "check"): "Validate a tables file without starting anything; exit 1 with the line and reason if invalid.",
+    ("tables", "apply"): "Apply the tables file's table options to the tables that exist (idempotent); print what changed.",
     ("backlog",): "Show the broker backlog (messages waiting, oldest age); --wait follows it to empty.",
 }
 
@@ -320,3 +321,26 @@ def test_an_invalid_tables_file_stops_each_process_at_start_with_line_and_reason
     started = run_cli(process, env={"TABLES_FILE": str(bad), "DATA_DIR": str(tmp_path)})
     assert started.returncode == 2
     assert f"{bad}:2: new_tables must be one of allow, refuse" in started.stdout + started.stderr
+
+
+def test_tables_apply_prints_what_changed_once_and_what_does_not_apply(tmp_path):
+    from app.warehouse.duckdb import DuckDBWarehouse
+    from tests.support.builders import env as envelope, ins
+
+    warehouse = DuckDBWarehouse(Settings(data_dir=tmp_path))
+    warehouse.apply("orders", [envelope("orders", ins("orders", [("id", "integer")], [1]))])
+    warehouse.close()
+    tables = tmp_path / "tables.toml"
+    tables.write_text(
+        "[tables.orders]\ndescription = \"the shop's orders\"\nlabels = {team = \"data\"}\n\n"
+        "[tables.refunds]\ndescription = \"later\"\n"
+    )
+    env = {"DATA_DIR": str(tmp_path), "TABLES_FILE": str(tables), "SUBSCRIBER_PORT": str(_free_port())}
+    first, second = run_cli("tables", "apply", env=env), run_cli("tables", "apply", env=env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.splitlines() == [
+        "orders: description: None -> \"the shop's orders\"",
+        "orders: not applicable on duckdb: labels",
+        "refunds: not created yet (gets its options when it is)",
+    ]
+    assert second.stdout.splitlines()[0] == "orders: unchanged"

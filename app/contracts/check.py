@@ -11,7 +11,9 @@ Modes per entity (docs/contracts.md):
   as `discard_row`: the activity is the value);
 - an undeclared column of a declared table: the table's `columns` mode;
 - a declared column sent with another type: the table's `types` mode (`evolve` keeps
-  the declared type, so it reads as `freeze`).
+  the declared type, so it reads as `freeze`). A type that widens to the declared one
+  (app.schema.widening: an integer for a numeric column) is not another type: the
+  warehouse takes it as the declared type.
 A delete is never trimmed (dropping a condition column would delete more rows):
 `discard_value` quarantines it.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from app.contracts.file import TablesConfig
+from app.schema.widening import WIDENINGS
 
 KEEP, REFUSE, QUARANTINE, TRIM = "keep", "refuse", "quarantine", "trim"
 MAX_MEMOIZED_SHAPES = 10_000
@@ -80,7 +83,7 @@ def _decide(config: TablesConfig, table: str, operation: str, names: tuple[str, 
             if contract.columns != "evolve":
                 reason = f"column {name!r} is not declared for table {table!r}"
                 violations.append(Violation("columns", contract.columns, name, position, reason))
-        elif declared != type_name:
+        elif declared != type_name and (type_name, declared) not in WIDENINGS:  # narrower values still land
             mode = "freeze" if contract.types == "evolve" else contract.types
             reason = f"column {name!r} of table {table!r} is declared {declared}, sent as {type_name}"
             violations.append(Violation("types", mode, name, position, reason))

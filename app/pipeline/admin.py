@@ -97,7 +97,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 wh_ok, wh_reason = True, "ok (applying)"
             ok = broker_ok and wh_ok
-            self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
+            detail: dict[str, Any] = {"ready": ok, "broker": broker_reason, "warehouse": wh_reason}
+            tables_file = sub.tables_file_status()
+            if tables_file is not None:
+                detail["tables_file"] = tables_file  # a refused change is shown, still ready
+            self._send(200 if ok else 503, _dumps(detail))
         elif self.path == "/metrics":
             body, content_type = metrics.render(metrics.SUBSCRIBER, sub.broker)
             self._send(200, body, content_type)
@@ -142,7 +146,27 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, _dumps({"table": table, "columns": columns}))
 
+    def _apply_table_options(self) -> None:
+        """`tables apply` while this process holds the warehouse: the file in force here."""
+        from app.pipeline.table_options import apply_all
+
+        sub = self.subscriber
+        config = sub.tables_file.current() if sub.tables_file.path is not None else None
+        if config is None:
+            self._send(400, _dumps({"error": True, "message": "the subscriber has no tables file (TABLES_FILE)", "details": []}))
+            return
+        try:
+            with sub.warehouse_lock:
+                lines = apply_all(sub.warehouse, config)
+        except Exception as exc:
+            self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
+            return
+        self._send(200, _dumps({"lines": lines}))
+
     def do_POST(self) -> None:
+        if self.path == "/table-options":
+            self._apply_table_options()
+            return
         if self.path != "/query":
             self._send(404, _dumps({"error": True, "message": "not found", "details": []}))
             return

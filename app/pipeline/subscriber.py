@@ -37,12 +37,17 @@ import orjson
 
 from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
+from app.contracts.reload import tables_file_of
+from app.pipeline.type_conflicts import to_quarantine
+from app.schema.identifiers import QUARANTINE_TABLE
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
-from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse, WarehouseUnavailable
+from app.warehouse.base import (
+    ApplyResult, Envelope, Rejection, TransientWarehouseError, Warehouse, WarehouseUnavailable,
+)
 
 log = logging.getLogger("app.subscriber")
 
@@ -102,6 +107,12 @@ class Subscriber:
         # within half of it.
         self.lease_seconds = broker.max_lease_seconds or settings.ack_deadline_seconds
         self.in_place_budget = min(settings.max_in_place_retry_seconds, self.lease_seconds / 2)
+        # The tables file (docs/contracts.md), reloaded on change like the API's: the options
+        # of the tables this process creates come from the version in force.
+        self.tables_file = tables_file_of(settings)
+        self._tables_file_lock = threading.Lock()  # worker threads share one reload
+        if self.tables_file.path is not None:
+            warehouse.table_options_source = self.table_options
 
     @property
     def last_transient_error(self) -> str | None:
@@ -115,6 +126,19 @@ class Subscriber:
         """Why the whole warehouse refuses this process (for /readyz), or None."""
         blocked = self._blocked
         return None if blocked is None else f"{blocked.reason}: {blocked}"
+
+    def table_options(self, table: str) -> dict:
+        """`table`'s options in the tables file in force (reloaded first if it changed)."""
+        with self._tables_file_lock:
+            config = self.tables_file.current()
+        return {} if config is None else dict(config.settings_for(table).options)
+
+    def tables_file_status(self) -> dict | None:
+        """For /readyz: the file in force and a refused change, if any (None: no file)."""
+        if self.tables_file.path is None:
+            return None
+        with self._tables_file_lock:
+            return self.tables_file.status()
 
     # --- loop ---
     def run(self) -> None:
@@ -317,6 +341,8 @@ class Subscriber:
                    "rows_upserted": result.rows_upserted, "rows_deleted": result.rows_deleted, "duplicates_skipped": result.skipped_duplicates,
                    "rejected": len(result.rejections), "schema_changes": result.schema_changes},
         )
+        if result.rejections and self.tables_file.path is not None:
+            result.rejections = self._quarantine_type_conflicts(table, batch, result.rejections)
         if result.rejections:
             message_of = {h.envelope.dedup_id: h.message for h in batch}
             self._dead_letter(
@@ -333,6 +359,24 @@ class Subscriber:
             )
         self.failures.forget([h.envelope.dedup_id for h in batch])
         return self._forward_rejections(queue, batch, result)
+
+    def _quarantine_type_conflicts(self, table: str, batch: list[Held], rejections: list[Rejection]) -> list[Rejection]:
+        """Type conflicts the table's contract quarantines go to `_ingest_quarantine`; the
+        rejections left to dead-letter (all of them if the quarantine apply fails)."""
+        with self._tables_file_lock:
+            config = self.tables_file.current()
+        batch_ids = {h.envelope.dedup_id: h.message.attributes.get("batch_id") or h.envelope.dedup_id for h in batch}
+        envelopes, rest = to_quarantine(config, table, rejections, batch_ids)
+        if not envelopes:
+            return rejections
+        outcome = self._apply([(QUARANTINE_TABLE, envelopes)])[0]
+        if isinstance(outcome, Exception) or outcome.rejections:
+            log.warning("could not quarantine %d type conflict(s) of %s; dead-lettering them: %s",
+                        len(envelopes), table, outcome if isinstance(outcome, Exception) else outcome.rejections[0].reason)
+            return rejections
+        metrics.ACTIVITIES_QUARANTINED_BY_SUBSCRIBER.labels(table, "types").inc(len(envelopes))
+        log.info("quarantined %d type conflict(s) of %s (contract types = discard_row)", len(envelopes), table)
+        return rest
 
     def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError, min_wait: float = 0.0) -> float | None:
         """Wait in place while the messages' hold stays within budget, else nack them with a delay."""
@@ -446,6 +490,8 @@ class Subscriber:
         metrics.DUPLICATES_SKIPPED.inc(result.skipped_duplicates)
         metrics.NOOP_DELETES.inc(result.noop_deletes)
         metrics.SCHEMA_CHANGES.inc(result.schema_changes)
+        if result.columns_widened:
+            metrics.COLUMNS_WIDENED.labels(table).inc(result.columns_widened)
 
     def _dead_letter(self, entries: list[NewDeadLetter], category: str) -> None:
         self.dead_letters.add(entries)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from app.schema import identifiers
 from app.schema.activity import Activity
@@ -100,12 +100,32 @@ class Capabilities:
     reserved_column_prefixes: tuple[str, ...] = identifiers.RESERVED_COLUMN_PREFIXES  # lower case, any case refused
     internal_prefix: str = identifiers.INTERNAL_PREFIX  # the pipeline's own tables and columns
     max_columns: int | None = None  # per table; None: no limit the pipeline knows of
-    # Schema changes an apply may make; columns are never dropped, renamed or retyped.
+    # Schema changes an apply may make; columns are never dropped or renamed, and retyped
+    # only by widening.
     alterations: tuple[str, ...] = ("create_table", "add_column")
+    # (column type, wider type) activity-type pairs an apply widens in place: a subset of
+    # app.schema.widening.WIDENINGS; any other type change is a conflict.
+    widenings: frozenset[tuple[str, str]] = frozenset()
     # How many tables' batches the subscriber hands to one `apply_many`.
     max_tables_per_apply: int = 1
     # Applies `upsert` (current-state tables by key); False: upserts are dead-lettered.
     upserts: bool = False
+    # The tables file's table options this backend gives a table (app.warehouse.options);
+    # the others are reported as not applicable, never silently ignored.
+    table_options: frozenset[str] = frozenset()
+
+
+class TypeConflict(str):
+    """The reason of a rejection for a value of a type its column does not take (and
+    does not widen to): the subscriber routes these by the table's contract."""
+
+    column: str  # the column as stored
+
+    @classmethod
+    def of(cls, column: str, table: str, table_type: str, sent_type: str) -> "TypeConflict":
+        reason = cls(f"column '{column}' is {table_type} in table {table}, activity sends {sent_type}")
+        reason.column = column
+        return reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +135,11 @@ class Rejection:
     dedup_id: str
     index: int  # position of the activity inside its envelope
     activity: Activity
-    reason: str
+    reason: str  # a `TypeConflict` for a type conflict
+
+    @property
+    def type_conflict(self) -> TypeConflict | None:
+        return self.reason if isinstance(self.reason, TypeConflict) else None
 
 
 @dataclass(slots=True)
@@ -126,14 +150,35 @@ class ApplyResult:
     rows_upserted: int = 0  # rows written by upserts (each replacing its key's row, if any)
     rows_deleted: int = 0
     noop_deletes: int = 0  # deletes on a table that does not exist
-    schema_changes: int = 0  # tables created + columns added
+    schema_changes: int = 0  # tables created + columns added + columns widened
+    columns_widened: int = 0
     rejections: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class OptionsOutcome:
+    """What `apply_table_options` did to one table."""
+
+    changes: list[str] = field(default_factory=list)  # "description: None -> 'orders'"
+    not_applicable: list[str] = field(default_factory=list)  # option names this backend has no meaning for
+
+
+def applicable_options(capabilities: Capabilities, options: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`options` split into those the backend applies and the names of the others."""
+    applies = {n: v for n, v in options.items() if n in capabilities.table_options}
+    return applies, sorted(n for n in options if n not in capabilities.table_options)
+
+
+def option_change(name: str, old: Any, new: Any) -> str:
+    return f"{name}: {old!r} -> {new!r}"
 
 
 class Warehouse(abc.ABC):
     capabilities: Capabilities
     name: str = "unnamed"  # the registry's name for it (`WAREHOUSE`), set when opened
     type_mapper: TypeMapper  # activity type <-> this backend's column types
+    # table -> its options in the tables file; set by the subscriber, read when a table is created
+    table_options_source: Callable[[str], Mapping[str, Any]] | None = None
 
     @abc.abstractmethod
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
@@ -178,6 +223,17 @@ class Warehouse(abc.ABC):
 
         Names are validated before they reach SQL; an invalid one is left out too.
         """
+        raise NotImplementedError
+
+    def options_for_new_table(self, table: str) -> dict[str, Any]:
+        """The options a table this warehouse creates now gets (those it applies)."""
+        if self.table_options_source is None:
+            return {}
+        return applicable_options(self.capabilities, self.table_options_source(table))[0]
+
+    def apply_table_options(self, table: str, options: Mapping[str, Any]) -> OptionsOutcome | None:
+        """Bring an existing table's options to `options` (idempotent): what changed and
+        what this backend has no meaning for. None: the table does not exist."""
         raise NotImplementedError
 
     def ready(self) -> tuple[bool, str]:

@@ -58,7 +58,8 @@ from app.schema.activity import KEY_TYPES, Activity
 from app.schema.identifiers import IDENTIFIER
 from app.schema.columnar import ActivityRun, to_arrow, to_canonical
 from app.schema.types import TYPES
-from app.warehouse.base import Envelope, Rejection
+from app.warehouse.base import Envelope, Rejection, TypeConflict
+from app.schema.widening import widen_array, widen_value
 
 # The API validates names to this form; the planner re-checks so a backend never has to
 # quote anything else (defence in depth: such an activity is rejected, not executed).
@@ -99,6 +100,16 @@ class AddColumns:
     columns: list[Column]
 
 
+@dataclass(slots=True)
+class WidenColumns:
+    """Columns whose type widens in place (app.schema.widening): (name as stored, from, to)."""
+
+    columns: list[tuple[str, str, str]]
+
+
+SCHEMA_STEPS = (CreateTable, AddColumns, WidenColumns)
+
+
 def arrow_schema(columns: Sequence[Column]) -> pa.Schema:
     """The Arrow schema of `InsertRows.table` for these columns (types from `TYPES`)."""
     return pa.schema([pa.field(name, TYPES[typ].arrow_type) for name, typ in columns])
@@ -121,6 +132,11 @@ class RowPart:
 
     def __len__(self) -> int:
         return self.batch.num_rows if self.batch is not None else len(self.rows or ())
+
+    def type_of(self, name: str) -> str | None:
+        """The type this part carries the column `name` in (None if it lacks it)."""
+        i = self._index.get(name)
+        return None if i is None else self.columns[i][1]
 
     def array(self, name: str, arrow_type: pa.DataType) -> pa.Array:
         """v2: the column stored as `name` (NULL if this part lacks it)."""
@@ -172,13 +188,22 @@ class InsertRows:
         chunks: list[pa.Array] = []
         pending: list[Any] = []
         for part in self.parts:
-            if part.batch is None:
+            sent = part.type_of(name)
+            narrower = sent is not None and sent != typ  # a value of a type the column widened from
+            if part.batch is None and not narrower:
                 pending.extend(part.values(name))
                 continue
             if pending:
                 chunks.append(to_arrow(typ, pending))
                 pending = []
-            chunks.append(part.array(name, arrow_type))
+            if part.batch is None:
+                assert sent is not None
+                chunks.append(to_arrow(typ, [widen_value(sent, typ, v) for v in part.values(name)]))
+            elif narrower:
+                assert sent is not None
+                chunks.append(widen_array(sent, typ, part.array(name, TYPES[sent].arrow_type)))
+            else:
+                chunks.append(part.array(name, arrow_type))
         if pending:
             chunks.append(to_arrow(typ, pending))
         self._columns[name] = column = pa.chunked_array(chunks, arrow_type)
@@ -262,7 +287,7 @@ class UpsertRows:
 _ROW = "__row"  # not a valid column name: cannot clash with the table's
 
 
-Step = Union[CreateTable, AddColumns, InsertRows, DeleteRows, UpsertRows]
+Step = Union[CreateTable, AddColumns, WidenColumns, InsertRows, DeleteRows, UpsertRows]
 
 
 @dataclass(slots=True)
@@ -270,7 +295,8 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     noop_deletes: int = 0
-    schema_changes: int = 0  # tables created + columns added
+    schema_changes: int = 0  # tables created + columns added + columns widened
+    columns_widened: int = 0
     rows_to_insert: int = 0
     rows_to_upsert: int = 0  # upserts planned (rows sent, not rows replaced)
     deletes: int = 0  # delete activities planned (not rows)
@@ -325,15 +351,20 @@ class _InsertRun:
         return InsertRows(columns=self.columns, parts=self.parts, sources=self.sources)
 
 
-def type_conflict_reason(column: str, table: str, table_type: str, sent_type: str) -> str:
-    return f"column '{column}' is {table_type} in table {table}, activity sends {sent_type}"
+def type_conflict_reason(column: str, table: str, table_type: str, sent_type: str) -> TypeConflict:
+    return TypeConflict.of(column, table, table_type, sent_type)
 
 
 class _Planner:
     """The state of one `plan_table` call; v1 activities and v2 runs feed the same steps."""
 
-    def __init__(self, table: str, schema: dict[str, Column] | None, upserts: bool) -> None:
+    def __init__(
+        self, table: str, schema: dict[str, Column] | None, upserts: bool, widenings: frozenset[tuple[str, str]] = frozenset()
+    ) -> None:
         self.table = table
+        self.widenings = widenings  # (column type, wider type) pairs the backend widens in place
+        self.widened: dict[str, tuple[str, str, str]] = {}  # lower name -> (name, type before the plan, type now)
+        self.retyped = False  # a value was sent in another type than its column's final one
         self.plan = Plan()
         self.cur: Schema | None = Schema(schema, table_key(schema)) if schema is not None else None
         self.upserts = upserts
@@ -349,7 +380,8 @@ class _Planner:
         self.pending_deletes: list[list[Condition]] | None = None
         self.schema_steps: list[Step] = []  # at most one CreateTable or one AddColumns
         # Per-shape resolution cache: (names, types) -> Resolution. Safe for the whole
-        # plan: the schema only grows and columns never change type.
+        # plan: the schema only grows, and a column only widens (a resolved shape's
+        # values are converted to the final type: `finish`, `InsertRows.column`).
         self.insert_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], Resolution] = {}
         # v1: (insert run, resolution, rows) of the part activities are appended to
         self.rows_part: tuple[_InsertRun | None, Any, list[list[Any]]] = (None, None, [])
@@ -400,6 +432,8 @@ class _Planner:
         self.flush_inserts()
         self.flush_deletes()
         plan = self.plan
+        if self.retyped:
+            self._to_widened_types()
         if self.schema_steps:
             plan.steps[:0] = self.schema_steps
         for step in plan.steps:
@@ -409,10 +443,49 @@ class _Planner:
                 plan.rows_to_upsert += step.count
             elif isinstance(step, CreateTable):
                 plan.schema_changes += 1
-            elif isinstance(step, AddColumns):
+            elif isinstance(step, (AddColumns, WidenColumns)):
                 plan.schema_changes += len(step.columns)
+                if isinstance(step, WidenColumns):
+                    plan.columns_widened += len(step.columns)
         plan.schema = self.cur
         return plan
+
+    # -- widening (app.schema.widening) ---------------------------------------------------
+
+    def widen(self, widenings: list[tuple[str, str, str]]) -> None:
+        """Widen columns (name as stored, from, to): in the schema step that creates them, else
+        in the plan's one `WidenColumns` step (hoisted with the schema steps)."""
+        cur = self.cur
+        assert cur is not None
+        for name, old, new in widenings:
+            low = name.lower()
+            cur[low] = (name, new)
+            created = self.schema_steps[0].columns if self.schema_steps else []  # type: ignore[union-attr]
+            position = next((i for i, (n, _) in enumerate(created) if n == name), None)
+            if position is not None:
+                created[position] = (name, new)
+            else:
+                first = self.widened.get(low, (name, old, new))[1]
+                self.widened[low] = (name, first, new)
+
+    def _to_widened_types(self) -> None:
+        """Every data step in the columns' final types (the widening runs before all of them)."""
+        cur = self.cur
+        assert cur is not None
+        if self.widened:
+            self.schema_steps.append(WidenColumns(columns=list(self.widened.values())))
+        for step in self.plan.steps:
+            if isinstance(step, InsertRows):
+                step.columns = [(name, cur[name.lower()][1]) for name, _ in step.columns]
+            elif isinstance(step, UpsertRows):
+                step.rows.columns = [(name, cur[name.lower()][1]) for name, _ in step.rows.columns]
+                step.key = tuple((name, cur[name.lower()][1]) for name, _ in step.key)
+            elif isinstance(step, DeleteRows):
+                step.conditions = [
+                    [(name, cur[name.lower()][1], widen_value(typ, cur[name.lower()][1], value) if typ != cur[name.lower()][1] else value)
+                     for name, typ, value in conds]
+                    for conds in step.conditions
+                ]  # fmt: skip
 
     # -- shapes ---------------------------------------------------------------------------
 
@@ -432,6 +505,7 @@ class _Planner:
         seen: set[str] = set()
         stored: list[str] = []
         new_cols: list[Column] = []
+        widenings: list[tuple[str, str, str]] = []
         for name, typ in zip(names, types):
             if not _valid_name(name):
                 return f"invalid column name {name!r}"
@@ -446,9 +520,16 @@ class _Planner:
                 new_cols.append((name, typ))
                 stored.append(name)
             elif existing[1] != typ:
-                return type_conflict_reason(existing[0], self.table, existing[1], typ)
+                if (existing[1], typ) in self.widenings:
+                    widenings.append((existing[0], existing[1], typ))
+                elif (typ, existing[1]) not in self.widenings:  # else: a narrower value, converted
+                    return type_conflict_reason(existing[0], self.table, existing[1], typ)
+                self.retyped = True
+                stored.append(existing[0])
             else:
                 stored.append(existing[0])
+        if widenings:
+            self.widen(widenings)
         if new_cols:
             # Schema steps are hoisted before every data step (see the module docstring).
             if cur is None:
@@ -553,9 +634,9 @@ class _Planner:
             existing = cur.get(low)
             if existing is None:
                 return f"delete names column '{name}' which table {self.table} does not have"
-            if existing[1] != typ:
+            if existing[1] != typ and (typ, existing[1]) not in self.widenings:
                 return type_conflict_reason(existing[0], self.table, existing[1], typ)
-            columns.append((existing[0], typ))
+            columns.append((existing[0], existing[1]))  # a narrower value: converted to the column's type
         return tuple(columns)
 
     # -- v1: activities -------------------------------------------------------------------
@@ -597,7 +678,7 @@ class _Planner:
                 else:
                     res = self.resolve_insert(names, types)
                     last_names, last_types, last_res = names, types, res
-                if res.__class__ is str:
+                if res.__class__ is not tuple:  # a reason (str or TypeConflict)
                     rejections.append(Rejection(dedup_id, index, act, res))
                     continue
                 if res is not seg_res or self.run is not seg_run:
@@ -642,6 +723,12 @@ class _Planner:
                 self._reject(dedup_id, first, acts, mismatch)
                 return None
             rows = list(zip(*acts.column_values()))
+        if any(typ != sent for (_, typ), sent in zip(res, types)):
+            return [
+                [(name, typ, widen_value(sent, typ, value) if typ != sent else value)
+                 for (name, typ), sent, value in zip(res, types, row)]
+                for row in rows
+            ]  # fmt: skip
         return [[(name, typ, value) for (name, typ), value in zip(res, row)] for row in rows]
 
     def _reject(self, dedup_id: str, first: int, acts: Activity | ActivityRun, reason: str) -> None:
@@ -737,12 +824,19 @@ def _expected_arrow_types(types: tuple[str, ...]) -> list[pa.DataType] | None:
 
 
 def plan_table(
-    table: str, schema: dict[str, Column] | None, envelopes: Sequence[Envelope], *, upserts: bool = False
+    table: str,
+    schema: dict[str, Column] | None,
+    envelopes: Sequence[Envelope],
+    widenings: frozenset[tuple[str, str]] = frozenset(),
+    *,
+    upserts: bool = False,
 ) -> Plan:
     """Plan the envelopes of one table (already-applied envelopes must be left out).
 
+    `widenings`: the (column type, wider type) pairs the backend widens in place
+    (`Capabilities.widenings`); without them every type change is a conflict.
     `upserts`: the backend applies `UpsertRows` (else every upsert is rejected)."""
-    planner = _Planner(table, schema, upserts)
+    planner = _Planner(table, schema, upserts, widenings)
     for env in envelopes:
         runs = env.runs
         if runs is not None:
@@ -809,7 +903,7 @@ def coalesce_steps(steps: list[Step]) -> list[Step]:
     Otherwise the steps are returned unchanged. Schema steps (always first) stay first.
     """
     head = 0
-    while head < len(steps) and isinstance(steps[head], (CreateTable, AddColumns)):
+    while head < len(steps) and isinstance(steps[head], SCHEMA_STEPS):
         head += 1
     data = steps[head:]
     inserts = [s for s in data if isinstance(s, InsertRows)]

@@ -144,6 +144,17 @@ def test_evolve_keeps_declared_types(run, large):
     assert "contract types = freeze" in answer.json()["details"][0]["message"]
 
 
+@pytest.mark.parametrize("mode", ["evolve", "freeze"])
+def test_a_declared_column_takes_a_narrower_type_that_widens_to_the_declared_one(run, mode):
+    prices = f'[tables.prices]\ncolumns = {{amount = "numeric"}}\ncontract = "{mode}"\n'
+    narrower = _activity(table="prices", names=("amount",), types=("integer",), values=(12,))
+    wider = _activity(table="prices", names=("amount",), types=("float",), values=(1.5,))
+    accepted, published = run(prices, [narrower])
+    assert accepted.status_code == 200 and [a.col_types for a in published] == [["integer"]]
+    refused, published = run(prices, [wider])  # wider than declared: another type
+    assert refused.status_code == 422 and [a for a in published if a.col_types != ["integer"]] == []
+
+
 def test_an_undeclared_table_evolves_when_new_tables_are_allowed(run):
     answer, published = run('[defaults]\ncontract = "freeze"\n', [NEW_TABLE])
     assert answer.status_code == 200 and [a.table for a in published] == ["clicks"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from app.warehouse.plan import DeleteRows, InsertRows, UpsertRows
+from app.schema.widening import widen_value
+from app.warehouse.plan import DeleteRows, InsertRows, UpsertRows, WidenColumns
 
 Row = dict[str, Any]
 
@@ -36,10 +37,15 @@ def upserted(step: UpsertRows, rows: list[Row]) -> list[Row]:
 
 
 def execute(steps: Iterable[Any], rows: list[Row] | None = None) -> list[Row]:
-    """The rows left after `steps` (schema steps add nothing: a missing key reads as None)."""
+    """The rows left after `steps` (schema steps add nothing: a missing key reads as None;
+    a widened column's values become the wider type's)."""
     out = list(rows or [])
     for step in steps:
-        if isinstance(step, InsertRows):
+        if isinstance(step, WidenColumns):
+            for name, old, new in step.columns:
+                low = name.lower()
+                out = [{**r, low: widen_value(old, new, r.get(low))} for r in out]
+        elif isinstance(step, InsertRows):
             out.extend(inserted_rows(step))
         elif isinstance(step, DeleteRows):
             out = remaining_after(step, out)

@@ -35,6 +35,8 @@ class Backend:
     table_sql: Callable[[str], str]  # table -> the table as this backend's SQL names it
     # (column, activity type) -> a select expression giving a value `normalize_value` reads
     column_sql: Callable[[str, str], str]
+    # table -> its table options as the backend's own metadata shows them (tables file names)
+    read_options: Callable[[str], dict[str, Any]] = lambda table: {}
 
     def read_rows(self, table: str, columns: list[tuple[str, str]]) -> list[tuple]:
         """The table's rows, each value normalized by `normalize_value` (any order)."""
@@ -121,7 +123,11 @@ def _duckdb_backend(tmp_path: Path) -> Backend:
             return f"CAST({_double_quoted(name)} AS VARCHAR)"
         return _double_quoted(name)
 
-    return Backend("duckdb", wh, _double_quoted, column_sql)
+    def read_options(table: str) -> dict[str, Any]:
+        _, rows = wh.query("SELECT comment FROM duckdb_tables() WHERE table_name = ?", [table])
+        return {"description": rows[0][0]} if rows and rows[0][0] is not None else {}
+
+    return Backend("duckdb", wh, _double_quoted, column_sql, read_options)
 
 
 def _memory_backend(tmp_path: Path) -> Backend:
@@ -160,11 +166,25 @@ def _bigquery_backend(tmp_path: Path) -> Backend:
         bigquery_emulator_host=emu.rest,
         bigquery_emulator_grpc_host=emu.grpc,
     )
+    wh = BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES)
+
+    def read_options(table: str) -> dict[str, Any]:
+        t = wh.client.get_table(f"{settings.gcp_project}.{settings.bigquery_dataset}.{table}")
+        expiration = t.time_partitioning.expiration_ms if t.time_partitioning else None
+        found = {
+            "description": t.description, "labels": dict(t.labels or {}) or None,
+            "clustering": list(t.clustering_fields or []) or None,
+            "partition_expiration_days": None if expiration is None else int(expiration) / 86_400_000,
+            "require_partition_filter": t.require_partition_filter,
+        }  # fmt: skip
+        return {name: value for name, value in found.items() if value is not None}
+
     return Backend(
         "bigquery",
-        BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES),
+        wh,
         lambda table: f"`{settings.bigquery_dataset}.{table}`",
         lambda name, typ: _BIGQUERY_READS.get(typ, "{}").format(f"`{name}`"),
+        read_options,
     )
 
 

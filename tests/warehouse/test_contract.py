@@ -436,3 +436,113 @@ def test_quarantine_rows_apply_to_the_quarantine_table(backend: Backend, table: 
         table, "columns", violation.reason, "coupon", 3, f"batch-{table}",
         dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), quarantined.to_dict(),
     )]
+
+
+# --- table options (tables file): each backend applies what it can and lists the rest ---
+
+TABLE_OPTIONS: dict[str, Any] = {
+    "description": "orders, as the shop's clients send them",
+    "labels": {"team": "data"},
+    "clustering": ["region"],
+    "partition_expiration_days": 30,
+    "require_partition_filter": True,
+}
+ORDER = [("id", "integer"), ("region", "string")]
+
+
+def _shown(backend: Backend, table: str) -> dict[str, Any]:
+    shown = backend.read_options(table)
+    return {name: shown.get(name) for name in TABLE_OPTIONS if name in backend.warehouse.capabilities.table_options}
+
+
+def test_a_table_gets_its_options_when_it_is_created(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.table_options_source = lambda name: TABLE_OPTIONS if name == table else {}
+    wh.apply(table, [env(table, ins(table, ORDER, [1, "eu"]))])
+    expected = {n: v for n, v in TABLE_OPTIONS.items() if n in wh.capabilities.table_options}
+    assert _shown(backend, table) == expected
+
+
+def test_apply_table_options_changes_what_differs_lists_the_rest_and_is_idempotent(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    assert wh.apply_table_options(table, TABLE_OPTIONS) is None  # no such table yet
+    wh.apply(table, [env(table, ins(table, ORDER, [1, "eu"]))])
+    first = wh.apply_table_options(table, TABLE_OPTIONS)
+    applies = wh.capabilities.table_options
+    assert first is not None
+    assert sorted(change.split(":")[0] for change in first.changes) == sorted(n for n in TABLE_OPTIONS if n in applies)
+    assert first.not_applicable == sorted(n for n in TABLE_OPTIONS if n not in applies)
+    assert _shown(backend, table) == {n: v for n, v in TABLE_OPTIONS.items() if n in applies}
+    again = wh.apply_table_options(table, TABLE_OPTIONS)
+    assert again is not None and again.changes == [] and again.not_applicable == first.not_applicable
+
+
+def test_deletes_and_counts_work_on_a_table_that_requires_a_partition_filter(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.table_options_source = lambda name: {"require_partition_filter": True}
+    wh.apply(table, [env(table, ins(table, ORDER, [1, "eu"]), ins(table, ORDER, [2, "us"]))])
+    result = wh.apply(table, [env(table, dele(table, [("id", "integer")], [1]))])
+    assert (result.rows_deleted, result.rejections) == (1, [])
+    assert wh.count_rows([table]) == {table: 1}
+    wh.apply_table_options(table, {"require_partition_filter": False})  # so that the test may read it plainly
+    assert ids(backend, table) == [2]
+
+
+# --- type widening (app.schema.widening): each backend widens the pairs it declares ---
+
+# (column type, wider type, a value of each); the values are exact in both types
+WIDENING = [
+    ("integer", "numeric", 7, "12.5"),
+    ("integer", "bignumeric", 7, "0." + "0" * 37 + "1"),
+    ("integer", "float", 7, 12.5),
+    ("numeric", "bignumeric", "1.5", "-" + "9" * 38),
+    ("numeric", "float", "1.25", 0.5),
+    ("bignumeric", "float", "2.5", 0.75),
+]
+
+
+@pytest.mark.parametrize("old,new,narrow,wide", WIDENING, ids=[f"{o}-{n}" for o, n, _, _ in WIDENING])
+def test_a_wider_value_widens_the_column_in_place_and_old_values_keep_their_value(
+    backend: Backend, table: str, old: str, new: str, narrow: Any, wide: Any
+) -> None:
+    from app.schema.widening import widen_value
+
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", old)], [1, narrow]))])
+    later = env(table, ins(table, [("id", "integer"), ("v", new)], [2, wide]), ins(table, [("id", "integer"), ("v", old)], [3, narrow]))
+    r = wh.apply(table, [later])
+    if (old, new) not in wh.capabilities.widenings:  # a type change like any other: rejected
+        assert [j.index for j in r.rejections] == [0] and wh.table_schema(table)["v"] == old
+        return
+    assert (r.rejections, r.columns_widened, r.rows_inserted) == ([], 1, 2)
+    assert wh.table_schema(table) == {"id": "integer", "v": new}
+    as_new = backend.normalize(new, widen_value(old, new, narrow))
+    assert sorted(backend.read_rows(table, [("id", "integer"), ("v", new)])) == [
+        (1, as_new), (2, backend.normalize(new, wide)), (3, as_new)
+    ]
+    # a delete naming the narrower type still matches the old and the later values
+    d = wh.apply(table, [env(table, dele(table, [("v", old)], [narrow]))])
+    assert (d.rows_deleted, d.rejections) == (2, [])
+    assert ids(backend, table) == [2]
+
+
+def test_a_column_created_narrow_and_widened_in_one_apply_is_created_wide(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    if ("integer", "float") not in wh.capabilities.widenings:
+        pytest.skip(f"{backend.name} does not widen integer to float")
+    r = wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", "integer")], [1, 3]),
+                             ins(table, [("id", "integer"), ("v", "float")], [2, 0.5]))])
+    assert (r.rejections, r.columns_widened) == ([], 0)
+    assert wh.table_schema(table) == {"id": "integer", "v": "float"}
+    assert sorted(backend.read_rows(table, [("id", "integer"), ("v", "float")])) == [(1, 3.0), (2, 0.5)]
+
+
+def test_a_type_change_no_widening_covers_stays_a_conflict(backend: Backend, table: str) -> None:
+    wh = backend.warehouse
+    wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", "numeric")], [1, "0.5"]))])
+    r = wh.apply(table, [env(table, ins(table, [("id", "integer"), ("v", "string")], [2, "1.5"]),
+                             ins(table, [("id", "integer"), ("v", "boolean")], [3, True]),
+                             ins(table, [("id", "integer"), ("v", "integer")], [4, 2]))])  # narrower: accepted
+    assert [j.index for j in r.rejections] == [0, 1] and r.columns_widened == 0
+    assert wh.table_schema(table) == {"id": "integer", "v": "numeric"}
+    assert sorted(backend.read_rows(table, [("id", "integer"), ("v", "numeric")])) == [(1, Decimal("0.5")), (4, Decimal(2))]

@@ -25,6 +25,11 @@ MAX_PARAMS_PER_STATEMENT = 8000  # well below the 10,000 parameters a query may 
 INTENT = "intent"
 DONE = "done"
 JOB_PREFIX = "ingest_dml_"  # job ids: letters, digits, _ and -, at most 1,024 characters
+# A filter on the partitioning column that keeps every partition, and rows still in the
+# write buffer (NULL `_PARTITIONTIME`): a table with `require_partition_filter` refuses a
+# query without a filter on it that can be used for partition elimination
+# (https://cloud.google.com/bigquery/docs/querying-partitioned-tables#query_an_ingestion-time_partitioned_table).
+EVERY_PARTITION = "(_PARTITIONTIME IS NULL OR _PARTITIONTIME >= TIMESTAMP '1970-01-01')"
 
 
 def _digest(text: str, length: int) -> str:
@@ -98,13 +103,19 @@ class Queries:
         if partitioned and since is not None:
             sql += " AND (_PARTITIONTIME IS NULL OR _PARTITIONTIME >= TIMESTAMP_TRUNC(@since, DAY))"
             params.append(bigquery.ScalarQueryParameter("since", "TIMESTAMP", since))
+        elif partitioned:
+            sql += f" AND {EVERY_PARTITION}"
         return self.dml(sql, params, dml_job_id(ref, ids, "clean", attempt), f"clean-up in {ref.table}")
 
     # ----------------------------------------------------------------- deletes
 
-    def delete_statements(self, ref: TableRef, step: planner.DeleteRows) -> list[tuple[str, list]]:
-        """One DELETE per up to MAX_DELETES_PER_STATEMENT deletes (deletes commute)."""
+    def delete_statements(
+        self, ref: TableRef, step: planner.DeleteRows, *, partitioned: bool = False
+    ) -> list[tuple[str, list]]:
+        """One DELETE per up to MAX_DELETES_PER_STATEMENT deletes (deletes commute); on a
+        partitioned table with a filter on every partition (`require_partition_filter`)."""
         statements: list[tuple[str, list]] = []
+        where = f"DELETE FROM {ref.sql} WHERE {EVERY_PARTITION} AND (" if partitioned else f"DELETE FROM {ref.sql} WHERE ("
         clauses: list[str] = []
         params: list = []
         for conditions in step.conditions:
@@ -114,10 +125,10 @@ class Queries:
             ]
             clauses.append("(" + " AND ".join(parts) + ")")
             if len(clauses) >= MAX_DELETES_PER_STATEMENT or len(params) >= MAX_PARAMS_PER_STATEMENT:
-                statements.append((f"DELETE FROM {ref.sql} WHERE " + " OR ".join(clauses), params))
+                statements.append((where + " OR ".join(clauses) + ")", params))
                 clauses, params = [], []
         if clauses:
-            statements.append((f"DELETE FROM {ref.sql} WHERE " + " OR ".join(clauses), params))
+            statements.append((where + " OR ".join(clauses) + ")", params))
         return statements
 
     def dml(self, sql: str, params: list, job_id: str, what: str) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from google.cloud import bigquery
 
@@ -24,8 +25,11 @@ from app.schema.identifiers import IDENTIFIER, INTERNAL_PREFIX, MAX_COLUMN_NAME
 from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.bigquery import errors
+from app.warehouse.base import OptionsOutcome
 from app.warehouse.bigquery.client import BigQueryClient
+from app.warehouse.bigquery.options import clustering_of, set_options
 from app.warehouse.bigquery.types import TypeMapper
+from app.warehouse.bigquery.widening import with_activity_type
 
 DEDUP_COLUMN = INTERNAL_PREFIX + "dedup_id"
 MARKERS_TABLE = INTERNAL_PREFIX + "markers"
@@ -83,9 +87,16 @@ def dedup_field() -> bigquery.SchemaField:
 class TableSchemas:
     """Cached table states of one dataset, and the calls that change them."""
 
-    def __init__(self, settings: Settings, client: BigQueryClient, types: TypeMapper) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: BigQueryClient,
+        types: TypeMapper,
+        options_for: Callable[[str], Mapping[str, Any]] = lambda table: {},
+    ) -> None:
         self.client = client
         self.types = types
+        self.options_for = options_for  # table -> its tables-file options (those BigQuery applies)
         self.partitioning = settings.bigquery_partitioning
         self.clustering = [c.strip() for c in settings.bigquery_clustering.split(",") if c.strip()][
             :MAX_CLUSTERING_COLUMNS
@@ -144,9 +155,10 @@ class TableSchemas:
         t.description = "ingest pipeline table; column descriptions carry the activity types"
         if self.partitioning == "day":
             t.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.DAY)
-        clustering = self._clustering_for({n.lower(): n for n, _ in columns})
+        clustering = self._clustering_for({n.lower(): n for n, _ in columns}, ref.table)
         if clustering:
             t.clustering_fields = clustering
+        set_options(t, self.options_for(ref.table), OptionsOutcome())  # the tables file's, at creation
         try:
             created = self.client.create_table(t)
         except errors.TerminalWarehouseError as exc:
@@ -183,7 +195,7 @@ class TableSchemas:
         fresh.schema = [*fresh.schema, *to_add]
         patched = ["schema"]
         if not fresh.clustering_fields:
-            clustering = self._clustering_for({f.name.lower(): f.name for f in fresh.schema})
+            clustering = self._clustering_for({f.name.lower(): f.name for f in fresh.schema}, ref.table)
             if clustering:
                 fresh.clustering_fields = clustering
                 patched.append("clustering_fields")
@@ -197,8 +209,43 @@ class TableSchemas:
         assert state is not None
         return state
 
-    def _clustering_for(self, columns_by_lower: dict[str, str]) -> list[str]:
-        return [columns_by_lower[c.lower()] for c in self.clustering if c.lower() in columns_by_lower]
+    # ----------------------------------------------------------------- type widening
+
+    def widen(self, ref: TableRef, columns: list[tuple[str, str, str]]) -> TableState:
+        """Widen `columns` (name, from, to): one DDL each, then one patch of their
+        descriptions (see widening.py). `SchemaRaced` if the table is gone or changed."""
+        fresh = self.client.get_table(ref.api)
+        if fresh is None:
+            self._remember(ref.table, None)
+            raise SchemaRaced(f"table {ref.table} is gone")
+        by_name = {f.name: f for f in fresh.schema}
+        for name, old, new in columns:
+            current = by_name.get(name)
+            if current is None:
+                raise SchemaRaced(f"column {name} of {ref.table} is gone")
+            if self.types.activity_type_of(current.field_type) == new:
+                continue  # an earlier attempt's DDL ran
+            sql = f"ALTER TABLE {ref.sql} ALTER COLUMN {quote_column(name)} SET DATA TYPE {self.types.column_type(new)}"
+            self.client.query(sql, None, "metadata_update", f"widen {name} of {ref.table} to {new}")
+        fresh = self.client.get_table(ref.api)
+        if fresh is None:
+            raise SchemaRaced(f"table {ref.table} is gone")
+        wanted = {name: new for name, _, new in columns}
+        fresh.schema = [with_activity_type(f, wanted[f.name]) if f.name in wanted else f for f in fresh.schema]
+        try:
+            updated = self.client.update_table(fresh, ["schema"])
+        except errors.TerminalWarehouseError as exc:
+            if errors.is_schema_conflict(exc.__cause__ or exc):
+                raise SchemaRaced(str(exc)) from exc
+            raise
+        state = self._remember(ref.table, updated)
+        assert state is not None
+        return state
+
+    def _clustering_for(self, columns_by_lower: dict[str, str], table: str) -> list[str]:
+        # the tables file's clustering for this table, else BIGQUERY_CLUSTERING's
+        by_file = clustering_of(self.options_for(table), columns_by_lower)
+        return by_file or [columns_by_lower[c.lower()] for c in self.clustering if c.lower() in columns_by_lower]
 
     # ----------------------------------------------------------------- markers table
 

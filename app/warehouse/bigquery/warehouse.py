@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 import uuid
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 from google.cloud import bigquery
@@ -40,6 +40,8 @@ from app.warehouse.base import (
     ApplyResult,
     Capabilities,
     Envelope,
+    OptionsOutcome,
+    applicable_options,
     QueryResult,
     Rejection,
     TerminalWarehouseError,
@@ -50,7 +52,9 @@ from app.warehouse.base import (
 )
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
-from app.warehouse.bigquery.queries import DONE, INTENT, Queries, dml_job_id, table_job_prefix
+from app.warehouse.bigquery.options import apply_options, bigquery_table_options
+from app.warehouse.bigquery.widening import bigquery_widenings
+from app.warehouse.bigquery.queries import DONE, EVERY_PARTITION, INTENT, Queries, dml_job_id, table_job_prefix
 from app.warehouse.bigquery.schema import (
     DATASET_RE,
     DEDUP_COLUMN,
@@ -119,12 +123,14 @@ class BigQueryWarehouse(Warehouse):
             supports_geometry=True,
             concurrent_tables=True,  # per-table locks; shared caches and counters are locked
             max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
+            table_options=bigquery_table_options(settings.bigquery_partitioning == "day"),
+            widenings=bigquery_widenings(TypeMapper(type_overrides)),
         )
         self.client = BigQueryClient(settings, rest=client)
         self.api_calls = self.client.calls  # calls per kind (see client.py)
         self.bytes_processed = self.client.bytes_processed  # job bytes per kind
         self.types = self.type_mapper = TypeMapper(type_overrides)
-        self.schemas = TableSchemas(settings, self.client, self.types)
+        self.schemas = TableSchemas(settings, self.client, self.types, self.options_for_new_table)
         self.queries = Queries(self.client, self.types)
         # the writer's own local-stand-in branch goes with its rework (writer.py, issue 16 part B)
         self.writer = StorageWriter(self.client, emulator=bool(settings.bigquery_emulator_host))
@@ -213,6 +219,7 @@ class BigQueryWarehouse(Warehouse):
         result.applied_envelopes += len(todo)
         result.noop_deletes += plan.noop_deletes
         result.schema_changes += plan.schema_changes
+        result.columns_widened += plan.columns_widened
         result.rejections.extend(plan.rejections)
         result.rejections.extend(oversized)
         return result
@@ -261,8 +268,11 @@ class BigQueryWarehouse(Warehouse):
         for _ in range(SCHEMA_RETRIES):
             plan = self._plan(ref.table, state, todo, refused)
             new_columns: list[planner.Column] = []
+            widened: list[tuple[str, str, str]] = []  # type widening (widening.py)
             create = False
             for step in plan.steps:
+                if isinstance(step, planner.WidenColumns):
+                    widened.extend(step.columns)
                 if isinstance(step, planner.CreateTable):
                     create = True
                     new_columns.extend(step.columns)
@@ -277,6 +287,8 @@ class BigQueryWarehouse(Warehouse):
                     state = self.schemas.create(ref, new_columns)
                 elif state is not None and (new_columns or not state.has_dedup_column):
                     state = self.schemas.add_columns(ref, state, new_columns)
+                if widened and state is not None:
+                    state = self.schemas.widen(ref, widened)
                 return plan, state, create, writes, oversized  # state None: only deletes on a missing table
             except SchemaRaced as raced:
                 log.info("schema of %s changed concurrently (%s); re-reading", ref.table, raced)
@@ -310,7 +322,7 @@ class BigQueryWarehouse(Warehouse):
                 env if new_acts is None else Envelope(env.dedup_id, env.table, new_acts, env.delivery_attempt)
             )
         schema = dict(state.schema) if state is not None else None
-        plan = planner.plan_table(table, schema, planned)
+        plan = planner.plan_table(table, schema, planned, self.capabilities.widenings)
         # A few deletes among many inserts: one write and one DML instead of one each per delete.
         plan.steps = planner.coalesce_steps(plan.steps)
         if swapped:
@@ -346,8 +358,14 @@ class BigQueryWarehouse(Warehouse):
                             Rejection(dedup_id, index, activity, f"row of {size} bytes exceeds BigQuery's request size limit")
                         )
             elif isinstance(step, planner.DeleteRows):
-                writes.append(("delete", self.queries.delete_statements(ref, step), len(step.conditions)))
+                statements = self.queries.delete_statements(ref, step, partitioned=self._partitioned(ref.table))
+                writes.append(("delete", statements, len(step.conditions)))
         return writes, oversized
+
+    def _partitioned(self, table: str) -> bool:
+        """Whether `table` is partitioned by ingestion time (a table created by this apply: as the settings say)."""
+        state = self.schemas.state(table)
+        return state.partitioned_by_ingestion if state is not None else self.schemas.partitioning == "day"
 
     def _arrow_batch(self, step: planner.InsertRows) -> pa.RecordBatch:
         """The planner's Arrow rows as BigQuery takes them, plus each row's dedup_id."""
@@ -439,12 +457,18 @@ class BigQueryWarehouse(Warehouse):
         for start in range(0, len(wanted), _COUNTS_PER_QUERY):
             chunk = wanted[start : start + _COUNTS_PER_QUERY]
             sql = " UNION ALL ".join(
-                f"SELECT @t{i} AS t, COUNT(*) AS n FROM {self._ref(name).sql}" for i, name in enumerate(chunk)
+                f"SELECT @t{i} AS t, COUNT(*) AS n FROM {self._ref(name).sql}{self._every_partition(name)}"
+                for i, name in enumerate(chunk)
             )
             params = [bigquery.ScalarQueryParameter(f"t{i}", "STRING", name) for i, name in enumerate(chunk)]
             rows = self.client.query(sql, params, "query", "count rows")
             counts.update({row["t"]: int(row["n"]) for row in rows})
         return counts
+
+    def _every_partition(self, table: str) -> str:
+        """A WHERE clause keeping every row that a table requiring a partition filter accepts."""
+        state = self.schemas.state(table)
+        return f" WHERE {EVERY_PARTITION}" if state is not None and state.partitioned_by_ingestion else ""
 
     def table_schema(self, table: str) -> dict[str, str] | None:
         if check_applied_table_name(table) is not None:
@@ -453,6 +477,19 @@ class BigQueryWarehouse(Warehouse):
         if state is None:
             return None
         return {name: typ for name, typ in state.schema.values()}
+
+    # ----------------------------------------------------------------- table options (tables file)
+
+    def apply_table_options(self, table: str, options: Mapping[str, Any]) -> OptionsOutcome | None:
+        ref = self._ref(table)
+        applies, not_applicable = applicable_options(self.capabilities, options)
+        outcome = OptionsOutcome(not_applicable=not_applicable)
+        with _table_lock((ref.project, ref.dataset, ref.table)):
+            updated = apply_options(self.client, ref.api, applies, outcome)
+            if updated is None:
+                return None
+            self.schemas.fetch(table)  # partitioning or clustering may have changed
+        return outcome
 
     def ready(self) -> tuple[bool, str]:
         """Reachable and the dataset exists. A probe we may not run (403 without a

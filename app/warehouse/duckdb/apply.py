@@ -17,7 +17,7 @@ key columns plus one `INSERT ... SELECT`: the whole row is replaced, never row b
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -25,7 +25,9 @@ import pyarrow as pa
 from app.schema.columnar import to_arrow
 from app.warehouse.base import ApplyResult, Envelope
 from app.warehouse.duckdb.catalog import APPLIED_TABLE, COLUMNS_TABLE, KEYS_TABLE, STAGE_VIEW, quote_ident
+from app.warehouse.duckdb.options import set_description
 from app.warehouse.duckdb.types import DuckType, key_param
+from app.warehouse.duckdb.widening import DUCKDB_WIDENINGS, widen_sql
 from app.warehouse.plan import (
     AddColumns,
     CreateTable,
@@ -34,6 +36,7 @@ from app.warehouse.plan import (
     Schema,
     Step,
     UpsertRows,
+    WidenColumns,
     coalesce_steps,
     plan_table,
 )
@@ -52,6 +55,8 @@ def names_geography(steps: Sequence[Step]) -> bool:
         if isinstance(step, DeleteRows):
             if any(typ == "geography" for conds in step.conditions for _, typ, _ in conds):
                 return True
+        elif isinstance(step, WidenColumns):
+            continue  # only numbers widen
         elif any(typ == "geography" for _, typ in step.columns):
             return True
     return False
@@ -73,9 +78,16 @@ def first_of_new(envelopes: Sequence[Envelope], new_ids: set[str], result: Apply
 class Writer:
     """The statements of one apply on `con`; `types`: how each activity type is stored."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, types: dict[str, DuckType], upserts: bool = True) -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        types: dict[str, DuckType],
+        new_table_options: Callable[[str], Mapping[str, Any]] | None = None,
+        upserts: bool = True,
+    ) -> None:
         self.con = con
         self.types = types
+        self.new_table_options = new_table_options  # table -> the options a table created now gets
         self.upserts = upserts  # the capability: apply upserts (else the planner rejects them)
         self._columns: list[tuple[str, str, str]] = []  # (table, column, activity type) to record
 
@@ -114,12 +126,13 @@ class Writer:
         """
         if not todo:
             return schema
-        plan = plan_table(table, schema, todo, upserts=self.upserts)
+        plan = plan_table(table, schema, todo, DUCKDB_WIDENINGS, upserts=self.upserts)
         if spatial_missing and names_geography(plan.steps):
             raise SpatialNeeded()
         result.rejections.extend(plan.rejections)
         result.noop_deletes += plan.noop_deletes
         result.schema_changes += plan.schema_changes
+        result.columns_widened += plan.columns_widened
         qtable = quote_ident(table)
         lower_table = table.lower()
         for step in coalesce_steps(plan.steps):
@@ -135,10 +148,18 @@ class Writer:
                     cols += f", PRIMARY KEY ({', '.join(quote_ident(n) for n in step.key)})"
                 self.con.execute(f"CREATE TABLE {qtable} ({cols})")
                 self._record_columns(lower_table, step.columns)
+                # --- table options (tables file), in the same transaction as the CREATE
+                description = self.new_table_options(table).get("description") if self.new_table_options else None
+                if description is not None:
+                    set_description(self.con, table, description)
             elif isinstance(step, AddColumns):
                 for n, t in step.columns:
                     self.con.execute(f"ALTER TABLE {qtable} ADD COLUMN {quote_ident(n)} {self.types[t].sql_type}")
                 self._record_columns(lower_table, step.columns)
+            elif isinstance(step, WidenColumns):  # --- type widening (app.schema.widening)
+                for n, old, new in step.columns:
+                    self.con.execute(widen_sql(table, n, old, new, self.types))
+                self._record_columns(lower_table, [(n, new) for n, _, new in step.columns])
         if plan.new_key is not None:
             self._record_key(lower_table, plan.new_key)
         result.applied_envelopes += len(todo)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from app.warehouse.base import Capabilities
+from app.warehouse.duckdb.options import DUCKDB_TABLE_OPTIONS
+from app.warehouse.duckdb.widening import DUCKDB_WIDENINGS
 
 # Tables applied in one transaction: one dedup claim and one COMMIT (a WAL fsync) for
 # all of them instead of one per table.
@@ -18,4 +20,6 @@ def duckdb_capabilities(spatial: bool) -> Capabilities:
         concurrent_tables=False,  # one connection, not thread-safe
         max_tables_per_apply=MAX_TABLES_PER_APPLY,
         upserts=True,
+        table_options=DUCKDB_TABLE_OPTIONS,
+        widenings=DUCKDB_WIDENINGS,
     )

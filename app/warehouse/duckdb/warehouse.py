@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import duckdb
 
@@ -36,6 +36,7 @@ from app.settings import Settings
 from app.warehouse.base import (
     ApplyResult,
     Envelope,
+    OptionsOutcome,
     QueryResult,
     Rejection,
     TerminalWarehouseError,
@@ -49,6 +50,7 @@ from app.warehouse.duckdb.capabilities import duckdb_capabilities
 from app.warehouse.duckdb.catalog import APPLIED_TABLE, STAGE_VIEW
 from app.warehouse.duckdb.connection import open_connection, spatial_extension_path
 from app.warehouse.duckdb.errors import apply_failed
+from app.warehouse.duckdb.options import apply_options
 from app.warehouse.duckdb.reads import run_read_only
 from app.warehouse.duckdb.types import TYPE_MAPPER, duck_types
 from app.warehouse.plan import Schema
@@ -173,6 +175,16 @@ class DuckDBWarehouse(Warehouse):
     def count_rows(self, tables: Sequence[str]) -> dict[str, int]:
         return self._read_catalog(lambda con: catalog.count_rows(con, tables))
 
+    # -- table options (tables file) ---------------------------------------------------------
+
+    def apply_table_options(self, table: str, options: Mapping[str, Any]) -> OptionsOutcome | None:
+        def apply(con: duckdb.DuckDBPyConnection) -> OptionsOutcome | None:
+            if catalog.read_schema(con, table) is None:
+                return None
+            return apply_options(con, table, options)
+
+        return self._read_catalog(apply)
+
     # -- apply ----------------------------------------------------------------------------
 
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
@@ -262,7 +274,7 @@ class DuckDBWarehouse(Warehouse):
         results = [ApplyResult() for _ in group]
         schemas: dict[str, Schema] = {}
         con = self._connection(spatial)
-        writer = Writer(con, self._types, upserts=self.capabilities.upserts)
+        writer = Writer(con, self._types, self.options_for_new_table, upserts=self.capabilities.upserts)
         try:
             con.execute("BEGIN TRANSACTION")
             try:

@@ -26,6 +26,16 @@ emulator answer it the way Google does:
 - `tables.insert` into a missing dataset: the emulator answers 500, Google 404 `notFound`.
 - BYTES query parameters: the emulator compares their base64 text, not the bytes; they
   are sent as STRING and decoded in SQL (`FROM_BASE64`).
+- `requirePartitionFilter`: the emulator neither keeps nor enforces it. It is kept here
+  (set by `tables.insert`/`patch`/`update`, shown by their answers and `tables.get`), and
+  a query naming such a table without a filter on `_PARTITIONTIME` is refused with 400
+  `invalidQuery`, as Google does
+  (https://cloud.google.com/bigquery/docs/managing-partitioned-tables#require-filter).
+  A rough test (the SQL mentions `_PARTITIONTIME`), enough for the pipeline's statements.
+- `ALTER TABLE ... ALTER COLUMN c SET DATA TYPE T`: the emulator converts its storage
+  (NUMERIC as its DECIMAL(18,3), losing digits) but keeps the old type in its catalog.
+  Here the storage is converted with NUMERIC as NUMERIC(38, 9), as Google keeps it, and
+  the catalog's type is changed too.
 - GEOGRAPHY query results: the emulator types them BYTES (values are WKT text); a BYTES
   column whose values are not base64 is a GEOGRAPHY, as Google types it. (A column with no
   non-null value cannot be told apart and stays BYTES.)
@@ -50,6 +60,11 @@ _ALTER = re.compile(r"^\s*ALTER\s+TABLE\s+(?P<ref>[`\w.\-]+)\s+(?P<rest>ADD\s+CO
 _ADD_COLUMN_SPLIT = re.compile(r",\s*(?=ADD\s+COLUMN\b)", re.IGNORECASE)
 _HTTP_STATUS_OF_REASON = {"notFound": 404, "accessDenied": 403, "duplicate": 409}
 _STATUS_NAME = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION"}
+_SET_DATA_TYPE = re.compile(
+    r"^\s*ALTER\s+TABLE\s+`(?P<ref>[\w.\-]+)`\s+ALTER\s+COLUMN\s+`?(?P<col>\w+)`?\s+SET\s+DATA\s+TYPE\s+(?P<type>\w+)\s*$",
+    re.IGNORECASE,
+)
+_STORAGE_TYPE = {"NUMERIC": "NUMERIC(38, 9)"}  # the emulator's own NUMERIC is DECIMAL(18,3)
 _MISSING_TABLE = re.compile(r"Catalog Error: Table with name (?P<name>\S+) does not exist", re.IGNORECASE)
 
 
@@ -89,6 +104,7 @@ class GoogleShape:
         self.upstream = upstream
         self.http = http
         self.lock = emulator_lock(upstream)
+        self.require_partition_filter: set[tuple[str, str]] = set()  # (dataset, table)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         with self.lock:
@@ -141,6 +157,9 @@ class GoogleShape:
         if kind in ("jobs.query", "jobs.insert") and isinstance(payload, dict):
             query = payload if kind == "jobs.query" else (payload.get("configuration") or {}).get("query")
             if isinstance(query, dict) and query.get("query"):
+                failed = self._set_data_type(project, query) or self._partition_filter_missing(query)
+                if failed is not None:
+                    return failed
                 _bytes_params_as_text(query)
                 statements = _split_alter(query["query"])
                 for statement in statements[:-1]:
@@ -154,8 +173,60 @@ class GoogleShape:
             if job_id and self._raw("GET", f"/bigquery/v2/projects/{project}/jobs/{job_id}").status_code == 200:
                 location = ref.get("location") or "US"
                 return error_answer(409, "duplicate", f"Already Exists: Job {project}:{location}.{job_id}")
+        if kind in ("tables.insert", "tables.patch", "tables.update") and isinstance(payload, dict):
+            self._note_partition_filter(params, payload)
         if kind in ("tables.patch", "tables.update") and isinstance(payload, dict):
             return self._before_table_update(params, payload, headers)
+        return None
+
+    def _note_partition_filter(self, params: dict[str, str], payload: dict) -> None:
+        if "requirePartitionFilter" not in payload:
+            return
+        ref = payload.get("tableReference") or {}
+        key = (params.get("dataset") or ref.get("datasetId", ""), params.get("table") or ref.get("tableId", ""))
+        if payload["requirePartitionFilter"]:
+            self.require_partition_filter.add(key)
+        else:
+            self.require_partition_filter.discard(key)
+
+    def _set_data_type(self, project: str, query: dict) -> Answer | None:
+        """Run an ALTER COLUMN SET DATA TYPE the way Google keeps it; the statement itself
+        becomes a no-op query (so its job still answers). Its error, else None."""
+        found = _SET_DATA_TYPE.match(query["query"])
+        if found is None:
+            return None
+        *_, dataset, table = found["ref"].split(".")
+        new_type = found["type"].upper()
+        storage = f"ALTER TABLE `{found['ref']}` ALTER COLUMN `{found['col']}` SET DATA TYPE {_STORAGE_TYPE.get(new_type, new_type)}"
+        failed = self._run(project, storage)
+        if failed is not None:
+            return failed
+        path = f"/bigquery/v2/projects/{project}/datasets/{dataset}/tables/{table}"
+        resource = self._raw("GET", path).json()
+        for field in resource["schema"]["fields"]:
+            if field["name"] == found["col"]:
+                field["type"] = new_type
+        patched = self._raw("PATCH", path, json={"schema": resource["schema"]})
+        if patched.status_code != 200:
+            return Answer(patched.status_code, patched.content, patched.headers.get("content-type"))
+        query["query"] = "SELECT 1"
+        return None
+
+    def _partition_filter_missing(self, query: dict) -> Answer | None:
+        sql = query["query"]
+        if "_PARTITIONTIME" in sql.upper() or re.match(r"\s*(ALTER|CREATE|DROP)\b", sql, re.IGNORECASE):
+            return None  # DDL needs no partition filter
+        default = (query.get("defaultDataset") or {}).get("datasetId", "")
+        for dataset, table in self.require_partition_filter:
+            named = re.search(rf"`(?:[\w-]+\.)?{re.escape(dataset)}\.{re.escape(table)}`", sql) or (
+                dataset == default and re.search(rf"`{re.escape(table)}`|\b{re.escape(table)}\b", sql)
+            )
+            if named:
+                return error_answer(
+                    400, "invalidQuery",
+                    f"Cannot query over table '{dataset}.{table}' without a filter over column(s) '_PARTITION_LOAD_TIME', "
+                    "'_PARTITIONDATE', '_PARTITIONTIME' that can be used for partition elimination",
+                )  # fmt: skip
         return None
 
     def _before_table_update(self, params: dict[str, str], payload: dict, headers: dict[str, str]) -> Answer | None:
@@ -195,6 +266,10 @@ class GoogleShape:
             failed = _query_failure(upstream)
             if failed is not None:
                 return failed
+        if kind in ("tables.get", "tables.insert", "tables.patch", "tables.update"):
+            ref = answer.get("tableReference") or {}
+            if (ref.get("datasetId"), ref.get("tableId")) in self.require_partition_filter:
+                answer["requirePartitionFilter"] = True
         if kind in ("jobs.query", "jobs.getQueryResults"):
             _geography_types(answer)
             if kind == "jobs.getQueryResults" and "numDmlAffectedRows" not in answer:

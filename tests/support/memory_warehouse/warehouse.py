@@ -14,13 +14,14 @@ block one table's apply or raise `TransientWarehouseError` (retry) or any other 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from app.messages.envelope import Envelope
 from app.schema.identifiers import check_applied_table_name
 from app.settings import Settings
-from app.warehouse.base import ApplyResult, Capabilities, QueryResult, Rejection, Warehouse
+from app.warehouse.base import ApplyResult, Capabilities, OptionsOutcome, QueryResult, Rejection, Warehouse, applicable_options
 from app.warehouse.plan import plan_table
+from app.schema.widening import WIDENINGS
 from app.warehouse.types import TypeMapper
 from app.schema.types import TYPES
 from tests.support.memory_warehouse.observer import ApplyObserver
@@ -42,7 +43,7 @@ class MemoryWarehouse(Warehouse):
         self.type_mapper = TypeMapper({typ: typ for typ in TYPES})  # kept as given: every type reads back
         self.capabilities = Capabilities(
             transactional=True, max_alters_per_statement=None, supports_geometry=False,
-            concurrent_tables=concurrent_tables, upserts=True,
+            concurrent_tables=concurrent_tables, upserts=True, widenings=WIDENINGS,
         )
         self.before_apply = before_apply
         self.observer = ApplyObserver()
@@ -59,6 +60,13 @@ class MemoryWarehouse(Warehouse):
                 self.before_apply(table, list(envelopes))
             with self._lock:
                 return self._apply(table, envelopes)
+
+    def apply_table_options(self, table: str, options: Mapping[str, Any]) -> OptionsOutcome | None:
+        """No table option means anything in memory: every one is not applicable."""
+        with self._lock:
+            if table not in self._tables:
+                return None
+        return OptionsOutcome(not_applicable=applicable_options(self.capabilities, options)[1])
 
     def _apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
         result = ApplyResult()
@@ -77,7 +85,7 @@ class MemoryWarehouse(Warehouse):
                 seen.add(envelope.dedup_id)
                 fresh.append(envelope)
         stored = self._tables.get(table)
-        plan = plan_table(table, stored.schema if stored else None, fresh, upserts=self.capabilities.upserts)
+        plan = plan_table(table, stored.schema if stored else None, fresh, self.capabilities.widenings, upserts=self.capabilities.upserts)
         before = list(stored.rows) if stored else []
         rows = execute(plan.steps, before)  # raises (commits nothing) on a value it cannot convert
         if plan.schema is not None:
@@ -90,6 +98,7 @@ class MemoryWarehouse(Warehouse):
         result.rows_deleted = len(before) + plan.rows_to_insert + plan.rows_to_upsert - len(rows)
         result.noop_deletes = plan.noop_deletes
         result.schema_changes = plan.schema_changes
+        result.columns_widened = plan.columns_widened
         result.rejections = plan.rejections
         return result
 

@@ -47,7 +47,8 @@ def test_deletes_are_one_parameterized_dml_job(wh, monkeypatch) -> None:
     sql, cfg = deletes[0]
     assert sql == (
         f"DELETE FROM `{wh.project}.{wh.dataset}.del` WHERE "
-        "(`name` = @p0 AND `team` IS NULL) OR (`id` = @p1) OR (`team` = @p2)"
+        "(_PARTITIONTIME IS NULL OR _PARTITIONTIME >= TIMESTAMP '1970-01-01') AND "  # every partition: see queries.py
+        "((`name` = @p0 AND `team` IS NULL) OR (`id` = @p1) OR (`team` = @p2))"
     )
     assert evil not in sql
     assert [(p.name, p.type_, p.value) for p in cfg.query_parameters] == [
