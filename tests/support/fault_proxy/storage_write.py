@@ -26,8 +26,12 @@ client stream (one request, one response, in order, as AppendRows answers).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import queue
 import re
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -37,6 +41,19 @@ import grpc
 
 APPEND_ROWS = "/google.cloud.bigquery.storage.v1.BigQueryWrite/AppendRows"
 _STREAM = re.compile(r"projects/[^/]+/datasets/(?P<dataset>[^/]+)/tables/(?P<table>[^/]+)/streams/")
+
+
+# bqemulator runs every request on one DuckDB connection and deadlocks on concurrent ones
+# (Google does not), so every forwarded AppendRows request waits for its turn on the same
+# machine-wide lock file the other emulator calls of the tests take.
+EMULATOR_TURN_FILE = os.path.join(tempfile.gettempdir(), "bqemulator-calls.lock")
+
+
+@contextlib.contextmanager
+def emulator_turn() -> Iterator[None]:
+    with open(EMULATOR_TURN_FILE, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 class SchemaVisibility:
@@ -73,6 +90,8 @@ class StorageWriteFaults:
         self.rejected: Counter[str] = Counter()  # table -> appends refused for a hidden column
         self.requests = 0  # AppendRows requests seen
         self.streams = 0  # AppendRows calls (connections) opened
+        self.open_now = 0  # AppendRows calls open at the moment
+        self.peak_open = 0  # most AppendRows calls open at once
         self._lock = threading.Lock()
 
     def handlers(self, channel: grpc.Channel, metadata: Callable[[grpc.ServicerContext], list]) -> dict[str, grpc.RpcMethodHandler]:
@@ -86,6 +105,8 @@ class StorageWriteFaults:
 
         with self._lock:
             self.streams += 1
+            self.open_now += 1
+            self.peak_open = max(self.peak_open, self.open_now)
         upstream = _Upstream(channel, md, context)
         stream_name = ""
         schema: tuple[str, Any] | None = None  # ("arrow_rows"|"proto_rows", writer schema message)
@@ -112,9 +133,13 @@ class StorageWriteFaults:
                     if found is None and schema is not None:
                         getattr(req, schema[0]).writer_schema.CopyFrom(schema[1])
                     raw = req.SerializeToString()
-                yield upstream.send(raw)
+                with emulator_turn():
+                    answer = upstream.send(raw)
+                yield answer
         finally:
             upstream.close()
+            with self._lock:
+                self.open_now -= 1
 
 
 class _Upstream:
