@@ -191,9 +191,28 @@ def shared_emulator() -> BqEmulator:
         except (EmulatorUnavailable, pytest.skip.Exception) as exc:
             _FAILED = str(exc)
             raise
-        _SHARED, _SHARED_CM = emu, cm
+        _SHARED, _SHARED_CM = _behind_storage_write_proxy(emu, cm), cm
         atexit.register(_stop_shared)
     return _SHARED
+
+
+def _behind_storage_write_proxy(emu: BqEmulator, cm: contextlib.AbstractContextManager) -> BqEmulator:
+    """Storage Write goes through the fault layer's gRPC proxy (nothing armed): it takes
+    the emulator's one-call-at-a-time turn for each append, which the writer (like Google's
+    client) does not. Stopped with the emulator."""
+    import dataclasses
+
+    from tests.support.fault_proxy import GrpcProxy, SchemaVisibility, StorageWriteFaults
+
+    proxy = GrpcProxy(emu.grpc, storage_write=StorageWriteFaults(SchemaVisibility())).start()
+    stop_emulator = cm.__exit__
+
+    def stop(*exc: object) -> None:
+        proxy.close()
+        stop_emulator(*exc)
+
+    cm.__exit__ = stop  # type: ignore[method-assign]
+    return dataclasses.replace(emu, grpc=proxy.address)
 
 
 def _stop_shared() -> None:

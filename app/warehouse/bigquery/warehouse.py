@@ -259,29 +259,38 @@ class BigQueryWarehouse(Warehouse):
         results: list[ApplyResult],
         out: dict[int, ApplyResult | Exception],
     ) -> dict[int, _Staged]:
-        """Per table: what the lookup says is left to do, planned and converted, its schema
-        brought up to the plan, leftovers of unfinished attempts cleaned up."""
+        """Per table, tables in parallel (table creation and schema reads are round trips):
+        what the lookup says is left to do, planned and converted, its schema brought up
+        to the plan, leftovers of unfinished attempts cleaned up."""
+        done = self._in_parallel(
+            {
+                pos: functools.partial(self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], results[pos])
+                for pos, ids in unknown.items()
+            }
+        )
         staged: dict[int, _Staged] = {}
-        for pos, ids in unknown.items():
-            job, unique, result = jobs[pos], uniques[pos], results[pos]
-            lookup = lookups[job.ref.table]
-            try:
-                self._remember_done(lookup.done)
-                wanted = set(ids)
-                todo = [e for i, e in unique.items() if i in wanted and i not in lookup.done]
-                result.skipped_duplicates += len(unique) - len(todo)
-                if not todo:
-                    out[pos] = result
-                    continue
-                plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused)
-                unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
-                if unfinished and state is not None and not created:  # a table created just now holds no leftovers
-                    self._clean_unfinished(job.ref, state, unfinished)
-                todo_ids = [e.dedup_id for e in todo]
-                staged[pos] = _Staged(todo_ids, [i for i in todo_ids if i not in lookup.intents], plan, writes, oversized)
-            except Exception as exc:
-                out[pos] = exc
+        for pos, outcome in done.items():
+            if isinstance(outcome, _Staged):
+                staged[pos] = outcome
+            else:
+                out[pos] = outcome
         return staged
+
+    def _stage_one(
+        self, job: _TableApply, unique: dict[str, Envelope], ids: list[str], lookup: MarkerLookup, result: ApplyResult
+    ) -> _Staged | ApplyResult:
+        self._remember_done(lookup.done)
+        wanted = set(ids)
+        todo = [e for i, e in unique.items() if i in wanted and i not in lookup.done]
+        result.skipped_duplicates += len(unique) - len(todo)
+        if not todo:
+            return result
+        plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused)
+        unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
+        if unfinished and state is not None and not created:  # a table created just now holds no leftovers
+            self._clean_unfinished(job.ref, state, unfinished)
+        todo_ids = [e.dedup_id for e in todo]
+        return _Staged(todo_ids, [i for i in todo_ids if i not in lookup.intents], plan, writes, oversized)
 
     def _write(
         self,
@@ -299,9 +308,10 @@ class BigQueryWarehouse(Warehouse):
         except Exception as exc:
             out.update((p, exc) for p in staged)
             return
-        failed = self._in_parallel(
+        written_or_failed = self._in_parallel(
             {p: functools.partial(self._write_data, jobs[p].ref, s.writes, results[p]) for p, s in staged.items()}
         )
+        failed = {p: exc for p, exc in written_or_failed.items() if isinstance(exc, Exception)}
         out.update(failed)
         written = {p: s for p, s in staged.items() if p not in failed}
         if not written:
@@ -321,24 +331,23 @@ class BigQueryWarehouse(Warehouse):
             result.rejections.extend(s.oversized)
             out[p] = result
 
-    def _in_parallel(self, calls: dict[int, Callable[[], None]]) -> dict[int, Exception]:
-        """Run `calls` (one per table) at once, at most a connection's worth of threads; the exceptions by key."""
-        failed: dict[int, Exception] = {}
+    def _in_parallel(self, calls: dict[int, Callable[[], Any]]) -> dict[int, Any]:
+        """Run `calls` (one per table) at once, at most a connection's worth of threads;
+        each one's return value, or the exception it raised."""
         if len(calls) == 1:
             (key, call), = calls.items()
             try:
-                call()
+                return {key: call()}
             except Exception as exc:
-                failed[key] = exc
-            return failed
+                return {key: exc}
         futures = {key: self._appliers().submit(call) for key, call in calls.items()}
+        outcomes: dict[int, Any] = {}
         for key, future in futures.items():
             exc = future.exception()
-            if exc is not None:
-                if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not a table's failure
-                    raise exc
-                failed[key] = exc
-        return failed
+            if exc is not None and not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not a table's
+                raise exc
+            outcomes[key] = exc if exc is not None else future.result()
+        return outcomes
 
     def _appliers(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._appliers_lock:
