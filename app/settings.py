@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     bigquery_insert_mode: Literal["storage_write", "insert_all"] = Field(
         "storage_write", description="`storage_write` (default stream) or legacy `insert_all`."
     )
+    bigquery_write_connections: int = Field(
+        4, ge=1, le=64, description="Storage Write connections one subscriber keeps open at most, shared by all tables (closed after 60 s idle)."
+    )
+    bigquery_table_cache_size: int = Field(
+        1000, ge=1, description="Tables whose schema one subscriber keeps cached; the least recently used beyond this are forgotten."
+    )
     bigquery_partitioning: Literal["day", "none"] = Field(
         "day", description="User tables: `day` = partitioned by ingestion day (`_PARTITIONTIME`), `none` = unpartitioned."
     )

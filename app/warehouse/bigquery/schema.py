@@ -14,6 +14,7 @@ have (https://cloud.google.com/bigquery/docs/partitioned-tables#ingestion_time).
 
 from __future__ import annotations
 
+import collections
 import re
 import threading
 from dataclasses import dataclass
@@ -90,7 +91,9 @@ class TableSchemas:
         self.clustering = [c.strip() for c in settings.bigquery_clustering.split(",") if c.strip()][
             :MAX_CLUSTERING_COLUMNS
         ]
-        self._states: dict[str, TableState] = {}
+        # least recently used first; bounded so memory follows the pull, not the number of tables
+        self._states: collections.OrderedDict[str, TableState] = collections.OrderedDict()
+        self.cache_size = settings.bigquery_table_cache_size
         self._lock = threading.Lock()
         self._markers_ready = False
         self._markers_lock = threading.Lock()
@@ -101,6 +104,8 @@ class TableSchemas:
         """The cached state, read from BigQuery when not cached (a missing table is not cached)."""
         with self._lock:
             state = self._states.get(table)
+            if state is not None:
+                self._states.move_to_end(table)
         return state if state is not None else self.fetch(table)
 
     def fetch(self, table: str) -> TableState | None:
@@ -121,6 +126,9 @@ class TableSchemas:
                 self._states.pop(table, None)
             else:
                 self._states[table] = state
+                self._states.move_to_end(table)
+                while len(self._states) > self.cache_size:
+                    self._states.popitem(last=False)
         return state
 
     def _state_of(self, bq_table: bigquery.Table) -> TableState:

@@ -1,11 +1,12 @@
-"""BigQueryWarehouse: orchestrates one `apply(table, envelopes)`.
+"""BigQueryWarehouse: orchestrates `apply_many` (several tables at once; `apply` is one).
 
-All of it runs under a per-table lock (one process never writes a table from two
-threads at once; different tables apply concurrently):
+All of it runs under the tables' locks (one process never writes a table from two
+threads at once; other tables apply concurrently). Each step is shared by the tables of
+one call, and a table that fails in a step gets its error while the others go on:
 
-1. **Dedup lookup** on the markers table for the envelopes' dedup_ids (skipped when this
-   process already saw them all complete): completed ones are skipped, a dedup_id
-   repeated inside the batch is applied once.
+1. **Dedup lookup** on the markers table for the envelopes' dedup_ids, one query for all
+   tables (skipped when this process already saw them all complete): completed ones are
+   skipped, a dedup_id repeated inside the batch is applied once.
 2. **Plan** with the shared planner: inserts merged, deletes as barriers, type
    conflicts and unknown delete columns become `Rejection`s. Every value is converted
    (Arrow batches / JSON rows / query parameters) before anything is written; a row too
@@ -14,20 +15,26 @@ threads at once; different tables apply concurrently):
    etag-conditional patch; when another writer changed the table first, re-read and
    re-plan (see `schema.py`).
 4. **Exactly once** (see `README.md`, Delivery guarantees): rows left by an earlier
-   attempt that wrote an intent but no completion are deleted, an `intent` marker is
-   written for the new dedup_ids, then the data (Storage Write appends, DML deletes),
-   then `done` markers.
+   attempt that wrote an intent but no completion are deleted, `intent` markers are
+   written for the new dedup_ids (one write), then the data (Storage Write appends, DML
+   deletes; tables in parallel over the writer's connection pool), then `done` markers
+   (one write).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import datetime as dt
+import functools
 import logging
 import re
 import threading
 import uuid
-from typing import Any, Iterable, Sequence
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
 from google.cloud import bigquery
@@ -50,7 +57,7 @@ from app.warehouse.base import (
 )
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
-from app.warehouse.bigquery.queries import DONE, INTENT, Queries, dml_job_id, table_job_prefix
+from app.warehouse.bigquery.queries import DONE, INTENT, MarkerLookup, Queries, dml_job_id, table_job_prefix
 from app.warehouse.bigquery.schema import (
     DATASET_RE,
     DEDUP_COLUMN,
@@ -76,6 +83,8 @@ log = logging.getLogger(__name__)
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$|^[A-Za-z0-9:._-]+$")
 SCHEMA_RETRIES = 6
 _COUNTS_PER_QUERY = 50
+# Tables one `apply_many` takes: their writes share one lookup, one intent and one done write.
+MAX_TABLES_PER_APPLY = 32
 REFUSED_ROWS_RETRIES = 4  # re-runs leaving out rows AppendRows refused
 DONE_CACHE_SIZE = 100_000
 # Rows of an attempt land in partitions from its intent's day on; allow for a writer's
@@ -92,7 +101,8 @@ _MARKER_SCHEMA = pa.schema(
 
 # Process-wide per-table locks: two warehouse instances in one process (tests, a
 # subscriber with several worker threads) never write one table at the same time.
-_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
+# Weakly held: a lock lives while someone holds or waits for it, not once per table ever seen.
+_LOCKS: weakref.WeakValueDictionary[tuple[str, str, str], threading.Lock] = weakref.WeakValueDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -118,6 +128,7 @@ class BigQueryWarehouse(Warehouse):
             max_alters_per_statement=None,
             supports_geometry=True,
             concurrent_tables=True,  # per-table locks; shared caches and counters are locked
+            max_tables_per_apply=MAX_TABLES_PER_APPLY,
             max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
         )
         self.client = BigQueryClient(settings, rest=client)
@@ -126,8 +137,9 @@ class BigQueryWarehouse(Warehouse):
         self.types = self.type_mapper = TypeMapper(type_overrides)
         self.schemas = TableSchemas(settings, self.client, self.types)
         self.queries = Queries(self.client, self.types)
-        # the writer's own local-stand-in branch goes with its rework (writer.py, issue 16 part B)
-        self.writer = StorageWriter(self.client, emulator=bool(settings.bigquery_emulator_host))
+        self.writer = StorageWriter(self.client, connections=settings.bigquery_write_connections, emulator=bool(settings.bigquery_emulator_host))
+        self._applier_pool: concurrent.futures.ThreadPoolExecutor | None = None  # tables' writes in parallel
+        self._appliers_lock = threading.Lock()
         self.insert_all = InsertAllWriter(self.client)
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._done_lock = threading.Lock()
@@ -141,81 +153,213 @@ class BigQueryWarehouse(Warehouse):
     # ----------------------------------------------------------------- apply
 
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
-        result = ApplyResult()
-        if not envelopes:
-            return result
-        try:
-            ref = self._ref(table)
-        except TerminalWarehouseError as exc:
-            for env in envelopes:
-                for i, act in enumerate(env.activities):
-                    result.rejections.append(Rejection(env.dedup_id, i, act, str(exc)))
-                result.applied_envelopes += 1
-            return result
-        with _table_lock((ref.project, ref.dataset, ref.table)):
-            try:
-                refused: dict[tuple[str, int], str] = {}
-                for _ in range(REFUSED_ROWS_RETRIES):
-                    try:
-                        return self._apply_locked(ref, list(envelopes), ApplyResult(), refused)
-                    except _RowsRefused as rows:
-                        # nothing of the refusing request was written; the re-run cleans up what
-                        # the attempt wrote (its intents have no completion) and leaves those out
-                        refused.update(rows.reasons)
-                raise TerminalWarehouseError(f"BigQuery kept refusing rows of {table}: {sorted(refused.values())[:5]}")
-            except Exception as exc:
-                if errors.is_not_found(exc):
-                    # The dataset, a table or the markers table vanished under the cache
-                    # (dropped by hand, a fresh test dataset): forget what we knew and retry;
-                    # the next attempt creates what is missing.
-                    self.schemas.forget()
-                    raise TransientWarehouseError(
-                        f"BigQuery {table}: something cached is gone, retrying: {exc}"
-                    ) from exc
-                raise
+        outcome = self.apply_many([(table, envelopes)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    def _apply_locked(
-        self, ref: TableRef, envelopes: list[Envelope], result: ApplyResult, refused: dict[tuple[str, int], str]
-    ) -> ApplyResult:
-        table = ref.table
-        unique: dict[str, Envelope] = {}
-        for env in envelopes:
-            if env.dedup_id in unique:
-                result.skipped_duplicates += 1
+    def apply_many(self, batches: Sequence[tuple[str, Sequence[Envelope]]]) -> list[ApplyResult | Exception]:
+        """Several tables in one pass: one marker lookup, one intent write, the tables' data
+        in parallel over the connection pool, one done write. A table that fails gets its
+        exception in its slot (its intents without completion make a retry safe); the
+        others complete. A table named twice is applied again after the others, in order."""
+        outcomes: list[ApplyResult | Exception | None] = [None] * len(batches)
+        jobs: list[_TableApply] = []
+        again: list[int] = []
+        for i, (table, envelopes) in enumerate(batches):
+            if not envelopes:
+                outcomes[i] = ApplyResult()
+                continue
+            try:
+                ref = self._ref(table)
+            except TerminalWarehouseError as exc:
+                outcomes[i] = _all_rejected(envelopes, str(exc))
+                continue
+            if any(job.ref == ref for job in jobs):
+                again.append(i)
             else:
-                unique[env.dedup_id] = env
-        with self._done_lock:
-            unknown = [i for i in unique if i not in self._done]
-        if not unknown:
-            result.skipped_duplicates += len(unique)
-            return result
-        markers = self.schemas.ensure_markers()
-        lookup = self.queries.lookup_markers(markers, table, unknown)
+                jobs.append(_TableApply(i, ref, list(envelopes)))
+        if jobs:
+            with contextlib.ExitStack() as held:  # in one order everywhere: no deadlock between callers
+                for job in sorted(jobs, key=lambda j: j.ref.table):
+                    held.enter_context(_table_lock((job.ref.project, job.ref.dataset, job.ref.table)))
+                self._apply_jobs(jobs, outcomes)
+        for i in again:
+            outcomes[i] = self.apply_many([batches[i]])[0]
+        return outcomes  # type: ignore[return-value]  # every slot is filled
+
+    def _apply_jobs(self, jobs: list[_TableApply], outcomes: list[ApplyResult | Exception | None]) -> None:
+        active = jobs
+        for _ in range(REFUSED_ROWS_RETRIES):
+            retry: list[_TableApply] = []
+            for job, outcome in zip(active, self._apply_round(active)):
+                if isinstance(outcome, _RowsRefused):
+                    # nothing of the refusing request was written; the re-run cleans up what
+                    # the attempt wrote (its intents have no completion) and leaves those out
+                    job.refused.update(outcome.reasons)
+                    retry.append(job)
+                else:
+                    outcomes[job.index] = self._settled(job.ref.table, outcome)
+            active = retry
+            if not active:
+                return
+        for job in active:
+            outcomes[job.index] = TerminalWarehouseError(
+                f"BigQuery kept refusing rows of {job.ref.table}: {sorted(job.refused.values())[:5]}"
+            )
+
+    def _settled(self, table: str, outcome: ApplyResult | Exception) -> ApplyResult | Exception:
+        if isinstance(outcome, Exception) and errors.is_not_found(outcome):
+            # The dataset, a table or the markers table vanished under the cache (dropped by
+            # hand, a fresh emulator): forget what we knew and retry; the next attempt
+            # creates what is missing.
+            self.schemas.forget()
+            error = TransientWarehouseError(f"BigQuery {table}: something cached is gone, retrying: {outcome}")
+            error.__cause__ = outcome
+            return error
+        return outcome
+
+    def _apply_round(self, jobs: list[_TableApply]) -> list[ApplyResult | Exception]:
+        """One attempt at every job; an outcome per job (`_RowsRefused`: re-run it)."""
+        results = [ApplyResult() for _ in jobs]
+        out: dict[int, ApplyResult | Exception] = {}
+        unknown: dict[int, list[str]] = {}
+        uniques: list[dict[str, Envelope]] = []
+        for pos, job in enumerate(jobs):
+            unique: dict[str, Envelope] = {}
+            for env in job.envelopes:
+                if env.dedup_id in unique:
+                    results[pos].skipped_duplicates += 1
+                else:
+                    unique[env.dedup_id] = env
+            uniques.append(unique)
+            with self._done_lock:
+                todo_ids = [i for i in unique if i not in self._done]
+            if todo_ids:
+                unknown[pos] = todo_ids
+            else:
+                results[pos].skipped_duplicates += len(unique)
+                out[pos] = results[pos]
+        if unknown:
+            try:
+                markers = self.schemas.ensure_markers()
+                lookups = self.queries.lookup_markers_many(markers, {jobs[p].ref.table: ids for p, ids in unknown.items()})
+            except Exception as exc:
+                out.update((p, exc) for p in unknown)
+            else:
+                staged = self._stage(jobs, uniques, unknown, lookups, results, out)
+                self._write(markers, jobs, staged, results, out)
+        return [out[p] for p in range(len(jobs))]
+
+    def _stage(
+        self,
+        jobs: list[_TableApply],
+        uniques: list[dict[str, Envelope]],
+        unknown: dict[int, list[str]],
+        lookups: dict[str, MarkerLookup],
+        results: list[ApplyResult],
+        out: dict[int, ApplyResult | Exception],
+    ) -> dict[int, _Staged]:
+        """Per table, tables in parallel (table creation and schema reads are round trips):
+        what the lookup says is left to do, planned and converted, its schema brought up
+        to the plan, leftovers of unfinished attempts cleaned up."""
+        done = self._in_parallel(
+            {
+                pos: functools.partial(self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], results[pos])
+                for pos, ids in unknown.items()
+            }
+        )
+        staged: dict[int, _Staged] = {}
+        for pos, outcome in done.items():
+            if isinstance(outcome, _Staged):
+                staged[pos] = outcome
+            else:
+                out[pos] = outcome
+        return staged
+
+    def _stage_one(
+        self, job: _TableApply, unique: dict[str, Envelope], ids: list[str], lookup: MarkerLookup, result: ApplyResult
+    ) -> _Staged | ApplyResult:
         self._remember_done(lookup.done)
-        todo = [e for i, e in unique.items() if i in unknown and i not in lookup.done]
+        wanted = set(ids)
+        todo = [e for i, e in unique.items() if i in wanted and i not in lookup.done]
         result.skipped_duplicates += len(unique) - len(todo)
         if not todo:
             return result
-
-        plan, state, created, writes, oversized = self._plan_and_prepare_schema(ref, todo, refused)
-
-        ids = [e.dedup_id for e in todo]
-        attempt = uuid.uuid4().hex[:12]  # this try's DML jobs: ids unique to it, deterministic within it
+        plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused)
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
+        todo_ids = [e.dedup_id for e in todo]
+        attempt = uuid.uuid4().hex[:12]  # this try's DML jobs: ids unique to it, deterministic within it
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
             # an earlier attempt's DML job may still run: it ends before anything is cleaned or rewritten
-            self.client.settle_jobs(table_job_prefix(ref), f"earlier attempts in {table}")
-            self._clean_unfinished(ref, state, unfinished, attempt)
-        self._write_markers(markers, table, [i for i in ids if i not in lookup.intents], INTENT)
-        self._write_data(ref, writes, result, ids, attempt)
-        self._write_markers(markers, table, ids, DONE)
-        self._remember_done(ids)
-        result.applied_envelopes += len(todo)
-        result.noop_deletes += plan.noop_deletes
-        result.schema_changes += plan.schema_changes
-        result.rejections.extend(plan.rejections)
-        result.rejections.extend(oversized)
-        return result
+            self.client.settle_jobs(table_job_prefix(job.ref), f"earlier attempts in {job.ref.table}")
+            self._clean_unfinished(job.ref, state, unfinished, attempt)
+        return _Staged(todo_ids, [i for i in todo_ids if i not in lookup.intents], plan, writes, oversized, attempt)
+
+    def _write(
+        self,
+        markers: TableRef,
+        jobs: list[_TableApply],
+        staged: dict[int, _Staged],
+        results: list[ApplyResult],
+        out: dict[int, ApplyResult | Exception],
+    ) -> None:
+        """Intents of every staged table in one write, their data in parallel, then one done write."""
+        if not staged:
+            return
+        try:
+            self._write_markers(markers, [(jobs[p].ref.table, s.new_intents) for p, s in staged.items()], INTENT)
+        except Exception as exc:
+            out.update((p, exc) for p in staged)
+            return
+        written_or_failed = self._in_parallel(
+            {p: functools.partial(self._write_data, jobs[p].ref, s.writes, results[p], s.ids, s.attempt) for p, s in staged.items()}
+        )
+        failed = {p: exc for p, exc in written_or_failed.items() if isinstance(exc, Exception)}
+        out.update(failed)
+        written = {p: s for p, s in staged.items() if p not in failed}
+        if not written:
+            return
+        try:
+            self._write_markers(markers, [(jobs[p].ref.table, s.ids) for p, s in written.items()], DONE)
+        except Exception as exc:
+            out.update((p, exc) for p in written)
+            return
+        for p, s in written.items():
+            self._remember_done(s.ids)
+            result = results[p]
+            result.applied_envelopes += len(s.ids)
+            result.noop_deletes += s.plan.noop_deletes
+            result.schema_changes += s.plan.schema_changes
+            result.rejections.extend(s.plan.rejections)
+            result.rejections.extend(s.oversized)
+            out[p] = result
+
+    def _in_parallel(self, calls: dict[int, Callable[[], Any]]) -> dict[int, Any]:
+        """Run `calls` (one per table) at once, at most a connection's worth of threads;
+        each one's return value, or the exception it raised."""
+        if len(calls) == 1:
+            (key, call), = calls.items()
+            try:
+                return {key: call()}
+            except Exception as exc:
+                return {key: exc}
+        futures = {key: self._appliers().submit(call) for key, call in calls.items()}
+        outcomes: dict[int, Any] = {}
+        for key, future in futures.items():
+            exc = future.exception()
+            if exc is not None and not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not a table's
+                raise exc
+            outcomes[key] = exc if exc is not None else future.result()
+        return outcomes
+
+    def _appliers(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._appliers_lock:
+            if self._applier_pool is None:
+                self._applier_pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.settings.bigquery_write_connections, thread_name_prefix="bigquery-apply"
+                )
+            return self._applier_pool
 
     def _clean_unfinished(
         self, ref: TableRef, state: TableState, unfinished: dict[str, dt.datetime], attempt: str
@@ -381,22 +525,24 @@ class BigQueryWarehouse(Warehouse):
 
     # ----------------------------------------------------------------- markers
 
-    def _write_markers(self, markers: TableRef, table: str, ids: list[str], state: str) -> None:
-        if not ids:
+    def _write_markers(self, markers: TableRef, per_table: list[tuple[str, list[str]]], state: str) -> None:
+        """One marker write (`state`) for the ids of several tables."""
+        pairs = [(table, i) for table, ids in per_table for i in ids]
+        if not pairs:
             return
         now = dt.datetime.now(dt.timezone.utc)
         if self.insert_mode == "insert_all":
-            rows = [{"dedup_id": i, "table_name": table, "state": state, "marked_at": now.isoformat()} for i in ids]
-            row_ids = [insert_id(f"{table}\x00{i}", 0 if state == INTENT else 1) for i in ids]
+            rows = [{"dedup_id": i, "table_name": t, "state": state, "marked_at": now.isoformat()} for t, i in pairs]
+            row_ids = [insert_id(f"{t}\x00{i}", 0 if state == INTENT else 1) for t, i in pairs]
             self.insert_all.insert(
-                markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for i in ids])
+                markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for _, i in pairs])
             )
             return
-        n = len(ids)
+        n = len(pairs)
         batch = pa.RecordBatch.from_arrays(
             [
-                pa.array(ids, pa.string()),
-                pa.array([table] * n, pa.string()),
+                pa.array([i for _, i in pairs], pa.string()),
+                pa.array([t for t, _ in pairs], pa.string()),
                 pa.array([state] * n, pa.string()),
                 pa.array([now] * n, _MARKER_SCHEMA.field("marked_at").type),
             ],
@@ -474,8 +620,43 @@ class BigQueryWarehouse(Warehouse):
         return True, "ok"
 
     def close(self) -> None:
+        with self._appliers_lock:
+            appliers, self._applier_pool = self._applier_pool, None
+        if appliers is not None:
+            appliers.shutdown(wait=True)
         self.writer.close()
         self.client.close()
+
+
+@dataclass(slots=True)
+class _TableApply:
+    """One table's batch in `apply_many`: its slot in the outcomes, and rows BigQuery refused so far."""
+
+    index: int
+    ref: TableRef
+    envelopes: list[Envelope]
+    refused: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A table ready to write: its planned and converted writes."""
+
+    ids: list[str]  # dedup_ids applied now
+    new_intents: list[str]  # those without an intent from an earlier attempt
+    plan: planner.Plan
+    writes: list[tuple[str, Any, int]]
+    oversized: list[Rejection]
+    attempt: str  # names this try's DML jobs
+
+
+def _all_rejected(envelopes: Sequence[Envelope], reason: str) -> ApplyResult:
+    result = ApplyResult()
+    for env in envelopes:
+        for i, act in enumerate(env.activities):
+            result.rejections.append(Rejection(env.dedup_id, i, act, reason))
+        result.applied_envelopes += 1
+    return result
 
 
 class _SentRows:

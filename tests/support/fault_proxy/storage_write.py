@@ -73,6 +73,8 @@ class StorageWriteFaults:
         self.rejected: Counter[str] = Counter()  # table -> appends refused for a hidden column
         self.requests = 0  # AppendRows requests seen
         self.streams = 0  # AppendRows calls (connections) opened
+        self.open_now = 0  # AppendRows calls open at the moment
+        self.peak_open = 0  # most AppendRows calls open at once
         self._lock = threading.Lock()
 
     def handlers(self, channel: grpc.Channel, metadata: Callable[[grpc.ServicerContext], list]) -> dict[str, grpc.RpcMethodHandler]:
@@ -86,6 +88,8 @@ class StorageWriteFaults:
 
         with self._lock:
             self.streams += 1
+            self.open_now += 1
+            self.peak_open = max(self.peak_open, self.open_now)
         upstream = _Upstream(channel, md, context)
         stream_name = ""
         schema: tuple[str, Any] | None = None  # ("arrow_rows"|"proto_rows", writer schema message)
@@ -115,6 +119,8 @@ class StorageWriteFaults:
                 yield upstream.send(raw)
         finally:
             upstream.close()
+            with self._lock:
+                self.open_now -= 1
 
 
 class _Upstream:

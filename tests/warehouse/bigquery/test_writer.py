@@ -64,14 +64,14 @@ def test_insert_all_fallback(settings, columnar: bool) -> None:
         w.close()
 
 
-def test_one_long_lived_connection_per_table(wh) -> None:
+def test_connections_are_long_lived_and_reused_across_applies(wh) -> None:
     t = "conn"
     cols = [("id", "integer")]
     wh.apply(t, [env(t, ins(t, cols, [0]))])
-    stream = wh.writer._streams[f"projects/{wh.project}/datasets/{wh.dataset}/tables/{t}/streams/_default"]
+    opened = wh.writer.pool.opened
     for n in range(1, 4):
         wh.apply(t, [env(t, ins(t, cols, [n]))])
-    assert wh.writer._streams[stream_name(wh, t)] is stream  # reused, not reopened
+    assert wh.writer.pool.opened == opened  # reused, not reopened
     assert wh.writer.open_streams == 2  # the table and the markers table
     assert ids(wh, t) == [0, 1, 2, 3]
 
