@@ -59,8 +59,13 @@ class TableRef:
         return f"{self.project}.{self.dataset}.{self.table}"
 
     @property
+    def path(self) -> str:
+        """The table's resource name in the Storage Write API."""
+        return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}"
+
+    @property
     def default_stream(self) -> str:
-        return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}/streams/_default"
+        return f"{self.path}/streams/_default"
 
 
 @dataclass(slots=True)

@@ -137,7 +137,9 @@ class BigQueryWarehouse(Warehouse):
         self.types = self.type_mapper = TypeMapper(type_overrides)
         self.schemas = TableSchemas(settings, self.client, self.types)
         self.queries = Queries(self.client, self.types)
-        self.writer = StorageWriter(self.client, connections=settings.bigquery_write_connections, emulator=bool(settings.bigquery_emulator_host))
+        self.writer = StorageWriter(
+            self.client, connections=settings.bigquery_write_connections, timeout=settings.bigquery_write_timeout_seconds
+        )
         self._applier_pool: concurrent.futures.ThreadPoolExecutor | None = None  # tables' writes in parallel
         self._appliers_lock = threading.Lock()
         self.insert_all = InsertAllWriter(self.client)
@@ -211,7 +213,7 @@ class BigQueryWarehouse(Warehouse):
     def _settled(self, table: str, outcome: ApplyResult | Exception) -> ApplyResult | Exception:
         if isinstance(outcome, Exception) and errors.is_not_found(outcome):
             # The dataset, a table or the markers table vanished under the cache (dropped by
-            # hand, a fresh emulator): forget what we knew and retry; the next attempt
+            # hand, a fresh test dataset): forget what we knew and retry; the next attempt
             # creates what is missing.
             self.schemas.forget()
             error = TransientWarehouseError(f"BigQuery {table}: something cached is gone, retrying: {outcome}")
@@ -380,6 +382,7 @@ class BigQueryWarehouse(Warehouse):
             if kind == "insert":
                 requests, sent = payload
                 try:
+                    # all rows or none, whenever a timed-out append lands (see writer.py)
                     self.writer.append(ref.default_stream, ref.table, requests)
                 except errors.RowsRefusedError as exc:
                     sources = sent.sources()

@@ -1,9 +1,19 @@
-"""Row writers: the Storage Write API default stream (Arrow rows), or legacy insertAll.
+"""Row writers: the Storage Write API (Arrow rows), or legacy insertAll.
 
-Storage Write: long-lived `AppendRowsStream`s (the client library's connection manager,
-which renews a broken connection itself) from a small bounded pool shared by all tables
-(`connections.py`), reused across applies; opening one costs a round trip or two and
-connections count against the concurrent-connection quota
+Storage Write, two ways:
+- `write_atomically` (a table's rows): a PENDING stream of their own, finalized and
+  committed with BatchCommitWriteStreams. Rows become visible at the commit, all at
+  once, and a stream never committed leaves nothing, so an append that times out on
+  our side and lands later on Google's cannot add rows after a retry
+  (https://cloud.google.com/bigquery/docs/write-api#pending_type: "records are buffered
+  in a pending state until you commit the stream"; BatchCommitWriteStreams: "Streams must
+  be finalized before commit and cannot be committed multiple times").
+- `append` (marker rows): the default stream, at least once; a marker written twice
+  means the same.
+Connections come from a small bounded pool shared by all tables (`connections.py`):
+default-stream connections are reused across applies, a pending stream's is closed with
+it; opening one costs a round trip or two and connections count against the
+concurrent-connection quota
 (https://cloud.google.com/bigquery/docs/write-api-best-practices#connection_pool_management).
 Every request carries the writer schema (a batch's columns vary), so requests are sized
 with it included, below `MAX_REQUEST_BYTES` (the AppendRows limit is 10 MB:
@@ -86,14 +96,55 @@ class StorageWriter:
     """
 
     def __init__(
-        self, client: BigQueryClient, *, connections: int = 4, idle_seconds: float = IDLE_SECONDS, emulator: bool = False
+        self,
+        client: BigQueryClient,
+        *,
+        connections: int = 4,
+        idle_seconds: float = IDLE_SECONDS,
+        timeout: float = APPEND_TIMEOUT_SECONDS,
     ) -> None:
         self.client = client
-        self.emulator = emulator
+        self.timeout = timeout
         self.pool = ConnectionPool(connections, idle_seconds=idle_seconds, close=_close_quietly)
+        self.streams_created = 0  # PENDING streams (bench, docs: against the CreateWriteStream quota)
+        self._created_lock = threading.Lock()
+
+    def write_atomically(self, parent: str, table: str, requests: list[ArrowRequest]) -> None:
+        """Send `requests` on a PENDING stream of their own and commit it: all rows or none.
+
+        `parent` is the table's path (projects/p/datasets/d/tables/t). Any failure before
+        the commit leaves the stream uncommitted (rows invisible; Google drops it later),
+        so the caller may retry with a new stream. Each call has our deadline.
+        """
+        if not requests:
+            return
+        deadline = time.monotonic() + self.timeout
+        write = self.client.write_client()
+        pending = storage_types.WriteStream(type_=storage_types.WriteStream.Type.PENDING)
+        stream = self.client.call(
+            "write_stream", f"creating a write stream for {table}", write.create_write_stream,
+            parent=parent, write_stream=pending, timeout=_remaining(deadline),
+        )  # fmt: skip
+        with self._created_lock:
+            self.streams_created += 1
+        self._append(stream.name, table, requests, deadline, keep=False)
+        self.client.call(
+            "write_stream", f"finalizing the write stream of {table}", write.finalize_write_stream,
+            name=stream.name, timeout=_remaining(deadline),
+        )  # fmt: skip
+        committed = self.client.call(
+            "write_stream", f"committing the write stream of {table}", write.batch_commit_write_streams,
+            request=storage_types.BatchCommitWriteStreamsRequest(parent=parent, write_streams=[stream.name]),
+            timeout=_remaining(deadline),
+        )  # fmt: skip
+        if committed.stream_errors or not committed.commit_time:
+            # nothing of the stream is visible: a retry writes a new one
+            raise TransientWarehouseError(
+                f"BigQuery committing the write stream of {table}: refused {list(committed.stream_errors)[:3]}"
+            )
 
     def append(
-        self, stream_name: str, table: str, requests: list[ArrowRequest], timeout: float = APPEND_TIMEOUT_SECONDS
+        self, stream_name: str, table: str, requests: list[ArrowRequest], timeout: float | None = None
     ) -> None:
         """Send `requests` on a connection of the pool and wait for every answer.
 
@@ -102,7 +153,11 @@ class StorageWriter:
         """
         if not requests:
             return
-        deadline = time.monotonic() + timeout
+        self._append(stream_name, table, requests, time.monotonic() + (self.timeout if timeout is None else timeout), keep=True)
+
+    def _append(self, stream_name: str, table: str, requests: list[ArrowRequest], deadline: float, *, keep: bool) -> None:
+        """`requests` on a pooled connection to `stream_name`, every answer awaited; the
+        connection is kept for reuse (`keep`) or closed (a stream written once)."""
         what = f"AppendRows to {table}"
         self.client.count("write", len(requests))
         conn = self.pool.acquire(stream_name, deadline)
@@ -118,16 +173,13 @@ class StorageWriter:
             if isinstance(error, errors.RowsRefusedError):  # row numbers across all of `requests`
                 error = errors.RowsRefusedError(str(error), {first_row + i: r for i, r in error.row_errors.items()})
             raise error from exc
-        self.pool.release(conn)
+        if keep:
+            self.pool.release(conn)
+        else:
+            self.pool.discard(conn)
 
     def _send(self, conn: Connection, requests: list[ArrowRequest], deadline: float) -> list[Any]:
         stream_name = conn.stream_name
-        if self.emulator and conn.stream is not None and conn.writer_schema != requests[0].schema:
-            # emulator only: it keeps a connection's first writer schema, while Google takes a
-            # changed one on any request (AppendRowsRequest docs: "Provide this value whenever
-            # ... you change the input schema"); so reconnect when it changes.
-            stream, conn.stream = conn.stream, None
-            _close_quietly(stream)
         conn.writer_schema = requests[0].schema
         pending = [self._request(stream_name, r) for r in requests]
         futures = []

@@ -41,20 +41,20 @@ def test_many_tables_share_one_lookup_one_intent_write_and_one_done_write(wh, mo
 
 def test_a_table_that_fails_gets_its_error_while_the_others_commit(wh, monkeypatch) -> None:
     tables = ["iso_a", "iso_b", "iso_c"]
-    real_append = wh.writer.append
+    real_write = wh.writer.write_atomically
 
-    def append(stream: str, table: str, requests: list) -> None:
+    def write(parent: str, table: str, requests: list) -> None:
         if table == "iso_b":
             raise TransientWarehouseError("simulated: AppendRows to iso_b unavailable")
-        real_append(stream, table, requests)
+        real_write(parent, table, requests)
 
-    monkeypatch.setattr(wh.writer, "append", append)
+    monkeypatch.setattr(wh.writer, "write_atomically", write)
     sent = batches(tables)
     outcomes = wh.apply_many(sent)
     assert isinstance(outcomes[1], TransientWarehouseError)
     assert [o.rows_inserted for o in (outcomes[0], outcomes[2])] == [1, 1]
     assert ids(wh, "iso_a") == [0] and ids(wh, "iso_c") == [2]
-    monkeypatch.setattr(wh.writer, "append", real_append)
+    monkeypatch.setattr(wh.writer, "write_atomically", real_write)
     again = wh.apply_many(sent)  # redelivered: the failed table applies, the others are duplicates
     assert [o.skipped_duplicates for o in again] == [1, 0, 1] and again[1].applied_envelopes == 1
     assert [ids(wh, t) for t in tables] == [[0], [1], [2]]
