@@ -383,7 +383,7 @@ class BigQueryWarehouse(Warehouse):
                 requests, sent = payload
                 try:
                     # all rows or none, whenever a timed-out append lands (see writer.py)
-                    self.writer.append(ref.default_stream, ref.table, requests)
+                    self.writer.write_atomically(ref.path, ref.table, requests)
                 except errors.RowsRefusedError as exc:
                     sources = sent.sources()
                     reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
