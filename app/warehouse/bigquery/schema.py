@@ -33,6 +33,8 @@ MARKERS_TABLE = INTERNAL_PREFIX + "markers"
 # Markers outlive any redelivery: Pub/Sub keeps unacked messages 7 days by default
 # (https://cloud.google.com/pubsub/docs/subscription-properties#retention_duration), plus a day.
 MARKER_RETENTION_DAYS = 8
+# the attempt that wrote a marker: the newest intent's attempt owns the id (warehouse.py)
+MARKER_ATTEMPT = bigquery.SchemaField("attempt", "STRING", mode="NULLABLE")
 MAX_CLUSTERING_COLUMNS = 4  # https://cloud.google.com/bigquery/docs/clustered-tables#limitations
 
 DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
@@ -227,7 +229,12 @@ class TableSchemas:
         return ref
 
     def _create_markers(self, ref: TableRef) -> None:
-        if self.client.get_table(ref.api) is None:
+        existing = self.client.get_table(ref.api)
+        if existing is not None and all(f.name != MARKER_ATTEMPT.name for f in existing.schema):
+            # made before attempt tokens: the column is added (NULL in older rows: older attempts)
+            existing.schema = [*existing.schema, MARKER_ATTEMPT]
+            self.client.update_table(existing, ["schema"])
+        if existing is None:
             t = bigquery.Table(
                 ref.api,
                 schema=[
@@ -235,6 +242,7 @@ class TableSchemas:
                     bigquery.SchemaField("table_name", "STRING", mode="REQUIRED"),
                     bigquery.SchemaField("state", "STRING", mode="REQUIRED"),  # 'intent' | 'done'
                     bigquery.SchemaField("marked_at", "TIMESTAMP", mode="REQUIRED"),
+                    MARKER_ATTEMPT,
                 ],
             )
             t.time_partitioning = bigquery.TimePartitioning(

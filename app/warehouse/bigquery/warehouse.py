@@ -71,6 +71,7 @@ from app.warehouse.bigquery.types import TypeMapper, TypeOverrides, positional_p
 from app.warehouse.bigquery.writer import (
     MAX_INSERT_ALL_BYTES,
     InsertAllWriter,
+    StagedStream,
     StorageWriter,
     insert_id,
     split_rows,
@@ -96,6 +97,7 @@ _MARKER_SCHEMA = pa.schema(
         ("table_name", pa.string()),
         ("state", pa.string()),
         ("marked_at", pa.timestamp("us", tz="UTC")),
+        ("attempt", pa.string()),
     ]
 )
 
@@ -249,9 +251,36 @@ class BigQueryWarehouse(Warehouse):
             except Exception as exc:
                 out.update((p, exc) for p in unknown)
             else:
-                staged = self._stage(jobs, uniques, unknown, lookups, results, out)
+                attempts = {pos: uuid.uuid4().hex[:12] for pos in unknown}
+                claimed = self._claim(markers, jobs, unknown, lookups, attempts, out)
+                staged = self._stage(jobs, uniques, claimed, lookups, attempts, results, out)
                 self._write(markers, jobs, staged, results, out)
         return [out[p] for p in range(len(jobs))]
+
+    def _claim(
+        self,
+        markers: TableRef,
+        jobs: list[_TableApply],
+        unknown: dict[int, list[str]],
+        lookups: dict[str, MarkerLookup],
+        attempts: dict[int, str],
+        out: dict[int, ApplyResult | Exception],
+    ) -> dict[int, list[str]]:
+        """This attempt's intents, with its token, in one write before anything is cleaned
+        up or written: the newest intent of an id names the attempt that owns it, and an
+        older attempt still running (a replica whose lease ran out) sees that and stops
+        before its commit and its `done` (`_check_owner`)."""
+        claims = {
+            pos: [i for i in ids if i not in lookups[jobs[pos].ref.table].done] for pos, ids in unknown.items()
+        }
+        try:
+            self._write_markers(
+                markers, [(jobs[p].ref.table, ids, attempts[p]) for p, ids in claims.items() if ids], INTENT
+            )
+        except Exception as exc:
+            out.update((p, exc) for p in claims)
+            return {}
+        return unknown
 
     def _stage(
         self,
@@ -259,6 +288,7 @@ class BigQueryWarehouse(Warehouse):
         uniques: list[dict[str, Envelope]],
         unknown: dict[int, list[str]],
         lookups: dict[str, MarkerLookup],
+        attempts: dict[int, str],
         results: list[ApplyResult],
         out: dict[int, ApplyResult | Exception],
     ) -> dict[int, _Staged]:
@@ -267,7 +297,9 @@ class BigQueryWarehouse(Warehouse):
         to the plan, leftovers of unfinished attempts cleaned up."""
         done = self._in_parallel(
             {
-                pos: functools.partial(self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], results[pos])
+                pos: functools.partial(
+                    self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], attempts[pos], results[pos]
+                )
                 for pos, ids in unknown.items()
             }
         )
@@ -280,7 +312,13 @@ class BigQueryWarehouse(Warehouse):
         return staged
 
     def _stage_one(
-        self, job: _TableApply, unique: dict[str, Envelope], ids: list[str], lookup: MarkerLookup, result: ApplyResult
+        self,
+        job: _TableApply,
+        unique: dict[str, Envelope],
+        ids: list[str],
+        lookup: MarkerLookup,
+        attempt: str,
+        result: ApplyResult,
     ) -> _Staged | ApplyResult:
         self._remember_done(lookup.done)
         wanted = set(ids)
@@ -291,12 +329,11 @@ class BigQueryWarehouse(Warehouse):
         plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused)
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
         todo_ids = [e.dedup_id for e in todo]
-        attempt = uuid.uuid4().hex[:12]  # this try's DML jobs: ids unique to it, deterministic within it
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
             # an earlier attempt's DML job may still run: it ends before anything is cleaned or rewritten
             self.client.settle_jobs(table_job_prefix(job.ref), f"earlier attempts in {job.ref.table}")
             self._clean_unfinished(job.ref, state, unfinished, attempt)
-        return _Staged(todo_ids, [i for i in todo_ids if i not in lookup.intents], plan, writes, oversized, attempt)
+        return _Staged(todo_ids, plan, writes, oversized, attempt)
 
     def _write(
         self,
@@ -306,24 +343,49 @@ class BigQueryWarehouse(Warehouse):
         results: list[ApplyResult],
         out: dict[int, ApplyResult | Exception],
     ) -> None:
-        """Intents of every staged table in one write, their data in parallel, then one done write."""
+        """The staged tables' data in parallel, then, if this attempt still owns them, one done write."""
         if not staged:
             return
-        try:
-            self._write_markers(markers, [(jobs[p].ref.table, s.new_intents) for p, s in staged.items()], INTENT)
-        except Exception as exc:
-            out.update((p, exc) for p in staged)
-            return
-        written_or_failed = self._in_parallel(
-            {p: functools.partial(self._write_data, jobs[p].ref, s.writes, results[p], s.ids, s.attempt) for p, s in staged.items()}
+        # each table's steps up to its first insert, staged but not committed; one owner
+        # check for all of them; then the commits and the steps after
+        started = self._in_parallel(
+            {p: functools.partial(self._write_until_commit, jobs[p].ref, s, results[p]) for p, s in staged.items()}
         )
+        waiting = {p: got for p, got in started.items() if not isinstance(got, Exception)}
+        out.update((p, got) for p, got in started.items() if isinstance(got, Exception))
+        to_check = {jobs[p].ref.table: (staged[p].ids, staged[p].attempt) for p, (_, stream) in waiting.items() if stream}
+        try:
+            lost = self.queries.not_owned(markers, to_check) if to_check else set()
+        except Exception as exc:
+            out.update((p, exc) for p in waiting)
+            return
+        for p in [p for p in waiting if jobs[p].ref.table in lost]:
+            out[p] = _superseded(jobs[p].ref.table)
+            del waiting[p]
+        written_or_failed = self._in_parallel(
+            {
+                p: functools.partial(self._write_rest, markers, jobs[p].ref, staged[p], results[p], start, stream)
+                for p, (start, stream) in waiting.items()
+            }
+        )
+        written_or_failed.update((p, exc) for p, exc in out.items() if p in staged and isinstance(exc, Exception))
         failed = {p: exc for p, exc in written_or_failed.items() if isinstance(exc, Exception)}
         out.update(failed)
         written = {p: s for p, s in staged.items() if p not in failed}
         if not written:
             return
         try:
-            self._write_markers(markers, [(jobs[p].ref.table, s.ids) for p, s in written.items()], DONE)
+            lost = self.queries.not_owned(markers, {jobs[p].ref.table: (s.ids, s.attempt) for p, s in written.items()})
+        except Exception as exc:
+            out.update((p, exc) for p in written)
+            return
+        for p in [p for p in written if jobs[p].ref.table in lost]:
+            out[p] = _superseded(jobs[p].ref.table)
+            del written[p]
+        if not written:
+            return
+        try:
+            self._write_markers(markers, [(jobs[p].ref.table, s.ids, s.attempt) for p, s in written.items()], DONE)
         except Exception as exc:
             out.update((p, exc) for p in written)
             return
@@ -374,28 +436,58 @@ class BigQueryWarehouse(Warehouse):
         if n:
             log.warning("removed %d rows left by unfinished attempts of %s in %s", n, list(unfinished), ref.table)
 
-    def _write_data(
-        self, ref: TableRef, writes: list[tuple[str, Any, int]], result: ApplyResult, ids: list[str], attempt: str
-    ) -> None:
-        """The prepared inserts and deletes, in plan order."""
-        for step, (kind, payload, count) in enumerate(writes):
+    def _write_until_commit(self, ref: TableRef, staged: _Staged, result: ApplyResult) -> tuple[int, StagedStream | None]:
+        """The table's steps in plan order up to its first insert, which is staged but not
+        committed: (the position of that insert, its stream; None when there is none)."""
+        for step, (kind, payload, count) in enumerate(staged.writes):
             if kind == "insert":
-                requests, sent = payload
-                try:
-                    # all rows or none, whenever a timed-out append lands (see writer.py)
-                    self.writer.write_atomically(ref.path, ref.table, requests)
-                except errors.RowsRefusedError as exc:
-                    sources = sent.sources()
-                    reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
-                    raise _RowsRefused(reasons) from exc
-                result.rows_inserted += count
-            elif kind == "insert_all":
-                self.insert_all.insert(ref.api, ref.table, payload)
+                return step, self._stage_insert(ref, payload)
+            self._run_step(ref, step, kind, payload, count, result, staged)
+        return len(staged.writes), None
+
+    def _write_rest(
+        self, markers: TableRef, ref: TableRef, staged: _Staged, result: ApplyResult, start: int, first: StagedStream | None
+    ) -> None:
+        """Commit the staged insert at `start` (the owner check passed), then the steps after
+        it; a later insert is checked again just before its commit."""
+        writes = staged.writes
+        if start < len(writes):
+            if first is not None:
+                self.writer.commit(first)
+            result.rows_inserted += writes[start][2]
+            start += 1
+        for step in range(start, len(writes)):
+            kind, payload, count = writes[step]
+            if kind == "insert":
+                stream = self._stage_insert(ref, payload)
+                self._check_owner(markers, ref, staged.ids, staged.attempt)
+                if stream is not None:
+                    self.writer.commit(stream)
                 result.rows_inserted += count
             else:
-                for n, (sql, params) in enumerate(payload):
-                    job_id = dml_job_id(ref, ids, f"delete{step}-{n}", attempt)
-                    result.rows_deleted += self.queries.dml(sql, params, job_id, f"delete from {ref.table}")
+                self._run_step(ref, step, kind, payload, count, result, staged)
+
+    def _stage_insert(self, ref: TableRef, payload: Any) -> StagedStream | None:
+        requests, sent = payload
+        try:
+            return self.writer.stage(ref.path, ref.table, requests)
+        except errors.RowsRefusedError as exc:
+            sources = sent.sources()
+            reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
+            raise _RowsRefused(reasons) from exc
+
+    def _run_step(
+        self, ref: TableRef, step: int, kind: str, payload: Any, count: int, result: ApplyResult, staged: _Staged
+    ) -> None:
+        """An insertAll or a run of deletes (not fenced: insertAll is the legacy path, and
+        re-running an envelope's deletes is harmless)."""
+        if kind == "insert_all":
+            self.insert_all.insert(ref.api, ref.table, payload)
+            result.rows_inserted += count
+            return
+        for n, (sql, params) in enumerate(payload):
+            job_id = dml_job_id(ref, staged.ids, f"delete{step}-{n}", staged.attempt)
+            result.rows_deleted += self.queries.dml(sql, params, job_id, f"delete from {ref.table}")
 
     def _plan_and_prepare_schema(
         self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str]
@@ -528,26 +620,35 @@ class BigQueryWarehouse(Warehouse):
 
     # ----------------------------------------------------------------- markers
 
-    def _write_markers(self, markers: TableRef, per_table: list[tuple[str, list[str]]], state: str) -> None:
-        """One marker write (`state`) for the ids of several tables."""
-        pairs = [(table, i) for table, ids in per_table for i in ids]
-        if not pairs:
+    def _check_owner(self, markers: TableRef, ref: TableRef, ids: list[str], attempt: str) -> None:
+        """Raise unless `attempt` still owns `ids` of `ref` (its intent is the newest, none done)."""
+        if self.queries.not_owned(markers, {ref.table: (ids, attempt)}):
+            raise _superseded(ref.table)
+
+    def _write_markers(self, markers: TableRef, per_table: list[tuple[str, list[str], str]], state: str) -> None:
+        """One marker write (`state`) for the ids of several tables: (table, ids, attempt token)."""
+        rows_of = [(table, i, attempt) for table, ids, attempt in per_table for i in ids]
+        if not rows_of:
             return
         now = dt.datetime.now(dt.timezone.utc)
         if self.insert_mode == "insert_all":
-            rows = [{"dedup_id": i, "table_name": t, "state": state, "marked_at": now.isoformat()} for t, i in pairs]
-            row_ids = [insert_id(f"{t}\x00{i}", 0 if state == INTENT else 1) for t, i in pairs]
+            rows = [
+                {"dedup_id": i, "table_name": t, "state": state, "marked_at": now.isoformat(), "attempt": a}
+                for t, i, a in rows_of
+            ]
+            row_ids = [insert_id(f"{t}\x00{i}\x00{a}", 0 if state == INTENT else 1) for t, i, a in rows_of]
             self.insert_all.insert(
-                markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for _, i in pairs])
+                markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for _, i, _ in rows_of])
             )
             return
-        n = len(pairs)
+        n = len(rows_of)
         batch = pa.RecordBatch.from_arrays(
             [
-                pa.array([i for _, i in pairs], pa.string()),
-                pa.array([t for t, _ in pairs], pa.string()),
+                pa.array([i for _, i, _ in rows_of], pa.string()),
+                pa.array([t for t, _, _ in rows_of], pa.string()),
                 pa.array([state] * n, pa.string()),
                 pa.array([now] * n, _MARKER_SCHEMA.field("marked_at").type),
+                pa.array([a for _, _, a in rows_of], pa.string()),
             ],
             schema=_MARKER_SCHEMA,
         )
@@ -646,11 +747,16 @@ class _Staged:
     """A table ready to write: its planned and converted writes."""
 
     ids: list[str]  # dedup_ids applied now
-    new_intents: list[str]  # those without an intent from an earlier attempt
     plan: planner.Plan
     writes: list[tuple[str, Any, int]]
     oversized: list[Rejection]
-    attempt: str  # names this try's DML jobs
+    attempt: str  # this try's token: in its markers, and in its DML jobs' ids
+
+
+def _superseded(table: str) -> TransientWarehouseError:
+    # another attempt (a redelivery to another replica, after this one's lease ran out)
+    # claimed these ids since: this one commits nothing more and leaves `done` to it
+    return TransientWarehouseError(f"BigQuery {table}: a newer attempt owns these messages; this one stops")
 
 
 def _all_rejected(envelopes: Sequence[Envelope], reason: str) -> ApplyResult:

@@ -28,7 +28,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 from google.api_core.future import polling
@@ -86,6 +86,16 @@ def split_rows(
     return requests, oversized
 
 
+@dataclass(frozen=True, slots=True)
+class StagedStream:
+    """A finalized PENDING stream whose rows wait for `StorageWriter.commit`."""
+
+    parent: str
+    table: str
+    name: str
+    deadline: float  # time.monotonic() by which the commit must be done
+
+
 class StorageWriter:
     """Appends Arrow rows to tables' default streams over a bounded pool of connections.
 
@@ -109,15 +119,27 @@ class StorageWriter:
         self.streams_created = 0  # PENDING streams (bench, docs: against the CreateWriteStream quota)
         self._created_lock = threading.Lock()
 
-    def write_atomically(self, parent: str, table: str, requests: list[ArrowRequest]) -> None:
-        """Send `requests` on a PENDING stream of their own and commit it: all rows or none.
+    def write_atomically(
+        self, parent: str, table: str, requests: list[ArrowRequest], before_commit: Callable[[], None] | None = None
+    ) -> None:
+        """`stage`, then `before_commit()` (the caller's last check that the rows are
+        still its to write; raising leaves nothing), then `commit`: all rows or none."""
+        staged = self.stage(parent, table, requests)
+        if before_commit is not None:
+            before_commit()
+        if staged is not None:
+            self.commit(staged)
 
-        `parent` is the table's path (projects/p/datasets/d/tables/t). Any failure before
-        the commit leaves the stream uncommitted (rows invisible; Google drops it later),
-        so the caller may retry with a new stream. Each call has our deadline.
+    def stage(self, parent: str, table: str, requests: list[ArrowRequest]) -> StagedStream | None:
+        """`requests` on a PENDING stream of their own, finalized, not committed yet.
+
+        `parent` is the table's path (projects/p/datasets/d/tables/t). Until `commit` the
+        rows are invisible, and a stream never committed leaves nothing (Google drops it),
+        so after any failure the caller may retry with a new stream. Each call has our
+        deadline, counted from here to the end of the commit.
         """
         if not requests:
-            return
+            return None
         deadline = time.monotonic() + self.timeout
         write = self.client.write_client()
         pending = storage_types.WriteStream(type_=storage_types.WriteStream.Type.PENDING)
@@ -132,16 +154,19 @@ class StorageWriter:
             "write_stream", f"finalizing the write stream of {table}", write.finalize_write_stream,
             name=stream.name, timeout=_remaining(deadline),
         )  # fmt: skip
+        return StagedStream(parent, table, stream.name, deadline)
+
+    def commit(self, staged: StagedStream) -> None:
+        """Make a staged stream's rows visible, all at once (BatchCommitWriteStreams)."""
+        what = f"committing the write stream of {staged.table}"
         committed = self.client.call(
-            "write_stream", f"committing the write stream of {table}", write.batch_commit_write_streams,
-            request=storage_types.BatchCommitWriteStreamsRequest(parent=parent, write_streams=[stream.name]),
-            timeout=_remaining(deadline),
+            "write_stream", what, self.client.write_client().batch_commit_write_streams,
+            request=storage_types.BatchCommitWriteStreamsRequest(parent=staged.parent, write_streams=[staged.name]),
+            timeout=_remaining(staged.deadline),
         )  # fmt: skip
         if committed.stream_errors or not committed.commit_time:
             # nothing of the stream is visible: a retry writes a new one
-            raise TransientWarehouseError(
-                f"BigQuery committing the write stream of {table}: refused {list(committed.stream_errors)[:3]}"
-            )
+            raise TransientWarehouseError(f"BigQuery {what}: refused {list(committed.stream_errors)[:3]}")
 
     def append(
         self, stream_name: str, table: str, requests: list[ArrowRequest], timeout: float | None = None

@@ -33,7 +33,8 @@ def test_many_tables_share_one_lookup_one_intent_write_and_one_done_write(wh, mo
     queries, writes = wh.api_calls["query"], wh.api_calls["write"]
     outcomes = wh.apply_many(batches(tables, first=100))
     assert all(isinstance(o, ApplyResult) and o.rows_inserted == 1 for o in outcomes), outcomes
-    assert wh.api_calls["query"] - queries == 1  # one dedup lookup for all tables
+    # one dedup lookup and two owner checks (before the commits, before `done`) for all tables
+    assert wh.api_calls["query"] - queries == 3
     assert marker_writes == [("intent", 6), ("done", 6)]
     assert wh.api_calls["write"] - writes == len(tables) + 2  # one append per table, one per marker write
     assert [ids(wh, t) for t in tables] == [[n, 100 + n] for n in range(6)]
@@ -41,20 +42,20 @@ def test_many_tables_share_one_lookup_one_intent_write_and_one_done_write(wh, mo
 
 def test_a_table_that_fails_gets_its_error_while_the_others_commit(wh, monkeypatch) -> None:
     tables = ["iso_a", "iso_b", "iso_c"]
-    real_write = wh.writer.write_atomically
+    real_stage = wh.writer.stage
 
-    def write(parent: str, table: str, requests: list) -> None:
+    def stage(parent: str, table: str, requests: list) -> Any:
         if table == "iso_b":
             raise TransientWarehouseError("simulated: AppendRows to iso_b unavailable")
-        real_write(parent, table, requests)
+        return real_stage(parent, table, requests)
 
-    monkeypatch.setattr(wh.writer, "write_atomically", write)
+    monkeypatch.setattr(wh.writer, "stage", stage)
     sent = batches(tables)
     outcomes = wh.apply_many(sent)
     assert isinstance(outcomes[1], TransientWarehouseError)
     assert [o.rows_inserted for o in (outcomes[0], outcomes[2])] == [1, 1]
     assert ids(wh, "iso_a") == [0] and ids(wh, "iso_c") == [2]
-    monkeypatch.setattr(wh.writer, "write_atomically", real_write)
+    monkeypatch.setattr(wh.writer, "stage", real_stage)
     again = wh.apply_many(sent)  # redelivered: the failed table applies, the others are duplicates
     assert [o.skipped_duplicates for o in again] == [1, 0, 1] and again[1].applied_envelopes == 1
     assert [ids(wh, t) for t in tables] == [[0], [1], [2]]

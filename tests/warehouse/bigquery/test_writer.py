@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import threading
+from typing import Any
 from decimal import Decimal
 
 import pyarrow as pa
@@ -114,17 +115,17 @@ def test_insert_ids_fit_the_128_character_limit() -> None:
 def test_new_column_pending_in_the_write_stream_holds_only_that_table(wh, monkeypatch) -> None:
     a, b = "pending_a", "pending_b"
     wh.apply(a, [env(a, ins(a, [("id", "integer")], [0]))])
-    real_write = wh.writer.write_atomically
+    real_stage = wh.writer.stage
     refused = {"n": 0}
 
-    def write(parent: str, table: str, requests: list) -> None:
+    def stage(parent: str, table: str, requests: list) -> Any:
         if table == a and refused["n"] == 0:
-            real_write(parent, table, requests)  # committed, but the answer says "not yet"
+            real_stage(parent, table, requests)  # written to its stream, but the answer says "not yet"
             refused["n"] += 1
             raise SchemaPendingError("BigQuery AppendRows: extra fields: 'note'", retry_after=30.0)
-        real_write(parent, table, requests)
+        return real_stage(parent, table, requests)
 
-    monkeypatch.setattr(wh.writer, "write_atomically", write)
+    monkeypatch.setattr(wh.writer, "stage", stage)
     e = env(a, ins(a, [("id", "integer"), ("note", "string")], [1, "n"]))
     with pytest.raises(TransientWarehouseError) as raised:
         wh.apply(a, [e])
@@ -146,10 +147,10 @@ def test_rows_refused_by_append_rows_are_rejected_alone(wh, monkeypatch, columna
     t = "refused_v2" if columnar else "refused"
     cols = [("id", "integer"), ("g", "geography")]
     wh.apply(t, [env(t, ins(t, cols, [0, "POINT(0 0)"]))])
-    real_write = wh.writer.write_atomically
+    real_stage = wh.writer.stage
     calls = {"n": 0}
 
-    def write(parent: str, table: str, requests: list) -> None:
+    def stage(parent: str, table: str, requests: list) -> Any:
         if table == t and calls["n"] == 0:
             calls["n"] += 1
             # what AppendRowsStream raises for a request whose row 1 BigQuery refused
@@ -163,9 +164,9 @@ def test_rows_refused_by_append_rows_are_rejected_alone(wh, monkeypatch, columna
             )
             exc = gexc.from_grpc_status(response.error.code, response.error.message, response=response)
             raise errors.translate(exc, "AppendRows") from exc
-        real_write(parent, table, requests)
+        return real_stage(parent, table, requests)
 
-    monkeypatch.setattr(wh.writer, "write_atomically", write)
+    monkeypatch.setattr(wh.writer, "stage", stage)
     e = env(t, ins(t, cols, [1, "POINT(1 1)"]), ins(t, cols, [2, "POINT(2 2)"]), ins(t, cols, [3, "POINT(3 3)"]))
     r = wh.apply(t, [Envelope(e.dedup_id, t, runs=runs_of(e.activities)) if columnar else e])
     assert [(j.index, j.activity) for j in r.rejections] == [(1, e.activities[1])]
