@@ -1,7 +1,7 @@
 """Row writers: the Storage Write API (Arrow rows), or legacy insertAll.
 
 Storage Write, two ways:
-- `write_atomically` (a table's rows): a PENDING stream of their own, finalized and
+- `stage` then `commit` (a table's rows): a PENDING stream of their own, finalized, then
   committed with BatchCommitWriteStreams. Rows become visible at the commit, all at
   once, and a stream never committed leaves nothing, so an append that times out on
   our side and lands later on Google's cannot add rows after a retry
@@ -28,7 +28,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 from google.api_core.future import polling
@@ -118,17 +118,6 @@ class StorageWriter:
         self.pool = ConnectionPool(connections, idle_seconds=idle_seconds, close=_close_quietly)
         self.streams_created = 0  # PENDING streams (bench, docs: against the CreateWriteStream quota)
         self._created_lock = threading.Lock()
-
-    def write_atomically(
-        self, parent: str, table: str, requests: list[ArrowRequest], before_commit: Callable[[], None] | None = None
-    ) -> None:
-        """`stage`, then `before_commit()` (the caller's last check that the rows are
-        still its to write; raising leaves nothing), then `commit`: all rows or none."""
-        staged = self.stage(parent, table, requests)
-        if before_commit is not None:
-            before_commit()
-        if staged is not None:
-            self.commit(staged)
 
     def stage(self, parent: str, table: str, requests: list[ArrowRequest]) -> StagedStream | None:
         """`requests` on a PENDING stream of their own, finalized, not committed yet.
