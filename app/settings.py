@@ -99,7 +99,16 @@ class Settings(BaseSettings):
     bigquery_emulator_host: str | None = Field(None, description="host:port of a BigQuery REST emulator (anonymous credentials).")
     bigquery_emulator_grpc_host: str | None = Field(None, description="host:port of the emulator's Storage Write gRPC endpoint.")
     bigquery_insert_mode: Literal["storage_write", "insert_all"] = Field(
-        "storage_write", description="`storage_write` (default stream) or legacy `insert_all`."
+        "storage_write", description="`storage_write` (PENDING streams for rows, default stream for markers) or legacy `insert_all`."
+    )
+    bigquery_write_connections: int = Field(
+        4, ge=1, le=64, description="Storage Write connections one subscriber keeps open at most, shared by all tables (closed after 60 s idle)."
+    )
+    bigquery_write_timeout_seconds: float = Field(
+        60.0, gt=0, description="Our deadline for one Storage Write call (append, stream create, finalize, commit), connection wait included."
+    )
+    bigquery_table_cache_size: int = Field(
+        1000, ge=1, description="Tables whose schema one subscriber keeps cached; the least recently used beyond this are forgotten."
     )
     bigquery_partitioning: Literal["day", "none"] = Field(
         "day", description="User tables: `day` = partitioned by ingestion day (`_PARTITIONTIME`), `none` = unpartitioned."

@@ -15,6 +15,7 @@ TARGETS = {
     "4_api_rss_mb": 150.0,
     "5_calls_per_10k": 20,
     "7_many_vs_one": 2.0,
+    "6_many_tables_ratio": 4.0,
     "8_upsert_vs_insert": 0.5,
 }
 
@@ -133,6 +134,20 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{mixed['estimated_bytes_billed_per_10k'] / max(1.0, inserts['estimated_bytes_billed_per_10k']):,.1f}x", None)
     elif g:
         row("6 Google path (pstest -> bqemulator)", g["error"], "", "", None)
+    gt = results.get("gcp_tables")
+    if gt and "error" not in gt:
+        many, one = gt["many"], gt["one"]
+        row(f"6 pstest -> bqemulator: {many['rows']:,} rows over 100 tables (10 per request) <= 4x one table",
+            f"{many['seconds']:.1f} s, {many['messages_per_apply']:.1f} msgs/apply ({many['tables_per_apply']:.1f} tables), "
+            f"peak {many['connections_peak']} connections; lost {many['lost']}, duplicated {many['duplicated']}",
+            f"one table {one['seconds']:.1f} s, {one['messages_per_apply']:.1f} msgs/apply", f"{gt['ratio']:.2f}x",
+            gt["ratio"] <= TARGETS["6_many_tables_ratio"] and many["lost"] == 0 and many["duplicated"] == 0)
+        row("6 100 tables: API calls and bytes per 10,000 activities",
+            f"{many['calls_per_10k']:,.0f} calls ({many['query_jobs_per_10k']:,.0f} query jobs); billed >= "
+            f"{many['min_bytes_billed_per_10k'] / 1e6:,.0f} MB, processed {many['bytes_processed_per_10k'] / 1e6:,.1f} MB",
+            f"one table {one['calls_per_10k']:,.0f} calls; billed >= {one['min_bytes_billed_per_10k'] / 1e6:,.0f} MB", "", None)
+    elif gt:
+        row("6 Google path, many tables", gt["error"], "", "", None)
     return rows
 
 

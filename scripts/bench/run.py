@@ -500,6 +500,19 @@ def bench_gcp(tmp: Path, activities: int, one_table: int, proto_sample: int, res
         log(f"  Google path not measured: {exc}")
 
 
+def bench_gcp_many_tables(tmp: Path, rows: int, tables: int, results: dict[str, Any]) -> None:
+    """The Google path, many tables against one: see scripts/bench/gcp_many_tables.py."""
+    from scripts.bench import gcp_many_tables
+
+    try:
+        results["gcp_tables"] = gcp_many_tables.measure(tmp, rows, tables, log=log)
+    except BaseException as exc:  # as bench_gcp: an emulator that cannot start is reported, not fatal
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        results["gcp_tables"] = {"error": f"not measured: {type(exc).__name__}: {exc}"[:500]}
+        log(f"  Google path many tables not measured: {exc}")
+
+
 def e2e_rate(results: dict[str, Any]) -> float:
     if os.environ.get("BENCH_E2E_RATE"):
         return float(os.environ["BENCH_E2E_RATE"])

@@ -89,6 +89,68 @@ class Queries:
             found.unfinished.pop(dedup_id, None)
         return found
 
+    def lookup_markers_many(self, markers: TableRef, wanted: dict[str, list[str]]) -> dict[str, MarkerLookup]:
+        """`lookup_markers` for several tables in ONE query: table -> its lookup."""
+        sql = (
+            f"SELECT table_name, dedup_id, state, marked_at FROM {markers.sql} "
+            "WHERE table_name IN UNNEST(@tables) AND dedup_id IN UNNEST(@ids) "
+            "AND marked_at >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @hours HOUR)"
+        )
+        all_ids = sorted({i for ids in wanted.values() for i in ids})
+        params = [
+            bigquery.ArrayQueryParameter("tables", "STRING", sorted(wanted)),
+            bigquery.ArrayQueryParameter("ids", "STRING", all_ids),
+            bigquery.ScalarQueryParameter("hours", "INT64", MARKER_RETENTION_DAYS * 24),
+        ]
+        asked = {table: set(ids) for table, ids in wanted.items()}
+        found = {table: MarkerLookup() for table in wanted}
+        what = f"dedup lookup for {len(wanted)} tables"
+        for table, dedup_id, state, at in self.client.query(sql, params, "query", what):
+            if dedup_id not in asked.get(table, ()):  # another table's id matched by the cross product
+                continue
+            lookup = found[table]
+            if state == DONE:
+                lookup.done.add(dedup_id)
+            else:
+                lookup.intents.add(dedup_id)
+                earliest = lookup.unfinished.get(dedup_id)
+                lookup.unfinished[dedup_id] = at if earliest is None else min(earliest, at)
+        for lookup in found.values():
+            for dedup_id in lookup.done:
+                lookup.unfinished.pop(dedup_id, None)
+        return found
+
+    def not_owned(self, markers: TableRef, wanted: dict[str, tuple[list[str], str]]) -> set[str]:
+        """Tables (of `wanted`: table -> (ids, attempt token)) where that attempt no longer
+        owns every id: a newer intent of another attempt, or another attempt's `done`."""
+        sql = (
+            f"SELECT table_name, dedup_id, state, attempt, marked_at FROM {markers.sql} "
+            "WHERE table_name IN UNNEST(@tables) AND dedup_id IN UNNEST(@ids) "
+            "AND marked_at >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @hours HOUR)"
+        )
+        params = [
+            bigquery.ArrayQueryParameter("tables", "STRING", sorted(wanted)),
+            bigquery.ArrayQueryParameter("ids", "STRING", sorted({i for ids, _ in wanted.values() for i in ids})),
+            bigquery.ScalarQueryParameter("hours", "INT64", MARKER_RETENTION_DAYS * 24),
+        ]
+        newest: dict[tuple[str, str], tuple[dt.datetime, str | None]] = {}
+        lost: set[str] = set()
+        what = f"owner check for {len(wanted)} tables"
+        for table, dedup_id, state, attempt, at in self.client.query(sql, params, "query", what):
+            if table not in wanted or dedup_id not in wanted[table][0]:
+                continue  # another table's id matched by the cross product
+            if state == DONE:
+                if attempt != wanted[table][1]:
+                    lost.add(table)
+                continue
+            seen = newest.get((table, dedup_id))
+            if seen is None or at > seen[0]:
+                newest[(table, dedup_id)] = (at, attempt)
+        for table, (ids, attempt) in wanted.items():
+            if any(newest.get((table, i), (None, None))[1] != attempt for i in ids):
+                lost.add(table)
+        return lost
+
     # ----------------------------------------------------------------- clean-up
 
     def clean(self, ref: TableRef, ids: list[str], since: dt.datetime | None, *, partitioned: bool, attempt: str) -> int:

@@ -14,6 +14,7 @@ have (https://cloud.google.com/bigquery/docs/partitioned-tables#ingestion_time).
 
 from __future__ import annotations
 
+import collections
 import re
 import threading
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ MARKERS_TABLE = INTERNAL_PREFIX + "markers"
 # Markers outlive any redelivery: Pub/Sub keeps unacked messages 7 days by default
 # (https://cloud.google.com/pubsub/docs/subscription-properties#retention_duration), plus a day.
 MARKER_RETENTION_DAYS = 8
+# the attempt that wrote a marker: the newest intent's attempt owns the id (warehouse.py)
+MARKER_ATTEMPT = bigquery.SchemaField("attempt", "STRING", mode="NULLABLE")
 MAX_CLUSTERING_COLUMNS = 4  # https://cloud.google.com/bigquery/docs/clustered-tables#limitations
 
 DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
@@ -62,8 +65,13 @@ class TableRef:
         return f"{self.project}.{self.dataset}.{self.table}"
 
     @property
+    def path(self) -> str:
+        """The table's resource name in the Storage Write API."""
+        return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}"
+
+    @property
     def default_stream(self) -> str:
-        return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}/streams/_default"
+        return f"{self.path}/streams/_default"
 
 
 @dataclass(slots=True)
@@ -101,7 +109,9 @@ class TableSchemas:
         self.clustering = [c.strip() for c in settings.bigquery_clustering.split(",") if c.strip()][
             :MAX_CLUSTERING_COLUMNS
         ]
-        self._states: dict[str, TableState] = {}
+        # least recently used first; bounded so memory follows the pull, not the number of tables
+        self._states: collections.OrderedDict[str, TableState] = collections.OrderedDict()
+        self.cache_size = settings.bigquery_table_cache_size
         self._lock = threading.Lock()
         self._markers_ready = False
         self._markers_lock = threading.Lock()
@@ -112,6 +122,8 @@ class TableSchemas:
         """The cached state, read from BigQuery when not cached (a missing table is not cached)."""
         with self._lock:
             state = self._states.get(table)
+            if state is not None:
+                self._states.move_to_end(table)
         return state if state is not None else self.fetch(table)
 
     def fetch(self, table: str) -> TableState | None:
@@ -132,6 +144,9 @@ class TableSchemas:
                 self._states.pop(table, None)
             else:
                 self._states[table] = state
+                self._states.move_to_end(table)
+                while len(self._states) > self.cache_size:
+                    self._states.popitem(last=False)
         return state
 
     def _state_of(self, bq_table: bigquery.Table) -> TableState:
@@ -261,7 +276,12 @@ class TableSchemas:
         return ref
 
     def _create_markers(self, ref: TableRef) -> None:
-        if self.client.get_table(ref.api) is None:
+        existing = self.client.get_table(ref.api)
+        if existing is not None and all(f.name != MARKER_ATTEMPT.name for f in existing.schema):
+            # made before attempt tokens: the column is added (NULL in older rows: older attempts)
+            existing.schema = [*existing.schema, MARKER_ATTEMPT]
+            self.client.update_table(existing, ["schema"])
+        if existing is None:
             t = bigquery.Table(
                 ref.api,
                 schema=[
@@ -269,6 +289,7 @@ class TableSchemas:
                     bigquery.SchemaField("table_name", "STRING", mode="REQUIRED"),
                     bigquery.SchemaField("state", "STRING", mode="REQUIRED"),  # 'intent' | 'done'
                     bigquery.SchemaField("marked_at", "TIMESTAMP", mode="REQUIRED"),
+                    MARKER_ATTEMPT,
                 ],
             )
             t.time_partitioning = bigquery.TimePartitioning(

@@ -1,11 +1,12 @@
-"""BigQueryWarehouse: orchestrates one `apply(table, envelopes)`.
+"""BigQueryWarehouse: orchestrates `apply_many` (several tables at once; `apply` is one).
 
-All of it runs under a per-table lock (one process never writes a table from two
-threads at once; different tables apply concurrently):
+All of it runs under the tables' locks (one process never writes a table from two
+threads at once; other tables apply concurrently). Each step is shared by the tables of
+one call, and a table that fails in a step gets its error while the others go on:
 
-1. **Dedup lookup** on the markers table for the envelopes' dedup_ids (skipped when this
-   process already saw them all complete): completed ones are skipped, a dedup_id
-   repeated inside the batch is applied once.
+1. **Dedup lookup** on the markers table for the envelopes' dedup_ids, one query for all
+   tables (skipped when this process already saw them all complete): completed ones are
+   skipped, a dedup_id repeated inside the batch is applied once.
 2. **Plan** with the shared planner: inserts merged, deletes as barriers, type
    conflicts and unknown delete columns become `Rejection`s. Every value is converted
    (Arrow batches / JSON rows / query parameters) before anything is written; a row too
@@ -14,20 +15,26 @@ threads at once; different tables apply concurrently):
    etag-conditional patch; when another writer changed the table first, re-read and
    re-plan (see `schema.py`).
 4. **Exactly once** (see `README.md`, Delivery guarantees): rows left by an earlier
-   attempt that wrote an intent but no completion are deleted, an `intent` marker is
-   written for the new dedup_ids, then the data (Storage Write appends, DML deletes),
-   then `done` markers.
+   attempt that wrote an intent but no completion are deleted, `intent` markers are
+   written for the new dedup_ids (one write), then the data (Storage Write appends, DML
+   deletes; tables in parallel over the writer's connection pool), then `done` markers
+   (one write).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import datetime as dt
+import functools
 import logging
 import re
 import threading
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 from google.cloud import bigquery
@@ -53,8 +60,8 @@ from app.warehouse.base import (
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.options import apply_options, bigquery_table_options
+from app.warehouse.bigquery.queries import DONE, EVERY_PARTITION, INTENT, MarkerLookup, Queries, dml_job_id, table_job_prefix
 from app.warehouse.bigquery.widening import bigquery_widenings
-from app.warehouse.bigquery.queries import DONE, EVERY_PARTITION, INTENT, Queries, dml_job_id, table_job_prefix
 from app.warehouse.bigquery.schema import (
     DATASET_RE,
     DEDUP_COLUMN,
@@ -68,6 +75,7 @@ from app.warehouse.bigquery.types import TypeMapper, TypeOverrides, positional_p
 from app.warehouse.bigquery.writer import (
     MAX_INSERT_ALL_BYTES,
     InsertAllWriter,
+    StagedStream,
     StorageWriter,
     insert_id,
     split_rows,
@@ -80,6 +88,8 @@ log = logging.getLogger(__name__)
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$|^[A-Za-z0-9:._-]+$")
 SCHEMA_RETRIES = 6
 _COUNTS_PER_QUERY = 50
+# Tables one `apply_many` takes: their writes share one lookup, one intent and one done write.
+MAX_TABLES_PER_APPLY = 32
 REFUSED_ROWS_RETRIES = 4  # re-runs leaving out rows AppendRows refused
 DONE_CACHE_SIZE = 100_000
 # Rows of an attempt land in partitions from its intent's day on; allow for a writer's
@@ -91,12 +101,14 @@ _MARKER_SCHEMA = pa.schema(
         ("table_name", pa.string()),
         ("state", pa.string()),
         ("marked_at", pa.timestamp("us", tz="UTC")),
+        ("attempt", pa.string()),
     ]
 )
 
 # Process-wide per-table locks: two warehouse instances in one process (tests, a
 # subscriber with several worker threads) never write one table at the same time.
-_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
+# Weakly held: a lock lives while someone holds or waits for it, not once per table ever seen.
+_LOCKS: weakref.WeakValueDictionary[tuple[str, str, str], threading.Lock] = weakref.WeakValueDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -122,6 +134,7 @@ class BigQueryWarehouse(Warehouse):
             max_alters_per_statement=None,
             supports_geometry=True,
             concurrent_tables=True,  # per-table locks; shared caches and counters are locked
+            max_tables_per_apply=MAX_TABLES_PER_APPLY,
             max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
             table_options=bigquery_table_options(settings.bigquery_partitioning == "day"),
             widenings=bigquery_widenings(TypeMapper(type_overrides)),
@@ -132,8 +145,11 @@ class BigQueryWarehouse(Warehouse):
         self.types = self.type_mapper = TypeMapper(type_overrides)
         self.schemas = TableSchemas(settings, self.client, self.types, self.options_for_new_table)
         self.queries = Queries(self.client, self.types)
-        # the writer's own local-stand-in branch goes with its rework (writer.py, issue 16 part B)
-        self.writer = StorageWriter(self.client, emulator=bool(settings.bigquery_emulator_host))
+        self.writer = StorageWriter(
+            self.client, connections=settings.bigquery_write_connections, timeout=settings.bigquery_write_timeout_seconds
+        )
+        self._applier_pool: concurrent.futures.ThreadPoolExecutor | None = None  # tables' writes in parallel
+        self._appliers_lock = threading.Lock()
         self.insert_all = InsertAllWriter(self.client)
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._done_lock = threading.Lock()
@@ -147,82 +163,274 @@ class BigQueryWarehouse(Warehouse):
     # ----------------------------------------------------------------- apply
 
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
-        result = ApplyResult()
-        if not envelopes:
-            return result
-        try:
-            ref = self._ref(table)
-        except TerminalWarehouseError as exc:
-            for env in envelopes:
-                for i, act in enumerate(env.activities):
-                    result.rejections.append(Rejection(env.dedup_id, i, act, str(exc)))
-                result.applied_envelopes += 1
-            return result
-        with _table_lock((ref.project, ref.dataset, ref.table)):
-            try:
-                refused: dict[tuple[str, int], str] = {}
-                for _ in range(REFUSED_ROWS_RETRIES):
-                    try:
-                        return self._apply_locked(ref, list(envelopes), ApplyResult(), refused)
-                    except _RowsRefused as rows:
-                        # nothing of the refusing request was written; the re-run cleans up what
-                        # the attempt wrote (its intents have no completion) and leaves those out
-                        refused.update(rows.reasons)
-                raise TerminalWarehouseError(f"BigQuery kept refusing rows of {table}: {sorted(refused.values())[:5]}")
-            except Exception as exc:
-                if errors.is_not_found(exc):
-                    # The dataset, a table or the markers table vanished under the cache
-                    # (dropped by hand, a fresh test dataset): forget what we knew and retry;
-                    # the next attempt creates what is missing.
-                    self.schemas.forget()
-                    raise TransientWarehouseError(
-                        f"BigQuery {table}: something cached is gone, retrying: {exc}"
-                    ) from exc
-                raise
+        outcome = self.apply_many([(table, envelopes)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    def _apply_locked(
-        self, ref: TableRef, envelopes: list[Envelope], result: ApplyResult, refused: dict[tuple[str, int], str]
-    ) -> ApplyResult:
-        table = ref.table
-        unique: dict[str, Envelope] = {}
-        for env in envelopes:
-            if env.dedup_id in unique:
-                result.skipped_duplicates += 1
+    def apply_many(self, batches: Sequence[tuple[str, Sequence[Envelope]]]) -> list[ApplyResult | Exception]:
+        """Several tables in one pass: one marker lookup, one intent write, the tables' data
+        in parallel over the connection pool, one done write. A table that fails gets its
+        exception in its slot (its intents without completion make a retry safe); the
+        others complete. A table named twice is applied again after the others, in order."""
+        outcomes: list[ApplyResult | Exception | None] = [None] * len(batches)
+        jobs: list[_TableApply] = []
+        again: list[int] = []
+        for i, (table, envelopes) in enumerate(batches):
+            if not envelopes:
+                outcomes[i] = ApplyResult()
+                continue
+            try:
+                ref = self._ref(table)
+            except TerminalWarehouseError as exc:
+                outcomes[i] = _all_rejected(envelopes, str(exc))
+                continue
+            if any(job.ref == ref for job in jobs):
+                again.append(i)
             else:
-                unique[env.dedup_id] = env
-        with self._done_lock:
-            unknown = [i for i in unique if i not in self._done]
-        if not unknown:
-            result.skipped_duplicates += len(unique)
-            return result
-        markers = self.schemas.ensure_markers()
-        lookup = self.queries.lookup_markers(markers, table, unknown)
+                jobs.append(_TableApply(i, ref, list(envelopes)))
+        if jobs:
+            with contextlib.ExitStack() as held:  # in one order everywhere: no deadlock between callers
+                for job in sorted(jobs, key=lambda j: j.ref.table):
+                    held.enter_context(_table_lock((job.ref.project, job.ref.dataset, job.ref.table)))
+                self._apply_jobs(jobs, outcomes)
+        for i in again:
+            outcomes[i] = self.apply_many([batches[i]])[0]
+        return outcomes  # type: ignore[return-value]  # every slot is filled
+
+    def _apply_jobs(self, jobs: list[_TableApply], outcomes: list[ApplyResult | Exception | None]) -> None:
+        active = jobs
+        for _ in range(REFUSED_ROWS_RETRIES):
+            retry: list[_TableApply] = []
+            for job, outcome in zip(active, self._apply_round(active)):
+                if isinstance(outcome, _RowsRefused):
+                    # nothing of the refusing request was written; the re-run cleans up what
+                    # the attempt wrote (its intents have no completion) and leaves those out
+                    job.refused.update(outcome.reasons)
+                    retry.append(job)
+                else:
+                    outcomes[job.index] = self._settled(job.ref.table, outcome)
+            active = retry
+            if not active:
+                return
+        for job in active:
+            outcomes[job.index] = TerminalWarehouseError(
+                f"BigQuery kept refusing rows of {job.ref.table}: {sorted(job.refused.values())[:5]}"
+            )
+
+    def _settled(self, table: str, outcome: ApplyResult | Exception) -> ApplyResult | Exception:
+        if isinstance(outcome, Exception) and errors.is_not_found(outcome):
+            # The dataset, a table or the markers table vanished under the cache (dropped by
+            # hand, a fresh test dataset): forget what we knew and retry; the next attempt
+            # creates what is missing.
+            self.schemas.forget()
+            error = TransientWarehouseError(f"BigQuery {table}: something cached is gone, retrying: {outcome}")
+            error.__cause__ = outcome
+            return error
+        return outcome
+
+    def _apply_round(self, jobs: list[_TableApply]) -> list[ApplyResult | Exception]:
+        """One attempt at every job; an outcome per job (`_RowsRefused`: re-run it)."""
+        results = [ApplyResult() for _ in jobs]
+        out: dict[int, ApplyResult | Exception] = {}
+        unknown: dict[int, list[str]] = {}
+        uniques: list[dict[str, Envelope]] = []
+        for pos, job in enumerate(jobs):
+            unique: dict[str, Envelope] = {}
+            for env in job.envelopes:
+                if env.dedup_id in unique:
+                    results[pos].skipped_duplicates += 1
+                else:
+                    unique[env.dedup_id] = env
+            uniques.append(unique)
+            with self._done_lock:
+                todo_ids = [i for i in unique if i not in self._done]
+            if todo_ids:
+                unknown[pos] = todo_ids
+            else:
+                results[pos].skipped_duplicates += len(unique)
+                out[pos] = results[pos]
+        if unknown:
+            try:
+                markers = self.schemas.ensure_markers()
+                lookups = self.queries.lookup_markers_many(markers, {jobs[p].ref.table: ids for p, ids in unknown.items()})
+            except Exception as exc:
+                out.update((p, exc) for p in unknown)
+            else:
+                attempts = {pos: uuid.uuid4().hex[:12] for pos in unknown}
+                claimed = self._claim(markers, jobs, unknown, lookups, attempts, out)
+                staged = self._stage(jobs, uniques, claimed, lookups, attempts, results, out)
+                self._write(markers, jobs, staged, results, out)
+        return [out[p] for p in range(len(jobs))]
+
+    def _claim(
+        self,
+        markers: TableRef,
+        jobs: list[_TableApply],
+        unknown: dict[int, list[str]],
+        lookups: dict[str, MarkerLookup],
+        attempts: dict[int, str],
+        out: dict[int, ApplyResult | Exception],
+    ) -> dict[int, list[str]]:
+        """This attempt's intents, with its token, in one write before anything is cleaned
+        up or written: the newest intent of an id names the attempt that owns it, and an
+        older attempt still running (a replica whose lease ran out) sees that and stops
+        before its commit and its `done` (`_check_owner`)."""
+        claims = {
+            pos: [i for i in ids if i not in lookups[jobs[pos].ref.table].done] for pos, ids in unknown.items()
+        }
+        try:
+            self._write_markers(
+                markers, [(jobs[p].ref.table, ids, attempts[p]) for p, ids in claims.items() if ids], INTENT
+            )
+        except Exception as exc:
+            out.update((p, exc) for p in claims)
+            return {}
+        return unknown
+
+    def _stage(
+        self,
+        jobs: list[_TableApply],
+        uniques: list[dict[str, Envelope]],
+        unknown: dict[int, list[str]],
+        lookups: dict[str, MarkerLookup],
+        attempts: dict[int, str],
+        results: list[ApplyResult],
+        out: dict[int, ApplyResult | Exception],
+    ) -> dict[int, _Staged]:
+        """Per table, tables in parallel (table creation and schema reads are round trips):
+        what the lookup says is left to do, planned and converted, its schema brought up
+        to the plan, leftovers of unfinished attempts cleaned up."""
+        done = self._in_parallel(
+            {
+                pos: functools.partial(
+                    self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], attempts[pos], results[pos]
+                )
+                for pos, ids in unknown.items()
+            }
+        )
+        staged: dict[int, _Staged] = {}
+        for pos, outcome in done.items():
+            if isinstance(outcome, _Staged):
+                staged[pos] = outcome
+            else:
+                out[pos] = outcome
+        return staged
+
+    def _stage_one(
+        self,
+        job: _TableApply,
+        unique: dict[str, Envelope],
+        ids: list[str],
+        lookup: MarkerLookup,
+        attempt: str,
+        result: ApplyResult,
+    ) -> _Staged | ApplyResult:
         self._remember_done(lookup.done)
-        todo = [e for i, e in unique.items() if i in unknown and i not in lookup.done]
+        wanted = set(ids)
+        todo = [e for i, e in unique.items() if i in wanted and i not in lookup.done]
         result.skipped_duplicates += len(unique) - len(todo)
         if not todo:
             return result
-
-        plan, state, created, writes, oversized = self._plan_and_prepare_schema(ref, todo, refused)
-
-        ids = [e.dedup_id for e in todo]
-        attempt = uuid.uuid4().hex[:12]  # this try's DML jobs: ids unique to it, deterministic within it
+        plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused)
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
+        todo_ids = [e.dedup_id for e in todo]
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
             # an earlier attempt's DML job may still run: it ends before anything is cleaned or rewritten
-            self.client.settle_jobs(table_job_prefix(ref), f"earlier attempts in {table}")
-            self._clean_unfinished(ref, state, unfinished, attempt)
-        self._write_markers(markers, table, [i for i in ids if i not in lookup.intents], INTENT)
-        self._write_data(ref, writes, result, ids, attempt)
-        self._write_markers(markers, table, ids, DONE)
-        self._remember_done(ids)
-        result.applied_envelopes += len(todo)
-        result.noop_deletes += plan.noop_deletes
-        result.schema_changes += plan.schema_changes
-        result.columns_widened += plan.columns_widened
-        result.rejections.extend(plan.rejections)
-        result.rejections.extend(oversized)
-        return result
+            self.client.settle_jobs(table_job_prefix(job.ref), f"earlier attempts in {job.ref.table}")
+            self._clean_unfinished(job.ref, state, unfinished, attempt)
+        return _Staged(todo_ids, plan, writes, oversized, attempt)
+
+    def _write(
+        self,
+        markers: TableRef,
+        jobs: list[_TableApply],
+        staged: dict[int, _Staged],
+        results: list[ApplyResult],
+        out: dict[int, ApplyResult | Exception],
+    ) -> None:
+        """The staged tables' data in parallel, then, if this attempt still owns them, one done write."""
+        if not staged:
+            return
+        # each table's steps up to its first insert, staged but not committed; one owner
+        # check for all of them; then the commits and the steps after
+        started = self._in_parallel(
+            {p: functools.partial(self._write_until_commit, jobs[p].ref, s, results[p]) for p, s in staged.items()}
+        )
+        waiting = {p: got for p, got in started.items() if not isinstance(got, Exception)}
+        out.update((p, got) for p, got in started.items() if isinstance(got, Exception))
+        to_check = {jobs[p].ref.table: (staged[p].ids, staged[p].attempt) for p, (_, stream) in waiting.items() if stream}
+        try:
+            lost = self.queries.not_owned(markers, to_check) if to_check else set()
+        except Exception as exc:
+            out.update((p, exc) for p in waiting)
+            return
+        for p in [p for p in waiting if jobs[p].ref.table in lost]:
+            out[p] = _superseded(jobs[p].ref.table)
+            del waiting[p]
+        written_or_failed = self._in_parallel(
+            {
+                p: functools.partial(self._write_rest, markers, jobs[p].ref, staged[p], results[p], start, stream)
+                for p, (start, stream) in waiting.items()
+            }
+        )
+        written_or_failed.update((p, exc) for p, exc in out.items() if p in staged and isinstance(exc, Exception))
+        failed = {p: exc for p, exc in written_or_failed.items() if isinstance(exc, Exception)}
+        out.update(failed)
+        written = {p: s for p, s in staged.items() if p not in failed}
+        if not written:
+            return
+        try:
+            lost = self.queries.not_owned(markers, {jobs[p].ref.table: (s.ids, s.attempt) for p, s in written.items()})
+        except Exception as exc:
+            out.update((p, exc) for p in written)
+            return
+        for p in [p for p in written if jobs[p].ref.table in lost]:
+            out[p] = _superseded(jobs[p].ref.table)
+            del written[p]
+        if not written:
+            return
+        try:
+            self._write_markers(markers, [(jobs[p].ref.table, s.ids, s.attempt) for p, s in written.items()], DONE)
+        except Exception as exc:
+            out.update((p, exc) for p in written)
+            return
+        for p, s in written.items():
+            self._remember_done(s.ids)
+            result = results[p]
+            result.applied_envelopes += len(s.ids)
+            result.noop_deletes += s.plan.noop_deletes
+            result.schema_changes += s.plan.schema_changes
+            result.columns_widened += s.plan.columns_widened
+            result.rejections.extend(s.plan.rejections)
+            result.rejections.extend(s.oversized)
+            out[p] = result
+
+    def _in_parallel(self, calls: dict[int, Callable[[], Any]]) -> dict[int, Any]:
+        """Run `calls` (one per table) at once, at most a connection's worth of threads;
+        each one's return value, or the exception it raised."""
+        if len(calls) == 1:
+            (key, call), = calls.items()
+            try:
+                return {key: call()}
+            except Exception as exc:
+                return {key: exc}
+        futures = {key: self._appliers().submit(call) for key, call in calls.items()}
+        outcomes: dict[int, Any] = {}
+        for key, future in futures.items():
+            exc = future.exception()
+            if exc is not None and not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not a table's
+                raise exc
+            outcomes[key] = exc if exc is not None else future.result()
+        return outcomes
+
+    def _appliers(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._appliers_lock:
+            if self._applier_pool is None:
+                self._applier_pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.settings.bigquery_write_connections, thread_name_prefix="bigquery-apply"
+                )
+            return self._applier_pool
 
     def _clean_unfinished(
         self, ref: TableRef, state: TableState, unfinished: dict[str, dt.datetime], attempt: str
@@ -235,27 +443,58 @@ class BigQueryWarehouse(Warehouse):
         if n:
             log.warning("removed %d rows left by unfinished attempts of %s in %s", n, list(unfinished), ref.table)
 
-    def _write_data(
-        self, ref: TableRef, writes: list[tuple[str, Any, int]], result: ApplyResult, ids: list[str], attempt: str
-    ) -> None:
-        """The prepared inserts and deletes, in plan order."""
-        for step, (kind, payload, count) in enumerate(writes):
+    def _write_until_commit(self, ref: TableRef, staged: _Staged, result: ApplyResult) -> tuple[int, StagedStream | None]:
+        """The table's steps in plan order up to its first insert, which is staged but not
+        committed: (the position of that insert, its stream; None when there is none)."""
+        for step, (kind, payload, count) in enumerate(staged.writes):
             if kind == "insert":
-                requests, sent = payload
-                try:
-                    self.writer.append(ref.default_stream, ref.table, requests)
-                except errors.RowsRefusedError as exc:
-                    sources = sent.sources()
-                    reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
-                    raise _RowsRefused(reasons) from exc
-                result.rows_inserted += count
-            elif kind == "insert_all":
-                self.insert_all.insert(ref.api, ref.table, payload)
+                return step, self._stage_insert(ref, payload)
+            self._run_step(ref, step, kind, payload, count, result, staged)
+        return len(staged.writes), None
+
+    def _write_rest(
+        self, markers: TableRef, ref: TableRef, staged: _Staged, result: ApplyResult, start: int, first: StagedStream | None
+    ) -> None:
+        """Commit the staged insert at `start` (the owner check passed), then the steps after
+        it; a later insert is checked again just before its commit."""
+        writes = staged.writes
+        if start < len(writes):
+            if first is not None:
+                self.writer.commit(first)
+            result.rows_inserted += writes[start][2]
+            start += 1
+        for step in range(start, len(writes)):
+            kind, payload, count = writes[step]
+            if kind == "insert":
+                stream = self._stage_insert(ref, payload)
+                self._check_owner(markers, ref, staged.ids, staged.attempt)
+                if stream is not None:
+                    self.writer.commit(stream)
                 result.rows_inserted += count
             else:
-                for n, (sql, params) in enumerate(payload):
-                    job_id = dml_job_id(ref, ids, f"delete{step}-{n}", attempt)
-                    result.rows_deleted += self.queries.dml(sql, params, job_id, f"delete from {ref.table}")
+                self._run_step(ref, step, kind, payload, count, result, staged)
+
+    def _stage_insert(self, ref: TableRef, payload: Any) -> StagedStream | None:
+        requests, sent = payload
+        try:
+            return self.writer.stage(ref.path, ref.table, requests)
+        except errors.RowsRefusedError as exc:
+            sources = sent.sources()
+            reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
+            raise _RowsRefused(reasons) from exc
+
+    def _run_step(
+        self, ref: TableRef, step: int, kind: str, payload: Any, count: int, result: ApplyResult, staged: _Staged
+    ) -> None:
+        """An insertAll or a run of deletes (not fenced: insertAll is the legacy path, and
+        re-running an envelope's deletes is harmless)."""
+        if kind == "insert_all":
+            self.insert_all.insert(ref.api, ref.table, payload)
+            result.rows_inserted += count
+            return
+        for n, (sql, params) in enumerate(payload):
+            job_id = dml_job_id(ref, staged.ids, f"delete{step}-{n}", staged.attempt)
+            result.rows_deleted += self.queries.dml(sql, params, job_id, f"delete from {ref.table}")
 
     def _plan_and_prepare_schema(
         self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str]
@@ -399,24 +638,35 @@ class BigQueryWarehouse(Warehouse):
 
     # ----------------------------------------------------------------- markers
 
-    def _write_markers(self, markers: TableRef, table: str, ids: list[str], state: str) -> None:
-        if not ids:
+    def _check_owner(self, markers: TableRef, ref: TableRef, ids: list[str], attempt: str) -> None:
+        """Raise unless `attempt` still owns `ids` of `ref` (its intent is the newest, none done)."""
+        if self.queries.not_owned(markers, {ref.table: (ids, attempt)}):
+            raise _superseded(ref.table)
+
+    def _write_markers(self, markers: TableRef, per_table: list[tuple[str, list[str], str]], state: str) -> None:
+        """One marker write (`state`) for the ids of several tables: (table, ids, attempt token)."""
+        rows_of = [(table, i, attempt) for table, ids, attempt in per_table for i in ids]
+        if not rows_of:
             return
         now = dt.datetime.now(dt.timezone.utc)
         if self.insert_mode == "insert_all":
-            rows = [{"dedup_id": i, "table_name": table, "state": state, "marked_at": now.isoformat()} for i in ids]
-            row_ids = [insert_id(f"{table}\x00{i}", 0 if state == INTENT else 1) for i in ids]
+            rows = [
+                {"dedup_id": i, "table_name": t, "state": state, "marked_at": now.isoformat(), "attempt": a}
+                for t, i, a in rows_of
+            ]
+            row_ids = [insert_id(f"{t}\x00{i}\x00{a}", 0 if state == INTENT else 1) for t, i, a in rows_of]
             self.insert_all.insert(
-                markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for i in ids])
+                markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for _, i, _ in rows_of])
             )
             return
-        n = len(ids)
+        n = len(rows_of)
         batch = pa.RecordBatch.from_arrays(
             [
-                pa.array(ids, pa.string()),
-                pa.array([table] * n, pa.string()),
+                pa.array([i for _, i, _ in rows_of], pa.string()),
+                pa.array([t for t, _, _ in rows_of], pa.string()),
                 pa.array([state] * n, pa.string()),
                 pa.array([now] * n, _MARKER_SCHEMA.field("marked_at").type),
+                pa.array([a for _, _, a in rows_of], pa.string()),
             ],
             schema=_MARKER_SCHEMA,
         )
@@ -511,8 +761,48 @@ class BigQueryWarehouse(Warehouse):
         return True, "ok"
 
     def close(self) -> None:
+        with self._appliers_lock:
+            appliers, self._applier_pool = self._applier_pool, None
+        if appliers is not None:
+            appliers.shutdown(wait=True)
         self.writer.close()
         self.client.close()
+
+
+@dataclass(slots=True)
+class _TableApply:
+    """One table's batch in `apply_many`: its slot in the outcomes, and rows BigQuery refused so far."""
+
+    index: int
+    ref: TableRef
+    envelopes: list[Envelope]
+    refused: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A table ready to write: its planned and converted writes."""
+
+    ids: list[str]  # dedup_ids applied now
+    plan: planner.Plan
+    writes: list[tuple[str, Any, int]]
+    oversized: list[Rejection]
+    attempt: str  # this try's token: in its markers, and in its DML jobs' ids
+
+
+def _superseded(table: str) -> TransientWarehouseError:
+    # another attempt (a redelivery to another replica, after this one's lease ran out)
+    # claimed these ids since: this one commits nothing more and leaves `done` to it
+    return TransientWarehouseError(f"BigQuery {table}: a newer attempt owns these messages; this one stops")
+
+
+def _all_rejected(envelopes: Sequence[Envelope], reason: str) -> ApplyResult:
+    result = ApplyResult()
+    for env in envelopes:
+        for i, act in enumerate(env.activities):
+            result.rejections.append(Rejection(env.dedup_id, i, act, reason))
+        result.applied_envelopes += 1
+    return result
 
 
 class _SentRows:

@@ -1,8 +1,18 @@
-"""Row writers: the Storage Write API default stream (Arrow rows), or legacy insertAll.
+"""Row writers: the Storage Write API (Arrow rows), or legacy insertAll.
 
-Storage Write: one long-lived `AppendRowsStream` (the client library's connection
-manager, which renews a broken connection itself) per table, reused across applies;
-opening one costs a round trip or two and short-lived connections count against the
+Storage Write, two ways:
+- `stage` then `commit` (a table's rows): a PENDING stream of their own, finalized, then
+  committed with BatchCommitWriteStreams. Rows become visible at the commit, all at
+  once, and a stream never committed leaves nothing, so an append that times out on
+  our side and lands later on Google's cannot add rows after a retry
+  (https://cloud.google.com/bigquery/docs/write-api#pending_type: "records are buffered
+  in a pending state until you commit the stream"; BatchCommitWriteStreams: "Streams must
+  be finalized before commit and cannot be committed multiple times").
+- `append` (marker rows): the default stream, at least once; a marker written twice
+  means the same.
+Connections come from a small bounded pool shared by all tables (`connections.py`):
+default-stream connections are reused across applies, a pending stream's is closed with
+it; opening one costs a round trip or two and connections count against the
 concurrent-connection quota
 (https://cloud.google.com/bigquery/docs/write-api-best-practices#connection_pool_management).
 Every request carries the writer schema (a batch's columns vary), so requests are sized
@@ -13,10 +23,12 @@ is not sent: `split_rows` reports it so the warehouse turns it into a `Rejection
 
 from __future__ import annotations
 
-import collections
+import concurrent.futures
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 from google.api_core.future import polling
@@ -26,11 +38,12 @@ from google.cloud.bigquery_storage_v1.writer import AppendRowsStream
 from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
+from app.warehouse.bigquery.connections import Connection, ConnectionPool
 
 MAX_REQUEST_BYTES = 9 * 1024 * 1024  # below AppendRows' 10 MB, leaving room for the envelope
 REQUEST_OVERHEAD_BYTES = 2048  # stream name, field tags, trace id
-APPEND_TIMEOUT_SECONDS = 60.0
-MAX_OPEN_STREAMS = 64  # least recently used connections beyond this are closed
+APPEND_TIMEOUT_SECONDS = 60.0  # one append: a free connection, its open and every answer
+IDLE_SECONDS = 60.0  # a connection unused this long is closed
 # AppendRowsFuture polls for its result; poll briefly instead of the 1 s default step.
 _RESULT_POLLING = polling.DEFAULT_POLLING.with_delay(initial=0.001, maximum=0.02, multiplier=1.5)
 
@@ -73,57 +86,123 @@ def split_rows(
     return requests, oversized
 
 
+@dataclass(frozen=True, slots=True)
+class StagedStream:
+    """A finalized PENDING stream whose rows wait for `StorageWriter.commit`."""
+
+    parent: str
+    table: str
+    name: str
+    deadline: float  # time.monotonic() by which the commit must be done
+
+
 class StorageWriter:
-    """Appends Arrow rows to tables' default streams over long-lived connections."""
+    """Appends Arrow rows to tables' default streams over a bounded pool of connections.
 
-    def __init__(self, client: BigQueryClient, *, emulator: bool = False) -> None:
+    Every append has a deadline of ours (`timeout`): waiting for a free connection,
+    opening one (the client library would wait up to 600 s) and every answer. Past it the
+    append fails as a `TransientWarehouseError`; its connection is dropped (answers may be
+    out of step) and the caller's intent markers make whatever landed safe to retry.
+    """
+
+    def __init__(
+        self,
+        client: BigQueryClient,
+        *,
+        connections: int = 4,
+        idle_seconds: float = IDLE_SECONDS,
+        timeout: float = APPEND_TIMEOUT_SECONDS,
+    ) -> None:
         self.client = client
-        self.emulator = emulator
-        self._streams: collections.OrderedDict[str, AppendRowsStream] = collections.OrderedDict()
-        self._last_schema: dict[str, bytes] = {}
-        # One stream (the markers table's) is shared by all tables' threads; its answers are
-        # matched to requests by order, so one append's requests are sent under its lock.
-        self._send_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-        self._lock = threading.Lock()
+        self.timeout = timeout
+        self.pool = ConnectionPool(connections, idle_seconds=idle_seconds, close=_close_quietly)
+        self.streams_created = 0  # PENDING streams (bench, docs: against the CreateWriteStream quota)
+        self._created_lock = threading.Lock()
 
-    def append(self, stream_name: str, table: str, requests: list[ArrowRequest]) -> None:
-        """Send `requests` on the table's connection and wait for every answer.
+    def stage(self, parent: str, table: str, requests: list[ArrowRequest]) -> StagedStream | None:
+        """`requests` on a PENDING stream of their own, finalized, not committed yet.
+
+        `parent` is the table's path (projects/p/datasets/d/tables/t). Until `commit` the
+        rows are invisible, and a stream never committed leaves nothing (Google drops it),
+        so after any failure the caller may retry with a new stream. Each call has our
+        deadline, counted from here to the end of the commit.
+        """
+        if not requests:
+            return None
+        deadline = time.monotonic() + self.timeout
+        write = self.client.write_client()
+        pending = storage_types.WriteStream(type_=storage_types.WriteStream.Type.PENDING)
+        stream = self.client.call(
+            "write_stream", f"creating a write stream for {table}", write.create_write_stream,
+            parent=parent, write_stream=pending, timeout=_remaining(deadline),
+        )  # fmt: skip
+        with self._created_lock:
+            self.streams_created += 1
+        self._append(stream.name, table, requests, deadline, keep=False)
+        self.client.call(
+            "write_stream", f"finalizing the write stream of {table}", write.finalize_write_stream,
+            name=stream.name, timeout=_remaining(deadline),
+        )  # fmt: skip
+        return StagedStream(parent, table, stream.name, deadline)
+
+    def commit(self, staged: StagedStream) -> None:
+        """Make a staged stream's rows visible, all at once (BatchCommitWriteStreams)."""
+        what = f"committing the write stream of {staged.table}"
+        committed = self.client.call(
+            "write_stream", what, self.client.write_client().batch_commit_write_streams,
+            request=storage_types.BatchCommitWriteStreamsRequest(parent=staged.parent, write_streams=[staged.name]),
+            timeout=_remaining(staged.deadline),
+        )  # fmt: skip
+        if committed.stream_errors or not committed.commit_time:
+            # nothing of the stream is visible: a retry writes a new one
+            raise TransientWarehouseError(f"BigQuery {what}: refused {list(committed.stream_errors)[:3]}")
+
+    def append(
+        self, stream_name: str, table: str, requests: list[ArrowRequest], timeout: float | None = None
+    ) -> None:
+        """Send `requests` on a connection of the pool and wait for every answer.
 
         Each request commits on its own (default stream: at-least-once); the caller's
         intent markers make a partly written batch safe to retry.
         """
         if not requests:
             return
-        with self._lock:
-            send_lock = self._send_locks[stream_name]
+        self._append(stream_name, table, requests, time.monotonic() + (self.timeout if timeout is None else timeout), keep=True)
+
+    def _append(self, stream_name: str, table: str, requests: list[ArrowRequest], deadline: float, *, keep: bool) -> None:
+        """`requests` on a pooled connection to `stream_name`, every answer awaited; the
+        connection is kept for reuse (`keep`) or closed (a stream written once)."""
         what = f"AppendRows to {table}"
         self.client.count("write", len(requests))
-        stream = None
+        conn = self.pool.acquire(stream_name, deadline)
         first_row = 0  # position in `requests` of the first row of the request awaited
         try:
-            with self.client.one_at_a_time():
-                with send_lock:
-                    stream = self._connection(stream_name, requests[0].schema)
-                    futures = [stream.send(self._request(stream_name, r)) for r in requests]
-                for future, request in zip(futures, requests):
-                    future.result(timeout=APPEND_TIMEOUT_SECONDS, polling=_RESULT_POLLING)
-                    first_row += request.rows
+            futures = self._send(conn, requests, deadline)
+            for future, request in zip(futures, requests):
+                future.result(timeout=_remaining(deadline), polling=_RESULT_POLLING)
+                first_row += request.rows
         except Exception as exc:
-            # Answers may now be out of step with requests: start over on a new connection.
-            self._drop(stream_name, stream)
+            self.pool.discard(conn)
             error = errors.translate(exc, what)
             if isinstance(error, errors.RowsRefusedError):  # row numbers across all of `requests`
                 error = errors.RowsRefusedError(str(error), {first_row + i: r for i, r in error.row_errors.items()})
             raise error from exc
+        if keep:
+            self.pool.release(conn)
+        else:
+            self.pool.discard(conn)
 
-    def _connection(self, stream_name: str, schema: bytes) -> AppendRowsStream:
-        if self.emulator and self._last_schema.get(stream_name, schema) != schema:
-            # emulator only: it keeps a connection's first writer schema, while Google takes a
-            # changed one on any request (AppendRowsRequest docs: "Provide this value whenever
-            # ... you change the input schema"); so reconnect when it changes.
-            self._drop(stream_name)
-        self._last_schema[stream_name] = schema
-        return self._stream(stream_name)
+    def _send(self, conn: Connection, requests: list[ArrowRequest], deadline: float) -> list[Any]:
+        stream_name = conn.stream_name
+        conn.writer_schema = requests[0].schema
+        pending = [self._request(stream_name, r) for r in requests]
+        futures = []
+        if conn.stream is None:
+            stream = AppendRowsStream(self.client.write_client(), storage_types.AppendRowsRequest(write_stream=stream_name))
+            futures.append(_open_within(stream, pending.pop(0), deadline, what=f"opening AppendRows to {stream_name}"))
+            conn.stream = stream
+        futures.extend(conn.stream.send(r) for r in pending)
+        return futures
 
     @staticmethod
     def _request(stream_name: str, r: ArrowRequest) -> storage_types.AppendRowsRequest:
@@ -135,39 +214,39 @@ class StorageWriter:
             ),
         )
 
-    def _stream(self, stream_name: str) -> AppendRowsStream:
-        with self._lock:
-            stream = self._streams.get(stream_name)
-            if stream is not None:
-                self._streams.move_to_end(stream_name)
-                return stream
-            template = storage_types.AppendRowsRequest(write_stream=stream_name)
-            stream = AppendRowsStream(self.client.write_client(), template)
-            self._streams[stream_name] = stream
-            evicted = self._streams.popitem(last=False)[1] if len(self._streams) > MAX_OPEN_STREAMS else None
-        if evicted is not None:
-            _close_quietly(evicted)
-        return stream
-
-    def _drop(self, stream_name: str, stream: AppendRowsStream | None = None) -> None:
-        """Close the table's connection (only if it is still `stream`, when given)."""
-        with self._lock:
-            current = self._streams.get(stream_name)
-            if current is None or (stream is not None and current is not stream):
-                return
-            del self._streams[stream_name]
-        _close_quietly(current)
-
     @property
     def open_streams(self) -> int:
-        return len(self._streams)
+        return self.pool.alive
 
     def close(self) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-            self._streams.clear()
-        for stream in streams:
-            _close_quietly(stream)
+        self.pool.close()
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _open_within(stream: AppendRowsStream, first: storage_types.AppendRowsRequest, deadline: float, what: str) -> Any:
+    """`stream.send(first)`, which opens the connection, bounded by `deadline`.
+
+    The library's open blocks (up to 600 s) holding the connection's own lock, so it runs
+    on a thread of its own; past the deadline the caller gets a `TransientWarehouseError`
+    and the stream is closed once the open returns.
+    """
+    opened: concurrent.futures.Future = concurrent.futures.Future()
+
+    def open_stream() -> None:
+        try:
+            opened.set_result(stream.send(first))
+        except BaseException as exc:  # handed to the waiting caller
+            opened.set_exception(exc)
+
+    threading.Thread(target=open_stream, name="storage-write-open", daemon=True).start()
+    try:
+        return opened.result(timeout=_remaining(deadline))
+    except concurrent.futures.TimeoutError:
+        opened.add_done_callback(lambda _: _close_quietly(stream))
+        raise TransientWarehouseError(f"{what}: no connection within our deadline") from None
 
 
 def _close_quietly(stream: AppendRowsStream) -> None:

@@ -73,7 +73,33 @@ class StorageWriteFaults:
         self.rejected: Counter[str] = Counter()  # table -> appends refused for a hidden column
         self.requests = 0  # AppendRows requests seen
         self.streams = 0  # AppendRows calls (connections) opened
+        self.open_now = 0  # AppendRows calls open at the moment
+        self.peak_open = 0  # most AppendRows calls open at once
         self._lock = threading.Lock()
+        self._holds: list[list[Any]] = []  # [table, appends left to hold, seconds]
+        self.held = 0  # appends held, then forwarded (committed) after the client gave up
+        self.holding = 0  # appends being held right now
+
+    def hold_appends(self, table: str, seconds: float, times: int = 1) -> None:
+        """The next `times` AppendRows requests with rows for `table` get no answer for
+        `seconds`, then go to the emulator anyway, whether the client still waits or not.
+
+        Google: an append the client timed out on may still be committed ("at-least-once"
+        on the default stream, https://cloud.google.com/bigquery/docs/write-api#default_stream;
+        the client cannot tell a lost answer from a lost request), so a retry that does not
+        fence it off writes its rows twice.
+        """
+        with self._lock:
+            self._holds.append([table, times, seconds])
+
+    def _hold_for(self, table: str) -> float:
+        with self._lock:
+            for hold in self._holds:
+                if hold[0] == table and hold[1] > 0:
+                    hold[1] -= 1
+                    self.holding += 1
+                    return hold[2]
+        return 0.0
 
     def handlers(self, channel: grpc.Channel, metadata: Callable[[grpc.ServicerContext], list]) -> dict[str, grpc.RpcMethodHandler]:
         def append_rows(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -86,6 +112,8 @@ class StorageWriteFaults:
 
         with self._lock:
             self.streams += 1
+            self.open_now += 1
+            self.peak_open = max(self.peak_open, self.open_now)
         upstream = _Upstream(channel, md, context)
         stream_name = ""
         schema: tuple[str, Any] | None = None  # ("arrow_rows"|"proto_rows", writer schema message)
@@ -112,9 +140,20 @@ class StorageWriteFaults:
                     if found is None and schema is not None:
                         getattr(req, schema[0]).writer_schema.CopyFrom(schema[1])
                     raw = req.SerializeToString()
+                held = self._hold_for(m["table"]) if m and _has_rows(req) else 0.0
+                if held:
+                    time.sleep(held)  # the client's deadline passes; the request still goes through
+                    answer = upstream.send(raw)
+                    with self._lock:
+                        self.holding -= 1
+                        self.held += 1
+                    yield answer
+                    continue
                 yield upstream.send(raw)
         finally:
             upstream.close()
+            with self._lock:
+                self.open_now -= 1
 
 
 class _Upstream:
@@ -147,6 +186,10 @@ class _Upstream:
         self._queue.put(None)
         if self._call is not None:
             self._call.cancel()
+
+
+def _has_rows(req: Any) -> bool:
+    return req.HasField("arrow_rows") or req.HasField("proto_rows")
 
 
 def _writer_schema(req: Any) -> tuple[tuple[str, Any], list[str]] | None:

@@ -76,10 +76,10 @@ def test_unfinished_delete_on_a_missing_table_retries_as_a_noop(wh, monkeypatch)
     e = env(t, dele(t, [("id", "integer")], [1]))
     real = wh._write_markers
 
-    def lose_completion(markers: Any, table: str, dedup_ids: list[str], state: str) -> None:
+    def lose_completion(markers: Any, per_table: list, state: str) -> None:
         if state == "done":
             raise TransientWarehouseError("simulated: completion marker lost")
-        real(markers, table, dedup_ids, state)
+        real(markers, per_table, state)
 
     monkeypatch.setattr(wh, "_write_markers", lose_completion)
     with pytest.raises(TransientWarehouseError):

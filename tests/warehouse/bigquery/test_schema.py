@@ -58,8 +58,11 @@ def test_schema_patch_once_per_new_column_batch(wh) -> None:
         )
     delta = wh.api_calls - before
     assert delta["metadata_update"] == 0 and delta["other"] == 0
-    # per apply: one dedup lookup; intent markers, rows, done markers: one AppendRows each
-    assert delta["query"] == 3 and delta["write"] == 9 and delta["dml"] == 0
+    # per apply: one dedup lookup and two owner checks (before the commit, before `done`);
+    # intent markers, rows, done markers: one AppendRows each; the rows' PENDING stream:
+    # create, finalize, commit
+    assert delta["query"] == 9 and delta["write"] == 9 and delta["dml"] == 0
+    assert delta["write_stream"] == 9
     assert wh.table_schema(t) == {"id": "integer", "a": "string", "b": "float", "c": "date"}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import threading
+from typing import Any
 from decimal import Decimal
 
 import pyarrow as pa
@@ -64,15 +65,16 @@ def test_insert_all_fallback(settings, columnar: bool) -> None:
         w.close()
 
 
-def test_one_long_lived_connection_per_table(wh) -> None:
+def test_markers_connection_is_reused_and_each_apply_commits_a_pending_stream_of_its_own(wh) -> None:
     t = "conn"
     cols = [("id", "integer")]
     wh.apply(t, [env(t, ins(t, cols, [0]))])
-    stream = wh.writer._streams[f"projects/{wh.project}/datasets/{wh.dataset}/tables/{t}/streams/_default"]
+    opened, created = wh.writer.pool.opened, wh.writer.streams_created
     for n in range(1, 4):
         wh.apply(t, [env(t, ins(t, cols, [n]))])
-    assert wh.writer._streams[stream_name(wh, t)] is stream  # reused, not reopened
-    assert wh.writer.open_streams == 2  # the table and the markers table
+    assert wh.writer.streams_created - created == 3  # one PENDING stream per apply of the table
+    assert wh.writer.pool.opened - opened == 3  # the markers' default-stream connection is reused
+    assert wh.writer.open_streams == 1  # a pending stream's connection closes with its commit
     assert ids(wh, t) == [0, 1, 2, 3]
 
 
@@ -113,17 +115,17 @@ def test_insert_ids_fit_the_128_character_limit() -> None:
 def test_new_column_pending_in_the_write_stream_holds_only_that_table(wh, monkeypatch) -> None:
     a, b = "pending_a", "pending_b"
     wh.apply(a, [env(a, ins(a, [("id", "integer")], [0]))])
-    real_append = wh.writer.append
+    real_stage = wh.writer.stage
     refused = {"n": 0}
 
-    def append(stream: str, table: str, requests: list) -> None:
+    def stage(parent: str, table: str, requests: list) -> Any:
         if table == a and refused["n"] == 0:
-            real_append(stream, table, requests)  # committed, but the answer says "not yet"
+            real_stage(parent, table, requests)  # written to its stream, but the answer says "not yet"
             refused["n"] += 1
             raise SchemaPendingError("BigQuery AppendRows: extra fields: 'note'", retry_after=30.0)
-        real_append(stream, table, requests)
+        return real_stage(parent, table, requests)
 
-    monkeypatch.setattr(wh.writer, "append", append)
+    monkeypatch.setattr(wh.writer, "stage", stage)
     e = env(a, ins(a, [("id", "integer"), ("note", "string")], [1, "n"]))
     with pytest.raises(TransientWarehouseError) as raised:
         wh.apply(a, [e])
@@ -145,10 +147,10 @@ def test_rows_refused_by_append_rows_are_rejected_alone(wh, monkeypatch, columna
     t = "refused_v2" if columnar else "refused"
     cols = [("id", "integer"), ("g", "geography")]
     wh.apply(t, [env(t, ins(t, cols, [0, "POINT(0 0)"]))])
-    real_append = wh.writer.append
+    real_stage = wh.writer.stage
     calls = {"n": 0}
 
-    def append(stream: str, table: str, requests: list) -> None:
+    def stage(parent: str, table: str, requests: list) -> Any:
         if table == t and calls["n"] == 0:
             calls["n"] += 1
             # what AppendRowsStream raises for a request whose row 1 BigQuery refused
@@ -162,9 +164,9 @@ def test_rows_refused_by_append_rows_are_rejected_alone(wh, monkeypatch, columna
             )
             exc = gexc.from_grpc_status(response.error.code, response.error.message, response=response)
             raise errors.translate(exc, "AppendRows") from exc
-        real_append(stream, table, requests)
+        return real_stage(parent, table, requests)
 
-    monkeypatch.setattr(wh.writer, "append", append)
+    monkeypatch.setattr(wh.writer, "stage", stage)
     e = env(t, ins(t, cols, [1, "POINT(1 1)"]), ins(t, cols, [2, "POINT(2 2)"]), ins(t, cols, [3, "POINT(3 3)"]))
     r = wh.apply(t, [Envelope(e.dedup_id, t, runs=runs_of(e.activities)) if columnar else e])
     assert [(j.index, j.activity) for j in r.rejections] == [(1, e.activities[1])]
