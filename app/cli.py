@@ -8,11 +8,13 @@ from typing import Any, Optional
 import orjson
 import typer
 
+from app.keys.commands import keys_cli
 from app.settings import get_settings
 
 cli = typer.Typer(help="User-activity ingest pipeline.", no_args_is_help=True, add_completion=False)
 dead_letters_cli = typer.Typer(help="Inspect and replay the dead-letter store.", no_args_is_help=True)
 cli.add_typer(dead_letters_cli, name="dead-letters")
+cli.add_typer(keys_cli, name="keys")
 
 
 @cli.command()
@@ -148,7 +150,7 @@ def dead_letters_list(
                         "id": e.id, "created_at": e.created_at, "reason": e.reason, "kind": e.kind,
                         "table": e.table_name, "attempts": e.attempts, "dedup_id": e.dedup_id,
                         "activity_index": e.activity_index, "replayed_at": e.replayed_at,
-                        "replayed_batch_id": e.replayed_batch_id, "replay_of": e.replay_of,
+                        "replayed_batch_id": e.replayed_batch_id, "replay_of": e.replay_of, "key_id": e.key_id,
                         "payload": e.payload_json() if e.payload_json() is not None else e.payload.decode("utf-8", "replace"),
                     }
                 ).decode()

@@ -41,6 +41,15 @@ PUBLISH_SECONDS = Histogram(
     registry=API,
 )
 
+# Per API key: `key` takes only the ids of configured keys (app.api.keys), so it stays bounded.
+KEY_REQUESTS = Counter(
+    "ingest_key_requests_total", "Ingest requests that presented a valid key, by key id and HTTP status.",
+    ["key", "status"], registry=API,
+)
+KEY_ACTIVITIES_ACCEPTED = Counter(
+    "ingest_key_activities_accepted_total", "Activities accepted (durably published), by key id.", ["key"], registry=API,
+)
+
 # --------------------------------------------------------------------------- subscriber process
 ROWS_APPLIED = Counter(
     "pipeline_rows_applied_total", "Rows written or deleted, per table and operation.", ["table", "operation"],

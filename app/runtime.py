@@ -142,10 +142,11 @@ class UnsafeConfiguration(SystemExit):
 
 def refuse_open_unauthenticated(settings: Settings) -> None:
     """An API reachable from other hosts must have keys, unless explicitly allowed."""
-    if not settings.api_keys and not settings.api_allow_unauthenticated and not is_loopback(settings.api_host):
+    has_keys = settings.api_keys or settings.api_keys_file
+    if not has_keys and not settings.api_allow_unauthenticated and not is_loopback(settings.api_host):
         log.error(
-            "refusing to start: API_HOST=%s is not loopback and API_KEYS is empty; "
-            "set API_KEYS or API_ALLOW_UNAUTHENTICATED=true", settings.api_host,
+            "refusing to start: API_HOST=%s is not loopback and neither API_KEYS nor API_KEYS_FILE is set; "
+            "set one or API_ALLOW_UNAUTHENTICATED=true", settings.api_host,
         )
         raise UnsafeConfiguration(2)
 

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_value_bytes: int = Field(1024 * 1024, description="Largest single value (string, bytes, record, geography).")
     max_record_depth: int = Field(15, description="Deepest nesting of a record value.")
     api_keys: str | None = Field(None, description="Comma-separated API keys (plain or `sha256:<hex>`); when set, ingest needs one.")
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of scoped keys (`python -m app keys`); re-read on change; when set, ingest needs a key."
+    )
     api_allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without API keys.")
     max_in_flight_requests: int = Field(256, description="Ingest requests handled at once; more get 503 + Retry-After (bounds memory).")
     publish_timeout_seconds: float = Field(10.0, description="How long the API waits for the broker before answering 503.")

@@ -26,10 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from app import __version__, metrics
-from app.api.auth import parse_api_keys
 from app.api.docs import install_docs
 from app.api.errors import ERROR_SCHEMA, ApiError, error_response
 from app.api.examples import REQUEST_EXAMPLES
+from app.api.keys import KeyGate, key_ring
 from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandler, json_response
 from app.api.middleware import RequestContextMiddleware
 from app.api.status import install_status_page
@@ -56,11 +56,13 @@ INGEST_RESPONSES = {
         str(code): {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
         for code, text in (
             (400, "Malformed JSON, gzip or header."),
-            (401, "Missing or wrong API key."),
+            (401, "Missing, wrong, expired or revoked API key."),
+            (403, "An activity is outside the key's tables or operations; nothing was published."),
             (409, "Idempotency-Key reused with another body."),
             (413, "A limit was exceeded (body, activities, columns, value size, record depth)."),
             (415, "Content-Type is not application/json, or unsupported Content-Encoding."),
             (422, "At least one activity is invalid; every problem is listed with its path."),
+            (429, "The key's rate is used up; retry after Retry-After seconds."),
             (503, "The broker cannot take the batch; retry after Retry-After seconds."),
         )
     },
@@ -119,6 +121,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         try:
             yield
         finally:
+            app.state.keys.close()  # keeps the keys' last use for `keys list`
             if broker is None:
                 await asyncio.to_thread(app.state.broker.close)
 
@@ -137,7 +140,8 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     install_docs(app)
     _install_error_handlers(app)
 
-    handler = IngestHandler(settings, parse_api_keys(settings.api_keys), app.state)
+    app.state.keys = KeyGate(key_ring(settings))  # API_KEYS and API_KEYS_FILE
+    handler = IngestHandler(settings, app.state.keys, app.state)
 
     async def ingest_direct(scope: Any, receive: Any, send: Any) -> None:
         response = await handler.handle(Request(scope, receive))

@@ -1,13 +1,12 @@
 """API keys: `API_KEYS` holds plain keys or `sha256:<hex>` digests; requests carry one.
 
-Keys are compared as SHA-256 digests with `hmac.compare_digest`, so the comparison
-takes the same time whichever key is tried, and config can hold digests only.
+Keys are compared as SHA-256 digests in constant time (`app.keys.ring`), so config can
+hold digests only. Scoped keys from `API_KEYS_FILE` join them there (`app.api.keys`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 
 from starlette.requests import Request
 
@@ -38,16 +37,3 @@ def presented_key(request: Request) -> str | None:
     if auth and auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
     return request.headers.get("x-api-key") or None
-
-
-def is_authorized(request: Request, digests: list[bytes]) -> bool:
-    if not digests:
-        return True
-    key = presented_key(request)
-    if key is None:
-        return False
-    candidate = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-    matched = False
-    for digest in digests:  # no early exit: same work whichever key matches
-        matched |= hmac.compare_digest(candidate, digest)
-    return matched

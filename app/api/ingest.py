@@ -20,8 +20,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app import metrics
-from app.api.auth import is_authorized
 from app.api.errors import ApiError, error_response
+from app.api.keys import KeyGate
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
 from app.logs import batch_id_var
 from app.messages.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
@@ -59,8 +59,8 @@ class IngestHandler:
     lifespan sets it after the handler is built.
     """
 
-    def __init__(self, settings: Settings, api_key_digests: list[bytes], state: Any) -> None:
-        self.api_key_digests = api_key_digests
+    def __init__(self, settings: Settings, keys: KeyGate, state: Any) -> None:
+        self.keys = keys
         self.state = state
         self.in_flight = 0
         # Read once: the settings do not change while the app runs.
@@ -79,11 +79,15 @@ class IngestHandler:
             self.admit()
             self.in_flight += 1
             try:
-                return await self.ingest(request)
+                response = await self.ingest(request)
             finally:
                 self.in_flight -= 1
         except ApiError as exc:
-            return error_response(exc.status, exc.message, exc.details, exc.headers)
+            response = error_response(exc.status, exc.message, exc.details, exc.headers)
+        key = request.scope.get("api_key")
+        if key is not None:
+            self.keys.count_request(key, response.status_code)
+        return response
 
     def admit(self) -> None:
         # Bounded work in progress: bodies are read into memory, so refuse new requests
@@ -96,31 +100,34 @@ class IngestHandler:
             )
 
     async def ingest(self, request: Request) -> Response:
-        self.authorize(request)
+        key = self.keys.authenticate(request)  # 401
+        if key is not None:
+            request.scope["api_key"] = key  # for the per-key metrics in `handle`
+            request.scope["log_extra"] = {"key": key.id}  # the request's log line names it, even on a refusal
         headers = self.headers_of(request)
         idempotency_key = self.checked_headers(headers)
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
         validated = self.validate(body)
         count = len(validated) if _is_small(validated) else sum(map(len, validated))
+        if key is not None:
+            self.keys.authorize(key, body, validated, count)  # 403, 429
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
         messages = self.encode(validated, batch_id)
+        if key is not None:
+            for message in messages:  # the key id (never the secret) travels with the batch
+                message.attributes["key_id"] = key.id
         result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
         # One INFO line per request: the middleware's `request finished` carries these.
-        request.scope["log_extra"] = {
+        request.scope.setdefault("log_extra", {}).update({
             "activities": count, "messages": len(messages), "duplicate": result.duplicate,
             "publish_ms": round(publish_seconds * 1000, 2),
-        }
+        })
+        if key is not None:
+            self.keys.count_accepted(key, 0 if result.duplicate else count)
         return self.answer(count, result)
-
-    def authorize(self, request: Request) -> None:
-        if not is_authorized(request, self.api_key_digests):
-            raise ApiError(
-                401, "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
 
     @staticmethod
     def headers_of(request: Request) -> dict[bytes, bytes]:

@@ -168,6 +168,7 @@ class Subscriber:
                     NewDeadLetter(
                         reason=reason, kind="message", payload=bytes(m.data), attempts=m.delivery_attempt,
                         table_name=m.attributes.get("table"), dedup_id=m.dedup_id, message_id=m.message_id,
+                        key_id=m.attributes.get("key_id"),
                     )
                     for m, reason in undecodable
                 ],
@@ -272,6 +273,7 @@ class Subscriber:
                         attempts=message_of[r.dedup_id].delivery_attempt if r.dedup_id in message_of else 1,
                         table_name=table, dedup_id=r.dedup_id, activity_index=r.index,
                         message_id=message_of[r.dedup_id].message_id if r.dedup_id in message_of else None,
+                        key_id=message_of[r.dedup_id].attributes.get("key_id") if r.dedup_id in message_of else None,
                     )
                     for r in result.rejections
                 ],
@@ -328,6 +330,7 @@ class Subscriber:
                 NewDeadLetter(  # a format 2 body is kept as its JSON rendering, readable and replayable
                     reason=reason, kind="message", payload=readable_body(message.data), attempts=failures,
                     table_name=table, dedup_id=dedup_id, message_id=message.message_id,
+                    key_id=message.attributes.get("key_id"),
                 )
             ],
             "max_attempts",

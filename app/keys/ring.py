@@ -1,0 +1,100 @@
+"""The keys the API accepts right now: `API_KEYS` (every scope) plus `API_KEYS_FILE`.
+
+The file is checked for a change (stat) at most once a second, from the request path,
+so a revoked or disabled key stops working within about a second without a restart.
+A file that cannot be read or parsed keeps the last good keys (and logs why).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from app.keys.entries import ApiKey, KeysFileError, digest_of, load_keys_file
+from app.keys.usage import UsageLog
+
+log = logging.getLogger("app.keys")
+
+CHECK_EVERY_SECONDS = 1.0
+
+
+class KeyRing:
+    def __init__(
+        self,
+        env_keys: list[ApiKey],
+        path: Path | None = None,
+        usage: UsageLog | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.env_keys = env_keys
+        self.path = Path(path) if path is not None else None
+        self.usage = usage
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self._file_keys: list[ApiKey] = []
+        self._signature: tuple[int, int, int] | None = None
+        self._checked_at = float("-inf")
+        if self.path is not None:
+            self._file_keys = load_keys_file(self.path)  # a bad file at start-up is an error, not a warning
+            self._signature = self._stat()
+        self._checked_at = self.clock()
+        self.keys: list[ApiKey] = [*env_keys, *self._file_keys]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests need a key (any key configured, or a keys file, even empty)."""
+        return bool(self.env_keys) or self.path is not None
+
+    def ids(self) -> list[str]:
+        return [k.id for k in self.keys]
+
+    def authenticate(self, secret: str | None) -> ApiKey | None:
+        """The usable key whose secret this is, else None. Compares every digest in
+        constant time, with no early exit, so timing tells nothing about which matched."""
+        self.refresh()
+        if secret is None:
+            return None
+        candidate = digest_of(secret)
+        found: ApiKey | None = None
+        for key in self.keys:
+            if hmac.compare_digest(candidate, key.digest):
+                found = key
+        if found is None or not found.usable(self.wall_clock()):
+            return None
+        if self.usage is not None:
+            self.usage.note(found.id, self.wall_clock())
+        return found
+
+    def refresh(self) -> None:
+        now = self.clock()
+        if now - self._checked_at < CHECK_EVERY_SECONDS:
+            return
+        self._checked_at = now
+        if self.usage is not None:
+            self.usage.save_if_due(now)
+        if self.path is None:
+            return
+        signature = self._stat()
+        if signature == self._signature:
+            return
+        try:
+            file_keys = load_keys_file(self.path)
+        except KeysFileError as exc:
+            log.error("keys file not reloaded, keeping the last good keys: %s", exc)
+            self._signature = signature  # logged once per change, not per second
+            return
+        self._file_keys, self._signature = file_keys, signature
+        self.keys = [*self.env_keys, *file_keys]
+        log.info("keys file reloaded", extra={"keys": len(file_keys)})
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
