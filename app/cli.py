@@ -261,6 +261,24 @@ def dead_letters_pubsub_replay(
 
 
 @cli.command()
+def batch(batch_id: str = typer.Argument(..., help="The batch id from the POST answer.")) -> None:
+    """Print what became of a batch, per table (its delivery receipt, as JSON)."""
+    from app.receipts import BATCH_ID_PATTERN, ReceiptStore
+
+    settings = get_settings()
+    store = ReceiptStore(settings.receipts_file)
+    try:
+        receipt = store.lookup(batch_id) if BATCH_ID_PATTERN.match(batch_id) else None
+        purged = receipt is None and store.purged_key(batch_id)[0]
+    finally:
+        store.close()
+    if receipt is None:
+        typer.echo("the batch's receipt is past its retention" if purged else f"no batch {batch_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(orjson.dumps(receipt.as_json(), option=orjson.OPT_INDENT_2).decode())
+
+
+@cli.command()
 def backlog(
     wait: bool = typer.Option(False, "--wait", help="Show a progress bar until the backlog has drained."),
     timeout: float = typer.Option(3600.0, help="With --wait: give up after this many seconds."),

@@ -72,6 +72,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
     from app.pipeline.admin import AdminServer
     from app.messages.deadletters import DeadLetterStore
     from app.pipeline.subscriber import Subscriber
+    from app.receipts import ReceiptStore
     from app.warehouse import make_warehouse
 
     settings = settings or get_settings()
@@ -80,7 +81,8 @@ def run_subscriber(settings: Settings | None = None) -> None:
     broker = make_broker(settings)
     warehouse = make_warehouse(settings)
     dead_letters = DeadLetterStore(settings.dead_letter_file)
-    subscriber = Subscriber(settings, broker, warehouse, dead_letters)
+    receipts = ReceiptStore(settings.receipts_file)
+    subscriber = Subscriber(settings, broker, warehouse, dead_letters, receipts)
 
     def _stop(signum: int, frame: object) -> None:
         log.info("signal %s: finishing in-flight work", signal.Signals(signum).name)
@@ -98,6 +100,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
         with subscriber.warehouse_lock:
             warehouse.close()
         dead_letters.close()
+        receipts.close()
 
 
 def run_both(settings: Settings | None = None) -> int:

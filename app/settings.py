@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     duckdb_threads: int = Field(1, ge=1, description="DuckDB worker threads in the subscriber (appends gain nothing from more).")
     broker_path: Path | None = Field(None, description="Local broker file; default `$DATA_DIR/broker.sqlite`.")
     dead_letter_path: Path | None = Field(None, description="Dead-letter store; default `$DATA_DIR/dead_letters.sqlite`.")
+    receipts_path: Path | None = Field(None, description="Delivery receipts; default `receipts.sqlite` next to the broker file.")
+    receipt_retention_days: float = Field(7.0, gt=0, description="Days a batch's receipt is kept; then its lookup answers 410.")
 
     # --- delivery semantics ---
     ack_deadline_seconds: float = Field(30.0, description="Unacked messages are redelivered after this long.")
@@ -117,6 +119,10 @@ class Settings(BaseSettings):
     @property
     def broker_file(self) -> Path:
         return self.broker_path or self.data_dir / "broker.sqlite"
+
+    @property
+    def receipts_file(self) -> Path:
+        return self.receipts_path or self.broker_file.with_name("receipts.sqlite")
 
     @property
     def dead_letter_file(self) -> Path:

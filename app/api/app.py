@@ -32,7 +32,9 @@ from app.api.examples import REQUEST_EXAMPLES
 from app.api.keys import KeyGate, key_ring
 from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandler, json_response
 from app.api.middleware import RequestContextMiddleware
+from app.api.receipts import install_receipts
 from app.api.status import install_status_page
+from app.receipts import ReceiptStore, ReceiptWriter
 from app.broker import Broker, make_broker
 from app.api.models import IngestRequest
 from app.settings import Settings, get_settings
@@ -41,12 +43,13 @@ log = logging.getLogger("app.api")
 
 SUCCESS_SCHEMA = {
     "type": "object",
-    "required": ["error", "message", "accepted", "batch_id"],
+    "required": ["error", "message", "accepted", "batch_id", "receipt"],
     "properties": {
         "error": {"type": "boolean", "const": False},
         "message": {"type": "string"},
         "accepted": {"type": "integer"},
         "batch_id": {"type": "string"},
+        "receipt": {"type": "string", "description": "Where to GET what became of the batch."},
     },
 }
 
@@ -118,9 +121,11 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.broker = broker or make_broker(settings)
+        app.state.receipts = ReceiptWriter(ReceiptStore(settings.receipts_file), settings.receipt_retention_days * 86400)
         try:
             yield
         finally:
+            await asyncio.to_thread(app.state.receipts.close)
             app.state.keys.close()  # keeps the keys' last use for `keys list`
             if broker is None:
                 await asyncio.to_thread(app.state.broker.close)
@@ -137,6 +142,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     app.state.settings = settings
     app.add_middleware(RequestContextMiddleware, counted_paths=_INGEST_PATHS)
     install_status_page(app)
+    install_receipts(app)
     install_docs(app)
     _install_error_handlers(app)
 

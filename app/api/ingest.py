@@ -35,6 +35,7 @@ from app.settings import Settings
 log = logging.getLogger("app.api")
 
 INGEST_PATH = "/api-log/v1/"
+RECEIPTS_PATH = INGEST_PATH + "batches/"  # GET RECEIPTS_PATH + batch id: app.api.receipts
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 RETRY_AFTER_SECONDS = "1"
 
@@ -127,6 +128,8 @@ class IngestHandler:
         })
         if key is not None:
             self.keys.count_accepted(key, 0 if result.duplicate else count)
+        if not result.duplicate:
+            self.state.receipts.accepted(batch_id, key.id if key is not None else None, messages)
         return self.answer(count, result)
 
     @staticmethod
@@ -272,6 +275,7 @@ class IngestHandler:
                 "message": "already accepted" if result.duplicate else "accepted",
                 "accepted": accepted,
                 "batch_id": result.batch_id,
+                "receipt": RECEIPTS_PATH + result.batch_id,
             },
             {"Idempotent-Replayed": "true"} if result.duplicate else None,
         )

@@ -17,18 +17,17 @@ from app import metrics
 from app.api.auth import parse_api_keys, presented_key
 from app.api.errors import ApiError
 from app.keys import ApiKey, KeyRing
+from app.keys.entries import ENV_KEY_PREFIX
 from app.keys.limiter import RateLimiter, retry_after_header
 from app.keys.usage import UsageLog, usage_file
 from app.schema.activity import Activity
 from app.schema.columnar import ActivityRun
 from app.settings import Settings
 
-ENV_KEY_PREFIX = "env-"  # ids of the `API_KEYS` entries, by position: env-1, env-2, ...
-
 
 def key_ring(settings: Settings, clock: Callable[[], float] = time.monotonic) -> KeyRing:
     """`API_KEYS` as keys with every scope, plus the entries of `API_KEYS_FILE`."""
-    env_keys = [ApiKey(id=f"{ENV_KEY_PREFIX}{i}", digest=d) for i, d in enumerate(parse_api_keys(settings.api_keys), 1)]
+    env_keys = [ApiKey(id=f"{ENV_KEY_PREFIX}{i}", digest=d, from_env=True) for i, d in enumerate(parse_api_keys(settings.api_keys), 1)]
     return KeyRing(env_keys, settings.api_keys_file, UsageLog(usage_file(settings.data_dir)), clock)
 
 

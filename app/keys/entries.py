@@ -24,6 +24,7 @@ from app.schema.activity import OPERATIONS
 
 # Upsert is named by the issue that adds it; a key may already be scoped to it.
 KNOWN_OPERATIONS: tuple[str, ...] = (*OPERATIONS, "upsert")
+ENV_KEY_PREFIX = "env-"  # ids of the `API_KEYS` entries, by position: env-1, env-2, ...
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _TABLE_PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]{1,1024}\Z")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}\Z")
@@ -47,6 +48,7 @@ class ApiKey:
     burst: float | None = None
     expires: datetime | None = None
     disabled: bool = False
+    from_env: bool = False  # an `API_KEYS` key: every scope, no client identity
     _allowed: dict[tuple[str, str], bool] = field(default_factory=dict, compare=False, repr=False)
 
     def usable(self, now: float) -> bool:
@@ -125,6 +127,8 @@ def _entry(raw: dict[str, Any], index: int) -> ApiKey:
     key_id = raw.get("id")
     if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
         raise KeysFileError(f"{where}: `id` must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if key_id.startswith(ENV_KEY_PREFIX):
+        raise KeysFileError(f"{where}: ids starting with {ENV_KEY_PREFIX!r} are the `API_KEYS` keys'")
     where = f"key {key_id!r}"
     digest = raw.get("sha256")
     if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):

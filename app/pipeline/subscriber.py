@@ -34,6 +34,8 @@ from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter
+from app.pipeline.receipts import ReceiptRecorder
+from app.receipts.store import ReceiptStore
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse
@@ -65,8 +67,12 @@ class Totals:
 
 
 class Subscriber:
-    def __init__(self, settings: Settings, broker: Broker, warehouse: Warehouse, dead_letters: DeadLetterStore) -> None:
+    def __init__(
+        self, settings: Settings, broker: Broker, warehouse: Warehouse, dead_letters: DeadLetterStore,
+        receipts: ReceiptStore | None = None,
+    ) -> None:
         self.settings = settings
+        self.receipts = ReceiptRecorder(receipts)  # each settled message's outcome, before its ack
         self.broker = broker
         self.warehouse = warehouse
         self.dead_letters = dead_letters
@@ -175,6 +181,7 @@ class Subscriber:
                 "undecodable",
             )
             self._forward(undecodable)
+            self.receipts.dead_lettered(undecodable)
             self._ack([m for m, _ in undecodable])
         for table, items in by_table.items():
             late, delay = self.scheduler.hold(table, items, pull)
@@ -279,6 +286,7 @@ class Subscriber:
                 ],
                 "rejected",
             )
+        self.receipts.applied(table, batch, result.rejections)
         self.failures.forget([h.envelope.dedup_id for h in batch])
 
     def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError) -> float | None:
@@ -336,6 +344,7 @@ class Subscriber:
             "max_attempts",
         )
         self._forward([(message, reason)])
+        self.receipts.dead_lettered([(message, reason)], table)
         self.failures.forget([dedup_id])
         queue.isolate = max(0, queue.isolate - 1)
         self._settle([(queue, batch)])

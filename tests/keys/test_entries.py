@@ -63,6 +63,7 @@ def test_expires_may_be_a_toml_datetime_or_an_rfc3339_string(tmp_path):
     "entry, problem",
     [
         ('id = "a b"', "`id`"),
+        (f'id = "env-1"\nsha256 = "{DIGEST}"', "API_KEYS"),
         ('id = "a"\nsha256 = "xyz"', "`sha256`"),
         (f'id = "a"\nsha256 = "{DIGEST}"\noperations = ["drop"]', "`operations`"),
         (f'id = "a"\nsha256 = "{DIGEST}"\ntables = []', "`tables`"),

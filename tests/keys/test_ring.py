@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.keys import KeyRing, new_key, write_keys_file
+from app.keys import ApiKey, KeyRing, new_key, write_keys_file
 from app.keys.entries import digest_of, revoked
 from app.keys.ring import CHECK_EVERY_SECONDS
 from app.keys.usage import UsageLog, read_usage
@@ -48,9 +48,10 @@ def test_a_broken_file_keeps_the_last_good_keys(tmp_path, caplog):
 
 
 def test_env_keys_unknown_secrets_and_keys_off(tmp_path):
-    env = [new_key("env-1", ["*"], ["insert", "delete"])[0]]
+    env = [ApiKey(id="env-1", digest=digest_of("env-secret"), from_env=True)]
     ring = KeyRing(env)
     assert ring.enabled and ring.authenticate("nope") is None and ring.authenticate(None) is None
+    assert ring.authenticate("env-secret").id == "env-1"
     assert not KeyRing([]).enabled
     write_keys_file(tmp_path / "keys.toml", [])
     empty_file = KeyRing([], tmp_path / "keys.toml")
