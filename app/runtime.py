@@ -72,6 +72,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
     from app.pipeline.admin import AdminServer
     from app.messages.deadletters import DeadLetterStore
     from app.pipeline.subscriber import Subscriber
+    from app import tracing
     from app.receipts import ReceiptStore
     from app.warehouse import make_warehouse
 
@@ -82,6 +83,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
     warehouse = make_warehouse(settings)
     dead_letters = DeadLetterStore(settings.dead_letter_file)
     receipts = ReceiptStore(settings.receipts_file)
+    tracing.configure("ingest-subscriber", settings.otel_exporter_otlp_endpoint)
     subscriber = Subscriber(settings, broker, warehouse, dead_letters, receipts)
 
     def _stop(signum: int, frame: object) -> None:
@@ -101,6 +103,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
             warehouse.close()
         dead_letters.close()
         receipts.close()
+        tracing.shutdown()
 
 
 def run_both(settings: Settings | None = None) -> int:

@@ -95,8 +95,11 @@ class Settings(BaseSettings):
         "", description="Comma-separated columns (up to 4) to cluster user tables on, where a table has them; empty: none."
     )
 
-    # --- logging ---
+    # --- logging and tracing ---
     log_level: str = Field("INFO", description="Log level for both processes.")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP base URL (e.g. http://collector:4318); when set, both processes export trace spans."
+    )
 
     @field_validator("warehouse")
     @classmethod

@@ -25,7 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app import __version__, metrics
+from app import __version__, metrics, tracing
 from app.api.docs import install_docs
 from app.api.errors import ERROR_SCHEMA, ApiError, error_response
 from app.api.examples import REQUEST_EXAMPLES
@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        tracing.configure("ingest-api", settings.otel_exporter_otlp_endpoint)
         app.state.broker = broker or make_broker(settings)
         app.state.receipts = ReceiptWriter(ReceiptStore(settings.receipts_file), settings.receipt_retention_days * 86400)
         try:
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         finally:
             await asyncio.to_thread(app.state.receipts.close)
             app.state.keys.close()  # keeps the keys' last use for `keys list`
+            await asyncio.to_thread(tracing.shutdown)
             if broker is None:
                 await asyncio.to_thread(app.state.broker.close)
 

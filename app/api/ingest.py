@@ -23,7 +23,7 @@ from app import metrics
 from app.api.errors import ApiError, error_response
 from app.api.keys import KeyGate
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
-from app.logs import batch_id_var
+from app.logs import batch_id_var, trace_id_var
 from app.messages.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
 from app.schema.columnar import ActivityRun
 from app.schema.activity import Activity
@@ -31,6 +31,7 @@ from app.schema.columnar_validation import validate_runs
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.schema.values import loads_exact
 from app.settings import Settings
+from app.tracing import ingest_span
 
 log = logging.getLogger("app.api")
 
@@ -75,6 +76,15 @@ class IngestHandler:
         }
 
     async def handle(self, request: Request) -> Response:
+        """The answer in the request's trace: the `ingest` span, its `traceparent` on the answer."""
+        with ingest_span(request.headers.get("traceparent")) as trace:
+            trace_id_var.set(trace.trace_id)  # on the request's log lines
+            request.scope["traceparent"] = trace.header
+            response = await self.handle_in_trace(request)
+        response.headers["traceparent"] = trace.header
+        return response
+
+    async def handle_in_trace(self, request: Request) -> Response:
         """The answer to one ingest request; every refusal in the one error shape."""
         try:
             self.admit()
@@ -117,9 +127,11 @@ class IngestHandler:
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
         messages = self.encode(validated, batch_id)
+        stamp = {"traceparent": request.scope["traceparent"]}  # the apply joins the request's trace
         if key is not None:
-            for message in messages:  # the key id (never the secret) travels with the batch
-                message.attributes["key_id"] = key.id
+            stamp["key_id"] = key.id  # the key id (never the secret) travels with the batch
+        for message in messages:
+            message.attributes.update(stamp)
         result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
         # One INFO line per request: the middleware's `request finished` carries these.
         request.scope.setdefault("log_extra", {}).update({

@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from app import metrics
 from app.api.errors import error_response
-from app.logs import batch_id_var, log_event, request_id_var
+from app.logs import batch_id_var, log_event, request_id_var, trace_id_var
 
 log = logging.getLogger("app.api")
 
@@ -59,6 +59,7 @@ class RequestContextMiddleware:
         request_id = request_id_from(scope.get("headers") or ())
         rid_token = request_id_var.set(request_id)
         batch_token = batch_id_var.set(None)
+        trace_token = trace_id_var.set(None)
         started = time.perf_counter()
         status: int | None = None
 
@@ -95,6 +96,7 @@ class RequestContextMiddleware:
             if extra:
                 fields.update(extra)
             log_event(log, logging.DEBUG if path in QUIET_PATHS else logging.INFO, "request finished", fields)
+            trace_id_var.reset(trace_token)
             batch_id_var.reset(batch_token)
             request_id_var.reset(rid_token)
 

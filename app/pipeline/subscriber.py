@@ -35,6 +35,8 @@ from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter
 from app.pipeline.receipts import ReceiptRecorder
+from app.tracing import ATTRIBUTE as TRACEPARENT
+from app.tracing import apply_spans, trace_ids
 from app.receipts.store import ReceiptStore
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
@@ -210,7 +212,11 @@ class Subscriber:
         batches = self._take_batches(queues)
         if not batches:
             return {}
-        with bound(batch_id=_batch_ids([h for _, batch in batches for h in batch])):  # on every line logged while applying
+        held = [h for _, batch in batches for h in batch]
+        with (
+            bound(batch_id=_batch_ids(held), trace_id=trace_ids([h.message.attributes.get(TRACEPARENT) for h in held])),
+            apply_spans([(q.name, [h.message.attributes.get(TRACEPARENT) for h in batch]) for q, batch in batches]),
+        ):  # ids on every line logged while applying; one `apply` span per table, ended after the ack
             outcomes = self._apply([(queue.name, [h.envelope for h in batch]) for queue, batch in batches])
             retry_at: dict[str, float | None] = {}
             applied: list[tuple[TableQueue, list[Held]]] = []

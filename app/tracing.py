@@ -1,0 +1,128 @@
+"""Trace context from POST to apply: W3C `traceparent`, OpenTelemetry spans, OTLP export.
+
+- The API reads a request's `traceparent` (or starts a fresh trace), runs the `ingest`
+  span in it, answers with the span's own `traceparent` header and stamps it on every
+  message as the `traceparent` attribute.
+- The subscriber runs one `apply` span per table it applies (plan, warehouse write, ack),
+  a child of the first message's `ingest` span and linked to every message's.
+- Spans are exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; else
+  no tracer exists, and a request pays for parsing a header and drawing random ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+ATTRIBUTE = "traceparent"  # the message attribute, named as the header
+
+_tracer: trace.Tracer | None = None
+_provider = None  # the SDK's TracerProvider, when exporting
+_configured = threading.Lock()
+
+
+def configure(service_name: str, endpoint: str | None) -> None:
+    """Export spans over OTLP/HTTP to `endpoint` (base URL); without one, trace nothing."""
+    global _tracer, _provider
+    if not endpoint:
+        return
+    with _configured:
+        if _tracer is not None:
+            return
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        _provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")))
+        _tracer = _provider.get_tracer("app")
+
+
+def shutdown() -> None:
+    """Exports the spans not sent yet (on a clean stop) and stops tracing."""
+    global _tracer, _provider
+    with _configured:
+        if _provider is not None:
+            _provider.shutdown()
+        _tracer = _provider = None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    trace_id: str  # 32 lower-case hex digits
+    span_id: str  # 16
+    flags: str  # 2
+
+    @property
+    def header(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+    def span_context(self) -> SpanContext:
+        return SpanContext(int(self.trace_id, 16), int(self.span_id, 16), is_remote=True,
+                           trace_flags=TraceFlags(int(self.flags, 16)))
+
+
+def parse(value: str | bytes | None) -> TraceParent | None:
+    """A valid version-00 `traceparent`, else None (then a fresh trace starts, as the spec says)."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    match = _TRACEPARENT.match(text.strip())
+    if match is None or match[1] == _ZERO_TRACE or match[2] == _ZERO_SPAN:
+        return None
+    return TraceParent(match[1], match[2], match[3])
+
+
+def _of(span_context: SpanContext) -> TraceParent:
+    return TraceParent(format(span_context.trace_id, "032x"), format(span_context.span_id, "016x"),
+                       format(span_context.trace_flags, "02x"))
+
+
+@contextlib.contextmanager
+def ingest_span(incoming: str | bytes | None) -> Iterator[TraceParent]:
+    """The `ingest` span in the caller's trace (or a fresh one); yields its own traceparent."""
+    parent = parse(incoming)
+    if _tracer is None:
+        yield TraceParent(parent.trace_id if parent else os.urandom(16).hex(), os.urandom(8).hex(),
+                          parent.flags if parent else "00")
+        return
+    ctx = trace.set_span_in_context(NonRecordingSpan(parent.span_context())) if parent else otel_context.Context()
+    with _tracer.start_as_current_span("ingest", context=ctx, kind=SpanKind.SERVER) as span:
+        yield _of(span.get_span_context())
+
+
+@contextlib.contextmanager
+def apply_spans(tables: Sequence[tuple[str, Sequence[str | None]]]) -> Iterator[None]:
+    """One `apply` span per (table, its messages' traceparents) for the block's duration."""
+    if _tracer is None:
+        yield
+        return
+    spans = []
+    for table, headers in tables:
+        parents = [p for p in map(parse, headers) if p is not None]
+        ctx = trace.set_span_in_context(NonRecordingSpan(parents[0].span_context())) if parents else otel_context.Context()
+        links = [Link(p.span_context()) for p in dict.fromkeys(parents)]
+        spans.append(_tracer.start_span("apply", context=ctx, links=links, kind=SpanKind.CONSUMER,
+                                        attributes={"table": table, "messages": len(headers)}))
+    try:
+        yield
+    finally:
+        for span in spans:
+            span.end()
+
+
+def trace_ids(headers: Sequence[str | None]) -> str | None:
+    """The distinct trace ids of messages' traceparents, comma-separated (for log lines)."""
+    ids = dict.fromkeys(p.trace_id for p in map(parse, headers) if p is not None)
+    return ",".join(ids) or None
