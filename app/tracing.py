@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import random
 import re
 import threading
 from dataclasses import dataclass
@@ -94,8 +94,9 @@ def ingest_span(incoming: str | bytes | None) -> Iterator[TraceParent]:
     """The `ingest` span in the caller's trace (or a fresh one); yields its own traceparent."""
     parent = parse(incoming)
     if _tracer is None:
-        yield TraceParent(parent.trace_id if parent else os.urandom(16).hex(), os.urandom(8).hex(),
-                          parent.flags if parent else "00")
+        # Ids need to be unique, not secret: the SDK draws them the same way.
+        yield TraceParent(parent.trace_id if parent else f"{random.getrandbits(128):032x}",
+                          f"{random.getrandbits(64):016x}", parent.flags if parent else "00")
         return
     ctx = trace.set_span_in_context(NonRecordingSpan(parent.span_context())) if parent else otel_context.Context()
     with _tracer.start_as_current_span("ingest", context=ctx, kind=SpanKind.SERVER) as span:

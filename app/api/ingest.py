@@ -79,9 +79,9 @@ class IngestHandler:
         """The answer in the request's trace: the `ingest` span, its `traceparent` on the answer."""
         with ingest_span(request.headers.get("traceparent")) as trace:
             trace_id_var.set(trace.trace_id)  # on the request's log lines
-            request.scope["traceparent"] = trace.header
+            request.scope["traceparent"] = traceparent = trace.header
             response = await self.handle_in_trace(request)
-        response.headers["traceparent"] = trace.header
+        response.headers["traceparent"] = traceparent
         return response
 
     async def handle_in_trace(self, request: Request) -> Response:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from starlette.requests import Request
 
@@ -35,6 +35,8 @@ class KeyGate:
     def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.monotonic) -> None:
         self.ring = ring
         self.limiter = RateLimiter(clock)
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._accepted: dict[str, Any] = {}
 
     def authenticate(self, request: Request) -> ApiKey | None:
         """The request's key; None when keys are off. Raises 401."""
@@ -74,11 +76,15 @@ class KeyGate:
         if self.ring.usage is not None:
             self.ring.usage.save(self.ring.clock())
 
-    @staticmethod
-    def count_request(key: ApiKey, status: int) -> None:
+    def count_request(self, key: ApiKey, status: int) -> None:
         """Per-key metrics: the `key` label takes only configured ids, so it stays bounded."""
-        metrics.KEY_REQUESTS.labels(key.id, str(status)).inc()
+        child = self._requests.get((key.id, status))
+        if child is None:  # labels() takes a lock and builds a tuple: look each child up once
+            child = self._requests[(key.id, status)] = metrics.KEY_REQUESTS.labels(key.id, str(status))
+        child.inc()
 
-    @staticmethod
-    def count_accepted(key: ApiKey, accepted: int) -> None:
-        metrics.KEY_ACTIVITIES_ACCEPTED.labels(key.id).inc(accepted)
+    def count_accepted(self, key: ApiKey, accepted: int) -> None:
+        child = self._accepted.get(key.id)
+        if child is None:
+            child = self._accepted[key.id] = metrics.KEY_ACTIVITIES_ACCEPTED.labels(key.id)
+        child.inc(accepted)
