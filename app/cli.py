@@ -15,6 +15,10 @@ cli = typer.Typer(help="User-activity ingest pipeline.", no_args_is_help=True, a
 dead_letters_cli = typer.Typer(help="Inspect and replay the dead-letter store.", no_args_is_help=True)
 cli.add_typer(dead_letters_cli, name="dead-letters")
 cli.add_typer(keys_cli, name="keys")
+quarantine_cli = typer.Typer(help="Activities a contract quarantined (_ingest_quarantine): list, replay.", no_args_is_help=True)
+cli.add_typer(quarantine_cli, name="quarantine")
+tables_cli = typer.Typer(help="The tables file (TABLES_FILE): effective settings, checks.", invoke_without_command=True)
+cli.add_typer(tables_cli, name="tables")
 
 
 @cli.command()
@@ -169,11 +173,16 @@ def dead_letters_list(
 def dead_letters_replay(
     ids: Optional[list[int]] = typer.Argument(None, help="Ids to replay (see `dead-letters list`)."),
     replay_all: bool = typer.Option(False, "--all", help="Replay every entry not replayed yet."),
+    force: bool = typer.Option(
+        False, "--force", help="Replay entries even if they overwrite or duplicate what their table got since."
+    ),
 ) -> None:
     """Publish dead letters again (after fixing the table or the data); marks them replayed.
 
     Each entry is first checked against the edge validator and the table's current
     schema; one that would fail again stays, is reported with why, and the exit code is 1.
+    So is one that would delete rows or add values its table got since the failure (a
+    replay applies after everything since), unless --force.
     """
     from app.pipeline.replay import replay
 
@@ -189,9 +198,100 @@ def dead_letters_replay(
         console=Console(stderr=True), transient=False,
     ) as bar:
         task = bar.add_task("replay", total=None)
-        outcomes = replay(get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total))
+        outcomes = replay(
+            get_settings(), ids or None, progress=lambda n, total: bar.update(task, completed=n, total=total), force=force
+        )
     for o in outcomes:
-        typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" if o.problem is None else f"#{o.entry_id} not replayed: {o.problem}")
+        if o.problem is not None:
+            typer.echo(f"#{o.entry_id} not replayed: {o.problem}")
+        else:
+            typer.echo(f"#{o.entry_id} replayed as {o.batch_id}" + (f" (forced: {o.changes})" if o.changes else ""))
+    failed = sum(o.problem is not None for o in outcomes)
+    typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
+    raise typer.Exit(1 if failed else 0)
+
+
+# --- tables file (docs/contracts.md) ---
+
+
+@tables_cli.callback()
+def tables(ctx: typer.Context) -> None:
+    """List each table section's effective settings and the file line each comes from."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from app.contracts.describe import describe
+    from app.contracts.file import TablesFileInvalid, load
+
+    path = get_settings().tables_file
+    if path is None:
+        typer.echo("no tables file (TABLES_FILE is not set): every table evolves as sent")
+        return
+    try:
+        config = load(path)
+    except TablesFileInvalid as exc:
+        typer.echo(f"invalid: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for line in describe(config):
+        typer.echo(line)
+
+
+@tables_cli.command("check")
+def tables_check(path: str = typer.Argument(..., help="The tables file to validate.")) -> None:
+    """Validate a tables file without starting anything; exit 1 with the line and reason if invalid."""
+    from pathlib import Path
+
+    from app.contracts.file import TablesFileInvalid, load
+
+    try:
+        config = load(Path(path))
+    except TablesFileInvalid as exc:
+        typer.echo(f"invalid: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"ok: {path} ({len(config.exact)} table(s), {len(config.globs)} glob(s))")
+
+
+# --- quarantine (docs/contracts.md#quarantine) ---
+
+
+@quarantine_cli.command("list")
+def quarantine_list(
+    table: Optional[str] = typer.Option(None, "--table", help="Only this table's activities."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only those received at or after this timestamp."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """List quarantined activities with their table, rule and reason, oldest first."""
+    from app.pipeline.quarantine import list_entries
+
+    try:
+        entries = list_entries(get_settings(), table, since)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for e in entries:
+        if as_json:
+            typer.echo(orjson.dumps({name: getattr(e, name) for name in e.__slots__}).decode())
+        else:
+            typer.echo(f"{e.received_at} {e.batch_id}[{e.activity_index}] table={e.table_name} rule={e.rule} reason={e.reason}")
+    if not as_json:
+        typer.echo(f"({len(entries)} quarantined activit{'y' if len(entries) == 1 else 'ies'})")
+
+
+@quarantine_cli.command("replay")
+def quarantine_replay(
+    table: Optional[str] = typer.Option(None, "--table", help="Only this table's activities."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only those received at or after this timestamp."),
+) -> None:
+    """Publish quarantined activities the current tables file allows; the others stay (exit 1)."""
+    from app.pipeline.quarantine import replay
+
+    try:
+        outcomes = replay(get_settings(), table, since)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for o in outcomes:
+        name = f"{o.entry.batch_id}[{o.entry.activity_index}]"
+        typer.echo(f"{name} replayed as {o.batch_id}" if o.problem is None else f"{name} not replayed: {o.problem}")
     failed = sum(o.problem is not None for o in outcomes)
     typer.echo(f"replayed {len(outcomes) - failed}, could not replay {failed}")
     raise typer.Exit(1 if failed else 0)
@@ -216,6 +316,13 @@ def _age(published_at: float | None) -> str:
     return "-" if published_at is None else f"{max(0.0, time.time() - published_at):.0f}s"
 
 
+def _kind(dead_letter) -> str:
+    """`activity` (one the warehouse refused) or `message` (a whole one)."""
+    from app.messages.deadletters import KIND_ATTRIBUTE
+
+    return dead_letter.attributes.get(KIND_ATTRIBUTE, "message")
+
+
 @dead_letters_cli.command("pubsub-list")
 def dead_letters_pubsub_list(
     limit: int = typer.Option(50, help="How many, oldest first."),
@@ -233,12 +340,13 @@ def dead_letters_pubsub_list(
     for m in messages:
         if as_json:
             typer.echo(orjson.dumps({
-                "message_id": m.message_id, "table": m.table, "reason": m.reason, "published_at": m.published_at,
+                "message_id": m.message_id, "kind": _kind(m), "table": m.table, "reason": m.reason,
+                "published_at": m.published_at,
                 "forwarded_by_pipeline": m.forwarded_by_pipeline, "attributes": m.attributes,
                 "data": readable_body(m.data).decode("utf-8", "replace"),  # format 2 rendered as JSON
             }).decode())
         else:
-            typer.echo(f"{m.message_id} table={m.table} age={_age(m.published_at)} reason={m.reason}")
+            typer.echo(f"{m.message_id} kind={_kind(m)} table={m.table} age={_age(m.published_at)} reason={m.reason}")
     if not as_json:
         typer.echo(f"({len(messages)} dead letter{'s' if len(messages) != 1 else ''} on {source.path})")
 
@@ -247,7 +355,9 @@ def dead_letters_pubsub_list(
 def dead_letters_pubsub_replay(
     limit: int = typer.Option(1000, help="Replay at most this many, oldest first."),
     include_forwarded: bool = typer.Option(
-        False, "--include-forwarded", help="Also those the pipeline forwarded (they are in the dead-letter store too)."
+        False, "--include-forwarded",
+        help="Also those the pipeline forwarded, whole messages and refused activities (they are in the "
+        "dead-letter store of the replica that refused them too, unless its disk is gone).",
     ),
 ) -> None:
     """Re-publish what Pub/Sub dead-lettered to the main topic (same ordering key), then ack it."""

@@ -34,6 +34,14 @@ for _registry in (API, SUBSCRIBER):  # process CPU, memory, GC: as the default r
 REQUESTS = Counter("ingest_requests_total", "Ingest requests by HTTP status.", ["status"], registry=API)
 ACTIVITIES_ACCEPTED = Counter("ingest_activities_accepted_total", "Activities accepted (durably published).", registry=API)
 ACTIVITIES_REJECTED = Counter("ingest_activities_rejected_total", "Activities refused at the edge (4xx).", registry=API)
+# Tables under contract (docs/contracts.md); `table` is "_undeclared" for tables not in the file.
+ACTIVITIES_QUARANTINED = Counter(
+    "activities_quarantined", "Activities a contract sent to _ingest_quarantine, by table and rule.",
+    ["table", "reason"], registry=API,
+)
+COLUMNS_DROPPED = Counter(
+    "columns_dropped", "Values dropped from activities under discard_value, by table.", ["table"], registry=API
+)
 PUBLISH_SECONDS = Histogram(
     "ingest_publish_seconds",
     "Time from validated request to durable publish.",
@@ -89,6 +97,12 @@ DEAD_LETTERED = Counter(
     registry=SUBSCRIBER,
 )
 SCHEMA_CHANGES = Counter("pipeline_schema_changes_total", "Tables created and columns added.", registry=SUBSCRIBER)
+SUBSCRIBER_BLOCKED = Gauge(
+    "subscriber_blocked",
+    "1 while the warehouse refuses this subscriber as a whole (permission, credentials, feature not enabled), by reason.",
+    ["reason"],
+    registry=SUBSCRIBER,
+)
 TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.", registry=SUBSCRIBER)
 
 

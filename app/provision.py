@@ -4,7 +4,8 @@ Brings these to the wanted state, creating what is missing:
 - the topic `PUBSUB_TOPIC` and the dead-letter topic `<topic>-dead-letter`;
 - the dead-letter subscription `<subscription>-dead-letter`: never expires, keeps
   messages 7 days (Pub/Sub's maximum), so dead letters wait there to be listed/replayed;
-- the subscription `PUBSUB_SUBSCRIPTION`: never expires, message ordering, ack deadline,
+- the subscription `PUBSUB_SUBSCRIPTION`: never expires, message ordering, exactly-once
+  delivery (so acks and lease extensions report per message whether they held), ack deadline,
   retry policy (exponential backoff between redeliveries) and a dead-letter policy with
   `PUBSUB_MAX_DELIVERY_ATTEMPTS` (default 100, Pub/Sub's maximum, so an outage does not
   dead-letter healthy messages);
@@ -42,9 +43,11 @@ RETRY_MAX_BACKOFF_SECONDS = 600
 # https://cloud.google.com/pubsub/docs/subscription-properties#message_retention_duration
 MESSAGE_RETENTION_SECONDS = 7 * 24 * 3600
 # Fields UpdateSubscription accepts that provisioning manages; enable_message_ordering is
-# not among them (fixed at creation).
+# not among them (fixed at creation). Scalars are compared by value, messages by presence too.
+SCALAR_FIELDS = ("ack_deadline_seconds", "enable_exactly_once_delivery")
 UPDATABLE_FIELDS = (
     "ack_deadline_seconds",
+    "enable_exactly_once_delivery",
     "message_retention_duration",
     "expiration_policy",
     "dead_letter_policy",
@@ -151,6 +154,11 @@ def main_subscription(settings: Settings, names: PubSubNames) -> Any:
         topic=names.topic,
         ack_deadline_seconds=subscription_ack_deadline(settings),
         enable_message_ordering=True,
+        # Without it Pub/Sub may redeliver a message before its ack deadline and an ack
+        # may silently not hold; with it, neither happens and a failed ack or lease
+        # extension says so per ack id:
+        # https://cloud.google.com/pubsub/docs/exactly-once-delivery
+        enable_exactly_once_delivery=True,
         message_retention_duration=_seconds(MESSAGE_RETENTION_SECONDS),
         expiration_policy=_never_expires(),
         dead_letter_policy=ps.DeadLetterPolicy(
@@ -181,8 +189,8 @@ def drifted_fields(current: Any, wanted: Any) -> list[str]:
     cur, want = current._pb, wanted._pb
     paths = []
     for name in UPDATABLE_FIELDS:
-        if name == "ack_deadline_seconds":
-            if cur.ack_deadline_seconds != want.ack_deadline_seconds:
+        if name in SCALAR_FIELDS:
+            if getattr(cur, name) != getattr(want, name):
                 paths.append(name)
         elif want.HasField(name) and (not cur.HasField(name) or getattr(cur, name) != getattr(want, name)):
             paths.append(name)
@@ -313,6 +321,7 @@ class PubSubProvisioner:
         sub = f"gcloud pubsub subscriptions update {_short(wanted.name)} --project={self.names.project}"
         flags = {
             "ack_deadline_seconds": f"--ack-deadline={wanted.ack_deadline_seconds}",
+            "enable_exactly_once_delivery": "--enable-exactly-once-delivery",
             "message_retention_duration": f"--message-retention-duration={MESSAGE_RETENTION_SECONDS}s",
             "expiration_policy": "--expiration-period=never",
             "dead_letter_policy": (

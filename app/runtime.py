@@ -40,6 +40,7 @@ def run_api(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     refuse_open_unauthenticated(settings)
+    refuse_invalid_tables_file(settings)
     freeze_startup_heap()
     uvicorn.run(
         "app.api.app:create_app",
@@ -78,6 +79,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
 
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    refuse_invalid_tables_file(settings)
     use_system_allocator_for_arrow()
     broker = make_broker(settings)
     warehouse = make_warehouse(settings)
@@ -155,6 +157,18 @@ def refuse_open_unauthenticated(settings: Settings) -> None:
             "set one or API_ALLOW_UNAUTHENTICATED=true", settings.api_host,
         )
         raise UnsafeConfiguration(2)
+
+
+def refuse_invalid_tables_file(settings: Settings) -> None:
+    """An invalid TABLES_FILE stops the start with its line and reason (docs/contracts.md)."""
+    from app.contracts.file import TablesFileInvalid
+    from app.contracts.reload import tables_file_of
+
+    try:
+        tables_file_of(settings)
+    except (TablesFileInvalid, ValueError) as exc:
+        log.error("refusing to start: tables file is invalid: %s", exc)
+        raise UnsafeConfiguration(2) from None
 
 
 def is_loopback(host: str) -> bool:

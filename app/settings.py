@@ -33,6 +33,18 @@ class Settings(BaseSettings):
     max_in_flight_requests: int = Field(256, description="Ingest requests handled at once; more get 503 + Retry-After (bounds memory).")
     publish_timeout_seconds: float = Field(10.0, description="How long the API waits for the broker before answering 503.")
 
+    # --- tables under contract ---
+    tables_file: Path | None = Field(
+        None, description="TOML file of table contracts, PII policies and options (docs/contracts.md); reloaded on change."
+    )
+
+    tables_file_check_seconds: float = Field(
+        0.5, ge=0, description="How often the API looks for a change of TABLES_FILE (one stat); 0: on every request."
+    )
+    pii_hmac_keys: str | None = Field(
+        None, description="Versioned keys for pii = hmac, newest first: `v2:secret,v1:old` (the first is used)."
+    )
+
     # --- where things live ---
     data_dir: Path = Field(Path("data"), description="Folder for the local broker, warehouse and dead-letter files.")
     broker: str = Field("local", description="Which broker: `local` (SQLite file) or `pubsub` (any registered backend).")
@@ -55,9 +67,15 @@ class Settings(BaseSettings):
         "(at most half the broker's lease); then it nacks them with a delay."
     )
     subscriber_workers: int = Field(4, ge=1, description="Tables applied at once (BigQuery); DuckDB applies one at a time.")
+    table_cache_size: int = Field(
+        2000, ge=1, description="Tables whose schema the subscriber keeps in memory (least recently used dropped first)."
+    )
     subscriber_max_outstanding_messages: int = Field(2000, ge=1, description="Most messages pulled and not yet acked/nacked.")
     subscriber_max_outstanding_bytes: int = Field(
         100 * 1024 * 1024, ge=1, description="Most message bytes pulled and not yet acked/nacked."
+    )
+    subscriber_max_outstanding_messages_per_table: int = Field(
+        1000, ge=1, description="Most messages one table holds of those (a stuck table leaves room for the others)."
     )
 
     # --- subscriber admin port (metrics, read path for `query`) ---

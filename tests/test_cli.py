@@ -28,6 +28,11 @@ COMMANDS = {
     ("dead-letters", "list"): "List dead letters with their reason, attempts and payload.",
     ("dead-letters", "replay"): "Publish dead letters again (after fixing the table or the data); marks them replayed.",
     ("bench",): "Run the benchmark suite (writes docs/benchmarks.md).",
+    ("quarantine",): "Activities a contract quarantined (_ingest_quarantine): list, replay.",
+    ("quarantine", "list"): "List quarantined activities with their table, rule and reason, oldest first.",
+    ("quarantine", "replay"): "Publish quarantined activities the current tables file allows; the others stay (exit 1).",
+    ("tables",): "The tables file (TABLES_FILE): effective settings, checks.",
+    ("tables", "check"): "Validate a tables file without starting anything; exit 1 with the line and reason if invalid.",
     ("backlog",): "Show the broker backlog (messages waiting, oldest age); --wait follows it to empty.",
     ("keys",): "Create, list and revoke scoped API keys (API_KEYS_FILE).",
     ("keys", "create"): "Add a key and print its secret, once: only the secret's SHA-256 is written.",
@@ -325,3 +330,27 @@ def test_broker_dead_letter_commands_refuse_a_broker_without_a_destination_of_it
         result = CliRunner().invoke(cli.cli, ["dead-letters", command])
         assert result.exit_code == 1
         assert "the local broker has no dead-letter destination of its own" in result.output
+
+
+def test_tables_check_and_listing(tmp_path):
+    good = tmp_path / "tables.toml"
+    good.write_text("[defaults]\nnew_tables = 'refuse'\n\n[tables.orders]\ncolumns = {id = 'integer'}\ncontract = 'freeze'\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tables.orders]\ncolumns = {id = 'int'}\n")
+    ok = run_cli("tables", "check", str(good))
+    assert ok.returncode == 0 and "ok:" in ok.stdout and "1 table(s)" in ok.stdout
+    refused = run_cli("tables", "check", str(bad))
+    assert refused.returncode == 1 and f"{bad}:2: column 'id' has unknown type 'int'" in refused.stderr
+    listed = run_cli("tables", env={"TABLES_FILE": str(good)})
+    assert listed.returncode == 0
+    assert f"new tables: refuse  ({good}:2)" in listed.stdout
+    assert f"[tables.orders]\n  contract: freeze  ({good}:6)\n  columns: id integer  ({good}:5)" in listed.stdout
+
+
+@pytest.mark.parametrize("process", ["api", "subscriber"])
+def test_an_invalid_tables_file_stops_each_process_at_start_with_line_and_reason(tmp_path, process):
+    bad = tmp_path / "tables.toml"
+    bad.write_text("[defaults]\nnew_tables = 'sometimes'\n")
+    started = run_cli(process, env={"TABLES_FILE": str(bad), "DATA_DIR": str(tmp_path)})
+    assert started.returncode == 2
+    assert f"{bad}:2: new_tables must be one of allow, refuse" in started.stdout + started.stderr

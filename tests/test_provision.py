@@ -103,6 +103,7 @@ def test_provision_creates_everything_then_changes_nothing(pubsub_emulator, bigq
     assert sub.topic == topic_path(s)
     assert sub.ack_deadline_seconds == 30
     assert sub.enable_message_ordering is True
+    assert sub.enable_exactly_once_delivery is True
     assert never_expires(sub)
     assert sub.message_retention_duration == timedelta(days=7)
     assert sub.dead_letter_policy.dead_letter_topic == topic_path(s, "-dead-letter")
@@ -137,11 +138,59 @@ def test_changed_ack_deadline_is_updated_in_place(pubsub_emulator, clients):
 
 
 @emulator
+def test_subscription_without_exactly_once_delivery_is_updated_or_reported(pubsub_emulator, clients):
+    """A subscription made before exactly-once delivery was wanted: provisioning asks for it
+    by an update. pstest's UpdateSubscription refuses that field (Google accepts it), so
+    here the refusal is reported with the gcloud command, every run until it is done."""
+    s = settings_for()
+    publisher, subscriber = clients
+    publisher.create_topic(name=topic_path(s))
+    wanted = prov.main_subscription(s, prov.PubSubNames.of(s))
+    wanted.enable_exactly_once_delivery = False
+    subscriber.create_subscription(request=wanted)
+
+    report = prov.provision_pubsub(s)
+    assert actions_for(report, sub_path(s)) == ["differs (enable_exactly_once_delivery)"], str(report)
+    step = next(m for m in report.manual if m.what == f"update enable_exactly_once_delivery of {sub_path(s)}")
+    assert step.commands == [
+        f"gcloud pubsub subscriptions update {s.pubsub_subscription} --project=test-project "
+        "--enable-exactly-once-delivery"
+    ]
+    again = prov.provision_pubsub(s)
+    assert actions_for(again, sub_path(s)) == ["differs (enable_exactly_once_delivery)"]
+
+
+def test_exactly_once_delivery_drift_is_updated_with_a_field_mask():
+    s = settings_for()
+    names = prov.PubSubNames.of(s)
+    current = prov.main_subscription(s, names)
+    current.enable_exactly_once_delivery = False
+    updates = []
+
+    class Subscriber:
+        def create_subscription(self, request):
+            from google.api_core import exceptions as gexc
+
+            raise gexc.AlreadyExists("exists")
+
+        def get_subscription(self, request):
+            return current
+
+        def update_subscription(self, request):
+            updates.append((request["subscription"].enable_exactly_once_delivery, list(request["update_mask"].paths)))
+
+    report = prov.Report()
+    prov.PubSubProvisioner(s, None, Subscriber(), report).ensure_subscription(prov.main_subscription(s, names))
+    assert updates == [(True, ["enable_exactly_once_delivery"])]
+    assert actions_for(report, sub_path(s)) == ["updated (enable_exactly_once_delivery)"]
+
+
+@emulator
 def test_drifted_subscription_is_updated_and_what_cannot_be_is_reported(pubsub_emulator, clients):
     """An old subscription (31-day expiry, short retention, no policies) is brought up to date.
 
-    pstest's UpdateSubscription refuses dead_letter_policy and retry_policy (Google accepts
-    them), so those two exercise the "report what could not be done" path.
+    pstest's UpdateSubscription refuses enable_exactly_once_delivery, dead_letter_policy and
+    retry_policy (Google accepts them), so those exercise the "report what could not be done" path.
     """
     s = settings_for()
     publisher, subscriber = clients
@@ -181,7 +230,9 @@ def test_drifted_subscription_is_updated_and_what_cannot_be_is_reported(pubsub_e
 
     again = prov.provision_pubsub(s)
     assert not again.changed
-    assert actions_for(again, sub_path(s)) == ["differs (dead_letter_policy)", "differs (retry_policy)"]
+    assert actions_for(again, sub_path(s)) == [
+        "differs (enable_exactly_once_delivery)", "differs (dead_letter_policy)", "differs (retry_policy)",
+    ]
 
 
 @emulator

@@ -57,7 +57,7 @@ def test_type_mapping_table_matches_code():
     rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \| `([^`]+)` \|", TYPES_DOC, flags=re.M)
     table = {name: (duck, bq) for name, duck, bq in rows if name in TYPES}
     assert set(table) == set(TYPES)
-    bigquery_types = BigQueryTypes(emulator=False)
+    bigquery_types = BigQueryTypes()
     for name in TYPES:
         assert table[name][0].startswith(DUCKDB_TYPES.column_type(name)), name
         assert table[name][1] == bigquery_types.column_type(name), name

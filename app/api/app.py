@@ -36,6 +36,7 @@ from app.api.receipts import install_receipts
 from app.api.status import install_status_page
 from app.receipts import ReceiptStore, ReceiptWriter
 from app.broker import Broker, make_broker
+from app.contracts.reload import tables_file_of
 from app.api.models import IngestRequest
 from app.settings import Settings, get_settings
 
@@ -50,6 +51,21 @@ SUCCESS_SCHEMA = {
         "accepted": {"type": "integer"},
         "batch_id": {"type": "string"},
         "receipt": {"type": "string", "description": "Where to GET what became of the batch."},
+        # tables under contract (docs/contracts.md): present only when something was quarantined or dropped
+        "quarantined": {"type": "integer"},
+        "quarantine": {
+            "type": "array",
+            "items": {"type": "object", "properties": {
+                "index": {"type": "integer"}, "table": {"type": "string"}, "rule": {"type": "string"},
+                "column": {"type": ["string", "null"]}, "reason": {"type": "string"},
+            }},
+        },
+        "dropped_columns": {
+            "type": "array",
+            "items": {"type": "object", "properties": {
+                "table": {"type": "string"}, "column": {"type": "string"}, "activities": {"type": "integer"},
+            }},
+        },
     },
 }
 
@@ -64,7 +80,7 @@ INGEST_RESPONSES = {
             (409, "Idempotency-Key reused with another body."),
             (413, "A limit was exceeded (body, activities, columns, value size, record depth)."),
             (415, "Content-Type is not application/json, or unsupported Content-Encoding."),
-            (422, "At least one activity is invalid; every problem is listed with its path."),
+            (422, "At least one activity is invalid, or breaks a frozen table contract; every problem is listed with its path."),
             (429, "The key's rate is used up; retry after Retry-After seconds."),
             (503, "The broker cannot take the batch; retry after Retry-After seconds."),
         )
@@ -142,6 +158,8 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
         redoc_url=None,
     )
     app.state.settings = settings
+    # --- tables under contract: an invalid file is refused here, at start ---
+    app.state.tables_file = tables_file_of(settings)
     app.add_middleware(RequestContextMiddleware, counted_paths=_INGEST_PATHS)
     install_status_page(app)
     install_receipts(app)
@@ -174,7 +192,10 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     @app.get("/readyz", summary="Ready: the broker is reachable")
     async def readyz(request: Request) -> Response:
         ok, reason = await asyncio.to_thread(request.app.state.broker.ready)
-        return json_response(200 if ok else 503, {"ready": ok, "broker": reason})
+        detail = {"ready": ok, "broker": reason}
+        if request.app.state.tables_file.path is not None:
+            detail["tables_file"] = request.app.state.tables_file.status()  # a refused change is shown, still ready
+        return json_response(200 if ok else 503, detail)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app import metrics
+from app.api.contracts import EdgeContracts
 from app.api.errors import ApiError, error_response
 from app.api.keys import KeyGate
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
@@ -50,6 +51,10 @@ def _activity_count(body: Any) -> int:
     return len(activities) if isinstance(activities, list) else 0
 
 
+def _count(validated: list[Activity] | list[ActivityRun]) -> int:
+    return len(validated) if _is_small(validated) else sum(map(len, validated))
+
+
 def _is_small(validated: list[Activity] | list[ActivityRun]) -> bool:
     return bool(validated) and validated[0].__class__ is Activity
 
@@ -64,6 +69,7 @@ class IngestHandler:
     def __init__(self, settings: Settings, keys: KeyGate, state: Any) -> None:
         self.keys = keys
         self.state = state
+        self.contracts = EdgeContracts(state.tables_file, settings)  # tables under contract (app.api.contracts)
         self.in_flight = 0
         # Read once: the settings do not change while the app runs.
         self.max_in_flight = settings.max_in_flight_requests
@@ -120,13 +126,16 @@ class IngestHandler:
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
         validated = self.validate(body)
-        count = len(validated) if _is_small(validated) else sum(map(len, validated))
-        if key is not None:
-            self.keys.authorize(key, body, validated, count)  # 403, 429
+        if key is not None:  # scope and rate cover every activity sent, quarantined ones too
+            self.keys.authorize(key, body, validated, _count(validated))  # 403, 429
+        # --- tables under contract: a 422, or what to publish and what the answer adds ---
+        checked = self.contracts.check(body, validated)
+        validated = checked.validated
+        count = _count(validated)
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
-        messages = self.encode(validated, batch_id)
+        messages = self.encode(checked.to_publish(batch_id), batch_id)
         stamp = {"traceparent": request.scope["traceparent"]}  # the apply joins the request's trace
         if key is not None:
             stamp["key_id"] = key.id  # the key id (never the secret) travels with the batch
@@ -142,7 +151,7 @@ class IngestHandler:
             self.keys.count_accepted(key, 0 if result.duplicate else count)
         if not result.duplicate:
             self.state.receipts.accepted(batch_id, key.id if key is not None else None, messages)
-        return self.answer(count, result)
+        return self.answer(count, result, checked.answer_fields())
 
     @staticmethod
     def headers_of(request: Request) -> dict[bytes, bytes]:
@@ -267,10 +276,7 @@ class IngestHandler:
             raise ApiError(409, "Idempotency-Key was already used with a different body") from None
         except BrokerUnavailable as exc:
             log.warning("broker unavailable: %s", exc)
-            raise ApiError(
-                503, "the stream cannot take the batch right now; nothing was accepted, retry later",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            ) from None
+            raise ApiError(503, unavailable_message(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         publish_seconds = time.perf_counter() - started
         metrics.PUBLISH_SECONDS.observe(publish_seconds)
         metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else count)
@@ -279,7 +285,7 @@ class IngestHandler:
         return result, publish_seconds
 
     @staticmethod
-    def answer(accepted: int, result: PublishResult) -> Response:
+    def answer(accepted: int, result: PublishResult, contract_fields: dict[str, Any] | None = None) -> Response:
         return json_response(
             200,
             {
@@ -288,6 +294,17 @@ class IngestHandler:
                 "accepted": accepted,
                 "batch_id": result.batch_id,
                 "receipt": RECEIPTS_PATH + result.batch_id,
+                **(contract_fields or {}),
             },
             {"Idempotent-Replayed": "true"} if result.duplicate else None,
         )
+
+
+def unavailable_message(exc: BrokerUnavailable) -> str:
+    """The 503's message: honest about a publish whose outcome the broker did not confirm."""
+    if exc.maybe_published:
+        return (
+            "the stream did not confirm the batch in time: it may have been accepted. Retry with the "
+            "same Idempotency-Key header (and the same body): a retry with it is applied once"
+        )
+    return "the stream cannot take the batch right now; nothing was accepted, retry later"

@@ -179,6 +179,37 @@ def _dead_letters(path: Path) -> tuple[int | None, dict[str, int], list[Any], st
         store.close()
 
 
+def _quarantine_counts(settings: Any) -> dict[str, int]:
+    """Quarantined activities per table, from the subscriber's admin port; empty if unknown."""
+    from app.schema.identifiers import QUARANTINE_TABLE
+
+    base = admin_url(settings)
+    try:
+        status, body = _get_json(f"{base}/tables/{QUARANTINE_TABLE}")
+        if status != 200 or body.get("columns") is None:
+            return {}
+        request = urllib.request.Request(
+            base + "/query", data=orjson.dumps({"sql": f"SELECT table_name, count(*) FROM {QUARANTINE_TABLE} GROUP BY 1"}),
+            headers={"Content-Type": "application/json"}, method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=SUBSCRIBER_TIMEOUT_SECONDS) as response:
+            rows = orjson.loads(response.read())["rows"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return {}
+    return {str(table): int(count) for table, count in rows}
+
+
+def _with_contracts(state: Any, tables: list[dict[str, Any]] | None) -> None:
+    """Tables under contract: each table's mode and quarantine count, when a tables file is set."""
+    config = state.tables_file.current()
+    if config is None or not tables:
+        return
+    counts = _quarantine_counts(state.settings)
+    for t in tables:
+        t["contract"] = config.settings_for(t["table"]).contract.describe()
+        t["quarantined"] = counts.get(t["table"], 0)
+
+
 async def snapshot(request: Request) -> Snapshot:
     state = request.app.state
     settings = state.settings
@@ -187,6 +218,7 @@ async def snapshot(request: Request) -> Snapshot:
         asyncio.to_thread(_subscriber_view, settings),
         asyncio.to_thread(_dead_letters, settings.dead_letter_file),
     )
+    await asyncio.to_thread(_with_contracts, state, tables)
     return Snapshot(
         rate=state.event_rate.series(),
         backlog=backlog,
@@ -343,16 +375,21 @@ def render(snap: Snapshot, version: str, commit: str | None) -> str:
     elif not snap.tables:
         tables_html = '<p class="muted">No tables yet.</p>'
     else:
+        contracts = any("contract" in t for t in snap.tables)  # a tables file is set
         rows = "".join(
             f'<tr data-table="{e(t["table"])}"><td>{e(t["table"])}</td>'
             f'<td class="num rows">{_num(t.get("rows"))}</td>'
             f'<td>{e(_utc(t.get("last_write")))}</td>'
-            f'<td class="num">{e(_ago(now - t["last_write"]) if t.get("last_write") else "–")}</td></tr>'
+            f'<td class="num">{e(_ago(now - t["last_write"]) if t.get("last_write") else "–")}</td>'
+            + (f'<td class="contract">{e(t.get("contract") or "")}</td><td class="num quarantined">{_num(t.get("quarantined"))}</td>'
+               if contracts else "")
+            + "</tr>"
             for t in snap.tables
         )
+        contract_heads = '<th>Contract</th><th class="num">Quarantined</th>' if contracts else ""
         tables_html = (
             '<table id="tables"><thead><tr><th>Table</th><th class="num">Rows</th><th>Last write (UTC)</th>'
-            f'<th class="num">Ago</th></tr></thead><tbody>{rows}</tbody></table>'
+            f'<th class="num">Ago</th>{contract_heads}</tr></thead><tbody>{rows}</tbody></table>'
             '<p class="muted">Last write: by the running subscriber since it started.</p>'
         )
 

@@ -16,7 +16,16 @@ from typing import Any, Protocol, Sequence
 
 
 class BrokerUnavailable(Exception):
-    """The broker cannot take or give messages right now (answered as 503 / retried)."""
+    """The broker cannot take or give messages right now (answered as 503 / retried).
+
+    `maybe_published`: some of the messages were handed to the broker without its answer
+    (a timeout, a dropped connection), so they may still land; a client retrying with the
+    same Idempotency-Key gets the same dedup ids, which the warehouse applies once.
+    """
+
+    def __init__(self, *args: object, maybe_published: bool = False) -> None:
+        super().__init__(*args)
+        self.maybe_published = maybe_published
 
 
 class IdempotencyConflict(Exception):
@@ -46,6 +55,12 @@ class ReceivedMessage:
     ordering_key: str
     delivery_attempt: int
     handle: Any = field(default=None, repr=False)  # backend-specific ack handle
+    # time.monotonic() of the delivery, set by brokers that lease per delivery: the
+    # subscriber's lease guard counts from here, not from when a worker got it.
+    received_at: float | None = None
+    # Set by the broker when it learns the lease is gone (another copy may be with
+    # another replica): the subscriber must stop working on it.
+    lease_lost: bool = False
 
     @property
     def dedup_id(self) -> str:

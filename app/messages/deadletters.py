@@ -2,7 +2,9 @@
 
 A SQLite file beside the broker (not in the warehouse), so rejections are recorded
 even while the warehouse is down, and the API's status page can read them from its
-own process. `replay` re-publishes entries through the broker after a fix and records
+own process. It lives on one replica's disk: a broker with a dead-letter destination of
+its own (Pub/Sub) gets every entry too, a refused activity as a message of its own
+(`rejected_activity_message`), so a replica that loses its disk loses no dead letter. `replay` re-publishes entries through the broker after a fix and records
 the batch id it published them as (`replayed_batch_id`); an entry whose message came
 from such a batch links back to the entry it replays (`replay_of`).
 """
@@ -17,6 +19,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
+
+from app.broker.base import MessageLimits, OutgoingMessage
+from app.messages.codec import encode_batch, new_batch_id
+from app.schema.activity import Activity
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -90,6 +96,30 @@ class NewDeadLetter:
     message_id: str | None = None
     activity_index: int | None = None
     key_id: str | None = None
+
+
+# Attributes that mark a message on a broker's dead-letter destination as one refused
+# activity, and say where it came from.
+KIND_ATTRIBUTE = "dead_letter_kind"
+SOURCE_DEDUP_ID_ATTRIBUTE = "dead_letter_dedup_id"
+ACTIVITY_INDEX_ATTRIBUTE = "dead_letter_activity_index"
+
+
+def rejected_activity_batch_id(dedup_id: str, index: int) -> str:
+    """The batch a refused activity is replayed as: the same wherever it is replayed from
+    (the store or the broker's dead-letter topic) and however often, so it applies once."""
+    return new_batch_id(f"rejected-activity:{dedup_id}:{index}")
+
+
+def rejected_activity_message(
+    table: str, dedup_id: str, index: int, activity: Activity, limits: MessageLimits
+) -> OutgoingMessage:
+    """One refused activity as a message of its own, ready to publish again as it is."""
+    [message] = encode_batch([activity], rejected_activity_batch_id(dedup_id, index), limits)
+    attributes = message.attributes | {
+        KIND_ATTRIBUTE: "activity", SOURCE_DEDUP_ID_ATTRIBUTE: dedup_id, ACTIVITY_INDEX_ATTRIBUTE: str(index),
+    }
+    return OutgoingMessage(message.data, table, attributes)
 
 
 class DeadLetterStore:

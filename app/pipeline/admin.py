@@ -82,9 +82,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _dumps({"status": "ok"}))
         elif self.path == "/readyz":
             broker_ok, broker_reason = sub.broker.ready()
+            blocked = sub.blocked
             # An apply may hold the warehouse for a while (a slow or failing call): answer
             # from what the retry loop last saw instead of waiting behind it.
-            if sub.warehouse_lock.acquire(timeout=READY_LOCK_WAIT_SECONDS):
+            if blocked is not None:  # the probe alone may be allowed: an apply was refused
+                wh_ok, wh_reason = False, f"blocked: {blocked}"
+            elif sub.warehouse_lock.acquire(timeout=READY_LOCK_WAIT_SECONDS):
                 try:
                     wh_ok, wh_reason = sub.warehouse.ready()
                 finally:
@@ -104,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception as exc:
                 self._send(503, _dumps({"error": True, "message": f"warehouse unavailable: {exc}", "details": []}))
                 return
-            self._send(200, _dumps({"warehouse": sub.warehouse.capabilities.name, "tables": tables}))
+            self._send(200, _dumps({"warehouse": sub.warehouse.name, "tables": tables}))
         elif self.path.startswith("/tables/"):
             self._table_schema(self.path.removeprefix("/tables/"))
         elif self.path == "/stats":

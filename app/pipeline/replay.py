@@ -5,7 +5,10 @@ An entry is replayed only if it would not fail again the same way:
 - its activities pass the API's validator again (`validate_batch`); an undecodable
   message must now decode;
 - they fit the table's current schema, planned the way the subscriber plans them
-  (`plan_table`), with the entries replayed before it in the same run counted in.
+  (`plan_table`), with the entries replayed before it in the same run counted in;
+- they would not overwrite or duplicate what the table got since the failure
+  (`replay_check`): such an entry is replayed only with `force`, and says what it
+  changes either way.
 
 The schema comes from the running subscriber's admin port, or from the warehouse
 itself when none runs. An entry that would fail stays in the store and is reported
@@ -25,7 +28,8 @@ from typing import Callable
 from app.broker import make_broker
 from app.broker.base import Broker, ReceivedMessage
 from app.messages.codec import UndecodableMessage, decode_message, encode_batch, new_batch_id
-from app.messages.deadletters import DeadLetter, DeadLetterStore
+from app.messages.deadletters import DeadLetter, DeadLetterStore, rejected_activity_batch_id
+from app.pipeline.replay_check import what_it_would_change
 from app.schema.activity import Activity
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.settings import Settings
@@ -44,6 +48,7 @@ class Outcome:
     entry_id: int
     batch_id: str | None = None
     problem: str | None = None
+    changes: str | None = None  # what a forced replay overwrites or duplicates (`replay_check`)
 
 
 class TableSchemas:
@@ -67,6 +72,22 @@ class TableSchemas:
             )
         return self._cache[table]
 
+    def count(self, sql: str, params: list) -> int:
+        """The count a read-only query selects, through the subscriber or directly."""
+        from app.admin_client import admin_request, through_subscriber
+
+        def via_admin() -> int:
+            return int(admin_request(self.settings, "/query", {"sql": sql, "params": params})["rows"][0][0])
+
+        def directly() -> int:
+            if self._warehouse is None:
+                from app.warehouse import open_read_only
+
+                self._warehouse = open_read_only(self.settings)
+            return int(self._warehouse.query(sql, params)[1][0][0])
+
+        return through_subscriber(via_admin, directly, SCHEMA_WAIT_SECONDS)
+
     def _via_admin(self, table: str) -> dict[str, str] | None:
         from app.admin_client import admin_request
 
@@ -85,7 +106,11 @@ class TableSchemas:
 
 
 def replay_batch_id(entry: DeadLetter) -> str:
-    """The same for every replay of this entry (its id and creation time name it)."""
+    """The same for every replay of this entry. A refused activity's derives from where it
+    was refused, as its copy on the broker's dead-letter topic does: replayed from both, it
+    applies once. Other entries' from the entry's id and creation time."""
+    if entry.kind == "activity" and entry.dedup_id is not None and entry.activity_index is not None:
+        return rejected_activity_batch_id(entry.dedup_id, entry.activity_index)
     return new_batch_id(f"dead-letter-replay:{entry.id}:{entry.created_at!r}")
 
 
@@ -123,9 +148,12 @@ class Replayer:
         self.store = store
         self.schemas = schemas
         self._broker: Broker | None = None  # opened on the first publish
+        self.changes: dict[int, str] = {}  # entry id -> what replaying it changes (see `check`)
 
-    def check(self, entries: list[DeadLetter]) -> dict[int, list[Activity] | str]:
-        """Per entry id: the activities to publish, or why the entry would fail again."""
+    def check(self, entries: list[DeadLetter], force: bool = False) -> dict[int, list[Activity] | str]:
+        """Per entry id: the activities to publish, or why the entry would fail again (or,
+        without `force`, would change what the table got since the failure). What a forced
+        entry changes is in `self.changes`."""
         checked: dict[int, list[Activity] | str] = {}
         by_table: dict[str, list[tuple[DeadLetter, list[Activity]]]] = {}
         for entry in entries:
@@ -154,7 +182,25 @@ class Replayer:
                 entry_id = int(rejection.dedup_id)
                 if not isinstance(checked[entry_id], str):
                     checked[entry_id] = f"would be rejected again: {rejection.reason}"
+            self._check_changes(table, columns, items, checked, force)
         return checked
+
+    def _check_changes(
+        self, table: str, columns: dict[str, str] | None, items: list[tuple[DeadLetter, list[Activity]]],
+        checked: dict[int, list[Activity] | str], force: bool,
+    ) -> None:
+        for entry, activities in items:
+            if isinstance(checked[entry.id], str):
+                continue
+            try:
+                found = [c for a in activities if (c := what_it_would_change(a, columns, self.schemas.count))]
+            except Exception as exc:  # nothing known is nothing safe
+                found = [f"cannot compare with table {table}: {exc}"]
+            if not found:
+                continue
+            self.changes[entry.id] = "; ".join(found)
+            if not force:
+                checked[entry.id] = f"{self.changes[entry.id]}; replay with --force to apply it anyway"
 
     async def publish(self, entry: DeadLetter, activities: list[Activity]) -> str:
         batch_id = replay_batch_id(entry)
@@ -172,11 +218,13 @@ class Replayer:
 
 
 def replay(
-    settings: Settings, ids: list[int] | None, progress: Callable[[int, int], None] | None = None
+    settings: Settings, ids: list[int] | None, progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> list[Outcome]:
     """Replay the given entries (or all not yet replayed), one `Outcome` per entry.
 
-    Entries that would fail again are left in place. `progress(handled, total)` is
+    Entries that would fail again are left in place, and so are those that would change
+    what their table got since the failure, unless `force`. `progress(handled, total)` is
     called once before the first entry and after each one.
     """
     store = DeadLetterStore(settings.dead_letter_file)
@@ -188,7 +236,7 @@ def replay(
         outcomes = [Outcome(i, problem="no such dead letter") for i in missing]
         if progress:
             progress(0, len(entries))
-        checked = replayer.check(entries)
+        checked = replayer.check(entries, force)
 
         async def publish_all() -> None:
             for handled, entry in enumerate(entries, start=1):
@@ -197,7 +245,8 @@ def replay(
                     log.warning("dead letter %d not replayed: %s", entry.id, result)
                     outcomes.append(Outcome(entry.id, problem=result))
                 else:
-                    outcomes.append(Outcome(entry.id, batch_id=await replayer.publish(entry, result)))
+                    batch_id = await replayer.publish(entry, result)
+                    outcomes.append(Outcome(entry.id, batch_id=batch_id, changes=replayer.changes.get(entry.id)))
                 if progress:
                     progress(handled, len(entries))
 

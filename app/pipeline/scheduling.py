@@ -5,7 +5,9 @@ A table's messages are applied in pull order by one worker at a time: a table is
 *claimed* from the moment it has work until a worker finished with it and nothing is
 left. Tables are independent, so a table waiting for its retry time holds no worker
 and the others go on. Flow control bounds what is held (messages and bytes), so
-memory stays bounded while the loop keeps pulling for idle tables.
+memory stays bounded while the loop keeps pulling for idle tables; and each table may
+hold only its share of the messages, so a table stuck in an apply (a schema change that
+takes minutes) or waiting for a retry cannot fill the window and stop the others.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from dataclasses import dataclass, field
 
 from app.broker.base import ReceivedMessage
 from app.warehouse.base import Envelope
+
+# A table at its hold limit hands the rest of a pull back for this long: long enough not
+# to spend a delivery attempt (which Pub/Sub's dead-letter policy counts) every few
+# seconds, short enough to catch up soon after the table moves again.
+TABLE_FULL_RETRY_SECONDS = 60.0
 
 
 @dataclass(slots=True)
@@ -65,8 +72,11 @@ class TableQueue:
 class Scheduler:
     """Per-table queues, a heap of tables due for a worker, and flow control."""
 
-    def __init__(self, *, max_messages: int, max_bytes: int, initial_backoff: float) -> None:
+    def __init__(
+        self, *, max_messages: int, max_bytes: int, initial_backoff: float, max_messages_per_table: int | None = None
+    ) -> None:
         self.max_messages = max_messages
+        self.max_messages_per_table = min(max_messages_per_table or max_messages, max_messages)
         self.max_bytes = max_bytes
         self.initial_backoff = initial_backoff
         self._lock = threading.Lock()
@@ -97,13 +107,16 @@ class Scheduler:
             self._pulls += 1
             return self._pulls
 
-    def hold(self, table: str, items: list[Held], pull: int) -> tuple[list[Held], float]:
+    def hold(self, table: str, items: list[Held], pull: int) -> tuple[list[Held], float, str]:
         """Queue a pull's messages of `table`; claim the table for a worker if it was idle.
 
-        Returns messages to nack at once (and the delay): when the table's held messages
-        were nacked while this pull was in flight, and none of them is in it again, these
-        may have been pulled before that nack reached the broker and must not overtake
-        the nacked ones.
+        Returns messages to nack at once, the delay and why:
+        - "ordering": the table's held messages were nacked while this pull was in flight,
+          and none of them is in it again: these may have been pulled before that nack
+          reached the broker and must not overtake the nacked ones;
+        - "table_full": the newest of them, beyond the table's hold limit. Only a tail is
+          handed back, so the held ones still apply first; a broker with ordered keys
+          delivers none of the key's later messages before the handed-back ones.
         """
         with self._changed:
             queue = self._tables.get(table)
@@ -111,16 +124,20 @@ class Scheduler:
                 queue = self._tables[table] = TableQueue(table, self.initial_backoff)
             if pull <= queue.released_after_pull:
                 if not any(h.message.message_id in queue.released_ids for h in items):
-                    return items, queue.release_delay
+                    return items, queue.release_delay, "ordering"
             else:
                 queue.released_ids = frozenset()
+            room = max(0, self.max_messages_per_table - len(queue.items))
+            items, beyond = items[:room], items[room:]
+            if not items:
+                return beyond, TABLE_FULL_RETRY_SECONDS, "table_full"
             queue.items.extend(items)
             self.outstanding_messages += len(items)
             self.outstanding_bytes += sum(h.size for h in items)
             if not queue.claimed and not self._stopping:
                 queue.claimed = True
                 self._push(queue, time.monotonic())
-            return [], 0.0
+            return beyond, TABLE_FULL_RETRY_SECONDS, "table_full"
 
     # --- workers ---
     def next_tables(self, max_tables: int) -> list[TableQueue]:
@@ -157,6 +174,11 @@ class Scheduler:
                 out.append(held)
                 size += held.size
             return out
+
+    def held_by_table(self) -> dict[str, int]:
+        """How many messages each table holds (tables holding none left out)."""
+        with self._lock:
+            return {name: len(queue.items) for name, queue in self._tables.items() if queue.items}
 
     def held_since(self, queue: TableQueue) -> float | None:
         with self._lock:

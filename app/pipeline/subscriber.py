@@ -16,10 +16,16 @@ Errors are kept apart the way a retry loop needs:
 - any other failure is narrowed down to the culprit envelope, whose terminal failures
   this process counts per `dedup_id`; it is dead-lettered after `MAX_DELIVERY_ATTEMPTS`.
   Until then it is nacked with the table's later messages, so the table's order holds.
+- a `WarehouseUnavailable` (a permission, credential or feature the whole warehouse
+  refuses) blocks the subscriber: not ready (/readyz says why), no pulling, and its
+  held messages are retried (or, once pulled again, probed) only every
+  `RETRY_BACKOFF_MAX_SECONDS`, until an apply succeeds. Like any transient error it
+  never counts towards dead-lettering.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -33,14 +39,14 @@ from app import metrics
 from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
-from app.messages.deadletters import DeadLetterStore, NewDeadLetter
+from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
 from app.pipeline.receipts import ReceiptRecorder
 from app.tracing import ATTRIBUTE as TRACEPARENT
 from app.tracing import apply_spans, trace_ids
 from app.receipts.store import ReceiptStore
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
-from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse
+from app.warehouse.base import ApplyResult, Envelope, TransientWarehouseError, Warehouse, WarehouseUnavailable
 
 log = logging.getLogger("app.subscriber")
 
@@ -87,10 +93,18 @@ class Subscriber:
         self.scheduler = Scheduler(
             max_messages=settings.subscriber_max_outstanding_messages,
             max_bytes=settings.subscriber_max_outstanding_bytes,
+            max_messages_per_table=settings.subscriber_max_outstanding_messages_per_table,
             initial_backoff=min(RETRY_BACKOFF_START_SECONDS, settings.retry_backoff_max_seconds),
         )
         self.failures = TerminalFailures(TRACKED_FAILURES)
+        # Refused activities whose forward to the broker's dead-letter destination failed,
+        # by dedup_id, until their message comes back (bounded like `failures`).
+        self._unforwarded: collections.OrderedDict[str, dict[int, tuple[ReceivedMessage, str]]] = (
+            collections.OrderedDict()
+        )
         self._transient_errors: dict[str, str] = {}  # table -> last transient error, until it applies
+        self._blocked: WarehouseUnavailable | None = None  # until an apply succeeds
+        self._blocked_until = 0.0  # monotonic: no pull before this while blocked
         # A held message must be settled before its lease ends; retries in place stay
         # within half of it.
         self.lease_seconds = broker.max_lease_seconds or settings.ack_deadline_seconds
@@ -103,6 +117,12 @@ class Subscriber:
             errors = list(self._transient_errors.values())
         return errors[-1] if errors else None
 
+    @property
+    def blocked(self) -> str | None:
+        """Why the whole warehouse refuses this process (for /readyz), or None."""
+        blocked = self._blocked
+        return None if blocked is None else f"{blocked.reason}: {blocked}"
+
     # --- loop ---
     def run(self) -> None:
         self.broker.start_subscriber()
@@ -114,10 +134,14 @@ class Subscriber:
             worker.start()
         log.info(
             "subscriber started",
-            extra={"broker": self.broker.name, "warehouse": self.warehouse.capabilities.name, "workers": len(workers)},
+            extra={"broker": self.broker.name, "warehouse": self.warehouse.name, "workers": len(workers)},
         )
         try:
             while not self.stop_event.is_set():
+                blocked_for = self._blocked_until - time.monotonic() if self._blocked is not None else 0.0
+                if blocked_for > 0:  # the next pull is the probe
+                    self.stop_event.wait(min(blocked_for, PULL_TIMEOUT_SECONDS))
+                    continue
                 room = self.scheduler.wait_for_room(PULL_TIMEOUT_SECONDS)
                 if room <= 0:
                     self._make_room()
@@ -169,7 +193,9 @@ class Subscriber:
             except UndecodableMessage as exc:
                 undecodable.append((message, str(exc)))
                 continue
-            by_table.setdefault(envelope.table, []).append(Held(message, envelope, now))
+            # The lease runs from the delivery (the broker's clock when it has one), not from now.
+            received_at = now if message.received_at is None else message.received_at
+            by_table.setdefault(envelope.table, []).append(Held(message, envelope, received_at))
         if undecodable:
             self._dead_letter(
                 [
@@ -186,9 +212,9 @@ class Subscriber:
             self.receipts.dead_lettered(undecodable)
             self._ack([m for m, _ in undecodable])
         for table, items in by_table.items():
-            late, delay = self.scheduler.hold(table, items, pull)
-            if late:
-                self._nack(late, delay, "ordering")
+            handed_back, delay, why = self.scheduler.hold(table, items, pull)
+            if handed_back:
+                self._nack(handed_back, delay, why)
 
     # --- workers ---
     def _work(self) -> None:
@@ -221,12 +247,14 @@ class Subscriber:
             retry_at: dict[str, float | None] = {}
             applied: list[tuple[TableQueue, list[Held]]] = []
             for (queue, batch), outcome in zip(batches, outcomes):
-                if isinstance(outcome, TransientWarehouseError):
+                if isinstance(outcome, WarehouseUnavailable):
+                    self._block(outcome)
+                    retry_at[queue.name] = self._on_transient(queue, outcome, self.settings.retry_backoff_max_seconds)
+                elif isinstance(outcome, TransientWarehouseError):
                     retry_at[queue.name] = self._on_transient(queue, outcome)
                 elif isinstance(outcome, BaseException):
                     self._on_terminal(queue, batch, outcome)
-                else:
-                    self._on_applied(queue, batch, outcome)
+                elif self._on_applied(queue, batch, outcome):
                     applied.append((queue, batch))
             self._settle(applied)
         return retry_at
@@ -246,6 +274,11 @@ class Subscriber:
                 log.warning("held messages of %s outlived their lease; handing them back", queue.name)
                 self._release(queue, 0.0, "lease_expired")
                 continue
+            if any(h.message.lease_lost for h in list(queue.items)):  # list(): one atomic copy
+                # The broker says another delivery may be elsewhere: never apply ours.
+                log.warning("the broker lost the lease of held messages of %s; handing them back", queue.name)
+                self._release(queue, 0.0, "lease_lost")
+                continue
             if budget <= 0:
                 continue
             batch = self.scheduler.batch(queue, 1 if queue.isolate else self.settings.pull_max_messages, budget)
@@ -263,8 +296,28 @@ class Subscriber:
         metrics.TABLES_PER_APPLY.observe(len(batches))
         return outcomes
 
-    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> None:
+    def _block(self, exc: WarehouseUnavailable) -> None:
+        with self._totals_lock:
+            newly = self._blocked is None
+            self._blocked = exc
+            self._blocked_until = time.monotonic() + self.settings.retry_backoff_max_seconds
+        if newly:
+            metrics.SUBSCRIBER_BLOCKED.labels(exc.reason).set(1)
+            log.error("warehouse refuses this subscriber (%s); pulling stops, retrying every %.0fs: %s",
+                      exc.reason, self.settings.retry_backoff_max_seconds, exc)
+
+    def _unblock(self) -> None:
+        with self._totals_lock:
+            blocked, self._blocked = self._blocked, None
+        if blocked is not None:
+            metrics.SUBSCRIBER_BLOCKED.labels(blocked.reason).set(0)
+            log.info("warehouse accepts this subscriber again (was %s); pulling resumes", blocked.reason)
+
+    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> bool:
+        """Record an apply; whether its messages may be acked (their refused activities
+        reached the broker's dead-letter destination)."""
         table = queue.name
+        self._unblock()
         with self._totals_lock:
             self._transient_errors.pop(table, None)
         queue.last_error = None
@@ -294,15 +347,16 @@ class Subscriber:
             )
         self.receipts.applied(table, batch, result.rejections)
         self.failures.forget([h.envelope.dedup_id for h in batch])
+        return self._forward_rejections(queue, batch, result)
 
-    def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError) -> float | None:
+    def _on_transient(self, queue: TableQueue, exc: TransientWarehouseError, min_wait: float = 0.0) -> float | None:
         """Wait in place while the messages' hold stays within budget, else nack them with a delay."""
         table = queue.name
         queue.last_error = str(exc)
         with self._totals_lock:
             self._transient_errors[table] = queue.last_error
         metrics.TRANSIENT_ERRORS.inc()
-        wait = queue.backoff
+        wait = max(queue.backoff, min_wait)
         retry_after = getattr(exc, "retry_after", None)  # e.g. a new column not yet visible to writes
         if retry_after:
             wait = max(wait, float(retry_after))
@@ -414,6 +468,41 @@ class Subscriber:
         metrics.DEAD_LETTERED.labels(category).inc(len(entries))
         for e in entries:
             log.warning("dead-lettered %s of %s: %s", e.kind, e.table_name, e.reason)
+
+    def _forward_rejections(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> bool:
+        """Hand each refused activity of `batch` to the broker's dead-letter destination
+        before its message is acked (on Pub/Sub the store is one replica's disk). If that
+        fails, the messages go back: applied again they are duplicates, so this process
+        keeps what is left to forward until they come back."""
+        if not self.broker.capabilities.has_dead_letter_destination:
+            return True  # the store is the only destination
+        message_of = {h.envelope.dedup_id: h.message for h in batch}
+        limits = self.broker.capabilities.message
+        with self._totals_lock:
+            for r in result.rejections:
+                source = message_of.get(r.dedup_id)
+                out = rejected_activity_message(queue.name, r.dedup_id, r.index, r.activity, limits)
+                self._unforwarded.setdefault(r.dedup_id, {})[r.index] = (
+                    ReceivedMessage(source.message_id if source else "", out.data, out.attributes, out.ordering_key,
+                                    source.delivery_attempt if source else 1),
+                    r.reason,
+                )
+            due = {d: self._unforwarded.pop(d) for d in message_of if d in self._unforwarded}
+        entries = [entry for by_index in due.values() for entry in by_index.values()]
+        if not entries:
+            return True
+        try:
+            self.broker.forward_dead_letters(entries)
+        except Exception as exc:
+            log.warning("could not forward %d refused activit(ies) of %s to the dead-letter destination; "
+                        "their messages go back: %s", len(entries), queue.name, exc)
+            with self._totals_lock:
+                self._unforwarded.update(due)
+                while len(self._unforwarded) > TRACKED_FAILURES:
+                    self._unforwarded.popitem(last=False)
+            self._release(queue, POISON_RETRY_DELAY_SECONDS, "dead_letter_forward")
+            return False
+        return True
 
     def _forward(self, entries: list[tuple[ReceivedMessage, str]]) -> None:
         """Best effort: the dead-letter store already holds these durably."""

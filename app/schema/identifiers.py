@@ -40,6 +40,9 @@ RESERVED_COLUMN_PREFIXES: tuple[str, ...] = (
     "_change_timestamp",
 )
 INTERNAL_PREFIX = "_ingest_"
+# The one pipeline table clients' activities land in: those a contract quarantined
+# (docs/contracts.md); the API writes it, clients cannot name it.
+QUARANTINE_TABLE = INTERNAL_PREFIX + "quarantine"
 
 # The one spelling of the rule: the JSON Schema `pattern` of the OpenAPI models, and the
 # shape of every name the pipeline puts into SQL (backends quote only names matching it).
@@ -106,6 +109,16 @@ def _check_column_cached(name: str) -> str | None:
 def is_internal(name: str) -> bool:
     """A name under the pipeline's own prefix (any letter case)."""
     return name[: len(INTERNAL_PREFIX)].lower() == INTERNAL_PREFIX
+
+
+def takes_no_activities(table: str) -> bool:
+    """A pipeline table no activity is applied to: internal, but not the quarantine table."""
+    return is_internal(table) and table != QUARANTINE_TABLE
+
+
+def check_applied_table_name(name: Any) -> str | None:
+    """`check_table_name` for warehouses: the quarantine table is written like a client's table."""
+    return None if name == QUARANTINE_TABLE else check_table_name(name)
 
 
 def check_table_name(name: Any) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from app.schema import identifiers
 from app.schema.activity import Activity
 from app.messages.envelope import Envelope
+from app.warehouse.types import TypeMapper
 
 
 class TransientWarehouseError(Exception):
@@ -27,6 +28,20 @@ class TransientWarehouseError(Exception):
     def __init__(self, *args: object, retry_after: float | None = None) -> None:
         super().__init__(*args)
         self.retry_after = retry_after
+
+
+class WarehouseUnavailable(TransientWarehouseError):
+    """The warehouse refuses this process as a whole (a permission or credential it lacks,
+    an API or feature not enabled): no message is at fault, so none is dead-lettered;
+    the subscriber stops pulling and probes slowly until an apply succeeds.
+
+    `reason`: a short label for logs and metrics ("permission_denied",
+    "unauthenticated", "credentials", "not_enabled").
+    """
+
+    def __init__(self, *args: object, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(*args, retry_after=retry_after)
+        self.reason = reason
 
 
 class TerminalWarehouseError(Exception):
@@ -73,7 +88,6 @@ class Capabilities:
     edge checks names against it); a backend states only where it differs.
     """
 
-    name: str
     transactional: bool  # rows + applied ids commit atomically
     max_alters_per_statement: int | None  # None: unlimited
     supports_geometry: bool
@@ -115,6 +129,8 @@ class ApplyResult:
 
 class Warehouse(abc.ABC):
     capabilities: Capabilities
+    name: str = "unnamed"  # the registry's name for it (`WAREHOUSE`), set when opened
+    type_mapper: TypeMapper  # activity type <-> this backend's column types
 
     @abc.abstractmethod
     def apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:

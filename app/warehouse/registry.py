@@ -48,12 +48,16 @@ def check_name(name: str) -> str:
 
 def open_warehouse(settings: Settings) -> Warehouse:
     """The backend `settings.warehouse` names, opened for writing."""
-    return _BACKENDS[check_name(settings.warehouse)].open(settings)
+    warehouse = _BACKENDS[check_name(settings.warehouse)].open(settings)
+    warehouse.name = settings.warehouse
+    return warehouse
 
 
 def open_read_only(settings: Settings) -> Warehouse:
     """The backend opened for reads only (DuckDB: the file read-only, without the writer's lock)."""
-    return _BACKENDS[check_name(settings.warehouse)].open_read_only(settings)
+    warehouse = _BACKENDS[check_name(settings.warehouse)].open_read_only(settings)
+    warehouse.name = settings.warehouse
+    return warehouse
 
 
 def _duckdb(settings: Settings) -> Warehouse:

@@ -7,6 +7,7 @@ on a shared machine is not counted) per README-body request, best of several bat
     .venv/bin/python -m scripts.bench.api_inprocess --broker local  # the real local broker, 32 concurrent
     .venv/bin/python -m scripts.bench.api_inprocess --activities 500  # README-shaped batches of 500
     .venv/bin/python -m scripts.bench.api_inprocess --scoped  # + a scoped key and a traceparent, vs neither
+    .venv/bin/python -m scripts.bench.api_inprocess --frozen        # against a frozen, declared table
 
 Lines go through the same JSON logging as the real API (into a temp file). Compare two
 versions by running it from each tree's root alternately.
@@ -31,6 +32,18 @@ from scripts.bench import workload
 from tests.support.brokers import StubBroker  # accepts at once: only the API's own work is measured
 
 
+# The README's table, declared and frozen: the contract check's cost (issue 18's 1.1x target).
+FROZEN_README_TABLE = """
+[defaults]
+new_tables = "refuse"
+contract = "freeze"
+
+[tables.user_activities_table]
+columns = {user_id = "integer", event_type_id = "integer", detail = "string", occured_at = "datetime"}
+contract = "freeze"
+"""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", choices=["stub", "local"], default="stub")
@@ -39,6 +52,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=15)
     p.add_argument("--activities", type=int, default=0, help="README-shaped activities per body (0: the README body)")
     p.add_argument("--scoped", action="store_true", help="also a scoped key and a traceparent; batches interleaved")
+    p.add_argument("--frozen", action="store_true", help="TABLES_FILE declaring the README table, contract freeze")
     args = p.parse_args()
     if args.scoped and args.broker != "stub":
         p.error("--scoped compares the app's own work: use it with the stub broker")
@@ -46,7 +60,12 @@ def main() -> None:
     configure_logging(args.level)
     logging.getLogger().handlers[0].setStream(tempfile.TemporaryFile("w"))
     body = workload.readme_batch(args.activities) if args.activities else workload.readme_body()
-    settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="api-inprocess-")))
+    data_dir = Path(tempfile.mkdtemp(prefix="api-inprocess-"))
+    tables_file = None
+    if args.frozen:
+        tables_file = data_dir / "tables.toml"
+        tables_file.write_text(FROZEN_README_TABLE)
+    settings = Settings(data_dir=data_dir, tables_file=tables_file)
     app = create_app(settings, broker=StubBroker() if args.broker == "stub" else None)
     scoped_app, scoped_headers = _scoped_app(settings) if args.scoped else (None, [])
     scope = {

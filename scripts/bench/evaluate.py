@@ -14,6 +14,7 @@ TARGETS = {
     "4_sub_rss_mb": 250.0,
     "4_api_rss_mb": 150.0,
     "5_calls_per_10k": 20,
+    "7_many_vs_one": 2.0,
 }
 
 
@@ -61,6 +62,17 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"answered->queryable p50 {e['answer_to_queryable_p50_ms']:.0f} ms, p99 {e['answer_to_queryable_p99_ms']:.0f} ms",
             f"sent->queryable p50 {e['send_to_queryable_p50_ms']:.0f} ms, p99 {e['send_to_queryable_p99_ms']:.0f} ms; API p99 {e['api_p99_ms']:.1f} ms",
             "", e["answer_to_queryable_p99_ms"] <= TARGETS["3_p99_ms"] and e["missing"] == 0)
+    m = results.get("many_tables")
+    if m and "error" not in m:
+        one, many = m["one_table"], m["many_tables"]
+        row(f"7 many-tables drain: {many['rows']:,} rows over {many['tables']:,} tables ({many['messages']:,} messages)"
+            " <= 2x one table", f"{many['seconds']:.2f} s ({many['rows_per_s']:,.0f} rows/s)",
+            f"one table {one['seconds']:.2f} s ({one['messages']:,} messages)", f"{m['slowdown']:.1f}x",
+            m["slowdown"] <= TARGETS["7_many_vs_one"])
+        row("7 subscriber peak RSS <= 250 MB (during the many-tables drain)", f"{many['sub_peak_rss_mb']:.0f} MB",
+            f"one table {one['sub_peak_rss_mb']:.0f} MB", "", many["sub_peak_rss_mb"] <= TARGETS["4_sub_rss_mb"])
+    elif m:
+        row("7 many-tables drain", m["error"], "", "", None)
     bq = results.get("bigquery")
     if bq and "error" not in bq:
         backlog = bq["steady"]["backlog (20 requests per pull)"]

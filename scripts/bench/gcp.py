@@ -106,9 +106,13 @@ def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sam
     from tests.support.processes import Pipeline
     from tests.support.pstest import running_pstest
 
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
+
     storage_write = StorageWriteFaults(SchemaVisibility())  # no lag: counts AppendRows only
+    # the emulator takes one call at a time: the REST proxy and SerialGrpcProxy share its baton
     with running_bqemulator() as emu, running_pstest() as pstest, BigQueryRestProxy(emu.rest) as rest, \
-            GrpcProxy(emu.grpc, storage_write=storage_write) as bq_grpc, GrpcProxy(pstest, pubsub=OrderingGate()) as ps_grpc:
+            SerialGrpcProxy(emu.grpc) as serial, GrpcProxy(serial.address, storage_write=storage_write) as bq_grpc, \
+            GrpcProxy(pstest, pubsub=OrderingGate()) as ps_grpc:
         counts = _Counts(rest, storage_write)
         p = Pipeline.create(tmp / "gcp", BROKER="pubsub", WAREHOUSE="bigquery", GCP_PROJECT=emu.project,
                             PUBSUB_EMULATOR_HOST=ps_grpc.address, BIGQUERY_EMULATOR_HOST=rest.address,

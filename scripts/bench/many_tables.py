@@ -9,17 +9,15 @@ encode them, then times a subscriber draining the backlog and samples its peak R
 
 from __future__ import annotations
 
-import asyncio
+import datetime
 import json
 import sqlite3
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from app.messages.codec import encode_batch
-from app.schema.validation import validate_batch
+from scripts.bench.workload import publish_bodies
 
 COLUMNS = [("user_id", "integer"), ("event_type_id", "integer"), ("detail", "string"), ("occured_at", "datetime")]
 
@@ -43,25 +41,13 @@ def bodies(requests: int, per_request: int, tables: int, tables_per_request: int
 
 def prefill(broker, requests: int, per_request: int, tables: int, tables_per_request: int) -> dict[str, int]:
     """Publish the workload through `broker.publish`; returns rows and messages."""
-    counts = {"rows": 0, "messages": 0}
+    rows = [0]
 
-    async def run() -> None:
-        pending = []
-        for body in bodies(requests, per_request, tables, tables_per_request):
-            activities = validate_batch(body, max_activities=10_000)
-            batch_id = uuid.uuid4().hex
-            messages = encode_batch(activities, batch_id)
-            counts["rows"] += len(activities)
-            counts["messages"] += len(messages)
-            pending.append(broker.publish(messages, batch_id=batch_id))
-            if len(pending) >= 64:
-                await asyncio.gather(*pending)
-                pending = []
-        if pending:
-            await asyncio.gather(*pending)
+    def count(activities) -> None:
+        rows[0] += len(activities)
 
-    asyncio.run(run())
-    return counts
+    messages = publish_bodies(broker, bodies(requests, per_request, tables, tables_per_request), count)
+    return {"rows": rows[0], "messages": messages}
 
 
 def backlog(path: Path) -> int:
@@ -90,13 +76,14 @@ def drain(tmp: Path, name: str, requests: int, per_request: int, tables: int, ta
     sub = harness.start_subscriber(harness.base_env(data), tmp / name / "logs", healthy=False)
     try:
         with harness.RssSampler(sub.proc.pid) as rss:
-            sub.wait_healthy()
-            t0 = time.monotonic()
             while backlog(settings.broker_file) > 0:
                 if sub.proc.poll() is not None:
                     raise RuntimeError(f"subscriber exited; see {sub.log_path}")
                 time.sleep(0.05)
-            elapsed = time.monotonic() - t0
+            sub.wait_healthy()
+        # It starts pulling before it answers /healthz: the drain is timed by its own log,
+        # from "subscriber started" to the last "applied" line (millisecond stamps).
+        elapsed = max(drain_seconds(sub.log_path), 1e-3)
         with urllib.request.urlopen(sub.url + "/stats", timeout=30) as answer:
             stats = json.loads(answer.read())
     finally:
@@ -107,6 +94,23 @@ def drain(tmp: Path, name: str, requests: int, per_request: int, tables: int, ta
     log(f"  {name}: drained in {elapsed:.2f}s ({filled['rows'] / elapsed:,.0f} rows/s), peak RSS {rss.peak_mb:.0f} MB")
     return {"rows": filled["rows"], "messages": filled["messages"], "tables": tables, "seconds": elapsed,
             "rows_per_s": filled["rows"] / elapsed, "sub_peak_rss_mb": rss.peak_mb}
+
+
+def drain_seconds(log_path: Path) -> float:
+    """From the subscriber's "subscriber started" line to its last "applied" line."""
+    started = last = None
+    for line in log_path.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if entry.get("msg") == "subscriber started":
+            started = entry["ts"]
+        elif entry.get("msg") == "applied":
+            last = entry["ts"]
+    if started is None or last is None:
+        raise RuntimeError(f"no start or apply in {log_path}")
+    stamp = lambda ts: datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()  # noqa: E731
+    return stamp(last) - stamp(started)
 
 
 def bench_many_tables(tmp: Path, results: dict[str, Any], requests: int = 500, per_request: int = 100,

@@ -69,6 +69,10 @@ METHOD = """
   Bytes: job statistics seen at the proxy (bqemulator reports 0 processed), and Google's on-demand minimum
   of 10 MB per query job as the least that would be billed. The prototype's pattern runs through the same
   proxy on a sample (one message per apply by construction).
+- **7 many tables.** The same 50,000 one-row activities (500 requests of 100) are published as the API
+  would, once all to one table (500 messages) and once over 1,000 tables, each request spread over 100 of
+  them (50,000 messages); a real subscriber drains each backlog, timed by its own log ("subscriber
+  started" to the last "applied"), with its peak RSS sampled (`scripts/bench/many_tables.py`).
 """
 
 

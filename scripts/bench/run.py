@@ -351,12 +351,12 @@ def _pct(values: list[float], p: float) -> float:
 def bench_bigquery(tmp: Path, activities: int, proto_sample: int, results: dict[str, Any]) -> None:
     try:
         from app.warehouse.bigquery import BigQueryWarehouse  # noqa: F401
-        from tests.support.bqemulator import running_bqemulator
+        from tests.support.bqemulator import proxied_bqemulator
     except ImportError as exc:
         results["bigquery"] = {"error": f"not measured: {exc}"}
         return
     try:
-        with running_bqemulator() as emu:
+        with proxied_bqemulator() as emu:  # Google's wire shape, one call at a time
             results["bigquery"] = _bigquery_counts(emu, activities, proto_sample)
     except BaseException as exc:  # pytest.skip() raises a BaseException subclass
         if isinstance(exc, KeyboardInterrupt):
@@ -379,7 +379,9 @@ def _bigquery_counts(emu, activities: int, proto_sample: int) -> dict[str, Any]:
         bigquery_emulator_host=emu.rest, bigquery_emulator_grpc_host=emu.grpc,
     )
     ensure_dataset(settings)
-    wh = BigQueryWarehouse(settings)
+    from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES
+
+    wh = BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES)
 
     def envelopes_of(body: dict) -> dict[str, list[Envelope]]:
         acts = validate_batch(body, max_activities=10_000)

@@ -82,27 +82,19 @@ def mixed_bodies(total: int, per_batch: int = 500, seed: int = 7) -> Iterator[di
         yield {"user_activities": acts}
 
 
-def prefill(broker, total: int, per_batch: int = 500) -> dict[str, Any]:
-    """Publish `total` mixed activities through `broker.publish` (as the API would encode them).
-
-    Returns counts and the column-major insert rows per table (for the raw baselines).
-    """
-    inserts = deletes = messages = 0
-    columns: dict[str, dict[str, list]] = {}
+def publish_bodies(broker, bodies: Iterator[dict], on_activities=None) -> int:
+    """Validate and encode each body as the API would, publish it through `broker.publish`
+    (64 requests in flight); `on_activities(activities)` sees each validated batch.
+    Returns how many messages were published."""
+    messages = 0
 
     async def run() -> None:
-        nonlocal inserts, deletes, messages
+        nonlocal messages
         pending = []
-        for body in mixed_bodies(total, per_batch):
+        for body in bodies:
             activities = validate_batch(body, max_activities=10_000)
-            for a in activities:
-                if a.operation == "insert":
-                    inserts += 1
-                    cols = columns.setdefault(a.table, {n: [] for n in a.col_names})
-                    for n, v in zip(a.col_names, a.col_values):
-                        cols[n].append(v)
-                else:
-                    deletes += 1
+            if on_activities is not None:
+                on_activities(activities)
             batch_id = uuid.uuid4().hex
             msgs = encode_batch(activities, batch_id)
             messages += len(msgs)
@@ -114,7 +106,29 @@ def prefill(broker, total: int, per_batch: int = 500) -> dict[str, Any]:
             await asyncio.gather(*pending)
 
     asyncio.run(run())
-    return {"inserts": inserts, "deletes": deletes, "messages": messages, "columns": columns}
+    return messages
+
+
+def prefill(broker, total: int, per_batch: int = 500) -> dict[str, Any]:
+    """Publish `total` mixed activities through `broker.publish` (as the API would encode them).
+
+    Returns counts and the column-major insert rows per table (for the raw baselines).
+    """
+    counts = {"inserts": 0, "deletes": 0}
+    columns: dict[str, dict[str, list]] = {}
+
+    def collect(activities) -> None:
+        for a in activities:
+            if a.operation == "insert":
+                counts["inserts"] += 1
+                cols = columns.setdefault(a.table, {n: [] for n in a.col_names})
+                for n, v in zip(a.col_names, a.col_values):
+                    cols[n].append(v)
+            else:
+                counts["deletes"] += 1
+
+    messages = publish_bodies(broker, mixed_bodies(total, per_batch), collect)
+    return {**counts, "messages": messages, "columns": columns}
 
 
 def table_types() -> dict[str, list[tuple[str, str]]]:

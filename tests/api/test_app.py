@@ -141,6 +141,19 @@ def test_gzip_body_accepted_and_bomb_refused(client, settings):
     assert r.status_code == 415
 
 
+@pytest.mark.parametrize("maybe_published", [False, True])
+def test_the_503_says_whether_the_batch_may_have_been_accepted(settings, maybe_published):
+    error = BrokerUnavailable("no answer in time", maybe_published=maybe_published)
+    with TestClient(create_app(settings, broker=StubBroker(publish_error=error))) as c:
+        r = c.post(PATH, json=README_BODY, headers={"Idempotency-Key": "k1"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    message = r.json()["message"]
+    if maybe_published:
+        assert "may have been accepted" in message and "same Idempotency-Key" in message
+    else:
+        assert "nothing was accepted" in message
+
+
 def test_broker_unavailable_is_503_with_retry_after(settings):
     with TestClient(create_app(settings, broker=StubBroker(publish_error=BrokerUnavailable("disk full"), ready=(False, "disk full")))) as c:
         r = c.post(PATH, json=README_BODY)

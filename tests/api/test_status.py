@@ -73,3 +73,25 @@ def test_status_route_fails_softly_and_counts_accepted(tmp_path):
         assert "subscriber unreachable" in page and "No dead letters." in page
         assert '<meta http-equiv="refresh"' in page
         assert sum(c.app.state.event_rate.series()) == 2  # the README batch's two activities
+
+
+def test_tables_show_their_contract_mode_and_quarantine_count_when_a_tables_file_is_set(tmp_path):
+    from types import SimpleNamespace
+
+    from app.api.status import _with_contracts
+    from app.contracts.reload import TablesFile
+
+    path = tmp_path / "tables.toml"
+    path.write_text('[tables.orders]\ncontract = {columns = "freeze"}\n[tables."audit_*"]\ncontract = "discard_row"\n')
+    state = SimpleNamespace(tables_file=TablesFile(path), settings=Settings(data_dir=tmp_path, subscriber_port=free_port()))
+    tables = [{"table": "orders", "rows": 1, "last_write": None}, {"table": "audit_x", "rows": 2, "last_write": None}]
+    _with_contracts(state, tables)  # no subscriber answers: counts unknown, shown as 0
+    assert [(t["contract"], t["quarantined"]) for t in tables] == [
+        ("tables=evolve, columns=freeze, types=evolve", 0), ("discard_row", 0),
+    ]
+    tables[1]["quarantined"] = 7
+    page = render(_snapshot(tables=tables), "0.1.0", None)
+    assert '<th>Contract</th><th class="num">Quarantined</th>' in page
+    assert '<td class="contract">discard_row</td><td class="num quarantined">7</td>' in page
+    plain = render(_snapshot(tables=[{"table": "orders", "rows": 1, "last_write": None}]), "0.1.0", None)
+    assert "Contract" not in plain

@@ -29,14 +29,29 @@ def pubsub_emulator() -> Iterator[str]:
         yield address
 
 
+@pytest.fixture(scope="session")
+def gated_pubsub(pubsub_emulator) -> Iterator[str]:
+    """host:port of the Google-behaviour layer (`OrderingGate`) in front of pstest: pstest
+    sends one message per StreamingPull response and enforces no ordering; Google batches
+    a key's messages in order."""
+    from tests.support.fault_proxy import GrpcProxy, OrderingGate
+
+    gate = OrderingGate()
+    try:
+        with GrpcProxy(pubsub_emulator, pubsub=gate) as proxy:
+            yield proxy.address
+    finally:
+        gate.close()
+
+
 # --------------------------------------------------------------------------- contract suite
 # test_contract.py runs against every entry of BACKENDS, each opened through the
 # registry. A backend is a factory of brokers that share one stream (so a second broker
 # is "another replica" or "after a restart"). What a backend takes and promises the
-# tests read from `broker.capabilities`; `enforces_ordering` is False for pstest, which
-# stores ordering keys but does not enforce them (Pub/Sub does), so per-key order is
-# asserted only where the backend at hand enforces it; nor does it count delivery
-# attempts (Pub/Sub does for a subscription with a dead-letter policy): `counts_attempts`.
+# tests read from `broker.capabilities`. Pub/Sub runs as pstest behind the Google-behaviour
+# layer (`gated_pubsub`), which enforces ordering; `enforces_ordering` says whether per-key
+# order is asserted for the backend at hand. `counts_attempts`: whether delivery attempts
+# are counted for messages the test nacks.
 
 
 @dataclass
@@ -62,7 +77,7 @@ def _memory_backend(request, tmp_path) -> BrokerBackend:
 
 
 def _pubsub_backend(request, tmp_path) -> BrokerBackend:
-    request.getfixturevalue("pubsub_emulator")
+    request.getfixturevalue("monkeypatch").setenv("PUBSUB_EMULATOR_HOST", request.getfixturevalue("gated_pubsub"))
     name = uuid.uuid4().hex[:8]
     base = Settings(
         broker="pubsub", gcp_project="contract", pubsub_topic=f"topic-{name}", pubsub_subscription=f"sub-{name}",
@@ -73,7 +88,7 @@ def _pubsub_backend(request, tmp_path) -> BrokerBackend:
     def make(**overrides) -> Broker:
         return open_broker(base.model_copy(update=overrides))
 
-    return BrokerBackend("pubsub", make, enforces_ordering=False, counts_attempts=False)
+    return BrokerBackend("pubsub", make, enforces_ordering=True, counts_attempts=False)
 
 
 BACKENDS = {"local": _local_backend, "memory": _memory_backend, "pubsub": _pubsub_backend}

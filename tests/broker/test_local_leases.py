@@ -55,13 +55,20 @@ def test_different_keys_interleave(broker):
     assert datas(broker.pull(10, timeout=5)) == ["a1"]
 
 
-def test_one_pull_shares_between_keys(broker):
-    publish(broker, *[msg(f"a{i}", "a") for i in range(10)], *[msg(f"b{i}", "b") for i in range(10)])
-    got = broker.pull(6, timeout=5)
+def _by_key(messages) -> dict[str, list[str]]:
     by_key: dict[str, list[str]] = {}
-    for m in got:
+    for m in messages:
         by_key.setdefault(m.ordering_key, []).append(m.data.decode())
-    assert by_key == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}
+    return by_key
+
+
+def test_a_pull_takes_whole_runs_of_the_keys_waiting_longest(broker):
+    # One table apply per run: a pull of long runs over few keys beats one message per key.
+    publish(broker, *[msg(f"a{i}", "a") for i in range(4)], *[msg(f"b{i}", "b") for i in range(10)],
+            *[msg(f"c{i}", "c") for i in range(3)])
+    assert _by_key(broker.pull(6, timeout=5)) == {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1"]}
+    # a and b are leased now: the next pull starts with the key waiting longest among the rest
+    assert _by_key(broker.pull(6, timeout=5)) == {"c": ["c0", "c1", "c2"]}
 
 
 # ---------------------------------------------------------------- ack / nack / leases

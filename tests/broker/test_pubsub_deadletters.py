@@ -8,6 +8,7 @@ ordering key plus its `CloudPubSubDeadLetterSource*` attributes.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import orjson
@@ -19,9 +20,13 @@ from app.broker.pubsub import PubSubBroker
 from app.broker.pubsub.deadletters import DeadLetterSubscription
 from app.broker.pubsub.publisher import Publisher
 from app.messages.codec import decode_message, encode_batch
+from app.messages.deadletters import DeadLetterStore, rejected_activity_batch_id
+from app.pipeline.subscriber import Subscriber
 from app.provision import provision_pubsub
 from app.schema.activity import Activity
 from tests.broker.test_pubsub import make_settings, msg, pull_until
+from tests.support.memory_warehouse import MemoryWarehouse
+from tests.support.subscribers import running, wait_until
 
 pytestmark = pytest.mark.emulator
 
@@ -153,3 +158,40 @@ def test_cli_shows_a_columnar_message_as_json_and_replays_it_as_it_was_sent(sett
         broker.close()
     assert again.data == original.data and again.attributes == original.attributes
     assert decode_message(again).activities == [activity]
+
+
+def test_a_refused_activity_outlives_the_replica_s_disk_and_is_listed_and_replayed_from_pubsub(
+    settings, tmp_path, monkeypatch
+):
+    from app import cli
+
+    data_dir = tmp_path / "replica"
+    settings = settings.model_copy(update={"data_dir": data_dir})
+    refused = Activity("insert", "t", ["n"], ["string"], ["x"])  # "n" is created as an integer just before
+    broker, store = PubSubBroker(settings), DeadLetterStore(settings.dead_letter_file)
+    try:
+        asyncio.run(broker.publish(encode_batch([Activity("insert", "t", ["n"], ["integer"], [1]), refused], "b1"),
+                                   batch_id="b1"))
+        subscriber = Subscriber(settings, broker, MemoryWarehouse(), store)
+        with running(subscriber):
+            wait_until(lambda: subscriber.totals.messages_acked == 1, "the message applied and acked")
+    finally:
+        broker.close()
+        store.close()
+    shutil.rmtree(data_dir)  # the replica is replaced: a fresh, empty disk
+    data_dir.mkdir()
+    listed(settings, 1)
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    result = CliRunner().invoke(cli.cli, ["dead-letters", "pubsub-list"])
+    assert result.exit_code == 0, result.output
+    assert "kind=activity table=t" in result.output and "is integer in table t" in result.output
+    result = CliRunner().invoke(cli.cli, ["dead-letters", "pubsub-replay", "--include-forwarded"])
+    assert result.exit_code == 0 and result.output.startswith("replayed 1, left 0"), result.output
+    broker = PubSubBroker(settings)
+    try:
+        [again] = pull_until(broker, 1)
+    finally:
+        broker.close()
+    # The activity alone, under the batch id a replay from the store would use too.
+    assert decode_message(again).activities == [refused]
+    assert again.dedup_id == f"{rejected_activity_batch_id('b1:t:0', 1)}:t:0"

@@ -1,8 +1,9 @@
-"""The Pub/Sub subscriber side (`app.broker.pubsub.pull`) against a scripted Pull API.
+"""The Pub/Sub subscriber side (`app.broker.pubsub.pull`) against a scripted StreamingPull API.
 
-A fake subscriber client answers Pull with the deliveries a test queues (as Pub/Sub
+A fake subscriber client answers the stream with the deliveries a test queues (as Pub/Sub
 would: a key's messages in order, several per response) and records every ack and
 ModifyAckDeadline, so hand-out order, gating and lease handling are checked exactly.
+Failed acks and modacks carry Pub/Sub's per-ack-id ErrorInfo, as with exactly-once delivery.
 """
 
 from __future__ import annotations
@@ -13,14 +14,32 @@ import threading
 import time
 from types import SimpleNamespace
 
+import grpc
 import pytest
 from google.api_core import exceptions as gexc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from app.broker.base import BrokerUnavailable
-from app.broker.pubsub.pull import PULL_MAX_PER_REQUEST, Puller
+from app.broker.pubsub import settle
+from app.broker.pubsub.pull import HELD_MAX_BYTES, Puller
 from app.settings import Settings
 
 SUB = "projects/p/subscriptions/s"
+
+
+def exactly_once_error(failures: dict[str, str]) -> gexc.InvalidArgument:
+    """What Pub/Sub answers an ack/modack naming invalid ack ids, with exactly-once delivery on."""
+    info = error_details_pb2.ErrorInfo(
+        reason="EXACTLY_ONCE_ACKID_FAILURE", domain="pubsub.googleapis.com", metadata=failures
+    )
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="Some acknowledgement ids were invalid.")
+    status.details.add().Pack(info)
+    call = SimpleNamespace(
+        code=lambda: grpc.StatusCode.INVALID_ARGUMENT,
+        details=lambda: status.message,
+        trailing_metadata=lambda: (("grpc-status-details-bin", status.SerializeToString()),),
+    )
+    return gexc.InvalidArgument(status.message, response=call)
 
 
 class FakeSubscriberClient:
@@ -28,12 +47,15 @@ class FakeSubscriberClient:
         self.responses: queue.Queue = queue.Queue()
         self.acked: list[str] = []
         self.modacks: list[tuple[tuple[str, ...], int]] = []
-        self.pull_sizes: list[int] = []
+        self.streams: list = []  # the opening request of each stream
+        self.heartbeats = 0
+        self.reads = 0  # responses the puller has taken off the stream
+        self.refuse: dict[str, dict[str, str]] = {"ack": {}, "modack": {}}  # ack id -> ErrorInfo reason
         self.lock = threading.Lock()
         self._ack_ids = itertools.count(1)
 
     def deliver(self, *messages: tuple[str, str], attempt: int = 0) -> list[str]:
-        """Queue one Pull response of (message_id, key) deliveries; returns their ack ids."""
+        """Queue one stream response of (message_id, key) deliveries; returns their ack ids."""
         received = []
         for message_id, key in messages:
             ack_id = f"ack-{next(self._ack_ids)}"
@@ -50,31 +72,63 @@ class FakeSubscriberClient:
         self.responses.put(received)
         return [r.ack_id for r in received]
 
-    def fail_next_pull(self, exc: Exception) -> None:
+    def fail_stream(self, exc: Exception) -> None:
         self.responses.put(exc)
 
-    def pull(self, request, timeout, retry):
+    def streaming_pull(self, requests, timeout, retry):
+        requests = iter(requests)
+        opening = next(requests)
         with self.lock:
-            self.pull_sizes.append(request["max_messages"])
-        try:
-            answer = self.responses.get(timeout=0.05)
-        except queue.Empty:
-            raise gexc.DeadlineExceeded("long poll ended") from None
-        if isinstance(answer, Exception):
-            raise answer
-        return SimpleNamespace(received_messages=answer)
+            self.streams.append(opening)
+
+        def read_requests() -> None:
+            for _ in requests:
+                with self.lock:
+                    self.heartbeats += 1
+
+        threading.Thread(target=read_requests, daemon=True).start()
+        cancelled = threading.Event()
+
+        def responses():
+            while not cancelled.is_set():
+                try:
+                    answer = self.responses.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if isinstance(answer, Exception):
+                    raise answer
+                with self.lock:
+                    self.reads += 1
+                yield SimpleNamespace(received_messages=answer)
+
+        return _Stream(responses(), cancelled)
+
+    def _refused(self, kind: str, ack_ids) -> None:
+        failures = {a: self.refuse[kind][a] for a in ack_ids if a in self.refuse[kind]}
+        if failures:
+            raise exactly_once_error(failures)
 
     def acknowledge(self, request, timeout):
         with self.lock:
-            self.acked.extend(request["ack_ids"])
+            self.acked.extend(a for a in request["ack_ids"] if a not in self.refuse["ack"])
+        self._refused("ack", request["ack_ids"])
 
     def modify_ack_deadline(self, request, timeout):
         with self.lock:
             self.modacks.append((tuple(request["ack_ids"]), request["ack_deadline_seconds"]))
+        self._refused("modack", request["ack_ids"])
 
     def deadlines_of(self, ack_id: str) -> list[int]:
         with self.lock:
             return [seconds for ids, seconds in self.modacks if ack_id in ids]
+
+
+class _Stream:
+    def __init__(self, responses, cancelled: threading.Event) -> None:
+        self._responses, self.cancel = responses, cancelled.set
+
+    def __iter__(self):
+        return self._responses
 
 
 def make_puller(client: FakeSubscriberClient, **overrides) -> Puller:
@@ -227,35 +281,40 @@ def test_leases_are_extended_on_the_keeper_s_interval_not_on_every_pull_and_ack(
     puller.ack(held)
 
 
-def test_the_puller_keeps_at_most_twice_pull_max_messages(client):
+def test_the_stream_opens_with_flow_control_our_deadline_and_one_client_id_across_reopens(client):
+    puller = make_puller(client, pull_max_messages=3)
+    try:
+        puller.start()
+        wait_for(lambda: client.streams)
+        client.fail_stream(gexc.ServiceUnavailable("stream closed by the server"))
+        wait_for(lambda: len(client.streams) == 2)
+        first, second = client.streams
+        assert (first.max_outstanding_messages, first.max_outstanding_bytes) == (6, HELD_MAX_BYTES)
+        assert first.stream_ack_deadline_seconds == 30 and first.subscription == SUB
+        # The server carries key affinity over to a reopened stream with the same client id.
+        assert first.client_id and second.client_id == first.client_id
+    finally:
+        puller.close()
+
+
+def test_the_puller_stops_reading_the_stream_while_it_holds_twice_pull_max_messages(client):
     puller = make_puller(client, pull_max_messages=3)
     try:
         client.deliver(*[(f"m{i}", f"k{i}") for i in range(6)])
+        client.deliver(("m6", "k6"))
         puller.start()
         wait_for(lambda: puller._gate.waiting_count == 6)
-        assert client.pull_sizes == [6]  # then no Pull while full
-        sizes = len(client.pull_sizes)
         time.sleep(0.3)
-        assert len(client.pull_sizes) == sizes
+        assert (client.reads, puller._gate.waiting_count) == (1, 6)  # the next response stays unread
         puller.ack(puller.pull(2, 1.0))
-        wait_for(lambda: len(client.pull_sizes) > sizes)
-        assert client.pull_sizes[sizes] == 2
+        wait_for(lambda: puller._gate.waiting_count == 5)
+        assert client.reads == 2
     finally:
         puller.close()
 
 
-def test_one_pull_request_never_asks_for_more_than_pub_sub_returns(client):
-    puller = make_puller(client, pull_max_messages=5000)
-    try:
-        puller.start()
-        wait_for(lambda: client.pull_sizes)
-        assert client.pull_sizes[0] == PULL_MAX_PER_REQUEST
-    finally:
-        puller.close()
-
-
-def test_a_failing_pull_is_broker_unavailable_until_it_works_again(client, puller):
-    client.fail_next_pull(gexc.PermissionDenied("no pubsub.subscriptions.consume"))
+def test_a_failing_stream_is_broker_unavailable_until_it_works_again(client, puller):
+    client.fail_stream(gexc.PermissionDenied("no pubsub.subscriptions.consume"))
     with pytest.raises(BrokerUnavailable, match="PermissionDenied"):
         puller.pull(10, 5.0)
     client.deliver(("m0", "t"))
@@ -263,7 +322,19 @@ def test_a_failing_pull_is_broker_unavailable_until_it_works_again(client, pulle
     assert ids(puller.pull(10, 5.0)) == ["m0"]
 
 
-def test_a_failed_ack_is_broker_unavailable_and_still_frees_the_key(client, puller):
+def test_the_lease_counts_from_the_delivery_not_from_the_hand_out(client, puller):
+    client.deliver(("m0", "t"))
+    puller.start()
+    wait_for(lambda: puller._gate.waiting_count == 1)
+    delivered = puller._gate.waiting()[0].received_at
+    time.sleep(0.05)
+    [m0] = puller.pull(10, 1.0)
+    assert m0.received_at == delivered
+    assert not m0.lease_lost
+
+
+def test_a_failed_ack_is_broker_unavailable_and_still_frees_the_key(client, puller, monkeypatch):
+    monkeypatch.setattr(settle, "RETRY_DELAY", 0.0)
     client.deliver(("m0", "t"))
     got = puller.pull(10, 5.0)
 
@@ -272,7 +343,7 @@ def test_a_failed_ack_is_broker_unavailable_and_still_frees_the_key(client, pull
 
     client.acknowledge = broken
     with pytest.raises(BrokerUnavailable):
-        puller.ack(got)
+        puller.ack(got)  # retried (transient) first, then reported
     client.deliver(("m1", "t"))
     assert ids(puller.pull(10, 5.0)) == ["m1"]
 
@@ -286,3 +357,69 @@ def test_close_gives_back_what_the_pipeline_never_took(client):
     assert client.modacks[-1] == ((ack_id,), 0)
     with pytest.raises(BrokerUnavailable):
         puller.pull(10, 0.1)
+
+
+# --- exactly-once delivery: every ack and modack result is checked
+
+
+def failures(op: str) -> float:
+    from app import metrics
+
+    return sum(
+        sample.value
+        for metric in metrics.SUBSCRIBER.collect() if metric.name == "pubsub_settle_failures"
+        for sample in metric.samples if sample.name.endswith("_total") and sample.labels["op"] == op
+    )
+
+
+def test_a_refused_ack_is_counted_and_logged_and_the_others_hold(client, puller, caplog):
+    a0, a1 = client.deliver(("m0", "t"), ("u0", "u"))
+    got = puller.pull(10, 5.0)
+    client.refuse["ack"][a0] = "PERMANENT_FAILURE_INVALID_ACK_ID"
+    before = failures("ack")
+    puller.ack(got)  # not an error for the pipeline: m0 comes back and the warehouse dedups it
+    assert client.acked == [a1]
+    assert failures("ack") == before + 1
+    assert "refused 1 of 2 ack(s)" in caplog.text
+
+
+def test_a_transient_per_ack_id_failure_is_retried(client, puller, monkeypatch):
+    monkeypatch.setattr(settle, "RETRY_DELAY", 0.0)
+    [a0] = client.deliver(("m0", "t"))
+    got = puller.pull(10, 5.0)
+    calls = []
+    original = client.acknowledge
+
+    def flaky(request, timeout):
+        calls.append(list(request["ack_ids"]))
+        if len(calls) == 1:
+            raise exactly_once_error({a0: "TRANSIENT_FAILURE_UNORDERED_ACK_ID"})
+        original(request, timeout)
+
+    client.acknowledge = flaky
+    before = failures("ack")
+    puller.ack(got)
+    assert calls == [[a0], [a0]] and client.acked == [a0]
+    assert failures("ack") == before
+
+
+def test_a_refused_lease_extension_drops_what_waits_and_marks_what_the_pipeline_has(client, puller):
+    out, waiting, kept = client.deliver(("m0", "t"), ("m1", "t"), ("u0", "u"))
+    [m0] = puller.pull(1, 5.0)  # m1 waits behind m0
+    [u0] = puller.pull(10, 1.0)
+    client.refuse["modack"].update({out: "PERMANENT_FAILURE_INVALID_ACK_ID", waiting: "PERMANENT_FAILURE_INVALID_ACK_ID"})
+    before = failures("lease")
+    puller.extend_leases()
+    assert failures("lease") == before + 2
+    assert m0.lease_lost and not u0.lease_lost
+    assert puller._gate.waiting_count == 0  # m1 is Pub/Sub's again
+    client.modacks.clear()
+    puller.extend_leases()
+    assert client.modacks == [((kept,), 30)]  # a lost lease is not extended any more
+
+
+def test_a_delivery_whose_receipt_modack_is_refused_is_never_handed_out(client, puller):
+    client.refuse["modack"]["ack-1"] = "PERMANENT_FAILURE_INVALID_ACK_ID"
+    client.deliver(("m0", "t"), ("m1", "u"))
+    assert ids(puller.pull(10, 5.0)) == ["m1"]
+    assert puller.pull(10, 0.2) == []

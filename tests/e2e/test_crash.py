@@ -36,15 +36,8 @@ def test_subscriber_kill9_loses_and_duplicates_nothing(tmp_path):
 
     producer = threading.Thread(target=produce)
     producer.start()
-    rng = random.Random(7)
-    kills = 0
     try:
-        while producer.is_alive() or kills < 5:
-            threading.Event().wait(rng.uniform(0.3, 1.2))
-            p.kill("subscriber", signal.SIGKILL)
-            kills += 1
-            p.start("subscriber")
-        producer.join()
+        kills = _kill_subscriber_while(p, producer, random.Random(7), at_least=5, pause=(0.3, 1.2))
         assert not errors, errors[:3]
         assert len(accepted) == TOTAL
         wait_until(lambda: p.query("SELECT count(*) FROM stream")[0][0] >= TOTAL, timeout=180, what="all rows")
@@ -56,6 +49,21 @@ def test_subscriber_kill9_loses_and_duplicates_nothing(tmp_path):
     assert kills >= 5
 
 
+def _kill_subscriber_while(
+    p: Pipeline, producer: threading.Thread, rng: random.Random, *, at_least: int, pause: tuple[float, float]
+) -> int:
+    """kill -9 and restart the subscriber at random moments until the producer is done
+    (and at least `at_least` times); returns the number of kills."""
+    kills = 0
+    while producer.is_alive() or kills < at_least:
+        threading.Event().wait(rng.uniform(*pause))
+        p.kill("subscriber", signal.SIGKILL)
+        kills += 1
+        p.start("subscriber")
+    producer.join()
+    return kills
+
+
 def _backlog_empty(p: Pipeline) -> bool:
     import httpx
 
@@ -64,3 +72,55 @@ def _backlog_empty(p: Pipeline) -> bool:
         if line.startswith("broker_backlog_messages "):
             return float(line.split()[1]) == 0
     return False
+
+
+@pytest.mark.slow
+def test_subscriber_kill9_during_many_table_applies_keeps_every_row_once_and_in_order(tmp_path):
+    """Each request spreads over 20 of 60 tables, so every apply spans many tables in one
+    transaction; the subscriber is killed in the middle of them. Each table ends with
+    every accepted row exactly once, and its `seq` column shows the publish order held
+    (a later activity of a table never applied before an earlier one: an earlier row
+    deleted by a later activity would come back otherwise)."""
+    tables, per_table_request, requests = 60, 20, 150
+    p = Pipeline.create(tmp_path, ACK_DEADLINE_SECONDS="3", PULL_MAX_MESSAGES="200")
+    p.start("api")
+    p.start("subscriber")
+    errors: list[str] = []
+    expected: dict[str, set[int]] = {}
+
+    def produce() -> None:
+        for r in range(requests):
+            acts = []
+            for j in range(per_table_request):
+                table = f"mt{(r * per_table_request + j) % tables:02d}"
+                acts.append({"operation": "insert", "table": table, "col_names": ["seq", "req"],
+                             "col_types": ["integer", "integer"], "col_values": [r * 100 + j, r]})
+                if r % 10 == 9:  # a later delete of this table's row from the previous request
+                    acts.append({"operation": "delete", "table": table, "col_names": ["req"],
+                                 "col_types": ["integer"], "col_values": [r - 1]})
+            resp = p.post({"user_activities": acts})
+            if resp.status_code != 200:
+                errors.append(resp.text)
+                continue
+            for a in acts:
+                rows = expected.setdefault(a["table"], set())
+                if a["operation"] == "insert":
+                    rows.add(a["col_values"][0])
+                else:
+                    rows -= {s for s in rows if s // 100 == a["col_values"][0]}
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        kills = _kill_subscriber_while(p, producer, random.Random(11), at_least=4, pause=(0.3, 1.0))
+        assert not errors, errors[:3]
+        total = sum(len(rows) for rows in expected.values())
+        count_sql = " UNION ALL ".join(f"SELECT count(*) FROM {t}" for t in sorted(expected))
+        wait_until(lambda: sum(n for (n,) in p.query(count_sql)) == total and _backlog_empty(p), timeout=180,
+                   what="every table's rows")
+        for table, rows in expected.items():
+            got = [seq for (seq,) in p.query(f"SELECT seq FROM {table} ORDER BY seq")]
+            assert got == sorted(rows), table
+    finally:
+        p.stop()
+    assert kills >= 4

@@ -63,6 +63,17 @@ def test_bigquery_403_quota_errors_are_waited_out_and_nothing_is_dead_lettered(t
     _landed_once(o)
 
 
+def test_permission_denied_on_every_bigquery_call_blocks_the_subscriber_and_dead_letters_nothing(tmp_path):
+    # issue 16: "PERMISSION_DENIED on every BigQuery call" (8 s here instead of 60 s)
+    o = google.scenario_bigquery_permission_denied(tmp_path)
+    assert sum(o.data["faults"].values()) > 0, "the fault was never served"
+    during = o.data["readyz_during"]
+    assert any(status == 503 and why.startswith("blocked: permission_denied") for status, why in during), during
+    assert o.data["blocked_metric"] == 1  # the gauge is exported (back at 0 now)
+    _nothing_dead_lettered(o)
+    _landed_once(o)
+
+
 def test_dml_queue_full_and_concurrent_update_are_retried_in_order(tmp_path):
     o = google.scenario_bigquery_dml_queue(tmp_path)
     assert sum(o.data["faults"].values()) == 5, o.data["faults"]  # every armed DML fault was hit

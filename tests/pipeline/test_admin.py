@@ -15,7 +15,7 @@ from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.base import Envelope
-from app.warehouse.duckdb import DuckDBWarehouse
+from app.warehouse import open_warehouse
 from tests.support.processes import free_port
 from tests.support.subscribers import running, wait_until
 
@@ -28,7 +28,7 @@ def _scrape(url: str) -> dict[str, float]:
 
 def test_admin_metrics_list_only_the_subscribers_metrics(tmp_path):
     settings = Settings(data_dir=tmp_path)
-    broker, warehouse, store = LocalBroker(settings), DuckDBWarehouse(settings), DeadLetterStore(settings.dead_letter_file)
+    broker, warehouse, store = LocalBroker(settings), open_warehouse(settings), DeadLetterStore(settings.dead_letter_file)
     subscriber = Subscriber(settings, broker, warehouse, store)
     port = free_port()
     admin = AdminServer(subscriber, "127.0.0.1", port)
@@ -57,7 +57,7 @@ def test_tables_and_query_answer_in_activity_terms(tmp_path):
     # /tables lists every user table (not only those this process wrote) with exact
     # counts; /query types its columns with activity types, as the renderer needs them.
     settings = Settings(data_dir=tmp_path)
-    broker, warehouse, store = LocalBroker(settings), DuckDBWarehouse(settings), DeadLetterStore(settings.dead_letter_file)
+    broker, warehouse, store = LocalBroker(settings), open_warehouse(settings), DeadLetterStore(settings.dead_letter_file)
     subscriber = Subscriber(settings, broker, warehouse, store)
     port = free_port()
     admin = AdminServer(subscriber, "127.0.0.1", port)
@@ -85,3 +85,48 @@ def test_tables_and_query_answer_in_activity_terms(tmp_path):
     assert tables["tables"][0]["last_write"] is not None and tables["tables"][1]["last_write"] is None
     assert answer["types"] == ["datetime", "geography", "record", None]
     assert answer["rows"] == [["2024-01-02T03:04:05", "POINT(1 2)", '{"a":1}', "1"]]
+
+
+def test_readyz_and_metrics_say_why_while_the_warehouse_refuses_the_subscriber(tmp_path):
+    from tests.support.memory_warehouse import MemoryWarehouse
+    from app.warehouse.base import WarehouseUnavailable
+
+    refusing = [True]
+
+    def plan(table, envelopes):
+        if refusing[0]:
+            raise WarehouseUnavailable("403 accessDenied: role revoked", reason="permission_denied")
+
+    settings = Settings(data_dir=tmp_path, retry_backoff_max_seconds=0.2, max_in_place_retry_seconds=0)
+    broker, warehouse, store = LocalBroker(settings), MemoryWarehouse(before_apply=plan), DeadLetterStore(settings.dead_letter_file)
+    subscriber = Subscriber(settings, broker, warehouse, store)
+    port = free_port()
+    admin = AdminServer(subscriber, "127.0.0.1", port)
+    admin.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def blocked_gauge() -> float:
+        r = httpx.get(url + "/metrics", timeout=10)
+        samples = [s for f in text_string_to_metric_families(r.text) for s in f.samples if s.name == "subscriber_blocked"]
+        return sum(s.value for s in samples if s.labels.get("reason") == "permission_denied")
+
+    try:
+        messages = encode_batch([Activity("insert", "t", ["n"], ["integer"], [1])], "batch1")
+        asyncio.run(broker.publish(messages, batch_id="batch1"))
+        with running(subscriber):
+            wait_until(lambda: subscriber.blocked is not None, "the subscriber blocked")
+            r = httpx.get(url + "/readyz", timeout=10)
+            assert r.status_code == 503
+            assert r.json()["warehouse"].startswith("blocked: permission_denied") and "accessDenied" in r.json()["warehouse"]
+            assert blocked_gauge() == 1
+            refusing[0] = False
+            wait_until(lambda: subscriber.totals.messages_acked == 1, "applied once the warehouse accepts again")
+            assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+            assert blocked_gauge() == 0
+    finally:
+        admin.stop()
+        broker.close()
+        warehouse.close()
+        dead = store.count()
+        store.close()
+    assert dead == 0

@@ -18,8 +18,8 @@ from tests.support.processes import Pipeline, wait_until
 from tests.support.subscribers import running
 
 
-def _activity(table, names, types, values):
-    return {"operation": "insert", "table": table, "col_names": names, "col_types": types, "col_values": values}
+def _activity(table, names, types, values, operation="insert"):
+    return {"operation": operation, "table": table, "col_names": names, "col_types": types, "col_values": values}
 
 
 def _dead(store, n, body, kind="activity"):
@@ -103,6 +103,7 @@ def test_replay_reads_the_schema_through_the_running_subscriber(tmp_path):
     store = DeadLetterStore(seeded.dead_letter_file)
     _dead(store, 1, _activity("scores", ["id", "score"], ["integer", "string"], [2, "high"]))
     _dead(store, 2, _activity("scores", ["id", "score"], ["integer", "integer"], [3, 30]))
+    _dead(store, 3, _activity("scores", ["id"], ["integer"], [1], operation="delete"))  # row 1 is there now
     store.close()
     p.start("subscriber")  # holds the DuckDB file: the schema can only come from its admin port
     try:
@@ -114,6 +115,8 @@ def test_replay_reads_the_schema_through_the_running_subscriber(tmp_path):
         out = p.cli("dead-letters", "replay", "--all")
         assert out.returncode == 1, out.stderr
         assert "#1 not replayed: would be rejected again" in out.stdout and "#2 replayed as " in out.stdout
+        # Compared with the rows through the subscriber's admin port too.
+        assert "#3 not replayed: would delete 1 row(s) of scores" in out.stdout and "--force" in out.stdout
         wait_until(lambda: p.query("SELECT id, score FROM scores ORDER BY id") == [(1, 10), (3, 30)], what="replayed row")
     finally:
         p.stop()
@@ -138,3 +141,23 @@ def test_message_entries_replay_from_their_json_rendering_or_a_columnar_body(set
         broker.close()
     assert len(published) == 2 and all(m.data.startswith(MAGIC) for m in published)  # republished as format 2
     assert sorted(a.col_values for m in published for a in decode_message(m).activities) == [[4, 40], [5, 50]]
+
+
+def test_a_replay_that_would_change_what_the_table_got_since_needs_force(settings):
+    store = DeadLetterStore(settings.dead_letter_file)
+    _dead(store, 1, _activity("scores", ["id"], ["integer"], [1], operation="delete"))  # row 1 was written since
+    _dead(store, 2, _activity("scores", ["id", "score"], ["integer", "integer"], [1, 10]))  # written again since
+    _dead(store, 3, _activity("scores", ["id", "score"], ["integer", "integer"], [4, 40]))  # nothing to collide with
+    _dead(store, 4, _activity("scores", ["id"], ["integer"], [9], operation="delete"))  # matches nothing now
+    store.close()
+
+    outcomes = {o.entry_id: o for o in replay(settings, None)}
+    assert {i for i, o in outcomes.items() if o.problem is None} == {3, 4}
+    assert outcomes[1].problem.startswith("would delete 1 row(s) of scores as it is now (id=1)")
+    assert "already holds 1 row(s) with these values (id=1, score=10)" in outcomes[2].problem
+    assert all(outcomes[i].problem.endswith("replay with --force to apply it anyway") for i in (1, 2))
+    assert {i for i, e in _entries(settings).items() if e.replayed_at is None} == {1, 2}
+
+    forced = {o.entry_id: o for o in replay(settings, [1, 2], force=True)}
+    assert all(o.problem is None and o.batch_id for o in forced.values())
+    assert forced[1].changes.startswith("would delete 1 row(s)") and "already holds" in forced[2].changes

@@ -58,12 +58,24 @@ def test_messages_pulled_while_their_table_was_released_are_handed_back():
     in_flight = s.begin_pull()
     assert [h.message.message_id for h in s.release(queue, 5.0)] == ["1"]
     # "2" may have been pulled before the nack of "1" reached the broker: it must not overtake it.
-    late, delay = s.hold("t", [_held("2")], in_flight)
-    assert [h.message.message_id for h in late] == ["2"] and delay == 5.0
+    late, delay, why = s.hold("t", [_held("2")], in_flight)
+    assert [h.message.message_id for h in late] == ["2"] and delay == 5.0 and why == "ordering"
     # A pull that holds "1" again happened after the nack: in order.
-    late, _ = s.hold("t", [_held("1"), _held("2")], in_flight)
+    late, _, _ = s.hold("t", [_held("1"), _held("2")], in_flight)
     assert late == []
 
+
+
+def test_a_table_holds_only_its_share_and_hands_back_the_newest_beyond_it():
+    s = _scheduler(max_messages=6, max_messages_per_table=3)
+    back, delay, why = s.hold("busy", [_held(str(i), "busy") for i in range(5)], s.begin_pull())
+    assert [h.message.message_id for h in back] == ["3", "4"] and why == "table_full" and delay > 0
+    back, _, _ = s.hold("busy", [_held("5", "busy")], s.begin_pull())
+    assert [h.message.message_id for h in back] == ["5"]
+    # The other tables still have room in the window.
+    assert s.held_by_table() == {"busy": 3} and s.wait_for_room(0) == 3
+    back, _, _ = s.hold("other", [_held("6", "other")], s.begin_pull())
+    assert back == [] and s.held_by_table() == {"busy": 3, "other": 1}
 
 def test_release_waiting_takes_only_tables_waiting_long_enough():
     s = _scheduler()

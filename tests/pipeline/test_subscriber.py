@@ -19,14 +19,14 @@ from typing import Sequence
 import orjson
 import pytest
 
-from app.broker import OutgoingMessage
+from app.broker import BrokerUnavailable, OutgoingMessage, ReceivedMessage
 from app.broker.local import LocalBroker
-from app.messages.codec import encode_batch, json_body, new_batch_id
+from app.messages.codec import decode_message, encode_batch, json_body, new_batch_id
 from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings
-from app.warehouse.base import Envelope, TransientWarehouseError
+from app.warehouse.base import Envelope, TransientWarehouseError, WarehouseUnavailable
 from app.warehouse.duckdb import DuckDBWarehouse
 from tests.support.memory_warehouse import MemoryWarehouse
 from tests.support.memory_broker import MemoryBroker
@@ -178,6 +178,87 @@ def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_pa
     assert _applied_numbers(warehouse, "waiting") == [0, 1, 2, 3] and store.count() == 0
 
 
+
+def test_a_table_stuck_in_a_schema_change_holds_only_its_share_while_another_table_lands(tmp_path, store):
+    # The gate stands for a schema change pending for minutes (the new column not yet
+    # writable): the apply of "pending" does not return until the test opens it.
+    gate, entered = threading.Event(), threading.Event()
+
+    def plan(table, envelopes):
+        if table == "pending":
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker = MemoryBroker(max_lease_seconds=600.0)  # ordered keys, nack delays honoured
+    warehouse = MemoryWarehouse(before_apply=plan)
+    pending = [m for i in range(10) for m in broker.put_activities(_insert("pending", i))]
+    settings = _settings(
+        tmp_path, pull_max_messages=10, subscriber_max_outstanding_messages=6,
+        subscriber_max_outstanding_messages_per_table=3,
+    )
+    with running(Subscriber(settings, broker, warehouse, store)) as subscriber:
+        assert entered.wait(WAIT_SECONDS)
+        other = [m for i in range(5) for m in broker.put_activities(_insert("other", i))]
+        wait_until(lambda: set(other) <= set(broker.acked), "the other table, while the pending one is stuck")
+        assert _applied_numbers(warehouse, "other") == [0, 1, 2, 3, 4]
+        assert _applied_numbers(warehouse, "pending") == []
+        assert subscriber.scheduler.held_by_table() == {"pending": 3}
+        # What it could not hold went back to the broker, the newest, for a later delivery.
+        assert [m for m, _ in broker.nacks] == pending[3:6] and all(delay >= 30 for _, delay in broker.nacks)
+        gate.set()
+        wait_until(lambda: set(pending[:3]) <= set(broker.acked), "the pending table, once its change is done")
+    assert _applied_numbers(warehouse, "pending") == [0, 1, 2] and store.count() == 0
+    assert broker.unacked == 7  # the rest is still in the broker, in order, for the next delivery
+
+
+# --------------------------------------------------------------------------- refused activities
+
+
+def _refused() -> Activity:
+    return Activity("insert", "t", ["n"], ["string"], ["not a number"])  # "n" is an integer column
+
+
+def test_a_refused_activity_reaches_the_broker_s_dead_letters_with_its_reason_before_its_message_is_acked(
+    tmp_path, store
+):
+    broker, warehouse = _broker(), MemoryWarehouse()
+    acked_when_forwarded: list[bool] = []
+    forward = broker.forward_dead_letters
+
+    def forward_and_look(entries):
+        acked_when_forwarded.extend(m.message_id in broker.acked for m, _ in entries)
+        forward(entries)
+
+    broker.forward_dead_letters = forward_and_look
+    [message_id] = broker.put_activities(_insert("t", 1), _refused(), _insert("t", 2))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: message_id in broker.acked, "the message acked")
+    assert acked_when_forwarded == [False]
+    [letter] = broker.dead_letter_source().list()
+    assert letter.attributes["dead_letter_kind"] == "activity" and "n" in letter.reason
+    # The dead letter is a message of that one activity, to be replayed as it is.
+    replayed = decode_message(ReceivedMessage("r", letter.data, letter.attributes, "t", 1))
+    assert replayed.activities == [_refused()]
+    assert _applied(warehouse, "t") == [[1, "not a number", 2]] and store.count() == 1  # committed once
+
+
+def test_when_the_refusal_cannot_be_forwarded_the_message_comes_back_and_is_forwarded_then(tmp_path, store):
+    broker, warehouse = _broker(), MemoryWarehouse()
+    forward, failures = broker.forward_dead_letters, [1]
+
+    def flaky_forward(entries):
+        if failures.pop() if failures else False:
+            raise BrokerUnavailable("dead-letter topic unreachable")
+        forward(entries)
+
+    broker.forward_dead_letters = flaky_forward
+    [message_id] = broker.put_activities(_insert("t", 1), _refused())
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)) as subscriber:
+        wait_until(lambda: message_id in broker.acked, "the message acked after its redelivery")
+    assert [m for m, _ in broker.nacks] == [message_id]  # not acked while its refusal was only on disk
+    assert len(broker.dead_letter_source().list()) == 1
+    assert _applied_numbers(warehouse, "t") == [1, "not a number"] and subscriber.totals.duplicates_skipped == 1
+
 # --------------------------------------------------------------------------- transient errors
 
 
@@ -199,6 +280,79 @@ def test_transient_errors_never_dead_letter_even_after_many_nacks(tmp_path, stor
     assert store.count() == 0
     assert _applied_numbers(warehouse, "t") == [1, 2]
     assert len(broker.nacks) >= 25 and all(delay > 0 for _, delay in broker.nacks)
+
+
+def test_a_warehouse_refusing_everything_blocks_the_subscriber_and_dead_letters_nothing(tmp_path, store):
+    from app import metrics
+
+    sub_box: list[Subscriber] = []
+    refusals_left = [8]  # far beyond MAX_DELIVERY_ATTEMPTS=3
+    seen_while_refused: list[str | None] = []
+
+    def plan(table, envelopes):
+        if refusals_left[0] > 0:
+            refusals_left[0] -= 1
+            seen_while_refused.append(sub_box[0].blocked)
+            raise WarehouseUnavailable("403 accessDenied: role revoked", reason="permission_denied")
+
+    broker, warehouse = _broker(), MemoryWarehouse(before_apply=plan)
+    ids = [i for n in range(3) for t in ("a", "b") for i in broker.put_activities(_insert(t, n))]
+    # No in-place budget: every refusal hands the messages back, with the slow delay.
+    settings = _settings(tmp_path, max_in_place_retry_seconds=0, retry_backoff_max_seconds=0.2)
+    sub = Subscriber(settings, broker, warehouse, store)
+    sub_box.append(sub)
+    gauge = metrics.SUBSCRIBER_BLOCKED.labels("permission_denied")
+    with running(sub):
+        wait_until(lambda: set(ids) <= set(broker.acked), "everything acked after the refusals")
+    assert store.count() == 0 and sub.totals.dead_lettered == 0
+    assert seen_while_refused[0] is None and all(b and b.startswith("permission_denied") for b in seen_while_refused[1:])
+    assert sub.blocked is None and gauge._value.get() == 0
+    assert _applied_numbers(warehouse, "a") == [0, 1, 2] and _applied_numbers(warehouse, "b") == [0, 1, 2]
+    assert broker.nacks and all(delay >= 0.2 for _, delay in broker.nacks)  # retried slowly, not at once
+
+
+class _CountingEvent(threading.Event):
+    """A stop event that counts the loop's waits on it (a blocked loop waits on it instead of pulling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+class _CountingBroker(MemoryBroker):
+    pulls = 0
+
+    def __init__(self) -> None:
+        super().__init__(redeliver_nacked_at_once=True, max_lease_seconds=600.0)
+
+    def pull(self, max_messages: int, timeout: float) -> list[ReceivedMessage]:
+        self.pulls += 1
+        return super().pull(max_messages, timeout)
+
+
+def test_a_blocked_subscriber_does_not_pull_until_its_probe_is_due(tmp_path, store):
+    def plan(table, envelopes):
+        raise WarehouseUnavailable("UNAUTHENTICATED", reason="unauthenticated")
+
+    broker, warehouse = _CountingBroker(), MemoryWarehouse(before_apply=plan)
+    [first] = broker.put_activities(_insert("t", 1))
+    # the probe is an hour away and nothing may wait in place: the refused message goes back
+    settings = _settings(tmp_path, max_in_place_retry_seconds=0, retry_backoff_max_seconds=3600)
+    sub = Subscriber(settings, broker, warehouse, store)
+    sub.stop_event = stop = _CountingEvent()
+    with running(sub):
+        wait_until(lambda: sub.blocked is not None and broker.nacks, "blocked, the message handed back")
+        wait_until(lambda: stop.waits >= 1, "the loop waiting instead of pulling")
+        pulls = broker.pulls
+        later = broker.put_activities(_insert("u", 1))
+        wait_until(lambda: stop.waits >= 3, "the loop went round twice more")
+        assert broker.pulls == pulls and broker.leased == 0
+    assert "u" not in warehouse.observer.attempts  # (a pull already waiting when it blocked may get "t" back)
+    assert first not in broker.acked and later[0] not in broker.acked and store.count() == 0
 
 
 def test_transient_errors_are_retried_in_place_while_the_budget_allows(tmp_path, store):
@@ -288,6 +442,63 @@ def test_messages_held_past_an_unextended_lease_are_handed_back_not_applied(tmp_
         wait_until(lambda: second in broker.acked, "the second message applied after its redelivery")
     assert (second, 0.0) in broker.nacks and first not in dict(broker.nacks)
     assert _applied(warehouse, "t") == [[0], [1]]
+
+
+def _capturing_pulls(broker: MemoryBroker, on_message) -> None:
+    """Let the test touch each delivered message (as the broker's own threads would)."""
+    pull = broker.pull
+
+    def pull_and_touch(max_messages, timeout):
+        messages = pull(max_messages, timeout)
+        for m in messages:
+            on_message(m)
+        return messages
+
+    broker.pull = pull_and_touch
+
+
+def test_a_held_message_whose_lease_the_broker_lost_is_handed_back_not_applied(tmp_path, store):
+    gate, entered = threading.Event(), threading.Event()
+    delivered: dict[str, list] = collections.defaultdict(list)
+
+    def plan(table, envelopes):
+        if _numbers(envelopes) == [0]:
+            entered.set()
+            assert gate.wait(WAIT_SECONDS)
+
+    broker = _broker(one_run_per_key=False)
+    _capturing_pulls(broker, lambda m: delivered[m.message_id].append(m))
+    warehouse = MemoryWarehouse(before_apply=plan)
+    [first] = broker.put_activities(_insert("t", 0))
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        assert entered.wait(WAIT_SECONDS)
+        [second] = broker.put_activities(_insert("t", 1))
+        wait_until(lambda: delivered[second], "the second message held behind the first")
+        delivered[second][0].lease_lost = True  # e.g. Pub/Sub refused its lease extension
+        gate.set()
+        wait_until(lambda: second in broker.acked, "the second message applied after its redelivery")
+    assert (second, 0.0) in broker.nacks and first not in dict(broker.nacks)
+    assert len(delivered[second]) == 2  # applied from the redelivery only
+    assert _applied(warehouse, "t") == [[0], [1]]
+
+
+def test_the_lease_guard_counts_from_the_broker_s_delivery_time(tmp_path, store):
+    broker = _broker(max_lease_seconds=None)
+    delivered_long_ago = time.monotonic() - 60  # longer ago than the 10 s ack deadline
+    seen: list = []
+
+    def stamp(m):
+        if not seen:  # only the first delivery is old
+            m.received_at = delivered_long_ago
+        seen.append(m.message_id)
+
+    _capturing_pulls(broker, stamp)
+    warehouse = MemoryWarehouse()
+    [only] = broker.put_activities(_insert("t", 0))
+    with running(Subscriber(_settings(tmp_path, ack_deadline_seconds=10), broker, warehouse, store)):
+        wait_until(lambda: only in broker.acked, "the message applied from its redelivery")
+    assert (only, 0.0) in broker.nacks  # the old delivery was handed back unapplied
+    assert seen == [only, only] and _applied(warehouse, "t") == [[0]]
 
 
 # --------------------------------------------------------------------------- terminal failures

@@ -11,13 +11,16 @@ app's).
 If it cannot be built or started: with `CI=true` that is an error (the suite must not go
 green by skipping), otherwise the calling test is skipped with the reason.
 
-Emulator quirks the code and tests must respect (bqemulator 1.4.0):
-- a table schema PATCH (`update_table`) changes only the catalog, not the physical
-  DuckDB table, so columns must be added with DDL, one `ALTER TABLE` per statement;
-- BIGNUMERIC columns cannot be created (DuckDB's DECIMAL stops at 38 digits);
-- GEOGRAPHY values come back from queries typed as BYTES (read them with ST_ASTEXT);
-- BYTES values do not always round-trip through query results (read with TO_BASE64);
-- concurrent writers to one table can fail: serialize writes per table.
+`shared_emulator()` puts a `BigQueryRestProxy` in front of it: its `rest` is the
+proxy, which answers in Google's shape where the emulator departs from it and sends one
+call at a time (see `fault_proxy/bq_shape.py`), and its `grpc` a `SerialGrpcProxy` that
+shares that one-at-a-time baton, so the app runs Google's code path. A test that starts
+its own emulator puts the same two proxies in front of it.
+
+What the proxy cannot fix (bqemulator 1.4.0): BIGNUMERIC columns cannot be created
+(DuckDB's DECIMAL stops at 38 digits), so warehouses on the emulator take the one
+declared test-only override `EMULATOR_TYPE_OVERRIDES` (bignumeric in a STRING column as
+canonical decimal text, exact like DuckDB).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from app.warehouse.bigquery.types import BigQueryType, TypeOverride, TypeOverrides
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("BQEMULATOR_VENV", ROOT / ".venv-bqemulator"))
 BINARY = VENV / "bin" / "bqemulator"
@@ -42,13 +47,17 @@ START_TIMEOUT = 60.0
 PROJECT = "emulator-project"
 
 
+# canonical decimal text in a STRING column; deletes compare it as text
+EMULATOR_TYPE_OVERRIDES: TypeOverrides = {"bignumeric": TypeOverride("STRING", BigQueryType(None, "STRING"))}
+
+
 class EmulatorUnavailable(RuntimeError):
     pass
 
 
 @dataclass(frozen=True)
 class BqEmulator:
-    rest: str  # "host:port" of the REST API (settings.bigquery_emulator_host)
+    rest: str  # "host:port" of the REST API (settings.bigquery_emulator_host); shared: the proxy
     grpc: str  # "host:port" of Storage Read/Write (settings.bigquery_emulator_grpc_host)
     project: str
     log_path: Path
@@ -136,6 +145,17 @@ def running_bqemulator(project: str = PROJECT) -> Iterator[BqEmulator]:
             _stop(proc)
 
 
+@contextlib.contextmanager
+def proxied_bqemulator(project: str = PROJECT) -> Iterator[BqEmulator]:
+    """`running_bqemulator` behind the Google-shape REST proxy and the `SerialGrpcProxy`:
+    `rest` and `grpc` are the proxies' addresses."""
+    from tests.support.fault_proxy.rest import BigQueryRestProxy
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
+
+    with running_bqemulator(project) as emu, BigQueryRestProxy(emu.rest) as rest, SerialGrpcProxy(emu.grpc) as grpc:
+        yield BqEmulator(rest.address, grpc.address, emu.project, emu.log_path)
+
+
 def _rest_ready(port: int, project: str) -> bool:
     import urllib.request
 
@@ -185,7 +205,7 @@ def shared_emulator() -> BqEmulator:
 
         import pytest
 
-        cm = running_bqemulator()
+        cm = proxied_bqemulator()
         try:
             emu = cm.__enter__()  # skips / raises like running_bqemulator
         except (EmulatorUnavailable, pytest.skip.Exception) as exc:

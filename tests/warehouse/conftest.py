@@ -145,7 +145,7 @@ _BIGQUERY_READS = {
 def _bigquery_backend(tmp_path: Path) -> Backend:
     """BigQuery over the wire against bqemulator (one emulator per session, a dataset per test)."""
     from app.warehouse.bigquery import BigQueryWarehouse
-    from tests.support.bqemulator import EmulatorUnavailable, shared_emulator
+    from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES, EmulatorUnavailable, shared_emulator
 
     try:
         emu = shared_emulator()
@@ -162,7 +162,7 @@ def _bigquery_backend(tmp_path: Path) -> Backend:
     )
     return Backend(
         "bigquery",
-        BigQueryWarehouse(settings),
+        BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES),
         lambda table: f"`{settings.bigquery_dataset}.{table}`",
         lambda name, typ: _BIGQUERY_READS.get(typ, "{}").format(f"`{name}`"),
     )

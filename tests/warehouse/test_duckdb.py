@@ -53,7 +53,7 @@ con.close()
 
 def test_creates_parent_dir_and_declares_spatial(wh: DuckDBWarehouse, settings: Settings) -> None:
     assert settings.duckdb_file.exists()
-    assert wh.capabilities.name == "duckdb" and wh.capabilities.transactional
+    assert wh.capabilities.transactional
     assert wh.capabilities.supports_geometry  # the offline spatial wheel is a pinned dependency
     assert wh.ready() == (True, "ok")
 
@@ -469,3 +469,57 @@ def test_file_reader_holds_no_lock_and_reports_a_missing_file(settings: Settings
     finally:
         writer.close()
     assert reader.query('SELECT id FROM "t"') == (["id"], [(1,)])
+
+
+# --------------------------------------------------------------------------- many tables at once
+
+
+def test_apply_many_commits_the_tables_that_apply_and_isolates_the_one_that_fails(wh):
+    cols = [("v", "integer")]
+    # A table changed by hand so that an apply to it fails inside the shared transaction.
+    wh._connection().execute('CREATE TABLE picky (v BIGINT CHECK (v > 0))')
+    batches = [
+        ("first", [env("first", ins("first", cols, [1]), dedup_id="b1:first:0")]),
+        ("picky", [env("picky", ins("picky", cols, [-1]), dedup_id="b1:picky:0")]),
+        ("last", [env("last", ins("last", cols, [3]), dedup_id="b1:last:0")]),
+    ]
+    outcomes = wh.apply_many(batches)
+    assert isinstance(outcomes[1], TerminalWarehouseError)
+    assert [o.rows_inserted for o in (outcomes[0], outcomes[2])] == [1, 1]
+    assert wh.query("SELECT v FROM first")[1] == [(1,)] and wh.query("SELECT v FROM last")[1] == [(3,)]
+    assert wh.query("SELECT count(*) FROM picky")[1] == [(0,)]
+    # the failed table's id was not recorded: a redelivery applies it (here: fails again), the others skip
+    again = wh.apply_many(batches)
+    assert isinstance(again[1], TerminalWarehouseError)
+    assert [o.skipped_duplicates for o in (again[0], again[2])] == [1, 1]
+
+
+def test_apply_many_keeps_each_tables_order_and_applies_a_redelivered_table_once(wh):
+    cols = [("v", "integer")]
+    first = wh.apply_many([
+        ("a", [env("a", ins("a", cols, [1]), dedup_id="m1"), env("a", dele("a", cols, [1]), dedup_id="m2")]),
+        ("b", [env("b", ins("b", cols, [1]), dedup_id="m3")]),
+    ])
+    second = wh.apply_many([
+        ("b", [env("b", dele("b", cols, [1]), dedup_id="m4"), env("b", ins("b", cols, [2]), dedup_id="m5")]),
+        ("a", [env("a", ins("a", cols, [1]), dedup_id="m1"), env("a", ins("a", cols, [7]), dedup_id="m6")]),
+    ])
+    assert all(not isinstance(o, Exception) for o in first + second)
+    assert wh.query("SELECT v FROM a ORDER BY v")[1] == [(7,)]  # m1 seen before: the deleted row stays deleted
+    assert wh.query("SELECT v FROM b ORDER BY v")[1] == [(2,)]
+    assert second[1].skipped_duplicates == 1
+
+
+def test_the_schema_cache_is_bounded_and_a_dropped_schema_is_read_again(tmp_path):
+    wh = DuckDBWarehouse(Settings(data_dir=tmp_path, table_cache_size=2))
+    try:
+        cols = [("v", "integer")]
+        outcomes = wh.apply_many([(t, [env(t, ins(t, cols, [1]))]) for t in ("t1", "t2", "t3")])
+        assert all(not isinstance(o, Exception) for o in outcomes)
+        assert len(wh._schemas) == 2
+        more = [("v", "integer"), ("w", "string")]  # t1's schema was dropped: read again, then a column added
+        wh.apply_many([(t, [env(t, ins(t, more, [2, "x"]))]) for t in ("t1", "t3")])
+        assert wh.table_schema("t1") == {"v": "integer", "w": "string"}
+        assert wh.query("SELECT v, w FROM t1 ORDER BY v")[1] == [(1, None), (2, "x")]
+    finally:
+        wh.close()

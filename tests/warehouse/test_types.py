@@ -8,6 +8,7 @@ from app.schema.types import TYPE_NAMES
 from app.warehouse.bigquery.types import TypeMapper as BigQueryTypes
 from app.warehouse.duckdb import TYPE_MAPPER as DUCKDB_TYPES
 from app.warehouse.types import TypeMapper
+from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES
 
 
 @pytest.mark.parametrize(
@@ -27,18 +28,28 @@ def test_duckdb_column_types_read_back(column_type, expected) -> None:
      ("BIGNUMERIC", "bignumeric"), ("RECORD", None), ("INTERVAL", None)],
 )
 def test_bigquery_column_types_read_back(column_type, expected) -> None:
-    assert BigQueryTypes(emulator=False).activity_type_of(column_type) == expected
+    assert BigQueryTypes().activity_type_of(column_type) == expected
 
 
 @pytest.mark.parametrize(
     "mapper, shared",
-    [(DUCKDB_TYPES, {"bignumeric": "string"}), (BigQueryTypes(emulator=False), {}),
-     (BigQueryTypes(emulator=True), {"bignumeric": "string"})],
+    [(DUCKDB_TYPES, {"bignumeric": "string"}), (BigQueryTypes(), {}),
+     (BigQueryTypes(EMULATOR_TYPE_OVERRIDES), {"bignumeric": "string"})],
     ids=["duckdb", "bigquery", "bigquery-emulator"],
 )
 def test_every_activity_type_round_trips_but_the_shared_ones(mapper, shared) -> None:
     for typ in TYPE_NAMES:
         assert mapper.activity_type_of(mapper.column_type(typ)) == shared.get(typ, typ), typ
+    assert mapper.shared == set(shared)
+
+
+def test_a_mapper_must_declare_the_types_it_stores_in_another_types_column() -> None:
+    columns = {typ: typ.upper() for typ in TYPE_NAMES} | {"bignumeric": "STRING"}
+    with pytest.raises(ValueError, match="bignumeric"):
+        TypeMapper(columns)
+    with pytest.raises(ValueError, match="numeric"):
+        TypeMapper({typ: typ.upper() for typ in TYPE_NAMES}, shared={"numeric"})
+    assert TypeMapper(columns, shared={"bignumeric"}).shared == {"bignumeric"}
 
 
 def test_a_mapper_missing_an_activity_type_is_refused() -> None:

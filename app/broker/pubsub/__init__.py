@@ -3,8 +3,9 @@
 - `broker`: `PubSubBroker`, the `Broker` interface over the others, and its capabilities;
 - `clients`: client construction (emulator, `PUBSUB_ENDPOINT`) and the IAM readiness probe;
 - `publisher`: publish with bounded retries, dead-letter forwarding;
-- `pull`: the subscriber side, synchronous Pull + lease keeper (see its docstring for
-  why not streaming pull: ordering vs throughput);
+- `pull`: the subscriber side, a StreamingPull stream + lease keeper (see its docstring
+  for why a stream, and why not the library's callback API);
+- `settle`: what an ack or lease extension did to each ack id (exactly-once delivery);
 - `ordering`: resuming paused ordering keys (publisher) and the per-key gate (subscriber);
 - `deadletters`: listing and replaying what Pub/Sub itself dead-lettered.
 

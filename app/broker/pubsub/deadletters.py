@@ -7,9 +7,13 @@ Two kinds of message end up on `<topic>-dead-letter`:
   saw it fail terminally, so it is in no other store: `replay` re-publishes its data and
   original attributes (same `dedup_id`, so a copy that did apply is dropped by the
   warehouse) to the main topic under its ordering key, then acks it here.
-- *forwarded by the pipeline* (`dead_letter_reason` attribute): it is also in the
-  dead-letter store, whose `dead-letters replay` is the way back; `replay` leaves these
-  alone unless asked to include them.
+- *forwarded by the pipeline* (`dead_letter_reason` attribute): a whole message it gave
+  up on, or one activity the warehouse refused (`dead_letter_kind` = `activity`: a
+  message of that one activity, whose batch id derives from where it was refused, so
+  replayed from here and from the store it applies once). They are in the replica's
+  dead-letter store too, whose `dead-letters replay` checks them against the current
+  schema; `replay` here leaves them alone unless asked to include them (a replica whose
+  disk was lost has only these).
 
 Pub/Sub has no peek: `list` pulls messages and gives them straight back (ack deadline 0).
 """
@@ -23,6 +27,7 @@ from typing import Any
 from app.broker.base import OutgoingMessage
 from app.broker.pubsub.clients import DEAD_LETTER_SUFFIX, make_subscriber
 from app.broker.pubsub.publisher import Publisher
+from app.messages.deadletters import KIND_ATTRIBUTE
 from app.settings import Settings
 
 PUBSUB_SOURCE_PREFIX = "CloudPubSubDeadLetterSource"
@@ -56,6 +61,11 @@ class DeadLetterMessage:
             return self.attributes[f"{FORWARDED_PREFIX}reason"]
         count = self.attributes.get(f"{PUBSUB_SOURCE_PREFIX}DeliveryCount", "?")
         return f"Pub/Sub dead-lettered it after {count} delivery attempts"
+
+    @property
+    def kind(self) -> str:
+        """`activity` for one refused activity, `message` for a whole message."""
+        return self.attributes.get(KIND_ATTRIBUTE, "message")
 
     @property
     def table(self) -> str:

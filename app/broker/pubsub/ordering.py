@@ -7,10 +7,11 @@ resumes the keys of failed messages so `publish()` can re-publish them in order.
 
 Subscriber: `KeyGate` holds what was pulled but not yet handed to the pipeline, per
 ordering key in arrival order, and hands a key's messages out only while the pipeline
-holds none of that key. Pub/Sub already delivers a key's messages in order and no later
-ones while earlier ones are outstanding (https://cloud.google.com/pubsub/docs/ordering);
-the gate keeps that true inside this process too when Pub/Sub redelivers a message we
-still hold (its lease ended) and on emulators that do not enforce ordering. Not
+holds none of that key. Pub/Sub delivers a key's messages in order, and on a stream it
+sends later messages of a key to the subscriber that has earlier ones outstanding (key
+affinity, https://cloud.google.com/pubsub/docs/ordering), which may be several at once:
+the gate applies them one run at a time, in order, also when Pub/Sub redelivers a message
+we still hold (its lease ended) and on emulators that do not enforce ordering. Not
 thread-safe: the caller holds a lock.
 """
 
@@ -72,6 +73,7 @@ class KeyGate:
             if waiting.message.message_id == lease.message.message_id:
                 waiting.ack_id, waiting.received_at, waiting.extending = lease.ack_id, lease.received_at, True
                 waiting.message.delivery_attempt = lease.message.delivery_attempt
+                waiting.message.received_at, waiting.message.lease_lost = lease.received_at, False
                 return False
         queue.append(lease)
         self.waiting_count += 1

@@ -28,6 +28,8 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 FORWARD_TIMEOUT = 30.0
+# What forwarding sets (a message dead-lettered again gets fresh ones).
+FORWARD_ATTRIBUTES = ("dead_letter_reason", "dead_letter_source_message_id")
 # Pub/Sub's limit on one attribute value; reasons are cut to fit.
 # https://cloud.google.com/pubsub/quotas#resource_limits
 ATTRIBUTE_VALUE_MAX_BYTES = 1024
@@ -77,11 +79,13 @@ class Publisher:
         pending = list(messages)
         delay = 0.05
         last_error: BaseException | None = None
+        handed_over = False  # some message reached the client library: it may still publish
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            failed, last_error, fatal = await self._publish_once(pending, remaining)
+            failed, last_error, fatal, sent = await self._publish_once(pending, remaining)
+            handed_over = handed_over or sent
             if not failed:
                 return
             self.paused_keys.resume(self._client, (m.ordering_key for m in failed))
@@ -93,12 +97,18 @@ class Publisher:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-        raise BrokerUnavailable(f"pubsub publish to {self.topic_path} failed: {last_error!r}") from last_error
+        # A publish that timed out or failed in flight may still be stored by Pub/Sub
+        # (https://cloud.google.com/pubsub/docs/publisher#retry: retried publishes can
+        # duplicate), so the API must not answer "nothing was accepted".
+        raise BrokerUnavailable(
+            f"pubsub publish to {self.topic_path} failed: {last_error!r}", maybe_published=handed_over
+        ) from last_error
 
     async def _publish_once(
         self, messages: Sequence[OutgoingMessage], timeout: float
-    ) -> tuple[list[OutgoingMessage], BaseException | None, bool]:
-        """One attempt: returns (failed messages in order, an error, whether it is not worth retrying).
+    ) -> tuple[list[OutgoingMessage], BaseException | None, bool, bool]:
+        """One attempt: returns (failed messages in order, an error, whether it is not worth
+        retrying, whether any message was handed to the client library).
 
         `retry=None` and a per-RPC timeout keep every future bounded: with ordering the
         library would otherwise retry transient errors forever in the background.
@@ -106,7 +116,7 @@ class Publisher:
         try:
             publisher = self.client
         except Exception as exc:  # e.g. no credentials
-            return list(messages), exc, True
+            return list(messages), exc, True, False
         futures: list[asyncio.Future] = []
         failed: list[OutgoingMessage] = []
         error: BaseException | None = None
@@ -124,12 +134,12 @@ class Publisher:
             except Exception as exc:  # stopped publisher, bad attribute, message too large
                 for f in futures:
                     f.cancel()  # only our wrapper; what was handed over may still publish
-                return list(messages), exc, True
+                return list(messages), exc, True, bool(futures)
             futures.append(asyncio.wrap_future(f))
         try:
             results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
         except asyncio.TimeoutError:
-            return list(messages), TimeoutError(f"no answer within {timeout:.1f}s"), False
+            return list(messages), TimeoutError(f"no answer within {timeout:.1f}s"), False, True
         for m, r in zip(messages, results):
             if isinstance(r, BaseException):
                 failed.append(m)
@@ -137,21 +147,24 @@ class Publisher:
                     error = r
                 if not retryable(r):
                     fatal = True
-        return failed, error, fatal
+        return failed, error, fatal, True
 
     def forward_dead_letters(self, entries: Sequence[tuple[ReceivedMessage, str]]) -> None:
         """Publish dead-lettered messages to `<topic>-dead-letter` with the reason attached.
 
         The subscription's own dead-letter policy only fires when Pub/Sub counts too many
         deliveries; messages the pipeline gives up on earlier (undecodable, rejected after
-        N attempts) are acked, so they are forwarded here to reach the same topic.
+        N attempts) are acked, so they are forwarded here to reach the same topic, and so
+        are single activities the warehouse refused (`rejected_activity_message`, marked
+        by their `dead_letter_kind`). Raises if any publish fails: the caller then keeps
+        the source message unacked.
         """
         if not entries:
             return
         topic = f"{self.topic_path}{DEAD_LETTER_SUFFIX}"
         futures = []
         for message, reason in entries:
-            attributes = {k: v for k, v in message.attributes.items() if not k.startswith("dead_letter_")}
+            attributes = {k: v for k, v in message.attributes.items() if k not in FORWARD_ATTRIBUTES}
             attributes["dead_letter_reason"] = fit_attribute(reason)
             attributes["dead_letter_source_message_id"] = message.message_id
             futures.append(

@@ -1,22 +1,38 @@
-"""Subscriber side of the Pub/Sub broker: unary Pull, a per-key gate and a lease keeper.
+"""Subscriber side of the Pub/Sub broker: a StreamingPull stream, a per-key gate and a lease keeper.
 
-Why not the streaming-pull client: with ordering it hands the callback one message per
-ordering key at a time (the next only after ack/nack), so a one-table backlog is applied
-one message per warehouse round trip. Synchronous Pull returns a key's messages in order
-in one response, and Pub/Sub delivers no later messages of that key while earlier ones
-are outstanding (https://cloud.google.com/pubsub/docs/ordering; synchronous pull:
-https://cloud.google.com/pubsub/docs/pull#synchronous_pull). So a table's backlog comes
-out as runs of up to `PULL_MAX_MESSAGES` in order.
+Why a stream (StreamingPull) and not unary Pull: per-table order across replicas. Google
+documents key affinity for streaming pull only: while messages of an ordering key are
+outstanding to a streaming-pull subscriber, further messages of that key go to the same
+subscriber (https://cloud.google.com/pubsub/docs/ordering, "Subscriber affinity" and
+https://cloud.google.com/pubsub/docs/pull#streamingpull_api). For unary Pull nothing says
+a later message of a key is not handed to another replica's Pull while an earlier one is
+outstanding there, so two replicas could apply one table's messages out of order. The
+stream's `client_id` stays the same across reconnects so the server carries the stream's
+state (its keys) over to the new one (StreamingPullRequest.client_id in
+google/pubsub/v1/pubsub.proto).
+
+Why not the client library's streaming-pull callback API: with ordering it hands the
+callback one message per ordering key at a time, so a one-table backlog would be applied
+one message per warehouse round trip. We read the stream ourselves: a response carries a
+key's messages in order, so a backlog comes out as runs of up to `PULL_MAX_MESSAGES`.
 
 Threads:
-- the puller keeps up to `held_limit` messages (and `HELD_MAX_BYTES`) on hand: it pulls
-  when there is room, moves each new delivery to our own ack deadline at once and queues
-  it in the `KeyGate`;
+- the puller reads the stream (flow control: `max_outstanding_messages` = `held_limit`,
+  and `HELD_MAX_BYTES`), moves each delivery to our own ack deadline at once (the
+  receipt modack: with exactly-once delivery it also tells whether the delivery is still
+  valid; one that is not is dropped) and queues it in the `KeyGate`;
 - the lease keeper extends the ack deadline of everything held (queued or with the
   pipeline) every third of `ACK_DEADLINE_SECONDS`, until a message has been held for
-  `PUBSUB_MAX_LEASE_SECONDS`; then it is left to expire and Pub/Sub redelivers it (and,
-  with ordering, every later message of its key). If this process dies, its messages
-  come back after about `ACK_DEADLINE_SECONDS`.
+  `PUBSUB_MAX_LEASE_SECONDS` counted from its delivery; then it is left to expire and
+  Pub/Sub redelivers it (and, with ordering, every later message of its key). It also
+  sends the stream's heartbeat. If this process dies, its messages come back after about
+  `ACK_DEADLINE_SECONDS`.
+
+Every ack and modack result is checked (`settle`): a failed ack is logged and counted (the
+message comes back; the warehouse's dedup id keeps it applied once); a failed lease
+extension means the lease is lost: the message is dropped if still queued, or marked
+`lease_lost` for the pipeline, which hands it back instead of applying it. An apply
+already running cannot be stopped from here; fencing it is the warehouse's job.
 
 `pull()` hands out queued messages of keys the pipeline holds none of. `nack(delay)` sets
 the ack deadline to the delay: Pub/Sub has no per-message nack delay, a message whose
@@ -29,12 +45,15 @@ them after the nacked one anyway.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from typing import Any, Callable, Sequence
+import uuid
+from typing import Any, Callable, Iterator, Sequence
 
 from app.broker.base import BrokerUnavailable, ReceivedMessage
 from app.broker.pubsub.ordering import KeyGate, Lease
+from app.broker.pubsub.settle import CallFailed, settle
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,10 +61,10 @@ log = logging.getLogger(__name__)
 # ModifyAckDeadline accepts 0..600 s; Pub/Sub subscriptions need at least 10 s.
 MIN_ACK_DEADLINE = 10
 MAX_ACK_DEADLINE = 600
-PULL_MAX_PER_REQUEST = 1000  # what one Pull returns at most
 ACK_IDS_PER_REQUEST = 1000  # the client library's own batch size for ack/modack requests
-PULL_RPC_TIMEOUT = 10.0  # a long poll; the server answers as soon as messages are there
 SETTLE_TIMEOUT = 60.0  # ack / modack RPCs (the library retries transient errors within it)
+STREAM_TIMEOUT = 900.0  # a stream is reopened after this long at the latest
+STREAM_HEALTHY_SECONDS = 2.0  # a stream open this long without failing clears the last error
 HELD_MAX_BYTES = 256 * 1024 * 1024  # pulled and not yet acked, across all keys
 PULL_MAX_BYTES = 64 * 1024 * 1024  # handed out by one pull() (always at least one message)
 ERROR_BACKOFF_MAX = 5.0
@@ -60,6 +79,24 @@ def _chunks(items: list[str], size: int = ACK_IDS_PER_REQUEST):
         yield items[i : i + size]
 
 
+class _Requests:
+    """The client side of one stream: the opening request, then heartbeats, until closed."""
+
+    def __init__(self, first: Any) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._queue.put(first)
+
+    def __iter__(self) -> Iterator[Any]:
+        while (request := self._queue.get()) is not None:
+            yield request
+
+    def send(self, request: Any) -> None:
+        self._queue.put(request)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
 class Puller:
     """Pulled messages of one subscription, from delivery until ack/nack."""
 
@@ -69,10 +106,14 @@ class Puller:
         self.ack_deadline = ack_deadline(settings)
         self.max_lease = float(settings.pubsub_max_lease_seconds)
         self.held_limit = max(2 * settings.pull_max_messages, 1)
+        self.client_id = uuid.uuid4().hex  # one per process: the server's key affinity follows it
         self._cond = threading.Condition()
         self._gate = KeyGate()
         self._out: dict[int, Lease] = {}  # id(lease) -> lease handed to the pipeline
-        self._error: BaseException | None = None  # of the last Pull, None after a good one
+        self._error: BaseException | None = None  # of the last stream, None after a good one
+        self._stream_since: float | None = None  # when the current stream was opened
+        self._requests: _Requests | None = None
+        self._stream: Any = None
         self._closed = False
         self._threads: list[threading.Thread] = []
 
@@ -96,6 +137,13 @@ class Puller:
 
     @property
     def error(self) -> BaseException | None:
+        with self._cond:
+            return self._current_error()
+
+    def _current_error(self) -> BaseException | None:
+        since = self._stream_since
+        if self._error is not None and since is not None and time.monotonic() - since >= STREAM_HEALTHY_SECONDS:
+            self._error = None  # the stream reopened and has held since
         return self._error
 
     def close(self) -> None:
@@ -106,12 +154,17 @@ class Puller:
                 return
             self._closed = True
             waiting = self._gate.pop_all()
+            requests, stream = self._requests, self._stream
             self._cond.notify_all()
-        if waiting and self._threads:
+        if requests is not None:
+            requests.close()
+        if stream is not None:
             try:
-                self._modack([lease.ack_id for lease in waiting], 0)
+                stream.cancel()
             except Exception:
-                log.debug("nack of %d unclaimed messages on close failed", len(waiting), exc_info=True)
+                log.debug("cancelling the stream failed", exc_info=True)
+        if waiting and self._threads:
+            self._modack_quietly([lease.ack_id for lease in waiting], 0, "nack")
 
     def join(self, timeout: float) -> None:
         for t in self._threads:
@@ -131,12 +184,13 @@ class Puller:
                         self._out[id(lease)] = lease
                     self._cond.notify_all()  # room for the puller, if it waited
                     return [lease.message for lease in leases]
-                if self._error is not None:
-                    raise BrokerUnavailable(f"pubsub pull from {self.subscription_path} failed: {self._error!r}")
+                error = self._current_error()
+                if error is not None:
+                    raise BrokerUnavailable(f"pubsub pull from {self.subscription_path} failed: {error!r}")
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return []
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, STREAM_HEALTHY_SECONDS))
 
     def ack(self, messages: Sequence[ReceivedMessage]) -> None:
         ack_ids: list[str] = []
@@ -148,12 +202,13 @@ class Puller:
                 ack_ids.extend(c.ack_id for c in self._gate.pop_copies(m.message_id, m.ordering_key))
             self._cond.notify_all()
         try:
-            for chunk in _chunks(ack_ids):
-                self._client().acknowledge(
-                    request={"subscription": self.subscription_path, "ack_ids": chunk}, timeout=SETTLE_TIMEOUT
-                )
-        except Exception as exc:  # the messages come back; their dedup_id keeps them applied once
-            raise BrokerUnavailable(f"pubsub ack of {len(ack_ids)} message(s) failed: {exc!r}") from exc
+            failed = settle("ack", self._acknowledge, ack_ids)
+        except CallFailed as exc:  # the messages come back; their dedup_id keeps them applied once
+            raise BrokerUnavailable(f"pubsub ack of {len(ack_ids)} message(s) failed: {exc}") from exc
+        if failed:
+            # Not settled: Pub/Sub delivers them again and the warehouse drops the copies.
+            log.warning("pubsub refused %d of %d ack(s); those messages will be redelivered: %s",
+                        len(failed), len(ack_ids), sorted(set(failed.values())))
 
     def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float) -> None:
         delay = int(min(max(delay_seconds, 0.0), MAX_ACK_DEADLINE) + 0.5)
@@ -168,9 +223,10 @@ class Puller:
                 ack_ids.extend(lease.ack_id for lease in self._gate.pop_key(key))
             self._cond.notify_all()
         try:
-            self._modack(ack_ids, delay)
-        except Exception as exc:  # they come back once their current deadline passes
-            raise BrokerUnavailable(f"pubsub nack of {len(ack_ids)} message(s) failed: {exc!r}") from exc
+            # A refused nack is harmless: that delivery is no longer ours, it comes back anyway.
+            settle("nack", lambda ids: self._modack(ids, delay), ack_ids)
+        except CallFailed as exc:  # they come back once their current deadline passes
+            raise BrokerUnavailable(f"pubsub nack of {len(ack_ids)} message(s) failed: {exc}") from exc
 
     def _take_back(self, message: ReceivedMessage) -> Lease:
         lease: Lease = message.handle
@@ -182,63 +238,87 @@ class Puller:
     def _held(self) -> int:
         return self._gate.waiting_count + len(self._out)
 
-    def _pull_loop(self) -> None:
-        from google.api_core import exceptions as gexc
+    def _opening_request(self) -> Any:
+        from google.pubsub_v1 import types
 
+        return types.StreamingPullRequest(
+            subscription=self.subscription_path,
+            stream_ack_deadline_seconds=self.ack_deadline,
+            client_id=self.client_id,
+            max_outstanding_messages=self.held_limit,
+            max_outstanding_bytes=HELD_MAX_BYTES,
+        )
+
+    def _pull_loop(self) -> None:
         backoff = 0.1
         while True:
             with self._cond:
+                if self._closed:
+                    return
+                requests = self._requests = _Requests(self._opening_request())
+                self._stream_since = time.monotonic()
+            try:
+                self._read_stream(requests)
+                backoff = 0.1  # ended by the server (it closes streams now and then): reopen
+            except Exception as exc:
+                with self._cond:
+                    if self._closed:
+                        return
+                    self._error, self._stream_since = exc, None
+                    self._cond.notify_all()
+                log.warning("pubsub stream from %s failed (reopening in %.1fs): %r", self.subscription_path, backoff, exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
+            finally:
+                requests.close()
+
+    def _read_stream(self, requests: _Requests) -> None:
+        stream = self._client().streaming_pull(requests=iter(requests), timeout=STREAM_TIMEOUT, retry=None)
+        with self._cond:
+            self._stream = stream
+            if self._closed:
+                stream.cancel()
+                return
+        responses = iter(stream)
+        while True:
+            with self._cond:  # full: leave the next response unread (the server's flow control does the same)
                 while not self._closed and (
                     self._held() >= self.held_limit or self._gate.waiting_bytes >= HELD_MAX_BYTES
                 ):
                     self._cond.wait(1.0)
                 if self._closed:
                     return
-                room = min(self.held_limit - self._held(), PULL_MAX_PER_REQUEST)
-            try:
-                response = self._client().pull(
-                    request={"subscription": self.subscription_path, "max_messages": room},
-                    timeout=PULL_RPC_TIMEOUT,
-                    retry=None,
-                )
-            except gexc.DeadlineExceeded:
-                continue  # nothing arrived during the long poll
-            except Exception as exc:
-                if self._closed:
-                    return
-                with self._cond:
-                    self._error = exc
-                    self._cond.notify_all()
-                log.warning("pubsub pull from %s failed (retrying in %.1fs): %r", self.subscription_path, backoff, exc)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
-                continue
-            backoff = 0.1
-            now = time.monotonic()
-            # Google delivers a key's messages in publish order
-            # (https://cloud.google.com/pubsub/docs/ordering); pstest returns one Pull's
-            # messages in any order. A stable sort by publish time is a no-op on Google.
-            received = sorted(response.received_messages, key=_publish_time)
-            leases = [self._lease(r, now) for r in received]
-            if leases:
-                try:  # from the subscription's ack deadline to ours, before anything else
-                    self._modack([lease.ack_id for lease in leases], self.ack_deadline)
-                except Exception as exc:
-                    log.warning("pubsub lease extension of %d new message(s) failed: %r", len(leases), exc)
+            response = next(responses, None)
+            if response is None:
+                return  # the server ended the stream
             with self._cond:
                 self._error = None
-                closed = self._closed
-                if not closed:
-                    for lease in leases:
+            self._receive(response.received_messages, time.monotonic())
+
+    def _receive(self, received: Sequence[Any], now: float) -> None:
+        # Google delivers a key's messages in publish order
+        # (https://cloud.google.com/pubsub/docs/ordering); pstest returns one response's
+        # messages in any order. A stable sort by publish time is a no-op on Google.
+        leases = [self._lease(r, now) for r in sorted(received, key=_publish_time)]
+        if not leases:
+            return
+        # From the stream's ack deadline to ours, before anything else; with exactly-once
+        # delivery a refused receipt modack means this delivery is already invalid.
+        lost = self._modack_quietly([lease.ack_id for lease in leases], self.ack_deadline, "receipt")
+        with self._cond:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                for lease in leases:
+                    if lease.ack_id in lost:
+                        log.warning("delivery of %s refused by Pub/Sub (%s); dropped",
+                                    lease.message.message_id, lost[lease.ack_id])
+                    else:
                         self._gate.add(lease)
-                    self._cond.notify_all()
-            if closed:
-                if leases:  # closed while pulling: give them back
-                    try:
-                        self._modack([lease.ack_id for lease in leases], 0)
-                    except Exception:
-                        log.debug("nack on close failed", exc_info=True)
-                return
+                self._cond.notify_all()
+        if closed:  # closed while pulling: give them back
+            self._modack_quietly([lease.ack_id for lease in leases], 0, "nack")
 
     def _keeper_loop(self) -> None:
         interval = max(1.0, self.ack_deadline / 3)
@@ -249,22 +329,28 @@ class Puller:
                     self._cond.wait(remaining)
                 if self._closed:
                     return
+                requests = self._requests
+            if requests is not None:  # the stream's heartbeat
+                from google.pubsub_v1 import types
+
+                requests.send(types.StreamingPullRequest(stream_ack_deadline_seconds=self.ack_deadline))
             try:
                 self.extend_leases()
             except Exception as exc:
                 log.warning("pubsub lease extension failed: %r", exc)
 
     def extend_leases(self) -> None:
-        """Extend every held message's ack deadline, except those held past the max lease."""
+        """Extend every held message's ack deadline, except those held past the max lease;
+        a refused extension means the lease is lost."""
         now = time.monotonic()
-        extend: list[str] = []
+        extend: dict[str, Lease] = {}
         with self._cond:
             for lease in self._gate.waiting():
                 if now - lease.received_at >= self.max_lease:
                     self._gate.drop(lease)  # Pub/Sub redelivers it (and its key's later ones)
                     log.warning("message %s waited past the max lease; left to Pub/Sub", lease.message.message_id)
                 else:
-                    extend.append(lease.ack_id)
+                    extend[lease.ack_id] = lease
             for lease in self._out.values():
                 if not lease.extending:
                     continue
@@ -275,10 +361,40 @@ class Puller:
                         lease.message.message_id, self.max_lease,
                     )
                 else:
-                    extend.append(lease.ack_id)
+                    extend[lease.ack_id] = lease
             if self._closed:
                 return
-        self._modack(extend, self.ack_deadline)
+        lost = self._modack_quietly(list(extend), self.ack_deadline, "lease")
+        if lost:
+            self._lose([extend[a] for a in lost if a in extend], lost)
+
+    def _lose(self, leases: list[Lease], why: dict[str, str]) -> None:
+        """Stop holding what Pub/Sub no longer leases to us: drop it if queued, tell the
+        pipeline if it has it (its key stays busy here until the pipeline settles it)."""
+        with self._cond:
+            for lease in leases:
+                lease.extending = False
+                lease.message.lease_lost = True
+                self._gate.drop(lease)
+                log.warning("lease of message %s lost (%s); another delivery of it may be applied elsewhere",
+                            lease.message.message_id, why.get(lease.ack_id))
+            self._cond.notify_all()
+
+    def _modack_quietly(self, ack_ids: list[str], seconds: int, op: str) -> dict[str, str]:
+        """{ack id: reason} Pub/Sub refused; a failed call refuses them all."""
+        if not ack_ids:
+            return {}
+        try:
+            return settle(op, lambda ids: self._modack(ids, seconds), ack_ids)
+        except CallFailed as exc:
+            log.warning("pubsub %s of %d message(s) failed: %s", op, len(ack_ids), exc)
+            return {}  # not known to be lost: the next extension tries again
+
+    def _acknowledge(self, ack_ids: list[str]) -> None:
+        for chunk in _chunks(ack_ids):
+            self._client().acknowledge(
+                request={"subscription": self.subscription_path, "ack_ids": chunk}, timeout=SETTLE_TIMEOUT
+            )
 
     def _modack(self, ack_ids: list[str], seconds: int) -> None:
         for chunk in _chunks(ack_ids):
@@ -297,6 +413,7 @@ class Puller:
             ordering_key=m.ordering_key or "",
             # 0 without a dead-letter policy: best effort, never below 1 here.
             delivery_attempt=received.delivery_attempt or 1,
+            received_at=now,
         )
         lease = Lease(received.ack_id, message, now, nbytes=len(m.data))
         message.handle = lease

@@ -5,10 +5,15 @@ short so an outage surfaces as `TransientWarehouseError` and the subscriber's ca
 backoff and /readyz take over), counts calls per kind and bytes processed per kind (for
 metrics and `make bench`), and translates every error in `errors.translate`.
 
+Reads run with `query_and_wait` (jobs.query). DML runs as a job with a deterministic id
+(`dml`), waited for with jobs.get; a DML job is never left behind: before a retry,
+`settle_jobs` waits for (or cancels) every unfinished job of the table, so a job that
+finishes late is seen, not raced.
+
 Counters (both `collections.Counter`, keys = kind):
 - `calls`: `query` (dedup lookups), `dml` (deletes, clean-ups), `write` (AppendRows
   requests / insertAll calls), `metadata_update` (create table, schema/clustering patch),
-  `other` (table and dataset reads), `emulator_ddl` (emulator only).
+  `other` (table, dataset and job reads), `dry_run` (statement checks of read-only queries).
 - `bytes_processed`: `totalBytesProcessed` of each query/DML job, by the same kinds.
 """
 
@@ -16,10 +21,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
-import os
-import tempfile
 import threading
+import time
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -32,6 +35,7 @@ from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
 
 from app.settings import Settings
+from app.warehouse.base import TransientWarehouseError
 from app.warehouse.bigquery import errors
 
 CALL_TIMEOUT_SECONDS = 30.0  # one HTTP request
@@ -44,48 +48,8 @@ RETRY = DEFAULT_RETRY.with_timeout(RETRY_DEADLINE_SECONDS)
 JOB_RETRY = DEFAULT_JOB_RETRY.with_timeout(4 * RETRY_DEADLINE_SECONDS)
 EMULATOR_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 
+JOB_POLL_SECONDS = 0.5
 T = TypeVar("T")
-
-class EmulatorCalls:
-    """Emulator only: bqemulator runs every request on ONE DuckDB connection, from its REST
-    event loop and its Storage Write threads alike, and concurrent requests mix up results
-    or deadlock it. So every process on this machine that calls it (subscribers, the tests'
-    own reads) sends one call at a time: a thread lock within the process, a file lock
-    (`flock`) across processes. Re-entrant within a thread."""
-
-    PATH = os.path.join(tempfile.gettempdir(), "bqemulator-calls.lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._depth = 0
-        self._file: Any = None
-
-    def __enter__(self) -> "EmulatorCalls":
-        self._lock.acquire()
-        if self._depth == 0:
-            try:
-                self._file = open(self.PATH, "a+b")
-                fcntl.flock(self._file, fcntl.LOCK_EX)
-            except BaseException:
-                self._close_file()
-                self._lock.release()
-                raise
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self._close_file()  # closing the file releases the flock
-        self._lock.release()
-
-    def _close_file(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            file.close()
-
-
-_EMULATOR_LOCK = EmulatorCalls()
 
 
 def make_bigquery_client(settings: Settings) -> bigquery.Client:
@@ -137,7 +101,6 @@ class BigQueryClient:
         self.project = settings.gcp_project
         self.dataset = settings.bigquery_dataset
         self.location = settings.bigquery_location
-        self.emulator = bool(settings.bigquery_emulator_host)
         self.rest = rest or make_bigquery_client(settings)
         self.calls: collections.Counter[str] = collections.Counter()
         self.bytes_processed: collections.Counter[str] = collections.Counter()
@@ -155,14 +118,15 @@ class BigQueryClient:
         """Count one call of `kind`, run it, translate whatever it raises."""
         self.count(kind)
         try:
-            with self.one_at_a_time():
-                return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as exc:
             raise errors.translate(exc, what) from exc
 
-    def one_at_a_time(self) -> contextlib.AbstractContextManager:
-        """Emulator only: calls of this process serialized (see `_EMULATOR_LOCK`)."""
-        return _EMULATOR_LOCK if self.emulator else contextlib.nullcontext()
+    @staticmethod
+    def one_at_a_time() -> contextlib.AbstractContextManager:
+        """Calls are not serialized (the test stand-in's proxy does that itself); kept only
+        until writer.py, reworked separately, stops calling it."""
+        return contextlib.nullcontext()
 
     def rest_call(self, kind: str, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`call` of a REST method with the bounded retry and the call timeout."""
@@ -241,46 +205,87 @@ class BigQueryClient:
 
     # ----------------------------------------------------------------- jobs and rows
 
-    def query(self, sql: str, params: list | None, kind: str, what: str) -> Any:
-        """Run one query / DML statement with `query_and_wait`; its RowIterator.
+    def _config(self, params: list | None, **options: Any) -> bigquery.QueryJobConfig:
+        return bigquery.QueryJobConfig(
+            query_parameters=params or [], default_dataset=f"{self.project}.{self.dataset}", use_legacy_sql=False,
+            **options,
+        )  # fmt: skip
 
-        Bytes processed are added to `bytes_processed[kind]`.
-        """
-        config = bigquery.QueryJobConfig(
-            query_parameters=params or [], default_dataset=f"{self.project}.{self.dataset}", use_legacy_sql=False
-        )
-        if self.emulator:
-            rows = self.call(kind, what, self._emulator_query, sql, config)
-        else:
-            rows = self.call(
-                kind,
-                what,
-                self.rest.query_and_wait,
-                sql,
-                job_config=config,
-                location=self.location,
-                api_timeout=CALL_TIMEOUT_SECONDS,
-                wait_timeout=JOB_TIMEOUT_SECONDS,
-                retry=RETRY,
-                job_retry=JOB_RETRY,
-            )
-        processed = getattr(rows, "total_bytes_processed", None)
+    def _count_bytes(self, kind: str, processed: Any) -> None:
         if processed:
             with self._count_lock:
                 self.bytes_processed[kind] += int(processed)
+
+    def query(self, sql: str, params: list | None, kind: str, what: str) -> Any:
+        """Run one read with `query_and_wait`; its RowIterator (bytes processed counted)."""
+        rows = self.call(
+            kind,
+            what,
+            self.rest.query_and_wait,
+            sql,
+            job_config=self._config(params),
+            location=self.location,
+            api_timeout=CALL_TIMEOUT_SECONDS,
+            wait_timeout=JOB_TIMEOUT_SECONDS,
+            retry=RETRY,
+            job_retry=JOB_RETRY,
+        )
+        self._count_bytes(kind, getattr(rows, "total_bytes_processed", None))
         return rows
 
-    def _emulator_query(self, sql: str, config: bigquery.QueryJobConfig) -> Any:
-        """Emulator only: its jobs.query answers 200 with the failure in `errors` (Google
-        answers an HTTP error, which `query_and_wait` raises), so run a job and wait for it:
-        a failed job's `errorResult` is raised."""
-        job = self.rest.query(
-            sql, job_config=config, location=self.location, retry=RETRY, job_retry=None, timeout=CALL_TIMEOUT_SECONDS
-        )
-        rows = job.result(retry=RETRY, job_retry=None, timeout=JOB_TIMEOUT_SECONDS)
-        if rows.num_dml_affected_rows is None:  # its getQueryResults leaves the count out
-            rows._num_dml_affected_rows = job.num_dml_affected_rows
-        return rows
+    def statement_type(self, sql: str, params: list | None, what: str) -> str:
+        """What `sql` is ("SELECT", "DELETE", ...), from a dry run, which runs nothing
+        (https://cloud.google.com/bigquery/docs/reference/rest/v2/Job#JobStatistics2,
+        `statementType`)."""
+        job = self.rest_call("dry_run", what, self.rest.query, sql, job_config=self._config(params, dry_run=True),
+                             location=self.location, job_retry=None)  # fmt: skip
+        return str(job.statement_type or "")
+
+    def dml(self, sql: str, params: list | None, job_id: str, what: str) -> int:
+        """Run one DML statement as the job `job_id`; rows affected.
+
+        The id is deterministic, so a jobs.insert the library retries, or a job created
+        before a timeout, is the same job: Google refuses a second one with 409
+        (https://cloud.google.com/bigquery/docs/running-jobs#generate-jobid), and that job
+        is waited for instead of running the statement twice. A job not done within
+        JOB_TIMEOUT_SECONDS is a transient error; the retry's `settle_jobs` waits for it.
+        """
+        try:
+            job = self.rest_call("dml", what, self.rest.query, sql, job_config=self._config(params), job_id=job_id,
+                                 location=self.location, job_retry=None)  # fmt: skip
+        except errors.TerminalWarehouseError as exc:
+            if not isinstance(exc.__cause__, gexc.Conflict):  # 409: the job exists already
+                raise
+            job = self.rest_call("other", f"get job {job_id}", self.rest.get_job, job_id, location=self.location)
+        self.call("other", what, job.result, retry=RETRY, job_retry=None, timeout=JOB_TIMEOUT_SECONDS)  # jobs.get
+        self._count_bytes("dml", job.total_bytes_processed)
+        return int(job.num_dml_affected_rows or 0)
+
+    def settle_jobs(self, job_id_prefix: str, what: str) -> list[str]:
+        """Wait until no job whose id starts with `job_id_prefix` is pending or running:
+        each is cancelled, then polled with jobs.get until DONE (a cancel may come too
+        late: the job then finishes, and is waited for). The ids settled; a transient
+        error if one is still not done after JOB_TIMEOUT_SECONDS.
+        (https://cloud.google.com/bigquery/docs/reference/rest/v2/jobs/list, `stateFilter`;
+        https://cloud.google.com/bigquery/docs/reference/rest/v2/jobs/cancel)
+        """
+        unfinished = [
+            job.job_id
+            for state in ("pending", "running")
+            for job in self.rest_call(
+                "other", f"list {state} jobs ({what})",
+                lambda **kw: list(self.rest.list_jobs(state_filter=state, **kw)),  # noqa: B023 - called at once
+            )
+            if job.job_id.startswith(job_id_prefix)
+        ]  # fmt: skip
+        deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
+        for job_id in unfinished:
+            self.rest_call("dml", f"cancel job {job_id} ({what})", self.rest.cancel_job, job_id, location=self.location)
+            while self.rest_call("other", f"get job {job_id}", self.rest.get_job, job_id, location=self.location).state != "DONE":
+                if time.monotonic() > deadline:
+                    raise TransientWarehouseError(f"BigQuery {what}: earlier job {job_id} is still running")
+                time.sleep(JOB_POLL_SECONDS)
+        return unfinished
 
     def insert_rows_json(self, table_id: str, rows: list[dict], row_ids: list[str]) -> list[dict]:
         return self.rest_call(

@@ -10,8 +10,14 @@ generic `invalidQuery`); those phrases live in `DML_CONCURRENCY_PHRASES` below.
 Transient (nothing committed by this call, retry later; never counted towards
 dead-lettering): network errors, 408/429/5xx, quota / rate limits, backend errors,
 the DML queue and concurrent-update errors, gRPC UNAVAILABLE & co., and a new column
-that the Storage Write API does not see yet (`SchemaPendingError`). Anything else is
-terminal.
+that the Storage Write API does not see yet (`SchemaPendingError`).
+
+Global (`WarehouseUnavailable`, transient, and the subscriber stops pulling until an
+apply succeeds): the project or credentials may not do this at all: 401 / 403
+`accessDenied` / `billingNotEnabled`, an API not enabled (ErrorInfo `SERVICE_DISABLED`),
+gRPC PERMISSION_DENIED / UNAUTHENTICATED, credentials that cannot be refreshed. A 403
+that carries a quota or rate-limit reason stays an ordinary transient error.
+Anything else is terminal.
 """
 
 from __future__ import annotations
@@ -21,12 +27,12 @@ from typing import Any, Iterable
 import grpc
 import requests
 from google.api_core import exceptions as gexc
-from google.auth.exceptions import TransportError
+from google.auth.exceptions import RefreshError, TransportError
 from google.cloud.bigquery_storage_v1 import types as storage_types
 from google.cloud.bigquery_storage_v1.exceptions import StreamClosedError
 from google.protobuf import any_pb2
 
-from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
+from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError, WarehouseUnavailable
 
 # ErrorProto reasons worth retrying (https://cloud.google.com/bigquery/docs/error-messages,
 # https://cloud.google.com/bigquery/docs/troubleshoot-quotas): rateLimitExceeded is a
@@ -71,6 +77,20 @@ DML_CONCURRENCY_PHRASES: dict[str, str] = {
     "could not serialize access to table": (
         "https://cloud.google.com/bigquery/docs/data-manipulation-language#dml_statement_conflicts"
     ),
+}
+
+# Reasons that concern the whole project, not a message: errors[].reason of an ErrorProto
+# (https://cloud.google.com/bigquery/docs/error-messages) or the google.rpc.ErrorInfo
+# reason of a disabled API (https://cloud.google.com/apis/design/errors#error_info).
+GLOBAL_REASONS: dict[str, str] = {
+    "accessDenied": "permission_denied",
+    "billingNotEnabled": "not_enabled",
+    "SERVICE_DISABLED": "not_enabled",
+    "BILLING_DISABLED": "not_enabled",
+}
+GLOBAL_GRPC_CODES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
 }
 
 StorageErrorCode = storage_types.StorageError.StorageErrorCode
@@ -175,6 +195,24 @@ def retry_after(exc: BaseException) -> float | None:
         return None
 
 
+def global_reason(exc: BaseException) -> str | None:
+    """The label of an error that concerns the whole project (see GLOBAL_REASONS), else None.
+    Quota and rate limits are answered as 403 too: callers rule those out first."""
+    if isinstance(exc, RefreshError):
+        return "credentials"
+    for reason in sorted(reasons(exc)):
+        if reason in GLOBAL_REASONS:
+            return GLOBAL_REASONS[reason]
+    if isinstance(exc, gexc.Unauthorized):
+        return "unauthenticated"
+    # a REST 403 (api_core's Forbidden, no gRPC code) is judged by its reason only: it may
+    # be about one query (`responseTooLarge`)
+    code = grpc_code(exc)
+    if code in GLOBAL_GRPC_CODES:
+        return GLOBAL_GRPC_CODES[code]
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     return isinstance(translate(exc, "call"), TransientWarehouseError)
 
@@ -195,6 +233,9 @@ def translate(exc: BaseException, what: str) -> TransientWarehouseError | Termin
         return TransientWarehouseError(text)
     if reasons(exc) & TRANSIENT_REASONS or dml_concurrency_doc(exc):
         return TransientWarehouseError(text, retry_after=retry_after(exc))
+    unavailable = global_reason(exc)
+    if unavailable is not None:
+        return WarehouseUnavailable(text, reason=unavailable)
     code = getattr(exc, "code", None)
     if isinstance(exc, gexc.GoogleAPICallError) and isinstance(code, int) and code in TRANSIENT_HTTP_STATUS:
         return TransientWarehouseError(text, retry_after=retry_after(exc))

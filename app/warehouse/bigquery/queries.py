@@ -1,12 +1,16 @@
 """SQL the warehouse runs: marker lookups, clean-ups of unfinished attempts, deletes.
 
 Every value is a bound query parameter; identifiers are validated before they get here.
-All statements run through `BigQueryClient.query` (`query_and_wait`).
+Reads run through `BigQueryClient.query` (`query_and_wait`); DML through
+`BigQueryClient.dml`, each job with an id derived from the table, the apply's dedup ids,
+the statement and the attempt (`dml_job_id`), all under the table's `table_job_prefix`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+from typing import Sequence
 from dataclasses import dataclass, field
 
 from google.cloud import bigquery
@@ -20,6 +24,21 @@ MAX_DELETES_PER_STATEMENT = 1000
 MAX_PARAMS_PER_STATEMENT = 8000  # well below the 10,000 parameters a query may have
 INTENT = "intent"
 DONE = "done"
+JOB_PREFIX = "ingest_dml_"  # job ids: letters, digits, _ and -, at most 1,024 characters
+
+
+def _digest(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def table_job_prefix(ref: TableRef) -> str:
+    """The start of the id of every DML job this pipeline runs on `ref`."""
+    return f"{JOB_PREFIX}{_digest(ref.api, 16)}_"
+
+
+def dml_job_id(ref: TableRef, ids: Sequence[str], statement: str, attempt: str) -> str:
+    """The job id of one DML statement of one apply attempt of `ids`."""
+    return f"{table_job_prefix(ref)}{_digest(chr(0).join(sorted(ids)), 24)}_{statement}_{attempt}"
 
 
 @dataclass(slots=True)
@@ -67,7 +86,7 @@ class Queries:
 
     # ----------------------------------------------------------------- clean-up
 
-    def clean(self, ref: TableRef, ids: list[str], since: dt.datetime | None, *, partitioned: bool) -> int:
+    def clean(self, ref: TableRef, ids: list[str], since: dt.datetime | None, *, partitioned: bool, attempt: str) -> int:
         """Delete rows an unfinished earlier attempt of `ids` wrote; rows deleted.
 
         Those rows were written after the attempt's intent (`since`), so only partitions
@@ -79,7 +98,7 @@ class Queries:
         if partitioned and since is not None:
             sql += " AND (_PARTITIONTIME IS NULL OR _PARTITIONTIME >= TIMESTAMP_TRUNC(@since, DAY))"
             params.append(bigquery.ScalarQueryParameter("since", "TIMESTAMP", since))
-        return self.dml(sql, params, f"clean-up in {ref.table}")
+        return self.dml(sql, params, dml_job_id(ref, ids, "clean", attempt), f"clean-up in {ref.table}")
 
     # ----------------------------------------------------------------- deletes
 
@@ -101,6 +120,5 @@ class Queries:
             statements.append((f"DELETE FROM {ref.sql} WHERE " + " OR ".join(clauses), params))
         return statements
 
-    def dml(self, sql: str, params: list, what: str) -> int:
-        rows = self.client.query(sql, params, "dml", what)
-        return int(rows.num_dml_affected_rows or 0)
+    def dml(self, sql: str, params: list, job_id: str, what: str) -> int:
+        return self.client.dml(sql, params, job_id, what)

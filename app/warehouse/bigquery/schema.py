@@ -86,7 +86,6 @@ class TableSchemas:
     def __init__(self, settings: Settings, client: BigQueryClient, types: TypeMapper) -> None:
         self.client = client
         self.types = types
-        self.emulator = bool(settings.bigquery_emulator_host)
         self.partitioning = settings.bigquery_partitioning
         self.clustering = [c.strip() for c in settings.bigquery_clustering.split(",") if c.strip()][
             :MAX_CLUSTERING_COLUMNS
@@ -179,9 +178,9 @@ class TableSchemas:
         to_add = [f for f in fields if f.name.lower() not in existing]
         if not to_add:
             return fresh_state
-        if self.emulator:
-            self._emulator_add_columns(ref, to_add)
-        fresh.schema = [*fresh.schema, *to_add]  # the server's fields untouched, sent with its etag
+        # the server's fields untouched, sent with its etag: a stale one is refused with 412
+        # (https://cloud.google.com/bigquery/docs/managing-table-schemas#add_columns_to_a_tables_schema_definition)
+        fresh.schema = [*fresh.schema, *to_add]
         patched = ["schema"]
         if not fresh.clustering_fields:
             clustering = self._clustering_for({f.name.lower(): f.name for f in fresh.schema})
@@ -196,16 +195,7 @@ class TableSchemas:
             raise
         state = self._remember(ref.table, updated)
         assert state is not None
-        missing = [f.name for f in to_add if f.name not in state.column_types]
-        if missing:  # emulator only: no etag check, a concurrent patch replaced ours
-            raise SchemaRaced(f"columns {missing} missing after patch")
         return state
-
-    def _emulator_add_columns(self, ref: TableRef, fields: list[bigquery.SchemaField]) -> None:
-        """Emulator only: PATCH changes its catalog, DDL its storage (one ALTER per column)."""
-        for f in fields:
-            sql = f"ALTER TABLE {ref.sql} ADD COLUMN IF NOT EXISTS {quote_column(f.name)} {f.field_type}"
-            self.client.query(sql, None, "emulator_ddl", f"add column {f.name} to {ref.table}")
 
     def _clustering_for(self, columns_by_lower: dict[str, str]) -> list[str]:
         return [columns_by_lower[c.lower()] for c in self.clustering if c.lower() in columns_by_lower]
@@ -241,8 +231,6 @@ class TableSchemas:
             )
             t.clustering_fields = ["table_name", "dedup_id"]
             t.description = "ingest pipeline: per dedup_id an 'intent' row before its data, a 'done' row after"
-            if self.emulator:  # emulator only: a missing dataset is a 500 there, not Google's 404
-                self.client.create_dataset()
             try:
                 self.client.create_table(t, exists_ok=True)
             except errors.TerminalWarehouseError as exc:

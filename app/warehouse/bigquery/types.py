@@ -4,8 +4,9 @@ physical form (BIGNUMERIC as decimal256(76, 38), from the canonical decimal text
 converters of canonical values to query parameters, and how a delete compares a column
 with a bound parameter.
 
-Emulator only (bqemulator cannot create BIGNUMERIC: its storage stops at 38 digits),
-bignumeric columns are STRING holding the canonical decimal text, exact like DuckDB.
+One code path: Google's types. A `TypeOverride` keeps one activity type in another
+column type; only tests declare one, for a local stand-in that cannot hold Google's
+BIGNUMERIC (see `tests/support`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import orjson
 import pyarrow as pa
@@ -41,7 +42,6 @@ COLUMN_TYPES: dict[str, str] = {
     "geography": "GEOGRAPHY",
     "record": "JSON",
 }
-_EMULATOR_COLUMN_TYPES = {"bignumeric": "STRING"}  # canonical decimal text
 # legacy SQL names the tables API and query results report for GoogleSQL types
 _LEGACY_NAMES = {"INTEGER": "integer", "FLOAT": "float", "BOOLEAN": "boolean"}
 
@@ -56,11 +56,6 @@ def timestamp(value: str) -> dt.datetime:
 
 def json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def _checked_b64_text(value: str) -> str:
-    b64(value)  # refuse what is not base64 before it reaches SQL
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,22 +93,32 @@ _BIGQUERY_TYPES: dict[str, BigQueryType] = {
         json_text, "STRING", "TO_JSON_STRING({column}) = TO_JSON_STRING(PARSE_JSON(@{param}))"
     ),
 }
-_EMULATOR_TYPES: dict[str, BigQueryType] = {
-    "bignumeric": BigQueryType(None, "STRING"),  # canonical decimal text
-    # it mangles non-empty BYTES parameters; the base64 text decoded in SQL compares right
-    "bytes": BigQueryType(b64, "STRING", "{column} = FROM_BASE64(@{param})", _checked_b64_text),
-}
 if set(_BIGQUERY_TYPES) != set(TYPES):  # pragma: no cover - caught by any import in tests
     raise RuntimeError(f"BigQuery type mapper out of date: {sorted(set(TYPES) ^ set(_BIGQUERY_TYPES))}")
+
+
+@dataclass(frozen=True, slots=True)
+class TypeOverride:
+    """One activity type kept in `column_type` (another type's column) instead of Google's."""
+
+    column_type: str
+    bigquery_type: BigQueryType
+
+
+TypeOverrides = Mapping[str, TypeOverride]
 
 
 class TypeMapper(mapping.TypeMapper):
     """Activity type <-> BigQuery column, Arrow array, insertAll JSON, delete condition."""
 
-    def __init__(self, emulator: bool) -> None:
-        super().__init__({**COLUMN_TYPES, **(_EMULATOR_COLUMN_TYPES if emulator else {})}, aliases=_LEGACY_NAMES)
-        self.emulator = emulator
-        self._types = {**_BIGQUERY_TYPES, **(_EMULATOR_TYPES if emulator else {})}
+    def __init__(self, overrides: TypeOverrides | None = None) -> None:
+        overrides = dict(overrides or {})
+        super().__init__(
+            {**COLUMN_TYPES, **{t: o.column_type for t, o in overrides.items()}},
+            aliases=_LEGACY_NAMES,
+            shared=set(overrides),
+        )
+        self._types = {**_BIGQUERY_TYPES, **{t: o.bigquery_type for t, o in overrides.items()}}
 
     def field(self, name: str, typ: str) -> bigquery.SchemaField:
         """A user column; its description records the activity type so it maps back exactly."""

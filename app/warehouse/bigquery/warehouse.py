@@ -26,13 +26,14 @@ import datetime as dt
 import logging
 import re
 import threading
+import uuid
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 from google.cloud import bigquery
 
 from app.schema.activity import Activity
-from app.schema.identifiers import check_column_name, check_table_name
+from app.schema.identifiers import check_applied_table_name, check_column_name, check_table_name
 from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.base import (
@@ -45,10 +46,11 @@ from app.warehouse.base import (
     TransientWarehouseError,
     Warehouse,
     WarehouseQueryError,
+    WarehouseUnavailable,
 )
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
-from app.warehouse.bigquery.queries import DONE, INTENT, Queries
+from app.warehouse.bigquery.queries import DONE, INTENT, Queries, dml_job_id, table_job_prefix
 from app.warehouse.bigquery.schema import (
     DATASET_RE,
     DEDUP_COLUMN,
@@ -58,7 +60,7 @@ from app.warehouse.bigquery.schema import (
     TableSchemas,
     TableState,
 )
-from app.warehouse.bigquery.types import TypeMapper, positional_param
+from app.warehouse.bigquery.types import TypeMapper, TypeOverrides, positional_param
 from app.warehouse.bigquery.writer import (
     MAX_INSERT_ALL_BYTES,
     InsertAllWriter,
@@ -103,18 +105,17 @@ def _table_lock(key: tuple[str, str, str]) -> threading.Lock:
 
 
 class BigQueryWarehouse(Warehouse):
-    def __init__(self, settings: Settings, *, client: Any = None) -> None:
+    def __init__(self, settings: Settings, *, client: Any = None, type_overrides: TypeOverrides | None = None) -> None:
+        """`type_overrides`: activity types kept in another column type than Google's (tests only)."""
         self.settings = settings
         self.project = settings.gcp_project
         self.dataset = settings.bigquery_dataset
         if not DATASET_RE.match(self.dataset) or not _PROJECT_RE.match(self.project):
             raise ValueError(f"invalid BigQuery project/dataset {self.project!r}/{self.dataset!r}")
-        self.emulator = bool(settings.bigquery_emulator_host)
         self.insert_mode = settings.bigquery_insert_mode
         self.capabilities = Capabilities(
-            name="bigquery",
             transactional=False,
-            max_alters_per_statement=1 if self.emulator else None,
+            max_alters_per_statement=None,
             supports_geometry=True,
             concurrent_tables=True,  # per-table locks; shared caches and counters are locked
             max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
@@ -122,16 +123,17 @@ class BigQueryWarehouse(Warehouse):
         self.client = BigQueryClient(settings, rest=client)
         self.api_calls = self.client.calls  # calls per kind (see client.py)
         self.bytes_processed = self.client.bytes_processed  # job bytes per kind
-        self.types = TypeMapper(self.emulator)
+        self.types = self.type_mapper = TypeMapper(type_overrides)
         self.schemas = TableSchemas(settings, self.client, self.types)
         self.queries = Queries(self.client, self.types)
-        self.writer = StorageWriter(self.client, emulator=self.emulator)
+        # the writer's own local-stand-in branch goes with its rework (writer.py, issue 16 part B)
+        self.writer = StorageWriter(self.client, emulator=bool(settings.bigquery_emulator_host))
         self.insert_all = InsertAllWriter(self.client)
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._done_lock = threading.Lock()
 
     def _ref(self, table: str) -> TableRef:
-        error = check_table_name(table)
+        error = check_applied_table_name(table)  # the quarantine table too
         if error is not None:
             raise TerminalWarehouseError(f"invalid BigQuery table: {error}")
         return TableRef(self.project, self.dataset, table)
@@ -164,7 +166,7 @@ class BigQueryWarehouse(Warehouse):
             except Exception as exc:
                 if errors.is_not_found(exc):
                     # The dataset, a table or the markers table vanished under the cache
-                    # (dropped by hand, a fresh emulator): forget what we knew and retry;
+                    # (dropped by hand, a fresh test dataset): forget what we knew and retry;
                     # the next attempt creates what is missing.
                     self.schemas.forget()
                     raise TransientWarehouseError(
@@ -198,11 +200,14 @@ class BigQueryWarehouse(Warehouse):
         plan, state, created, writes, oversized = self._plan_and_prepare_schema(ref, todo, refused)
 
         ids = [e.dedup_id for e in todo]
+        attempt = uuid.uuid4().hex[:12]  # this try's DML jobs: ids unique to it, deterministic within it
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
-            self._clean_unfinished(ref, state, unfinished)
+            # an earlier attempt's DML job may still run: it ends before anything is cleaned or rewritten
+            self.client.settle_jobs(table_job_prefix(ref), f"earlier attempts in {table}")
+            self._clean_unfinished(ref, state, unfinished, attempt)
         self._write_markers(markers, table, [i for i in ids if i not in lookup.intents], INTENT)
-        self._write_data(ref, writes, result)
+        self._write_data(ref, writes, result, ids, attempt)
         self._write_markers(markers, table, ids, DONE)
         self._remember_done(ids)
         result.applied_envelopes += len(todo)
@@ -212,16 +217,22 @@ class BigQueryWarehouse(Warehouse):
         result.rejections.extend(oversized)
         return result
 
-    def _clean_unfinished(self, ref: TableRef, state: TableState, unfinished: dict[str, dt.datetime]) -> None:
+    def _clean_unfinished(
+        self, ref: TableRef, state: TableState, unfinished: dict[str, dt.datetime], attempt: str
+    ) -> None:
         """Remove rows of earlier attempts that wrote an intent but never completed."""
         since = min(unfinished.values()) - CLOCK_SKEW_MARGIN
-        n = self.queries.clean(ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion)
+        n = self.queries.clean(
+            ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion, attempt=attempt
+        )
         if n:
             log.warning("removed %d rows left by unfinished attempts of %s in %s", n, list(unfinished), ref.table)
 
-    def _write_data(self, ref: TableRef, writes: list[tuple[str, Any, int]], result: ApplyResult) -> None:
+    def _write_data(
+        self, ref: TableRef, writes: list[tuple[str, Any, int]], result: ApplyResult, ids: list[str], attempt: str
+    ) -> None:
         """The prepared inserts and deletes, in plan order."""
-        for kind, payload, count in writes:
+        for step, (kind, payload, count) in enumerate(writes):
             if kind == "insert":
                 requests, sent = payload
                 try:
@@ -235,8 +246,9 @@ class BigQueryWarehouse(Warehouse):
                 self.insert_all.insert(ref.api, ref.table, payload)
                 result.rows_inserted += count
             else:
-                for sql, params in payload:
-                    result.rows_deleted += self.queries.dml(sql, params, f"delete from {ref.table}")
+                for n, (sql, params) in enumerate(payload):
+                    job_id = dml_job_id(ref, ids, f"delete{step}-{n}", attempt)
+                    result.rows_deleted += self.queries.dml(sql, params, job_id, f"delete from {ref.table}")
 
     def _plan_and_prepare_schema(
         self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str]
@@ -406,6 +418,10 @@ class BigQueryWarehouse(Warehouse):
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         qparams = [positional_param(v) for v in (params or [])]
         try:
+            # read-only: a dry run says what the statement is before anything runs
+            statement = self.client.statement_type(sql, qparams, "query (dry run)")
+            if statement != "SELECT":
+                raise WarehouseQueryError(f"only a read (SELECT) may run here, not {statement or 'this statement'}")
             rows = self.client.query(sql, qparams, "query", "query")
         except TerminalWarehouseError as exc:
             raise WarehouseQueryError(str(exc)) from exc
@@ -431,7 +447,7 @@ class BigQueryWarehouse(Warehouse):
         return counts
 
     def table_schema(self, table: str) -> dict[str, str] | None:
-        if check_table_name(table) is not None:
+        if check_applied_table_name(table) is not None:
             return None
         state = self.schemas.fetch(table)
         if state is None:
@@ -443,6 +459,10 @@ class BigQueryWarehouse(Warehouse):
         quota reason) says nothing about health: reported ready, reason "unknown"."""
         try:
             dataset = self.client.get_dataset()
+        except WarehouseUnavailable as exc:
+            if exc.reason == "permission_denied":  # the role may lack datasets.get only
+                return True, f"unknown: not allowed to read dataset {self.project}.{self.dataset} metadata"
+            return False, f"BigQuery unavailable ({exc.reason}): {exc}"
         except TransientWarehouseError as exc:
             return False, f"BigQuery dataset {self.project}.{self.dataset} not reachable: {exc}"
         except TerminalWarehouseError as exc:

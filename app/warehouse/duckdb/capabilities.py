@@ -12,7 +12,6 @@ MAX_TABLES_PER_APPLY = 256
 def duckdb_capabilities(spatial: bool) -> Capabilities:
     """`spatial`: geography is GEOMETRY (else WKT text)."""
     return Capabilities(
-        name="duckdb",
         transactional=True,
         max_alters_per_statement=1,
         supports_geometry=spatial,

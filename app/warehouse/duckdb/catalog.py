@@ -46,22 +46,26 @@ def has_bookkeeping(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 def read_schema(con: duckdb.DuckDBPyConnection, table: str) -> Schema | None:
+    return read_schemas(con, [table]).get(table.lower())
+
+
+def read_schemas(con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> dict[str, Schema]:
+    """The schemas of the existing tables among `tables`, by lower-case name: one catalog
+    query however many tables (a many-table apply reads them all at once)."""
     rows = con.execute(
-        f"""SELECT c.column_name, c.data_type, m.activity_type
+        f"""SELECT lower(c.table_name), c.column_name, c.data_type, m.activity_type
             FROM information_schema.columns c
             LEFT JOIN {COLUMNS_TABLE} m
               ON m.table_name = lower(c.table_name) AND lower(m.column_name) = lower(c.column_name)
-            WHERE c.table_schema = 'main' AND lower(c.table_name) = lower(?)
-            ORDER BY c.ordinal_position""",
-        [table],
+            WHERE c.table_schema = 'main' AND lower(c.table_name) IN (SELECT lower(unnest(?::VARCHAR[])))
+            ORDER BY c.table_name, c.ordinal_position""",
+        [list(tables)],
     ).fetchall()
-    if not rows:
-        return None
-    schema: Schema = {}
-    for name, data_type, activity_type in rows:
+    schemas: dict[str, Schema] = {}
+    for table, name, data_type, activity_type in rows:
         typ = activity_type or TYPE_MAPPER.activity_type_of(str(data_type)) or f"unsupported:{data_type}"
-        schema[name.lower()] = (name, typ)
-    return schema
+        schemas.setdefault(table, {})[name.lower()] = (name, typ)
+    return schemas
 
 
 def list_tables(con: duckdb.DuckDBPyConnection) -> list[str]:

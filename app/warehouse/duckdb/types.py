@@ -31,7 +31,7 @@ COLUMN_TYPES: dict[str, str] = {
 }
 
 # How DuckDB spells the column types back (information_schema, query descriptions).
-TYPE_MAPPER = TypeMapper(COLUMN_TYPES, aliases={"TIMESTAMP WITH TIME ZONE": "timestamp"})
+TYPE_MAPPER = TypeMapper(COLUMN_TYPES, aliases={"TIMESTAMP WITH TIME ZONE": "timestamp"}, shared={"bignumeric"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import duckdb
 
-from app.schema.identifiers import IDENTIFIER, is_internal
+from app.schema.identifiers import IDENTIFIER, takes_no_activities
 from app.settings import Settings
 from app.warehouse.base import (
     ApplyResult,
@@ -42,6 +42,7 @@ from app.warehouse.base import (
     TransientWarehouseError,
     Warehouse,
 )
+from app.warehouse.cache import LruCache
 from app.warehouse.duckdb import catalog
 from app.warehouse.duckdb.apply import SeenBefore, SpatialNeeded, Writer, first_of_new
 from app.warehouse.duckdb.capabilities import duckdb_capabilities
@@ -49,7 +50,7 @@ from app.warehouse.duckdb.catalog import APPLIED_TABLE, STAGE_VIEW
 from app.warehouse.duckdb.connection import open_connection, spatial_extension_path
 from app.warehouse.duckdb.errors import apply_failed
 from app.warehouse.duckdb.reads import run_read_only
-from app.warehouse.duckdb.types import duck_types
+from app.warehouse.duckdb.types import TYPE_MAPPER, duck_types
 from app.warehouse.plan import Schema
 
 log = logging.getLogger("app.warehouse.duckdb")
@@ -67,6 +68,8 @@ class _TableFailed(Exception):
 
 
 class DuckDBWarehouse(Warehouse):
+    type_mapper = TYPE_MAPPER
+
     def __init__(self, settings: Settings) -> None:
         self.path = Path(settings.duckdb_file)
         self._memory_limit = settings.duckdb_memory_limit
@@ -81,7 +84,7 @@ class DuckDBWarehouse(Warehouse):
         self._last_prune = 0.0
         # Schemas of tables this process wrote, valid because it is the only writer (the
         # file lock); dropped on any error or reconnect so a retry re-reads the catalog.
-        self._schemas: dict[str, Schema] = {}
+        self._schemas: LruCache[str, Schema] = LruCache(settings.table_cache_size)
         self.capabilities = duckdb_capabilities(self._spatial)
         try:
             self._connection()
@@ -176,7 +179,7 @@ class DuckDBWarehouse(Warehouse):
         result = ApplyResult()
         if not envelopes:
             return result
-        if not IDENTIFIER.match(table) or is_internal(table):
+        if not IDENTIFIER.match(table) or takes_no_activities(table):
             reason = f"table name {table!r} is not allowed (reserved or invalid)"
             for env in envelopes:
                 result.rejections.extend(Rejection(env.dedup_id, i, a, reason) for i, a in enumerate(env.activities))
@@ -195,44 +198,15 @@ class DuckDBWarehouse(Warehouse):
         raise TerminalWarehouseError(f"DuckDB apply to {table} kept restarting")  # pragma: no cover
 
     def _apply_once(self, table: str, envelopes: Sequence[Envelope], spatial: bool, all_new: bool) -> ApplyResult:
-        result = ApplyResult()
-        with self._lock:
-            con = self._connection(spatial)
-            writer = Writer(con, self._types)
-            try:
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    schema = writer.apply(
-                        table,
-                        envelopes,
-                        self._schemas.get(table.lower()),
-                        result,
-                        all_new,
-                        spatial_missing=self._spatial and not self._spatial_loaded,
-                    )
-                    con.execute("COMMIT")
-                    if schema is not None:
-                        self._schemas[table.lower()] = schema
-                except BaseException:
-                    self._schemas.clear()
-                    try:
-                        con.execute("ROLLBACK")
-                    except duckdb.Error:
-                        pass
-                    raise
-            except (SpatialNeeded, SeenBefore):
-                raise
-            except Exception as exc:
-                error, reconnect = apply_failed(exc, table)
-                if reconnect:
-                    self._drop_connection()
-                raise error from exc
-            finally:
-                try:
-                    con.unregister(STAGE_VIEW)
-                except duckdb.Error:
-                    pass
-            self._maybe_prune()
+        """One table's transaction: the many-table one with a group of one."""
+        try:
+            [result] = self._apply_together([(table, envelopes)], spatial, all_new)
+        except _TableFailed as failed:
+            cause = failed.__cause__ if isinstance(failed.__cause__, Exception) else failed
+            error, reconnect = apply_failed(cause, table)
+            if reconnect:
+                self._drop_connection()
+            raise error from cause
         return result
 
     def apply_many(self, batches: Sequence[tuple[str, Sequence[Envelope]]]) -> list[ApplyResult | Exception]:
@@ -279,7 +253,7 @@ class DuckDBWarehouse(Warehouse):
 
     @staticmethod
     def _allowed(table: str) -> bool:
-        return bool(IDENTIFIER.match(table)) and not is_internal(table)
+        return bool(IDENTIFIER.match(table)) and not takes_no_activities(table)
 
     def _apply_together(
         self, group: list[tuple[str, Sequence[Envelope]]], spatial: bool, all_new: bool
@@ -293,13 +267,15 @@ class DuckDBWarehouse(Warehouse):
             con.execute("BEGIN TRANSACTION")
             try:
                 new_ids = writer.claim([env for _, envelopes in group for env in envelopes], all_new)
+                unknown = [table for table, _ in group if table.lower() not in self._schemas]
+                read = catalog.read_schemas(con, unknown) if unknown else {}
                 for position, (table, envelopes) in enumerate(group):
                     result = results[position]
                     try:
                         schema = writer.apply_table(
                             table,
                             first_of_new(envelopes, new_ids, result),
-                            self._schemas.get(table.lower()),
+                            self._schemas.get(table.lower()) or read.get(table.lower()),
                             result,
                             spatial_missing=self._spatial and not self._spatial_loaded,
                         )
@@ -309,6 +285,7 @@ class DuckDBWarehouse(Warehouse):
                         raise _TableFailed(position) from exc
                     if schema is not None:
                         schemas[table.lower()] = schema
+                writer.finish()
                 con.execute("COMMIT")
             except BaseException:
                 self._schemas.clear()
@@ -329,7 +306,7 @@ class DuckDBWarehouse(Warehouse):
                 con.unregister(STAGE_VIEW)
             except duckdb.Error:
                 pass
-        self._schemas.update(schemas)
+        self._schemas.update(schemas.items())
         self._maybe_prune()
         return results
 

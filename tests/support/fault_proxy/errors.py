@@ -14,6 +14,8 @@ it as the HTTP error.
   https://cloud.google.com/bigquery/docs/troubleshoot-quotas#overview
   (e.g. "Exceeded rate limits: too many table update operations for this table",
   https://cloud.google.com/bigquery/docs/troubleshoot-quotas#ts-maximum-update-table-metadata-limit).
+- `accessDenied` (403, status PERMISSION_DENIED): the caller may not touch the resource
+  (a revoked role): https://cloud.google.com/bigquery/docs/error-messages#errortable
 - The DML queue: at most 20 mutating DML statements queued per table
   (https://cloud.google.com/bigquery/quotas#data_manipulation_language_statements);
   the 21st fails as 400 `resourcesExceeded` "Resources exceeded during query execution:
@@ -68,6 +70,19 @@ def quota_exceeded(what: str = "Your project exceeded quota for concurrent queri
 
 def rate_limit_exceeded(what: str = "too many table update operations for this table") -> GoogleError:
     return GoogleError(403, "rateLimitExceeded", f"Exceeded rate limits: {what}.", "PERMISSION_DENIED")
+
+
+def access_denied(what: str = "Dataset p:d: Permission bigquery.tables.getData denied") -> GoogleError:
+    return GoogleError(403, "accessDenied", f"Access Denied: {what}", "PERMISSION_DENIED")
+
+
+ALL_KINDS = frozenset(
+    {
+        "jobs.insert", "jobs.get", "jobs.query", "jobs.getQueryResults", "jobs.cancel", "jobs.list",
+        "datasets.get", "datasets.insert", "tables.get", "tables.insert", "tables.patch", "tables.update",
+        "tables.list", "tabledata.insertAll", "tabledata.list",
+    }
+)  # fmt: skip
 
 
 def dml_queue_full(table: str = "the table") -> GoogleError:

@@ -7,10 +7,19 @@ Acknowledge and ModifyAckDeadline itself, as Google documents them, and keeps th
 messages leased from pstest meanwhile (re-extended to 600 s, acked upstream on ack):
 
 - Ordering (https://cloud.google.com/pubsub/docs/ordering): messages of one ordering
-  key are delivered in publish order, and none of a key is delivered while an earlier
-  message of that key is outstanding. A pull may carry several messages of one key (in
+  key are delivered in publish order; a pull may carry several messages of one key (in
   order). When a message is nacked or its lease expires, it and every later message of
   its key that is outstanding are redelivered, in order.
+- Key affinity (same page): while messages of a key are outstanding to a StreamingPull
+  subscriber (its `client_id`, kept across reconnects), later messages of that key go to
+  that subscriber only. Google documents no such thing for unary Pull: with
+  `key_affinity=False` later messages of a key go only to a Pull from another subscriber
+  (connection) than the one holding earlier ones (the worst case a replica must survive);
+  by default a Pull gets none of a key while any of it is outstanding.
+- Exactly-once delivery (https://cloud.google.com/pubsub/docs/exactly-once-delivery), when
+  the subscription has it: an ack or modack naming an ack id that expired or was
+  superseded fails with INVALID_ARGUMENT and an ErrorInfo mapping it to
+  `PERMANENT_FAILURE_INVALID_ACK_ID` (the others in the request take effect).
 - Leases (https://cloud.google.com/pubsub/docs/lease-management): a message not acked
   within its ack deadline (the subscription's, the stream's, or the last
   ModifyAckDeadline) is redelivered; an ack that arrives after that is dropped, as
@@ -29,7 +38,7 @@ messages leased from pstest meanwhile (re-extended to 600 s, acked upstream on a
 
 Messages with no ordering key are delivered as they come. Not simulated: the
 subscription's retry policy (a nacked message comes back at once, the strict case for
-attempt counting) and exactly-once delivery. StreamingPull honours the
+attempt counting). StreamingPull honours the
 stream's `max_outstanding_messages`. Messages are sequenced by pstest's message ids
 ("m<N>", increasing per publish).
 """
@@ -69,6 +78,7 @@ class _Lease:
     deadline: float
     cap: float | None  # expire_leases_after: no extension goes past this
     stream: int | None = None
+    client: str | None = None  # who holds it: a StreamingPull client_id, or a unary Pull's peer
 
 
 @dataclass
@@ -78,14 +88,20 @@ class _Subscription:
     ordered: bool
     dead_letter_topic: str | None
     max_attempts: int
+    exactly_once: bool = False
     pending: dict[str, list[_Message]] = field(default_factory=dict)  # key -> waiting, in order
     leases: dict[str, _Lease] = field(default_factory=dict)  # our ack id -> lease
     held: dict[str, _Message] = field(default_factory=dict)  # message id -> message (pending or leased)
 
 
 class OrderingGate:
-    def __init__(self, *, expire_leases_after: float | None = None, expiring_leases: int | None = None) -> None:
+    def __init__(self, *, expire_leases_after: float | None = None, expiring_leases: int | None = None,
+                 key_affinity: bool = True) -> None:
         self.expire_leases_after = expire_leases_after
+        self.key_affinity = key_affinity  # for unary Pull (streams always have it, as documented)
+        self.served_across = 0  # deliveries of a key while earlier ones were outstanding to another subscriber
+        self.subscribers: set[str] = set()  # who pulled: stream client ids and unary Pull peers
+        self.refused_acks = 0  # exactly-once: ack/modack of an expired or superseded ack id, answered with an error
         self.expiring_leases = expiring_leases  # how many deliveries get that cap (None: all)
         self.dead_lettered: list[str] = []  # message ids sent to the dead-letter topic
         self.late_acks = 0  # acks dropped because the lease had expired
@@ -156,6 +172,7 @@ class OrderingGate:
         sub = _Subscription(
             name=name, ack_deadline=float(info.ack_deadline_seconds or 10), ordered=bool(info.enable_message_ordering),
             dead_letter_topic=policy.dead_letter_topic or None, max_attempts=policy.max_delivery_attempts or 5,
+            exactly_once=bool(info.enable_exactly_once_delivery),
         )  # fmt: skip
         with self._lock:
             return self._subs.setdefault(name, sub)
@@ -207,13 +224,25 @@ class OrderingGate:
             queue.append(lease.msg)
         queue.sort(key=lambda x: x.seq)
 
-    def _deliver(self, sub: _Subscription, limit: int, deadline_seconds: float, stream: int | None = None) -> list[Any]:
+    def _deliver(self, sub: _Subscription, limit: int, deadline_seconds: float, stream: int | None = None,
+                 client: str | None = None) -> list[Any]:
         # One refill-and-deliver at a time: two concurrent refills could each take part of a
         # key's messages from pstest, and one could deliver a later message first.
         with self._delivering:
-            return self._deliver_locked(sub, limit, deadline_seconds, stream)
+            return self._deliver_locked(sub, limit, deadline_seconds, stream, client)
 
-    def _deliver_locked(self, sub: _Subscription, limit: int, deadline_seconds: float, stream: int | None) -> list[Any]:
+    def _may_serve(self, holders: set[str | None], client: str | None, streaming: bool) -> bool:
+        """May a key whose outstanding messages are held by `holders` go to `client`?"""
+        if not holders:
+            return True
+        if streaming:  # affinity: only to the subscriber holding the key
+            return holders == {client}
+        # Unary Pull: by default nothing of a key while any is outstanding; without affinity,
+        # the worst Google allows: only to another subscriber than the one holding the key.
+        return not self.key_affinity and client not in holders
+
+    def _deliver_locked(self, sub: _Subscription, limit: int, deadline_seconds: float, stream: int | None,
+                        client: str | None) -> list[Any]:
         from google.pubsub_v1 import types as t
 
         self._refill(sub)
@@ -222,10 +251,15 @@ class OrderingGate:
         dead: list[_Message] = []
         with self._lock:
             self._expire(sub, now)
-            outstanding_keys = {lease.msg.key for lease in sub.leases.values() if lease.msg.key}
+            holders: dict[str, set[str | None]] = {}
+            for lease in sub.leases.values():
+                if lease.msg.key:
+                    holders.setdefault(lease.msg.key, set()).add(lease.client)
             for key in list(sub.pending):
-                if key and key in outstanding_keys:
-                    continue  # Google: nothing of a key while an earlier one is outstanding
+                if key and not self._may_serve(holders.get(key, set()), client, stream is not None):
+                    continue
+                if key and holders.get(key, set()) - {client}:
+                    self.served_across += 1
                 queue = sub.pending[key]
                 taken = 0
                 while queue and len(out) < limit:
@@ -237,7 +271,7 @@ class OrderingGate:
                     msg.deliveries += 1
                     ack_id = f"{msg.message_id}.{msg.deliveries}.{uuid.uuid4().hex[:8]}"
                     cap = self._lease_cap(now)
-                    lease = _Lease(msg, _capped(now + deadline_seconds, cap), cap, stream)
+                    lease = _Lease(msg, _capped(now + deadline_seconds, cap), cap, stream, client)
                     sub.leases[ack_id] = lease
                     out.append(t.ReceivedMessage(
                         ack_id=ack_id, message=msg.message, delivery_attempt=msg.deliveries if sub.dead_letter_topic else 0))  # fmt: skip
@@ -275,18 +309,22 @@ class OrderingGate:
         with self._lock:
             self.dead_lettered.append(msg.message_id)
 
-    def _ack(self, sub: _Subscription, ack_ids: list[str]) -> None:
+    def _ack(self, sub: _Subscription, ack_ids: list[str]) -> list[str]:
+        """Ack what is leased; return the ack ids exactly-once delivery refuses."""
         from google.pubsub_v1 import types as t
 
         now = time.monotonic()
         done: list[str] = []
         acked: list[_Message] = []
+        refused: list[str] = []
         with self._lock:
             self._expire(sub, now)
             for ack_id in ack_ids:
                 lease = sub.leases.pop(ack_id, None)
                 if lease is None:
                     self.late_acks += 1  # expired (and maybe redelivered): Google may drop it too
+                    if sub.exactly_once:
+                        refused.append(ack_id)
                     continue
                 sub.held.pop(lease.msg.message_id, None)
                 done.append(lease.msg.upstream_ack_id)
@@ -297,20 +335,26 @@ class OrderingGate:
                     self.violations.append(f"{msg.message_id} (key {msg.key}) acked before {earlier}")
         if done:
             self._upstream("Acknowledge", t.AcknowledgeRequest(subscription=sub.name, ack_ids=done))
+        return refused
 
-    def _modack(self, sub: _Subscription, ack_ids: list[str], seconds: float) -> None:
+    def _modack(self, sub: _Subscription, ack_ids: list[str], seconds: float) -> list[str]:
+        """Modify what is leased; return the ack ids exactly-once delivery refuses."""
         now = time.monotonic()
+        refused: list[str] = []
         with self._lock:
             self._expire(sub, now)
             for ack_id in ack_ids:
                 lease = sub.leases.get(ack_id)
                 if lease is None:
+                    if sub.exactly_once:
+                        refused.append(ack_id)
                     continue
                 if seconds <= 0:
                     self.nacked += 1
                     self._return(sub, lease.msg)
                 else:
                     lease.deadline = _capped(now + seconds, lease.cap)
+        return refused
 
     def _refresh_loop(self) -> None:
         from google.pubsub_v1 import types as t
@@ -334,16 +378,26 @@ class OrderingGate:
         limit = request.max_messages or 1000
         end = time.monotonic() + min(PULL_WAIT_SECONDS, context.time_remaining() or PULL_WAIT_SECONDS)
         while True:
-            got = self._deliver(sub, limit, sub.ack_deadline)
+            client = f"peer:{context.peer()}"
+            with self._lock:
+                self.subscribers.add(client)
+            got = self._deliver(sub, limit, sub.ack_deadline, client=client)
             if got or request.return_immediately or time.monotonic() >= end or not context.is_active():
                 return t.PullResponse(received_messages=got)
             time.sleep(0.05)
 
     def _acknowledge(self, request: Any, context: grpc.ServicerContext) -> None:
-        self._ack(self._subscription(request.subscription), list(request.ack_ids))
+        self._refuse(context, self._ack(self._subscription(request.subscription), list(request.ack_ids)))
 
     def _modify_ack_deadline(self, request: Any, context: grpc.ServicerContext) -> None:
-        self._modack(self._subscription(request.subscription), list(request.ack_ids), request.ack_deadline_seconds)
+        sub = self._subscription(request.subscription)
+        self._refuse(context, self._modack(sub, list(request.ack_ids), request.ack_deadline_seconds))
+
+    def _refuse(self, context: grpc.ServicerContext, ack_ids: list[str]) -> None:
+        if ack_ids:
+            with self._lock:
+                self.refused_acks += len(ack_ids)
+            context.abort_with_status(invalid_ack_ids_status(ack_ids))
 
     def _streaming_pull(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         from google.pubsub_v1 import types as t
@@ -355,6 +409,9 @@ class OrderingGate:
             abort_like(context, err)
             return
         stream = next(self._stream_ids)
+        client = first.client_id or f"stream-{stream}"  # a stream without client_id is its own subscriber
+        with self._lock:
+            self.subscribers.add(client)
         deadline = float(first.stream_ack_deadline_seconds or sub.ack_deadline)
         max_outstanding = first.max_outstanding_messages or 1000
         ended = threading.Event()
@@ -384,11 +441,29 @@ class OrderingGate:
             with self._lock:
                 mine = sum(1 for lease in sub.leases.values() if lease.stream == stream)
             room = max_outstanding - mine
-            got = self._deliver(sub, room, deadline, stream) if room > 0 else []
+            got = self._deliver(sub, room, deadline, stream, client) if room > 0 else []
             if got:
                 yield t.StreamingPullResponse(received_messages=got, subscription_properties=properties)
             else:
                 time.sleep(0.05)
+
+
+def invalid_ack_ids_status(ack_ids: list[str]) -> Any:
+    """Pub/Sub's answer, with exactly-once delivery, to an ack/modack naming invalid ack ids."""
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    info = error_details_pb2.ErrorInfo(
+        reason="EXACTLY_ONCE_ACKID_FAILURE", domain="pubsub.googleapis.com",
+        metadata={a: "PERMANENT_FAILURE_INVALID_ACK_ID" for a in ack_ids},
+    )
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT,
+        message="Some acknowledgement ids in the request were invalid. This could be because the acknowledgement "
+        "ids have expired or the acknowledgement ids were malformed.",
+    )
+    status.details.add().Pack(info)
+    return rpc_status.to_status(status)
 
 
 def _sequence(message: Any) -> tuple[int, str]:

@@ -1,7 +1,9 @@
 """HTTP reverse proxy for BigQuery's REST API with Google's errors, delays and call counts.
 
 Point `BIGQUERY_EMULATOR_HOST` at `BigQueryRestProxy.address`; calls go on to
-bqemulator unless a `Rule` matches. A rule names API methods (`kinds`, e.g.
+bqemulator unless a `Rule` matches. In front of bqemulator itself, the proxy answers in
+Google's shape where the emulator departs from it (`bq_shape.GoogleShape`, one call at a
+time per emulator); in front of another proxy it only adds its own faults. A rule names API methods (`kinds`, e.g.
 `jobs.insert`, `jobs.query`, `tables.patch`; see `classify`), optionally a regex on the
 query text (`sql`, for jobs.insert / jobs.query) or on the path or body (`target`), and how
 long it lasts (`times` matching calls, or `seconds` from its first match). It answers
@@ -42,7 +44,9 @@ from typing import Any
 
 import httpx
 
+from tests.support.fault_proxy.bq_shape import Answer, GoogleShape
 from tests.support.fault_proxy.errors import GoogleError
+from tests.support.fault_proxy.late_jobs import LateJobs
 from tests.support.fault_proxy.storage_write import SchemaVisibility
 
 _PREFIX = r"^(?:/upload)?/bigquery/v2/projects/(?P<project>[^/]+)"
@@ -73,6 +77,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 _ALTER_ADD = re.compile(
     r"ALTER\s+TABLE\s+(?P<ref>[`\w.\-]+)\s+ADD\s+COLUMN\s+(?:IF\s+NOT\s+EXISTS\s+)?`?(?P<col>\w+)`?", re.IGNORECASE
 )
+_RUNNING: set[str] = set()  # "http://host:port" of every proxy of this process
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length", "host"}
 
 
@@ -147,12 +152,16 @@ class BigQueryRestProxy:
         self.statements: Counter[str] = Counter()  # query jobs by first keyword (SELECT, DELETE, ALTER, ...)
         self.jobs = _JobStats()
         self._failed_jobs: dict[str, tuple[dict[str, Any], GoogleError]] = {}
+        self.late_jobs = LateJobs()  # DML jobs that run after the client stopped waiting
         self._lock = threading.Lock()
         self._http = httpx.Client(timeout=300)
         self._server = ThreadingHTTPServer((host, 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._server.serve_forever, name="bq-rest-proxy", daemon=True)
+        # straight in front of the emulator: Google's shape; behind another proxy: it has it already
+        self.shape = None if self.upstream in _RUNNING else GoogleShape(self.upstream, self._http)
+        _RUNNING.add(f"http://{self.address}")
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -165,6 +174,7 @@ class BigQueryRestProxy:
         return self
 
     def close(self) -> None:
+        _RUNNING.discard(f"http://{self.address}")
         self._server.shutdown()
         self._server.server_close()
         self._http.close()
@@ -243,6 +253,9 @@ class BigQueryRestProxy:
         failed = self._failed_jobs.get(params.get("job", ""))
         if failed is not None:
             return self._answer_failed_job(req, kind, *failed)
+        late = self.late_jobs.answer(kind, params.get("job"))
+        if late is not None:
+            return _send(req, late.status, late.content, late.content_type)
         rule = self._rule_for(kind, path, sql, body)
         if rule is not None and rule.delay:
             time.sleep(rule.delay)
@@ -253,22 +266,34 @@ class BigQueryRestProxy:
                 return self._fail_job(req, payload, rule.error)
             return _send(req, rule.error.http_status, rule.error.body())
         before = self._columns_before(kind, params, sql)
+        headers = {k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP}
+        method, full_path = req.command, req.path
+
+        def forward() -> Answer:
+            if self.shape is not None:
+                return self.shape.forward(method, full_path, kind, params, body, headers)
+            r = self._http.request(method, self.upstream + full_path, content=body, headers=headers)
+            return Answer(r.status_code, r.content, r.headers.get("content-type"))
+
+        if kind == "jobs.insert":
+            held = self.late_jobs.take(payload, sql, forward)
+            if held is not None:
+                return _send(req, held.status, held.content, held.content_type)
         try:
-            upstream = self._http.request(
-                req.command, self.upstream + req.path, content=body,
-                headers={k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP},
-            )  # fmt: skip
+            upstream = forward()
         except httpx.TransportError:  # the emulator dropped the connection: drop the client's too
             req.close_connection = True
             return
+        if kind == "jobs.list":
+            upstream = self.late_jobs.listed(upstream, req.path.split("?", 1)[1] if "?" in req.path else "")
         answer = _json(upstream.content)
-        if upstream.status_code < 300 and isinstance(answer, dict):
+        if upstream.status < 300 and isinstance(answer, dict):
             if kind.startswith("jobs."):
                 with self._lock:
                     self.jobs.note(answer)
             if before is not None:
                 self._note_added_columns(params, before, answer, sql)
-        _send(req, upstream.status_code, upstream.content, upstream.headers.get("content-type"))
+        _send(req, upstream.status, upstream.content, upstream.content_type)
 
     def _fail_job(self, req: BaseHTTPRequestHandler, payload: Any, error: GoogleError) -> None:
         """jobs.insert of a job that fails: 200 with the job DONE and its errorResult."""
@@ -305,7 +330,8 @@ class BigQueryRestProxy:
         return None
 
     def _columns(self, project: str, dataset: str, table: str) -> set[str]:
-        r = self._http.get(f"{self.upstream}/bigquery/v2/projects/{project}/datasets/{dataset}/tables/{table}")
+        path = f"/bigquery/v2/projects/{project}/datasets/{dataset}/tables/{table}"
+        r = self.shape.request("GET", path) if self.shape is not None else self._http.get(self.upstream + path)
         if r.status_code != 200:
             return set()
         return {f["name"].lower() for f in (r.json().get("schema") or {}).get("fields", [])}

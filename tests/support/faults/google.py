@@ -99,9 +99,15 @@ def scenario_bigquery_down(tmp: Path, batches: int = 3, backoff_max: float = 1.0
     from tests.support import bqemulator
 
     out = Outcome("BigQuery emulator stopped", "bqemulator killed while batches arrive, then a new one on the same ports")
+    from tests.support.fault_proxy import BigQueryRestProxy
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
+
     emu_cm = bqemulator.running_bqemulator()
     emu = emu_cm.__enter__()
-    p = start_pipeline(tmp, WAREHOUSE="bigquery", BIGQUERY_EMULATOR_HOST=emu.rest, BIGQUERY_EMULATOR_GRPC_HOST=emu.grpc,
+    # Google's shape, one call at a time; the proxies outlive the emulator's restart on the same ports
+    rest, grpc_proxy = BigQueryRestProxy(emu.rest).start(), SerialGrpcProxy(emu.grpc).start()
+    p = start_pipeline(tmp, WAREHOUSE="bigquery", BIGQUERY_EMULATOR_HOST=rest.address,
+                  BIGQUERY_EMULATOR_GRPC_HOST=grpc_proxy.address,
                   GCP_PROJECT=emu.project, RETRY_BACKOFF_MAX_SECONDS=str(backoff_max), ACK_DEADLINE_SECONDS="5",
                   PROVISION_PUBSUB="false")
     table = "bqd"
@@ -153,6 +159,8 @@ def scenario_bigquery_down(tmp: Path, batches: int = 3, backoff_max: float = 1.0
                          "only the batches sent while it was down are counted as lost/landed")
     finally:
         p.stop()
+        rest.close()
+        grpc_proxy.close()
         if emu_cm is not None:
             emu_cm.__exit__(None, None, None)
     return out
@@ -206,22 +214,23 @@ class GoogleStack:
         return f"{self.dataset}.{name}"
 
     def query(self, sql: str) -> list[tuple] | None:
-        """Rows of a query run directly on the emulator (not through the fault layer), None on error."""
+        """Rows of a query run on the emulator past the faults (through a rule-less proxy, in
+        Google's shape and one call at a time with the stack's), None on error."""
         from google.api_core.client_options import ClientOptions
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import bigquery
 
-        from app.warehouse.bigquery.client import _EMULATOR_LOCK as emulator_calls
+        from tests.support.fault_proxy import BigQueryRestProxy
 
-        client = bigquery.Client(project=self.emulator.project, credentials=AnonymousCredentials(),
-                                 client_options=ClientOptions(api_endpoint=f"http://{self.emulator.rest}"))
-        try:
-            with emulator_calls:  # never alongside the subscriber's calls: bqemulator deadlocks
+        with BigQueryRestProxy(self.emulator.rest) as reads:
+            client = bigquery.Client(project=self.emulator.project, credentials=AnonymousCredentials(),
+                                     client_options=ClientOptions(api_endpoint=f"http://{reads.address}"))
+            try:
                 return [tuple(r.values()) for r in client.query_and_wait(sql)]
-        except Exception:
-            return None
-        finally:
-            client.close()
+            except Exception:
+                return None
+            finally:
+                client.close()
 
     def marker_counts(self, tables: list[str]) -> dict[str, tuple[int, int]]:
         """marker -> (rows, distinct ids) over the given tables of this stack's dataset."""
@@ -260,7 +269,7 @@ class GoogleStack:
 
 @contextlib.contextmanager
 def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_after: float | None = None,
-                 expiring_leases: int | None = None, **env: str) -> Iterator[GoogleStack]:
+                 expiring_leases: int | None = None, key_affinity: bool = True, **env: str) -> Iterator[GoogleStack]:
     """pstest + a bqemulator of its own, the fault proxies in front, the processes provisioned but not started.
 
     Its own emulator: faults, lease expiries and restarts leave the emulator's state where
@@ -274,6 +283,7 @@ def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_af
         SchemaVisibility,
         StorageWriteFaults,
     )
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
     from tests.support.pstest import running_pstest
 
     with contextlib.ExitStack() as stack:
@@ -282,8 +292,10 @@ def google_stack(tmp: Path, *, schema_lag_seconds: float = 0.0, expire_leases_af
         lag = SchemaVisibility(schema_lag_seconds)
         rest = stack.enter_context(BigQueryRestProxy(emu.rest, schema=lag))
         storage_write = StorageWriteFaults(lag)
-        bq_grpc = stack.enter_context(GrpcProxy(emu.grpc, storage_write=storage_write))
-        gate = OrderingGate(expire_leases_after=expire_leases_after, expiring_leases=expiring_leases)
+        serial = stack.enter_context(SerialGrpcProxy(emu.grpc))  # one call at a time, with the REST proxy's
+        bq_grpc = stack.enter_context(GrpcProxy(serial.address, storage_write=storage_write))
+        gate = OrderingGate(expire_leases_after=expire_leases_after, expiring_leases=expiring_leases,
+                            key_affinity=key_affinity)
         stack.callback(gate.close)
         ps_grpc = stack.enter_context(GrpcProxy(pstest, pubsub=gate))
         suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
@@ -384,6 +396,37 @@ def scenario_bigquery_quota(tmp: Path, reason: str = "quotaExceeded", times: int
         expected = {"before": 5, "during": 5, "after": 5}
         _wait_markers(g, [table], expected)
         out.data["faults_left"] = sum(max(0, (r.times or 0) - r.hits) for r in g.rest.rules)
+        return _google_outcome(out, g, [table], expected)
+
+
+@timed
+def scenario_bigquery_permission_denied(tmp: Path, seconds: float = 8.0) -> Outcome:
+    """Every BigQuery REST call answers 403 accessDenied (a revoked role) for `seconds`."""
+    from tests.support.fault_proxy import errors
+
+    out = Outcome("BigQuery 403 accessDenied on every call",
+                  f"every BigQuery call answered 403 accessDenied for {seconds:g} s, then allowed again")
+    table = "denied"
+    with google_stack(tmp) as g:
+        g.p.start("subscriber")
+        g.p.start("api")
+        _post_ok(g.p, rows_body(table, 0, 5, "before"))
+        _wait_markers(g, [table], {"before": 5})
+        rule = g.rest.add(errors.access_denied(), errors.ALL_KINDS, seconds=seconds)
+        for n in range(3):
+            _post_ok(g.p, rows_body(table, 100 + 10 * n, 5, f"during{n}"))
+        readyz: list[tuple[int, str]] = []
+        while not (rule.hits and rule.spent(time.monotonic())):
+            r = httpx.get(g.p.admin_url + "/readyz", timeout=10)
+            readyz.append((r.status_code, str(r.json().get("warehouse"))))
+            time.sleep(0.3)
+        expected = {"before": 5, "during0": 5, "during1": 5, "during2": 5}
+        _wait_markers(g, [table], expected)
+        wait_until(lambda: httpx.get(g.p.admin_url + "/readyz", timeout=10).status_code == 200, timeout=30,
+                   interval=0.3, what="ready again")
+        out.data["readyz_during"] = readyz
+        out.data["blocked_metric"] = httpx.get(g.p.admin_url + "/metrics", timeout=10).text.count(
+            'subscriber_blocked{reason="permission_denied"}')
         return _google_outcome(out, g, [table], expected)
 
 

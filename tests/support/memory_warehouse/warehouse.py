@@ -17,10 +17,12 @@ import threading
 from typing import Any, Callable, Sequence
 
 from app.messages.envelope import Envelope
-from app.schema.identifiers import check_table_name
+from app.schema.identifiers import check_applied_table_name
 from app.settings import Settings
 from app.warehouse.base import ApplyResult, Capabilities, QueryResult, Rejection, Warehouse
 from app.warehouse.plan import plan_table
+from app.warehouse.types import TypeMapper
+from app.schema.types import TYPES
 from tests.support.memory_warehouse.observer import ApplyObserver
 from tests.support.memory_warehouse.queries import run_query
 from tests.support.memory_warehouse.tables import StoredTable
@@ -37,8 +39,9 @@ class MemoryWarehouse(Warehouse):
         concurrent_tables: bool = True,
         before_apply: BeforeApply | None = None,
     ) -> None:
+        self.type_mapper = TypeMapper({typ: typ for typ in TYPES})  # kept as given: every type reads back
         self.capabilities = Capabilities(
-            "memory", transactional=True, max_alters_per_statement=None, supports_geometry=False,
+            transactional=True, max_alters_per_statement=None, supports_geometry=False,
             concurrent_tables=concurrent_tables,
         )
         self.before_apply = before_apply
@@ -59,7 +62,7 @@ class MemoryWarehouse(Warehouse):
 
     def _apply(self, table: str, envelopes: Sequence[Envelope]) -> ApplyResult:
         result = ApplyResult()
-        bad_table = check_table_name(table)
+        bad_table = check_applied_table_name(table)
         if bad_table is not None:
             for envelope in envelopes:
                 result.rejections += [Rejection(envelope.dedup_id, i, a, bad_table) for i, a in enumerate(envelope.activities)]

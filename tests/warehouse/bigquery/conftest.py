@@ -37,6 +37,8 @@ def settings(emu, tmp_path) -> Settings:
 
 @pytest.fixture
 def wh(settings) -> Iterator[BigQueryWarehouse]:
-    w = BigQueryWarehouse(settings)
+    from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES
+
+    w = BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES)
     yield w
     w.close()

@@ -11,12 +11,14 @@ import json
 import grpc
 import pytest
 import requests
+from google.auth.exceptions import RefreshError
 from google.api_core import exceptions as gexc
 from google.cloud.bigquery_storage_v1 import types as storage_types
 from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
 from google.rpc import status_pb2
 
-from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
+from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError, WarehouseUnavailable
 from app.warehouse.bigquery import errors
 
 
@@ -70,9 +72,10 @@ def test_reason_is_read_from_errors_not_from_the_message() -> None:
     exc = gexc.Forbidden("Your project exceeded quota.", errors=[{"reason": "quotaExceeded", "message": "..."}])
     assert errors.is_transient(exc)
     # ... and a message that merely mentions a reason word is not a quota error
-    assert not errors.is_transient(
-        gexc.Forbidden("column rateLimitExceeded: access denied", errors=[{"reason": "accessDenied"}])
+    denied = errors.translate(
+        gexc.Forbidden("column rateLimitExceeded: access denied", errors=[{"reason": "accessDenied"}]), "x"
     )
+    assert isinstance(denied, WarehouseUnavailable) and denied.reason == "permission_denied"
 
 
 def test_retry_after_header_is_passed_on() -> None:
@@ -82,7 +85,7 @@ def test_retry_after_header_is_passed_on() -> None:
 
 @pytest.mark.parametrize(
     "status, reason",
-    [(400, "invalid"), (400, "invalidQuery"), (404, "notFound"), (403, "accessDenied"), (409, "duplicate")],
+    [(400, "invalid"), (400, "invalidQuery"), (404, "notFound"), (403, "responseTooLarge"), (409, "duplicate")],
 )
 def test_request_errors_are_terminal(status: int, reason: str) -> None:
     exc = http_error(status, reason, "Syntax error: Unexpected identifier")
@@ -113,13 +116,42 @@ def test_not_found_and_permission_denied_are_recognised_through_the_translation(
         (grpc.StatusCode.INTERNAL, True),
         (grpc.StatusCode.DEADLINE_EXCEEDED, True),
         (grpc.StatusCode.INVALID_ARGUMENT, False),
-        (grpc.StatusCode.PERMISSION_DENIED, False),
+        (grpc.StatusCode.PERMISSION_DENIED, True),  # the whole warehouse: see below
         (grpc.StatusCode.NOT_FOUND, False),
     ],
 )
 def test_grpc_status_codes(code: grpc.StatusCode, transient: bool) -> None:
     exc = gexc.from_grpc_status(code, "append failed")
     assert errors.is_transient(exc) is transient
+
+
+@pytest.mark.parametrize(
+    "exc, reason",
+    [
+        (http_error(403, "accessDenied", "Access Denied: Table p:d.t: Permission bigquery.tables.updateData denied"), "permission_denied"),
+        (http_error(403, "billingNotEnabled", "Billing has not been enabled for this project."), "not_enabled"),
+        (http_error(401, "authError", "Request had invalid authentication credentials."), "unauthenticated"),
+        (gexc.from_grpc_status(grpc.StatusCode.PERMISSION_DENIED, "append denied"), "permission_denied"),
+        (gexc.from_grpc_status(grpc.StatusCode.UNAUTHENTICATED, "no credentials"), "unauthenticated"),
+        (gexc.PermissionDenied("Permission 'TABLES_UPDATE_DATA' denied on resource"), "permission_denied"),
+        (RefreshError("invalid_grant: account not found"), "credentials"),
+    ],
+)
+def test_permission_credential_and_not_enabled_errors_make_the_warehouse_unavailable(exc: Exception, reason: str) -> None:
+    translated = errors.translate(exc, "dedup lookup for t")
+    assert isinstance(translated, WarehouseUnavailable)  # transient: never counted towards dead-lettering
+    assert translated.reason == reason
+
+
+def test_a_disabled_api_is_read_from_its_error_info() -> None:
+    info = error_details_pb2.ErrorInfo(reason="SERVICE_DISABLED", domain="googleapis.com")
+    exc = gexc.Forbidden("BigQuery API has not been used in project p before or it is disabled", error_info=info)
+    assert errors.translate(exc, "x").reason == "not_enabled"
+
+
+def test_a_quota_403_stays_an_ordinary_transient_error() -> None:
+    translated = errors.translate(http_error(403, "quotaExceeded", "Quota exceeded"), "x")
+    assert isinstance(translated, TransientWarehouseError) and not isinstance(translated, WarehouseUnavailable)
 
 
 def test_network_errors_and_exhausted_retries_are_transient() -> None:

@@ -25,7 +25,7 @@ def test_deletes_are_one_parameterized_dml_job(wh, monkeypatch) -> None:
         [env(t, *(ins(t, cols, row) for row in [[1, "ann", "a"], [2, evil, None], [3, "bob", "b"], [4, "cy", None]]))],
     )
     seen: list[tuple[str, Any]] = []
-    # emulator: statements run as jobs (see BigQueryClient._emulator_query)
+    # DML runs as jobs with deterministic ids (see BigQueryClient.dml)
     real_query = wh.client.rest.query
 
     def spy(sql: str, job_config: Any = None, **kw: Any) -> Any:

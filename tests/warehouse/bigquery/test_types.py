@@ -10,7 +10,7 @@ import pytest
 from app.schema.types import TYPE_NAMES, TYPES
 
 
-@pytest.mark.parametrize("emulator", [False, True], ids=["google", "emulator"])
+@pytest.mark.parametrize("emulator", [False, True], ids=["google", "emulator-override"])
 def test_arrow_columns_are_what_the_storage_write_api_takes(emulator: bool) -> None:
     # Rows go out in the type table's Arrow types; only BIGNUMERIC changes form (Google
     # takes decimal256(76, 38); the emulator's STRING column keeps the canonical text),
@@ -18,7 +18,9 @@ def test_arrow_columns_are_what_the_storage_write_api_takes(emulator: bool) -> N
     from app.schema.columnar import to_arrow
     from app.warehouse.bigquery.types import TypeMapper
 
-    mapper = TypeMapper(emulator)
+    from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES
+
+    mapper = TypeMapper(EMULATOR_TYPE_OVERRIDES if emulator else None)
     for typ in TYPE_NAMES:
         if typ != "bignumeric":
             assert mapper.arrow_type(typ) == TYPES[typ].arrow_type
