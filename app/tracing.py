@@ -15,14 +15,13 @@ import contextlib
 import random
 import re
 import threading
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
+_TRACEPARENT = re.compile(r"[ \t]*00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})[ \t]*\Z")  # OWS around it
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 ATTRIBUTE = "traceparent"  # the message attribute, named as the header
 
@@ -58,8 +57,7 @@ def shutdown() -> None:
         _tracer = _provider = None
 
 
-@dataclass(frozen=True, slots=True)
-class TraceParent:
+class TraceParent(NamedTuple):  # a tuple: cheaper to make than a frozen dataclass, per request
     trace_id: str  # 32 lower-case hex digits
     span_id: str  # 16
     flags: str  # 2
@@ -77,11 +75,13 @@ def parse(value: str | bytes | None) -> TraceParent | None:
     """A valid version-00 `traceparent`, else None (then a fresh trace starts, as the spec says)."""
     if value is None:
         return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    match = _TRACEPARENT.match(text.strip())
-    if match is None or match[1] == _ZERO_TRACE or match[2] == _ZERO_SPAN:
+    match = _TRACEPARENT.match(value.decode("latin-1") if value.__class__ is bytes else value)  # type: ignore[union-attr]
+    if match is None:
         return None
-    return TraceParent(match[1], match[2], match[3])
+    trace_id, span_id, flags = match.groups()
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return TraceParent(trace_id, span_id, flags)
 
 
 def _of(span_context: SpanContext) -> TraceParent:
@@ -89,18 +89,40 @@ def _of(span_context: SpanContext) -> TraceParent:
                        format(span_context.trace_flags, "02x"))
 
 
+_SPAN_BITS = (1 << 64) - 1
+
+
+def untraced_ingest(incoming: bytes | None) -> str | None:
+    """Without export, the request's own `traceparent`, at the cost of matching a header
+    and drawing random bits (no span, no objects); None when exporting (use `ingest_span`).
+
+    Written flat on purpose: it runs on every request, where each call costs."""
+    if _tracer is not None:
+        return None
+    # Ids need to be unique, not secret: the SDK draws them the same way.
+    if incoming is not None:
+        match = _TRACEPARENT.match(incoming.decode("latin-1"))
+        if match is not None and match[1] != _ZERO_TRACE and match[2] != _ZERO_SPAN:
+            return f"00-{match[1]}-{random.getrandbits(64):016x}-{match[3]}"  # the caller's trace continues
+    ids = random.getrandbits(192)  # a fresh trace: trace id and span id in one draw
+    return f"00-{ids >> 64:032x}-{ids & _SPAN_BITS:016x}-00"
+
+
+def trace_id_of(header: str) -> str:
+    """The trace id of a header made by `untraced_ingest` or `ingest_span`."""
+    return header[3:35]
+
+
 @contextlib.contextmanager
-def ingest_span(incoming: str | bytes | None) -> Iterator[TraceParent]:
-    """The `ingest` span in the caller's trace (or a fresh one); yields its own traceparent."""
-    parent = parse(incoming)
+def ingest_span(incoming: str | bytes | None) -> Iterator[str]:
+    """The `ingest` span in the caller's trace (or a fresh one); yields its own `traceparent`."""
     if _tracer is None:
-        # Ids need to be unique, not secret: the SDK draws them the same way.
-        yield TraceParent(parent.trace_id if parent else f"{random.getrandbits(128):032x}",
-                          f"{random.getrandbits(64):016x}", parent.flags if parent else "00")
+        yield untraced_ingest(incoming.encode("latin-1") if isinstance(incoming, str) else incoming)  # type: ignore[misc]
         return
+    parent = parse(incoming)
     ctx = trace.set_span_in_context(NonRecordingSpan(parent.span_context())) if parent else otel_context.Context()
     with _tracer.start_as_current_span("ingest", context=ctx, kind=SpanKind.SERVER) as span:
-        yield _of(span.get_span_context())
+        yield _of(span.get_span_context()).header
 
 
 @contextlib.contextmanager

@@ -30,14 +30,27 @@ def test_parse_accepts_only_a_valid_version_00_traceparent(header, valid):
 
 
 def test_without_an_exporter_the_caller_trace_continues_or_a_fresh_one_starts():
-    with tracing.ingest_span(PARENT) as span:
+    with tracing.ingest_span(PARENT) as header:
+        span = tracing.parse(header)
         assert span.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and span.flags == "01"
         assert span.span_id != "00f067aa0ba902b7" and len(span.span_id) == 16
-    with tracing.ingest_span("not a traceparent") as fresh, tracing.ingest_span(None) as other:
-        assert tracing.parse(fresh.header) == fresh and fresh.trace_id != other.trace_id
+        assert tracing.trace_id_of(header) == span.trace_id
+    with tracing.ingest_span("not a traceparent") as fresh_header, tracing.ingest_span(None) as other:
+        fresh = tracing.parse(fresh_header)
+        assert fresh is not None and fresh.header == fresh_header and fresh.trace_id != tracing.parse(other).trace_id
     with tracing.apply_spans([("t", [PARENT])]):
         pass  # nothing to export: a no-op
-    assert tracing.trace_ids([PARENT, PARENT, None, fresh.header]) == f"{span.trace_id},{fresh.trace_id}"
+    assert tracing.trace_ids([PARENT, PARENT, None, fresh_header]) == f"{span.trace_id},{fresh.trace_id}"
+
+
+@pytest.mark.parametrize("header", [PARENT.encode(), b" " + PARENT.encode() + b"\t", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01",
+                                    PARENT.upper().encode(), b"garbage", None])
+def test_the_untraced_path_continues_only_a_valid_caller_trace(header):
+    made = tracing.parse(tracing.untraced_ingest(header))
+    assert made is not None and made.span_id != "00f067aa0ba902b7"
+    continues = header is not None and tracing.parse(header) is not None
+    assert (made.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736") is continues
+    assert made.flags == ("01" if continues else "00")
 
 
 def test_the_answer_and_every_message_carry_the_ingest_traceparent(tmp_path):

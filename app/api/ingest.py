@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app import metrics
+from app.api.auth import request_headers
 from app.api.contracts import EdgeContracts
 from app.api.errors import ApiError, error_response
 from app.api.keys import KeyGate
@@ -32,7 +33,7 @@ from app.schema.columnar_validation import validate_runs
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.schema.values import loads_exact
 from app.settings import Settings
-from app.tracing import ingest_span
+from app.tracing import ingest_span, trace_id_of, untraced_ingest
 
 log = logging.getLogger("app.api")
 
@@ -49,10 +50,6 @@ def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | N
 def _activity_count(body: Any) -> int:
     activities = body.get("user_activities") if isinstance(body, dict) else None
     return len(activities) if isinstance(activities, list) else 0
-
-
-def _count(validated: list[Activity] | list[ActivityRun]) -> int:
-    return len(validated) if _is_small(validated) else sum(map(len, validated))
 
 
 def _is_small(validated: list[Activity] | list[ActivityRun]) -> bool:
@@ -83,27 +80,33 @@ class IngestHandler:
 
     async def handle(self, request: Request) -> Response:
         """The answer in the request's trace: the `ingest` span, its `traceparent` on the answer."""
-        with ingest_span(request.headers.get("traceparent")) as trace:
-            trace_id_var.set(trace.trace_id)  # on the request's log lines
-            request.scope["traceparent"] = traceparent = trace.header
-            response = await self.handle_in_trace(request)
-        response.headers["traceparent"] = traceparent
+        headers = request_headers(request.scope)
+        incoming = headers.get(b"traceparent")
+        traceparent = untraced_ingest(incoming)  # the common case: no export, no span to open
+        if traceparent is not None:
+            response = await self.handle_in_trace(request, headers, traceparent)
+        else:
+            with ingest_span(incoming) as traceparent:
+                response = await self.handle_in_trace(request, headers, traceparent)
+        response.raw_headers.append((b"traceparent", traceparent.encode("latin-1")))
         return response
 
-    async def handle_in_trace(self, request: Request) -> Response:
+    async def handle_in_trace(self, request: Request, headers: dict[bytes, bytes], traceparent: str) -> Response:
         """The answer to one ingest request; every refusal in the one error shape."""
+        trace_id_var.set(trace_id_of(traceparent))  # on the request's log lines
         try:
             self.admit()
             self.in_flight += 1
             try:
-                response = await self.ingest(request)
+                response = await self.ingest(request, headers, traceparent)
             finally:
                 self.in_flight -= 1
         except ApiError as exc:
             response = error_response(exc.status, exc.message, exc.details, exc.headers)
-        key = request.scope.get("api_key")
-        if key is not None:
-            self.keys.count_request(key, response.status_code)
+        if self.keys.enabled:
+            key = request.scope.get("api_key")
+            if key is not None:
+                self.keys.count_request(key, response.status_code)
         return response
 
     def admit(self) -> None:
@@ -116,48 +119,46 @@ class IngestHandler:
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
 
-    async def ingest(self, request: Request) -> Response:
-        key = self.keys.authenticate(request)  # 401
+    async def ingest(self, request: Request, headers: dict[bytes, bytes], traceparent: str) -> Response:
+        key = self.keys.authenticate(headers) if self.keys.enabled else None  # 401
         if key is not None:
             request.scope["api_key"] = key  # for the per-key metrics in `handle`
             request.scope["log_extra"] = {"key": key.id}  # the request's log line names it, even on a refusal
-        headers = self.headers_of(request)
         idempotency_key = self.checked_headers(headers)
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
         validated = self.validate(body)
+        count = len(validated) if _is_small(validated) else sum(map(len, validated))
         if key is not None:  # scope and rate cover every activity sent, quarantined ones too
-            self.keys.authorize(key, body, validated, _count(validated))  # 403, 429
+            self.keys.authorize(key, body, validated, count)  # 403, 429
         # --- tables under contract: a 422, or what to publish and what the answer adds ---
         checked = self.contracts.check(body, validated)
-        validated = checked.validated
-        count = _count(validated)
+        if checked.validated is not validated:
+            validated = checked.validated
+            count = len(validated) if _is_small(validated) else sum(map(len, validated))
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
         messages = self.encode(checked.to_publish(batch_id), batch_id)
-        stamp = {"traceparent": request.scope["traceparent"]}  # the apply joins the request's trace
-        if key is not None:
-            stamp["key_id"] = key.id  # the key id (never the secret) travels with the batch
+        key_id = None if key is None else key.id
         for message in messages:
-            message.attributes.update(stamp)
+            attributes = message.attributes
+            attributes["traceparent"] = traceparent  # the apply joins the request's trace
+            if key_id is not None:
+                attributes["key_id"] = key_id  # the key id (never the secret) travels with the batch
         result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
         # One INFO line per request: the middleware's `request finished` carries these.
-        request.scope.setdefault("log_extra", {}).update({
+        fields = {
             "activities": count, "messages": len(messages), "duplicate": result.duplicate,
             "publish_ms": round(publish_seconds * 1000, 2),
-        })
+        }
         if key is not None:
+            fields["key"] = key_id
             self.keys.count_accepted(key, 0 if result.duplicate else count)
+        request.scope["log_extra"] = fields
         if not result.duplicate:
-            self.state.receipts.accepted(batch_id, key.id if key is not None else None, messages)
+            self.state.receipts.accepted(batch_id, key_id, messages)
         return self.answer(count, result, checked.answer_fields())
-
-    @staticmethod
-    def headers_of(request: Request) -> dict[bytes, bytes]:
-        """The request's raw headers by (lowercase) name, read in one pass; the first of a repeated one wins."""
-        raw = request.scope["headers"]
-        return dict(reversed(raw if isinstance(raw, list) else list(raw)))
 
     @staticmethod
     def checked_headers(headers: dict[bytes, bytes]) -> str | None:

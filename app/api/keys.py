@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
-
-from starlette.requests import Request
+from typing import Callable
 
 from app import metrics
 from app.api.auth import parse_api_keys, presented_key
@@ -34,15 +32,14 @@ def key_ring(settings: Settings, clock: Callable[[], float] = time.monotonic) ->
 class KeyGate:
     def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.monotonic) -> None:
         self.ring = ring
+        self.enabled = ring.enabled  # fixed at start: whether API_KEYS or API_KEYS_FILE is set
         self.limiter = RateLimiter(clock)
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._accepted: dict[str, Any] = {}
 
-    def authenticate(self, request: Request) -> ApiKey | None:
-        """The request's key; None when keys are off. Raises 401."""
+    def authenticate(self, headers: dict[bytes, bytes]) -> ApiKey | None:
+        """The key of a request with these raw headers (`request_headers`); None when keys are off. Raises 401."""
         if not self.ring.enabled:
             return None
-        key = self.ring.authenticate(presented_key(request))
+        key = self.ring.authenticate(presented_key(headers))
         if key is None:
             raise ApiError(
                 401, "missing, wrong, expired or revoked API key: send Authorization: Bearer <key> or X-API-Key",
@@ -54,7 +51,7 @@ class KeyGate:
         """Raises 403 for the first activity out of scope, then 429 over the rate."""
         # Runs are grouped by table, so check the few (table, operation) pairs there and
         # find the offending activity's index in the request only when there is one.
-        if not all(key.allows(item.table, item.operation) for item in validated):
+        if not key.allows_all(validated):
             index, table, operation = next(
                 (i, a["table"], a["operation"]) for i, a in enumerate(body["user_activities"])
                 if not key.allows(a["table"], a["operation"])
@@ -65,7 +62,7 @@ class KeyGate:
                   "index": index, "table": table, "operation": operation}],
             )
         if key.rate is not None:
-            wait = self.limiter.take(key.id, key.rate, key.capacity or key.rate, count)
+            wait = self.limiter.take(key.id, key.rate, key.capacity, count)  # type: ignore[arg-type]
             if wait is not None:
                 raise ApiError(
                     429, f"key {key.id!r} is over its rate of {key.rate:g} activities per second; retry later",
@@ -77,14 +74,11 @@ class KeyGate:
             self.ring.usage.save(self.ring.clock())
 
     def count_request(self, key: ApiKey, status: int) -> None:
-        """Per-key metrics: the `key` label takes only configured ids, so it stays bounded."""
-        child = self._requests.get((key.id, status))
-        if child is None:  # labels() takes a lock and builds a tuple: look each child up once
-            child = self._requests[(key.id, status)] = metrics.KEY_REQUESTS.labels(key.id, str(status))
-        child.inc()
+        """Per-key metrics (`metrics.KEY_TALLIES`): the `key` label takes only configured ids, so it stays bounded."""
+        requests = metrics.KEY_TALLIES.requests
+        pair = (key.id, status)
+        requests[pair] = requests.get(pair, 0) + 1
 
     def count_accepted(self, key: ApiKey, accepted: int) -> None:
-        child = self._accepted.get(key.id)
-        if child is None:
-            child = self._accepted[key.id] = metrics.KEY_ACTIVITIES_ACCEPTED.labels(key.id)
-        child.inc(accepted)
+        tally = metrics.KEY_TALLIES.accepted
+        tally[key.id] = tally.get(key.id, 0) + accepted

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from app.api.auth import request_headers
 from app.api.errors import ERROR_SCHEMA, ApiError
 from app.api.ingest import RECEIPTS_PATH, json_response
 from app.keys import ApiKey
@@ -66,7 +67,7 @@ def install_receipts(app: FastAPI) -> None:
 
     @app.get(RECEIPTS_PATH + "{batch_id}", summary="What became of a batch, per table", responses=RECEIPT_RESPONSES)
     async def batch_receipt(batch_id: str, request: Request) -> Response:
-        key = request.app.state.keys.authenticate(request)  # 401
+        key = request.app.state.keys.authenticate(request_headers(request.scope))  # 401
         if not BATCH_ID_PATTERN.match(batch_id):
             raise not_found
         writer = request.app.state.receipts

@@ -54,6 +54,17 @@ class ApiKey:
     def usable(self, now: float) -> bool:
         return not self.disabled and (self.expires is None or now < self.expires.timestamp())
 
+    def allows_all(self, items: Any) -> bool:
+        """Whether this key may apply every item's (`table`, `operation`): activities or runs."""
+        allowed = self._allowed
+        for item in items:
+            answer = allowed.get((item.table, item.operation))
+            if answer is None:
+                answer = self.allows(item.table, item.operation)
+            if not answer:
+                return False
+        return True
+
     def allows(self, table: str, operation: str) -> bool:
         """Whether this key may apply `operation` to `table` (answers cached per pair)."""
         pair = (table, operation)

@@ -23,14 +23,13 @@ PURGE_EVERY_SECONDS = 3600.0
 WRITE_EVERY_SECONDS = 0.05
 
 
-def shares_of(messages: Sequence[OutgoingMessage]) -> list[Accepted]:
-    """Each table's messages and activities, in the order the tables come."""
+def shares_of(counts: Sequence[tuple[str, str]]) -> list[Accepted]:
+    """Each table's messages and activities from (table, count) per message, in the order the tables come."""
     message_counts: Counter[str] = Counter()
     activity_counts: Counter[str] = Counter()
-    for m in messages:
-        table = m.attributes["table"]
+    for table, count in counts:
         message_counts[table] += 1
-        activity_counts[table] += int(m.attributes.get("count", 0))
+        activity_counts[table] += int(count)
     return [Accepted(t, message_counts[t], activity_counts[t]) for t in message_counts]
 
 
@@ -48,15 +47,22 @@ class ReceiptWriter:
         self._thread.start()
 
     def accepted(self, batch_id: str, key_id: str | None, messages: Sequence[OutgoingMessage]) -> None:
-        self._pending.append((batch_id, key_id, time.time(), messages))  # counted by the writer, off the request
+        # Only strings kept, not the messages: the collector stops tracking such tuples
+        # instead of walking them (and the bodies they'd keep alive) until the next write.
+        if len(messages) == 1:  # most requests: no comprehension (a call of its own)
+            attributes = messages[0].attributes
+            counts: tuple[tuple[str, str], ...] = ((attributes["table"], attributes.get("count", "0")),)
+        else:
+            counts = tuple([(m.attributes["table"], m.attributes.get("count", "0")) for m in messages])
+        self._pending.append((batch_id, key_id, time.time(), counts))  # summed by the writer, off the request
 
     def flush(self) -> None:
         """Writes what is pending now (a lookup's receipt included)."""
         with self._write_lock:
             batches = []
             while self._pending:
-                batch_id, key_id, accepted_at, messages = self._pending.popleft()
-                batches.append((batch_id, key_id, accepted_at, shares_of(messages)))
+                batch_id, key_id, accepted_at, counts = self._pending.popleft()
+                batches.append((batch_id, key_id, accepted_at, shares_of(counts)))
             try:
                 self.store.add_accepted(batches)
             except Exception:
