@@ -279,9 +279,10 @@ class IngestHandler:
             log.warning("broker unavailable: %s", exc)
             raise ApiError(503, unavailable_message(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         publish_seconds = time.perf_counter() - started
-        metrics.PUBLISH_SECONDS.observe(publish_seconds)
-        metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else count)
+        tallies = metrics.INGEST
+        tallies.observe_publish(publish_seconds)
         if not result.duplicate:
+            tallies.activities_accepted += count
             self.state.event_rate.record(count)  # the status page's chart
         return result, publish_seconds
 

@@ -74,11 +74,11 @@ class KeyGate:
             self.ring.usage.save(self.ring.clock())
 
     def count_request(self, key: ApiKey, status: int) -> None:
-        """Per-key metrics (`metrics.KEY_TALLIES`): the `key` label takes only configured ids, so it stays bounded."""
-        requests = metrics.KEY_TALLIES.requests
+        """Per-key metrics (`metrics.INGEST`): the `key` label takes only configured ids, so it stays bounded."""
+        requests = metrics.INGEST.key_requests
         pair = (key.id, status)
         requests[pair] = requests.get(pair, 0) + 1
 
     def count_accepted(self, key: ApiKey, accepted: int) -> None:
-        tally = metrics.KEY_TALLIES.accepted
+        tally = metrics.INGEST.key_accepted
         tally[key.id] = tally.get(key.id, 0) + accepted
