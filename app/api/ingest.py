@@ -105,8 +105,9 @@ class IngestHandler:
             response = error_response(exc.status, exc.message, exc.details, exc.headers)
         if self.keys.enabled:
             key = request.scope.get("api_key")
-            if key is not None:
-                self.keys.count_request(key, response.status_code)
+            if key is not None:  # per-key metrics (`metrics.INGEST`: the label takes configured ids only)
+                pair, requests = (key.id, response.status_code), metrics.INGEST.key_requests
+                requests[pair] = requests.get(pair, 0) + 1
         return response
 
     def admit(self) -> None:
@@ -154,7 +155,9 @@ class IngestHandler:
         }
         if key is not None:
             fields["key"] = key_id
-            self.keys.count_accepted(key, 0 if result.duplicate else count)
+            if not result.duplicate:
+                accepted = metrics.INGEST.key_accepted
+                accepted[key_id] = accepted.get(key_id, 0) + count
         request.scope["log_extra"] = fields
         if not result.duplicate:
             self.state.receipts.accepted(batch_id, key_id, messages)

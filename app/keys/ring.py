@@ -21,6 +21,7 @@ from app.keys.usage import UsageLog
 log = logging.getLogger("app.keys")
 
 CHECK_EVERY_SECONDS = 1.0
+VERIFIED_SECRETS = 1024  # remembered matches: bounded, as the keys are
 
 
 class KeyRing:
@@ -35,6 +36,7 @@ class KeyRing:
         self.env_keys = env_keys
         self.path = Path(path) if path is not None else None
         self.usage = usage
+        self.last_used = None if usage is None else usage.last_used
         self.clock = clock
         self.wall_clock = wall_clock
         self._file_keys: list[ApiKey] = []
@@ -45,6 +47,7 @@ class KeyRing:
             self._signature = self._stat()
         self._checked_at = self.clock()
         self.keys: list[ApiKey] = [*env_keys, *self._file_keys]
+        self._verified: dict[str, ApiKey] = {}  # secrets that matched a key of `keys`
 
     @property
     def enabled(self) -> bool:
@@ -55,25 +58,36 @@ class KeyRing:
         return [k.id for k in self.keys]
 
     def authenticate(self, secret: str | None) -> ApiKey | None:
-        """The usable key whose secret this is, else None. Compares every digest in
-        constant time, with no early exit, so timing tells nothing about which matched.
-        (Flat on purpose: it runs on every request.)"""
+        """The usable key whose secret this is, else None.
+
+        A secret not seen before is hashed and compared with every digest in constant
+        time, with no early exit, so timing tells nothing about which matched. One that
+        matched is remembered (up to VERIFIED_SECRETS, forgotten when the file changes):
+        finding it again is a dict lookup, which compares the presented string with a
+        remembered one only when their 64-bit keyed hashes (SipHash, a per-process random
+        key) are equal, so its timing tells nothing about a secret either. Expiry and
+        revocation are checked on every request all the same. Flat on purpose: it runs on
+        every request.
+        """
         if self.clock() - self._checked_at >= CHECK_EVERY_SECONDS:
             self.refresh()
         if secret is None:
             return None
-        candidate = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()  # as `digest_of`
-        found: ApiKey | None = None
-        for key in self.keys:
-            if hmac.compare_digest(candidate, key.digest):
-                found = key
+        found = self._verified.get(secret)
         if found is None:
-            return None
+            candidate = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()  # as `digest_of`
+            for key in self.keys:
+                if hmac.compare_digest(candidate, key.digest):
+                    found = key
+            if found is None:
+                return None
+            if len(self._verified) < VERIFIED_SECRETS:
+                self._verified[secret] = found
         now = self.wall_clock()
         if found.disabled or (found.expires is not None and now >= found.expires.timestamp()):
             return None
-        if self.usage is not None:
-            self.usage.note(found.id, now)
+        if self.last_used is not None:
+            self.last_used[found.id] = now  # `usage`'s dict: saved every few seconds by `refresh`
         return found
 
     def refresh(self) -> None:
@@ -96,6 +110,7 @@ class KeyRing:
             return
         self._file_keys, self._signature = file_keys, signature
         self.keys = [*self.env_keys, *file_keys]
+        self._verified = {}  # a revoked or disabled key is found again the slow way, and refused
         log.info("keys file reloaded", extra={"keys": len(file_keys)})
 
     def _stat(self) -> tuple[int, int, int] | None:

@@ -21,26 +21,26 @@ def usage_file(data_dir: Path) -> Path:
 class UsageLog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._last_used: dict[str, float] = {}
-        self._dirty = False
+        # key id -> last use: written by the request path directly (a dict store, no call)
+        self.last_used: dict[str, float] = {}
+        self._saved: dict[str, float] = {}
         self._saved_at = float("-inf")
 
     def note(self, key_id: str, now: float) -> None:
-        self._last_used[key_id] = now
-        self._dirty = True
+        self.last_used[key_id] = now
 
     def save_if_due(self, now: float) -> None:
-        if not self._dirty or now - self._saved_at < SAVE_EVERY_SECONDS:
+        if now - self._saved_at < SAVE_EVERY_SECONDS or self.last_used == self._saved:
             return
         self.save(now)
 
     def save(self, now: float) -> None:
-        merged = {**read_usage(self.path), **self._last_used}
+        self._saved = dict(self.last_used)
+        merged = {**read_usage(self.path), **self._saved}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(orjson.dumps(merged))
         os.replace(tmp, self.path)
-        self._dirty = False
         self._saved_at = now
 
 
