@@ -69,3 +69,19 @@ def test_last_use_is_saved_with_ids_only(tmp_path):
     assert read_usage(tmp_path / "usage.json") == {"k": 1_700_000_000.0}
     text = (tmp_path / "usage.json").read_text()
     assert secret not in text and digest_of(secret).hex() not in text
+
+
+def test_a_remembered_secret_still_expires_and_a_removed_key_is_forgotten(tmp_path):
+    path, clock, wall = tmp_path / "keys.toml", Clock(), Clock()
+    key, secret = new_key("k", ["*"], ["insert"], expires="2030-01-01T00:00:00Z")
+    other, other_secret = new_key("other", ["*"], ["insert"])
+    write_keys_file(path, [key, other])
+    ring = KeyRing([], path, clock=clock, wall_clock=wall)
+    wall.now = 1_800_000_000.0  # 2027
+    assert ring.authenticate(secret).id == "k" and ring.authenticate(secret).id == "k"  # the second: remembered
+    wall.now = 1_900_000_000.0  # 2030, past `expires`
+    assert ring.authenticate(secret) is None
+    assert ring.authenticate(other_secret).id == "other"
+    write_keys_file(path, [key])  # `other` removed from the file, not just disabled
+    clock.now += CHECK_EVERY_SECONDS
+    assert ring.authenticate(other_secret) is None
