@@ -148,6 +148,17 @@ SUBSCRIBER_BLOCKED = Gauge(
     ["reason"],
     registry=SUBSCRIBER,
 )
+# Freshness (docs/operations.md#freshness): when each table last applied, and how long
+# messages took from the broker's publish time to their apply.
+TABLE_LAST_APPLIED = Gauge(
+    "warehouse_table_last_applied_timestamp_seconds", "Unix time of the table's last successful apply.", ["table"],
+    registry=SUBSCRIBER,
+)
+END_TO_END_LAG_SECONDS = Histogram(
+    "pipeline_end_to_end_lag_seconds", "From the broker's publish time of a message to its apply (the warehouse's commit).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
+    registry=SUBSCRIBER,
+)
 TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.", registry=SUBSCRIBER)
 
 

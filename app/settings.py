@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         120.0, description="Longest the subscriber holds a table's messages while retrying transient errors in place "
         "(at most half the broker's lease); then it nacks them with a delay."
     )
+    lag_warn_seconds: float = Field(
+        300.0, gt=0, description="The subscriber's /readyz names tables whose oldest held message was published longer ago."
+    )
     subscriber_workers: int = Field(4, ge=1, description="Tables applied at once (BigQuery); DuckDB applies one at a time.")
     table_cache_size: int = Field(
         2000, ge=1, description="Tables whose schema the subscriber keeps in memory (least recently used dropped first)."

@@ -97,7 +97,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 wh_ok, wh_reason = True, "ok (applying)"
             ok = broker_ok and wh_ok
-            self._send(200 if ok else 503, _dumps({"ready": ok, "broker": broker_reason, "warehouse": wh_reason}))
+            answer = {"ready": ok, "broker": broker_reason, "warehouse": wh_reason}
+            # Behind is said, not failed: taking a lagging subscriber out of service makes it lag more.
+            answer["tables_behind"] = sub.tables_behind()
+            self._send(200 if ok else 503, _dumps(answer))
         elif self.path == "/metrics":
             body, content_type = metrics.render(metrics.SUBSCRIBER, sub.broker)
             self._send(200, body, content_type)

@@ -40,6 +40,7 @@ from app.broker.base import Broker, BrokerUnavailable, ReceivedMessage
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
+from app.pipeline.freshness import Freshness
 from app.pipeline.receipts import ReceiptRecorder
 from app.tracing import ATTRIBUTE as TRACEPARENT
 from app.tracing import apply_spans, trace_ids
@@ -81,6 +82,7 @@ class Subscriber:
     ) -> None:
         self.settings = settings
         self.receipts = ReceiptRecorder(receipts)  # each settled message's outcome, before its ack
+        self.freshness = Freshness(settings.lag_warn_seconds)
         self.broker = broker
         self.warehouse = warehouse
         self.dead_letters = dead_letters
@@ -116,6 +118,10 @@ class Subscriber:
         with self._totals_lock:
             errors = list(self._transient_errors.values())
         return errors[-1] if errors else None
+
+    def tables_behind(self) -> dict[str, float]:
+        """For /readyz: tables whose oldest held message waits longer than LAG_WARN_SECONDS since publish."""
+        return self.freshness.behind(self.scheduler.oldest_published())
 
     @property
     def blocked(self) -> str | None:
@@ -324,6 +330,7 @@ class Subscriber:
         queue.backoff = queue.initial_backoff
         queue.isolate = max(0, queue.isolate - len(batch))
         self._record(table, result)
+        self.freshness.applied(table, [h.message.published_at for h in batch])
         log.info(
             "applied",
             extra={"table": table, "messages": len(batch), "rows_inserted": result.rows_inserted,
