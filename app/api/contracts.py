@@ -43,6 +43,12 @@ class EdgeOutcome:
             return [*self.validated, *runs_of(rows)]  # type: ignore[list-item]
         return [*self.validated, *rows]  # type: ignore[list-item]
 
+    def quarantined_by_table(self) -> tuple[tuple[str, int], ...]:
+        """(table, activities quarantined), for the batch's receipt."""
+        if not self.quarantined:
+            return ()
+        return tuple(Counter(activity.table for _, activity, _ in self.quarantined).items())
+
     def answer_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         if self.quarantined:

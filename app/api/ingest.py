@@ -160,7 +160,7 @@ class IngestHandler:
                 accepted[key_id] = accepted.get(key_id, 0) + count
         request.scope["log_extra"] = fields
         if not result.duplicate:
-            self.state.receipts.accepted(batch_id, key_id, messages)
+            self.state.receipts.accepted(batch_id, key_id, messages, checked.quarantined_by_table())
         return self.answer(count, result, checked.answer_fields())
 
     @staticmethod

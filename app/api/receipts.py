@@ -29,8 +29,9 @@ _TABLE_SCHEMA = {
     "type": "object",
     "properties": {
         "table": {"type": "string"},
-        "state": {"type": "string", "enum": ["accepted", "applied", "dead_lettered"]},
+        "state": {"type": "string", "enum": ["accepted", "applied", "dead_lettered", "quarantined"]},
         "activities": {"type": "integer"},
+        "quarantined": {"type": "integer", "description": "Activities a table contract sent to _ingest_quarantine."},
         "rows_applied": {"type": "integer"},
         "rows_dead_lettered": {"type": "integer"},
         "settled_at": {"type": ["string", "null"]},
@@ -42,7 +43,7 @@ RECEIPT_SCHEMA = {
     "required": ["batch_id", "state", "accepted_at", "tables"],
     "properties": {
         "batch_id": {"type": "string"},
-        "state": {"type": "string", "enum": ["accepted", "applied", "dead_lettered"]},
+        "state": {"type": "string", "enum": ["accepted", "applied", "dead_lettered", "quarantined"]},
         "key_id": {"type": ["string", "null"]},
         "accepted_at": {"type": "string"},
         "tables": {"type": "array", "items": _TABLE_SCHEMA},

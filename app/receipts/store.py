@@ -2,7 +2,8 @@
 
 A batch's state per table follows from both: `accepted` until every message of that
 table has an outcome, then `dead_lettered` if any of its activities were, else
-`applied`. Outcomes are keyed by dedup id, so a redelivered message is counted once.
+`applied`; a table all of whose activities a contract quarantined is `quarantined` (they
+travel to `_ingest_quarantine`, listed as a table of its own). Outcomes are keyed by dedup id, so a redelivered message is counted once.
 Receipts older than the retention are purged; their batch ids are kept a while longer
 as tombstones, so a lookup can answer "gone" (410) rather than "never seen" (404).
 """
@@ -29,6 +30,7 @@ CREATE TABLE IF NOT EXISTS accepted (
     accepted_at REAL NOT NULL,
     messages INTEGER NOT NULL,
     activities INTEGER NOT NULL,
+    quarantined INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (batch_id, table_name)
 );
 CREATE INDEX IF NOT EXISTS accepted_at ON accepted (accepted_at);
@@ -57,6 +59,7 @@ class Accepted:
     table: str
     messages: int
     activities: int
+    quarantined: int = 0  # activities a contract sent to `_ingest_quarantine` instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +77,13 @@ class Outcome:
 @dataclass(frozen=True, slots=True)
 class TableReceipt:
     table: str
-    state: str  # accepted | applied | dead_lettered
+    state: str  # accepted | applied | dead_lettered | quarantined
     activities: int
     rows_applied: int
     rows_dead_lettered: int
     settled_at: float | None  # when its last message was applied or dead-lettered
     reason: str | None
+    quarantined: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +95,9 @@ class Receipt:
 
     @property
     def state(self) -> str:
-        """The batch's least settled state: accepted, then dead_lettered, then applied."""
+        """The batch's least settled state: accepted, then dead_lettered, then quarantined, then applied."""
         states = {t.state for t in self.tables}
-        return next(s for s in ("accepted", "dead_lettered", "applied") if s in states)
+        return next(s for s in ("accepted", "dead_lettered", "quarantined", "applied") if s in states)
 
     def as_json(self) -> dict[str, Any]:
         """The answer of `GET /api-log/v1/batches/{id}` and `python -m app batch ID`."""
@@ -104,7 +108,8 @@ class Receipt:
             "accepted_at": _time(self.accepted_at),
             "tables": [
                 {"table": t.table, "state": t.state, "activities": t.activities, "rows_applied": t.rows_applied,
-                 "rows_dead_lettered": t.rows_dead_lettered, "settled_at": _time(t.settled_at), "reason": t.reason}
+                 "rows_dead_lettered": t.rows_dead_lettered, "quarantined": t.quarantined,
+                 "settled_at": _time(t.settled_at), "reason": t.reason}
                 for t in self.tables
             ],
         }
@@ -126,10 +131,10 @@ class ReceiptStore:
 
     def add_accepted(self, batches: Iterable[tuple[str, str | None, float, list[Accepted]]]) -> None:
         """(batch id, key id, accepted at, per-table shares) of accepted batches, in one transaction."""
-        rows = [(b, k, at, a.table, a.messages, a.activities) for b, k, at, shares in batches for a in shares]
+        rows = [(b, k, at, a.table, a.messages, a.activities, a.quarantined) for b, k, at, shares in batches for a in shares]
         self._write(
-            "INSERT OR IGNORE INTO accepted (batch_id, key_id, accepted_at, table_name, messages, activities)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO accepted (batch_id, key_id, accepted_at, table_name, messages, activities, quarantined)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
 
@@ -145,7 +150,7 @@ class ReceiptStore:
     def lookup(self, batch_id: str) -> Receipt | None:
         with self._lock:
             accepted = self._conn.execute(
-                "SELECT table_name, key_id, accepted_at, messages, activities FROM accepted WHERE batch_id = ?"
+                "SELECT table_name, key_id, accepted_at, messages, activities, quarantined FROM accepted WHERE batch_id = ?"
                 " ORDER BY rowid", (batch_id,),
             ).fetchall()
             settled = self._conn.execute(
@@ -156,11 +161,15 @@ class ReceiptStore:
             return None
         by_table = {row[0]: row[1:] for row in settled}
         tables = []
-        for table, _, _, messages, activities in accepted:
+        for table, _, _, messages, activities, quarantined in accepted:
             count, applied, dead, settled_at, reason = by_table.get(table, (0, 0, 0, None, None))
-            state = "accepted" if count < messages else ("dead_lettered" if dead else "applied")
+            if not messages:  # every activity of the table was quarantined
+                state = "quarantined"
+            else:
+                state = "accepted" if count < messages else ("dead_lettered" if dead else "applied")
             tables.append(TableReceipt(table, state, activities, applied or 0, dead or 0,
-                                       settled_at if state != "accepted" else None, reason))
+                                       settled_at if state not in ("accepted", "quarantined") else None, reason,
+                                       quarantined))
         return Receipt(batch_id, accepted[0][1], accepted[0][2], tables)
 
     def purged_key(self, batch_id: str) -> tuple[bool, str | None]:

@@ -23,14 +23,17 @@ PURGE_EVERY_SECONDS = 3600.0
 WRITE_EVERY_SECONDS = 0.05
 
 
-def shares_of(counts: Sequence[tuple[str, str]]) -> list[Accepted]:
-    """Each table's messages and activities from (table, count) per message, in the order the tables come."""
+def shares_of(counts: Sequence[tuple[str, str]], quarantined: Sequence[tuple[str, int]] = ()) -> list[Accepted]:
+    """Each table's messages and activities from (table, count) per message, and its
+    quarantined activities, in the order the tables come."""
     message_counts: Counter[str] = Counter()
     activity_counts: Counter[str] = Counter()
     for table, count in counts:
         message_counts[table] += 1
         activity_counts[table] += int(count)
-    return [Accepted(t, message_counts[t], activity_counts[t]) for t in message_counts]
+    quarantined_counts = dict(quarantined)
+    tables = [*message_counts, *(t for t in quarantined_counts if t not in message_counts)]
+    return [Accepted(t, message_counts[t], activity_counts[t], quarantined_counts.get(t, 0)) for t in tables]
 
 
 class ReceiptWriter:
@@ -46,7 +49,11 @@ class ReceiptWriter:
         self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
         self._thread.start()
 
-    def accepted(self, batch_id: str, key_id: str | None, messages: Sequence[OutgoingMessage]) -> None:
+    def accepted(
+        self, batch_id: str, key_id: str | None, messages: Sequence[OutgoingMessage],
+        quarantined: tuple[tuple[str, int], ...] = (),
+    ) -> None:
+        """A published batch: its messages, and (table, activities) a contract quarantined."""
         # Only strings kept, not the messages: the collector stops tracking such tuples
         # instead of walking them (and the bodies they'd keep alive) until the next write.
         if len(messages) == 1:  # most requests: no comprehension (a call of its own)
@@ -54,15 +61,15 @@ class ReceiptWriter:
             counts: tuple[tuple[str, str], ...] = ((attributes["table"], attributes.get("count", "0")),)
         else:
             counts = tuple([(m.attributes["table"], m.attributes.get("count", "0")) for m in messages])
-        self._pending.append((batch_id, key_id, time.time(), counts))  # summed by the writer, off the request
+        self._pending.append((batch_id, key_id, time.time(), counts, quarantined))  # summed by the writer, off the request
 
     def flush(self) -> None:
         """Writes what is pending now (a lookup's receipt included)."""
         with self._write_lock:
             batches = []
             while self._pending:
-                batch_id, key_id, accepted_at, counts = self._pending.popleft()
-                batches.append((batch_id, key_id, accepted_at, shares_of(counts)))
+                batch_id, key_id, accepted_at, counts, quarantined = self._pending.popleft()
+                batches.append((batch_id, key_id, accepted_at, shares_of(counts, quarantined)))
             try:
                 self.store.add_accepted(batches)
             except Exception:
