@@ -140,8 +140,8 @@ class IngestHandler:
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
-        messages = self.encode(checked.to_publish(batch_id), batch_id)
         key_id = None if key is None else key.id
+        messages = self.encode(checked.to_publish(batch_id, key_id), batch_id)
         for message in messages:
             attributes = message.attributes
             attributes["traceparent"] = traceparent  # the apply joins the request's trace

@@ -155,3 +155,19 @@ def test_key_id_in_log_line_and_metrics_and_no_secret_anywhere(app_parts, keys, 
                                                          and p.suffix in (".toml", ".json"))]
     for secret in secrets.values():
         assert not any(secret in text for text in texts)
+
+
+def test_a_quarantine_row_names_the_key_that_sent_the_activity(tmp_path, keys):
+    from app.messages.codec import decode_message
+    from app.schema.identifiers import QUARANTINE_TABLE
+
+    path, _, secrets = keys
+    tables_file = tmp_path / "tables.toml"
+    tables_file.write_text('[defaults]\ncontract = "discard_row"\nnew_tables = "refuse"\n[tables.orders]\ncolumns = {id = "integer"}\n')
+    settings = Settings(data_dir=tmp_path, api_keys_file=path, tables_file=tables_file)
+    broker = MemoryBroker(settings)
+    with TestClient(create_app(settings, broker=broker)) as client:
+        r = _post(client, secrets["orders-backend"], _body(_activity("orders"), _activity("orders_new")))
+    assert r.status_code == 200 and r.json()["quarantined"] == 1, r.text
+    [row] = [a for m in broker.pull(10, 0) for a in decode_message(m).activities if a.table == QUARANTINE_TABLE]
+    assert dict(zip(row.col_names, row.col_values))["key_id"] == "orders-backend"
