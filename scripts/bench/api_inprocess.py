@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import tempfile
 import time
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--activities", type=int, default=0, help="README-shaped activities per body (0: the README body)")
     p.add_argument("--scoped", action="store_true", help="also a scoped key and a traceparent; batches interleaved")
     p.add_argument("--frozen", action="store_true", help="TABLES_FILE declaring the README table, contract freeze")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead (for `make bench`)")
     args = p.parse_args()
     if args.scoped and args.broker != "stub":
         p.error("--scoped compares the app's own work: use it with the stub broker")
@@ -113,6 +115,10 @@ def main() -> None:
 
     plain, scoped = asyncio.run(run())
     assert statuses == {200}, statuses
+    if args.json:
+        print(json.dumps({"plain_us": round(plain * 1e6, 2), "scoped_us": round(scoped * 1e6, 2), "batches": args.batches,
+                          "requests": args.requests}))
+        return
     what = f"{args.activities} activities" if args.activities else "README body"
     print(f"{plain * 1e6:.1f} us main-thread CPU per request of {what} (broker {args.broker}, log level {args.level}, "
           f"best of {args.batches} batches)")
