@@ -123,7 +123,7 @@ class IngestHandler:
     async def ingest(self, request: Request, headers: dict[bytes, bytes], traceparent: str) -> Response:
         key = self.keys.authenticate(headers) if self.keys.enabled else None  # 401
         if key is not None:
-            request.scope["api_key"] = key  # for the per-key metrics in `handle`
+            request.scope["api_key"] = key  # for the per-key metrics in `handle_in_trace`
             request.scope["log_extra"] = {"key": key.id}  # the request's log line names it, even on a refusal
         idempotency_key = self.checked_headers(headers)
         raw = await self.read_body(request, headers)
