@@ -56,7 +56,7 @@ class KeyGate:
         """Raises 403 for the first activity out of scope, then 429 over the rate."""
         # Runs are grouped by table, so check the few (table, operation) pairs there and
         # find the offending activity's index in the request only when there is one.
-        if not key.allows_all(validated):
+        if not key.allows_all(validated):  # fills and reads the key's per-(table, operation) answers
             index, table, operation = next(
                 (i, a["table"], a["operation"]) for i, a in enumerate(body["user_activities"])
                 if not key.allows(a["table"], a["operation"])
@@ -66,8 +66,9 @@ class KeyGate:
                 [{"loc": f"user_activities.{index}", "message": f"{operation} in table {table!r} is outside the key's scope",
                   "index": index, "table": table, "operation": operation}],
             )
-        if key.rate is not None:
-            wait = self.limiter.take(key.id, key.rate, key.burst or key.rate, count)
+        rate = key.rate
+        if rate is not None:
+            wait = self.limiter.take(key.id, rate, key.burst or rate, count)
             if wait is not None:
                 raise ApiError(
                     429, f"key {key.id!r} is over its rate of {key.rate:g} activities per second; retry later",

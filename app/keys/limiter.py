@@ -18,14 +18,15 @@ class RateLimiter:
         debt, so a large batch is slowed by the rate, not refused forever.
         """
         now = self.clock()
-        tokens, then = self._buckets.get(key_id, (capacity, now))
-        tokens = min(capacity, tokens + (now - then) * rate)
-        needed = min(float(count), capacity)
-        if tokens < needed:
-            self._buckets[key_id] = (tokens, now)
-            return (needed - tokens) / rate
-        self._buckets[key_id] = (tokens - count, now)
-        return None
+        bucket = self._buckets.get(key_id)
+        tokens = capacity if bucket is None else bucket[0] + (now - bucket[1]) * rate
+        if tokens > capacity:
+            tokens = capacity
+        if tokens >= count or tokens >= capacity:  # a batch larger than the bucket passes from a full one
+            self._buckets[key_id] = (tokens - count, now)
+            return None
+        self._buckets[key_id] = (tokens, now)
+        return ((count if count < capacity else capacity) - tokens) / rate
 
 
 def retry_after_header(seconds: float) -> str:
