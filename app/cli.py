@@ -8,11 +8,13 @@ from typing import Any, Optional
 import orjson
 import typer
 
+from app.keys.commands import keys_cli
 from app.settings import get_settings
 
 cli = typer.Typer(help="User-activity ingest pipeline.", no_args_is_help=True, add_completion=False)
 dead_letters_cli = typer.Typer(help="Inspect and replay the dead-letter store.", no_args_is_help=True)
 cli.add_typer(dead_letters_cli, name="dead-letters")
+cli.add_typer(keys_cli, name="keys")
 quarantine_cli = typer.Typer(help="Activities a contract quarantined (_ingest_quarantine): list, replay.", no_args_is_help=True)
 cli.add_typer(quarantine_cli, name="quarantine")
 tables_cli = typer.Typer(help="The tables file (TABLES_FILE): effective settings, checks.", invoke_without_command=True)
@@ -152,7 +154,7 @@ def dead_letters_list(
                         "id": e.id, "created_at": e.created_at, "reason": e.reason, "kind": e.kind,
                         "table": e.table_name, "attempts": e.attempts, "dedup_id": e.dedup_id,
                         "activity_index": e.activity_index, "replayed_at": e.replayed_at,
-                        "replayed_batch_id": e.replayed_batch_id, "replay_of": e.replay_of,
+                        "replayed_batch_id": e.replayed_batch_id, "replay_of": e.replay_of, "key_id": e.key_id,
                         "payload": e.payload_json() if e.payload_json() is not None else e.payload.decode("utf-8", "replace"),
                     }
                 ).decode()
@@ -398,6 +400,24 @@ def dead_letters_pubsub_replay(
         source.close()
         broker.close()
     typer.echo(f"replayed {replayed}, left {left} on {source.path}")
+
+
+@cli.command()
+def batch(batch_id: str = typer.Argument(..., help="The batch id from the POST answer.")) -> None:
+    """Print what became of a batch, per table (its delivery receipt, as JSON)."""
+    from app.receipts import BATCH_ID_PATTERN, ReceiptStore
+
+    settings = get_settings()
+    store = ReceiptStore(settings.receipts_file)
+    try:
+        receipt = store.lookup(batch_id) if BATCH_ID_PATTERN.match(batch_id) else None
+        purged = receipt is None and store.purged_key(batch_id)[0]
+    finally:
+        store.close()
+    if receipt is None:
+        typer.echo("the batch's receipt is past its retention" if purged else f"no batch {batch_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(orjson.dumps(receipt.as_json(), option=orjson.OPT_INDENT_2).decode())
 
 
 @cli.command()

@@ -21,12 +21,13 @@ import orjson
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 batch_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("batch_id", default=None)
-_CONTEXT = (("request_id", request_id_var), ("batch_id", batch_id_var))
+trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
+_CONTEXT = (("request_id", request_id_var), ("batch_id", batch_id_var), ("trace_id", trace_id_var))
 
 
 @contextlib.contextmanager
 def bound(**values: str | None) -> Iterator[None]:
-    """Bind `request_id` and/or `batch_id` for the lines logged inside the block."""
+    """Bind `request_id`, `batch_id` and/or `trace_id` for the lines logged inside the block."""
     tokens = [(var, var.set(values[name])) for name, var in _CONTEXT if name in values]
     try:
         yield

@@ -9,6 +9,7 @@ tests/api/test_metrics.py checks that every metric here belongs to one of them.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +22,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger("app.metrics")
 
@@ -31,8 +34,6 @@ for _registry in (API, SUBSCRIBER):  # process CPU, memory, GC: as the default r
         _registry.register(_collector)
 
 # --------------------------------------------------------------------------- API process
-REQUESTS = Counter("ingest_requests_total", "Ingest requests by HTTP status.", ["status"], registry=API)
-ACTIVITIES_ACCEPTED = Counter("ingest_activities_accepted_total", "Activities accepted (durably published).", registry=API)
 ACTIVITIES_REJECTED = Counter("ingest_activities_rejected_total", "Activities refused at the edge (4xx).", registry=API)
 # Tables under contract (docs/contracts.md); `table` is "_undeclared" for tables not in the file.
 ACTIVITIES_QUARANTINED = Counter(
@@ -42,12 +43,65 @@ ACTIVITIES_QUARANTINED = Counter(
 COLUMNS_DROPPED = Counter(
     "columns_dropped", "Values dropped from activities under discard_value, by table.", ["table"], registry=API
 )
-PUBLISH_SECONDS = Histogram(
-    "ingest_publish_seconds",
-    "Time from validated request to durable publish.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-    registry=API,
-)
+
+
+
+PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class IngestTallies:
+    """The counts every ingest request updates, as plain numbers, turned into metric
+    families only when scraped.
+
+    Updated by the event loop's thread alone (the middleware and the ingest handler), so
+    they need no lock: a prometheus_client counter or histogram takes one and a few calls
+    per update, which each request paid for (scripts/bench/findings.md).
+    Per API key, `key` takes only the ids of configured keys (app.api.keys): bounded.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[int, int] = {}  # HTTP status -> ingest requests
+        self.activities_accepted = 0
+        self.publish_buckets = [0] * (len(PUBLISH_BUCKETS) + 1)  # the last one: above every bound
+        self.publish_sum = 0.0
+        self.key_requests: dict[tuple[str, int], int] = {}  # (key id, HTTP status) -> requests
+        self.key_accepted: dict[str, int] = {}  # key id -> activities
+
+    def observe_publish(self, seconds: float) -> None:
+        self.publish_buckets[bisect_left(PUBLISH_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
+        self.publish_sum += seconds
+
+    def collect(self):
+        requests = CounterMetricFamily("ingest_requests", "Ingest requests by HTTP status.", labels=["status"])
+        for status, count in list(self.requests.items()):
+            requests.add_metric([str(status)], count)
+        accepted = CounterMetricFamily(
+            "ingest_activities_accepted", "Activities accepted (durably published).", value=self.activities_accepted,
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip((*PUBLISH_BUCKETS, float("inf")), list(self.publish_buckets)):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        publish = HistogramMetricFamily(
+            "ingest_publish_seconds", "Time from validated request to durable publish.",
+            buckets=buckets, sum_value=self.publish_sum,
+        )
+        key_requests = CounterMetricFamily(
+            "ingest_key_requests", "Ingest requests that presented a valid key, by key id and HTTP status.",
+            labels=["key", "status"],
+        )
+        for (key, status), count in list(self.key_requests.items()):
+            key_requests.add_metric([key, str(status)], count)
+        key_accepted = CounterMetricFamily(
+            "ingest_key_activities_accepted", "Activities accepted (durably published), by key id.", labels=["key"],
+        )
+        for key, count in list(self.key_accepted.items()):
+            key_accepted.add_metric([key], count)
+        return [requests, accepted, publish, key_requests, key_accepted]
+
+
+INGEST = IngestTallies()
+API.register(INGEST)
 
 # --------------------------------------------------------------------------- subscriber process
 ROWS_APPLIED = Counter(
@@ -101,6 +155,17 @@ SUBSCRIBER_BLOCKED = Gauge(
     "subscriber_blocked",
     "1 while the warehouse refuses this subscriber as a whole (permission, credentials, feature not enabled), by reason.",
     ["reason"],
+    registry=SUBSCRIBER,
+)
+# Freshness (docs/operations.md#freshness): when each table last applied, and how long
+# messages took from the broker's publish time to their apply.
+TABLE_LAST_APPLIED = Gauge(
+    "warehouse_table_last_applied_timestamp_seconds", "Unix time of the table's last successful apply.", ["table"],
+    registry=SUBSCRIBER,
+)
+END_TO_END_LAG_SECONDS = Histogram(
+    "pipeline_end_to_end_lag_seconds", "From the broker's publish time of a message to its apply (the warehouse's commit).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
     registry=SUBSCRIBER,
 )
 TRANSIENT_ERRORS = Counter("pipeline_transient_errors_total", "Warehouse errors retried with backoff.", registry=SUBSCRIBER)

@@ -73,6 +73,8 @@ def run_subscriber(settings: Settings | None = None) -> None:
     from app.pipeline.admin import AdminServer
     from app.messages.deadletters import DeadLetterStore
     from app.pipeline.subscriber import Subscriber
+    from app import tracing
+    from app.receipts import ReceiptStore
     from app.warehouse import make_warehouse
 
     settings = settings or get_settings()
@@ -82,7 +84,9 @@ def run_subscriber(settings: Settings | None = None) -> None:
     broker = make_broker(settings)
     warehouse = make_warehouse(settings)
     dead_letters = DeadLetterStore(settings.dead_letter_file)
-    subscriber = Subscriber(settings, broker, warehouse, dead_letters)
+    receipts = ReceiptStore(settings.receipts_file)
+    tracing.configure("ingest-subscriber", settings.otel_exporter_otlp_endpoint)
+    subscriber = Subscriber(settings, broker, warehouse, dead_letters, receipts)
 
     def _stop(signum: int, frame: object) -> None:
         log.info("signal %s: finishing in-flight work", signal.Signals(signum).name)
@@ -100,6 +104,8 @@ def run_subscriber(settings: Settings | None = None) -> None:
         with subscriber.warehouse_lock:
             warehouse.close()
         dead_letters.close()
+        receipts.close()
+        tracing.shutdown()
 
 
 def run_both(settings: Settings | None = None) -> int:
@@ -144,10 +150,11 @@ class UnsafeConfiguration(SystemExit):
 
 def refuse_open_unauthenticated(settings: Settings) -> None:
     """An API reachable from other hosts must have keys, unless explicitly allowed."""
-    if not settings.api_keys and not settings.api_allow_unauthenticated and not is_loopback(settings.api_host):
+    has_keys = settings.api_keys or settings.api_keys_file
+    if not has_keys and not settings.api_allow_unauthenticated and not is_loopback(settings.api_host):
         log.error(
-            "refusing to start: API_HOST=%s is not loopback and API_KEYS is empty; "
-            "set API_KEYS or API_ALLOW_UNAUTHENTICATED=true", settings.api_host,
+            "refusing to start: API_HOST=%s is not loopback and neither API_KEYS nor API_KEYS_FILE is set; "
+            "set one or API_ALLOW_UNAUTHENTICATED=true", settings.api_host,
         )
         raise UnsafeConfiguration(2)
 

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_value_bytes: int = Field(1024 * 1024, description="Largest single value (string, bytes, record, geography).")
     max_record_depth: int = Field(15, description="Deepest nesting of a record value.")
     api_keys: str | None = Field(None, description="Comma-separated API keys (plain or `sha256:<hex>`); when set, ingest needs one.")
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of scoped keys (`python -m app keys`); re-read on change; when set, ingest needs a key."
+    )
     api_allow_unauthenticated: bool = Field(False, description="Allow binding a non-loopback address without API keys.")
     max_in_flight_requests: int = Field(256, description="Ingest requests handled at once; more get 503 + Retry-After (bounds memory).")
     publish_timeout_seconds: float = Field(10.0, description="How long the API waits for the broker before answering 503.")
@@ -51,6 +54,8 @@ class Settings(BaseSettings):
     duckdb_threads: int = Field(1, ge=1, description="DuckDB worker threads in the subscriber (appends gain nothing from more).")
     broker_path: Path | None = Field(None, description="Local broker file; default `$DATA_DIR/broker.sqlite`.")
     dead_letter_path: Path | None = Field(None, description="Dead-letter store; default `$DATA_DIR/dead_letters.sqlite`.")
+    receipts_path: Path | None = Field(None, description="Delivery receipts; default `receipts.sqlite` next to the broker file.")
+    receipt_retention_days: float = Field(7.0, gt=0, description="Days a batch's receipt is kept; then its lookup answers 410.")
 
     # --- delivery semantics ---
     ack_deadline_seconds: float = Field(30.0, description="Unacked messages are redelivered after this long.")
@@ -60,6 +65,9 @@ class Settings(BaseSettings):
     max_in_place_retry_seconds: float = Field(
         120.0, description="Longest the subscriber holds a table's messages while retrying transient errors in place "
         "(at most half the broker's lease); then it nacks them with a delay."
+    )
+    lag_warn_seconds: float = Field(
+        300.0, gt=0, description="The subscriber's /readyz names tables whose oldest held message was published longer ago."
     )
     subscriber_workers: int = Field(4, ge=1, description="Tables applied at once (BigQuery); DuckDB applies one at a time.")
     table_cache_size: int = Field(
@@ -117,8 +125,11 @@ class Settings(BaseSettings):
         "", description="Comma-separated columns (up to 4) to cluster user tables on, where a table has them; empty: none."
     )
 
-    # --- logging ---
+    # --- logging and tracing ---
     log_level: str = Field("INFO", description="Log level for both processes.")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP base URL (e.g. http://collector:4318); when set, both processes export trace spans."
+    )
 
     @field_validator("warehouse")
     @classmethod
@@ -141,6 +152,10 @@ class Settings(BaseSettings):
     @property
     def broker_file(self) -> Path:
         return self.broker_path or self.data_dir / "broker.sqlite"
+
+    @property
+    def receipts_file(self) -> Path:
+        return self.receipts_path or self.broker_file.with_name("receipts.sqlite")
 
     @property
     def dead_letter_file(self) -> Path:

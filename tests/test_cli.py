@@ -35,6 +35,10 @@ COMMANDS = {
     ("tables", "check"): "Validate a tables file without starting anything; exit 1 with the line and reason if invalid.",
     ("tables", "apply"): "Apply the tables file's table options to the tables that exist (idempotent); print what changed.",
     ("backlog",): "Show the broker backlog (messages waiting, oldest age); --wait follows it to empty.",
+    ("keys",): "Create, list and revoke scoped API keys (API_KEYS_FILE).",
+    ("keys", "create"): "Add a key and print its secret, once: only the secret's SHA-256 is written.",
+    ("keys", "list"): "Ids, scopes, state and last use of every key; never secrets.",
+    ("keys", "revoke"): "Disable a key: the running API refuses it within seconds, no restart needed.",
 }
 
 
@@ -102,6 +106,36 @@ def test_replay_with_progress(tmp_path):
     assert entries[2]["replayed_at"] is None and entries[2]["replayed_batch_id"] is None
     text = run_cli("dead-letters", "list", "--include-replayed", env=env).stdout
     assert f"replayed as {entries[1]['replayed_batch_id']}" in text
+
+
+def test_keys_create_list_revoke(tmp_path):
+    from app.keys import load_keys_file
+    from app.keys.usage import usage_file
+
+    env = {"DATA_DIR": str(tmp_path), "API_KEYS_FILE": str(tmp_path / "keys.toml")}
+    created = run_cli("keys", "create", "--id", "orders-backend", "--tables", "orders*", "--ops", "insert,upsert",
+                      "--rate", "5000", env=env)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert "not stored" in created.stderr and secret not in (tmp_path / "keys.toml").read_text()
+    assert run_cli("keys", "create", "--id", "orders-backend", env=env).returncode == 1  # ids are unique
+    assert run_cli("keys", "create", "--id", "x", "--ops", "drop", env=env).returncode == 2
+    [key] = load_keys_file(tmp_path / "keys.toml")
+    assert key.tables == ("orders*",) and key.operations == {"insert", "upsert"} and key.rate == 5000
+
+    usage_file(tmp_path).write_text('{"orders-backend": 1767225600.0}')
+    listed = run_cli("keys", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[0] == (
+        "orders-backend  active  tables=orders*  ops=insert,upsert  rate=5000/s burst 5000  expires=-"
+        "  last_used=2026-01-01T00:00:00+00:00"
+    )
+    assert secret not in listed.stdout
+
+    assert run_cli("keys", "revoke", "nobody", env=env).returncode == 1
+    assert run_cli("keys", "revoke", "orders-backend", env=env).returncode == 0
+    assert "orders-backend  disabled" in run_cli("keys", "list", env=env).stdout
+    assert run_cli("keys", "list", env={"DATA_DIR": str(tmp_path)}).returncode == 2  # no file named
 
 
 def test_backlog_reports_and_waits_for_drain(tmp_path):

@@ -25,14 +25,16 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app import __version__, metrics
-from app.api.auth import parse_api_keys
+from app import __version__, metrics, tracing
 from app.api.docs import install_docs
 from app.api.errors import ERROR_SCHEMA, ApiError, error_response
 from app.api.examples import REQUEST_EXAMPLES
+from app.api.keys import KeyGate, key_ring
 from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandler, json_response
 from app.api.middleware import RequestContextMiddleware
+from app.api.receipts import install_receipts
 from app.api.status import install_status_page
+from app.receipts import ReceiptStore, ReceiptWriter
 from app.broker import Broker, make_broker
 from app.contracts.reload import tables_file_of
 from app.api.models import IngestRequest
@@ -42,12 +44,13 @@ log = logging.getLogger("app.api")
 
 SUCCESS_SCHEMA = {
     "type": "object",
-    "required": ["error", "message", "accepted", "batch_id"],
+    "required": ["error", "message", "accepted", "batch_id", "receipt"],
     "properties": {
         "error": {"type": "boolean", "const": False},
         "message": {"type": "string"},
         "accepted": {"type": "integer"},
         "batch_id": {"type": "string"},
+        "receipt": {"type": "string", "description": "Where to GET what became of the batch."},
         # tables under contract (docs/contracts.md): present only when something was quarantined or dropped
         "quarantined": {"type": "integer"},
         "quarantine": {
@@ -72,11 +75,13 @@ INGEST_RESPONSES = {
         str(code): {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
         for code, text in (
             (400, "Malformed JSON, gzip or header."),
-            (401, "Missing or wrong API key."),
+            (401, "Missing, wrong, expired or revoked API key."),
+            (403, "An activity is outside the key's tables or operations; nothing was published."),
             (409, "Idempotency-Key reused with another body."),
             (413, "A limit was exceeded (body, activities, columns, value size, record depth)."),
             (415, "Content-Type is not application/json, or unsupported Content-Encoding."),
             (422, "At least one activity is invalid, or breaks a frozen table contract; every problem is listed with its path."),
+            (429, "The key's rate is used up; retry after Retry-After seconds."),
             (503, "The broker cannot take the batch; retry after Retry-After seconds."),
         )
     },
@@ -131,10 +136,15 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        tracing.configure("ingest-api", settings.otel_exporter_otlp_endpoint)
         app.state.broker = broker or make_broker(settings)
+        app.state.receipts = ReceiptWriter(ReceiptStore(settings.receipts_file), settings.receipt_retention_days * 86400)
         try:
             yield
         finally:
+            await asyncio.to_thread(app.state.receipts.close)
+            app.state.keys.close()  # keeps the keys' last use for `keys list`
+            await asyncio.to_thread(tracing.shutdown)
             if broker is None:
                 await asyncio.to_thread(app.state.broker.close)
 
@@ -152,10 +162,12 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     app.state.tables_file = tables_file_of(settings)
     app.add_middleware(RequestContextMiddleware, counted_paths=_INGEST_PATHS)
     install_status_page(app)
+    install_receipts(app)
     install_docs(app)
     _install_error_handlers(app)
 
-    handler = IngestHandler(settings, parse_api_keys(settings.api_keys), app.state)
+    app.state.keys = KeyGate(key_ring(settings))  # API_KEYS and API_KEYS_FILE
+    handler = IngestHandler(settings, app.state.keys, app.state)
 
     async def ingest_direct(scope: Any, receive: Any, send: Any) -> None:
         response = await handler.handle(Request(scope, receive))

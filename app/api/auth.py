@@ -1,15 +1,12 @@
 """API keys: `API_KEYS` holds plain keys or `sha256:<hex>` digests; requests carry one.
 
-Keys are compared as SHA-256 digests with `hmac.compare_digest`, so the comparison
-takes the same time whichever key is tried, and config can hold digests only.
+Keys are compared as SHA-256 digests in constant time (`app.keys.ring`), so config can
+hold digests only. Scoped keys from `API_KEYS_FILE` join them there (`app.api.keys`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-
-from starlette.requests import Request
 
 
 def parse_api_keys(raw: str | None) -> list[bytes]:
@@ -33,21 +30,16 @@ def parse_api_keys(raw: str | None) -> list[bytes]:
     return digests
 
 
-def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+def request_headers(scope: dict) -> dict[bytes, bytes]:
+    """A request's raw headers by (lowercase) name, read in one pass; the first of a repeated one wins."""
+    raw = scope["headers"]
+    return dict(reversed(raw if isinstance(raw, list) else list(raw)))
 
 
-def is_authorized(request: Request, digests: list[bytes]) -> bool:
-    if not digests:
-        return True
-    key = presented_key(request)
-    if key is None:
-        return False
-    candidate = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-    matched = False
-    for digest in digests:  # no early exit: same work whichever key matches
-        matched |= hmac.compare_digest(candidate, digest)
-    return matched
+def presented_key(headers: dict[bytes, bytes]) -> str | None:
+    """The key sent as `Authorization: Bearer <key>` or `X-API-Key`, from `request_headers`."""
+    auth = headers.get(b"authorization")
+    if auth and auth[:7].lower() == b"bearer ":
+        return auth[7:].strip().decode("latin-1") or None
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1") if key else None

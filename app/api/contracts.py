@@ -33,15 +33,21 @@ class EdgeOutcome:
     quarantined: list[tuple[int, Activity, Violation]] = field(default_factory=list)
     dropped: Counter[tuple[str, str]] | None = None  # (table, column) -> activities; made when needed
 
-    def to_publish(self, batch_id: str) -> list[Activity] | list[ActivityRun]:
-        """The kept activities, then one quarantine row per quarantined activity."""
+    def to_publish(self, batch_id: str, key_id: str | None = None) -> list[Activity] | list[ActivityRun]:
+        """The kept activities, then one quarantine row per quarantined activity (naming the key that sent it)."""
         if not self.quarantined:
             return self.validated
         received_at = received_at_now()
-        rows = [quarantine_row(a, i, v, batch_id, received_at) for i, a, v in self.quarantined]
+        rows = [quarantine_row(a, i, v, batch_id, received_at, key_id) for i, a, v in self.quarantined]
         if self.validated and self.validated[0].__class__ is ActivityRun:
             return [*self.validated, *runs_of(rows)]  # type: ignore[list-item]
         return [*self.validated, *rows]  # type: ignore[list-item]
+
+    def quarantined_by_table(self) -> tuple[tuple[str, int], ...]:
+        """(table, activities quarantined), for the batch's receipt."""
+        if not self.quarantined:
+            return ()
+        return tuple(Counter(activity.table for _, activity, _ in self.quarantined).items())
 
     def answer_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}

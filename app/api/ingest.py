@@ -20,11 +20,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app import metrics
-from app.api.auth import is_authorized
+from app.api.auth import request_headers
 from app.api.contracts import EdgeContracts
 from app.api.errors import ApiError, error_response
+from app.api.keys import KeyGate
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
-from app.logs import batch_id_var
+from app.logs import batch_id_var, trace_id_var
 from app.messages.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
 from app.schema.columnar import ActivityRun
 from app.schema.activity import Activity
@@ -32,10 +33,12 @@ from app.schema.columnar_validation import validate_runs
 from app.schema.validation import BatchInvalid, LimitExceeded, validate_batch
 from app.schema.values import loads_exact
 from app.settings import Settings
+from app.tracing import ingest_span, untraced_ingest
 
 log = logging.getLogger("app.api")
 
 INGEST_PATH = "/api-log/v1/"
+RECEIPTS_PATH = INGEST_PATH + "batches/"  # GET RECEIPTS_PATH + batch id: app.api.receipts
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 RETRY_AFTER_SECONDS = "1"
 
@@ -60,8 +63,8 @@ class IngestHandler:
     lifespan sets it after the handler is built.
     """
 
-    def __init__(self, settings: Settings, api_key_digests: list[bytes], state: Any) -> None:
-        self.api_key_digests = api_key_digests
+    def __init__(self, settings: Settings, keys: KeyGate, state: Any) -> None:
+        self.keys = keys
         self.state = state
         self.contracts = EdgeContracts(state.tables_file, settings)  # tables under contract (app.api.contracts)
         self.in_flight = 0
@@ -76,16 +79,36 @@ class IngestHandler:
         }
 
     async def handle(self, request: Request) -> Response:
+        """The answer in the request's trace: the `ingest` span, its `traceparent` on the answer."""
+        headers = request_headers(request.scope)
+        incoming = headers.get(b"traceparent")
+        traceparent = untraced_ingest(incoming)  # the common case: no export, no span to open
+        if traceparent is not None:
+            response = await self.handle_in_trace(request, headers, traceparent)
+        else:
+            with ingest_span(incoming) as traceparent:
+                response = await self.handle_in_trace(request, headers, traceparent)
+        response.raw_headers.append((b"traceparent", traceparent.encode("latin-1")))
+        return response
+
+    async def handle_in_trace(self, request: Request, headers: dict[bytes, bytes], traceparent: str) -> Response:
         """The answer to one ingest request; every refusal in the one error shape."""
+        trace_id_var.set(traceparent[3:35])  # the trace id (`tracing.trace_id_of`), on the request's log lines
         try:
             self.admit()
             self.in_flight += 1
             try:
-                return await self.ingest(request)
+                response = await self.ingest(request, headers, traceparent)
             finally:
                 self.in_flight -= 1
         except ApiError as exc:
-            return error_response(exc.status, exc.message, exc.details, exc.headers)
+            response = error_response(exc.status, exc.message, exc.details, exc.headers)
+        if self.keys.enabled:
+            key = request.scope.get("api_key")
+            if key is not None:  # per-key metrics (`metrics.INGEST`: the label takes configured ids only)
+                pair, requests = (key.id, response.status_code), metrics.INGEST.key_requests
+                requests[pair] = requests.get(pair, 0) + 1
+        return response
 
     def admit(self) -> None:
         # Bounded work in progress: bodies are read into memory, so refuse new requests
@@ -97,41 +120,50 @@ class IngestHandler:
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
 
-    async def ingest(self, request: Request) -> Response:
-        self.authorize(request)
-        headers = self.headers_of(request)
+    async def ingest(self, request: Request, headers: dict[bytes, bytes], traceparent: str) -> Response:
+        key = self.keys.authenticate(headers) if self.keys.enabled else None  # 401
+        if key is not None:
+            request.scope["api_key"] = key  # for the per-key metrics in `handle_in_trace`
+            request.scope["log_extra"] = {"key": key.id}  # the request's log line names it, even on a refusal
         idempotency_key = self.checked_headers(headers)
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
         validated = self.validate(body)
+        count = len(validated) if _is_small(validated) else sum(map(len, validated))
+        if key is not None:  # scope and rate cover every activity sent, quarantined ones too
+            self.keys.authorize(key, body, validated, count)  # 403, 429
         # --- tables under contract: a 422, or what to publish and what the answer adds ---
         checked = self.contracts.check(body, validated)
-        validated = checked.validated
-        count = len(validated) if _is_small(validated) else sum(map(len, validated))
+        if checked.validated is not validated:
+            validated = checked.validated
+            count = len(validated) if _is_small(validated) else sum(map(len, validated))
         fingerprint = hashlib.sha256(raw).hexdigest() if idempotency_key is not None else None
         batch_id = new_batch_id(idempotency_key, fingerprint)  # another body, another batch id
         batch_id_var.set(batch_id)  # every later line of this request carries it (app.logs)
-        messages = self.encode(checked.to_publish(batch_id), batch_id)
+        key_id = None if key is None else key.id
+        messages = self.encode(checked.to_publish(batch_id, key_id), batch_id)
+        for message in messages:
+            attributes = message.attributes
+            attributes["traceparent"] = traceparent  # the apply joins the request's trace
+            if key_id is not None:
+                attributes["key_id"] = key_id  # the key id (never the secret) travels with the batch
         result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
         # One INFO line per request: the middleware's `request finished` carries these.
-        request.scope["log_extra"] = {
+        fields = {
             "activities": count, "messages": len(messages), "duplicate": result.duplicate,
             "publish_ms": round(publish_seconds * 1000, 2),
         }
-        return self.answer(count, result, checked.answer_fields())
-
-    def authorize(self, request: Request) -> None:
-        if not is_authorized(request, self.api_key_digests):
-            raise ApiError(
-                401, "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key",
-                headers={"WWW-Authenticate": "Bearer"},
+        if key is not None:
+            fields["key"] = key_id
+            if not result.duplicate:
+                accepted = metrics.INGEST.key_accepted
+                accepted[key_id] = accepted.get(key_id, 0) + count
+        request.scope["log_extra"] = fields
+        if not result.duplicate:
+            self.state.receipts.accepted(
+                batch_id, key_id, messages, checked.quarantined_by_table() if checked.quarantined else ()
             )
-
-    @staticmethod
-    def headers_of(request: Request) -> dict[bytes, bytes]:
-        """The request's raw headers by (lowercase) name, read in one pass; the first of a repeated one wins."""
-        raw = request.scope["headers"]
-        return dict(reversed(raw if isinstance(raw, list) else list(raw)))
+        return self.answer(count, result, checked.answer_fields())
 
     @staticmethod
     def checked_headers(headers: dict[bytes, bytes]) -> str | None:
@@ -252,9 +284,10 @@ class IngestHandler:
             log.warning("broker unavailable: %s", exc)
             raise ApiError(503, unavailable_message(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         publish_seconds = time.perf_counter() - started
-        metrics.PUBLISH_SECONDS.observe(publish_seconds)
-        metrics.ACTIVITIES_ACCEPTED.inc(0 if result.duplicate else count)
+        tallies = metrics.INGEST
+        tallies.observe_publish(publish_seconds)
         if not result.duplicate:
+            tallies.activities_accepted += count
             self.state.event_rate.record(count)  # the status page's chart
         return result, publish_seconds
 
@@ -267,6 +300,7 @@ class IngestHandler:
                 "message": "already accepted" if result.duplicate else "accepted",
                 "accepted": accepted,
                 "batch_id": result.batch_id,
+                "receipt": RECEIPTS_PATH + result.batch_id,
                 **(contract_fields or {}),
             },
             {"Idempotent-Replayed": "true"} if result.duplicate else None,

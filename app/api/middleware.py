@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from app import metrics
 from app.api.errors import error_response
-from app.logs import batch_id_var, log_event, request_id_var
+from app.logs import batch_id_var, log_event, request_id_var, trace_id_var
 
 log = logging.getLogger("app.api")
 
@@ -50,7 +50,6 @@ class RequestContextMiddleware:
     def __init__(self, app: Callable[..., Awaitable[None]], counted_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.counted_paths = frozenset(counted_paths)
-        self._requests_by_status: dict[int, Any] = {}  # labelled children of REQUESTS, looked up once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +58,7 @@ class RequestContextMiddleware:
         request_id = request_id_from(scope.get("headers") or ())
         rid_token = request_id_var.set(request_id)
         batch_token = batch_id_var.set(None)
+        trace_token = trace_id_var.set(None)
         started = time.perf_counter()
         status: int | None = None
 
@@ -95,11 +95,11 @@ class RequestContextMiddleware:
             if extra:
                 fields.update(extra)
             log_event(log, logging.DEBUG if path in QUIET_PATHS else logging.INFO, "request finished", fields)
+            trace_id_var.reset(trace_token)
             batch_id_var.reset(batch_token)
             request_id_var.reset(rid_token)
 
-    def _count(self, status: int) -> None:
-        child = self._requests_by_status.get(status)
-        if child is None:
-            child = self._requests_by_status[status] = metrics.REQUESTS.labels(str(status))
-        child.inc()
+    @staticmethod
+    def _count(status: int) -> None:
+        requests = metrics.INGEST.requests
+        requests[status] = requests.get(status, 0) + 1

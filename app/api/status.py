@@ -21,7 +21,6 @@ import html
 import logging
 import os
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -52,32 +51,33 @@ router = APIRouter()
 
 
 class EventRate:
-    """Per-second counts of accepted activities over the last `seconds` seconds."""
+    """Per-second counts of accepted activities over the last `seconds` seconds.
+
+    Recorded by the ingest handler and read by the status page, both on the event loop's
+    thread, so no lock (it cost every request one).
+    """
 
     def __init__(self, seconds: int = RING_SECONDS) -> None:
         self.size = seconds
         self._counts = [0] * seconds
         self._stamps = [-1] * seconds  # which second each slot currently holds
-        self._lock = threading.Lock()
 
     def record(self, n: int, now: float | None = None) -> None:
         second = int(time.time() if now is None else now)
         slot = second % self.size
-        with self._lock:
-            if self._stamps[slot] != second:
-                self._stamps[slot] = second
-                self._counts[slot] = 0
-            self._counts[slot] += n
+        if self._stamps[slot] != second:
+            self._stamps[slot] = second
+            self._counts[slot] = 0
+        self._counts[slot] += n
 
     def series(self, window: int = CHART_SECONDS, now: float | None = None) -> list[int]:
         """Counts for the `window` seconds ending with the current one, oldest first."""
         window = min(window, self.size)
         current = int(time.time() if now is None else now)
         out = []
-        with self._lock:
-            for second in range(current - window + 1, current + 1):
-                slot = second % self.size
-                out.append(self._counts[slot] if self._stamps[slot] == second else 0)
+        for second in range(current - window + 1, current + 1):
+            slot = second % self.size
+            out.append(self._counts[slot] if self._stamps[slot] == second else 0)
         return out
 
 

@@ -58,6 +58,9 @@ class ReceivedMessage:
     # time.monotonic() of the delivery, set by brokers that lease per delivery: the
     # subscriber's lease guard counts from here, not from when a worker got it.
     received_at: float | None = None
+    # Unix time the broker accepted the message (Pub/Sub's `publish_time`, the local
+    # broker's commit), when it says: the start of the end-to-end lag.
+    published_at: float | None = None
     # Set by the broker when it learns the lease is gone (another copy may be with
     # another replica): the subscriber must stop working on it.
     lease_lost: bool = False

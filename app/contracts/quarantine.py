@@ -32,8 +32,15 @@ def received_at_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1_000_000):06d}Z"
 
 
-def quarantine_row(activity: Activity, index: int, violation: Violation, batch_id: str, received_at: str) -> Activity:
+KEY_ID_COLUMN = "key_id"  # the API key that sent it (never the secret), when keys are on
+
+
+def quarantine_row(
+    activity: Activity, index: int, violation: Violation, batch_id: str, received_at: str, key_id: str | None = None,
+) -> Activity:
     values = [
         activity.table, violation.rule, violation.reason, violation.column, index, batch_id, received_at, activity.to_dict(),
     ]
-    return Activity("insert", QUARANTINE_TABLE, list(_NAMES), list(_TYPES), values)
+    if key_id is None:
+        return Activity("insert", QUARANTINE_TABLE, list(_NAMES), list(_TYPES), values)
+    return Activity("insert", QUARANTINE_TABLE, [*_NAMES, KEY_ID_COLUMN], [*_TYPES, "string"], [*values, key_id])

@@ -37,21 +37,26 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     payload BLOB NOT NULL,         -- the activity as JSON, or the message body (JSON; raw if undecodable)
     replayed_at REAL,
-    replayed_batch_id TEXT         -- the batch the replay published (dedup ids '<batch_id>:<table>:<chunk>')
+    replayed_batch_id TEXT,        -- the batch the replay published (dedup ids '<batch_id>:<table>:<chunk>')
+    key_id TEXT                    -- the API key that sent the batch (its id, never the secret)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_once
     ON dead_letters (kind, dedup_id, activity_index) WHERE dedup_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters (reason);
 """
-# Files made before replays were linked lack the column: added on open (then indexed).
-_MIGRATIONS = {"replayed_batch_id": "ALTER TABLE dead_letters ADD COLUMN replayed_batch_id TEXT"}
+# Files made before replays were linked, or before keys were scoped, lack a column: added on open.
+_MIGRATIONS = {
+    "replayed_batch_id": "ALTER TABLE dead_letters ADD COLUMN replayed_batch_id TEXT",
+    "key_id": "ALTER TABLE dead_letters ADD COLUMN key_id TEXT",
+}
 _INDEXES = "CREATE INDEX IF NOT EXISTS dead_letters_replayed_batch ON dead_letters (replayed_batch_id)"
 # `replay_of`: the entry whose replay published this entry's message (batch ids hold no ':').
 _SELECT = """
 SELECT d.id, d.created_at, d.reason, d.kind, d.table_name, d.dedup_id, d.message_id, d.activity_index, d.attempts,
        d.payload, d.replayed_at, d.replayed_batch_id,
        (SELECT o.id FROM dead_letters o
-         WHERE o.replayed_batch_id = substr(d.dedup_id, 1, instr(d.dedup_id, ':') - 1)) AS replay_of
+         WHERE o.replayed_batch_id = substr(d.dedup_id, 1, instr(d.dedup_id, ':') - 1)) AS replay_of,
+       d.key_id
 FROM dead_letters d
 """
 
@@ -71,6 +76,7 @@ class DeadLetter:
     replayed_at: float | None
     replayed_batch_id: str | None = None  # the batch its replay was published as
     replay_of: int | None = None  # the entry whose replay this entry's message came from
+    key_id: str | None = None  # the API key that sent the batch
 
     def payload_json(self) -> Any:
         try:
@@ -89,6 +95,7 @@ class NewDeadLetter:
     dedup_id: str | None = None
     message_id: str | None = None
     activity_index: int | None = None
+    key_id: str | None = None
 
 
 # Attributes that mark a message on a broker's dead-letter destination as one refused
@@ -143,6 +150,7 @@ class DeadLetterStore:
                 e.activity_index,
                 e.attempts,
                 e.payload,
+                e.key_id,
             )
             for e in entries
         ]
@@ -153,7 +161,7 @@ class DeadLetterStore:
             try:
                 cur = self._conn.executemany(
                     "INSERT OR IGNORE INTO dead_letters (created_at, reason, kind, table_name, dedup_id, message_id,"
-                    " activity_index, attempts, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " activity_index, attempts, payload, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 self._conn.execute("COMMIT")

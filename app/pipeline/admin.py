@@ -101,6 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
             tables_file = sub.tables_file_status()
             if tables_file is not None:
                 detail["tables_file"] = tables_file  # a refused change is shown, still ready
+            # Behind is said, not failed: taking a lagging subscriber out of service makes it lag more.
+            detail["tables_behind"] = sub.tables_behind()
             self._send(200 if ok else 503, _dumps(detail))
         elif self.path == "/metrics":
             body, content_type = metrics.render(metrics.SUBSCRIBER, sub.broker)

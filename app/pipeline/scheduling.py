@@ -180,6 +180,15 @@ class Scheduler:
         with self._lock:
             return {name: len(queue.items) for name, queue in self._tables.items() if queue.items}
 
+    def oldest_published(self) -> dict[str, float]:
+        """Per table holding messages, the broker's publish time of its oldest one (when known)."""
+        with self._lock:
+            return {
+                name: queue.items[0].message.published_at  # type: ignore[misc]
+                for name, queue in self._tables.items()
+                if queue.items and queue.items[0].message.published_at is not None
+            }
+
     def held_since(self, queue: TableQueue) -> float | None:
         with self._lock:
             return queue.items[0].received_at if queue.items else None

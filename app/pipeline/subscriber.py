@@ -43,6 +43,11 @@ from app.schema.identifiers import QUARANTINE_TABLE
 from app.logs import bound
 from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
+from app.pipeline.freshness import Freshness
+from app.pipeline.receipts import ReceiptRecorder
+from app.tracing import ATTRIBUTE as TRACEPARENT
+from app.tracing import apply_spans, trace_ids
+from app.receipts.store import ReceiptStore
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
 from app.warehouse.base import (
@@ -77,8 +82,13 @@ class Totals:
 
 
 class Subscriber:
-    def __init__(self, settings: Settings, broker: Broker, warehouse: Warehouse, dead_letters: DeadLetterStore) -> None:
+    def __init__(
+        self, settings: Settings, broker: Broker, warehouse: Warehouse, dead_letters: DeadLetterStore,
+        receipts: ReceiptStore | None = None,
+    ) -> None:
         self.settings = settings
+        self.receipts = ReceiptRecorder(receipts)  # each settled message's outcome, before its ack
+        self.freshness = Freshness(settings.lag_warn_seconds)
         self.broker = broker
         self.warehouse = warehouse
         self.dead_letters = dead_letters
@@ -120,6 +130,10 @@ class Subscriber:
         with self._totals_lock:
             errors = list(self._transient_errors.values())
         return errors[-1] if errors else None
+
+    def tables_behind(self) -> dict[str, float]:
+        """For /readyz: tables whose oldest held message waits longer than LAG_WARN_SECONDS since publish."""
+        return self.freshness.behind(self.scheduler.oldest_published())
 
     @property
     def blocked(self) -> str | None:
@@ -219,12 +233,14 @@ class Subscriber:
                     NewDeadLetter(
                         reason=reason, kind="message", payload=bytes(m.data), attempts=m.delivery_attempt,
                         table_name=m.attributes.get("table"), dedup_id=m.dedup_id, message_id=m.message_id,
+                        key_id=m.attributes.get("key_id"),
                     )
                     for m, reason in undecodable
                 ],
                 "undecodable",
             )
             self._forward(undecodable)
+            self.receipts.dead_lettered(undecodable)
             self._ack([m for m, _ in undecodable])
         for table, items in by_table.items():
             handed_back, delay, why = self.scheduler.hold(table, items, pull)
@@ -253,7 +269,11 @@ class Subscriber:
         batches = self._take_batches(queues)
         if not batches:
             return {}
-        with bound(batch_id=_batch_ids([h for _, batch in batches for h in batch])):  # on every line logged while applying
+        held = [h for _, batch in batches for h in batch]
+        with (
+            bound(batch_id=_batch_ids(held), trace_id=trace_ids([h.message.attributes.get(TRACEPARENT) for h in held])),
+            apply_spans([(q.name, [h.message.attributes.get(TRACEPARENT) for h in batch]) for q, batch in batches]),
+        ):  # ids on every line logged while applying; one `apply` span per table, ended after the ack
             outcomes = self._apply([(queue.name, [h.envelope for h in batch]) for queue, batch in batches])
             retry_at: dict[str, float | None] = {}
             applied: list[tuple[TableQueue, list[Held]]] = []
@@ -335,6 +355,7 @@ class Subscriber:
         queue.backoff = queue.initial_backoff
         queue.isolate = max(0, queue.isolate - len(batch))
         self._record(table, result)
+        self.freshness.applied(table, [h.message.published_at for h in batch])
         log.info(
             "applied",
             extra={"table": table, "messages": len(batch), "rows_inserted": result.rows_inserted,
@@ -352,11 +373,13 @@ class Subscriber:
                         attempts=message_of[r.dedup_id].delivery_attempt if r.dedup_id in message_of else 1,
                         table_name=table, dedup_id=r.dedup_id, activity_index=r.index,
                         message_id=message_of[r.dedup_id].message_id if r.dedup_id in message_of else None,
+                        key_id=message_of[r.dedup_id].attributes.get("key_id") if r.dedup_id in message_of else None,
                     )
                     for r in result.rejections
                 ],
                 "rejected",
             )
+        self.receipts.applied(table, batch, result.rejections)
         self.failures.forget([h.envelope.dedup_id for h in batch])
         return self._forward_rejections(queue, batch, result)
 
@@ -427,11 +450,13 @@ class Subscriber:
                 NewDeadLetter(  # a format 2 body is kept as its JSON rendering, readable and replayable
                     reason=reason, kind="message", payload=readable_body(message.data), attempts=failures,
                     table_name=table, dedup_id=dedup_id, message_id=message.message_id,
+                    key_id=message.attributes.get("key_id"),
                 )
             ],
             "max_attempts",
         )
         self._forward([(message, reason)])
+        self.receipts.dead_lettered([(message, reason)], table)
         self.failures.forget([dedup_id])
         queue.isolate = max(0, queue.isolate - 1)
         self._settle([(queue, batch)])

@@ -7,7 +7,7 @@ client for the end-to-end test), each bounded in time.
 
     .venv/bin/python -m scripts.bench            # full run (~5 minutes), from the repo root
     .venv/bin/python -m scripts.bench --quick    # smoke version (~2 minutes)
-    options: --only api,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables  --backlog N  --seconds S  --keep
+    options: --only api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables  --backlog N  --seconds S  --keep
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ from scripts.bench.evaluate import evaluate
 from scripts.bench.harness import ROOT
 from scripts.bench.many_tables import bench_many_tables
 from scripts.bench.report import print_table, write_report
-from scripts.bench.run import bench_api, bench_bigquery, bench_drain, bench_e2e, bench_gcp, bench_gcp_many_tables, e2e_rate, log
+from scripts.bench.run import (
+    bench_api, bench_bigquery, bench_drain, bench_e2e, bench_gcp, bench_gcp_many_tables, bench_keys, e2e_rate, log,
+)
 from scripts.bench.upsert_drain import bench_upsert
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="~2 minute smoke run (shorter loads, 200k backlog)")
-    p.add_argument("--only", default="api,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables", help="comma-separated sections")
+    p.add_argument("--only", default="api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables", help="comma-separated sections")
     p.add_argument("--seconds", type=float, help="duration of each load (default 8, quick 3)")
     p.add_argument("--backlog", type=int, help="activities in the drain backlog (default 1,000,000, quick 200,000)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -58,6 +60,7 @@ def main() -> int:
     failures = []
     sections = [
         ("api", lambda: bench_api(tmp, seconds, results, 1 if args.quick else 2)),
+        ("keys", lambda: bench_keys(results, 5 if args.quick else 15)),
         ("drain", lambda: bench_drain(tmp, backlog, 5_000 if args.quick else 20_000, results)),
         ("many_tables", lambda: bench_many_tables(tmp, results, requests=100 if args.quick else 500, log=log)),
         ("upsert", lambda: bench_upsert(tmp, results, rows=20_000 if args.quick else 100_000,

@@ -6,6 +6,7 @@ on a shared machine is not counted) per README-body request, best of several bat
     .venv/bin/python -m scripts.bench.api_inprocess                 # stub broker: the app's own work
     .venv/bin/python -m scripts.bench.api_inprocess --broker local  # the real local broker, 32 concurrent
     .venv/bin/python -m scripts.bench.api_inprocess --activities 500  # README-shaped batches of 500
+    .venv/bin/python -m scripts.bench.api_inprocess --scoped  # + a scoped key and a traceparent, vs neither
     .venv/bin/python -m scripts.bench.api_inprocess --frozen        # against a frozen, declared table
 
 Lines go through the same JSON logging as the real API (into a temp file). Compare two
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import tempfile
 import time
 from pathlib import Path
 
 from app.api.app import create_app
+from app.keys import new_key, write_keys_file
 from app.logs import configure_logging
 from app.runtime import freeze_startup_heap
 from app.settings import Settings
@@ -48,8 +52,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=1024, help="per batch")
     p.add_argument("--batches", type=int, default=15)
     p.add_argument("--activities", type=int, default=0, help="README-shaped activities per body (0: the README body)")
+    p.add_argument("--scoped", action="store_true", help="also a scoped key and a traceparent; batches interleaved")
     p.add_argument("--frozen", action="store_true", help="TABLES_FILE declaring the README table, contract freeze")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead (for `make bench`)")
     args = p.parse_args()
+    if args.scoped and args.broker != "stub":
+        p.error("--scoped compares the app's own work: use it with the stub broker")
 
     configure_logging(args.level)
     logging.getLogger().handlers[0].setStream(tempfile.TemporaryFile("w"))
@@ -61,6 +69,7 @@ def main() -> None:
         tables_file.write_text(FROZEN_README_TABLE)
     settings = Settings(data_dir=data_dir, tables_file=tables_file)
     app = create_app(settings, broker=StubBroker() if args.broker == "stub" else None)
+    scoped_app, scoped_headers = _scoped_app(settings) if args.scoped else (None, [])
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": "/api-log/v1/", "raw_path": b"/api-log/v1/", "query_string": b"", "root_path": "",
@@ -80,26 +89,53 @@ def main() -> None:
 
     concurrency = 1 if args.broker == "stub" else 32  # the local broker commits groups: keep it busy
 
-    async def worker(n: int) -> None:
+    scoped_scope = {**scope, "headers": scope["headers"] + scoped_headers}
+
+    async def worker(target, request_scope, n: int) -> None:
         for _ in range(n):
-            await app(dict(scope), receive, send)
+            await target(dict(request_scope), receive, send)
 
-    async def run() -> float:
+    async def batch(target, request_scope, per_worker: int) -> float:
+        started = time.thread_time()
+        await asyncio.gather(*(worker(target, request_scope, per_worker) for _ in range(concurrency)))
+        return (time.thread_time() - started) / (per_worker * concurrency)
+
+    async def run() -> tuple[float, float]:
         per_worker = max(1, args.requests // concurrency)
-        async with app.router.lifespan_context(app):
-            await asyncio.gather(*(worker(per_worker) for _ in range(concurrency)))  # warm-up
-            best = float("inf")
-            for _ in range(args.batches):
-                started = time.thread_time()
-                await asyncio.gather(*(worker(per_worker) for _ in range(concurrency)))
-                best = min(best, (time.thread_time() - started) / (per_worker * concurrency))
-        return best
+        variants = [(app, scope)] + ([(scoped_app, scoped_scope)] if scoped_app is not None else [])
+        best = [float("inf")] * len(variants)
+        async with contextlib.AsyncExitStack() as stack:
+            for target, request_scope in variants:
+                await stack.enter_async_context(target.router.lifespan_context(target))
+                await batch(target, request_scope, per_worker)  # warm-up
+            for _ in range(args.batches):  # interleaved, so both see the same machine
+                for i, (target, request_scope) in enumerate(variants):
+                    best[i] = min(best[i], await batch(target, request_scope, per_worker))
+        return best[0], best[-1]
 
-    best = asyncio.run(run())
+    plain, scoped = asyncio.run(run())
     assert statuses == {200}, statuses
+    if args.json:
+        print(json.dumps({"plain_us": round(plain * 1e6, 2), "scoped_us": round(scoped * 1e6, 2), "batches": args.batches,
+                          "requests": args.requests}))
+        return
     what = f"{args.activities} activities" if args.activities else "README body"
-    print(f"{best * 1e6:.1f} us main-thread CPU per request of {what} (broker {args.broker}, log level {args.level}, "
+    print(f"{plain * 1e6:.1f} us main-thread CPU per request of {what} (broker {args.broker}, log level {args.level}, "
           f"best of {args.batches} batches)")
+    if args.scoped:
+        print(f"{scoped * 1e6:.1f} us with a scoped key and a traceparent: {plain / scoped:.3f}x the throughput"
+              " (target >= 0.95x)")
+
+
+def _scoped_app(settings: Settings):
+    """An app whose requests carry a key scoped to the README's table, rate-limited, and a traceparent."""
+    key, secret = new_key("bench", ["user_activities*"], ["insert"], rate=1e9)
+    keys_file = settings.data_dir / "keys.toml"
+    write_keys_file(keys_file, [key])
+    scoped = settings.model_copy(update={"api_keys_file": keys_file, "data_dir": settings.data_dir / "scoped"})
+    headers = [(b"authorization", f"Bearer {secret}".encode()),
+               (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    return create_app(scoped, broker=StubBroker()), headers
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ TARGETS = {
     "7_many_vs_one": 2.0,
     "6_many_tables_ratio": 4.0,
     "8_upsert_vs_insert": 0.5,
+    "19_scoped_vs_plain": 0.95,
 }
 
 
@@ -48,6 +49,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         rss = api["api"]["peak_rss_mb"]
         row("4 API peak RSS <= 150 MB (under the loads of 1)", f"{rss:.0f} MB", f"bare {api['bare']['peak_rss_mb']:.0f} MB, prototype {api['proto']['peak_rss_mb']:.0f} MB",
             f"{rss / api['bare']['peak_rss_mb']:.2f}x bare", rss <= TARGETS["4_api_rss_mb"])
+    k = results.get("keys")
+    if k:
+        r_keys = k["plain_us"] / k["scoped_us"]
+        row("19 README body with a scoped key and a traceparent: >= 0.95x one with neither",
+            f"{k['scoped_us']:.1f} us CPU per request", f"{k['plain_us']:.1f} us without", f"{r_keys:.3f}x",
+            r_keys >= TARGETS["19_scoped_vs_plain"])
     d = results.get("drain")
     if d:
         c = d["ceiling"]

@@ -43,7 +43,8 @@ def test_accepts_readme_example_and_publishes_one_message_per_table(client, sett
     r = client.post(PATH, json=README_BODY)
     assert r.status_code == 200
     body = r.json()
-    assert body == {"error": False, "message": "accepted", "accepted": 2, "batch_id": body["batch_id"]}
+    assert body == {"error": False, "message": "accepted", "accepted": 2, "batch_id": body["batch_id"],
+                    "receipt": f"/api-log/v1/batches/{body['batch_id']}"}
     messages = _pulled(settings)
     assert len(messages) == 1
     m = messages[0]

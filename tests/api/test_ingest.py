@@ -58,6 +58,8 @@ def _answers(tmp_path, direct: bool) -> list[tuple]:
             r = client.post(PATH, content=content, headers=headers)
             body = r.json()
             batch_id = body.pop("batch_id", None)
+            if batch_id is not None:
+                assert body.pop("receipt") == f"{PATH}batches/{batch_id}"
             answers.append((
                 r.status_code,
                 body,

@@ -62,12 +62,12 @@ def test_examples_are_accepted_by_the_api(tmp_path, name):
 
 def test_error_responses_are_documented(openapi):
     responses = _operation(openapi)["responses"]
-    for code in ("400", "401", "409", "413", "415", "422", "503"):
+    for code in ("400", "401", "403", "409", "413", "415", "422", "429", "503"):
         assert code in responses, code
         schema = responses[code]["content"]["application/json"]["schema"]
         assert schema["required"] == ["error", "message", "details"], code
         assert responses[code]["description"]
-    assert responses["200"]["content"]["application/json"]["schema"]["required"] == ["error", "message", "accepted", "batch_id"]
+    assert responses["200"]["content"]["application/json"]["schema"]["required"] == ["error", "message", "accepted", "batch_id", "receipt"]
     params = {p["name"]: p for p in _operation(openapi)["parameters"]}
     assert "Idempotency-Key" in params
     # Internal pages stay out of the document.

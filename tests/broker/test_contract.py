@@ -58,6 +58,7 @@ def dedup_ids(messages) -> list[str]:
 
 
 def test_published_messages_are_durable_and_arrive_whole(broker_backend: BrokerBackend):
+    before = time.time()
     publisher = broker_backend.make()
     publish(publisher, msg("t", 0), msg("u", 0))
     publisher.close()  # the publisher is gone; the messages are not
@@ -69,6 +70,9 @@ def test_published_messages_are_durable_and_arrive_whole(broker_backend: BrokerB
         (b"t-0", "t", "b:t:0"), (b"u-0", "u", "b:u:0")
     ]
     assert all(m.message_id and m.delivery_attempt >= 1 for m in got)
+    # the broker's publish time in unix seconds, the start of the end-to-end lag (a wide margin:
+    # pstest's clock is another process's)
+    assert all(m.published_at is not None and before - 60 <= m.published_at <= time.time() + 60 for m in got)
 
 
 def test_a_one_key_backlog_comes_in_one_pull(broker_backend: BrokerBackend):

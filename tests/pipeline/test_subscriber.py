@@ -544,6 +544,17 @@ def test_undecodable_message_is_dead_lettered_at_once(tmp_path, store):
     assert _applied_numbers(warehouse, "t") == [1]
 
 
+def test_dead_letters_keep_the_key_id_the_batch_was_sent_with(tmp_path, store):
+    broker, warehouse = _broker(), MemoryWarehouse()
+    [garbage] = broker.put([OutgoingMessage(
+        b"\x00garbage", "t", {"table": "t", "batch_id": "b", "dedup_id": "b:t:0", "key_id": "orders-backend"}
+    )])
+    with running(Subscriber(_settings(tmp_path), broker, warehouse, store)):
+        wait_until(lambda: garbage in broker.acked, "acked")
+    [letter] = store.list()
+    assert letter.key_id == "orders-backend"
+
+
 # --------------------------------------------------------------------------- the local broker and DuckDB
 
 
@@ -584,7 +595,7 @@ def test_local_broker_message_duckdb_refuses_is_dead_lettered_alone(local):
     _publish(broker, encode_batch([_insert("t", 1)], new_batch_id(None)))
     bad_batch = new_batch_id(None)
     _publish(broker, [OutgoingMessage(json_body(bad_batch, "t", [bad]), "t", {
-        "table": "t", "count": "1", "batch_id": bad_batch, "dedup_id": f"{bad_batch}:t:0"})])
+        "table": "t", "count": "1", "batch_id": bad_batch, "dedup_id": f"{bad_batch}:t:0", "key_id": "k-1"})])
     _publish(broker, encode_batch([_insert("t", 2)], new_batch_id(None)))
     with running(sub):
         wait_until(lambda: broker.backlog().messages == 0, "the backlog drained")  # waits out the nack delays
@@ -592,6 +603,20 @@ def test_local_broker_message_duckdb_refuses_is_dead_lettered_alone(local):
     [letter] = dead.list()
     assert letter.kind == "message" and letter.attempts == settings.max_delivery_attempts
     assert orjson.loads(letter.payload)["activities"][0]["col_values"] == [99, "not a datetime"]
+    assert letter.key_id == "k-1"
+
+
+def test_local_broker_rejected_activity_keeps_its_key_id(local):
+    settings, broker, warehouse, dead, sub = local
+    _publish(broker, encode_batch([_insert("t", 1)], new_batch_id(None)))
+    conflict = encode_batch([Activity("insert", "t", ["n"], ["string"], ["not a number"])], new_batch_id(None))
+    for message in conflict:
+        message.attributes["key_id"] = "orders-backend"
+    _publish(broker, conflict)
+    with running(sub):
+        wait_until(lambda: broker.backlog().messages == 0, "the backlog drained")
+    [letter] = dead.list()
+    assert letter.kind == "activity" and letter.key_id == "orders-backend", letter
 
 
 def test_local_broker_redelivered_message_is_not_applied_twice(local):

@@ -32,6 +32,12 @@ def test_drain_verdicts_follow_the_targets():
     assert set(verdicts({"drain": drain(TARGETS["2_rows"] - 1, rss_mb=251.0)}).values()) == {"MISS"}
 
 
+def test_the_scoped_key_verdict_is_the_ratio_of_cpu_per_request_against_the_target():
+    [passed] = evaluate({"keys": {"plain_us": 38.0, "scoped_us": 40.0}})  # 0.95x
+    [missed] = evaluate({"keys": {"plain_us": 38.0, "scoped_us": 42.0}})
+    assert (passed["verdict"], passed["ratio"], missed["verdict"]) == ("PASS", "0.950x", "MISS")
+
+
 def test_missing_sections_give_no_rows_and_errors_are_reported_unjudged():
     assert evaluate({}) == []
     [row] = evaluate({"gcp": {"error": "not measured: pstest unavailable"}})

@@ -203,7 +203,7 @@ class MemoryBroker(Broker):
                 m = stored.message
                 received.append(ReceivedMessage(
                     stored.message_id, m.data, dict(m.attributes), m.ordering_key, stored.attempts,
-                    handle=(self._owner, stored.lease_token),
+                    handle=(self._owner, stored.lease_token), published_at=stored.published_at,
                 ))
             self.stream.max_leased = max(self.stream.max_leased, self._leased_count(now))
             return received

@@ -54,7 +54,7 @@ ORDER BY k.key, m.id
 LIMIT ?3
 """
 _FIRST_KEYS = 16
-_BODIES_SQL = "SELECT id, data FROM messages WHERE id IN (SELECT value FROM json_each(?1))"
+_BODIES_SQL = "SELECT id, data, published_at FROM messages WHERE id IN (SELECT value FROM json_each(?1))"
 
 # Lease the taken messages (`?3`: JSON array of [id, key]): one statement a pull.
 _LEASE_SQL = """
@@ -121,15 +121,21 @@ class _Lease:
         if not ids:
             return []
         self.conn.execute(_LEASE_SQL, (expiry, self.token, orjson.dumps(ids).decode()))
-        bodies = dict(self.conn.execute(_BODIES_SQL, (orjson.dumps([i for i, _ in ids]).decode(),)).fetchall())
+        bodies = {
+            message_id: (data, published_at)
+            for message_id, data, published_at in self.conn.execute(
+                _BODIES_SQL, (orjson.dumps([i for i, _ in ids]).decode(),)
+            ).fetchall()
+        }
         return [
             ReceivedMessage(
                 message_id=str(message_id),
-                data=bytes(bodies[message_id]),
+                data=bytes(bodies[message_id][0]),
                 attributes=orjson.loads(attributes),
                 ordering_key=key,
                 delivery_attempt=attempts + 1,
                 handle=(message_id, self.token),
+                published_at=bodies[message_id][1],
             )
             for key, got in self.taken.items()
             for message_id, attributes, attempts in got

@@ -414,6 +414,9 @@ class Puller:
             # 0 without a dead-letter policy: best effort, never below 1 here.
             delivery_attempt=received.delivery_attempt or 1,
             received_at=now,
+            # "populated by the server when it receives the Publish call":
+            # https://cloud.google.com/python/docs/reference/pubsub/latest/google.cloud.pubsub_v1.types.PubsubMessage
+            published_at=_publish_time(received)[0] or None,
         )
         lease = Lease(received.ack_id, message, now, nbytes=len(m.data))
         message.handle = lease

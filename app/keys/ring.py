@@ -1,0 +1,121 @@
+"""The keys the API accepts right now: `API_KEYS` (every scope) plus `API_KEYS_FILE`.
+
+The file is checked for a change (stat) at most once a second, from the request path,
+so a revoked or disabled key stops working within about a second without a restart.
+A file that cannot be read or parsed keeps the last good keys (and logs why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from app.keys.entries import ApiKey, KeysFileError, load_keys_file
+from app.keys.usage import UsageLog
+
+log = logging.getLogger("app.keys")
+
+CHECK_EVERY_SECONDS = 1.0
+VERIFIED_SECRETS = 1024  # remembered matches: bounded, as the keys are
+
+
+class KeyRing:
+    def __init__(
+        self,
+        env_keys: list[ApiKey],
+        path: Path | None = None,
+        usage: UsageLog | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.env_keys = env_keys
+        self.path = Path(path) if path is not None else None
+        self.usage = usage
+        self.last_used = None if usage is None else usage.last_used
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self._file_keys: list[ApiKey] = []
+        self._signature: tuple[int, int, int] | None = None
+        self._checked_at = float("-inf")
+        if self.path is not None:
+            self._file_keys = load_keys_file(self.path)  # a bad file at start-up is an error, not a warning
+            self._signature = self._stat()
+        self._checked_at = self.clock()
+        self.keys: list[ApiKey] = [*env_keys, *self._file_keys]
+        self._verified: dict[str, ApiKey] = {}  # secrets that matched a key of `keys`
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests need a key (any key configured, or a keys file, even empty)."""
+        return bool(self.env_keys) or self.path is not None
+
+    def ids(self) -> list[str]:
+        return [k.id for k in self.keys]
+
+    def authenticate(self, secret: str | None) -> ApiKey | None:
+        """The usable key whose secret this is, else None.
+
+        A secret not seen before is hashed and compared with every digest in constant
+        time, with no early exit, so timing tells nothing about which matched. One that
+        matched is remembered (up to VERIFIED_SECRETS, forgotten when the file changes):
+        finding it again is a dict lookup, which compares the presented string with a
+        remembered one only when their 64-bit keyed hashes (SipHash, a per-process random
+        key) are equal, so its timing tells nothing about a secret either. Expiry and
+        revocation are checked on every request all the same. Flat on purpose: it runs on
+        every request.
+        """
+        if self.clock() - self._checked_at >= CHECK_EVERY_SECONDS:
+            self.refresh()
+        if secret is None:
+            return None
+        found = self._verified.get(secret)
+        if found is None:
+            candidate = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()  # as `digest_of`
+            for key in self.keys:
+                if hmac.compare_digest(candidate, key.digest):
+                    found = key
+            if found is None:
+                return None
+            if len(self._verified) < VERIFIED_SECRETS:
+                self._verified[secret] = found
+        now = self.wall_clock()
+        if found.disabled or (found.expires is not None and now >= found.expires.timestamp()):
+            return None
+        if self.last_used is not None:
+            self.last_used[found.id] = now  # `usage`'s dict: saved every few seconds by `refresh`
+        return found
+
+    def refresh(self) -> None:
+        now = self.clock()
+        if now - self._checked_at < CHECK_EVERY_SECONDS:
+            return
+        self._checked_at = now
+        if self.usage is not None:
+            self.usage.save_if_due(now)
+        if self.path is None:
+            return
+        signature = self._stat()
+        if signature == self._signature:
+            return
+        try:
+            file_keys = load_keys_file(self.path)
+        except KeysFileError as exc:
+            log.error("keys file not reloaded, keeping the last good keys: %s", exc)
+            self._signature = signature  # logged once per change, not per second
+            return
+        self._file_keys, self._signature = file_keys, signature
+        self.keys = [*self.env_keys, *file_keys]
+        self._verified = {}  # a revoked or disabled key is found again the slow way, and refused
+        log.info("keys file reloaded", extra={"keys": len(file_keys)})
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -1,0 +1,87 @@
+"""The key ring: constant-time lookup over every key, reloads on change, keeps the last good file."""
+
+from __future__ import annotations
+
+from app.keys import ApiKey, KeyRing, new_key, write_keys_file
+from app.keys.entries import digest_of, revoked
+from app.keys.ring import CHECK_EVERY_SECONDS
+from app.keys.usage import UsageLog, read_usage
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_revocation_and_rotation_take_effect_without_a_restart(tmp_path):
+    path, clock = tmp_path / "keys.toml", Clock()
+    old, old_secret = new_key("orders-1", ["*"], ["insert"])
+    write_keys_file(path, [old])
+    ring = KeyRing([], path, clock=clock)
+    assert ring.authenticate(old_secret).id == "orders-1"
+
+    new, new_secret = new_key("orders-2", ["*"], ["insert"])
+    write_keys_file(path, [old, new])
+    clock.now += CHECK_EVERY_SECONDS
+    assert ring.authenticate(old_secret).id == "orders-1"  # during a rotation both are valid
+    assert ring.authenticate(new_secret).id == "orders-2"
+
+    write_keys_file(path, [revoked(old), new])
+    assert CHECK_EVERY_SECONDS <= 5
+    clock.now += CHECK_EVERY_SECONDS
+    assert ring.authenticate(old_secret) is None
+    assert ring.authenticate(new_secret).id == "orders-2"
+
+
+def test_a_broken_file_keeps_the_last_good_keys(tmp_path, caplog):
+    path, clock = tmp_path / "keys.toml", Clock()
+    key, secret = new_key("k", ["*"], ["insert"])
+    write_keys_file(path, [key])
+    ring = KeyRing([], path, clock=clock)
+    path.write_text("[[keys]\nbroken")
+    clock.now += CHECK_EVERY_SECONDS
+    assert ring.authenticate(secret).id == "k"
+    assert "keys file not reloaded" in caplog.text
+
+
+def test_env_keys_unknown_secrets_and_keys_off(tmp_path):
+    env = [ApiKey(id="env-1", digest=digest_of("env-secret"), from_env=True)]
+    ring = KeyRing(env)
+    assert ring.enabled and ring.authenticate("nope") is None and ring.authenticate(None) is None
+    assert ring.authenticate("env-secret").id == "env-1"
+    assert not KeyRing([]).enabled
+    write_keys_file(tmp_path / "keys.toml", [])
+    empty_file = KeyRing([], tmp_path / "keys.toml")
+    assert empty_file.enabled and empty_file.authenticate("anything") is None  # a file, even empty, means keys on
+
+
+def test_last_use_is_saved_with_ids_only(tmp_path):
+    clock = Clock()
+    key, secret = new_key("k", ["*"], ["insert"])
+    write_keys_file(tmp_path / "keys.toml", [key])
+    usage = UsageLog(tmp_path / "usage.json")
+    ring = KeyRing([], tmp_path / "keys.toml", usage, clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    ring.authenticate(secret)
+    usage.save(clock())
+    assert read_usage(tmp_path / "usage.json") == {"k": 1_700_000_000.0}
+    text = (tmp_path / "usage.json").read_text()
+    assert secret not in text and digest_of(secret).hex() not in text
+
+
+def test_a_remembered_secret_still_expires_and_a_removed_key_is_forgotten(tmp_path):
+    path, clock, wall = tmp_path / "keys.toml", Clock(), Clock()
+    key, secret = new_key("k", ["*"], ["insert"], expires="2030-01-01T00:00:00Z")
+    other, other_secret = new_key("other", ["*"], ["insert"])
+    write_keys_file(path, [key, other])
+    ring = KeyRing([], path, clock=clock, wall_clock=wall)
+    wall.now = 1_800_000_000.0  # 2027
+    assert ring.authenticate(secret).id == "k" and ring.authenticate(secret).id == "k"  # the second: remembered
+    wall.now = 1_900_000_000.0  # 2030, past `expires`
+    assert ring.authenticate(secret) is None
+    assert ring.authenticate(other_secret).id == "other"
+    write_keys_file(path, [key])  # `other` removed from the file, not just disabled
+    clock.now += CHECK_EVERY_SECONDS
+    assert ring.authenticate(other_secret) is None
