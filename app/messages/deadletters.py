@@ -11,7 +11,6 @@ from such a batch links back to the entry it replays (`replay_of`).
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import orjson
 from app.broker.base import MessageLimits, OutgoingMessage
 from app.messages.codec import encode_batch, new_batch_id
 from app.schema.activity import Activity
+from app.sqlite_files import open_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -125,12 +125,8 @@ def rejected_activity_message(
 class DeadLetterStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_wal(self.path, _SCHEMA, synchronous="FULL")
         have = {row[1] for row in self._conn.execute("PRAGMA table_info(dead_letters)")}
         for column, ddl in _MIGRATIONS.items():
             if column not in have:

@@ -11,13 +11,14 @@ as tombstones, so a lookup can answer "gone" (410) rather than "never seen" (404
 from __future__ import annotations
 
 import re
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
+
+from app.sqlite_files import open_wal
 
 BATCH_ID_PATTERN = re.compile(r"[0-9a-f]{32}\Z")  # what `new_batch_id` makes
 TOMBSTONE_SECONDS = 30 * 86400
@@ -122,12 +123,8 @@ def _time(seconds: float | None) -> str | None:
 class ReceiptStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # a receipt is a report, not the data
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_wal(self.path, _SCHEMA, synchronous="NORMAL")  # a receipt is a report, not the data
 
     def add_accepted(self, batches: Iterable[tuple[str, str | None, float, list[Accepted]]]) -> None:
         """(batch id, key id, accepted at, per-table shares) of accepted batches, in one transaction."""

@@ -118,7 +118,7 @@ class GoogleShape:
 
     def forward(self, method: str, path: str, kind: str, params: dict[str, str], body: bytes, headers: dict[str, str]) -> Answer:
         with self.lock:
-            payload = _json(body)
+            payload = json_or_none(body)
             early = self._before(kind, params, payload, headers)
             if early is not None:
                 return early
@@ -255,7 +255,7 @@ class GoogleShape:
     # ------------------------------------------------------------------ after forwarding
     def _after(self, kind: str, params: dict[str, str], upstream: httpx.Response) -> Answer:
         content_type = upstream.headers.get("content-type")
-        answer = _json(upstream.content)
+        answer = json_or_none(upstream.content)
         if kind == "tables.insert" and upstream.status_code == 500:
             project, dataset = params["project"], params["dataset"]
             if self._raw("GET", f"/bigquery/v2/projects/{project}/datasets/{dataset}").status_code == 404:
@@ -288,7 +288,7 @@ def _query_failure(r: httpx.Response) -> Answer | None:
     """A jobs.query answered 200 with `errors[]`, as Google's HTTP error; None if it ran."""
     if r.status_code >= 300:
         return Answer(r.status_code, r.content, r.headers.get("content-type"))
-    answer = _json(r.content)
+    answer = json_or_none(r.content)
     errors = answer.get("errors") if isinstance(answer, dict) else None
     if not errors:
         return None
@@ -367,7 +367,8 @@ def _is_base64(value: str) -> bool:
     return True
 
 
-def _json(body: bytes) -> Any:
+def json_or_none(body: bytes) -> Any:
+    """The JSON of a body, or None for an empty or non-JSON one."""
     if not body:
         return None
     try:

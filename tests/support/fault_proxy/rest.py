@@ -44,7 +44,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.fault_proxy.bq_shape import Answer, GoogleShape
+from tests.support.fault_proxy.bq_shape import Answer, GoogleShape, json_or_none
 from tests.support.fault_proxy.errors import GoogleError
 from tests.support.fault_proxy.late_jobs import LateJobs
 from tests.support.fault_proxy.storage_write import SchemaVisibility
@@ -244,7 +244,7 @@ class BigQueryRestProxy:
         body = req.rfile.read(length) if length else b""
         path = req.path.split("?", 1)[0]
         kind, params = classify(req.command, path)
-        payload = _json(body)
+        payload = json_or_none(body)
         sql = _query_text(kind, payload)
         with self._lock:
             self.calls[kind] += 1
@@ -286,7 +286,7 @@ class BigQueryRestProxy:
             return
         if kind == "jobs.list":
             upstream = self.late_jobs.listed(upstream, req.path.split("?", 1)[1] if "?" in req.path else "")
-        answer = _json(upstream.content)
+        answer = json_or_none(upstream.content)
         if upstream.status < 300 and isinstance(answer, dict):
             if kind.startswith("jobs."):
                 with self._lock:
@@ -366,15 +366,6 @@ def _send(req: BaseHTTPRequestHandler, status: int, body: bytes, content_type: s
     req.send_header("Content-Length", str(len(body)))
     req.end_headers()
     req.wfile.write(body)
-
-
-def _json(body: bytes) -> Any:
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
 
 
 def _query_text(kind: str, payload: Any) -> str | None:
