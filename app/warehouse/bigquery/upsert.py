@@ -11,7 +11,8 @@ query parameter, and one statement replaces the rows of those keys:
 hold several rows of one key, and an UPDATE would keep them all; this form deletes every
 row of the key and inserts the one, atomically (a MERGE is one statement:
 https://cloud.google.com/bigquery/docs/reference/standard-sql/dml-syntax#merge_statement,
-whose `NOT MATCHED BY SOURCE ... THEN DELETE` is Google's "replace" pattern). Each
+whose `NOT MATCHED BY SOURCE ... THEN DELETE` is the "replace" pattern of
+https://cloud.google.com/bigquery/docs/using-dml-with-partitioned-tables). Each
 inserted row carries its message's dedup_id, so the clean-up of an unfinished attempt
 finds it like an appended row.
 

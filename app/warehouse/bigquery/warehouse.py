@@ -17,8 +17,8 @@ one call, and a table that fails in a step gets its error while the others go on
 4. **Exactly once** (see `README.md`, Delivery guarantees): rows left by an earlier
    attempt that wrote an intent but no completion are deleted, `intent` markers are
    written for the new dedup_ids (one write), then the data (Storage Write appends, DML
-   deletes; tables in parallel over the writer's connection pool), then `done` markers
-   (one write).
+   deletes, upsert MERGEs (`upsert.py`), each MERGE after an ownership check; tables in
+   parallel over the writer's connection pool), then `done` markers (one write).
 """
 
 from __future__ import annotations
