@@ -277,11 +277,18 @@ class UpsertRows:
         table = self.rows.table
         if table.num_rows < 2:
             return table
-        names = [name for name, _ in self.key]
+        return table.take(self.last_rows())
+
+    def last_rows(self) -> pa.Array:
+        """The positions of each key's last row, in row order."""
+        table = self.rows.table
         order = pa.array(range(table.num_rows), pa.int64())
+        if table.num_rows < 2:
+            return order
+        names = [name for name, _ in self.key]
         last = table.select(names).append_column(_ROW, order).group_by(names, use_threads=False).aggregate([(_ROW, "max")])
         kept = last.column(_ROW + "_max")
-        return table.take(pc.take(kept, pc.sort_indices(kept)))  # in row order
+        return pc.take(kept, pc.sort_indices(kept)).combine_chunks()
 
 
 _ROW = "__row"  # not a valid column name: cannot clash with the table's

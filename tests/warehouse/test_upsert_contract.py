@@ -23,8 +23,8 @@ from tests.support.reference import ActivityModel, canon
 from tests.warehouse.conftest import BACKENDS, Backend
 from tests.warehouse.test_contract import ROUND_TRIP
 
-# Backends that apply upserts (BigQuery: not yet; see docs/querying.md).
-UPSERT_BACKENDS = ["duckdb", "memory"]
+# Backends that apply upserts (BigQuery over bqemulator: one MERGE per run, docs/google-cloud.md).
+UPSERT_BACKENDS = ["duckdb", "memory", "bigquery"]
 COLS = [("id", "integer"), ("v", "string")]
 
 

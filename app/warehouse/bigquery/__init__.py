@@ -4,9 +4,10 @@
   bounded retries, call and bytes counters);
 - `errors.py`: the one translation of errors into transient / terminal;
 - `types.py`: the type mapper (reads `app.schema.types`);
-- `schema.py`: table and schema state, the markers table;
+- `schema.py`: table and schema state (the key an upsert fixed), the markers table;
 - `writer.py`: Storage Write default stream over long-lived connections, insertAll;
 - `queries.py`: marker lookups, clean-ups, parameterized deletes;
+- `upsert.py`: a run of upserts as one MERGE from a bound `ARRAY<STRUCT>`;
 - `warehouse.py`: `BigQueryWarehouse`, orchestrating an apply.
 """
 

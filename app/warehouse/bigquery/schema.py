@@ -15,6 +15,7 @@ have (https://cloud.google.com/bigquery/docs/partitioned-tables#ingestion_time).
 from __future__ import annotations
 
 import collections
+import json
 import re
 import threading
 from dataclasses import dataclass
@@ -86,10 +87,32 @@ class SchemaRaced(Exception):
     """Another writer changed the table's schema first: re-read and re-plan."""
 
 
-def dedup_field() -> bigquery.SchemaField:
-    return bigquery.SchemaField(
-        DEDUP_COLUMN, "STRING", mode="NULLABLE", description="ingest: dedup_id of the message that wrote the row"
-    )
+DEDUP_DESCRIPTION = "ingest: dedup_id of the message that wrote the row"
+# The table's key (fixed by its first upsert) is recorded in the hidden dedup column's
+# description: our own column, patched with the schema's etag like added columns, and
+# never touched by the tables file's options. Not every key is declarable as a primary key.
+KEY_NOTE = "; key: "
+# Primary key columns BigQuery allows
+# (https://cloud.google.com/bigquery/docs/information-schema-table-constraints, limitations).
+DECLARABLE_KEY_TYPES = frozenset({"BIGNUMERIC", "BOOL", "DATE", "DATETIME", "INT64", "NUMERIC", "STRING", "TIMESTAMP"})
+
+
+def dedup_field(key: tuple[str, ...] | None = None) -> bigquery.SchemaField:
+    description = DEDUP_DESCRIPTION + (KEY_NOTE + json.dumps(list(key)) if key else "")
+    return bigquery.SchemaField(DEDUP_COLUMN, "STRING", mode="NULLABLE", description=description)
+
+
+def recorded_key(description: str | None) -> tuple[str, ...] | None:
+    """The key a dedup column's description records (None: the table has none)."""
+    if not description or KEY_NOTE not in description:
+        return None
+    try:
+        names = json.loads(description.split(KEY_NOTE, 1)[1])
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    return tuple(names)
 
 
 class TableSchemas:
@@ -150,13 +173,14 @@ class TableSchemas:
         return state
 
     def _state_of(self, bq_table: bigquery.Table) -> TableState:
-        schema: planner.Schema = {}
+        schema = planner.Schema()
         column_types: dict[str, str] = {}
         has_dedup = False
         for f in bq_table.schema:
             column_types[f.name] = f.field_type
             if f.name.lower() == DEDUP_COLUMN:
                 has_dedup = True
+                schema.key = recorded_key(f.description)
                 continue
             schema[f.name.lower()] = (f.name, self.types.activity_type(f))
         tp = bq_table.time_partitioning
@@ -164,9 +188,21 @@ class TableSchemas:
 
     # ----------------------------------------------------------------- changes
 
-    def create(self, ref: TableRef, columns: list[planner.Column]) -> TableState:
-        """Create the table with `columns` (+ the hidden dedup column). `SchemaRaced` if it exists."""
-        t = bigquery.Table(ref.api, schema=[*(self.types.field(n, typ) for n, typ in columns), dedup_field()])
+    def create(
+        self, ref: TableRef, columns: list[planner.Column], key: tuple[str, ...] | None = None, declare: bool = False
+    ) -> TableState:
+        """Create the table with `columns` (+ the hidden dedup column, recording `key`).
+        `declare`: also declare `key` as `PRIMARY KEY NOT ENFORCED` where BigQuery allows
+        its types. `SchemaRaced` if it exists."""
+        fields = [self.types.field(n, typ) for n, typ in columns]
+        t = bigquery.Table(ref.api, schema=[*fields, dedup_field(key)])
+        if key and declare:
+            types = {f.name: f.field_type for f in fields}
+            if all(types.get(name) in DECLARABLE_KEY_TYPES for name in key):
+                # https://cloud.google.com/bigquery/docs/primary-foreign-keys
+                t.table_constraints = bigquery.table.TableConstraints(
+                    primary_key=bigquery.table.PrimaryKey(columns=list(key)), foreign_keys=None
+                )
         t.description = "ingest pipeline table; column descriptions carry the activity types"
         if self.partitioning == "day":
             t.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.DAY)
@@ -216,6 +252,32 @@ class TableSchemas:
                 patched.append("clustering_fields")
         try:
             updated = self.client.update_table(fresh, patched)
+        except errors.TerminalWarehouseError as exc:
+            if errors.is_schema_conflict(exc.__cause__ or exc):
+                raise SchemaRaced(str(exc)) from exc
+            raise
+        state = self._remember(ref.table, updated)
+        assert state is not None
+        return state
+
+    def record_key(self, ref: TableRef, known: TableState, key: tuple[str, ...]) -> TableState:
+        """Record `key` (the table's first upsert fixed it) in the dedup column's description,
+        with one etag-conditional patch; `SchemaRaced` as for `add_columns`. Not declared as
+        a primary key: the rows already there may share a key until upserts replace them,
+        and BigQuery trusts an unenforced key when it plans queries."""
+        fresh = self.client.get_table(ref.api)
+        if fresh is None:
+            self._remember(ref.table, None)
+            raise SchemaRaced(f"table {ref.table} is gone")
+        fresh_state = self._remember(ref.table, fresh)
+        assert fresh_state is not None
+        if set(fresh_state.column_types) != set(known.column_types) or fresh_state.schema.key not in (None, key):
+            raise SchemaRaced("table changed since it was cached")
+        if fresh_state.schema.key == key:
+            return fresh_state
+        fresh.schema = [dedup_field(key) if f.name.lower() == DEDUP_COLUMN else f for f in fresh.schema]
+        try:
+            updated = self.client.update_table(fresh, ["schema"])
         except errors.TerminalWarehouseError as exc:
             if errors.is_schema_conflict(exc.__cause__ or exc):
                 raise SchemaRaced(str(exc)) from exc

@@ -17,8 +17,8 @@ one call, and a table that fails in a step gets its error while the others go on
 4. **Exactly once** (see `README.md`, Delivery guarantees): rows left by an earlier
    attempt that wrote an intent but no completion are deleted, `intent` markers are
    written for the new dedup_ids (one write), then the data (Storage Write appends, DML
-   deletes; tables in parallel over the writer's connection pool), then `done` markers
-   (one write).
+   deletes, upsert MERGEs (`upsert.py`), each MERGE after an ownership check; tables in
+   parallel over the writer's connection pool), then `done` markers (one write).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ from app.warehouse.bigquery.schema import (
     TableState,
 )
 from app.warehouse.bigquery.types import TypeMapper, TypeOverrides, positional_param
+from app.warehouse.bigquery.upsert import upsert_statements
 from app.warehouse.bigquery.writer import (
     MAX_INSERT_ALL_BYTES,
     InsertAllWriter,
@@ -138,6 +139,7 @@ class BigQueryWarehouse(Warehouse):
             max_columns=10_000,  # https://cloud.google.com/bigquery/quotas#standard_tables
             table_options=bigquery_table_options(settings.bigquery_partitioning == "day"),
             widenings=bigquery_widenings(TypeMapper(type_overrides)),
+            upserts=True,  # one MERGE per run of upserts (upsert.py)
         )
         self.client = BigQueryClient(settings, rest=client)
         self.api_calls = self.client.calls  # calls per kind (see client.py)
@@ -486,11 +488,20 @@ class BigQueryWarehouse(Warehouse):
     def _run_step(
         self, ref: TableRef, step: int, kind: str, payload: Any, count: int, result: ApplyResult, staged: _Staged
     ) -> None:
-        """An insertAll or a run of deletes (not fenced: insertAll is the legacy path, and
-        re-running an envelope's deletes is harmless)."""
+        """An insertAll, a run of deletes (not fenced: insertAll is the legacy path, and
+        re-running an envelope's deletes is harmless) or a run of upserts (fenced: a stale
+        attempt's MERGE would put back values a newer one replaced)."""
         if kind == "insert_all":
             self.insert_all.insert(ref.api, ref.table, payload)
             result.rows_inserted += count
+            return
+        if kind == "upsert":
+            markers = self.schemas.ensure_markers()
+            for n, (sql, params) in enumerate(payload):
+                self._check_owner(markers, ref, staged.ids, staged.attempt)
+                job_id = dml_job_id(ref, staged.ids, f"upsert{step}-{n}", staged.attempt)
+                self.queries.dml(sql, params, job_id, f"upsert into {ref.table}")
+            result.rows_upserted += count
             return
         for n, (sql, params) in enumerate(payload):
             job_id = dml_job_id(ref, staged.ids, f"delete{step}-{n}", staged.attempt)
@@ -509,11 +520,13 @@ class BigQueryWarehouse(Warehouse):
             new_columns: list[planner.Column] = []
             widened: list[tuple[str, str, str]] = []  # type widening (widening.py)
             create = False
+            declare_key = False
             for step in plan.steps:
                 if isinstance(step, planner.WidenColumns):
                     widened.extend(step.columns)
                 if isinstance(step, planner.CreateTable):
                     create = True
+                    declare_key = step.key is not None
                     new_columns.extend(step.columns)
                 elif isinstance(step, planner.AddColumns):
                     new_columns.extend(step.columns)
@@ -523,11 +536,13 @@ class BigQueryWarehouse(Warehouse):
                 raise TerminalWarehouseError(f"value BigQuery cannot take in {ref.table}: {exc}") from exc
             try:
                 if create:
-                    state = self.schemas.create(ref, new_columns)
+                    state = self.schemas.create(ref, new_columns, plan.new_key, declare_key)
                 elif state is not None and (new_columns or not state.has_dedup_column):
                     state = self.schemas.add_columns(ref, state, new_columns)
                 if widened and state is not None:
                     state = self.schemas.widen(ref, widened)
+                if plan.new_key is not None and state is not None and state.schema.key != plan.new_key:
+                    state = self.schemas.record_key(ref, state, plan.new_key)  # before any row is upserted
                 return plan, state, create, writes, oversized  # state None: only deletes on a missing table
             except SchemaRaced as raced:
                 log.info("schema of %s changed concurrently (%s); re-reading", ref.table, raced)
@@ -560,8 +575,8 @@ class BigQueryWarehouse(Warehouse):
             planned.append(
                 env if new_acts is None else Envelope(env.dedup_id, env.table, new_acts, env.delivery_attempt)
             )
-        schema = dict(state.schema) if state is not None else None
-        plan = planner.plan_table(table, schema, planned, self.capabilities.widenings)
+        schema = planner.Schema(state.schema, state.schema.key) if state is not None else None
+        plan = planner.plan_table(table, schema, planned, self.capabilities.widenings, upserts=self.capabilities.upserts)
         # A few deletes among many inserts: one write and one DML instead of one each per delete.
         plan.steps = planner.coalesce_steps(plan.steps)
         if swapped:
@@ -599,6 +614,9 @@ class BigQueryWarehouse(Warehouse):
             elif isinstance(step, planner.DeleteRows):
                 statements = self.queries.delete_statements(ref, step, partitioned=self._partitioned(ref.table))
                 writes.append(("delete", statements, len(step.conditions)))
+            elif isinstance(step, planner.UpsertRows):
+                statements = upsert_statements(ref, step, self.types, partitioned=self._partitioned(ref.table))
+                writes.append(("upsert", statements, step.count))
         return writes, oversized
 
     def _partitioned(self, table: str) -> bool:

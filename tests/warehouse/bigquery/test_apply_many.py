@@ -64,10 +64,10 @@ def test_a_table_that_fails_gets_its_error_while_the_others_commit(wh, monkeypat
 def test_a_schema_failure_stays_with_its_table(wh, monkeypatch) -> None:
     real_create = wh.schemas.create
 
-    def create(ref, columns):
+    def create(ref, columns, *key):
         if ref.table == "schema_b":
             raise TransientWarehouseError("simulated: tables.insert rate limited")
-        return real_create(ref, columns)
+        return real_create(ref, columns, *key)
 
     monkeypatch.setattr(wh.schemas, "create", create)
     outcomes = wh.apply_many(batches(["schema_a", "schema_b"]))
