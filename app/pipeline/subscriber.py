@@ -467,15 +467,16 @@ class Subscriber:
         if not batches:
             return
         messages = [h.message for _, batch in batches for h in batch]
+        # Forgotten before the ack: an ack frees the key at the broker, and the table's next
+        # messages, pulled at once, must find its hold free, not be handed back as beyond it.
+        for queue, batch in batches:
+            self.scheduler.done(queue, len(batch))
         try:
             self._ack(messages)
         except BrokerUnavailable as exc:
             # They come back after their lease and the warehouse's dedup_id drops what
             # was already applied.
             log.warning("broker unavailable while acking %d message(s) (they will be redelivered): %s", len(messages), exc)
-        finally:
-            for queue, batch in batches:
-                self.scheduler.done(queue, len(batch))
 
     def _release(self, queue: TableQueue, delay: float, why: str) -> None:
         self._nack(self.scheduler.release(queue, delay), delay, why)

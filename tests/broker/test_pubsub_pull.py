@@ -232,6 +232,29 @@ def test_nack_with_delay_sets_the_deadline_and_gives_back_the_key_s_waiting_mess
     puller.ack([m for m in got if m.ordering_key == "u"])
 
 
+def test_a_key_s_later_message_never_overtakes_one_handed_back_with_a_delay(client, puller):
+    client.deliver(("m5", "t"), ("m6", "t"))
+    m5, m6 = puller.pull(10, 5.0)
+    puller.nack([m6], delay_seconds=60)  # m6 handed back (the table held enough), m5 kept
+    # m6 is still outstanding at Pub/Sub, so key affinity sends the key's next message here.
+    [m7_ack] = client.deliver(("m7", "t"))
+    wait_for(lambda: client.deadlines_of(m7_ack))
+    puller.ack([m5])
+    assert puller.pull(10, 0.3) == []  # m7 must not be applied before m6
+    assert client.deadlines_of(m7_ack)[-1] >= 60  # expires after m6: Pub/Sub redelivers them in order
+    assert m7_ack not in client.acked
+    # m6's deadline passed: Pub/Sub redelivers the key from m6, in order.
+    client.deliver(("m6", "t"), ("m7", "t"))
+    assert ids(puller.pull(10, 5.0)) == ["m6", "m7"]
+
+
+def test_a_message_handed_back_at_once_defers_nothing(client, puller):
+    client.deliver(("m0", "t"))
+    puller.nack(puller.pull(10, 5.0), delay_seconds=0)
+    client.deliver(("m0", "t"), ("m1", "t"))
+    assert ids(puller.pull(10, 5.0)) == ["m0", "m1"]
+
+
 def test_nack_delay_is_clamped_to_pub_sub_s_range(client, puller):
     client.deliver(("a", "k1"), ("b", "k2"))
     a, b = puller.pull(10, 5.0)

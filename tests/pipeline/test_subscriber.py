@@ -211,6 +211,27 @@ def test_a_table_stuck_in_a_schema_change_holds_only_its_share_while_another_tab
     assert broker.unacked == 7  # the rest is still in the broker, in order, for the next delivery
 
 
+def test_a_table_s_next_messages_pulled_the_moment_its_ack_frees_the_key_are_not_handed_back(tmp_path, store):
+    broker, warehouse = MemoryBroker(max_lease_seconds=600.0), MemoryWarehouse()  # ordered keys, delays honoured
+    sent = [m for i in range(6) for m in broker.put_activities(_insert("t", i))]
+    ack = broker.ack
+
+    def ack_then_let_the_puller_take_the_next_run(messages):
+        ack(messages)  # the key is free: the puller takes the table's next messages at once
+        if messages[-1].message_id == sent[2]:
+            wait_until(lambda: broker.leased > 0, "the next run pulled")
+
+    broker.ack = ack_then_let_the_puller_take_the_next_run
+    settings = _settings(
+        tmp_path, pull_max_messages=3, subscriber_max_outstanding_messages=6,
+        subscriber_max_outstanding_messages_per_table=3,
+    )
+    with running(Subscriber(settings, broker, warehouse, store)):
+        wait_until(lambda: set(sent) <= set(broker.acked), "every message, none handed back for a minute")
+    assert broker.nacks == [] and broker.acked == sent
+    assert _applied_numbers(warehouse, "t") == [0, 1, 2, 3, 4, 5]
+
+
 # --------------------------------------------------------------------------- refused activities
 
 

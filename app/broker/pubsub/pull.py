@@ -40,15 +40,24 @@ deadline passes is redelivered (https://cloud.google.com/pubsub/docs/lease-manag
 and ModifyAckDeadline in https://cloud.google.com/pubsub/docs/reference/rpc/google.pubsub.v1).
 A nack also gives back the queued messages of the same key, since Pub/Sub redelivers
 them after the nacked one anyway.
+
+A message handed back with a delay stays outstanding until its deadline passes, and
+meanwhile key affinity keeps sending that key's later messages to this stream. Handed
+out, one of them would be applied and acked before the handed-back one comes again. So
+the key is *deferred* until a handed-back message of it is redelivered: a later message
+that arrives meanwhile is given the same deadline (never shorter, so it expires after
+the earlier ones and Pub/Sub redelivers the key in order) and never reaches the pipeline.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from app.broker.base import BrokerUnavailable, ReceivedMessage
@@ -68,6 +77,15 @@ STREAM_HEALTHY_SECONDS = 2.0  # a stream open this long without failing clears t
 HELD_MAX_BYTES = 256 * 1024 * 1024  # pulled and not yet acked, across all keys
 PULL_MAX_BYTES = 64 * 1024 * 1024  # handed out by one pull() (always at least one message)
 ERROR_BACKOFF_MAX = 5.0
+
+
+@dataclass(slots=True)
+class _Deferral:
+    """A key's messages handed back with a delay: until one of them is delivered again
+    (or `until` is well past), later messages of the key are handed back as well."""
+
+    until: float
+    ids: set[str] = field(default_factory=set)
 
 
 def ack_deadline(settings: Settings) -> int:
@@ -110,6 +128,7 @@ class Puller:
         self._cond = threading.Condition()
         self._gate = KeyGate()
         self._out: dict[int, Lease] = {}  # id(lease) -> lease handed to the pipeline
+        self._deferred: dict[str, _Deferral] = {}  # ordering key -> its messages handed back with a delay
         self._error: BaseException | None = None  # of the last stream, None after a good one
         self._stream_since: float | None = None  # when the current stream was opened
         self._requests: _Requests | None = None
@@ -214,19 +233,46 @@ class Puller:
         delay = int(min(max(delay_seconds, 0.0), MAX_ACK_DEADLINE) + 0.5)
         ack_ids: list[str] = []
         with self._cond:
-            keys = set()
+            by_key: dict[str, list[str]] = {}
             for m in messages:
                 ack_ids.append(self._take_back(m).ack_id)
                 if m.ordering_key:
-                    keys.add(m.ordering_key)
-            for key in keys:
-                ack_ids.extend(lease.ack_id for lease in self._gate.pop_key(key))
+                    by_key.setdefault(m.ordering_key, []).append(m.message_id)
+            for key, message_ids in by_key.items():
+                waiting = self._gate.pop_key(key)
+                ack_ids.extend(lease.ack_id for lease in waiting)
+                if delay > 0:
+                    self._defer(key, message_ids + [lease.message.message_id for lease in waiting], delay)
             self._cond.notify_all()
         try:
             # A refused nack is harmless: that delivery is no longer ours, it comes back anyway.
             settle("nack", lambda ids: self._modack(ids, delay), ack_ids)
         except CallFailed as exc:  # they come back once their current deadline passes
             raise BrokerUnavailable(f"pubsub nack of {len(ack_ids)} message(s) failed: {exc}") from exc
+
+    def _defer(self, key: str, message_ids: list[str], delay: int) -> None:
+        deferral = self._deferred.setdefault(key, _Deferral(0.0))
+        deferral.until = max(deferral.until, time.monotonic() + delay)
+        deferral.ids.update(message_ids)
+
+    def _split_deferred(self, leases: list[Lease], now: float) -> tuple[list[Lease], list[Lease]]:
+        """(to queue, to hand back): a deferred key's later messages go back, in arrival
+        order, until a message handed back earlier arrives again (Pub/Sub redelivers the
+        key from there, in order). A deferral is forgotten an ack deadline after its end."""
+        for key in [k for k, d in self._deferred.items() if now >= d.until + self.ack_deadline]:
+            del self._deferred[key]
+        keep: list[Lease] = []
+        back: list[Lease] = []
+        for lease in leases:
+            key = lease.message.ordering_key
+            deferral = self._deferred.get(key) if key else None
+            if deferral is not None and lease.message.message_id in deferral.ids:
+                del self._deferred[key]
+            elif deferral is not None:
+                back.append(lease)
+                continue
+            keep.append(lease)
+        return keep, back
 
     def _take_back(self, message: ReceivedMessage) -> Lease:
         lease: Lease = message.handle
@@ -300,6 +346,12 @@ class Puller:
         # (https://cloud.google.com/pubsub/docs/ordering); pstest returns one response's
         # messages in any order. A stable sort by publish time is a no-op on Google.
         leases = [self._lease(r, now) for r in sorted(received, key=_publish_time)]
+        with self._cond:
+            leases, deferred = self._split_deferred(leases, now)
+            until = max((self._deferred[k].until for k in {d.message.ordering_key for d in deferred}), default=now)
+        if deferred:  # at least as long as the earlier ones of their key: they expire after them
+            seconds = min(math.ceil(until - now) + 1, MAX_ACK_DEADLINE)
+            self._modack_quietly([lease.ack_id for lease in deferred], seconds, "defer")
         if not leases:
             return
         # From the stream's ack deadline to ours, before anything else; with exactly-once
