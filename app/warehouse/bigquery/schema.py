@@ -210,15 +210,7 @@ class TableSchemas:
         if clustering:
             t.clustering_fields = clustering
         set_options(t, self.options_for(ref.table), OptionsOutcome())  # the tables file's, at creation
-        try:
-            created = self.client.create_table(t)
-        except errors.TerminalWarehouseError as exc:
-            if errors.is_schema_conflict(exc.__cause__ or exc):
-                raise SchemaRaced(str(exc)) from exc
-            raise
-        state = self._remember(ref.table, created)
-        assert state is not None
-        return state
+        return self._saved(ref, lambda: self.client.create_table(t))
 
     def add_columns(self, ref: TableRef, known: TableState, columns: list[planner.Column]) -> TableState:
         """Add `columns` (and the dedup column if missing) with one etag-conditional patch.
@@ -250,15 +242,7 @@ class TableSchemas:
             if clustering:
                 fresh.clustering_fields = clustering
                 patched.append("clustering_fields")
-        try:
-            updated = self.client.update_table(fresh, patched)
-        except errors.TerminalWarehouseError as exc:
-            if errors.is_schema_conflict(exc.__cause__ or exc):
-                raise SchemaRaced(str(exc)) from exc
-            raise
-        state = self._remember(ref.table, updated)
-        assert state is not None
-        return state
+        return self._saved(ref, lambda: self.client.update_table(fresh, patched))
 
     def record_key(self, ref: TableRef, known: TableState, key: tuple[str, ...]) -> TableState:
         """Record `key` (the table's first upsert fixed it) in the dedup column's description,
@@ -276,15 +260,7 @@ class TableSchemas:
         if fresh_state.schema.key == key:
             return fresh_state
         fresh.schema = [dedup_field(key) if f.name.lower() == DEDUP_COLUMN else f for f in fresh.schema]
-        try:
-            updated = self.client.update_table(fresh, ["schema"])
-        except errors.TerminalWarehouseError as exc:
-            if errors.is_schema_conflict(exc.__cause__ or exc):
-                raise SchemaRaced(str(exc)) from exc
-            raise
-        state = self._remember(ref.table, updated)
-        assert state is not None
-        return state
+        return self._saved(ref, lambda: self.client.update_table(fresh, ["schema"]))
 
     # ----------------------------------------------------------------- type widening
 
@@ -309,13 +285,18 @@ class TableSchemas:
             raise SchemaRaced(f"table {ref.table} is gone")
         wanted = {name: new for name, _, new in columns}
         fresh.schema = [with_activity_type(f, wanted[f.name]) if f.name in wanted else f for f in fresh.schema]
+        return self._saved(ref, lambda: self.client.update_table(fresh, ["schema"]))
+
+    def _saved(self, ref: TableRef, save: Callable[[], bigquery.Table]) -> TableState:
+        """`save` (a create or an etag-conditional update) and its result remembered;
+        `SchemaRaced` when another writer changed the table first."""
         try:
-            updated = self.client.update_table(fresh, ["schema"])
+            saved = save()
         except errors.TerminalWarehouseError as exc:
             if errors.is_schema_conflict(exc.__cause__ or exc):
                 raise SchemaRaced(str(exc)) from exc
             raise
-        state = self._remember(ref.table, updated)
+        state = self._remember(ref.table, saved)
         assert state is not None
         return state
 
