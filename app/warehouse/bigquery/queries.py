@@ -30,6 +30,8 @@ JOB_PREFIX = "ingest_dml_"  # job ids: letters, digits, _ and -, at most 1,024 c
 # query without a filter on it that can be used for partition elimination
 # (https://cloud.google.com/bigquery/docs/querying-partitioned-tables#query_an_ingestion-time_partitioned_table).
 EVERY_PARTITION = "(_PARTITIONTIME IS NULL OR _PARTITIONTIME >= TIMESTAMP '1970-01-01')"
+# How far before its claim a fence looks for another attempt's `done` (see OwnerFence)
+FENCE_LOOKBACK = dt.timedelta(hours=1)
 
 
 def _digest(text: str, length: int) -> str:
@@ -44,6 +46,48 @@ def table_job_prefix(ref: TableRef) -> str:
 def dml_job_id(ref: TableRef, ids: Sequence[str], statement: str, attempt: str) -> str:
     """The job id of one DML statement of one apply attempt of `ids`."""
     return f"{table_job_prefix(ref)}{_digest(chr(0).join(sorted(ids)), 24)}_{statement}_{attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerFence:
+    """A condition that keeps a DML statement from changing anything once its attempt no
+    longer owns its ids, evaluated by BigQuery when the job runs, not when it was sent.
+
+    A DML job can wait in the table's queue and run long after its sender stopped
+    waiting (https://cloud.google.com/bigquery/docs/data-manipulation-language#dml_statement_conflicts);
+    a replica whose lease ran out can also send one late. Either way it runs against a
+    snapshot taken at its start, in which a newer attempt's intent (written before that
+    attempt changes anything; default-stream rows are readable at once,
+    https://cloud.google.com/bigquery/docs/write-api#default_stream) or another attempt's
+    `done` is visible: then the statement matches nothing, and the stale attempt's next
+    owner check stops it. Same rule as `Queries.not_owned`.
+    """
+
+    markers: TableRef
+    table: str
+    ids: tuple[str, ...]
+    attempt: str
+    claimed_at: dt.datetime  # this attempt's intents' `marked_at`
+
+    def sql(self) -> str:
+        # the marked_at bound prunes the markers table to the claim's day (it is partitioned
+        # by day on marked_at, clustered by table_name, dedup_id); an older `done` was seen
+        # by the lookup just before the claim
+        return (
+            f"NOT EXISTS (SELECT 1 FROM {self.markers.sql} AS fence WHERE fence.table_name = @fence_table "
+            "AND fence.dedup_id IN UNNEST(@fence_ids) AND fence.marked_at >= @fence_since "
+            "AND IFNULL(fence.attempt, '') != @fence_attempt "
+            "AND (fence.state = 'done' OR fence.marked_at >= @fence_claimed))"
+        )
+
+    def params(self) -> list:
+        return [
+            bigquery.ScalarQueryParameter("fence_table", "STRING", self.table),
+            bigquery.ArrayQueryParameter("fence_ids", "STRING", list(self.ids)),
+            bigquery.ScalarQueryParameter("fence_since", "TIMESTAMP", self.claimed_at - FENCE_LOOKBACK),
+            bigquery.ScalarQueryParameter("fence_attempt", "STRING", self.attempt),
+            bigquery.ScalarQueryParameter("fence_claimed", "TIMESTAMP", self.claimed_at),
+        ]
 
 
 @dataclass(slots=True)
@@ -153,12 +197,15 @@ class Queries:
 
     # ----------------------------------------------------------------- clean-up
 
-    def clean(self, ref: TableRef, ids: list[str], since: dt.datetime | None, *, partitioned: bool, attempt: str) -> int:
+    def clean(
+        self, ref: TableRef, ids: list[str], since: dt.datetime | None, *, partitioned: bool, fence: OwnerFence
+    ) -> int:
         """Delete rows an unfinished earlier attempt of `ids` wrote; rows deleted.
 
         Those rows were written after the attempt's intent (`since`), so only partitions
         from that day on are read, plus rows not yet in a partition (NULL
-        `_PARTITIONTIME` while in the write buffer).
+        `_PARTITIONTIME` while in the write buffer). Fenced: run late, after a newer
+        attempt claimed `ids` and wrote them, it must not take that attempt's rows.
         """
         sql = f"DELETE FROM {ref.sql} WHERE {DEDUP_COLUMN} IN UNNEST(@ids)"
         params: list = [bigquery.ArrayQueryParameter("ids", "STRING", ids)]
@@ -167,17 +214,20 @@ class Queries:
             params.append(bigquery.ScalarQueryParameter("since", "TIMESTAMP", since))
         elif partitioned:
             sql += f" AND {EVERY_PARTITION}"
-        return self.dml(sql, params, dml_job_id(ref, ids, "clean", attempt), f"clean-up in {ref.table}")
+        sql += f" AND {fence.sql()}"
+        return self.dml(sql, params + fence.params(), dml_job_id(ref, ids, "clean", fence.attempt), f"clean-up in {ref.table}")
 
     # ----------------------------------------------------------------- deletes
 
     def delete_statements(
-        self, ref: TableRef, step: planner.DeleteRows, *, partitioned: bool = False
+        self, ref: TableRef, step: planner.DeleteRows, fence: OwnerFence, *, partitioned: bool = False
     ) -> list[tuple[str, list]]:
         """One DELETE per up to MAX_DELETES_PER_STATEMENT deletes (deletes commute); on a
-        partitioned table with a filter on every partition (`require_partition_filter`)."""
+        partitioned table with a filter on every partition (`require_partition_filter`).
+        Fenced: a stale attempt's late delete must not remove rows a newer one wrote since."""
         statements: list[tuple[str, list]] = []
         where = f"DELETE FROM {ref.sql} WHERE {EVERY_PARTITION} AND (" if partitioned else f"DELETE FROM {ref.sql} WHERE ("
+        fenced = f") AND {fence.sql()}"
         clauses: list[str] = []
         params: list = []
         for conditions in step.conditions:
@@ -187,10 +237,10 @@ class Queries:
             ]
             clauses.append("(" + " AND ".join(parts) + ")")
             if len(clauses) >= MAX_DELETES_PER_STATEMENT or len(params) >= MAX_PARAMS_PER_STATEMENT:
-                statements.append((where + " OR ".join(clauses) + ")", params))
+                statements.append((where + " OR ".join(clauses) + fenced, params + fence.params()))
                 clauses, params = [], []
         if clauses:
-            statements.append((where + " OR ".join(clauses) + ")", params))
+            statements.append((where + " OR ".join(clauses) + fenced, params + fence.params()))
         return statements
 
     def dml(self, sql: str, params: list, job_id: str, what: str) -> int:

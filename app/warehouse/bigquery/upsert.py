@@ -27,7 +27,7 @@ from typing import Any
 from google.cloud import bigquery
 
 from app.warehouse import plan as planner
-from app.warehouse.bigquery.queries import EVERY_PARTITION
+from app.warehouse.bigquery.queries import EVERY_PARTITION, OwnerFence
 from app.warehouse.bigquery.schema import DEDUP_COLUMN, TableRef, quote_column
 from app.warehouse.bigquery.types import TypeMapper
 
@@ -38,8 +38,9 @@ MAX_UPSERT_BYTES_PER_STATEMENT = 2_000_000
 _DEDUP_FIELD = "d"
 
 
-def merge_sql(ref: TableRef, step: planner.UpsertRows, types: TypeMapper, *, partitioned: bool) -> str:
-    """The MERGE of one chunk of `step`'s rows, bound as `@rows` (see `rows_param`)."""
+def merge_sql(ref: TableRef, step: planner.UpsertRows, types: TypeMapper, fence: OwnerFence, *, partitioned: bool) -> str:
+    """The MERGE of one chunk of `step`'s rows, bound as `@rows` (see `rows_param`); both
+    of its actions fenced, so a stale attempt's late MERGE changes nothing (`OwnerFence`)."""
     position = {name: i for i, (name, _) in enumerate(step.columns)}
     fields = ", ".join(f"r.c{i} AS c{i}" for i in range(len(step.columns)))
     same_key = " AND ".join(
@@ -51,20 +52,21 @@ def merge_sql(ref: TableRef, step: planner.UpsertRows, types: TypeMapper, *, par
     values = ", ".join([*(types.value_sql(typ, f"S.c{i}") for i, (_, typ) in enumerate(step.columns)), f"S.{_DEDUP_FIELD}"])
     return (
         f"MERGE {ref.sql} T USING (SELECT {fields}, r.{_DEDUP_FIELD} AS {_DEDUP_FIELD} FROM UNNEST(@rows) AS r) S ON FALSE "
-        f"WHEN NOT MATCHED BY SOURCE AND {every}EXISTS (SELECT 1 FROM UNNEST(@rows) AS k WHERE {same_key}) THEN DELETE "
-        f"WHEN NOT MATCHED THEN INSERT ({targets}) VALUES ({values})"
+        f"WHEN NOT MATCHED BY SOURCE AND {every}EXISTS (SELECT 1 FROM UNNEST(@rows) AS k WHERE {same_key}) "
+        f"AND {fence.sql()} THEN DELETE "
+        f"WHEN NOT MATCHED AND {fence.sql()} THEN INSERT ({targets}) VALUES ({values})"
     )
 
 
 def upsert_statements(
-    ref: TableRef, step: planner.UpsertRows, types: TypeMapper, *, partitioned: bool
+    ref: TableRef, step: planner.UpsertRows, types: TypeMapper, fence: OwnerFence, *, partitioned: bool
 ) -> list[tuple[str, list]]:
     """(sql, params) per chunk of the run's last rows per key; converted here, before anything is written."""
     kept = step.last_rows().to_pylist()
     values = step.rows.canonical_values()
     dedup_ids = step.rows.dedup_ids()
     columns = [(typ, values[name]) for name, typ in step.columns]
-    sql = merge_sql(ref, step, types, partitioned=partitioned)
+    sql = merge_sql(ref, step, types, fence, partitioned=partitioned)
     statements: list[tuple[str, list]] = []
     chunk: list[bigquery.StructQueryParameter] = []
     size = 0
@@ -74,10 +76,10 @@ def upsert_statements(
         chunk.append(bigquery.StructQueryParameter(None, *fields))
         size += _size(fields)
         if len(chunk) >= MAX_UPSERT_ROWS_PER_STATEMENT or size >= MAX_UPSERT_BYTES_PER_STATEMENT:
-            statements.append((sql, [bigquery.ArrayQueryParameter("rows", "STRUCT", chunk)]))
+            statements.append((sql, [bigquery.ArrayQueryParameter("rows", "STRUCT", chunk), *fence.params()]))
             chunk, size = [], 0
     if chunk:
-        statements.append((sql, [bigquery.ArrayQueryParameter("rows", "STRUCT", chunk)]))
+        statements.append((sql, [bigquery.ArrayQueryParameter("rows", "STRUCT", chunk), *fence.params()]))
     return statements
 
 

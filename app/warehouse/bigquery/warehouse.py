@@ -60,7 +60,16 @@ from app.warehouse.base import (
 from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.options import apply_options, bigquery_table_options
-from app.warehouse.bigquery.queries import DONE, EVERY_PARTITION, INTENT, MarkerLookup, Queries, dml_job_id, table_job_prefix
+from app.warehouse.bigquery.queries import (
+    DONE,
+    EVERY_PARTITION,
+    INTENT,
+    MarkerLookup,
+    OwnerFence,
+    Queries,
+    dml_job_id,
+    table_job_prefix,
+)
 from app.warehouse.bigquery.widening import bigquery_widenings
 from app.warehouse.bigquery.schema import (
     DATASET_RE,
@@ -260,8 +269,12 @@ class BigQueryWarehouse(Warehouse):
                 out.update((p, exc) for p in unknown)
             else:
                 attempts = {pos: uuid.uuid4().hex[:12] for pos in unknown}
-                claimed = self._claim(markers, jobs, unknown, lookups, attempts, out)
-                staged = self._stage(jobs, uniques, claimed, lookups, attempts, results, out)
+                claimed, claimed_at = self._claim(markers, jobs, unknown, lookups, attempts, out)
+                fences = {
+                    pos: OwnerFence(markers, jobs[pos].ref.table, tuple(ids), attempts[pos], claimed_at)
+                    for pos, ids in claimed.items()
+                }
+                staged = self._stage(jobs, uniques, claimed, lookups, fences, results, out)
                 self._write(markers, jobs, staged, results, out)
         return [out[p] for p in range(len(jobs))]
 
@@ -273,22 +286,23 @@ class BigQueryWarehouse(Warehouse):
         lookups: dict[str, MarkerLookup],
         attempts: dict[int, str],
         out: dict[int, ApplyResult | Exception],
-    ) -> dict[int, list[str]]:
+    ) -> tuple[dict[int, list[str]], dt.datetime]:
         """This attempt's intents, with its token, in one write before anything is cleaned
-        up or written: the newest intent of an id names the attempt that owns it, and an
-        older attempt still running (a replica whose lease ran out) sees that and stops
-        before its commit and its `done` (`_check_owner`)."""
+        up or written, and their time: the newest intent of an id names the attempt that
+        owns it. An older attempt still running (a replica whose lease ran out) sees that
+        and stops before its commit and its `done` (`_check_owner`), and its DML jobs,
+        even run late, change nothing (`OwnerFence`)."""
         claims = {
             pos: [i for i in ids if i not in lookups[jobs[pos].ref.table].done] for pos, ids in unknown.items()
         }
         try:
-            self._write_markers(
+            claimed_at = self._write_markers(
                 markers, [(jobs[p].ref.table, ids, attempts[p]) for p, ids in claims.items() if ids], INTENT
             )
         except Exception as exc:
             out.update((p, exc) for p in claims)
-            return {}
-        return unknown
+            return {}, dt.datetime.now(dt.timezone.utc)
+        return claims, claimed_at
 
     def _stage(
         self,
@@ -296,7 +310,7 @@ class BigQueryWarehouse(Warehouse):
         uniques: list[dict[str, Envelope]],
         unknown: dict[int, list[str]],
         lookups: dict[str, MarkerLookup],
-        attempts: dict[int, str],
+        fences: dict[int, OwnerFence],
         results: list[ApplyResult],
         out: dict[int, ApplyResult | Exception],
     ) -> dict[int, _Staged]:
@@ -306,7 +320,7 @@ class BigQueryWarehouse(Warehouse):
         done = self._in_parallel(
             {
                 pos: functools.partial(
-                    self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], attempts[pos], results[pos]
+                    self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], fences[pos], results[pos]
                 )
                 for pos, ids in unknown.items()
             }
@@ -325,7 +339,7 @@ class BigQueryWarehouse(Warehouse):
         unique: dict[str, Envelope],
         ids: list[str],
         lookup: MarkerLookup,
-        attempt: str,
+        fence: OwnerFence,
         result: ApplyResult,
     ) -> _Staged | ApplyResult:
         self._remember_done(lookup.done)
@@ -334,14 +348,14 @@ class BigQueryWarehouse(Warehouse):
         result.skipped_duplicates += len(unique) - len(todo)
         if not todo:
             return result
-        plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused)
+        plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused, fence)
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
         todo_ids = [e.dedup_id for e in todo]
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
             # an earlier attempt's DML job may still run: it ends before anything is cleaned or rewritten
             self.client.settle_jobs(table_job_prefix(job.ref), f"earlier attempts in {job.ref.table}")
-            self._clean_unfinished(job.ref, state, unfinished, attempt)
-        return _Staged(todo_ids, plan, writes, oversized, attempt)
+            self._clean_unfinished(job.ref, state, unfinished, fence)
+        return _Staged(todo_ids, plan, writes, oversized, fence.attempt)
 
     def _write(
         self,
@@ -435,13 +449,11 @@ class BigQueryWarehouse(Warehouse):
             return self._applier_pool
 
     def _clean_unfinished(
-        self, ref: TableRef, state: TableState, unfinished: dict[str, dt.datetime], attempt: str
+        self, ref: TableRef, state: TableState, unfinished: dict[str, dt.datetime], fence: OwnerFence
     ) -> None:
         """Remove rows of earlier attempts that wrote an intent but never completed."""
         since = min(unfinished.values()) - CLOCK_SKEW_MARGIN
-        n = self.queries.clean(
-            ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion, attempt=attempt
-        )
+        n = self.queries.clean(ref, list(unfinished), since, partitioned=state.partitioned_by_ingestion, fence=fence)
         if n:
             log.warning("removed %d rows left by unfinished attempts of %s in %s", n, list(unfinished), ref.table)
 
@@ -488,17 +500,14 @@ class BigQueryWarehouse(Warehouse):
     def _run_step(
         self, ref: TableRef, step: int, kind: str, payload: Any, count: int, result: ApplyResult, staged: _Staged
     ) -> None:
-        """An insertAll, a run of deletes (not fenced: insertAll is the legacy path, and
-        re-running an envelope's deletes is harmless) or a run of upserts (fenced: a stale
-        attempt's MERGE would put back values a newer one replaced)."""
+        """An insertAll (not fenced: the legacy path), a run of deletes or a run of upserts
+        (fenced in the statement: see `OwnerFence`)."""
         if kind == "insert_all":
             self.insert_all.insert(ref.api, ref.table, payload)
             result.rows_inserted += count
             return
         if kind == "upsert":
-            markers = self.schemas.ensure_markers()
             for n, (sql, params) in enumerate(payload):
-                self._check_owner(markers, ref, staged.ids, staged.attempt)
                 job_id = dml_job_id(ref, staged.ids, f"upsert{step}-{n}", staged.attempt)
                 self.queries.dml(sql, params, job_id, f"upsert into {ref.table}")
             result.rows_upserted += count
@@ -508,7 +517,7 @@ class BigQueryWarehouse(Warehouse):
             result.rows_deleted += self.queries.dml(sql, params, job_id, f"delete from {ref.table}")
 
     def _plan_and_prepare_schema(
-        self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str]
+        self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str], fence: OwnerFence
     ) -> tuple[planner.Plan, TableState | None, bool, list[tuple[str, Any, int]], list[Rejection]]:
         """Plan, convert every value, and bring the table's schema up to the plan.
 
@@ -531,7 +540,7 @@ class BigQueryWarehouse(Warehouse):
                 elif isinstance(step, planner.AddColumns):
                     new_columns.extend(step.columns)
             try:
-                writes, oversized = self._prepare(ref, plan, todo)
+                writes, oversized = self._prepare(ref, plan, todo, fence)
             except (ValueError, TypeError, ArithmeticError, OverflowError) as exc:
                 raise TerminalWarehouseError(f"value BigQuery cannot take in {ref.table}: {exc}") from exc
             try:
@@ -589,7 +598,7 @@ class BigQueryWarehouse(Warehouse):
         return plan
 
     def _prepare(
-        self, ref: TableRef, plan: planner.Plan, todo: list[Envelope]
+        self, ref: TableRef, plan: planner.Plan, todo: list[Envelope], fence: OwnerFence
     ) -> tuple[list[tuple[str, Any, int]], list[Rejection]]:
         """The plan's data steps as ready-to-send payloads (no I/O), and rows too big to send."""
         by_id = {env.dedup_id: env for env in todo}
@@ -612,10 +621,10 @@ class BigQueryWarehouse(Warehouse):
                             Rejection(dedup_id, index, activity, f"row of {size} bytes exceeds BigQuery's request size limit")
                         )
             elif isinstance(step, planner.DeleteRows):
-                statements = self.queries.delete_statements(ref, step, partitioned=self._partitioned(ref.table))
+                statements = self.queries.delete_statements(ref, step, fence, partitioned=self._partitioned(ref.table))
                 writes.append(("delete", statements, len(step.conditions)))
             elif isinstance(step, planner.UpsertRows):
-                statements = upsert_statements(ref, step, self.types, partitioned=self._partitioned(ref.table))
+                statements = upsert_statements(ref, step, self.types, fence, partitioned=self._partitioned(ref.table))
                 writes.append(("upsert", statements, step.count))
         return writes, oversized
 
@@ -661,12 +670,13 @@ class BigQueryWarehouse(Warehouse):
         if self.queries.not_owned(markers, {ref.table: (ids, attempt)}):
             raise _superseded(ref.table)
 
-    def _write_markers(self, markers: TableRef, per_table: list[tuple[str, list[str], str]], state: str) -> None:
-        """One marker write (`state`) for the ids of several tables: (table, ids, attempt token)."""
+    def _write_markers(self, markers: TableRef, per_table: list[tuple[str, list[str], str]], state: str) -> dt.datetime:
+        """One marker write (`state`) for the ids of several tables: (table, ids, attempt
+        token); the markers' `marked_at`."""
+        now = dt.datetime.now(dt.timezone.utc)
         rows_of = [(table, i, attempt) for table, ids, attempt in per_table for i in ids]
         if not rows_of:
-            return
-        now = dt.datetime.now(dt.timezone.utc)
+            return now
         if self.insert_mode == "insert_all":
             rows = [
                 {"dedup_id": i, "table_name": t, "state": state, "marked_at": now.isoformat(), "attempt": a}
@@ -676,7 +686,7 @@ class BigQueryWarehouse(Warehouse):
             self.insert_all.insert(
                 markers.api, MARKERS_TABLE, self.insert_all.chunks(rows, row_ids, [len(i) + 200 for _, i, _ in rows_of])
             )
-            return
+            return now
         n = len(rows_of)
         batch = pa.RecordBatch.from_arrays(
             [
@@ -690,6 +700,7 @@ class BigQueryWarehouse(Warehouse):
         )
         requests, _ = split_rows(batch)
         self.writer.append(markers.default_stream, MARKERS_TABLE, requests)
+        return now
 
     def _remember_done(self, ids: Iterable[str]) -> None:
         with self._done_lock:

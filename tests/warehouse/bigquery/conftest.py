@@ -42,3 +42,18 @@ def wh(settings) -> Iterator[BigQueryWarehouse]:
     w = BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES)
     yield w
     w.close()
+
+
+@pytest.fixture
+def other_replica(settings, monkeypatch) -> Iterator[BigQueryWarehouse]:
+    """A second warehouse on the same dataset, as another subscriber replica has. The
+    process-wide per-table locks are per process: two replicas don't share them."""
+    import threading
+
+    from app.warehouse.bigquery import warehouse as bq_warehouse
+    from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES
+
+    monkeypatch.setattr(bq_warehouse, "_table_lock", lambda key: threading.Lock())
+    w = BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES)
+    yield w
+    w.close()

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from app.warehouse.bigquery import BigQueryWarehouse
 
 
 def ids(wh: BigQueryWarehouse, table: str) -> list[int]:
     _, rows = wh.query(f"SELECT id FROM `{wh.dataset}.{table}`")
     return sorted(r[0] for r in rows)
+
+
+def pause_before_first_dml(wh: BigQueryWarehouse, meanwhile: Callable[[], object]) -> None:
+    """`wh`'s next DML job reaches BigQuery only after `meanwhile` ran: a replica paused
+    (or its job queued) between its claim and its DML, while another replica went on."""
+    real = wh.queries.dml
+    ran: list[bool] = []
+
+    def late(sql: str, params: list, job_id: str, what: str) -> int:
+        if not ran:
+            ran.append(True)
+            meanwhile()
+        return real(sql, params, job_id, what)
+
+    wh.queries.dml = late  # type: ignore[method-assign]

@@ -25,9 +25,9 @@ def test_many_tables_share_one_lookup_one_intent_write_and_one_done_write(wh, mo
     marker_writes: list[tuple[str, int]] = []
     real = wh._write_markers
 
-    def counted(markers: Any, per_table: list, state: str) -> None:
+    def counted(markers: Any, per_table: list, state: str) -> Any:
         marker_writes.append((state, len(per_table)))
-        real(markers, per_table, state)
+        return real(markers, per_table, state)
 
     monkeypatch.setattr(wh, "_write_markers", counted)
     queries, writes = wh.api_calls["query"], wh.api_calls["write"]

@@ -12,8 +12,9 @@ import pytest
 from app.warehouse.base import TransientWarehouseError
 
 
+from app.warehouse.bigquery.queries import INTENT
 from tests.support.builders import dele, env, ins
-from tests.warehouse.bigquery.support import ids
+from tests.warehouse.bigquery.support import ids, pause_before_first_dml
 
 
 def test_deletes_are_one_parameterized_dml_job(wh, monkeypatch) -> None:
@@ -48,10 +49,11 @@ def test_deletes_are_one_parameterized_dml_job(wh, monkeypatch) -> None:
     assert sql == (
         f"DELETE FROM `{wh.project}.{wh.dataset}.del` WHERE "
         "(_PARTITIONTIME IS NULL OR _PARTITIONTIME >= TIMESTAMP '1970-01-01') AND "  # every partition: see queries.py
-        "((`name` = @p0 AND `team` IS NULL) OR (`id` = @p1) OR (`team` = @p2))"
-    )
+        "((`name` = @p0 AND `team` IS NULL) OR (`id` = @p1) OR (`team` = @p2)) AND NOT EXISTS (SELECT 1 FROM "
+        f"`{wh.project}.{wh.dataset}._ingest_markers` AS fence"  # fenced: see OwnerFence
+    ) + sql[sql.index(" WHERE fence.table_name"):]
     assert evil not in sql
-    assert [(p.name, p.type_, p.value) for p in cfg.query_parameters] == [
+    assert [(p.name, p.type_, p.value) for p in cfg.query_parameters[:3]] == [
         ("p0", "STRING", evil),
         ("p1", "INT64", 1),
         ("p2", "STRING", "b"),
@@ -76,10 +78,10 @@ def test_unfinished_delete_on_a_missing_table_retries_as_a_noop(wh, monkeypatch)
     e = env(t, dele(t, [("id", "integer")], [1]))
     real = wh._write_markers
 
-    def lose_completion(markers: Any, per_table: list, state: str) -> None:
+    def lose_completion(markers: Any, per_table: list, state: str) -> Any:
         if state == "done":
             raise TransientWarehouseError("simulated: completion marker lost")
-        real(markers, per_table, state)
+        return real(markers, per_table, state)
 
     monkeypatch.setattr(wh, "_write_markers", lose_completion)
     with pytest.raises(TransientWarehouseError):
@@ -88,3 +90,34 @@ def test_unfinished_delete_on_a_missing_table_retries_as_a_noop(wh, monkeypatch)
     r = wh.apply(t, [e])  # an intent without completion, but no table to clean
     assert r.applied_envelopes == 1 and r.noop_deletes == 1
     assert wh.table_schema(t) is None
+
+
+# A stale attempt's DML that reaches BigQuery late (a replica paused after its claim, or a
+# job queued behind others) runs after a newer attempt claimed and applied the same ids.
+# Fenced in the statement (OwnerFence), it changes nothing; its apply then stops.
+
+
+def test_a_stale_attempts_late_clean_up_leaves_the_newer_attempts_rows(wh, other_replica) -> None:
+    t = "fenced_clean"
+    cols = [("id", "integer")]
+    wh.apply(t, [env(t, ins(t, cols, [0]))])
+    e = env(t, ins(t, cols, [1]), ins(t, cols, [2]))
+    # an attempt that crashed after its intent: whoever gets `e` next cleans up after it
+    wh._write_markers(wh.schemas.ensure_markers(), [(t, [e.dedup_id], "crashed")], INTENT)
+    pause_before_first_dml(wh, lambda: other_replica.apply(t, [e]))
+    with pytest.raises(TransientWarehouseError, match="newer attempt"):
+        wh.apply(t, [e])
+    assert ids(wh, t) == [0, 1, 2]  # the other replica's rows, once
+    assert other_replica.apply(t, [e]).skipped_duplicates == 1
+
+
+def test_a_stale_attempts_late_delete_leaves_rows_written_after_it(wh, other_replica) -> None:
+    t = "fenced_delete"
+    cols = [("id", "integer"), ("name", "string")]
+    wh.apply(t, [env(t, ins(t, cols, [1, "x"]))])
+    e = env(t, dele(t, [("name", "string")], ["x"]))
+    later = env(t, ins(t, cols, [2, "x"]))
+    pause_before_first_dml(wh, lambda: (other_replica.apply(t, [e]), other_replica.apply(t, [later])))
+    with pytest.raises(TransientWarehouseError, match="newer attempt"):
+        wh.apply(t, [e])
+    assert ids(wh, t) == [2]  # deleted once, by the owner; the later row stays

@@ -6,6 +6,7 @@ Over the wire against bqemulator (fixtures in conftest.py).
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -13,10 +14,12 @@ import pytest
 from app.warehouse import plan as planner
 from app.warehouse.base import Envelope, TransientWarehouseError
 from app.warehouse.bigquery import BigQueryWarehouse
+from app.warehouse.bigquery.queries import OwnerFence
 from app.warehouse.bigquery.schema import TableRef
 from app.warehouse.bigquery.types import TypeMapper
 from app.warehouse.bigquery.upsert import merge_sql, upsert_statements
 from tests.support.builders import env, ins, ups
+from tests.warehouse.bigquery.support import pause_before_first_dml
 
 COLS = [("id", "integer"), ("v", "string")]
 
@@ -34,10 +37,10 @@ def test_redelivery_after_a_crash_past_the_merge_leaves_each_key_once_with_its_l
         first.apply(t, [env(t, ups(t, COLS, [1, "a"], ["id"]))])
         real = first._write_markers
 
-        def crash_before_completion(markers: Any, per_table: list, state: str) -> None:
+        def crash_before_completion(markers: Any, per_table: list, state: str) -> Any:
             if state == "done":
                 raise SystemExit("crash")
-            real(markers, per_table, state)
+            return real(markers, per_table, state)
 
         first._write_markers = crash_before_completion  # type: ignore[method-assign]
         with pytest.raises(SystemExit):
@@ -88,14 +91,15 @@ def test_a_table_keyed_after_inserts_records_its_key_without_declaring_it(wh) ->
     assert rows(wh, t) == [(1, "a"), (1, "b"), (2, "c")]
 
 
-def test_a_superseded_attempt_runs_no_merge(wh, monkeypatch) -> None:
+def test_a_stale_attempts_late_merge_puts_back_nothing(wh, other_replica) -> None:
     t = "fenced"
     wh.apply(t, [env(t, ups(t, COLS, [1, "a"], ["id"]))])
-    dml_before = wh.api_calls["dml"]
-    monkeypatch.setattr(wh.queries, "not_owned", lambda markers, wanted: set(wanted))
+    e = env(t, ups(t, COLS, [1, "old"], ["id"]))
+    later = env(t, ups(t, COLS, [1, "new"], ["id"]))
+    pause_before_first_dml(wh, lambda: (other_replica.apply(t, [e]), other_replica.apply(t, [later])))
     with pytest.raises(TransientWarehouseError, match="newer attempt"):
-        wh.apply(t, [env(t, ups(t, COLS, [1, "stale"], ["id"]))])
-    assert wh.api_calls["dml"] == dml_before and rows(wh, t) == [(1, "a")]
+        wh.apply(t, [e])
+    assert rows(wh, t) == [(1, "new")]
 
 
 def test_every_value_is_bound_and_a_run_keeps_the_last_row_per_key() -> None:
@@ -107,8 +111,11 @@ def test_every_value_is_bound_and_a_run_keeps_the_last_row_per_key() -> None:
     )
     [step] = [s for s in plan.steps if isinstance(s, planner.UpsertRows)]
     ref = TableRef("p", "d", "t")
-    [(sql, params)] = upsert_statements(ref, step, TypeMapper(), partitioned=True)
-    assert sql == merge_sql(ref, step, TypeMapper(), partitioned=True) and "secret" not in sql
+    fence = OwnerFence(TableRef("p", "d", "_ingest_markers"), "t", ("id1",), "attempt", dt.datetime.now(dt.timezone.utc))
+    [(sql, params)] = upsert_statements(ref, step, TypeMapper(), fence, partitioned=True)
+    assert sql == merge_sql(ref, step, TypeMapper(), fence, partitioned=True) and "secret" not in sql
     assert "_PARTITIONTIME" in sql  # a table requiring a partition filter takes it
-    [rows_param] = params
+    assert sql.count(fence.sql()) == 2  # both actions fenced
+    rows_param, *fence_params = params
+    assert fence_params == fence.params()
     assert [(row.struct_values["c0"], row.struct_values["c1"]) for row in rows_param.values] == [(1, "secret-b")]

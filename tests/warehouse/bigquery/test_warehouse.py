@@ -48,12 +48,12 @@ def test_failure_after_rows_committed_is_retried_without_duplicates(wh, monkeypa
     real = wh._write_markers
     calls = {"done": 0}
 
-    def flaky(markers: Any, per_table: list, state: str) -> None:
+    def flaky(markers: Any, per_table: list, state: str) -> Any:
         if state == "done":
             calls["done"] += 1
             if calls["done"] == 1:
                 raise TransientWarehouseError("simulated: completion marker lost")
-        real(markers, per_table, state)
+        return real(markers, per_table, state)
 
     monkeypatch.setattr(wh, "_write_markers", flaky)
     with pytest.raises(TransientWarehouseError):
@@ -76,10 +76,10 @@ def test_redelivery_after_crash_no_duplicates_without_trusting_delivery_attempt(
         first.apply(t, [env(t, ins(t, cols, [0, "z"]))])
         real = first._write_markers
 
-        def crash_before_completion(markers: Any, per_table: list, state: str) -> None:
+        def crash_before_completion(markers: Any, per_table: list, state: str) -> Any:
             if state == "done":
                 raise SystemExit("crash")
-            real(markers, per_table, state)
+            return real(markers, per_table, state)
 
         first._write_markers = crash_before_completion  # type: ignore[method-assign]
         with pytest.raises(SystemExit):
