@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
-from app.broker.local import LocalBroker
-from app.messages.codec import encode_batch
 from app.messages.deadletters import DeadLetterStore
-from app.pipeline.admin import AdminServer
 from app.pipeline.freshness import Freshness
 from app.pipeline.subscriber import Subscriber
-from app.schema.activity import Activity
 from app.settings import Settings
-from app.warehouse import open_warehouse
 from tests.support.memory_broker import MemoryBroker
 from tests.support.memory_warehouse import MemoryWarehouse
-from tests.support.processes import free_port
-from tests.support.subscribers import running, wait_until
+from tests.support.subscribers import admin_url, local_pipeline, publish_one, running, wait_until
 
 
 def _samples(url: str) -> list:
@@ -32,22 +24,10 @@ def _value(samples: list, name: str, **labels: str) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def _publish(broker, table: str, batch_id: str) -> None:
-    messages = encode_batch([Activity("insert", table, ["n"], ["integer"], [1])], batch_id)
-    asyncio.run(broker.publish(messages, batch_id=batch_id))
-
-
 def test_an_apply_sets_the_tables_last_applied_time_and_observes_its_lag_from_the_brokers_publish_time(tmp_path):
-    settings = Settings(data_dir=tmp_path)
-    broker, warehouse, store = LocalBroker(settings), open_warehouse(settings), DeadLetterStore(settings.dead_letter_file)
-    subscriber = Subscriber(settings, broker, warehouse, store)
-    port = free_port()
-    admin = AdminServer(subscriber, "127.0.0.1", port)
-    admin.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with local_pipeline(Settings(data_dir=tmp_path)) as (broker, _, _, subscriber), admin_url(subscriber) as url:
         before = _samples(url)
-        _publish(broker, "fresh_t", "batch1")
+        publish_one(broker, "fresh_t", "batch1")
         [pulled] = broker.pull(10, 0)
         published = pulled.published_at
         broker.nack([pulled], 0.0)
@@ -55,11 +35,6 @@ def test_an_apply_sets_the_tables_last_applied_time_and_observes_its_lag_from_th
         with running(subscriber):
             wait_until(lambda: subscriber.totals.messages_acked == 1, "the message to be applied and acked")
         after = _samples(url)
-    finally:
-        admin.stop()
-        broker.close()
-        warehouse.close()
-        store.close()
     assert _value(after, "warehouse_table_last_applied_timestamp_seconds", table="fresh_t") >= published
     lag_count = "pipeline_end_to_end_lag_seconds_count"
     assert _value(after, lag_count) - _value(before, lag_count) == 1
@@ -74,13 +49,8 @@ def test_readyz_names_the_tables_whose_oldest_held_message_waits_longer_than_lag
     subscriber.freshness.clock = lambda: now
     # what the scheduler holds (its own report is the next test's)
     subscriber.scheduler.oldest_published = lambda: {"late_t": now - 90, "prompt_t": now - 30}  # type: ignore[method-assign]
-    port = free_port()
-    admin = AdminServer(subscriber, "127.0.0.1", port)
-    admin.start()
-    try:
-        r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
-    finally:
-        admin.stop()
+    with admin_url(subscriber) as url:
+        r = httpx.get(url + "/readyz", timeout=10)
     assert r.status_code == 200, r.text  # behind is said, not failed
     assert r.json()["tables_behind"] == {"late_t": 90.0}
 
@@ -89,9 +59,9 @@ def test_the_scheduler_reports_each_held_tables_oldest_publish_time():
     broker = MemoryBroker()
     settings = Settings()
     subscriber = Subscriber(settings, broker, MemoryWarehouse(), None)  # type: ignore[arg-type]
-    _publish(broker, "a", "batch1")
-    _publish(broker, "a", "batch2")
-    _publish(broker, "b", "batch3")
+    publish_one(broker, "a", "batch1")
+    publish_one(broker, "a", "batch2")
+    publish_one(broker, "b", "batch3")
     messages = broker.pull(10, 0)
     subscriber._dispatch(messages, subscriber.scheduler.begin_pull())
     first_of = {}

@@ -16,13 +16,11 @@ import pytest
 from app.broker.local import LocalBroker
 from app.messages.codec import encode_batch, new_batch_id
 from app.messages.deadletters import DeadLetterStore
-from app.pipeline.admin import AdminServer
 from app.pipeline.subscriber import Subscriber
 from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.duckdb import DuckDBWarehouse
-from tests.support.subscribers import running, wait_until
-from tests.support.processes import free_port
+from tests.support.subscribers import admin_url, running, wait_until
 
 
 def _file(description: str) -> str:
@@ -66,16 +64,10 @@ def test_a_changed_file_gives_the_next_table_created_its_new_options(started):
 
 def test_a_broken_change_keeps_the_last_good_version_and_readyz_and_the_log_say_so(started, caplog):
     path, broker, warehouse, subscriber = started
-    port = free_port()
-    admin = AdminServer(subscriber, "127.0.0.1", port)
-    admin.start()
-    try:
-        with running(subscriber), caplog.at_level(logging.WARNING, logger="app.contracts"):
-            path.write_text('[tables."t_*"]\ndescription = 42\n')
-            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
-            _land(broker, subscriber, "t_c")
-    finally:
-        admin.stop()
+    with admin_url(subscriber) as url, running(subscriber), caplog.at_level(logging.WARNING, logger="app.contracts"):
+        path.write_text('[tables."t_*"]\ndescription = 42\n')
+        ready = httpx.get(url + "/readyz", timeout=10)
+        _land(broker, subscriber, "t_c")
     assert ready.status_code == 200
     shown = ready.json()["tables_file"]
     assert shown["ok"] is False and "description must be a string" in shown["problem"] and ":2:" in shown["problem"]
@@ -85,17 +77,11 @@ def test_a_broken_change_keeps_the_last_good_version_and_readyz_and_the_log_say_
 
 def test_tables_apply_through_the_admin_port_uses_the_file_in_force(started):
     path, broker, warehouse, subscriber = started
-    port = free_port()
-    admin = AdminServer(subscriber, "127.0.0.1", port)
-    admin.start()
-    try:
-        with running(subscriber):
-            _land(broker, subscriber, "t_a")
-            path.write_text(_file("second, applied"))
-            first = httpx.post(f"http://127.0.0.1:{port}/table-options", json={}, timeout=10)
-            again = httpx.post(f"http://127.0.0.1:{port}/table-options", json={}, timeout=10)
-    finally:
-        admin.stop()
+    with admin_url(subscriber) as url, running(subscriber):
+        _land(broker, subscriber, "t_a")
+        path.write_text(_file("second, applied"))
+        first = httpx.post(url + "/table-options", json={}, timeout=10)
+        again = httpx.post(url + "/table-options", json={}, timeout=10)
     assert first.json()["lines"] == ["t_a: description: 'first' -> 'second, applied'"]
     assert again.json()["lines"] == ["t_a: unchanged"]
     assert _description(subscriber, "t_a") == "second, applied"

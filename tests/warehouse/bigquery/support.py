@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import pytest
+
+from app.settings import Settings
+from app.warehouse.base import Envelope
 from app.warehouse.bigquery import BigQueryWarehouse
 
 
@@ -25,3 +29,23 @@ def pause_before_first_dml(wh: BigQueryWarehouse, meanwhile: Callable[[], object
         return real(sql, params, job_id, what)
 
     wh.queries.dml = late  # type: ignore[method-assign]
+
+
+def crash_before_done(settings: Settings, table: str, setup: Envelope, crashing: Envelope) -> None:
+    """A process that applies `setup`, then dies applying `crashing` after writing its
+    data but before its `done` markers."""
+    first = BigQueryWarehouse(settings)
+    try:
+        first.apply(table, [setup])
+        real = first._write_markers
+
+        def crash_before_completion(markers: Any, per_table: list, state: str) -> Any:
+            if state == "done":
+                raise SystemExit("crash")
+            return real(markers, per_table, state)
+
+        first._write_markers = crash_before_completion  # type: ignore[method-assign]
+        with pytest.raises(SystemExit):
+            first.apply(table, [crashing])
+    finally:
+        first.close()

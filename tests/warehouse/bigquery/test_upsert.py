@@ -19,7 +19,7 @@ from app.warehouse.bigquery.schema import TableRef
 from app.warehouse.bigquery.types import TypeMapper
 from app.warehouse.bigquery.upsert import merge_sql, upsert_statements
 from tests.support.builders import env, ins, ups
-from tests.warehouse.bigquery.support import pause_before_first_dml
+from tests.warehouse.bigquery.support import crash_before_done, pause_before_first_dml
 
 COLS = [("id", "integer"), ("v", "string")]
 
@@ -31,22 +31,8 @@ def rows(wh: BigQueryWarehouse, table: str) -> list[tuple]:
 
 def test_redelivery_after_a_crash_past_the_merge_leaves_each_key_once_with_its_last_value(settings) -> None:
     t = "crash"
-    first = BigQueryWarehouse(settings)
     e = env(t, ups(t, COLS, [1, "b"], ["id"]), ups(t, COLS, [2, "c"], ["id"]), ups(t, COLS, [2, "d"], ["id"]))
-    try:
-        first.apply(t, [env(t, ups(t, COLS, [1, "a"], ["id"]))])
-        real = first._write_markers
-
-        def crash_before_completion(markers: Any, per_table: list, state: str) -> Any:
-            if state == "done":
-                raise SystemExit("crash")
-            return real(markers, per_table, state)
-
-        first._write_markers = crash_before_completion  # type: ignore[method-assign]
-        with pytest.raises(SystemExit):
-            first.apply(t, [e])
-    finally:
-        first.close()
+    crash_before_done(settings, t, env(t, ups(t, COLS, [1, "a"], ["id"])), e)
     second = BigQueryWarehouse(settings)  # a new process gets the redelivery
     try:
         assert rows(second, t) == [(1, "b"), (2, "d")]  # the MERGE ran, its completion was lost

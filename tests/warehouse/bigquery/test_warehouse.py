@@ -15,7 +15,7 @@ from app.warehouse.bigquery import DEDUP_COLUMN, BigQueryWarehouse
 
 
 from tests.support.builders import dele, env, ins
-from tests.warehouse.bigquery.support import ids
+from tests.warehouse.bigquery.support import crash_before_done, ids
 
 
 def test_ready_reports_missing_dataset(wh) -> None:
@@ -70,22 +70,8 @@ def test_failure_after_rows_committed_is_retried_without_duplicates(wh, monkeypa
 def test_redelivery_after_crash_no_duplicates_without_trusting_delivery_attempt(settings) -> None:
     t = "crash"
     cols = [("id", "integer"), ("k", "string")]
-    first = BigQueryWarehouse(settings)
     e = env(t, ins(t, cols, [1, "a"]), ins(t, cols, [2, "b"]))
-    try:
-        first.apply(t, [env(t, ins(t, cols, [0, "z"]))])
-        real = first._write_markers
-
-        def crash_before_completion(markers: Any, per_table: list, state: str) -> Any:
-            if state == "done":
-                raise SystemExit("crash")
-            return real(markers, per_table, state)
-
-        first._write_markers = crash_before_completion  # type: ignore[method-assign]
-        with pytest.raises(SystemExit):
-            first.apply(t, [e])
-    finally:
-        first.close()
+    crash_before_done(settings, t, env(t, ins(t, cols, [0, "z"])), e)
     second = BigQueryWarehouse(settings)  # a new process gets the redelivery
     try:
         assert ids(second, t) == [0, 1, 2]
