@@ -111,6 +111,35 @@ def test_a_new_column_is_refused_by_appendrows_with_schema_mismatch_extra_fields
     assert "note" in detail.error_message and detail.entity == stream
 
 
+def test_a_committed_pending_stream_says_so_and_refuses_a_second_commit_as_google_does(bq, emu):
+    import pyarrow as pa
+    from google.cloud.bigquery_storage_v1 import BigQueryWriteClient, types
+    from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
+
+    client, rest, writes, lag, dataset = bq
+    parent = f"projects/{emu.project}/datasets/{dataset}/tables/t"
+    writer = BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=grpc.insecure_channel(writes.address)))
+    stream = writer.create_write_stream(parent=parent, write_stream=types.WriteStream(type_=types.WriteStream.Type.PENDING))
+    schema = pa.schema([("id", pa.int64())])
+    batch = pa.RecordBatch.from_arrays([pa.array([7])], schema=schema)
+    request = types.AppendRowsRequest(write_stream=stream.name, arrow_rows=types.AppendRowsRequest.ArrowData(
+        writer_schema=types.ArrowSchema(serialized_schema=schema.serialize().to_pybytes()),
+        rows=types.ArrowRecordBatch(serialized_record_batch=batch.serialize().to_pybytes())))  # fmt: skip
+    next(iter(writer.append_rows(iter([request]), metadata=(("x-goog-request-params", f"write_stream={stream.name}"),))))
+    writer.finalize_write_stream(name=stream.name)
+    assert not writer.get_write_stream(name=stream.name).commit_time  # PENDING, not committed: empty
+    commit = types.BatchCommitWriteStreamsRequest(parent=parent, write_streams=[stream.name])
+    first = writer.batch_commit_write_streams(request=commit)
+    assert first.commit_time and not first.stream_errors
+    assert writer.get_write_stream(name=stream.name).commit_time == first.commit_time
+    again = writer.batch_commit_write_streams(request=commit)
+    assert not again.commit_time
+    assert [(e.code, e.entity) for e in again.stream_errors] == [
+        (types.StorageError.StorageErrorCode.STREAM_ALREADY_COMMITTED, stream.name)
+    ]
+    assert [r.id for r in client.query_and_wait(f"SELECT id FROM `{dataset}.t`")] == [7]  # once
+
+
 @pytest.fixture
 def pubsub():
     from google.cloud import pubsub_v1

@@ -354,6 +354,7 @@ class BigQueryWarehouse(Warehouse):
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
             # an earlier attempt's DML job may still run: it ends before anything is cleaned or rewritten
             self.client.settle_jobs(table_job_prefix(job.ref), f"earlier attempts in {job.ref.table}")
+            self.writer.settle(job.ref.table)  # and a commit of theirs whose outcome is unknown
             self._clean_unfinished(job.ref, state, unfinished, fence)
         return _Staged(todo_ids, plan, writes, oversized, fence.attempt)
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+from google.api_core import exceptions as gexc
+from google.api_core import retry as retries
 from google.api_core.future import polling
 from google.cloud.bigquery_storage_v1 import types as storage_types
 from google.cloud.bigquery_storage_v1.writer import AppendRowsStream
@@ -44,6 +46,17 @@ MAX_REQUEST_BYTES = 9 * 1024 * 1024  # below AppendRows' 10 MB, leaving room for
 REQUEST_OVERHEAD_BYTES = 2048  # stream name, field tags, trace id
 APPEND_TIMEOUT_SECONDS = 60.0  # one append: a free connection, its open and every answer
 IDLE_SECONDS = 60.0  # a connection unused this long is closed
+SETTLE_PAUSE_SECONDS = 0.5  # between reads of a stream whose commit's outcome is unknown
+# Commit refusals after which the stream can never be committed (all rows left out).
+_NEVER_COMMITS = {
+    storage_types.StorageError.StorageErrorCode.STREAM_NOT_FOUND,
+    storage_types.StorageError.StorageErrorCode.INVALID_STREAM_STATE,
+    storage_types.StorageError.StorageErrorCode.INVALID_STREAM_TYPE,
+}
+# The unary Write calls' retry, bounded by our deadline: the library's default retries
+# DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED and UNAVAILABLE for up to 600 s
+# (bigquery_storage_v1 big_query_write transports/base.py), past any deadline of ours.
+_TRANSIENT = retries.if_exception_type(gexc.DeadlineExceeded, gexc.ResourceExhausted, gexc.ServiceUnavailable)
 # AppendRowsFuture polls for its result; poll briefly instead of the 1 s default step.
 _RESULT_POLLING = polling.DEFAULT_POLLING.with_delay(initial=0.001, maximum=0.02, multiplier=1.5)
 
@@ -118,6 +131,8 @@ class StorageWriter:
         self.pool = ConnectionPool(connections, idle_seconds=idle_seconds, close=_close_quietly)
         self.streams_created = 0  # PENDING streams (bench, docs: against the CreateWriteStream quota)
         self._created_lock = threading.Lock()
+        self._unsettled: dict[str, StagedStream] = {}  # stream name -> a commit whose outcome is unknown
+        self._unsettled_lock = threading.Lock()
 
     def stage(self, parent: str, table: str, requests: list[ArrowRequest]) -> StagedStream | None:
         """`requests` on a PENDING stream of their own, finalized, not committed yet.
@@ -134,28 +149,94 @@ class StorageWriter:
         pending = storage_types.WriteStream(type_=storage_types.WriteStream.Type.PENDING)
         stream = self.client.call(
             "write_stream", f"creating a write stream for {table}", write.create_write_stream,
-            parent=parent, write_stream=pending, timeout=_remaining(deadline),
+            parent=parent, write_stream=pending, **_within(deadline),
         )  # fmt: skip
         with self._created_lock:
             self.streams_created += 1
         self._append(stream.name, table, requests, deadline, keep=False)
         self.client.call(
             "write_stream", f"finalizing the write stream of {table}", write.finalize_write_stream,
-            name=stream.name, timeout=_remaining(deadline),
+            name=stream.name, **_within(deadline),
         )  # fmt: skip
         return StagedStream(parent, table, stream.name, deadline)
 
     def commit(self, staged: StagedStream) -> None:
-        """Make a staged stream's rows visible, all at once (BatchCommitWriteStreams)."""
-        what = f"committing the write stream of {staged.table}"
+        """Make a staged stream's rows visible, all at once (BatchCommitWriteStreams).
+
+        A commit whose answer is lost (our deadline, a dropped connection) may still be
+        applied by Google later; after a retry had cleaned up and rewritten the rows, it
+        would add them a second time. So its outcome is settled before anything else
+        happens: the stream itself says whether it is committed (GetWriteStream: "If the
+        stream is of PENDING type, empty commit_time means it is not committed",
+        google.cloud.bigquery_storage_v1.types.WriteStream), and if not, we commit it
+        again: a stream commits once, and a second commit is answered
+        `STREAM_ALREADY_COMMITTED` (StorageError.StorageErrorCode). Either way the stream
+        ends committed exactly once, or refused for good (`INVALID_STREAM_STATE`: expired).
+        A commit still unsettled at our deadline fails the apply, and the stream is
+        settled before the table's next clean-up (`settle`).
+        """
+        with self._unsettled_lock:
+            self._unsettled[staged.name] = staged
+        try:
+            outcome = self._commit_once(staged)
+        except TransientWarehouseError:
+            outcome = None  # unknown: the request may still be applied
+        if outcome is None:
+            outcome = self._settle_one(staged, time.monotonic() + self.timeout)
+        if outcome is not None:  # known: nothing of it can land later
+            with self._unsettled_lock:
+                self._unsettled.pop(staged.name, None)
+        if not outcome:
+            raise TransientWarehouseError(f"BigQuery refused the commit of the write stream of {staged.table}")
+
+    def settle(self, table: str) -> None:
+        """Settle the commits of `table` left unknown by an earlier apply, before its
+        rows are cleaned up and rewritten; raises while one stays unknown."""
+        with self._unsettled_lock:
+            waiting = [s for s in self._unsettled.values() if s.table == table]
+        for staged in waiting:
+            if self._settle_one(staged, time.monotonic() + self.timeout) is None:
+                raise TransientWarehouseError(f"BigQuery: the outcome of a commit to {table} is still unknown")
+            with self._unsettled_lock:
+                self._unsettled.pop(staged.name, None)
+
+    def _settle_one(self, staged: StagedStream, deadline: float) -> bool | None:
+        """Ask the stream, commit it again if needed, until the outcome is known:
+        committed (True), refused for good (False), or None at `deadline`."""
+        write = self.client.write_client()
+        while time.monotonic() < deadline:
+            try:
+                stream = self.client.call(
+                    "write_stream", f"reading the write stream of {staged.table}", write.get_write_stream,
+                    name=staged.name, **_within(deadline),
+                )  # fmt: skip
+                if stream.commit_time:
+                    return True
+                outcome = self._commit_once(staged, deadline)
+                if outcome is not None:
+                    return outcome
+            except TransientWarehouseError:
+                time.sleep(min(SETTLE_PAUSE_SECONDS, _remaining(deadline)))
+        return None
+
+    def _commit_once(self, staged: StagedStream, deadline: float | None = None) -> bool | None:
+        """One BatchCommitWriteStreams of `staged` (not retried here: `_settle_one` asks
+        the stream first): True when it is committed (now or before), False when refused
+        for good, None when Google's answer says neither."""
         committed = self.client.call(
-            "write_stream", what, self.client.write_client().batch_commit_write_streams,
+            "write_stream", f"committing the write stream of {staged.table}",
+            self.client.write_client().batch_commit_write_streams,
             request=storage_types.BatchCommitWriteStreamsRequest(parent=staged.parent, write_streams=[staged.name]),
-            timeout=_remaining(staged.deadline),
+            retry=None, timeout=_remaining(staged.deadline if deadline is None else deadline),
         )  # fmt: skip
-        if committed.stream_errors or not committed.commit_time:
-            # nothing of the stream is visible: a retry writes a new one
-            raise TransientWarehouseError(f"BigQuery {what}: refused {list(committed.stream_errors)[:3]}")
+        if committed.commit_time and not committed.stream_errors:
+            return True
+        codes = {e.code for e in committed.stream_errors}
+        if codes == {storage_types.StorageError.StorageErrorCode.STREAM_ALREADY_COMMITTED}:
+            return True
+        if codes & _NEVER_COMMITS:
+            return False
+        return None
 
     def append(
         self, stream_name: str, table: str, requests: list[ArrowRequest], timeout: float | None = None
@@ -220,6 +301,12 @@ class StorageWriter:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _within(deadline: float) -> dict[str, Any]:
+    """A unary Write call's `retry` and `timeout`, both ending at `deadline`."""
+    left = _remaining(deadline)
+    return {"retry": retries.Retry(predicate=_TRANSIENT, initial=0.1, maximum=1.0, timeout=left), "timeout": left}
 
 
 def _remaining(deadline: float) -> float:

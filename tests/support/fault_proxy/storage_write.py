@@ -66,10 +66,14 @@ class SchemaVisibility:
 
 
 class StorageWriteFaults:
-    """AppendRows with Google's schema-update lag; every other Write method is forwarded."""
+    """AppendRows with Google's schema-update lag, and commits as Google answers them
+    (`commits.CommitShape`); every other Write method is forwarded."""
 
     def __init__(self, visibility: SchemaVisibility) -> None:
+        from tests.support.fault_proxy.commits import CommitShape  # it uses abort_like, below
+
         self.visibility = visibility
+        self.commits = CommitShape()
         self.rejected: Counter[str] = Counter()  # table -> appends refused for a hidden column
         self.requests = 0  # AppendRows requests seen
         self.streams = 0  # AppendRows calls (connections) opened
@@ -105,7 +109,7 @@ class StorageWriteFaults:
         def append_rows(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             yield from self._append_rows(channel, metadata(context), requests, context)
 
-        return {APPEND_ROWS: grpc.stream_stream_rpc_method_handler(append_rows)}
+        return {APPEND_ROWS: grpc.stream_stream_rpc_method_handler(append_rows), **self.commits.handlers(channel, metadata)}
 
     def _append_rows(self, channel: grpc.Channel, md: list, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         from google.cloud.bigquery_storage_v1 import types

@@ -197,3 +197,44 @@ def test_tables_apply_concurrently_sharing_the_markers_connection(wh) -> None:
         assert ids(wh, t) == [0, 1, 2, 3, 4]
     _, rows = wh.query(f"SELECT state, COUNT(*) FROM `{wh.dataset}.{MARKERS_TABLE}` GROUP BY state ORDER BY state")
     assert rows == [("done", 20), ("intent", 20)]
+
+
+def _apply_until_done(wh: BigQueryWarehouse, table: str, envelopes: list[Envelope]) -> int:
+    """Retry transient failures as the subscriber does; how many failed."""
+    for failed in range(50):
+        try:
+            wh.apply(table, envelopes)
+            return failed
+        except TransientWarehouseError:
+            continue
+    pytest.fail("the apply never succeeded")
+
+
+def test_a_commit_whose_answer_is_lost_and_that_lands_later_adds_its_rows_once(settings) -> None:
+    """Issue 16, appends exactly once: a BatchCommitWriteStreams past our deadline may
+    still be applied. Without settling it, the retry's clean-up ran before it landed and
+    its rows came in a second time, next to the retry's."""
+    from tests.support.bqemulator import EMULATOR_TYPE_OVERRIDES
+    from tests.support.fault_proxy import GrpcProxy, SchemaVisibility, StorageWriteFaults
+    from tests.support.processes import wait_until
+
+    faults = StorageWriteFaults(SchemaVisibility())
+    t = "late_commit"
+    cols = [("id", "integer")]
+    with GrpcProxy(settings.bigquery_emulator_grpc_host, storage_write=faults) as proxy:
+        through = settings.model_copy(
+            update={"bigquery_emulator_grpc_host": proxy.address, "bigquery_write_timeout_seconds": 1.0}
+        )
+        wh = BigQueryWarehouse(through, type_overrides=EMULATOR_TYPE_OVERRIDES)
+        try:
+            wh.apply(t, [env(t, ins(t, cols, [0]))])
+            # every commit try (the client library's own retries, ours) held past our deadline
+            faults.commits.hold(t, seconds=3.0, window=2.5)
+            # our deadline holds (the library alone would retry the commit for 600 s) ...
+            assert _apply_until_done(wh, t, [env(t, ins(t, cols, [1]), ins(t, cols, [2]))]) > 0
+            wait_until(lambda: faults.commits.held and not faults.commits.holding, timeout=60, interval=0.1,
+                       what="the held commits to land")  # fmt: skip
+            # ... and the held commits, landed after the apply, added nothing
+            assert ids(wh, t) == [0, 1, 2]
+        finally:
+            wh.close()
