@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import Any, Awaitable, Callable, Iterable
 
 from app import metrics
 from app.api.errors import error_response
+from app.messages.ids import random_hex_id
 from app.logs import batch_id_var, log_event, request_id_var, trace_id_var
 
 log = logging.getLogger("app.api")
@@ -43,7 +43,7 @@ def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str:
             if _REQUEST_ID_OK.match(candidate):
                 return candidate
             break
-    return os.urandom(16).hex()  # 32 hex digits like uuid4().hex, a fifth of the cost
+    return random_hex_id()  # 32 hex digits like uuid4().hex, without a system call per id
 
 
 class RequestContextMiddleware:

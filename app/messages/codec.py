@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import struct
 from typing import Sequence
 
@@ -64,6 +63,7 @@ from app.schema.activity import OPERATIONS, Activity
 from app.schema.columnar import ActivityRun, field_name, runs_of
 from app.schema.types import TYPES
 from app.messages.envelope import Envelope
+from app.messages.ids import random_hex_id
 
 FORMAT_VERSION = 2
 JSON_FORMAT_VERSION = 1
@@ -101,7 +101,7 @@ def new_batch_id(idempotency_key: str | None, request_fingerprint: str | None = 
     (The local broker answers that case with 409 before anything is published.)
     """
     if idempotency_key is None:
-        return os.urandom(16).hex()  # 128 random bits, as uuid4().hex but cheaper on the hot path
+        return random_hex_id()  # 128 random bits, as uuid4().hex, without a system call per id
     seed = f"{idempotency_key}\n{request_fingerprint or ''}"
     return hashlib.sha256(seed.encode()).hexdigest()[:32]
 

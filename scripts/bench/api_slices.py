@@ -44,7 +44,9 @@ def main() -> None:
             port = harness.free_port()
             env = {**harness.base_env(tmp / name.replace(":", "-")), "API_PORT": str(port),
                    "PYTHONPATH": str(tree)}
-            servers[name] = harness.start(name.replace(":", "-"), [str(tree / ".venv/bin/python"), "-m", "app", "api"],
+            # -P: without it `-m` puts the working directory (this tree) first on sys.path,
+            # and every server ran this tree's app whatever its PYTHONPATH said.
+            servers[name] = harness.start(name.replace(":", "-"), [str(tree / ".venv/bin/python"), "-P", "-m", "app", "api"],
                                           env, port, tmp / "logs")
         for server in servers.values():
             harness.run_wrk(server.url, body, 32, 1)  # warm-up

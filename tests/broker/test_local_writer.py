@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,44 @@ def test_a_failing_row_late_in_a_big_request_refuses_all_of_it(broker):
     assert isinstance(results[0], BrokerUnavailable)
     assert all(r.message_count == 1 for r in results[1:])
     assert sorted(datas(broker.pull(1000, timeout=5))) == [f"ok{i}" for i in range(5)]
+
+
+def test_requests_of_one_loop_iteration_are_committed_as_one_group(broker, monkeypatch):
+    """Handed over per loop iteration: the writer never starts on the first of a burst alone."""
+    groups: list[int] = []
+    real = GroupCommitWriter._commit_group
+
+    def recording(self, group):
+        groups.append(len(group))
+        return real(self, group)
+
+    monkeypatch.setattr(GroupCommitWriter, "_commit_group", recording)
+
+    async def publish_after_blocking_work(i: int):
+        # Work that lets go of the GIL between publishes (as reading and validating a body
+        # does): a writer woken by the first request would now commit it alone.
+        time.sleep(0.002)
+        return await broker.publish([msg(f"m{i}")], batch_id=f"b{i}")
+
+    async def run():
+        # gather starts every publish in the same iteration of the loop
+        return await asyncio.gather(*[publish_after_blocking_work(i) for i in range(50)])
+
+    results = asyncio.run(run())
+    assert [r.message_count for r in results] == [1] * 50
+    assert groups == [50]
+    assert count_rows(broker.path) == 50
+
+
+def test_full_queue_counts_staged_requests(broker):
+    """Requests staged in this iteration count against the bound before the writer sees them."""
+    broker.writer.max_queued_requests = 3
+
+    async def run():
+        return await asyncio.gather(
+            *[broker.publish([msg(f"x{i}")], batch_id=f"b{i}") for i in range(10)], return_exceptions=True
+        )
+
+    results = asyncio.run(run())
+    assert [isinstance(r, BrokerUnavailable) for r in results] == [False] * 3 + [True] * 7
+    assert count_rows(broker.path) == 3

@@ -690,6 +690,11 @@ def test_record_refused(value, fragment):
         (b"[0.30000000000000004]", [0.30000000000000004]),
         (b"[1.10000000000000000000035]", [v.JsonNumber("1.10000000000000000000035")]),
         (b"[1e400, 1e-400, 1E+300]", [v.JsonNumber("1e400"), v.JsonNumber("1e-400"), 1e300]),
+        # each exponent form alone (the fast path's scan drops signs before looking for them)
+        (b"[1e-400]", [v.JsonNumber("1e-400")]),
+        (b"[-2E+400]", [v.JsonNumber("-2E+400")]),
+        (b'{"x": [4.9e-324]}', {"x": [v.JsonNumber("4.9e-324")]}),
+        (b"[-0.12345678901234567]", [v.JsonNumber("-0.12345678901234567")]),
         (b'["1234567890123456789"]', ["1234567890123456789"]),  # digits in strings are untouched
     ],
 )

@@ -11,6 +11,12 @@ writable again. The lock wait is short (at most 2 s, at most half the publish ti
 so a file locked by another process answers `BrokerUnavailable` quickly; the queue is
 bounded (requests and bytes) and answers `BrokerUnavailable` when full.
 
+Requests reach the writer once per event-loop iteration, not one by one: a request is staged,
+and the first one staged in an iteration schedules the hand-off (`loop.call_soon`), which moves
+everything staged to the writer's queue with one wake-up. Handed over one by one, the writer
+woke for the first request of a burst and committed it alone while the loop was still
+validating the rest: at 32 connections two groups in three held one request (issue 20).
+
 A request is *claimed* only once the writer holds the write lock; a caller whose publish
 timeout fires before that gets `BrokerUnavailable` and its messages are never written.
 
@@ -181,7 +187,11 @@ class GroupCommitWriter:
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[PublishRequest] = collections.deque()
-        self._queued_bytes = 0
+        # Staged by the callers' loops, not yet visible to the writer (guarded by `_cond`).
+        self._staged: list[PublishRequest] = []
+        # Loops with a hand-off scheduled (per loop: a loop closed early strands only itself).
+        self._handoff_loops: set[asyncio.AbstractEventLoop] = set()
+        self._queued_bytes = 0  # queued and staged
         self._conn: sqlite3.Connection | None = None
         self._last_maintenance = time.monotonic()
         self._last_purge = 0.0
@@ -213,18 +223,37 @@ class GroupCommitWriter:
             timer.cancel()
 
     def _enqueue(self, request: PublishRequest) -> None:
+        """Stage the request; the loop hands the iteration's requests over together (`_hand_off`)."""
         with self._cond:
             if self._closed:
                 raise BrokerUnavailable("local broker is closed")
-            if self._queue and (
-                len(self._queue) >= self.max_queued_requests
-                or self._queued_bytes + request.nbytes > self.max_queued_bytes
+            queued = len(self._queue) + len(self._staged)
+            if queued and (
+                queued >= self.max_queued_requests or self._queued_bytes + request.nbytes > self.max_queued_bytes
             ):
                 raise BrokerUnavailable("local broker queue is full")
-            self._queue.append(request)
+            self._staged.append(request)
             self._queued_bytes += request.nbytes
-            if len(self._queue) == 1:
-                self._cond.notify()
+            if request.loop in self._handoff_loops:
+                return
+            self._handoff_loops.add(request.loop)
+        request.loop.call_soon(self._hand_off, request.loop)
+
+    def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On a caller's loop, after the requests of this iteration: make them the writer's."""
+        with self._cond:
+            self._handoff_loops.discard(loop)
+            self._move_staged()
+
+    def _move_staged(self) -> None:
+        """Under `_cond`: the staged requests join the queue; wake the writer if it was empty."""
+        if not self._staged:
+            return
+        was_empty = not self._queue
+        self._queue.extend(self._staged)
+        self._staged.clear()
+        if was_empty:
+            self._cond.notify()
 
     def close(self) -> None:
         """Refuse new publishes, commit the queued ones, stop the thread."""
@@ -232,6 +261,7 @@ class GroupCommitWriter:
             if self._closed:
                 return
             self._closed = True
+            self._move_staged()  # staged requests are queued ones: they are committed too
             self._cond.notify_all()
         self._thread.join(timeout=self.publish_timeout + 5)
 
