@@ -212,6 +212,13 @@ class Broker(abc.ABC):
         """Messages waiting and the oldest one's age, when `capabilities.reports_backlog`."""
         return None
 
+    def intake_full(self) -> bool:
+        """True while `pull()` can get nothing more because the broker's own hold is full
+        of messages of keys the subscriber already holds (a broker that pulls ahead, with
+        one flow-control window for all keys). The subscriber then hands back what tables
+        waiting for a retry hold, so the other tables' messages can come."""
+        return False
+
     def forward_dead_letters(self, entries: Sequence[tuple[ReceivedMessage, str]]) -> None:
         """Also hand messages that were dead-lettered (with their reasons) to the broker's own
         dead-letter destination, if it has one. The dead-letter store already holds them, so

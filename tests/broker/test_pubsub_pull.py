@@ -483,3 +483,20 @@ def test_a_delivery_whose_receipt_modack_is_refused_is_never_handed_out(client, 
     client.deliver(("m0", "t"), ("m1", "u"))
     assert ids(puller.pull(10, 5.0)) == ["m1"]
     assert puller.pull(10, 0.2) == []
+
+
+def test_intake_is_full_when_the_window_holds_only_keys_the_pipeline_has(client):
+    puller = make_puller(client, pull_max_messages=2)  # a window of 4
+    try:
+        client.deliver(("t0", "t"), ("t1", "t"))
+        client.deliver(("t2", "t"), ("t3", "t"))
+        client.deliver(("u0", "u"))
+        got = puller.pull(2, 5.0)
+        wait_for(lambda: puller._gate.waiting_count == 2)
+        assert ids(got) == ["t0", "t1"] and puller.pull(10, 0.2) == []
+        assert puller.intake_full()  # t2, t3 wait behind the pipeline's t0, t1: u0 stays unread
+        puller.nack(got, delay_seconds=30)  # the pipeline hands its waiting table back
+        assert not puller.intake_full()
+        assert ids(puller.pull(10, 5.0)) == ["u0"]
+    finally:
+        puller.close()

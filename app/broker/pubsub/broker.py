@@ -144,6 +144,9 @@ class PubSubBroker(Broker):
             lambda: client.get_topic(request={"topic": self.topic_path}, timeout=3.0, retry=None),
         )
 
+    def intake_full(self) -> bool:
+        return self._puller.intake_full()
+
     def backlog(self) -> None:
         """Not available cheaply: Pub/Sub's backlog is the Cloud Monitoring metric
         `pubsub.googleapis.com/subscription/num_undelivered_messages`."""

@@ -220,6 +220,14 @@ class Puller:
                     return []
                 self._cond.wait(min(remaining, STREAM_HEALTHY_SECONDS))
 
+    def intake_full(self) -> bool:
+        """The stream is left unread (our hold is full, as is the server's window for this
+        stream) and nothing queued can be handed out: every queued message is of a key the
+        pipeline holds. Only the pipeline can free that window, by settling those keys."""
+        with self._cond:
+            full = self._held() >= self.held_limit or self._gate.waiting_bytes >= HELD_MAX_BYTES
+            return not self._closed and full and not self._gate.has_ready()
+
     def ack(self, messages: Sequence[ReceivedMessage]) -> None:
         ack_ids: list[str] = []
         with self._cond:
