@@ -201,7 +201,8 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
-        """Give these back for redelivery after `delay_seconds`."""
+        """Give these back for redelivery after about `delay_seconds` (a broker may space
+        redeliveries by its own policy instead: Pub/Sub's subscription retry policy)."""
 
     # --- both ---
     @abc.abstractmethod
