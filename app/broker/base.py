@@ -201,7 +201,8 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
-        """Give these back for redelivery after `delay_seconds`."""
+        """Give these back for redelivery after about `delay_seconds` (a broker may space
+        redeliveries by its own policy instead: Pub/Sub's subscription retry policy)."""
 
     # --- both ---
     @abc.abstractmethod
@@ -211,6 +212,13 @@ class Broker(abc.ABC):
     def backlog(self) -> BacklogStats | None:
         """Messages waiting and the oldest one's age, when `capabilities.reports_backlog`."""
         return None
+
+    def intake_full(self) -> bool:
+        """True while `pull()` can get nothing more because the broker's own hold is full
+        of messages of keys the subscriber already holds (a broker that pulls ahead, with
+        one flow-control window for all keys). The subscriber then hands back what tables
+        waiting for a retry hold, so the other tables' messages can come."""
+        return False
 
     def forward_dead_letters(self, entries: Sequence[tuple[ReceivedMessage, str]]) -> None:
         """Also hand messages that were dead-lettered (with their reasons) to the broker's own

@@ -185,6 +185,8 @@ class Subscriber:
                     self.stop_event.wait(1.0)
                     continue
                 if not messages:
+                    if self.broker.intake_full():  # its window is full of keys we hold
+                        self._make_room()
                     continue
                 try:
                     self._dispatch(messages, pull)
@@ -204,8 +206,8 @@ class Subscriber:
         self.stop_event.set()
 
     def _make_room(self) -> None:
-        """Flow control stayed full: hand back what tables waiting for a retry hold, so
-        the other tables' messages can be pulled meanwhile."""
+        """Flow control stayed full (ours, or the broker's intake): hand back what tables
+        waiting for a retry hold, so the other tables' messages can be pulled meanwhile."""
         if self.stop_event.is_set():
             return
         for table, items, delay in self.scheduler.release_waiting(MIN_WAIT_RELEASED_SECONDS):

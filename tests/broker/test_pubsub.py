@@ -123,15 +123,14 @@ def test_nack_redelivers_quickly_and_ack_removes(broker):
         fresh.close()
 
 
-def test_delayed_nack_comes_back_after_the_delay(broker):
+def test_a_nack_with_a_delay_hands_the_message_back_for_redelivery(broker):
+    # Handed back at once whatever the delay: the subscription's retry policy spaces the
+    # redelivery (pstest ignores it; the Google-behaviour gate in test_contract.py does not).
     asyncio.run(broker.publish([msg("t", 0)], batch_id="b"))
     first = pull_until(broker, 1, ack=False)
-    started = time.monotonic()
     broker.nack(first, delay_seconds=3)
-    assert broker.pull(10, 1.5) == []
     again = pull_until(broker, 1, timeout=20, ack=False)
     assert [m.dedup_id for m in again] == ["b:t:0"]
-    assert time.monotonic() - started >= 2.5
     broker.ack(again)
 
 

@@ -21,7 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from app.broker.base import BrokerUnavailable
 from app.broker.pubsub import settle
-from app.broker.pubsub.pull import HELD_MAX_BYTES, Puller
+from app.broker.pubsub.pull import HELD_MAX_BYTES, MAX_RETRY_BACKOFF, Puller
 from app.settings import Settings
 
 SUB = "projects/p/subscriptions/s"
@@ -51,6 +51,8 @@ class FakeSubscriberClient:
         self.heartbeats = 0
         self.reads = 0  # responses the puller has taken off the stream
         self.refuse: dict[str, dict[str, str]] = {"ack": {}, "modack": {}}  # ack id -> ErrorInfo reason
+        self.flow_control = False  # like Google's server: send nothing while max_outstanding_messages are out
+        self.outstanding: set[str] = set()  # delivered ack ids neither acked nor nacked (deadline 0)
         self.lock = threading.Lock()
         self._ack_ids = itertools.count(1)
 
@@ -89,8 +91,15 @@ class FakeSubscriberClient:
         threading.Thread(target=read_requests, daemon=True).start()
         cancelled = threading.Event()
 
+        def full() -> bool:
+            with self.lock:
+                return self.flow_control and len(self.outstanding) >= opening.max_outstanding_messages
+
         def responses():
             while not cancelled.is_set():
+                if full():
+                    time.sleep(0.01)
+                    continue
                 try:
                     answer = self.responses.get(timeout=0.05)
                 except queue.Empty:
@@ -99,6 +108,7 @@ class FakeSubscriberClient:
                     raise answer
                 with self.lock:
                     self.reads += 1
+                    self.outstanding.update(r.ack_id for r in answer)
                 yield SimpleNamespace(received_messages=answer)
 
         return _Stream(responses(), cancelled)
@@ -111,11 +121,14 @@ class FakeSubscriberClient:
     def acknowledge(self, request, timeout):
         with self.lock:
             self.acked.extend(a for a in request["ack_ids"] if a not in self.refuse["ack"])
+            self.outstanding.difference_update(request["ack_ids"])
         self._refused("ack", request["ack_ids"])
 
     def modify_ack_deadline(self, request, timeout):
         with self.lock:
             self.modacks.append((tuple(request["ack_ids"]), request["ack_deadline_seconds"]))
+            if request["ack_deadline_seconds"] == 0:
+                self.outstanding.difference_update(request["ack_ids"])
         self._refused("modack", request["ack_ids"])
 
     def deadlines_of(self, ack_id: str) -> list[int]:
@@ -219,48 +232,72 @@ def test_a_redelivery_of_a_waiting_message_replaces_its_ack_id(client, puller):
     assert (m1.message_id, m1.delivery_attempt, m1.handle.ack_id) == ("m1", 2, new_ack)
 
 
-def test_nack_with_delay_sets_the_deadline_and_gives_back_the_key_s_waiting_messages(client, puller):
+def test_nack_hands_back_at_once_whatever_the_delay_with_the_key_s_waiting_messages(client, puller):
     first = client.deliver(("m0", "t"), ("u0", "u"))
     got = puller.pull(10, 5.0)
     later = client.deliver(("m1", "t"))
     wait_for(lambda: puller._gate.waiting_count == 1)
     t_message = [m for m in got if m.ordering_key == "t"]
     puller.nack(t_message, delay_seconds=7)
-    assert client.modacks[-1] == ((first[0], later[0]), 7)
-    # m1 must not overtake m0, which Pub/Sub redelivers after the delay (with m1).
+    # Deadline 0: no longer outstanding to the stream; the retry policy spaces the redelivery.
+    assert client.modacks[-1] == ((first[0], later[0]), 0)
+    # m1 must not overtake m0, which Pub/Sub redelivers after its backoff (with m1).
     assert puller.pull(10, 0.2) == []
     puller.ack([m for m in got if m.ordering_key == "u"])
 
 
-def test_a_key_s_later_message_never_overtakes_one_handed_back_with_a_delay(client, puller):
+def test_a_key_s_later_message_never_overtakes_one_handed_back(client, puller):
     client.deliver(("m5", "t"), ("m6", "t"))
     m5, m6 = puller.pull(10, 5.0)
     puller.nack([m6], delay_seconds=60)  # m6 handed back (the table held enough), m5 kept
-    # m6 is still outstanding at Pub/Sub, so key affinity sends the key's next message here.
+    # m7 was on its way to this stream before the nack reached Pub/Sub.
     [m7_ack] = client.deliver(("m7", "t"))
     wait_for(lambda: client.deadlines_of(m7_ack))
     puller.ack([m5])
     assert puller.pull(10, 0.3) == []  # m7 must not be applied before m6
-    assert client.deadlines_of(m7_ack)[-1] >= 60  # expires after m6: Pub/Sub redelivers them in order
+    assert client.deadlines_of(m7_ack) == [0]  # handed back at once: Pub/Sub redelivers the key in order
     assert m7_ack not in client.acked
-    # m6's deadline passed: Pub/Sub redelivers the key from m6, in order.
+    # m6's backoff passed: Pub/Sub redelivers the key from m6, in order.
     client.deliver(("m6", "t"), ("m7", "t"))
     assert ids(puller.pull(10, 5.0)) == ["m6", "m7"]
 
 
-def test_a_message_handed_back_at_once_defers_nothing(client, puller):
+def test_the_redelivered_message_ends_the_deferral_of_its_key(client, puller):
     client.deliver(("m0", "t"))
     puller.nack(puller.pull(10, 5.0), delay_seconds=0)
     client.deliver(("m0", "t"), ("m1", "t"))
     assert ids(puller.pull(10, 5.0)) == ["m0", "m1"]
 
 
-def test_nack_delay_is_clamped_to_pub_sub_s_range(client, puller):
-    client.deliver(("a", "k1"), ("b", "k2"))
-    a, b = puller.pull(10, 5.0)
-    puller.nack([a], delay_seconds=10_000)
-    puller.nack([b], delay_seconds=-3)
-    assert client.modacks[-2:] == [((a.handle.ack_id,), 600), ((b.handle.ack_id,), 0)]
+def test_a_deferral_is_forgotten_after_the_longest_retry_backoff(client, puller):
+    client.deliver(("m0", "t"))
+    puller.nack(puller.pull(10, 5.0), delay_seconds=30)
+    puller._deferred["t"].since -= MAX_RETRY_BACKOFF + puller.ack_deadline  # m0 went to another replica
+    client.deliver(("m1", "t"))
+    assert ids(puller.pull(10, 5.0)) == ["m1"]
+
+
+def test_a_waiting_table_s_backlog_never_holds_the_stream_s_flow_control(client):
+    # As Google's server: nothing more is sent while max_outstanding_messages are neither
+    # acked nor nacked. One table waits (its messages handed back with a delay) while its
+    # backlog is 3 x PULL_MAX_MESSAGES; the other table's message must still come.
+    client.flow_control = True
+    puller = make_puller(client, pull_max_messages=2)
+    try:
+        for n in range(3):
+            client.deliver((f"t{2 * n}", "t"), (f"t{2 * n + 1}", "t"))
+        client.deliver(("u0", "u"))
+        handed_out: list[str] = []
+        for _ in range(6):  # the pipeline hands every message of t back: t waits
+            got = puller.pull(10, 2.0)
+            handed_out += ids(got)
+            if not got or "u0" in handed_out:
+                break
+            puller.nack([m for m in got if m.ordering_key == "t"], delay_seconds=30)
+        assert "u0" in handed_out
+        assert [i for i in handed_out if i.startswith("t")] == ["t0", "t1", "t2", "t3"]  # t4, t5 behind them
+    finally:
+        puller.close()
 
 
 def test_messages_without_an_ordering_key_are_never_held_back(client, puller):
@@ -446,3 +483,20 @@ def test_a_delivery_whose_receipt_modack_is_refused_is_never_handed_out(client, 
     client.deliver(("m0", "t"), ("m1", "u"))
     assert ids(puller.pull(10, 5.0)) == ["m1"]
     assert puller.pull(10, 0.2) == []
+
+
+def test_intake_is_full_when_the_window_holds_only_keys_the_pipeline_has(client):
+    puller = make_puller(client, pull_max_messages=2)  # a window of 4
+    try:
+        client.deliver(("t0", "t"), ("t1", "t"))
+        client.deliver(("t2", "t"), ("t3", "t"))
+        client.deliver(("u0", "u"))
+        got = puller.pull(2, 5.0)
+        wait_for(lambda: puller._gate.waiting_count == 2)
+        assert ids(got) == ["t0", "t1"] and puller.pull(10, 0.2) == []
+        assert puller.intake_full()  # t2, t3 wait behind the pipeline's t0, t1: u0 stays unread
+        puller.nack(got, delay_seconds=30)  # the pipeline hands its waiting table back
+        assert not puller.intake_full()
+        assert ids(puller.pull(10, 5.0)) == ["u0"]
+    finally:
+        puller.close()

@@ -73,6 +73,20 @@ def test_a_table_whose_schema_change_is_pending_holds_up_no_other_table(tmp_path
     _landed_once_in_order(o)
 
 
+def test_a_waiting_table_s_backlog_of_many_pulls_holds_up_no_other_table(tmp_path):
+    # PULL_MAX_MESSAGES=2: the stream's max_outstanding_messages is 4, and `pending`'s
+    # backlog is 8 messages (4 x PULL_MAX_MESSAGES). Handed back with a delay held as an ack
+    # deadline, they stayed outstanding and Pub/Sub sent `other` nothing while `pending`
+    # waited; handed back at once, the retry policy spaces their redeliveries instead.
+    o = google_recovery.scenario_schema_pending_other_table_lands(tmp_path, pending_messages=8, PULL_MAX_MESSAGES="2")
+    assert o.data["appends_refused_pending"] > 0, "the write stream never refused the new column"
+    assert o.data["other_landed"] is True, o.data
+    assert o.data["column_hidden_then"] is True and o.data["pending_landed_then"] == 0, o.data
+    assert o.data["redelivery_backoffs"] > 0, o.data
+    assert o.data["notes_landed"] == 16
+    _landed_once_in_order(o)
+
+
 def test_a_table_whose_pending_messages_are_handed_back_keeps_its_order_with_small_pulls(tmp_path):
     # Runs of 2: the pending table's messages arrive while some of them are handed back
     # with a delay (still outstanding at Pub/Sub), and its later ones must wait for them.

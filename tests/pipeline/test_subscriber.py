@@ -179,6 +179,30 @@ def test_when_flow_control_is_full_a_table_waiting_for_a_retry_makes_room(tmp_pa
 
 
 
+def test_when_the_broker_s_intake_is_full_of_a_waiting_table_it_makes_room(tmp_path, store):
+    # Pub/Sub's stream window (max_outstanding_messages) counts what the subscriber holds:
+    # a table waiting for a retry can fill it while our own flow control has room.
+    refused = [True]
+
+    def plan(table, envelopes):
+        if table == "waiting" and refused[0]:
+            refused[0] = False
+            raise TransientWarehouseError("rateLimitExceeded", retry_after=40.0)
+
+    broker = MemoryBroker(redeliver_nacked_at_once=True, one_run_per_key=False, intake_limit=4, max_lease_seconds=600.0)
+    warehouse = MemoryWarehouse(before_apply=plan)
+    held = [m for i in range(4) for m in broker.put_activities(_insert("waiting", i))]
+    settings = _settings(tmp_path, subscriber_max_outstanding_messages=100)
+    with running(Subscriber(settings, broker, warehouse, store)):
+        wait_until(lambda: warehouse.observer.attempts["waiting"] >= 1, "the first, refused apply")
+        other = broker.put_activities(_insert("other", 1))
+        wait_until(lambda: set(other) <= set(broker.acked), "the other table, although the waiting one filled the intake")
+        wait_until(lambda: set(held) <= set(broker.acked), "the waiting table applied after its redelivery")
+    # handed back for the rest of the wait (held in place until then: within the budget)
+    assert {m for m, _ in broker.nacks} == set(held) and all(0 < delay <= 40 for _, delay in broker.nacks)
+    assert _applied_numbers(warehouse, "waiting") == [0, 1, 2, 3] and store.count() == 0
+
+
 def test_a_table_stuck_in_a_schema_change_holds_only_its_share_while_another_table_lands(tmp_path, store):
     # The gate stands for a schema change pending for minutes (the new column not yet
     # writable): the apply of "pending" does not return until the test opens it.

@@ -10,7 +10,9 @@ delivery attempts, backlog, and a dead-letter destination of its own that record
 the pipeline forwards. Two knobs for the subscriber's tests: `one_run_per_key=False`
 hands out a key's later messages while earlier ones are leased (as a synchronous Pub/Sub
 pull may), and `redeliver_nacked_at_once` records the delay asked for in `nacks` but
-does not wait it, so retry paths run quickly.
+does not wait it, so retry paths run quickly. `intake_limit` stands for a broker that
+pulls ahead with one flow-control window (Pub/Sub's StreamingPull): once that many of its
+messages are leased it hands out nothing more and `intake_full()` says so.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ class MemoryBroker(Broker):
         max_lease_seconds: float | None = None,
         max_ack_deadline_seconds: float | None = None,
         redeliver_nacked_at_once: bool = False,
+        intake_limit: int | None = None,
     ) -> None:
+        self.intake_limit = intake_limit
         self.settings = settings or Settings()
         self.stream = stream or MemoryStream()
         self.ack_deadline = float(self.settings.ack_deadline_seconds)
@@ -208,7 +212,13 @@ class MemoryBroker(Broker):
             self.stream.max_leased = max(self.stream.max_leased, self._leased_count(now))
             return received
 
+    def intake_full(self) -> bool:
+        with self.stream.cond:
+            return self.intake_limit is not None and self._leased_count(time.monotonic()) >= self.intake_limit
+
     def _deliverable(self, limit: int, now: float) -> list[_Stored]:
+        if self.intake_limit is not None:
+            limit = min(limit, self.intake_limit - self._leased_count(now))
         out: list[_Stored] = []
         for queue in self.stream.keys.values():
             if self.capabilities.ordered_keys and any(s.leased(now) for s in queue):

@@ -8,6 +8,8 @@ ordering, lease and dead-letter rules the e2e fault tests rely on.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
 import uuid
 
@@ -140,8 +142,8 @@ def test_a_committed_pending_stream_says_so_and_refuses_a_second_commit_as_googl
     assert [r.id for r in client.query_and_wait(f"SELECT id FROM `{dataset}.t`")] == [7]  # once
 
 
-@pytest.fixture
-def pubsub():
+@contextlib.contextmanager
+def _gated_pubsub(retry_policy: dict | None = None, clock=time.monotonic):
     from google.cloud import pubsub_v1
     from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
@@ -149,7 +151,7 @@ def pubsub():
     from tests.support.pstest import running_pstest
 
     with running_pstest() as address:
-        gate = OrderingGate()
+        gate = OrderingGate(clock=clock)
         with GrpcProxy(address, pubsub=gate) as proxy:
             pub = pubsub_v1.PublisherClient(
                 publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True),
@@ -157,15 +159,40 @@ def pubsub():
             sub = pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(proxy.address)))
             pub.create_topic(name="projects/p/topics/t")
             pub.create_topic(name="projects/p/topics/dl")
+            extra = {"retry_policy": retry_policy} if retry_policy else {}
             sub.create_subscription(request={
                 "name": "projects/p/subscriptions/s", "topic": "projects/p/topics/t", "ack_deadline_seconds": 10,
                 "enable_message_ordering": True,
-                "dead_letter_policy": {"dead_letter_topic": "projects/p/topics/dl", "max_delivery_attempts": 5}})  # fmt: skip
+                "dead_letter_policy": {"dead_letter_topic": "projects/p/topics/dl", "max_delivery_attempts": 5}, **extra})  # fmt: skip
             for f in [pub.publish("projects/p/topics/t", f"{k}{i}".encode(), ordering_key=k) for i in range(8) for k in "ab"]:
                 f.result()
-            yield gate, sub
+            yield gate, sub, pub
             sub.close()
             pub.stop()
+        gate.close()
+
+
+@pytest.fixture
+def pubsub():
+    with _gated_pubsub() as (gate, sub, _):
+        yield gate, sub
+
+
+class _Clock:
+    """The gate's time, moved on by the test (no test waits for a backoff)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def retrying():
+    clock = _Clock()
+    with _gated_pubsub({"minimum_backoff": {"seconds": 10}, "maximum_backoff": {"seconds": 30}}, clock) as (gate, sub, pub):
+        yield gate, sub, pub, clock
 
 
 def _pull(sub) -> list:
@@ -219,3 +246,84 @@ def test_acking_a_later_message_of_a_key_before_an_earlier_one_is_recorded(pubsu
     assert gate.violations == []
     sub.acknowledge(subscription="projects/p/subscriptions/s", ack_ids=[a[5].ack_id])
     assert len(gate.violations) == 1 and a[5].message.message_id in gate.violations[0]
+
+
+def _nack(sub, msgs) -> None:
+    sub.modify_ack_deadline(subscription="projects/p/subscriptions/s", ack_ids=[m.ack_id for m in msgs], ack_deadline_seconds=0)
+
+
+def _ack(sub, msgs) -> None:
+    sub.acknowledge(subscription="projects/p/subscriptions/s", ack_ids=[m.ack_id for m in msgs])
+
+
+def test_without_a_retry_policy_a_nacked_message_comes_back_at_once(pubsub):
+    gate, sub = pubsub
+    first = _pull(sub)
+    _nack(sub, first)
+    assert sorted(_data(_pull(sub))) == sorted(_data(first)) and gate.backoffs == 0
+
+
+def test_a_nacked_message_waits_out_the_retry_policy_s_backoff_and_its_key_waits_behind_it(retrying):
+    gate, sub, _, clock = retrying
+    first = _pull(sub)
+    a = [m for m in first if m.message.ordering_key == "a"]
+    _ack(sub, a[:3])
+    _ack(sub, [m for m in first if m.message.ordering_key == "b"])
+    _nack(sub, [a[3]])  # a3 backs off 10 s; a4..a7 were outstanding and come back behind it
+    assert _pull(sub) == []
+    clock.now += 9
+    assert _pull(sub) == []
+    clock.now += 1
+    again = _pull(sub)
+    assert _data(again) == [f"a{i}" for i in range(3, 8)]
+    _nack(sub, again[:1])  # a3's second nack: 20 s (exponential), a4..a7 behind it again
+    clock.now += 19
+    assert _pull(sub) == []
+    clock.now += 1
+    third = _pull(sub)
+    assert _data(third) == [f"a{i}" for i in range(3, 8)]
+    _nack(sub, third[:1])  # third nack: 40 s, capped at the policy's maximum of 30 s
+    clock.now += 30
+    assert _data(_pull(sub)) == [f"a{i}" for i in range(3, 8)]
+    assert gate.backoffs == 3 and gate.violations == []
+
+
+def test_an_expired_lease_backs_off_too_and_other_keys_flow_meanwhile(retrying):
+    gate, sub, pub, clock = retrying
+    first = _pull(sub)
+    _ack(sub, [m for m in first if m.message.ordering_key == "b"])
+    clock.now += 10  # a's leases run out: a0 (and a1..a7 behind it) back off 10 s
+    pub.publish("projects/p/topics/t", b"c0", ordering_key="c").result()
+    assert _data(_pull(sub)) == ["c0"]
+    clock.now += 10
+    assert _data(_pull(sub)) == [f"a{i}" for i in range(8)]
+    assert gate.expired >= 1 and gate.backoffs >= 1
+
+
+def test_a_stream_is_sent_nothing_while_max_outstanding_messages_are_leased(retrying):
+    from google.pubsub_v1 import types as t
+
+    gate, sub, _, clock = retrying
+    requests: queue.Queue = queue.Queue()
+    requests.put(t.StreamingPullRequest(subscription="projects/p/subscriptions/s", stream_ack_deadline_seconds=60,
+                                        max_outstanding_messages=4, client_id="c"))  # fmt: skip
+
+    def send():
+        while (r := requests.get()) is not None:
+            yield r
+
+    responses = iter(sub.streaming_pull(requests=send()))
+    try:
+        got = list(next(responses).received_messages)
+        assert len(got) == 4 and {m.message.ordering_key for m in got} == {"a"}
+        # A longer deadline keeps them outstanding: the stream stays full (a4.. and b wait).
+        requests.put(t.StreamingPullRequest(modify_deadline_ack_ids=[m.ack_id for m in got],
+                                            modify_deadline_seconds=[120] * 4))  # fmt: skip
+        # Nacked: no longer outstanding; a backs off and b is the next thing sent.
+        requests.put(t.StreamingPullRequest(modify_deadline_ack_ids=[m.ack_id for m in got],
+                                            modify_deadline_seconds=[0] * 4))  # fmt: skip
+        more = list(next(responses).received_messages)
+        assert {m.message.ordering_key for m in more} == {"b"} and len(more) == 4
+    finally:
+        requests.put(None)
+

@@ -115,8 +115,9 @@ class PubSubBroker(Broker):
             self._puller.ack(messages)
 
     def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
-        """Give back for redelivery after about `delay_seconds` (0..600): the ack deadline
-        is set to the delay, since Pub/Sub has no per-message nack delay."""
+        """Give back for redelivery at once: the subscription's retry policy spaces the
+        redeliveries, not `delay_seconds` (a delay held as an ack deadline would keep the
+        messages outstanding, against the stream's flow control; see `pull`)."""
         if messages:
             self._puller.nack(messages, delay_seconds)
 
@@ -142,6 +143,9 @@ class PubSubBroker(Broker):
             client, self.topic_path, "pubsub.topics.publish",
             lambda: client.get_topic(request={"topic": self.topic_path}, timeout=3.0, retry=None),
         )
+
+    def intake_full(self) -> bool:
+        return self._puller.intake_full()
 
     def backlog(self) -> None:
         """Not available cheaply: Pub/Sub's backlog is the Cloud Monitoring metric

@@ -34,25 +34,33 @@ extension means the lease is lost: the message is dropped if still queued, or ma
 `lease_lost` for the pipeline, which hands it back instead of applying it. An apply
 already running cannot be stopped from here; fencing it is the warehouse's job.
 
-`pull()` hands out queued messages of keys the pipeline holds none of. `nack(delay)` sets
-the ack deadline to the delay: Pub/Sub has no per-message nack delay, a message whose
-deadline passes is redelivered (https://cloud.google.com/pubsub/docs/lease-management
-and ModifyAckDeadline in https://cloud.google.com/pubsub/docs/reference/rpc/google.pubsub.v1).
-A nack also gives back the queued messages of the same key, since Pub/Sub redelivers
-them after the nacked one anyway.
+`pull()` hands out queued messages of keys the pipeline holds none of. `nack()` hands
+messages back at once (ModifyAckDeadline 0), whatever delay the pipeline asked for: a
+message given back with a longer deadline stays outstanding to this stream and counts
+against its flow control ("The service will stop delivering messages if this many
+messages or more have neither been acknowledged nor rejected": MaxOutstandingMessagesOption
+in https://cloud.google.com/cpp/docs/reference/pubsub/latest/structgoogle_1_1cloud_1_1pubsub_1_1MaxOutstandingMessagesOption;
+https://cloud.google.com/pubsub/docs/flow-control), so one waiting table's backlog would
+stop every other table. The subscription's retry policy spaces the redeliveries instead
+(exponential backoff between RETRY_MIN/MAX_BACKOFF_SECONDS, "triggered on NACKs or
+acknowledgment deadline exceeded events": RetryPolicy in
+https://cloud.google.com/pubsub/docs/reference/rpc/google.pubsub.v1 and
+https://cloud.google.com/pubsub/docs/handling-failures). A nack also gives back the
+queued messages of the same key, since Pub/Sub redelivers them after the nacked one
+anyway (https://cloud.google.com/pubsub/docs/ordering).
 
-A message handed back with a delay stays outstanding until its deadline passes, and
-meanwhile key affinity keeps sending that key's later messages to this stream. Handed
-out, one of them would be applied and acked before the handed-back one comes again. So
-the key is *deferred* until a handed-back message of it is redelivered: a later message
-that arrives meanwhile is given the same deadline (never shorter, so it expires after
-the earlier ones and Pub/Sub redelivers the key in order) and never reaches the pipeline.
+Order: a later message of a handed-back key may already be on its way to this stream
+(sent before the nack reached Pub/Sub). Handed out, it would be applied and acked before
+the handed-back one comes again. So the key is *deferred* until a handed-back message of
+it is redelivered: a later message that arrives meanwhile is handed back at once too and
+never reaches the pipeline; Pub/Sub redelivers the key from its earliest unacked message,
+in order. A deferral is forgotten after the longest retry backoff (600 s) and an ack
+deadline, in case the redelivery went to another replica.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -77,14 +85,15 @@ STREAM_HEALTHY_SECONDS = 2.0  # a stream open this long without failing clears t
 HELD_MAX_BYTES = 256 * 1024 * 1024  # pulled and not yet acked, across all keys
 PULL_MAX_BYTES = 64 * 1024 * 1024  # handed out by one pull() (always at least one message)
 ERROR_BACKOFF_MAX = 5.0
+MAX_RETRY_BACKOFF = 600  # RetryPolicy.maximum_backoff's upper bound: a nacked message is back by then
 
 
 @dataclass(slots=True)
 class _Deferral:
-    """A key's messages handed back with a delay: until one of them is delivered again
-    (or `until` is well past), later messages of the key are handed back as well."""
+    """A key's messages handed back: until one of them is delivered again (or `since` is
+    long past), later messages of the key are handed back as well."""
 
-    until: float
+    since: float
     ids: set[str] = field(default_factory=set)
 
 
@@ -128,7 +137,7 @@ class Puller:
         self._cond = threading.Condition()
         self._gate = KeyGate()
         self._out: dict[int, Lease] = {}  # id(lease) -> lease handed to the pipeline
-        self._deferred: dict[str, _Deferral] = {}  # ordering key -> its messages handed back with a delay
+        self._deferred: dict[str, _Deferral] = {}  # ordering key -> its messages handed back
         self._error: BaseException | None = None  # of the last stream, None after a good one
         self._stream_since: float | None = None  # when the current stream was opened
         self._requests: _Requests | None = None
@@ -211,6 +220,14 @@ class Puller:
                     return []
                 self._cond.wait(min(remaining, STREAM_HEALTHY_SECONDS))
 
+    def intake_full(self) -> bool:
+        """The stream is left unread (our hold is full, as is the server's window for this
+        stream) and nothing queued can be handed out: every queued message is of a key the
+        pipeline holds. Only the pipeline can free that window, by settling those keys."""
+        with self._cond:
+            full = self._held() >= self.held_limit or self._gate.waiting_bytes >= HELD_MAX_BYTES
+            return not self._closed and full and not self._gate.has_ready()
+
     def ack(self, messages: Sequence[ReceivedMessage]) -> None:
         ack_ids: list[str] = []
         with self._cond:
@@ -229,8 +246,9 @@ class Puller:
             log.warning("pubsub refused %d of %d ack(s); those messages will be redelivered: %s",
                         len(failed), len(ack_ids), sorted(set(failed.values())))
 
-    def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float) -> None:
-        delay = int(min(max(delay_seconds, 0.0), MAX_ACK_DEADLINE) + 0.5)
+    def nack(self, messages: Sequence[ReceivedMessage], delay_seconds: float = 0.0) -> None:
+        """Hand back at once; `delay_seconds` is left to the subscription's retry policy
+        (see the module docstring: a longer deadline would hold flow control)."""
         ack_ids: list[str] = []
         with self._cond:
             by_key: dict[str, list[str]] = {}
@@ -241,25 +259,25 @@ class Puller:
             for key, message_ids in by_key.items():
                 waiting = self._gate.pop_key(key)
                 ack_ids.extend(lease.ack_id for lease in waiting)
-                if delay > 0:
-                    self._defer(key, message_ids + [lease.message.message_id for lease in waiting], delay)
+                self._defer(key, message_ids + [lease.message.message_id for lease in waiting])
             self._cond.notify_all()
         try:
             # A refused nack is harmless: that delivery is no longer ours, it comes back anyway.
-            settle("nack", lambda ids: self._modack(ids, delay), ack_ids)
+            settle("nack", lambda ids: self._modack(ids, 0), ack_ids)
         except CallFailed as exc:  # they come back once their current deadline passes
             raise BrokerUnavailable(f"pubsub nack of {len(ack_ids)} message(s) failed: {exc}") from exc
 
-    def _defer(self, key: str, message_ids: list[str], delay: int) -> None:
+    def _defer(self, key: str, message_ids: list[str]) -> None:
         deferral = self._deferred.setdefault(key, _Deferral(0.0))
-        deferral.until = max(deferral.until, time.monotonic() + delay)
+        deferral.since = time.monotonic()
         deferral.ids.update(message_ids)
 
     def _split_deferred(self, leases: list[Lease], now: float) -> tuple[list[Lease], list[Lease]]:
         """(to queue, to hand back): a deferred key's later messages go back, in arrival
         order, until a message handed back earlier arrives again (Pub/Sub redelivers the
-        key from there, in order). A deferral is forgotten an ack deadline after its end."""
-        for key in [k for k, d in self._deferred.items() if now >= d.until + self.ack_deadline]:
+        key from there, in order)."""
+        forget_after = MAX_RETRY_BACKOFF + self.ack_deadline
+        for key in [k for k, d in self._deferred.items() if now >= d.since + forget_after]:
             del self._deferred[key]
         keep: list[Lease] = []
         back: list[Lease] = []
@@ -348,10 +366,9 @@ class Puller:
         leases = [self._lease(r, now) for r in sorted(received, key=_publish_time)]
         with self._cond:
             leases, deferred = self._split_deferred(leases, now)
-            until = max((self._deferred[k].until for k in {d.message.ordering_key for d in deferred}), default=now)
-        if deferred:  # at least as long as the earlier ones of their key: they expire after them
-            seconds = min(math.ceil(until - now) + 1, MAX_ACK_DEADLINE)
-            self._modack_quietly([lease.ack_id for lease in deferred], seconds, "defer")
+        # Behind a handed-back message of their key: back at once, so that they neither
+        # hold flow control nor overtake it (Pub/Sub redelivers the key in order).
+        self._modack_quietly([lease.ack_id for lease in deferred], 0, "defer")
         if not leases:
             return
         # From the stream's ack deadline to ours, before anything else; with exactly-once

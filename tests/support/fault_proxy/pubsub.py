@@ -36,11 +36,22 @@ messages leased from pstest meanwhile (re-extended to 600 s, acked upstream on a
   `CloudPubSubDeadLetterSource*` attributes) and the message is acked; listed in
   `dead_lettered`.
 
-Messages with no ordering key are delivered as they come. Not simulated: the
-subscription's retry policy (a nacked message comes back at once, the strict case for
-attempt counting). StreamingPull honours the
-stream's `max_outstanding_messages`. Messages are sequenced by pstest's message ids
-("m<N>", increasing per publish).
+- Retry policy (RetryPolicy in https://cloud.google.com/pubsub/docs/reference/rpc/google.pubsub.v1,
+  https://cloud.google.com/pubsub/docs/handling-failures): pstest redelivers a nacked
+  message at once. When the subscription has a retry policy, a message that is nacked or
+  whose lease expires is not redelivered before an exponential backoff,
+  `minimum_backoff * 2^(deliveries - 1)` capped at `maximum_backoff`; with ordering, its
+  key's later messages wait behind it. Without a retry policy, redelivery is immediate
+  (Google's default).
+- Flow control (StreamingPull's `max_outstanding_messages`; "The service will stop
+  delivering messages if this many messages or more have neither been acknowledged nor
+  rejected", MaxOutstandingMessagesOption in Google's C++ client reference): a stream is
+  sent nothing while that many of its deliveries are leased; a nacked one no longer counts,
+  one given a longer deadline still does.
+
+Messages with no ordering key are delivered as they come. Messages are sequenced by
+pstest's message ids ("m<N>", increasing per publish). `clock` (default `time.monotonic`)
+is the gate's time for leases and backoffs, so a test can move it on.
 """
 
 from __future__ import annotations
@@ -70,6 +81,7 @@ class _Message:
     message: Any  # google.pubsub_v1.types.PubsubMessage
     upstream_ack_id: str
     deliveries: int = 0
+    not_before: float = 0.0  # the retry policy's backoff: not redelivered before this
 
 
 @dataclass
@@ -89,6 +101,8 @@ class _Subscription:
     dead_letter_topic: str | None
     max_attempts: int
     exactly_once: bool = False
+    min_backoff: float | None = None  # the retry policy's; None: immediate redelivery
+    max_backoff: float = 600.0
     pending: dict[str, list[_Message]] = field(default_factory=dict)  # key -> waiting, in order
     leases: dict[str, _Lease] = field(default_factory=dict)  # our ack id -> lease
     held: dict[str, _Message] = field(default_factory=dict)  # message id -> message (pending or leased)
@@ -96,7 +110,8 @@ class _Subscription:
 
 class OrderingGate:
     def __init__(self, *, expire_leases_after: float | None = None, expiring_leases: int | None = None,
-                 key_affinity: bool = True) -> None:
+                 key_affinity: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.expire_leases_after = expire_leases_after
         self.key_affinity = key_affinity  # for unary Pull (streams always have it, as documented)
         self.served_across = 0  # deliveries of a key while earlier ones were outstanding to another subscriber
@@ -107,6 +122,7 @@ class OrderingGate:
         self.late_acks = 0  # acks dropped because the lease had expired
         self.expired = 0  # leases that ran out (message redelivered)
         self.nacked = 0
+        self.backoffs = 0  # messages given back and held for the retry policy's backoff
         self.deliveries = 0
         self.max_messages_per_key_per_pull = 0
         self.violations: list[str] = []  # a message acked while an earlier one of its key is unacked
@@ -174,6 +190,11 @@ class OrderingGate:
             dead_letter_topic=policy.dead_letter_topic or None, max_attempts=policy.max_delivery_attempts or 5,
             exactly_once=bool(info.enable_exactly_once_delivery),
         )  # fmt: skip
+        if "retry_policy" in info:  # unset: Google redelivers at once
+            retry = info.retry_policy
+            # Google's defaults: 10 s and 600 s (RetryPolicy in google/pubsub/v1/pubsub.proto)
+            sub.min_backoff = _seconds(retry.minimum_backoff, 10.0)
+            sub.max_backoff = _seconds(retry.maximum_backoff, 600.0)
         with self._lock:
             return self._subs.setdefault(name, sub)
 
@@ -210,10 +231,15 @@ class OrderingGate:
         for ack_id, lease in list(sub.leases.items()):
             if ack_id in sub.leases and now >= lease.deadline:
                 self.expired += 1
-                self._return(sub, lease.msg)
+                self._return(sub, lease.msg, now)
 
-    def _return(self, sub: _Subscription, msg: _Message) -> None:
-        """Give `msg` back, with every later outstanding message of its key (redelivered in order)."""
+    def _return(self, sub: _Subscription, msg: _Message, now: float) -> None:
+        """Give `msg` back, with every later outstanding message of its key (redelivered in
+        order, after `msg`'s backoff)."""
+        if sub.min_backoff is not None:
+            backoff = sub.min_backoff * 2 ** max(msg.deliveries - 1, 0)
+            msg.not_before = now + min(backoff, sub.max_backoff)
+            self.backoffs += 1
         back = [
             (a, lease) for a, lease in sub.leases.items()
             if lease.msg is msg or (msg.key and lease.msg.key == msg.key and lease.msg.seq > msg.seq)
@@ -246,7 +272,7 @@ class OrderingGate:
         from google.pubsub_v1 import types as t
 
         self._refill(sub)
-        now = time.monotonic()
+        now = self.clock()
         out: list[Any] = []
         dead: list[_Message] = []
         with self._lock:
@@ -262,8 +288,15 @@ class OrderingGate:
                     self.served_across += 1
                 queue = sub.pending[key]
                 taken = 0
-                while queue and len(out) < limit:
-                    msg = queue.pop(0)
+                i = 0
+                while i < len(queue) and len(out) < limit:
+                    msg = queue[i]
+                    if msg.not_before > now:  # backing off
+                        if key:
+                            break  # ordering: the key's later messages wait behind it
+                        i += 1
+                        continue
+                    queue.pop(i)
                     if sub.dead_letter_topic and msg.deliveries >= sub.max_attempts:
                         dead.append(msg)
                         del sub.held[msg.message_id]
@@ -313,7 +346,7 @@ class OrderingGate:
         """Ack what is leased; return the ack ids exactly-once delivery refuses."""
         from google.pubsub_v1 import types as t
 
-        now = time.monotonic()
+        now = self.clock()
         done: list[str] = []
         acked: list[_Message] = []
         refused: list[str] = []
@@ -339,7 +372,7 @@ class OrderingGate:
 
     def _modack(self, sub: _Subscription, ack_ids: list[str], seconds: float) -> list[str]:
         """Modify what is leased; return the ack ids exactly-once delivery refuses."""
-        now = time.monotonic()
+        now = self.clock()
         refused: list[str] = []
         with self._lock:
             self._expire(sub, now)
@@ -351,7 +384,7 @@ class OrderingGate:
                     continue
                 if seconds <= 0:
                     self.nacked += 1
-                    self._return(sub, lease.msg)
+                    self._return(sub, lease.msg, now)
                 else:
                     lease.deadline = _capped(now + seconds, lease.cap)
         return refused
@@ -470,6 +503,12 @@ def _sequence(message: Any) -> tuple[int, str]:
     mid = message.message_id
     digits = mid.lstrip("m")
     return (int(digits) if digits.isdigit() else 0, mid)
+
+
+def _seconds(duration: Any, default: float) -> float:
+    """A protobuf Duration as proto-plus hands it out (a timedelta); unset: `default`."""
+    seconds = duration.total_seconds() if duration is not None else 0.0
+    return float(seconds) if seconds > 0 else default
 
 
 def _capped(deadline: float, cap: float | None) -> float:

@@ -199,4 +199,5 @@ def scenario_schema_pending_other_table_lands(tmp: Path, lag_seconds: float = 35
         notes = g.query(f"SELECT count(*) FROM {g.table(pending)} WHERE note IS NOT NULL") or [(0,)]
         out.data["notes_landed"] = int(notes[0][0])
         out.data["appends_refused_pending"] = g.storage_write.rejected.get(pending, 0)
+        out.data["redelivery_backoffs"] = g.gate.backoffs  # handed back, spaced by the retry policy
         return _google_outcome(out, g, [pending, other], expected)
