@@ -64,6 +64,10 @@ contract = {columns = "freeze", types = "discard_value"}
 columns = {id = "integer"}
 contract = {columns = "evolve", types = "discard_row"}
 
+[tables.prices]
+columns = {id = "integer", amount = "numeric"}
+contract = "freeze"
+
 [tables.widen_evolve]
 columns = {id = "integer"}
 contract = "evolve"
@@ -159,7 +163,10 @@ CASES: list[Case] = [
     ], "cols_row", ("id",), [(2,)], absent_columns=("extra",)),
     Case("columns-discard_value", [
         Step([act("cols_value", ["id", "extra"], ["integer", "string"], [1, "x"]), act("cols_value", *ID, [2])],
-             dropped=(("cols_value", "extra", 1),)),
+             dropped=(("cols_value", "extra", 1),), settle=("cols_value", 2)),
+        # a delete is never trimmed (dropping a condition would delete more): quarantined
+        Step([act("cols_value", ["id", "extra"], ["integer", "string"], [1, "x"], op="delete")],
+             quarantined=((0, "columns", "extra"),)),
     ], "cols_value", ("id",), [(1,), (2,)], absent_columns=("extra",)),
     # types: a declared column sent with another type
     Case("types-evolve", [  # evolve keeps the declared type: refused as under freeze
@@ -195,6 +202,11 @@ CASES: list[Case] = [
         Step([act("widen_evolve", ["id", "score"], ["integer", "float"], [2, 2.5]),
               act("widen_evolve", ["id", "score"], ["integer", "integer"], [3, 4])]),
     ], "widen_evolve", ("id", "score"), [(1, 7.0), (2, 2.5), (3, 4.0)], types={"id": "integer", "score": "float"}),
+    Case("types-narrower-than-declared", [  # an integer for a numeric column is taken as numeric
+        Step([act("prices", ["id", "amount"], ["integer", "integer"], [1, 12])], settle=("prices", 1)),
+        Step([act("prices", ["id", "amount"], ["integer", "numeric"], [2, "0.1"]),
+              act("prices", ["id", "amount"], ["integer", "integer"], [3, 7])]),
+    ], "prices", ("id", "amount"), [(1, "12"), (2, "0.1"), (3, "7")], types={"id": "integer", "amount": "numeric"}),
     # tables: an undeclared table under new_tables = "refuse", by the defaults' tables mode
     *[Case(f"tables-{mode}", [
         Step([act(f"stranger_{mode}", *ID, [1]), act(f"known_{mode}", ["id", "mode"], ["integer", "string"], [1, mode])],
