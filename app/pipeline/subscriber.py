@@ -391,7 +391,8 @@ class Subscriber:
         with self._tables_file_lock:
             config = self.tables_file.current()
         batch_ids = {h.envelope.dedup_id: h.message.attributes.get("batch_id") or h.envelope.dedup_id for h in batch}
-        envelopes, rest = to_quarantine(config, table, rejections, batch_ids)
+        key_ids = {h.envelope.dedup_id: h.message.attributes.get("key_id") for h in batch}
+        envelopes, rest = to_quarantine(config, table, rejections, batch_ids, key_ids)
         if not envelopes:
             return rejections
         outcome = self._apply([(QUARANTINE_TABLE, envelopes)])[0]

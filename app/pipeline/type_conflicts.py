@@ -23,9 +23,13 @@ from app.warehouse.base import Rejection
 
 
 def to_quarantine(
-    config: TablesConfig | None, table: str, rejections: Sequence[Rejection], batch_ids: dict[str, str]
+    config: TablesConfig | None, table: str, rejections: Sequence[Rejection], batch_ids: dict[str, str],
+    key_ids: dict[str, str | None] | None = None,
 ) -> tuple[list[Envelope], list[Rejection]]:
-    """The quarantine envelopes for the rejections the table's contract quarantines, and the others."""
+    """The quarantine envelopes for the rejections the table's contract quarantines, and the others.
+
+    `batch_ids` and `key_ids` map a message's dedup id to the request's batch id and the
+    API key that sent it (as the edge's quarantine rows carry them)."""
     if config is None or config.settings_for(table).contract.types != "discard_row":
         return [], list(rejections)
     envelopes: list[Envelope] = []
@@ -37,6 +41,7 @@ def to_quarantine(
             rest.append(r)
             continue
         violation = Violation("types", "discard_row", conflict.column, None, str(conflict))
-        row = quarantine_row(r.activity, r.index, violation, batch_ids.get(r.dedup_id, r.dedup_id), received_at)
+        key_id = (key_ids or {}).get(r.dedup_id)
+        row = quarantine_row(r.activity, r.index, violation, batch_ids.get(r.dedup_id, r.dedup_id), received_at, key_id)
         envelopes.append(Envelope(f"{r.dedup_id}:quarantine:{r.index}", QUARANTINE_TABLE, [row]))
     return envelopes, rest

@@ -94,3 +94,11 @@ def test_a_table_whose_pending_messages_are_handed_back_keeps_its_order_with_sma
     assert o.data["appends_refused_pending"] > 0, "the write stream never refused the new column"
     assert o.data["notes_landed"] == 12
     _landed_once_in_order(o)
+
+
+def test_a_widened_column_the_write_stream_still_sees_with_its_old_type_lands_once(tmp_path):
+    o = google_recovery.scenario_widened_type_not_yet_visible(tmp_path)
+    assert o.data["retyped"] == {"score": "INTEGER"} or o.data["retyped"] == {"score": "INT64"}, o.data["retyped"]
+    assert o.data["appends_refused_stale_type"] > 0, "the write stream never refused the widened column"
+    assert o.data["scores"] == [(0, 0.0), (1, 10.0), (2, 20.0), (10, 0.5), (11, 1.5), (12, 2.5), (20, 0.0), (21, 1.0)]
+    _landed_once_in_order(o)

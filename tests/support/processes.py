@@ -108,9 +108,9 @@ class Pipeline:
     def post(self, body: Any, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
         return httpx.post(self.api_url + "/api-log/v1/", json=body, headers=headers, timeout=30, **kw)
 
-    def query(self, sql: str) -> list[tuple]:
+    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
         """Read through the subscriber's admin port (the way `python -m app query` does)."""
-        r = httpx.post(self.admin_url + "/query", json={"sql": sql}, timeout=30)
+        r = httpx.post(self.admin_url + "/query", json={"sql": sql, "params": params or []}, timeout=30)
         assert r.status_code == 200, r.text
         return [tuple(row) for row in r.json()["rows"]]
 

@@ -82,7 +82,9 @@ from app.warehouse.bigquery.schema import (
 )
 from app.warehouse.bigquery.types import TypeMapper, TypeOverrides, positional_param
 from app.warehouse.bigquery.upsert import upsert_statements
+from app.warehouse.bigquery.type_lag import RecentWidenings
 from app.warehouse.bigquery.writer import (
+    ArrowRequest,
     MAX_INSERT_ALL_BYTES,
     InsertAllWriter,
     StagedStream,
@@ -162,6 +164,7 @@ class BigQueryWarehouse(Warehouse):
         self._applier_pool: concurrent.futures.ThreadPoolExecutor | None = None  # tables' writes in parallel
         self._appliers_lock = threading.Lock()
         self.insert_all = InsertAllWriter(self.client)
+        self.recent_widenings = RecentWidenings()
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._done_lock = threading.Lock()
 
@@ -493,10 +496,24 @@ class BigQueryWarehouse(Warehouse):
         requests, sent = payload
         try:
             return self.writer.stage(ref.path, ref.table, requests)
-        except errors.RowsRefusedError as exc:
+        except errors.TerminalWarehouseError as exc:
+            self._wait_for_widened_type(ref, requests, exc)
+            if not isinstance(exc, errors.RowsRefusedError):
+                raise
             sources = sent.sources()
             reasons = {sources[row]: f"BigQuery refused the row: {why}" for row, why in exc.row_errors.items()}
             raise _RowsRefused(reasons) from exc
+
+    def _wait_for_widened_type(self, ref: TableRef, requests: list[ArrowRequest], exc: Exception) -> None:
+        """A refused append that carries a column widened lately: the write stream may
+        still see the old type (type_lag.py), so the table waits instead of dead-lettering."""
+        names = pa.ipc.read_schema(pa.py_buffer(requests[0].schema)).names if requests else []
+        pending = self.recent_widenings.pending(ref.table, names)
+        if pending:
+            raise errors.SchemaPendingError(
+                f"BigQuery write stream of {ref.table} may not see the widened type of {pending} yet: {exc}",
+                retry_after=errors.SCHEMA_PENDING_RETRY_SECONDS,
+            ) from exc
 
     def _run_step(
         self, ref: TableRef, step: int, kind: str, payload: Any, count: int, result: ApplyResult, staged: _Staged
@@ -551,6 +568,7 @@ class BigQueryWarehouse(Warehouse):
                     state = self.schemas.add_columns(ref, state, new_columns)
                 if widened and state is not None:
                     state = self.schemas.widen(ref, widened)
+                    self.recent_widenings.note(ref.table, [name for name, _, _ in widened])
                 if plan.new_key is not None and state is not None and state.schema.key != plan.new_key:
                     state = self.schemas.record_key(ref, state, plan.new_key)  # before any row is upserted
                 return plan, state, create, writes, oversized  # state None: only deletes on a missing table

@@ -27,8 +27,9 @@ query jobs by statement (`statements`, `billable_jobs`: DDL is not billed by byt
 
 With a `SchemaVisibility`, the proxy notes each column added to a table (a
 `tables.patch`/`tables.update` that grows the schema, or an `ALTER TABLE ... ADD
-COLUMN` query) so the Storage Write proxy can keep it hidden from the write stream for a
-while, as Google does.
+COLUMN` query), and each column retyped (`ALTER TABLE ... ALTER COLUMN ... SET DATA TYPE`,
+with the type it had), so the Storage Write proxy can keep the change from the write
+stream for a while, as Google does.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 _ALTER_ADD = re.compile(
     r"ALTER\s+TABLE\s+(?P<ref>[`\w.\-]+)\s+ADD\s+COLUMN\s+(?:IF\s+NOT\s+EXISTS\s+)?`?(?P<col>\w+)`?", re.IGNORECASE
+)
+_ALTER_TYPE = re.compile(
+    r"ALTER\s+TABLE\s+(?P<ref>[`\w.\-]+)\s+ALTER\s+COLUMN\s+`?(?P<col>\w+)`?\s+SET\s+DATA\s+TYPE\b", re.IGNORECASE
 )
 _RUNNING: set[str] = set()  # "http://host:port" of every proxy of this process
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length", "host"}
@@ -266,6 +270,7 @@ class BigQueryRestProxy:
                 return self._fail_job(req, payload, rule.error)
             return _send(req, rule.error.http_status, rule.error.body())
         before = self._columns_before(kind, params, sql)
+        types_before = self._types_before(params, sql)
         headers = {k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP}
         method, full_path = req.command, req.path
 
@@ -293,6 +298,9 @@ class BigQueryRestProxy:
                     self.jobs.note(answer)
             if before is not None:
                 self._note_added_columns(params, before, answer, sql)
+            if types_before and self.schema is not None:
+                for dataset, table, column, old in types_before:
+                    self.schema.type_changed(dataset, table, column, old)
         _send(req, upstream.status, upstream.content, upstream.content_type)
 
     def _fail_job(self, req: BaseHTTPRequestHandler, payload: Any, error: GoogleError) -> None:
@@ -330,11 +338,27 @@ class BigQueryRestProxy:
         return None
 
     def _columns(self, project: str, dataset: str, table: str) -> set[str]:
+        return set(self._column_types(project, dataset, table))
+
+    def _column_types(self, project: str, dataset: str, table: str) -> dict[str, str]:
         path = f"/bigquery/v2/projects/{project}/datasets/{dataset}/tables/{table}"
         r = self.shape.request("GET", path) if self.shape is not None else self._http.get(self.upstream + path)
         if r.status_code != 200:
-            return set()
-        return {f["name"].lower() for f in (r.json().get("schema") or {}).get("fields", [])}
+            return {}
+        return {f["name"].lower(): f.get("type", "") for f in (r.json().get("schema") or {}).get("fields", [])}
+
+    def _types_before(self, params: dict[str, str], sql: str | None) -> list[tuple[str, str, str, str]]:
+        """(dataset, table, column, type before) of each column an ALTER COLUMN ... SET DATA TYPE retypes."""
+        if self.schema is None or not sql:
+            return []
+        out = []
+        for m in _ALTER_TYPE.finditer(sql):
+            ref = m["ref"].strip("`").split(".")
+            if len(ref) >= 2:
+                old = self._column_types(params["project"], ref[-2], ref[-1]).get(m["col"].lower())
+                if old:
+                    out.append((ref[-2], ref[-1], m["col"].lower(), old))
+        return out
 
     def _note_added_columns(self, params: dict[str, str], before: set[str], answer: dict[str, Any], sql: str | None) -> None:
         assert self.schema is not None

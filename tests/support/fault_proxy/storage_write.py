@@ -17,8 +17,16 @@ in the returned rpc Status"; the Java client raises it as
 `Exceptions.SchemaMismatchedException`, as users report:
 https://github.com/memiiso/debezium-server-bigquery/issues/268). The connection stays open.
 
-`SchemaVisibility` records when each column was added (fed by the REST proxy, or armed
-by a test) and hides it for `lag_seconds`; `StorageWriteFaults` serves AppendRows
+A column's type change (`ALTER COLUMN ... SET DATA TYPE`, our type widening) is a schema
+update too, seen as late: until the write stream sees it, it still converts rows to the
+old type, and an append whose Arrow writer schema gives the column the new type (a
+`double` for what it still takes as INT64) is refused. Google documents no StorageError
+code for this; it is modelled as the documented generic refusal: the request's
+`AppendRowsResponse.error` with INVALID_ARGUMENT ("Indicates a malformed request or
+data", same page) and no details, the connection left open.
+
+`SchemaVisibility` records when each column was added or retyped (fed by the REST proxy,
+or armed by a test) and keeps the change from the write stream for `lag_seconds`; `StorageWriteFaults` serves AppendRows
 through the gRPC proxy, answering requests whose writer schema names a hidden column
 with that error and forwarding the others to the emulator on one upstream stream per
 client stream (one request, one response, in order, as AppendRows answers).
@@ -45,6 +53,7 @@ class SchemaVisibility:
     def __init__(self, lag_seconds: float = 0.0) -> None:
         self.lag_seconds = lag_seconds
         self._added: dict[tuple[str, str], dict[str, float]] = {}
+        self._retyped: dict[tuple[str, str], dict[str, tuple[str, float]]] = {}  # column -> (old type, when)
         self._lock = threading.Lock()
 
     def columns_added(self, dataset: str, table: str, columns: set[str] | list[str]) -> None:
@@ -57,6 +66,29 @@ class SchemaVisibility:
     def added(self, dataset: str, table: str) -> set[str]:
         with self._lock:
             return set(self._added.get((dataset, table.lower()), {}))
+
+    def type_changed(self, dataset: str, table: str, column: str, old_type: str) -> None:
+        """`column` was retyped from BigQuery type `old_type`: the write stream keeps the old one a while."""
+        with self._lock:
+            known = self._retyped.setdefault((dataset, table.lower()), {})
+            known.setdefault(column.lower(), (old_type.upper(), time.monotonic()))
+
+    def retyped(self, dataset: str, table: str) -> dict[str, str]:
+        with self._lock:
+            return {c: old for c, (old, _) in self._retyped.get((dataset, table.lower()), {}).items()}
+
+    def stale_types(self, dataset: str, table: str, fields: dict[str, Any]) -> dict[str, str]:
+        """The columns of `fields` (name -> Arrow type) whose Arrow type the write stream's
+        stale (old) column type does not take: name -> that old type."""
+        now = time.monotonic()
+        with self._lock:
+            retyped = dict(self._retyped.get((dataset, table.lower()), {}))
+        stale: dict[str, str] = {}
+        for name, arrow_type in fields.items():
+            old = retyped.get(name.lower())
+            if old is not None and now - old[1] < self.lag_seconds and not _takes(old[0], arrow_type):
+                stale[name] = old[0]
+        return stale
 
     def hidden(self, dataset: str, table: str, columns: list[str]) -> list[str]:
         now = time.monotonic()
@@ -75,6 +107,7 @@ class StorageWriteFaults:
         self.visibility = visibility
         self.commits = CommitShape()
         self.rejected: Counter[str] = Counter()  # table -> appends refused for a hidden column
+        self.retype_refused: Counter[str] = Counter()  # table -> appends refused for a column's stale type
         self.requests = 0  # AppendRows requests seen
         self.streams = 0  # AppendRows calls (connections) opened
         self.open_now = 0  # AppendRows calls open at the moment
@@ -122,6 +155,7 @@ class StorageWriteFaults:
         stream_name = ""
         schema: tuple[str, Any] | None = None  # ("arrow_rows"|"proto_rows", writer schema message)
         columns: list[str] = []
+        arrow_fields: dict[str, Any] = {}
         try:
             for raw in requests:
                 with self._lock:
@@ -131,12 +165,19 @@ class StorageWriteFaults:
                 found = _writer_schema(req)
                 if found is not None:
                     schema, columns = found
+                    arrow_fields = _arrow_fields(req)
                 m = _STREAM.match(stream_name)
                 hidden = self.visibility.hidden(m["dataset"], m["table"], columns) if m else []
                 if hidden:
                     with self._lock:
                         self.rejected[m["table"]] += 1
                     yield _schema_mismatch(stream_name, hidden)
+                    continue
+                stale = self.visibility.stale_types(m["dataset"], m["table"], arrow_fields) if m and _has_rows(req) else {}
+                if stale:
+                    with self._lock:
+                        self.retype_refused[m["table"]] += 1
+                    yield _type_mismatch(stream_name, stale, arrow_fields)
                     continue
                 if not upstream.opened:  # the first forwarded request must name the stream and schema
                     if not req.write_stream:
@@ -207,6 +248,40 @@ def _writer_schema(req: Any) -> tuple[tuple[str, Any], list[str]] | None:
         names = [f.name for f in req.proto_rows.writer_schema.proto_descriptor.field]
         return ("proto_rows", req.proto_rows.writer_schema), names
     return None
+
+
+# BigQuery column type -> the Arrow types an append into it takes (our writer's mapping, types.py)
+_ARROW_TAKEN: dict[str, tuple[str, ...]] = {
+    "INT64": ("int8", "int16", "int32", "int64"), "INTEGER": ("int8", "int16", "int32", "int64"),
+    "FLOAT64": ("float", "double", "int64"), "FLOAT": ("float", "double", "int64"),
+    "NUMERIC": ("decimal128", "int64"), "BIGNUMERIC": ("decimal128", "decimal256", "int64"),
+}
+
+
+def _takes(column_type: str, arrow_type: Any) -> bool:
+    taken = _ARROW_TAKEN.get(column_type)
+    if taken is None:
+        return True  # types a widening never leaves behind
+    name = str(arrow_type)
+    return any(name == t or name.startswith(t + "(") for t in taken)
+
+
+def _arrow_fields(req: Any) -> dict[str, Any]:
+    if not (req.HasField("arrow_rows") and req.arrow_rows.HasField("writer_schema")):
+        return {}
+    import pyarrow as pa
+
+    schema = pa.ipc.read_schema(pa.py_buffer(req.arrow_rows.writer_schema.serialized_schema))
+    return {f.name: f.type for f in schema}
+
+
+def _type_mismatch(stream: str, stale: dict[str, str], fields: dict[str, Any]) -> bytes:
+    from google.cloud.bigquery_storage_v1 import types
+    from google.rpc import code_pb2, status_pb2
+
+    message = "; ".join(f"Input schema field '{c}' has type {fields[c]}, BigQuery schema has {old}" for c, old in stale.items())
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
+    return types.AppendRowsResponse.pb()(error=status, write_stream=stream).SerializeToString()
 
 
 def _schema_mismatch(stream: str, hidden: list[str]) -> bytes:

@@ -201,3 +201,28 @@ def scenario_schema_pending_other_table_lands(tmp: Path, lag_seconds: float = 35
         out.data["appends_refused_pending"] = g.storage_write.rejected.get(pending, 0)
         out.data["redelivery_backoffs"] = g.gate.backoffs  # handed back, spaced by the retry policy
         return _google_outcome(out, g, [pending, other], expected)
+
+
+@timed
+def scenario_widened_type_not_yet_visible(tmp: Path, lag_seconds: float = 35.0) -> Outcome:
+    """`scores.score` is INT64; a float widens it to FLOAT64, and the write stream keeps
+    converting to INT64 for `lag_seconds` (a schema update is seen "after some time"), so
+    appends carrying the widened column are refused meanwhile. Every row must land once,
+    none dead-lettered, old values exact."""
+    out = Outcome("Storage Write: widened column type not yet visible",
+                  f"AppendRows still takes INT64 for a column widened to FLOAT64, for {lag_seconds:g} s")
+    table = "scores"
+    with google_stack(tmp, schema_lag_seconds=lag_seconds) as g:
+        g.p.start("subscriber")
+        g.p.start("api")
+        names, ints, floats = ["id", "marker", "score"], ["integer", "string", "integer"], ["integer", "string", "float"]
+        _post_ok(g.p, {"user_activities": [activity("insert", table, names, ints, [i, "ints", i * 10]) for i in range(3)]})
+        _wait_markers(g, [table], {"ints": 3})
+        _post_ok(g.p, {"user_activities": [activity("insert", table, names, floats, [10 + i, "floats", i + 0.5]) for i in range(3)]})
+        _post_ok(g.p, {"user_activities": [activity("insert", table, names, ints, [20 + i, "later_ints", i]) for i in range(2)]})
+        expected = {"ints": 3, "floats": 3, "later_ints": 2}
+        _wait_markers(g, [table], expected, timeout=lag_seconds + 180)
+        out.data["retyped"] = g.storage_write.visibility.retyped(g.dataset, table)
+        out.data["appends_refused_stale_type"] = g.storage_write.retype_refused.get(table, 0)
+        out.data["scores"] = sorted((int(i), float(s)) for i, s in g.query(f"SELECT id, score FROM {g.table(table)}") or [])
+        return _google_outcome(out, g, [table], expected)
