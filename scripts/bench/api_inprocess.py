@@ -8,6 +8,7 @@ on a shared machine is not counted) per README-body request, best of several bat
     .venv/bin/python -m scripts.bench.api_inprocess --activities 500  # README-shaped batches of 500
     .venv/bin/python -m scripts.bench.api_inprocess --scoped  # + a scoped key and a traceparent, vs neither
     .venv/bin/python -m scripts.bench.api_inprocess --frozen        # against a frozen, declared table
+    .venv/bin/python -m scripts.bench.api_inprocess --contract  # + the table declared and frozen, vs no tables file
 
 Lines go through the same JSON logging as the real API (into a temp file). Compare two
 versions by running it from each tree's root alternately.
@@ -54,10 +55,14 @@ def main() -> None:
     p.add_argument("--activities", type=int, default=0, help="README-shaped activities per body (0: the README body)")
     p.add_argument("--scoped", action="store_true", help="also a scoped key and a traceparent; batches interleaved")
     p.add_argument("--frozen", action="store_true", help="TABLES_FILE declaring the README table, contract freeze")
+    p.add_argument("--contract", action="store_true",
+                   help="also the README table declared and frozen (TABLES_FILE) vs no tables file; batches interleaved")
     p.add_argument("--json", action="store_true", help="print one JSON line instead (for `make bench`)")
     args = p.parse_args()
-    if args.scoped and args.broker != "stub":
-        p.error("--scoped compares the app's own work: use it with the stub broker")
+    if (args.scoped or args.contract) and args.broker != "stub":
+        p.error("--scoped and --contract compare the app's own work: use them with the stub broker")
+    if args.scoped and args.contract:
+        p.error("one comparison at a time: --scoped or --contract")
 
     configure_logging(args.level)
     logging.getLogger().handlers[0].setStream(tempfile.TemporaryFile("w"))
@@ -69,7 +74,9 @@ def main() -> None:
         tables_file.write_text(FROZEN_README_TABLE)
     settings = Settings(data_dir=data_dir, tables_file=tables_file)
     app = create_app(settings, broker=StubBroker() if args.broker == "stub" else None)
-    scoped_app, scoped_headers = _scoped_app(settings) if args.scoped else (None, [])
+    scoped_app, scoped_headers = (
+        _scoped_app(settings) if args.scoped else _frozen_app(settings) if args.contract else (None, [])
+    )
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": "/api-log/v1/", "raw_path": b"/api-log/v1/", "query_string": b"", "root_path": "",
@@ -116,7 +123,8 @@ def main() -> None:
     plain, scoped = asyncio.run(run())
     assert statuses == {200}, statuses
     if args.json:
-        print(json.dumps({"plain_us": round(plain * 1e6, 2), "scoped_us": round(scoped * 1e6, 2), "batches": args.batches,
+        other = "frozen_us" if args.contract else "scoped_us"
+        print(json.dumps({"plain_us": round(plain * 1e6, 2), other: round(scoped * 1e6, 2), "batches": args.batches,
                           "requests": args.requests}))
         return
     what = f"{args.activities} activities" if args.activities else "README body"
@@ -125,6 +133,18 @@ def main() -> None:
     if args.scoped:
         print(f"{scoped * 1e6:.1f} us with a scoped key and a traceparent: {plain / scoped:.3f}x the throughput"
               " (target >= 0.95x)")
+    if args.contract:
+        print(f"{scoped * 1e6:.1f} us against the table declared and frozen: {scoped / plain:.3f}x the cost"
+              " (target <= 1.1x)")
+
+
+def _frozen_app(settings: Settings):
+    """An app whose tables file declares the README's table and freezes it (issue 18's speed target)."""
+    data_dir = settings.data_dir / "contract"
+    data_dir.mkdir()
+    tables_file = data_dir / "tables.toml"
+    tables_file.write_text(FROZEN_README_TABLE)
+    return create_app(settings.model_copy(update={"tables_file": tables_file, "data_dir": data_dir}), broker=StubBroker()), []
 
 
 def _scoped_app(settings: Settings):

@@ -18,6 +18,7 @@ TARGETS = {
     "6_many_tables_ratio": 4.0,
     "8_upsert_vs_insert": 0.5,
     "19_scoped_vs_plain": 0.95,
+    "18_frozen_vs_plain": 1.1,
 }
 
 
@@ -55,6 +56,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         row("19 README body with a scoped key and a traceparent: >= 0.95x one with neither",
             f"{k['scoped_us']:.1f} us CPU per request", f"{k['plain_us']:.1f} us without", f"{r_keys:.3f}x",
             r_keys >= TARGETS["19_scoped_vs_plain"])
+    c = results.get("contract")
+    if c:
+        r_cost = c["frozen_us"] / c["plain_us"]
+        row("18 README body against its table declared and frozen: <= 1.1x the cost without a tables file",
+            f"{c['frozen_us']:.1f} us CPU per request", f"{c['plain_us']:.1f} us without", f"{r_cost:.3f}x",
+            r_cost <= TARGETS["18_frozen_vs_plain"])
     d = results.get("drain")
     if d:
         c = d["ceiling"]

@@ -82,6 +82,10 @@ METHOD = """
   published as the API would, once as inserts and once as upserts of the same rows; a real subscriber
   drains each into DuckDB, timed by its own log as in 7; alternating rounds, medians
   (`scripts/bench/upsert_drain.py`). The upsert table ends with 10,000 rows, the insert one with 100,000.
+- **18, 19 per-request cost.** `scripts/bench/api_inprocess.py` calls the ASGI app directly (no sockets)
+  and measures the main thread's CPU per README request, best of interleaved batches: with a scoped key and
+  a `traceparent` against neither (19), and with the README table declared and frozen in a tables file
+  against no tables file (18).
 """
 
 

@@ -22,13 +22,15 @@ def log(msg: str) -> None:
 
 
 def bench_keys(results: dict[str, Any], batches: int) -> None:
-    """Issue 19: a README request with a scoped key and a traceparent against one with neither,
+    """Issue 19: a README request with a scoped key and a traceparent against one with neither;
+    issue 18: against its table declared and frozen, and without a tables file. Each pair
     interleaved in one process (main-thread CPU per request: `scripts/bench/api_inprocess.py`)."""
-    out = subprocess.run(
-        [harness.PY, "-m", "scripts.bench.api_inprocess", "--scoped", "--json", "--batches", str(batches)],
-        cwd=harness.ROOT, capture_output=True, text=True, check=True, timeout=600,
-    )
-    results["keys"] = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, flag in (("keys", "--scoped"), ("contract", "--contract")):
+        out = subprocess.run(
+            [harness.PY, "-m", "scripts.bench.api_inprocess", flag, "--json", "--batches", str(batches)],
+            cwd=harness.ROOT, capture_output=True, text=True, check=True, timeout=600,
+        )
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_api(tmp: Path, seconds: float, results: dict[str, Any], rounds: int = 1) -> None:
