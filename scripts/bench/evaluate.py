@@ -155,6 +155,18 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"one table {one['calls_per_10k']:,.0f} calls; billed >= {one['min_bytes_billed_per_10k'] / 1e6:,.0f} MB", "", None)
     elif gt:
         row("6 Google path, many tables", gt["error"], "", "", None)
+    gu = results.get("gcp_upsert")
+    if gu and "error" not in gu:
+        ins, ups = gu["insert"], gu["upsert"]
+        row(f"6 pstest -> bqemulator: API calls and bytes billed per 10,000 upserts ({gu['rows']:,} over "
+            f"{gu['keys']:,} keys, {gu['per_request']} per request; reported, no target)",
+            f"{ups['calls_per_10k']:,.0f} calls, est. billed {ups['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB "
+            f"({_jobs_text(ups)})",
+            f"inserts of the same rows: {ins['calls_per_10k']:,.0f} calls, est. billed "
+            f"{ins['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB ({_jobs_text(ins)})",
+            f"{ups['estimated_bytes_billed_per_10k'] / max(1.0, ins['estimated_bytes_billed_per_10k']):,.1f}x", None)
+    elif gu:
+        row("6 Google path, upserts", gu["error"], "", "", None)
     return rows
 
 
