@@ -16,7 +16,7 @@ from tests.support.processes import wait_until
 
 @timed
 def scenario_upsert_storm_kill9(tmp: Path, tables: int = 3, keys: int = 100, per_request: int = 50,
-                                requests: int = 40, kills: int = 3) -> Outcome:
+                                requests: int = 60, kills: int = 4, pull_max: int = 4) -> Outcome:
     """`requests` requests of `per_request` upserts / inserts / deletes over `keys` keys in
     each of `tables` tables; the subscriber killed -9 at least `kills` times meanwhile.
     `data["rows"][table]` is [(key, version, note)] as BigQuery holds it at the end, to
@@ -26,13 +26,15 @@ def scenario_upsert_storm_kill9(tmp: Path, tables: int = 3, keys: int = 100, per
                   f"the subscriber killed -9 at least {kills} times")
     names = [f"current{n}" for n in range(tables)]
     storm = UpsertStorm(names, keys, per_request, seed=23)
-    with google_stack(tmp) as g:
+    # small pulls: many applies, so kills land between an apply's commit and its acks
+    with google_stack(tmp, PULL_MAX_MESSAGES=str(pull_max)) as g:
         g.p.start("subscriber")
         g.p.start("api")
         producer = threading.Thread(target=storm.produce, args=(g.p.post, requests))
         producer.start()
-        # pauses past the stack's 10 s ack deadline now and then, so a killed lease comes back mid-run
-        out.data["kills"] = kill_subscriber_while(g.p, producer, random.Random(29), at_least=kills, pause=(1.0, 6.0))
+        # pauses around the stack's 10 s ack deadline: a killed replica's leases come back to the
+        # next one, which applies some before it is killed in turn
+        out.data["kills"] = kill_subscriber_while(g.p, producer, random.Random(29), at_least=kills, pause=(8.0, 14.0))
         wanted = {t: storm.wanted(t) for t in names}
 
         def sums() -> dict[str, tuple[int, int]]:
