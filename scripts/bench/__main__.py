@@ -7,7 +7,7 @@ client for the end-to-end test), each bounded in time.
 
     .venv/bin/python -m scripts.bench            # full run (~5 minutes), from the repo root
     .venv/bin/python -m scripts.bench --quick    # smoke version (~2 minutes)
-    options: --only api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables  --backlog N  --seconds S  --keep
+    options: --only api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables,gcp_upsert  --backlog N  --seconds S  --keep
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from scripts.bench.report import print_table, write_report
 from scripts.bench.run import (
     bench_api, bench_bigquery, bench_drain, bench_e2e, bench_gcp, bench_gcp_many_tables, bench_keys, e2e_rate, log,
 )
+from scripts.bench.gcp_upsert import bench_gcp_upsert
 from scripts.bench.upsert_drain import bench_upsert
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="~2 minute smoke run (shorter loads, 200k backlog)")
-    p.add_argument("--only", default="api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables", help="comma-separated sections")
+    p.add_argument("--only", default="api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables,gcp_upsert", help="comma-separated sections")
     p.add_argument("--seconds", type=float, help="duration of each load (default 8, quick 3)")
     p.add_argument("--backlog", type=int, help="activities in the drain backlog (default 1,000,000, quick 200,000)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -46,7 +47,7 @@ def main() -> int:
     args = p.parse_args()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
-        rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k not in ("bigquery", "gcp", "gcp_tables"))})
+        rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k not in ("bigquery", "gcp", "gcp_tables", "gcp_upsert"))})
         out = Path(args.out)
         write_report(results, rows, results.get("_meta", {"quick": False, "when": "?", "machine": "?"}), out, out.with_suffix(".png"))
         print_table(rows)
@@ -69,6 +70,8 @@ def main() -> int:
         ("bigquery", lambda: bench_bigquery(tmp, 10_000, 50 if args.quick else 200, results)),
         ("gcp", lambda: bench_gcp(tmp, 2_000 if args.quick else 10_000, 30 if args.quick else 60, 30 if args.quick else 100, results)),
         ("gcp_tables", lambda: bench_gcp_many_tables(tmp, 2_000, 100, results)),
+        ("gcp_upsert", lambda: bench_gcp_upsert(tmp, results, rows=2_000 if args.quick else 10_000,
+                                                keys=200 if args.quick else 1_000, log=log)),
     ]
     try:
         for name, fn in sections:
@@ -87,7 +90,7 @@ def main() -> int:
         else:
             log(f"kept {tmp}")
     results["total_seconds"] = round(time.monotonic() - started, 1)
-    rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k not in ("bigquery", "gcp", "gcp_tables"))})
+    rows = evaluate({k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v and k not in ("bigquery", "gcp", "gcp_tables", "gcp_upsert"))})
     meta = {"quick": args.quick, "when": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"}
     out = Path(args.out)

@@ -141,11 +141,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         if inserts and "estimated_bytes_billed_per_10k" in mixed:
             row("6 bytes billed per 10,000 activities, estimated (on-demand rules from each job's statement and the "
                 "tables' sizes; bqemulator reports 0), next to the API calls",
-                f"with ~1% deletes: {mixed['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB, {mixed['calls_per_10k']:,.0f} calls "
-                f"({_jobs_text(mixed)})",
-                f"without deletes: {inserts['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB, {inserts['calls_per_10k']:,.0f} calls "
-                f"({_jobs_text(inserts)})",
-                f"{mixed['estimated_bytes_billed_per_10k'] / max(1.0, inserts['estimated_bytes_billed_per_10k']):,.1f}x", None)
+                f"with ~1% deletes: {_billed_text(mixed)}", f"without deletes: {_billed_text(inserts)}",
+                _billed_ratio(mixed, inserts), None)
     elif g:
         row("6 Google path (pstest -> bqemulator)", g["error"], "", "", None)
     gt = results.get("gcp_tables")
@@ -162,7 +159,24 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"one table {one['calls_per_10k']:,.0f} calls; billed >= {one['min_bytes_billed_per_10k'] / 1e6:,.0f} MB", "", None)
     elif gt:
         row("6 Google path, many tables", gt["error"], "", "", None)
+    gu = results.get("gcp_upsert")
+    if gu and "error" not in gu:
+        ins, ups = gu["insert"], gu["upsert"]
+        row(f"6 pstest -> bqemulator: API calls and bytes billed per 10,000 upserts ({gu['rows']:,} over "
+            f"{gu['keys']:,} keys, {gu['per_request']} per request; reported, no target)",
+            _billed_text(ups), f"inserts of the same rows: {_billed_text(ins)}", _billed_ratio(ups, ins), None)
+    elif gu:
+        row("6 Google path, upserts", gu["error"], "", "", None)
     return rows
+
+
+def _billed_text(run: dict) -> str:
+    """Estimated bytes billed and API calls per 10,000 activities, with the query jobs behind them."""
+    return f"{run['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB, {run['calls_per_10k']:,.0f} calls ({_jobs_text(run)})"
+
+
+def _billed_ratio(run: dict, baseline: dict) -> str:
+    return f"{run['estimated_bytes_billed_per_10k'] / max(1.0, baseline['estimated_bytes_billed_per_10k']):,.1f}x"
 
 
 def _jobs_text(run: dict) -> str:

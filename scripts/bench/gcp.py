@@ -23,11 +23,12 @@ one message per apply) runs through the same REST proxy on a sample.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -134,10 +135,10 @@ def _estimate_billing(emu: Any, dataset: str, since_ms: int) -> dict[str, Any]:
             client.close()
 
 
-def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sample: int,
-            prototype: Callable[[Any, int], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
-    from app.settings import Settings
-    from scripts.bench import workload
+@contextlib.contextmanager
+def counted_google_path(tmp: Path, dataset: str) -> Iterator[tuple[Any, _Counts, Any, Any, Any]]:
+    """pstest and bqemulator behind the counting fault layer (no fault armed), the processes
+    provisioned but not started: (pipeline, counts, emulator, REST proxy, Storage Write proxy)."""
     from tests.support.bqemulator import running_bqemulator
     from tests.support.fault_proxy import (
         BigQueryRestProxy,
@@ -146,56 +147,66 @@ def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sam
         SchemaVisibility,
         StorageWriteFaults,
     )
+    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
     from tests.support.processes import Pipeline
     from tests.support.pstest import running_pstest
-
-    from tests.support.fault_proxy.serial_grpc import SerialGrpcProxy
 
     storage_write = StorageWriteFaults(SchemaVisibility())  # no lag: counts AppendRows only
     # the emulator takes one call at a time: the REST proxy and SerialGrpcProxy share its baton
     with running_bqemulator() as emu, running_pstest() as pstest, BigQueryRestProxy(emu.rest) as rest, \
             SerialGrpcProxy(emu.grpc) as serial, GrpcProxy(serial.address, storage_write=storage_write) as bq_grpc, \
             GrpcProxy(pstest, pubsub=OrderingGate()) as ps_grpc:
-        counts = _Counts(rest, storage_write)
-        p = Pipeline.create(tmp / "gcp", BROKER="pubsub", WAREHOUSE="bigquery", GCP_PROJECT=emu.project,
+        p = Pipeline.create(tmp, BROKER="pubsub", WAREHOUSE="bigquery", GCP_PROJECT=emu.project,
                             PUBSUB_EMULATOR_HOST=ps_grpc.address, BIGQUERY_EMULATOR_HOST=rest.address,
-                            BIGQUERY_EMULATOR_GRPC_HOST=bq_grpc.address, BIGQUERY_DATASET="bench_gcp",
+                            BIGQUERY_EMULATOR_GRPC_HOST=bq_grpc.address, BIGQUERY_DATASET=dataset,
                             ACK_DEADLINE_SECONDS="60", LOG_LEVEL="INFO")  # fmt: skip
         try:
-            prov = p.cli("provision")
-            if prov.returncode != 0:
-                raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
-            p.start("api")
-            # 1. mixed backlog (~1% deletes)
-            mixed = _mixed_backlog(p, counts, emu, workload.mixed_bodies(activities, per_body, seed=5), activities)
-            log(f"  pipeline, mixed backlog: {mixed['activities_per_s']:.0f} act/s, {mixed['messages_per_apply']:.1f} msgs/apply, "
-                f"{mixed['calls_per_10k']:.0f} calls/10k, {mixed['query_jobs_per_10k']:.0f} query jobs/10k, "
-                f"est. billed {mixed['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB/10k")
-            # 2. one-table backlog (one activity per request)
-            p.kill("subscriber", 15)
-            for i in range(one_table):
-                r = p.post({"user_activities": [{"operation": "insert", "table": "bench_one", "col_names": ["id", "v"],
-                                                 "col_types": ["integer", "string"], "col_values": [i, f"v{i}"]}]})  # fmt: skip
-                if r.status_code != 200:
-                    raise RuntimeError(f"one-table body refused: {r.status_code} {r.text[:200]}")
-            counts.reset()
-            seconds_one = _drain(p, one_table, timeout=600)  # a new process: its counter starts at 0
-            one = _applies(p, {"bench_one"})
-            single = {"messages": one_table, "seconds": seconds_one, "applies": len(one),
-                      "messages_per_apply": sum(one) / max(1, len(one)), **counts.snapshot(one_table)}  # fmt: skip
-            log(f"  pipeline, one-table backlog of {one_table}: {single['messages_per_apply']:.1f} msgs/apply in {len(one)} applies")
-            # 3. the same mixed backlog without deletes, into a fresh dataset (its tables' sizes are its own)
-            p.kill("subscriber", 15)
-            p.env["BIGQUERY_DATASET"] = INSERTS_ONLY_DATASET
-            prov = p.cli("provision")
-            if prov.returncode != 0:
-                raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
-            inserts = _mixed_backlog(p, counts, emu, workload.mixed_bodies(activities, per_body, seed=5, delete_share=0.0),
-                                     activities)
-            log(f"  pipeline, mixed backlog without deletes: {inserts['calls_per_10k']:.0f} calls/10k, "
-                f"{inserts['query_jobs_per_10k']:.0f} query jobs/10k, est. billed {inserts['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB/10k")
+            provision(p)
+            yield p, _Counts(rest, storage_write), emu, rest, bq_grpc
         finally:
             p.stop()
+
+
+def provision(p: Any) -> None:
+    prov = p.cli("provision")
+    if prov.returncode != 0:
+        raise RuntimeError(f"provision failed: {prov.stdout}{prov.stderr}")
+
+
+def measure(tmp: Path, activities: int, per_body: int, one_table: int, proto_sample: int,
+            prototype: Callable[[Any, int], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
+    from app.settings import Settings
+    from scripts.bench import workload
+
+    with counted_google_path(tmp / "gcp", "bench_gcp") as (p, counts, emu, rest, bq_grpc):
+        p.start("api")
+        # 1. mixed backlog (~1% deletes)
+        mixed = _mixed_backlog(p, counts, emu, workload.mixed_bodies(activities, per_body, seed=5), activities)
+        log(f"  pipeline, mixed backlog: {mixed['activities_per_s']:.0f} act/s, {mixed['messages_per_apply']:.1f} msgs/apply, "
+            f"{mixed['calls_per_10k']:.0f} calls/10k, {mixed['query_jobs_per_10k']:.0f} query jobs/10k, "
+            f"est. billed {mixed['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB/10k")
+        # 2. one-table backlog (one activity per request)
+        p.kill("subscriber", 15)
+        for i in range(one_table):
+            r = p.post({"user_activities": [{"operation": "insert", "table": "bench_one", "col_names": ["id", "v"],
+                                             "col_types": ["integer", "string"], "col_values": [i, f"v{i}"]}]})  # fmt: skip
+            if r.status_code != 200:
+                raise RuntimeError(f"one-table body refused: {r.status_code} {r.text[:200]}")
+        counts.reset()
+        seconds_one = _drain(p, one_table, timeout=600)  # a new process: its counter starts at 0
+        one = _applies(p, {"bench_one"})
+        single = {"messages": one_table, "seconds": seconds_one, "applies": len(one),
+                  "messages_per_apply": sum(one) / max(1, len(one)), **counts.snapshot(one_table)}  # fmt: skip
+        log(f"  pipeline, one-table backlog of {one_table}: {single['messages_per_apply']:.1f} msgs/apply in {len(one)} applies")
+        # 3. the same mixed backlog without deletes, into a fresh dataset (its tables' sizes are its own)
+        p.kill("subscriber", 15)
+        p.env["BIGQUERY_DATASET"] = INSERTS_ONLY_DATASET
+        provision(p)
+        inserts = _mixed_backlog(p, counts, emu, workload.mixed_bodies(activities, per_body, seed=5, delete_share=0.0),
+                                 activities)
+        log(f"  pipeline, mixed backlog without deletes: {inserts['calls_per_10k']:.0f} calls/10k, "
+            f"{inserts['query_jobs_per_10k']:.0f} query jobs/10k, est. billed {inserts['estimated_bytes_billed_per_10k'] / 1e6:,.0f} MB/10k")
+        p.stop()  # the prototype's calls are counted alone
         # 4. the prototype's pattern, through the same proxy
         counts.reset()
         settings = Settings(warehouse="bigquery", gcp_project=emu.project, bigquery_dataset="bench_gcp",

@@ -74,6 +74,8 @@ METHOD = """
   the same backlog without deletes drained into a fresh dataset. At bench sizes every job is at the 10 MB
   minimum; a DELETE's share grows with the size of the day partition it deletes from. The prototype's
   pattern runs through the same proxy on a sample (one message per apply by construction).
+  Upserts (`scripts/bench/gcp_upsert.py`): the rows of 8 (10,000 over 1,000 keys) drained once as inserts,
+  once as upserts, each into a dataset of its own; calls and estimated bytes billed per 10,000, same run.
 - **7 many tables.** The same 50,000 one-row activities (500 requests of 100) are published as the API
   would, once all to one table (500 messages) and once over 1,000 tables, each request spread over 100 of
   them (50,000 messages); a real subscriber drains each backlog, timed by its own log ("subscriber

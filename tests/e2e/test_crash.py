@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import random
-import signal
 import threading
 
 import pytest
 
+from tests.support.faults.harness import UpsertStorm, kill_subscriber_while
 from tests.support.processes import Pipeline, wait_until
 
 TOTAL = 20_000
@@ -37,7 +37,7 @@ def test_subscriber_kill9_loses_and_duplicates_nothing(tmp_path):
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        kills = _kill_subscriber_while(p, producer, random.Random(7), at_least=5, pause=(0.3, 1.2))
+        kills = kill_subscriber_while(p, producer, random.Random(7), at_least=5, pause=(0.3, 1.2))
         assert not errors, errors[:3]
         assert len(accepted) == TOTAL
         wait_until(lambda: p.query("SELECT count(*) FROM stream")[0][0] >= TOTAL, timeout=180, what="all rows")
@@ -47,21 +47,6 @@ def test_subscriber_kill9_loses_and_duplicates_nothing(tmp_path):
     finally:
         p.stop()
     assert kills >= 5
-
-
-def _kill_subscriber_while(
-    p: Pipeline, producer: threading.Thread, rng: random.Random, *, at_least: int, pause: tuple[float, float]
-) -> int:
-    """kill -9 and restart the subscriber at random moments until the producer is done
-    (and at least `at_least` times); returns the number of kills."""
-    kills = 0
-    while producer.is_alive() or kills < at_least:
-        threading.Event().wait(rng.uniform(*pause))
-        p.kill("subscriber", signal.SIGKILL)
-        kills += 1
-        p.start("subscriber")
-    producer.join()
-    return kills
 
 
 def _backlog_empty(p: Pipeline) -> bool:
@@ -112,7 +97,7 @@ def test_subscriber_kill9_during_many_table_applies_keeps_every_row_once_and_in_
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        kills = _kill_subscriber_while(p, producer, random.Random(11), at_least=4, pause=(0.3, 1.0))
+        kills = kill_subscriber_while(p, producer, random.Random(11), at_least=4, pause=(0.3, 1.0))
         assert not errors, errors[:3]
         total = sum(len(rows) for rows in expected.values())
         count_sql = " UNION ALL ".join(f"SELECT count(*) FROM {t}" for t in sorted(expected))
@@ -136,43 +121,14 @@ def test_subscriber_kill9_during_an_upsert_storm_leaves_every_key_with_its_last_
     p = Pipeline.create(tmp_path, ACK_DEADLINE_SECONDS="3", PULL_MAX_MESSAGES="50")
     p.start("api")
     p.start("subscriber")
-    errors: list[str] = []
-    expected: dict[int, int] = {}  # key -> version of its row (absent: deleted)
-    rng = random.Random(17)
+    storm = UpsertStorm(["current"], keys, per_request, seed=17)
 
-    def produce() -> None:
-        version = 0
-        for _ in range(requests):
-            acts, after = [], dict(expected)
-            for _ in range(per_request):
-                version += 1
-                k = rng.randrange(keys)
-                roll = rng.random()
-                if roll < 0.05:
-                    acts.append({"operation": "delete", "table": "current", "col_names": ["k"],
-                                 "col_types": ["integer"], "col_values": [k]})
-                    after.pop(k, None)
-                    continue
-                act = {"operation": "upsert" if roll < 0.8 or not expected else "insert", "table": "current",
-                       "col_names": ["k", "version", "note"], "col_types": ["integer", "integer", "string"],
-                       "col_values": [k, version, f"v{version}"]}
-                if act["operation"] == "upsert":
-                    act["key"] = ["k"]
-                acts.append(act)
-                after[k] = version
-            resp = p.post({"user_activities": acts})
-            if resp.status_code != 200:
-                errors.append(resp.text)
-                continue
-            expected.clear()
-            expected.update(after)
-
-    producer = threading.Thread(target=produce)
+    producer = threading.Thread(target=storm.produce, args=(p.post, requests))
     producer.start()
     try:
-        kills = _kill_subscriber_while(p, producer, random.Random(19), at_least=4, pause=(0.3, 1.0))
-        assert not errors, errors[:3]
-        wanted = sorted(expected.items())
+        kills = kill_subscriber_while(p, producer, random.Random(19), at_least=4, pause=(0.3, 1.0))
+        assert not storm.errors, storm.errors[:3]
+        wanted = storm.wanted("current")
 
         wait_until(lambda: p.query("SELECT count(*), CAST(coalesce(sum(version), 0) AS BIGINT) FROM current")
                    == [(len(wanted), sum(v for _, v in wanted))] and _backlog_empty(p), timeout=180, what="every key")

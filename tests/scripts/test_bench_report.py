@@ -65,3 +65,16 @@ def test_the_upsert_drain_is_judged_as_a_ratio_to_the_insert_drain():
 
     assert list(verdicts(upsert(TARGETS["8_upsert_vs_insert"])).values()) == ["PASS"]
     assert list(verdicts(upsert(TARGETS["8_upsert_vs_insert"] - 0.01)).values()) == ["MISS"]
+
+
+def test_upserts_on_the_google_path_are_reported_unjudged_next_to_inserts_of_the_same_rows():
+    def run(mb: float, calls: float, jobs: dict[str, int]) -> dict:
+        return {"activities": 10_000, "calls_per_10k": calls, "estimated_bytes_billed_per_10k": mb * 1e6,
+                "billing_estimate": {"jobs_by_statement": jobs, "bytes_by_statement": {w: mb * 1e6 / len(jobs) for w in jobs}}}
+
+    [row] = evaluate({"gcp_upsert": {"rows": 10_000, "keys": 1_000, "per_request": 500,
+                                     "insert": run(100.0, 50.0, {"SELECT": 10}),
+                                     "upsert": run(300.0, 70.0, {"SELECT": 10, "MERGE": 20})}})
+    assert (row["verdict"], row["ratio"]) == ("n/a", "3.0x")
+    assert row["measured"].startswith("300 MB, 70 calls (20 MERGE jobs 150 MB, 10 SELECT jobs 150 MB)")
+    assert row["baseline"].startswith("inserts of the same rows: 100 MB, 50 calls")
