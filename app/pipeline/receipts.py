@@ -26,27 +26,30 @@ class ReceiptRecorder:
     def __init__(self, store: ReceiptStore | None) -> None:
         self.store = store
 
-    def applied(self, table: str, batch: Sequence[Held], rejections: Sequence[Rejection]) -> None:
-        """Messages the warehouse committed: rows applied, and those rejected into dead letters."""
+    @staticmethod
+    def applied_outcomes(table: str, batch: Sequence[Held], rejections: Sequence[Rejection]) -> list[Outcome]:
+        """Messages the warehouse committed: rows applied, and those rejected into dead
+        letters. The caller records the outcomes of all the tables of one apply together:
+        one receipt transaction (one fsync) per apply, not per table."""
         rejected = Counter(r.dedup_id for r in rejections)
         reasons: dict[str, str] = {}
         for r in rejections:
             reasons.setdefault(r.dedup_id, r.reason)
-        self._record([
+        return [
             Outcome(h.envelope.dedup_id, _batch_id(h.message), table, len(h.envelope) - rejected[h.envelope.dedup_id],
                     rejected[h.envelope.dedup_id], reasons.get(h.envelope.dedup_id))
             for h in batch
-        ])
+        ]
 
     def dead_lettered(self, messages: Sequence[tuple[ReceivedMessage, str]], table: str | None = None) -> None:
         """Whole messages dead-lettered (undecodable, or failed too often)."""
-        self._record([
+        self.record([
             Outcome(m.dedup_id, _batch_id(m), table or m.attributes.get("table", ""), 0,
                     int(m.attributes.get("count", 0) or 1), reason)
             for m, reason in messages
         ])
 
-    def _record(self, outcomes: list[Outcome]) -> None:
+    def record(self, outcomes: list[Outcome]) -> None:
         if self.store is None:
             return
         try:

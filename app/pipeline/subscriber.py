@@ -45,6 +45,7 @@ from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
 from app.pipeline.freshness import Freshness
 from app.pipeline.receipts import ReceiptRecorder
+from app.receipts.store import Outcome
 from app.tracing import ATTRIBUTE as TRACEPARENT
 from app.tracing import apply_spans, trace_ids
 from app.receipts.store import ReceiptStore
@@ -279,6 +280,7 @@ class Subscriber:
             outcomes = self._apply([(queue.name, [h.envelope for h in batch]) for queue, batch in batches])
             retry_at: dict[str, float | None] = {}
             applied: list[tuple[TableQueue, list[Held]]] = []
+            receipts: list[Outcome] = []
             for (queue, batch), outcome in zip(batches, outcomes):
                 if isinstance(outcome, WarehouseUnavailable):
                     self._block(outcome)
@@ -287,8 +289,9 @@ class Subscriber:
                     retry_at[queue.name] = self._on_transient(queue, outcome)
                 elif isinstance(outcome, BaseException):
                     self._on_terminal(queue, batch, outcome)
-                elif self._on_applied(queue, batch, outcome):
+                elif self._on_applied(queue, batch, outcome, receipts):
                     applied.append((queue, batch))
+            self.receipts.record(receipts)  # before the ack, one write for the apply's tables
             self._settle(applied)
         return retry_at
 
@@ -346,9 +349,10 @@ class Subscriber:
             metrics.SUBSCRIBER_BLOCKED.labels(blocked.reason).set(0)
             log.info("warehouse accepts this subscriber again (was %s); pulling resumes", blocked.reason)
 
-    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult) -> bool:
-        """Record an apply; whether its messages may be acked (their refused activities
-        reached the broker's dead-letter destination)."""
+    def _on_applied(self, queue: TableQueue, batch: list[Held], result: ApplyResult, receipts: list[Outcome]) -> bool:
+        """Record an apply (its receipt outcomes added to `receipts`, for the caller to
+        record before the ack); whether its messages may be acked (their refused
+        activities reached the broker's dead-letter destination)."""
         table = queue.name
         self._unblock()
         with self._totals_lock:
@@ -381,7 +385,7 @@ class Subscriber:
                 ],
                 "rejected",
             )
-        self.receipts.applied(table, batch, result.rejections)
+        receipts.extend(self.receipts.applied_outcomes(table, batch, result.rejections))
         self.failures.forget([h.envelope.dedup_id for h in batch])
         return self._forward_rejections(queue, batch, result)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sqlite3
 import threading
 import time
 from typing import Sequence
@@ -24,6 +25,7 @@ from app.broker.local import LocalBroker
 from app.messages.codec import decode_message, encode_batch, json_body, new_batch_id
 from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
+from app.receipts.store import ReceiptStore
 from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.base import Envelope, TransientWarehouseError, WarehouseUnavailable
@@ -630,6 +632,38 @@ def test_local_broker_and_duckdb_apply_in_order(local):
         assert warehouse.query("SELECT n FROM t ORDER BY n")[1] == [(0,), (2,)]
         assert warehouse.query("SELECT count(*) FROM u")[1] == [(3,)]
     assert sub.totals.messages_acked == 7 and dead.count() == 0
+
+
+def test_the_tables_of_one_apply_record_their_receipts_in_one_write_before_their_ack(local, tmp_path):
+    settings, broker, warehouse, dead, _ = local
+    tables = [f"t{i}" for i in range(20)]
+    _publish(broker, encode_batch([_insert(t, 1) for t in tables], new_batch_id(None)))
+    writes: list[tuple[int, int]] = []  # (outcomes written, messages not yet acked at that moment)
+    applies: list[int] = []  # tables per apply_many call
+
+    class Receipts(ReceiptStore):
+        def add_outcomes(self, outcomes):
+            outcomes = list(outcomes)
+            writes.append((len(outcomes), broker.backlog().messages))
+            super().add_outcomes(outcomes)
+
+    def apply_many(batches, apply=warehouse.apply_many):
+        applies.append(len(batches))
+        return apply(batches)
+
+    warehouse.apply_many = apply_many
+    receipts = Receipts(tmp_path / "receipts.sqlite")
+    try:
+        with running(Subscriber(settings, broker, warehouse, dead, receipts)):
+            wait_until(lambda: broker.backlog().messages == 0, "the backlog drained")
+        assert sum(applies) == len(tables)
+        assert [n for n, _ in writes] == applies  # one receipt write per apply, whatever its tables
+        assert all(unacked >= n for n, unacked in writes)  # each written before its messages' ack
+    finally:
+        receipts.close()
+    with sqlite3.connect(tmp_path / "receipts.sqlite") as conn:
+        recorded = conn.execute("SELECT table_name, rows_applied FROM outcomes ORDER BY table_name").fetchall()
+    assert recorded == sorted((t, 1) for t in tables)
 
 
 def test_local_broker_message_duckdb_refuses_is_dead_lettered_alone(local):
