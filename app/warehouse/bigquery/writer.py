@@ -216,7 +216,8 @@ class StorageWriter:
                 if outcome is not None:
                     return outcome
             except TransientWarehouseError:
-                time.sleep(min(SETTLE_PAUSE_SECONDS, _remaining(deadline)))
+                pass  # asked again after the pause
+            time.sleep(min(SETTLE_PAUSE_SECONDS, _remaining(deadline)))  # an answer that says neither, too
         return None
 
     def _commit_once(self, staged: StagedStream, deadline: float | None = None) -> bool | None:
