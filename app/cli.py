@@ -405,13 +405,12 @@ def dead_letters_pubsub_replay(
 @cli.command()
 def batch(batch_id: str = typer.Argument(..., help="The batch id from the POST answer.")) -> None:
     """Print what became of a batch, per table (its delivery receipt, as JSON)."""
-    from app.receipts import BATCH_ID_PATTERN, ReceiptStore
+    from app.receipts import BATCH_ID_PATTERN, open_receipts
 
-    settings = get_settings()
-    store = ReceiptStore(settings.receipts_file)
+    store = open_receipts(get_settings())
     try:
         receipt = store.lookup(batch_id) if BATCH_ID_PATTERN.match(batch_id) else None
-        purged = receipt is None and store.purged_key(batch_id)[0]
+        purged = receipt is None and BATCH_ID_PATTERN.match(batch_id) is not None and store.gone(batch_id)[0]
     finally:
         store.close()
     if receipt is None:

@@ -74,7 +74,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
     from app.messages.deadletters import DeadLetterStore
     from app.pipeline.subscriber import Subscriber
     from app import tracing
-    from app.receipts import ReceiptStore
+    from app.receipts import open_receipts
     from app.warehouse import make_warehouse
 
     settings = settings or get_settings()
@@ -84,7 +84,7 @@ def run_subscriber(settings: Settings | None = None) -> None:
     broker = make_broker(settings)
     warehouse = make_warehouse(settings)
     dead_letters = DeadLetterStore(settings.dead_letter_file)
-    receipts = ReceiptStore(settings.receipts_file)
+    receipts = open_receipts(settings)
     tracing.configure("ingest-subscriber", settings.otel_exporter_otlp_endpoint)
     subscriber = Subscriber(settings, broker, warehouse, dead_letters, receipts)
 

@@ -34,7 +34,7 @@ from app.api.ingest import INGEST_PATH, MAX_IDEMPOTENCY_KEY_LENGTH, IngestHandle
 from app.api.middleware import RequestContextMiddleware
 from app.api.receipts import install_receipts
 from app.api.status import install_status_page
-from app.receipts import ReceiptStore, ReceiptWriter
+from app.receipts import ReceiptWriter, open_receipts
 from app.broker import Broker, make_broker
 from app.contracts.reload import tables_file_of
 from app.api.models import IngestRequest
@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None, broker: Broker | None = None) -
     async def lifespan(app: FastAPI):
         tracing.configure("ingest-api", settings.otel_exporter_otlp_endpoint)
         app.state.broker = broker or make_broker(settings)
-        app.state.receipts = ReceiptWriter(ReceiptStore(settings.receipts_file), settings.receipt_retention_days * 86400)
+        app.state.receipts = ReceiptWriter(open_receipts(settings), settings.receipt_retention_days * 86400)
         try:
             yield
         finally:

@@ -3,7 +3,8 @@
 Same key rules as ingest (401). A key from `API_KEYS_FILE` sees only the batches it
 sent; any other batch answers 404 like an unknown one, so batch ids do not leak to
 other clients. `API_KEYS` keys, which carry no client identity, see every batch.
-A receipt past the retention answers 410.
+A receipt past the retention answers 410: to every key when the store no longer knows
+who sent it (a timed batch id past retention tells no more than its own time).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from app.api.auth import request_headers
 from app.api.errors import ERROR_SCHEMA, ApiError
 from app.api.ingest import RECEIPTS_PATH, json_response
 from app.keys import ApiKey
-from app.receipts import BATCH_ID_PATTERN
+from app.receipts import ANY_SENDER, BATCH_ID_PATTERN
 
 
-def _visible(key: ApiKey | None, sender: str | None) -> bool:
-    return key is None or key.from_env or key.id == sender
+def _visible(key: ApiKey | None, sender: object) -> bool:
+    return key is None or key.from_env or sender is ANY_SENDER or key.id == sender
 
 
 _TABLE_SCHEMA = {
@@ -77,7 +78,7 @@ def install_receipts(app: FastAPI) -> None:
             if not _visible(key, receipt.key_id):
                 raise not_found
             return json_response(200, receipt.as_json())
-        purged, sender = await asyncio.to_thread(writer.store.purged_key, batch_id)
+        purged, sender = await asyncio.to_thread(writer.store.gone, batch_id)
         if purged and _visible(key, sender):
             raise ApiError(410, "the batch's receipt is past its retention (RECEIPT_RETENTION_DAYS)")
         raise not_found

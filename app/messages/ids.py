@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 _POOL_BYTES = 4096
 _ID_BYTES = 16
@@ -32,6 +33,13 @@ def random_hex_id() -> str:
         start = 0
     pool.position = start + _ID_BYTES
     return pool.data[start : start + _ID_BYTES].hex()
+
+
+def timed_hex_id() -> str:
+    """32 hex digits that begin with the time: 12 of milliseconds since the epoch, a `7`
+    (which tells such an id from others, as UUIDv7's version digit does), then 76 random
+    bits. Receipts stores find a batch by its time (`app.receipts.base.batch_time`)."""
+    return f"{int(time.time() * 1000):012x}7{random_hex_id()[:19]}"
 
 
 def _forget_pool() -> None:

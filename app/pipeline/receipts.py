@@ -12,7 +12,7 @@ from typing import Sequence
 
 from app.broker import ReceivedMessage
 from app.pipeline.scheduling import Held
-from app.receipts.store import Outcome, ReceiptStore
+from app.receipts.base import Outcome, ReceiptStore
 from app.warehouse.base import Rejection
 
 log = logging.getLogger("app.pipeline")

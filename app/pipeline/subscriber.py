@@ -45,10 +45,9 @@ from app.messages.codec import UndecodableMessage, decode_message, readable_body
 from app.messages.deadletters import DeadLetterStore, NewDeadLetter, rejected_activity_message
 from app.pipeline.freshness import Freshness
 from app.pipeline.receipts import ReceiptRecorder
-from app.receipts.store import Outcome
+from app.receipts.base import Outcome, ReceiptStore
 from app.tracing import ATTRIBUTE as TRACEPARENT
 from app.tracing import apply_spans, trace_ids
-from app.receipts.store import ReceiptStore
 from app.pipeline.scheduling import Held, Scheduler, TableQueue, TerminalFailures
 from app.settings import Settings
 from app.warehouse.base import (

@@ -2,7 +2,9 @@
 by one thread in batches, so a request pays for an append, not a SQLite commit.
 
 A lookup flushes the queue first, so a receipt asked for right after its POST is there.
-Receipts queued but not written when the process dies are lost (a report, not the data).
+A write that fails (a store out of reach) is tried again at the next turn, up to
+`MAX_HELD_BATCHES` held; receipts queued but not written when the process dies are lost
+(a report, not the data).
 The same thread purges receipts past the retention every `PURGE_EVERY_SECONDS`.
 """
 
@@ -15,12 +17,13 @@ from collections import Counter, deque
 from typing import Sequence
 
 from app.broker import OutgoingMessage
-from app.receipts.store import Accepted, Receipt, ReceiptStore
+from app.receipts.base import Accepted, Receipt, ReceiptStore
 
 log = logging.getLogger("app.receipts")
 
 PURGE_EVERY_SECONDS = 3600.0
 WRITE_EVERY_SECONDS = 0.05
+MAX_HELD_BATCHES = 100_000  # kept for another try while the store is out of reach
 
 
 def shares_of(counts: Sequence[tuple[str, str]], quarantined: Sequence[tuple[str, int]] = ()) -> list[Accepted]:
@@ -44,6 +47,7 @@ class ReceiptWriter:
         # several microseconds; the writer looks every WRITE_EVERY_SECONDS instead.
         self._pending: deque[tuple] = deque()
         self._write_lock = threading.Lock()
+        self._held: list[tuple] = []  # written batches the store refused, for the next flush
         self._stop = threading.Event()
         self._purged_at = float("-inf")
         self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
@@ -66,14 +70,19 @@ class ReceiptWriter:
     def flush(self) -> None:
         """Writes what is pending now (a lookup's receipt included)."""
         with self._write_lock:
-            batches = []
+            batches = list(self._held)
+            self._held.clear()
             while self._pending:
                 batch_id, key_id, accepted_at, counts, quarantined = self._pending.popleft()
                 batches.append((batch_id, key_id, accepted_at, shares_of(counts, quarantined)))
+            if not batches:
+                return
             try:
                 self.store.add_accepted(batches)
-            except Exception:
-                log.exception("could not record %d receipt(s)", len(batches))
+            except Exception as exc:
+                kept = batches[-MAX_HELD_BATCHES:]
+                self._held.extend(kept)
+                log.warning("could not record %d receipt(s), kept %d for another try: %s", len(batches), len(kept), exc)
 
     def lookup(self, batch_id: str) -> Receipt | None:
         self.flush()

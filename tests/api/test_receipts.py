@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
 from app.api.app import create_app
 from app.keys import new_key, write_keys_file
-from app.receipts.store import Outcome
+from app.receipts.base import Outcome
 from app.schema.identifiers import QUARANTINE_TABLE
 from app.settings import Settings
 
@@ -79,3 +81,11 @@ def test_a_table_whose_activities_a_contract_quarantined_shows_quarantined(tmp_p
     assert (by_table["clicks"]["state"], by_table["clicks"]["activities"], by_table["clicks"]["quarantined"]) == ("quarantined", 0, 2)
     assert by_table[QUARANTINE_TABLE]["state"] == "accepted"  # the quarantine rows themselves, on their way
     assert receipt["state"] == "accepted"
+
+
+def test_a_timed_batch_id_past_retention_answers_410_to_every_key(parts):
+    client, auth = parts
+    made = time.time() - 8 * 86400  # RECEIPT_RETENTION_DAYS is 7
+    old = f"{int(made * 1000):012x}7" + "0" * 19  # as `new_batch_id` makes them, long ago
+    for who in ("orders", "users", "admin"):
+        assert client.get(PATH + "batches/" + old, headers=auth[who]).status_code == 410

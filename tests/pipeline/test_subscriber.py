@@ -25,7 +25,7 @@ from app.broker.local import LocalBroker
 from app.messages.codec import decode_message, encode_batch, json_body, new_batch_id
 from app.messages.deadletters import DeadLetterStore
 from app.pipeline.subscriber import Subscriber
-from app.receipts.store import ReceiptStore
+from app.receipts.sqlite import SqliteReceiptStore
 from app.schema.activity import Activity
 from app.settings import Settings
 from app.warehouse.base import Envelope, TransientWarehouseError, WarehouseUnavailable
@@ -641,7 +641,7 @@ def test_the_tables_of_one_apply_record_their_receipts_in_one_write_before_their
     writes: list[tuple[int, int]] = []  # (outcomes written, messages not yet acked at that moment)
     applies: list[int] = []  # tables per apply_many call
 
-    class Receipts(ReceiptStore):
+    class Receipts(SqliteReceiptStore):
         def add_outcomes(self, outcomes):
             outcomes = list(outcomes)
             writes.append((len(outcomes), broker.backlog().messages))

@@ -1,0 +1,54 @@
+"""The receipts contract suite runs against every store: the local SQLite file, and
+BigQuery's `_ingest_receipts` on bqemulator (a dataset per test; the emulator failing to
+start fails these tests when CI=true)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from app.receipts.base import ReceiptStore
+from app.settings import Settings
+from tests.warehouse.conftest import skip_unless_ci
+
+RETENTION_DAYS = 1.0
+
+
+def _sqlite(tmp_path: Path) -> ReceiptStore:
+    from app.receipts.sqlite import SqliteReceiptStore
+
+    return SqliteReceiptStore(tmp_path / "receipts.sqlite", RETENTION_DAYS * 86400)
+
+
+def _bigquery(tmp_path: Path) -> ReceiptStore:
+    from app.warehouse.registry import open_receipts
+    from tests.support.bqemulator import EmulatorUnavailable, shared_emulator
+
+    try:
+        emu = shared_emulator()
+    except EmulatorUnavailable as exc:
+        skip_unless_ci(str(exc))
+        raise
+    return open_receipts(Settings(
+        data_dir=tmp_path, warehouse="bigquery", gcp_project=emu.project,
+        bigquery_dataset="rc_" + uuid.uuid4().hex[:12], bigquery_emulator_host=emu.rest,
+        bigquery_emulator_grpc_host=emu.grpc, receipt_retention_days=RETENTION_DAYS,
+    ))  # fmt: skip
+
+
+STORES: dict[str, Callable[[Path], ReceiptStore]] = {
+    "sqlite": _sqlite,
+    "bigquery": _bigquery,
+}
+
+
+@pytest.fixture(params=[pytest.param("sqlite"), pytest.param("bigquery", marks=pytest.mark.emulator)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ReceiptStore]:
+    s = STORES[request.param](tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
