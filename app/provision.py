@@ -408,8 +408,10 @@ def provision_pubsub(settings: Settings, report: Report | None = None) -> Report
 
 
 def provision_bigquery(settings: Settings, report: Report | None = None) -> Report:
-    """Create the dataset in BIGQUERY_LOCATION (ok if it exists); report a location mismatch."""
+    """Create the dataset in BIGQUERY_LOCATION (ok if it exists) and its receipts table;
+    report a location mismatch."""
     from app.warehouse.bigquery import BigQueryClient
+    from app.warehouse.bigquery.receipts import BigQueryReceiptStore
 
     report = report if report is not None else Report()
     name = f"{settings.gcp_project}.{settings.bigquery_dataset}"
@@ -429,6 +431,9 @@ def provision_bigquery(settings: Settings, report: Report | None = None) -> Repo
                 "cannot move: set BIGQUERY_LOCATION to its location, or choose another BIGQUERY_DATASET",
                 [f"export BIGQUERY_LOCATION={location}"],
             )
+        receipts = BigQueryReceiptStore(settings, client)
+        # Made here, so the API needs no right to create tables (docs/google-cloud.md, roles).
+        report.add(f"bigquery table {name}.{receipts.ref.table}", receipts.ensure_table())
         return report
     finally:
         client.close()

@@ -295,7 +295,10 @@ def test_dataset_is_created_in_the_configured_location(bigquery_host):
 
     s = settings_for(bigquery_host, bigquery_location="EU")
     report = prov.provision_bigquery(s)
-    assert report.lines == [(f"bigquery dataset test-project.{s.bigquery_dataset}", "created (in EU)")]
+    assert report.lines == [
+        (f"bigquery dataset test-project.{s.bigquery_dataset}", "created (in EU)"),
+        (f"bigquery table test-project.{s.bigquery_dataset}._ingest_receipts", "created"),  # the API writes it
+    ]
     client = make_bigquery_client(s)
     try:
         assert client.get_dataset(f"test-project.{s.bigquery_dataset}").location == "EU"

@@ -159,19 +159,23 @@ class BigQueryReceiptStore(ReceiptStore):
             return
         with self._ready_lock:
             if not self._ready:
-                self._create_or_update()
-                self._ready = True
+                self.ensure_table()
 
-    def _create_or_update(self) -> None:
+    def ensure_table(self) -> str:
+        """Create the table, or set its expiration to the retention's; what was done
+        (`created`, `updated`, `exists`: `pubsub.sh` reports it)."""
         expiration_ms = int(self.retention_seconds * 1000) + DAY_MS
         existing = self.client.get_table(self.ref.api)
         if existing is not None:
+            done = "exists"
             partitioning = existing.time_partitioning
             if partitioning is not None and partitioning.expiration_ms != expiration_ms:  # the retention changed
                 partitioning.expiration_ms = expiration_ms
                 existing.time_partitioning = partitioning
                 self.client.update_table(existing, ["time_partitioning"])
-            return
+                done = "updated (partition expiration)"
+            self._ready = True
+            return done
         table = bigquery.Table(self.ref.api, schema=_FIELDS)
         table.time_partitioning = bigquery.TimePartitioning(
             type_=bigquery.TimePartitioningType.DAY, field="at", expiration_ms=expiration_ms
@@ -185,6 +189,8 @@ class BigQueryReceiptStore(ReceiptStore):
                 raise
             self.client.create_dataset()  # the dataset itself is missing
             self.client.create_table(table, exists_ok=True)
+        self._ready = True
+        return "created"
 
 
 def _utc(seconds: float) -> dt.datetime:
