@@ -77,7 +77,7 @@ class OwnerFence:
             f"NOT EXISTS (SELECT 1 FROM {self.markers.sql} AS fence WHERE fence.table_name = @fence_table "
             "AND fence.dedup_id IN UNNEST(@fence_ids) AND fence.marked_at >= @fence_since "
             "AND IFNULL(fence.attempt, '') != @fence_attempt "
-            "AND (fence.state = 'done' OR fence.marked_at >= @fence_claimed))"
+            "AND (fence.state = @fence_done OR fence.marked_at >= @fence_claimed))"
         )
 
     def params(self) -> list:
@@ -87,6 +87,7 @@ class OwnerFence:
             bigquery.ScalarQueryParameter("fence_since", "TIMESTAMP", self.claimed_at - FENCE_LOOKBACK),
             bigquery.ScalarQueryParameter("fence_attempt", "STRING", self.attempt),
             bigquery.ScalarQueryParameter("fence_claimed", "TIMESTAMP", self.claimed_at),
+            bigquery.ScalarQueryParameter("fence_done", "STRING", DONE),
         ]
 
 
