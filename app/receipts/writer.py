@@ -2,8 +2,9 @@
 by one thread in batches, so a request pays for an append, not a SQLite commit.
 
 A lookup flushes the queue first, so a receipt asked for right after its POST is there.
-A write that fails (a store out of reach) is tried again at the next turn, up to
-`MAX_HELD_BATCHES` held; receipts queued but not written when the process dies are lost
+A write that fails (a store out of reach) is tried again later, backing off from
+`RETRY_FIRST_SECONDS` to `RETRY_MAX_SECONDS` (a down store is not hammered every turn),
+up to `MAX_HELD_BATCHES` held; receipts queued but not written when the process dies are lost
 (a report, not the data).
 The same thread purges receipts past the retention every `PURGE_EVERY_SECONDS`.
 """
@@ -24,6 +25,8 @@ log = logging.getLogger("app.receipts")
 PURGE_EVERY_SECONDS = 3600.0
 WRITE_EVERY_SECONDS = 0.05
 MAX_HELD_BATCHES = 100_000  # kept for another try while the store is out of reach
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 
 
 def shares_of(counts: Sequence[tuple[str, str]], quarantined: Sequence[tuple[str, int]] = ()) -> list[Accepted]:
@@ -48,6 +51,8 @@ class ReceiptWriter:
         self._pending: deque[tuple] = deque()
         self._write_lock = threading.Lock()
         self._held: list[tuple] = []  # written batches the store refused, for the next flush
+        self._retry_delay = 0.0  # after a refused write: the wait before the writer tries again
+        self._retry_at = float("-inf")
         self._stop = threading.Event()
         self._purged_at = float("-inf")
         self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
@@ -82,7 +87,12 @@ class ReceiptWriter:
             except Exception as exc:
                 kept = batches[-MAX_HELD_BATCHES:]
                 self._held.extend(kept)
-                log.warning("could not record %d receipt(s), kept %d for another try: %s", len(batches), len(kept), exc)
+                self._retry_delay = min(RETRY_MAX_SECONDS, self._retry_delay * 2 or RETRY_FIRST_SECONDS)
+                self._retry_at = time.monotonic() + self._retry_delay
+                log.warning("could not record %d receipt(s), kept %d for another try in %.0fs: %s",
+                            len(batches), len(kept), self._retry_delay, exc)
+            else:
+                self._retry_delay = 0.0
 
     def lookup(self, batch_id: str) -> Receipt | None:
         self.flush()
@@ -96,7 +106,8 @@ class ReceiptWriter:
 
     def _run(self) -> None:
         while not self._stop.wait(WRITE_EVERY_SECONDS):
-            self.flush()
+            if time.monotonic() >= self._retry_at:  # a lookup's flush does not wait
+                self.flush()
             if time.monotonic() - self._purged_at >= PURGE_EVERY_SECONDS:
                 self._purged_at = time.monotonic()
                 try:
