@@ -32,12 +32,16 @@ class SerialGrpcProxy(GrpcProxy):
 
     def _stream_stream(self, method: str, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         held = [0]  # requests sent whose answer has not come back, each holding the baton
+        ended = [False]  # the call is over: a baton taken after that is handed back at once
         guard = threading.Lock()
 
         def one_at_a_time() -> Iterator[bytes]:
             for request in requests:
                 self.baton.acquire()
                 with guard:
+                    if ended[0]:  # gRPC's request thread outlived the call (upstream gone)
+                        self.baton.release()
+                        return
                     held[0] += 1
                 yield request
 
@@ -51,6 +55,7 @@ class SerialGrpcProxy(GrpcProxy):
                 yield response
         finally:
             with guard:
+                ended[0] = True
                 left, held[0] = held[0], 0
             for _ in range(left):
                 self.baton.release()
