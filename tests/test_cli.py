@@ -140,7 +140,6 @@ def test_keys_create_list_revoke(tmp_path):
 
 def test_backlog_reports_and_waits_for_drain(tmp_path):
     import asyncio
-    import threading
     import time
 
     from app.broker.local import LocalBroker
@@ -156,19 +155,21 @@ def test_backlog_reports_and_waits_for_drain(tmp_path):
     out = run_cli("backlog", env=env)
     assert out.returncode == 0 and "3 message(s) waiting" in out.stdout, out.stdout + out.stderr
 
-    def consume():
-        time.sleep(1.0)
+    full_env = {**os.environ, "COLUMNS": "240", "NO_COLOR": "1", "TERM": "dumb", "PYTHONPATH": str(ROOT), **env}
+    waiting = subprocess.Popen([sys.executable, "-m", "app", "backlog", "--wait"], cwd=ROOT, env=full_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = waiting.stdout.readline()  # it has counted the backlog: drain it now
+        assert "3 message(s) waiting" in first, first
         while broker.backlog().messages:
             broker.ack(broker.pull(1, 0.5))
             time.sleep(0.3)
-
-    consumer = threading.Thread(target=consume)
-    consumer.start()
-    out = run_cli("backlog", "--wait", env=env)
-    consumer.join()
-    broker.close()
-    assert out.returncode == 0, out.stderr
-    assert "backlog empty" in out.stdout and "3/3" in out.stdout
+        rest, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+        broker.close()
+    assert waiting.returncode == 0, err
+    assert "backlog empty" in rest and "3/3" in rest
 
 
 # ------------------------------------------------------------------ query output
