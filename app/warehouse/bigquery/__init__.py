@@ -8,6 +8,7 @@
 - `writer.py`: Storage Write default stream over long-lived connections, insertAll;
 - `queries.py`: marker lookups, clean-ups, parameterized deletes;
 - `upsert.py`: a run of upserts as one MERGE from a bound `ARRAY<STRUCT>`;
+- `receipts.py`: the delivery receipts store (`_ingest_receipts`), for the API and subscriber;
 - `warehouse.py`: `BigQueryWarehouse`, orchestrating an apply.
 """
 
