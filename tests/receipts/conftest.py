@@ -4,15 +4,12 @@ start fails these tests when CI=true)."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from app.receipts.base import ReceiptStore
-from app.settings import Settings
-from tests.warehouse.conftest import skip_unless_ci
 
 RETENTION_DAYS = 1.0
 
@@ -25,18 +22,10 @@ def _sqlite(tmp_path: Path) -> ReceiptStore:
 
 def _bigquery(tmp_path: Path) -> ReceiptStore:
     from app.warehouse.registry import open_receipts
-    from tests.support.bqemulator import EmulatorUnavailable, shared_emulator
+    from tests.support.bqemulator import shared_emulator
 
-    try:
-        emu = shared_emulator()
-    except EmulatorUnavailable as exc:
-        skip_unless_ci(str(exc))
-        raise
-    return open_receipts(Settings(
-        data_dir=tmp_path, warehouse="bigquery", gcp_project=emu.project,
-        bigquery_dataset="rc_" + uuid.uuid4().hex[:12], bigquery_emulator_host=emu.rest,
-        bigquery_emulator_grpc_host=emu.grpc, receipt_retention_days=RETENTION_DAYS,
-    ))  # fmt: skip
+    emu = shared_emulator()  # skips when it can't start, and fails instead when CI=true
+    return open_receipts(emu.settings(tmp_path, "rc_", receipt_retention_days=RETENTION_DAYS))
 
 
 STORES: dict[str, Callable[[Path], ReceiptStore]] = {

@@ -32,11 +32,15 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from app.warehouse.bigquery.types import BigQueryType, TypeOverride, TypeOverrides
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("BQEMULATOR_VENV", ROOT / ".venv-bqemulator"))
@@ -61,6 +65,16 @@ class BqEmulator:
     grpc: str  # "host:port" of Storage Read/Write (settings.bigquery_emulator_grpc_host)
     project: str
     log_path: Path
+
+    def settings(self, data_dir: Path, dataset_prefix: str, **overrides: Any) -> "Settings":
+        """Settings of a BigQuery deployment on this emulator, in a fresh dataset."""
+        from app.settings import Settings
+
+        return Settings(
+            data_dir=data_dir, warehouse="bigquery", gcp_project=self.project,
+            bigquery_dataset=dataset_prefix + uuid.uuid4().hex[:12], bigquery_emulator_host=self.rest,
+            bigquery_emulator_grpc_host=self.grpc, **overrides,
+        )  # fmt: skip
 
 
 def in_ci() -> bool:

@@ -158,14 +158,7 @@ def _bigquery_backend(tmp_path: Path) -> Backend:
     except EmulatorUnavailable as exc:
         skip_unless_ci(str(exc))
         raise
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        warehouse="bigquery",
-        gcp_project=emu.project,
-        bigquery_dataset="wh_" + uuid.uuid4().hex[:12],
-        bigquery_emulator_host=emu.rest,
-        bigquery_emulator_grpc_host=emu.grpc,
-    )
+    settings = emu.settings(tmp_path / "data", "wh_")
     wh = BigQueryWarehouse(settings, type_overrides=EMULATOR_TYPE_OVERRIDES)
 
     def read_options(table: str) -> dict[str, Any]:

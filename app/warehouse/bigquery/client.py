@@ -212,6 +212,17 @@ class BigQueryClient:
         what = f"create table {table.table_id}"
         return self.rest_call("metadata_update", what, self.rest.create_table, table, exists_ok=exists_ok)
 
+    def create_own_table(self, table: bigquery.Table) -> bigquery.Table:
+        """Create one of the pipeline's own tables (ok if it exists), and the dataset first
+        when that is what is missing."""
+        try:
+            return self.create_table(table, exists_ok=True)
+        except errors.TerminalWarehouseError as exc:
+            if not errors.is_not_found(exc):
+                raise
+        self.create_dataset()
+        return self.create_table(table, exists_ok=True)
+
     def update_table(self, table: bigquery.Table, fields: list[str]) -> bigquery.Table:
         """tables.patch of `fields`, conditional on the table's etag (412 if it changed)."""
         what = f"update {', '.join(fields)} of {table.table_id}"

@@ -38,7 +38,6 @@ from app.receipts.base import (
 )
 from app.schema.identifiers import INTERNAL_PREFIX
 from app.settings import Settings
-from app.warehouse.bigquery import errors
 from app.warehouse.bigquery.client import BigQueryClient
 from app.warehouse.bigquery.schema import TableRef
 from app.warehouse.bigquery.writer import InsertAllWriter, StorageWriter, insert_id, split_rows
@@ -182,13 +181,7 @@ class BigQueryReceiptStore(ReceiptStore):
         )
         table.clustering_fields = ["batch_id"]
         table.description = "ingest pipeline: delivery receipts (accepted batches, settled messages)"
-        try:
-            self.client.create_table(table, exists_ok=True)
-        except errors.TerminalWarehouseError as exc:
-            if not errors.is_not_found(exc):
-                raise
-            self.client.create_dataset()  # the dataset itself is missing
-            self.client.create_table(table, exists_ok=True)
+        self.client.create_own_table(table)
         self._ready = True
         return "created"
 

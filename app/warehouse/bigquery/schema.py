@@ -342,10 +342,4 @@ class TableSchemas:
             )
             t.clustering_fields = ["table_name", "dedup_id"]
             t.description = "ingest pipeline: per dedup_id an 'intent' row before its data, a 'done' row after"
-            try:
-                self.client.create_table(t, exists_ok=True)
-            except errors.TerminalWarehouseError as exc:
-                if not errors.is_not_found(exc):
-                    raise
-                self.client.create_dataset()  # the dataset itself is missing
-                self.client.create_table(t, exists_ok=True)
+            self.client.create_own_table(t)

@@ -4,7 +4,6 @@ fresh dataset per test. The emulator failing to start fails these tests (no skip
 
 from __future__ import annotations
 
-import uuid
 from typing import Iterator
 
 import pytest
@@ -25,14 +24,7 @@ def emu():
 
 @pytest.fixture
 def settings(emu, tmp_path) -> Settings:
-    return Settings(
-        data_dir=tmp_path,
-        warehouse="bigquery",
-        gcp_project=emu.project,
-        bigquery_dataset="bq_" + uuid.uuid4().hex[:12],
-        bigquery_emulator_host=emu.rest,
-        bigquery_emulator_grpc_host=emu.grpc,
-    )
+    return emu.settings(tmp_path, "bq_")
 
 
 @pytest.fixture
