@@ -155,6 +155,8 @@ def test_a_table_a_lagging_listing_missed_is_read_when_its_create_is_refused(wh,
 def test_a_delete_on_a_table_a_lagging_listing_missed_still_deletes(wh, other_replica, monkeypatch) -> None:
     other_replica.apply_many([("lag_del", [env("lag_del", ins("lag_del", COLS, [0]), ins("lag_del", COLS, [1]))])])
     monkeypatch.setattr(wh.client, "list_tables", lambda: [])
-    outcomes = wh.apply_many([("lag_del", [env("lag_del", dele("lag_del", COLS, [0]))]), *batches(["lag_new"], first=5)])
+    outcomes = wh.apply_many(
+        [("lag_del", [env("lag_del", dele("lag_del", COLS, [0]))]), *batches(["lag_new"], first=5)]
+    )
     assert isinstance(outcomes[0], ApplyResult) and outcomes[0].rows_deleted == 1, outcomes
     assert ids(wh, "lag_del") == [1] and ids(wh, "lag_new") == [5]
