@@ -154,7 +154,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"one table {one['seconds']:.1f} s, {one['messages_per_apply']:.1f} msgs/apply", f"{gt['ratio']:.2f}x",
             gt["ratio"] <= TARGETS["6_many_tables_ratio"] and many["lost"] == 0 and many["duplicated"] == 0)
         row("6 100 tables: API calls and bytes per 10,000 activities",
-            f"{many['calls_per_10k']:,.0f} calls ({many['query_jobs_per_10k']:,.0f} query jobs); billed >= "
+            f"{many['calls_per_10k']:,.0f} calls ({many['query_jobs_per_10k']:,.0f} query jobs, "
+            f"{many.get('write_rpcs_per_10k', 0):,.0f} write-stream RPCs); billed >= "
             f"{many['min_bytes_billed_per_10k'] / 1e6:,.0f} MB, processed {many['bytes_processed_per_10k'] / 1e6:,.1f} MB",
             f"one table {one['calls_per_10k']:,.0f} calls; billed >= {one['min_bytes_billed_per_10k'] / 1e6:,.0f} MB", "", None)
     elif gt:

@@ -42,6 +42,7 @@ CALL_TIMEOUT_SECONDS = 30.0  # one HTTP request
 RETRY_DEADLINE_SECONDS = 10.0  # all retries of one call (the library's default is 10 minutes)
 JOB_TIMEOUT_SECONDS = 120.0  # waiting for one query job
 PROBE_TIMEOUT_SECONDS = 5.0  # the readiness probe answers quickly or not at all
+LIST_PAGE_SIZE = 1000  # tables per tables.list page (maxResults; the server may send fewer)
 # Reasons Google says to retry (https://cloud.google.com/bigquery/docs/error-messages#errortable)
 RETRYABLE_REASONS = frozenset({"backendError", "internalError", "rateLimitExceeded", "badGateway"})
 
@@ -202,11 +203,13 @@ class BigQueryClient:
         )
 
     def list_tables(self) -> list[str]:
-        """The names of the dataset's tables (all pages)."""
+        """The names of the dataset's tables (all pages, each one call)."""
         dataset_id = f"{self.project}.{self.dataset}"
-        return self.rest_call(
-            "other", f"list tables of {self.dataset}", lambda **kw: [t.table_id for t in self.rest.list_tables(dataset_id, **kw)]
-        )
+
+        def names(**kw: Any) -> list[str]:
+            return [t.table_id for t in self.rest.list_tables(dataset_id, page_size=LIST_PAGE_SIZE, **kw)]
+
+        return self.rest_call("other", f"list tables of {self.dataset}", names)
 
     def create_table(self, table: bigquery.Table, *, exists_ok: bool = False) -> bigquery.Table:
         what = f"create table {table.table_id}"

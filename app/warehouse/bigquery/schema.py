@@ -19,7 +19,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from google.cloud import bigquery
 
@@ -28,7 +28,7 @@ from app.settings import Settings
 from app.warehouse import plan as planner
 from app.warehouse.bigquery import errors
 from app.warehouse.base import OptionsOutcome
-from app.warehouse.bigquery.client import BigQueryClient
+from app.warehouse.bigquery.client import LIST_PAGE_SIZE, BigQueryClient
 from app.warehouse.bigquery.options import clustering_of, set_options
 from app.warehouse.bigquery.types import TypeMapper
 from app.warehouse.bigquery.widening import with_activity_type
@@ -138,8 +138,25 @@ class TableSchemas:
         self._lock = threading.Lock()
         self._markers_ready = False
         self._markers_lock = threading.Lock()
+        self._listing_calls = 1  # tables.list pages the dataset took when last listed
 
     # ----------------------------------------------------------------- state
+
+    def absent(self, tables: Sequence[str]) -> set[str]:
+        """Of `tables`, those not cached that the dataset's listing lacks, or nothing when
+        listing costs as many calls as the gets it may save. A table new to this cache
+        would cost a `tables.get` each; one listing finds which of them are missing, and
+        those are created without reading them first. A listing may lag a table made just
+        now, so "absent" is only a hint: a create of a table that exists is refused (409,
+        `SchemaRaced`: re-read and re-plan), and a plan that creates nothing reads the
+        table itself (`warehouse._plan_and_prepare_schema`)."""
+        with self._lock:
+            unknown = [t for t in dict.fromkeys(tables) if t not in self._states]
+        if len(unknown) <= self._listing_calls:
+            return set()
+        listed = set(self.client.list_tables())
+        self._listing_calls = max(1, -(-len(listed) // LIST_PAGE_SIZE))
+        return {t for t in unknown if t not in listed}
 
     def state(self, table: str) -> TableState | None:
         """The cached state, read from BigQuery when not cached (a missing table is not cached)."""

@@ -320,14 +320,16 @@ class BigQueryWarehouse(Warehouse):
         """Per table, tables in parallel (table creation and schema reads are round trips):
         what the lookup says is left to do, planned and converted, its schema brought up
         to the plan, leftovers of unfinished attempts cleaned up."""
+        absent = self._absent([jobs[pos].ref.table for pos in unknown])
         done = self._in_parallel(
             {
                 pos: functools.partial(
-                    self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], fences[pos], results[pos]
+                    self._stage_one, jobs[pos], uniques[pos], ids, lookups[jobs[pos].ref.table], fences[pos], results[pos],
+                    jobs[pos].ref.table in absent,
                 )
                 for pos, ids in unknown.items()
             }
-        )
+        )  # fmt: skip
         staged: dict[int, _Staged] = {}
         for pos, outcome in done.items():
             if isinstance(outcome, _Staged):
@@ -335,6 +337,14 @@ class BigQueryWarehouse(Warehouse):
             else:
                 out[pos] = outcome
         return staged
+
+    def _absent(self, tables: list[str]) -> set[str]:
+        """Tables new to the schema cache that one listing says are missing (`TableSchemas.absent`)."""
+        try:
+            return self.schemas.absent(tables)
+        except Exception as exc:  # only a hint: each table's own read reports the error
+            log.debug("listing the tables of %s failed: %s", self.dataset, exc)
+            return set()
 
     def _stage_one(
         self,
@@ -344,6 +354,7 @@ class BigQueryWarehouse(Warehouse):
         lookup: MarkerLookup,
         fence: OwnerFence,
         result: ApplyResult,
+        listed_absent: bool = False,
     ) -> _Staged | ApplyResult:
         self._remember_done(lookup.done)
         wanted = set(ids)
@@ -351,7 +362,9 @@ class BigQueryWarehouse(Warehouse):
         result.skipped_duplicates += len(unique) - len(todo)
         if not todo:
             return result
-        plan, state, created, writes, oversized = self._plan_and_prepare_schema(job.ref, todo, job.refused, fence)
+        plan, state, created, writes, oversized = self._plan_and_prepare_schema(
+            job.ref, todo, job.refused, fence, listed_absent
+        )
         unfinished = {i: at for i, at in lookup.unfinished.items() if i in unique}
         todo_ids = [e.dedup_id for e in todo]
         if unfinished and state is not None and not created:  # a table created just now holds no leftovers
@@ -535,13 +548,20 @@ class BigQueryWarehouse(Warehouse):
             result.rows_deleted += self.queries.dml(sql, params, job_id, f"delete from {ref.table}")
 
     def _plan_and_prepare_schema(
-        self, ref: TableRef, todo: list[Envelope], refused: dict[tuple[str, int], str], fence: OwnerFence
+        self,
+        ref: TableRef,
+        todo: list[Envelope],
+        refused: dict[tuple[str, int], str],
+        fence: OwnerFence,
+        listed_absent: bool = False,
     ) -> tuple[planner.Plan, TableState | None, bool, list[tuple[str, Any, int]], list[Rejection]]:
         """Plan, convert every value, and bring the table's schema up to the plan.
 
-        Re-planned when another writer changed the table under us.
+        Re-planned when another writer changed the table under us. `listed_absent`: a
+        listing of the dataset just lacked the table, so it is planned as missing without
+        reading it; if it exists after all, its create is refused and it is read then.
         """
-        state = self.schemas.state(ref.table)
+        state = None if listed_absent else self.schemas.state(ref.table)
         for _ in range(SCHEMA_RETRIES):
             plan = self._plan(ref.table, state, todo, refused)
             new_columns: list[planner.Column] = []
@@ -557,6 +577,11 @@ class BigQueryWarehouse(Warehouse):
                     new_columns.extend(step.columns)
                 elif isinstance(step, planner.AddColumns):
                     new_columns.extend(step.columns)
+            if listed_absent and not create:
+                # nothing here would create it (deletes only): read the table, a listing may lag
+                listed_absent = False
+                state = self.schemas.fetch(ref.table)
+                continue
             try:
                 writes, oversized = self._prepare(ref, plan, todo, fence)
             except (ValueError, TypeError, ArithmeticError, OverflowError) as exc:
@@ -574,6 +599,7 @@ class BigQueryWarehouse(Warehouse):
                 return plan, state, create, writes, oversized  # state None: only deletes on a missing table
             except SchemaRaced as raced:
                 log.info("schema of %s changed concurrently (%s); re-reading", ref.table, raced)
+                listed_absent = False
                 state = self.schemas.fetch(ref.table)
         raise TransientWarehouseError(f"schema of {ref.table} kept changing under us")
 

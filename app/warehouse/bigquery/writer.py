@@ -35,6 +35,7 @@ from google.api_core import exceptions as gexc
 from google.api_core import retry as retries
 from google.api_core.future import polling
 from google.cloud.bigquery_storage_v1 import types as storage_types
+from google.cloud.bigquery_storage_v1 import writer as storage_writer
 from google.cloud.bigquery_storage_v1.writer import AppendRowsStream
 
 from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError
@@ -59,6 +60,12 @@ _NEVER_COMMITS = {
 _TRANSIENT = retries.if_exception_type(gexc.DeadlineExceeded, gexc.ResourceExhausted, gexc.ServiceUnavailable)
 # AppendRowsFuture polls for its result; poll briefly instead of the 1 s default step.
 _RESULT_POLLING = polling.DEFAULT_POLLING.with_delay(initial=0.001, maximum=0.02, multiplier=1.5)
+# Opening an AppendRows call, the pinned client sleeps in steps of `_WRITE_OPEN_INTERVAL`
+# (80 ms) until the call is active (bigquery_storage_v1/writer.py `_Connection._open`),
+# so every open, one per table and apply (each has a PENDING stream of its own), took at
+# least 80 ms however soon the call was up; it has no parameter for it.
+OPEN_POLL_SECONDS = 0.005
+storage_writer._WRITE_OPEN_INTERVAL = OPEN_POLL_SECONDS
 
 MAX_INSERT_ALL_BYTES = 8 * 1024 * 1024  # insertAll: 10 MB per request
 MAX_INSERT_ALL_ROWS = 10_000

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.warehouse.base import ApplyResult, TransientWarehouseError
-from tests.support.builders import env, ins
+from tests.support.builders import dele, env, ins
 from tests.warehouse.bigquery.support import ids
 
 COLS = [("id", "integer")]
@@ -105,3 +105,58 @@ def test_a_table_named_twice_applies_both_batches_in_order(wh) -> None:
 def test_an_invalid_table_name_is_rejected_without_stopping_the_others(wh, bad: str) -> None:
     outcomes = wh.apply_many([(bad, [env(bad, ins(bad, COLS, [1]))]), ("fine", [env("fine", ins("fine", COLS, [1]))])])
     assert len(outcomes[0].rejections) == 1 and outcomes[1].rows_inserted == 1
+
+
+def _reads_of_tables(wh, monkeypatch) -> tuple[list[str], list[int]]:
+    """Counts the calls that learn tables' schemas: `tables.get` of user tables, and listings."""
+    gets: list[str] = []
+    listings = [0]
+    real_get, real_list = wh.client.get_table, wh.client.list_tables
+
+    def get_table(table_id: str) -> Any:
+        if not table_id.endswith("._ingest_markers"):
+            gets.append(table_id.rsplit(".", 1)[1])
+        return real_get(table_id)
+
+    def list_tables() -> list[str]:
+        listings[0] += 1
+        return real_list()
+
+    monkeypatch.setattr(wh.client, "get_table", get_table)
+    monkeypatch.setattr(wh.client, "list_tables", list_tables)
+    return gets, listings
+
+
+def test_new_tables_are_found_missing_by_one_listing_not_a_read_each(wh, monkeypatch) -> None:
+    wh.apply_many(batches(["known"]))  # the markers table exists, `known` is cached
+    gets, listings = _reads_of_tables(wh, monkeypatch)
+    tables = [f"fresh_{i}" for i in range(6)]
+    outcomes = wh.apply_many(batches(["known", *tables], first=10))
+    assert all(isinstance(o, ApplyResult) and o.rows_inserted == 1 for o in outcomes), outcomes
+    assert (gets, listings[0]) == ([], 1)  # was a tables.get per new table
+    assert [ids(wh, t) for t in tables] == [[11 + n] for n in range(6)]
+
+
+def test_one_new_table_is_read_not_listed(wh, monkeypatch) -> None:
+    wh.apply_many(batches(["known"]))
+    gets, listings = _reads_of_tables(wh, monkeypatch)
+    wh.apply_many(batches(["known", "alone"], first=10))
+    assert (gets, listings[0]) == (["alone"], 0)  # a listing would cost as much as the read
+
+
+def test_a_table_a_lagging_listing_missed_is_read_when_its_create_is_refused(wh, other_replica, monkeypatch) -> None:
+    other_replica.apply_many(batches(["lag_a"]))  # another replica created it, with row 0
+    monkeypatch.setattr(wh.client, "list_tables", lambda: [])  # a listing that does not show it yet
+    outcomes = wh.apply_many([("lag_a", [env("lag_a", ins("lag_a", COLS, [1]))]), *batches(["lag_b"], first=2)])
+    assert all(isinstance(o, ApplyResult) and o.rows_inserted == 1 for o in outcomes), outcomes
+    assert ids(wh, "lag_a") == [0, 1] and ids(wh, "lag_b") == [2]
+
+
+def test_a_delete_on_a_table_a_lagging_listing_missed_still_deletes(wh, other_replica, monkeypatch) -> None:
+    other_replica.apply_many([("lag_del", [env("lag_del", ins("lag_del", COLS, [0]), ins("lag_del", COLS, [1]))])])
+    monkeypatch.setattr(wh.client, "list_tables", lambda: [])
+    outcomes = wh.apply_many(
+        [("lag_del", [env("lag_del", dele("lag_del", COLS, [0]))]), *batches(["lag_new"], first=5)]
+    )
+    assert isinstance(outcomes[0], ApplyResult) and outcomes[0].rows_deleted == 1, outcomes
+    assert ids(wh, "lag_del") == [1] and ids(wh, "lag_new") == [5]

@@ -78,6 +78,33 @@ def test_markers_connection_is_reused_and_each_apply_commits_a_pending_stream_of
     assert ids(wh, t) == [0, 1, 2, 3]
 
 
+def test_opening_a_connection_waits_in_short_steps_not_the_clients_80_ms(wh, monkeypatch) -> None:
+    """Every table's apply opens a connection (its PENDING stream); the pinned client sleeps
+    in steps of `_WRITE_OPEN_INTERVAL` until the call is up (80 ms unless we set it)."""
+    import inspect
+    import time
+
+    from google.cloud.bigquery_storage_v1 import writer as storage_writer
+
+    from app.warehouse.bigquery.writer import OPEN_POLL_SECONDS
+
+    assert "_WRITE_OPEN_INTERVAL" in storage_writer._Connection._open.__code__.co_names  # still how it waits
+    real_sleep = time.sleep
+    open_steps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        if inspect.currentframe().f_back.f_globals is vars(storage_writer):  # type: ignore[union-attr]
+            open_steps.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    t = "open_steps"
+    for n in range(3):
+        wh.apply(t, [env(t, ins(t, [("id", "integer")], [n]))])
+    assert set(open_steps) <= {OPEN_POLL_SECONDS} and OPEN_POLL_SECONDS < 0.08
+    assert ids(wh, t) == [0, 1, 2]
+
+
 def stream_name(wh: BigQueryWarehouse, table: str) -> str:
     return f"projects/{wh.project}/datasets/{wh.dataset}/tables/{table}/streams/_default"
 
