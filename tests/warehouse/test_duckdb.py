@@ -20,6 +20,7 @@ from app.warehouse import open_read_only
 from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
 from app.warehouse.duckdb import (
     APPLIED_TABLE,
+    COLUMNS_TABLE,
     COLUMN_TYPES,
     DuckDBFileLocked,
     DuckDBFileReader,
@@ -173,6 +174,29 @@ def test_bignumeric_76_digits_lossless(wh: DuckDBWarehouse) -> None:
     # bignumeric does not silently merge with string
     r = wh.apply("t", [env("t", ins("t", [("b", "string")], ["1"]))])
     assert r.rejections[0].reason == "column 'b' is bignumeric in table t, activity sends string"
+
+
+def test_only_columns_whose_stored_type_is_ambiguous_are_recorded_and_a_recreated_table_forgets_old_ones(
+    settings: Settings,
+) -> None:
+    wh = DuckDBWarehouse(settings)
+    try:
+        wh.apply("t", [env("t", ins("t", [("id", "integer"), ("b", "bignumeric"), ("s", "string")], [1, "1.5", "x"]))])
+        recorded = wh.query(f"SELECT table_name, column_name, activity_type FROM {COLUMNS_TABLE} ORDER BY 2")[1]
+        assert recorded == [("t", "b", "bignumeric")]  # integer and string read back from BIGINT and VARCHAR
+    finally:
+        wh.close()
+    con = duckdb.connect(str(settings.duckdb_file))  # dropped outside the pipeline
+    con.execute('DROP TABLE "t"')
+    con.close()
+    wh = DuckDBWarehouse(settings)
+    try:
+        wh.apply("t", [env("t", ins("t", [("id", "integer"), ("b", "string")], [2, "two"]))])
+        assert wh.table_schema("t") == {"id": "integer", "b": "string"}  # not the old bignumeric row
+        r = wh.apply("t", [env("t", ins("t", [("b", "string")], ["three"]))])
+        assert r.rejections == [] and r.rows_inserted == 1
+    finally:
+        wh.close()
 
 
 def test_numeric_is_exact_decimal_38_9(wh: DuckDBWarehouse) -> None:

@@ -1,7 +1,8 @@
 """What the DuckDB file holds: the pipeline's bookkeeping tables, user tables, their schemas.
 
 The activity types of the columns are kept in `_ingest_columns` (VARCHAR is ambiguous
-between string and bignumeric); a column missing there reads through the type mapper.
+between string and bignumeric); a column missing there reads through the type mapper, so
+a created table records only its ambiguous columns (`Writer.needs_record`).
 A table's key (fixed by its first upsert) is kept in `_ingest_keys`, for every keyed
 table: only a table created by an upsert also declares it as its PRIMARY KEY (one that
 existed before may hold rows sharing a key, until upserts replace them).
