@@ -550,6 +550,37 @@ def test_the_schema_cache_is_bounded_and_a_dropped_schema_is_read_again(tmp_path
         wh.close()
 
 
+class _RecordingConnection:
+    """The warehouse's connection, recording each statement it runs."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con, self.statements = con, []
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.statements.append(sql)
+        return self._con.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+def test_tables_new_to_the_file_cost_no_catalog_query_and_known_ones_are_read_once(tmp_path):
+    wh = DuckDBWarehouse(Settings(data_dir=tmp_path, table_cache_size=10))
+    try:
+        wh._connection()
+        wh._con = recording = _RecordingConnection(wh._con)
+        cols = [("v", "integer")]
+        assert all(not isinstance(o, Exception) for o in wh.apply_many([(t, [env(t, ins(t, cols, [1]))]) for t in ("a", "b", "c")]))
+        assert not [sql for sql in recording.statements if "information_schema" in sql]
+        wh._schemas.clear()  # as if evicted: the existing tables' schemas are read, in one query
+        recording.statements.clear()
+        assert all(not isinstance(o, Exception) for o in wh.apply_many([(t, [env(t, ins(t, cols, [2]))]) for t in ("a", "b", "c")]))
+        assert len([sql for sql in recording.statements if "information_schema" in sql]) == 1
+        assert wh.query("SELECT count(*) FROM a")[1] == [(2,)]
+    finally:
+        wh.close()
+
+
 # --- keys (upserts) ---
 
 

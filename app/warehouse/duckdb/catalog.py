@@ -83,6 +83,12 @@ def read_schemas(con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> dict[
     return schemas
 
 
+def table_names(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Lower-case names of every table in the file (the pipeline's own included)."""
+    rows = con.execute("SELECT lower(table_name) FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
+    return {name for (name,) in rows}
+
+
 def list_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
     """User tables, sorted; a table not named as the pipeline names tables is not one of them."""
     rows = con.execute(

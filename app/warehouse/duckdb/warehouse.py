@@ -87,6 +87,9 @@ class DuckDBWarehouse(Warehouse):
         # Schemas of tables this process wrote, valid because it is the only writer (the
         # file lock); dropped on any error or reconnect so a retry re-reads the catalog.
         self._schemas: LruCache[str, Schema] = LruCache(settings.table_cache_size)
+        # Lower-case names of the file's tables, read once per connection (same validity):
+        # a table new to the file needs no catalog query (one costs ~36 ms on 1,000 tables).
+        self._tables: set[str] | None = None
         self.capabilities = duckdb_capabilities(self._spatial)
         try:
             self._connection()
@@ -135,13 +138,22 @@ class DuckDBWarehouse(Warehouse):
             return con
 
     def _drop_connection(self) -> None:
-        self._schemas.clear()
+        self._forget_catalog()
         con, self._con = self._con, None
         if con is not None:
             try:
                 con.close()
             except duckdb.Error:
                 pass
+
+    def _forget_catalog(self) -> None:
+        self._schemas.clear()
+        self._tables = None
+
+    def _table_names(self, con: duckdb.DuckDBPyConnection) -> set[str]:
+        if self._tables is None:
+            self._tables = catalog.table_names(con)
+        return self._tables
 
     def ready(self) -> tuple[bool, str]:
         try:
@@ -279,7 +291,8 @@ class DuckDBWarehouse(Warehouse):
             con.execute("BEGIN TRANSACTION")
             try:
                 new_ids = writer.claim([env for _, envelopes in group for env in envelopes], all_new)
-                unknown = [table for table, _ in group if table.lower() not in self._schemas]
+                existing = self._table_names(con)
+                unknown = [table for table, _ in group if table.lower() not in self._schemas and table.lower() in existing]
                 read = catalog.read_schemas(con, unknown) if unknown else {}
                 for position, (table, envelopes) in enumerate(group):
                     result = results[position]
@@ -300,7 +313,7 @@ class DuckDBWarehouse(Warehouse):
                 writer.finish()
                 con.execute("COMMIT")
             except BaseException:
-                self._schemas.clear()
+                self._forget_catalog()
                 try:
                     con.execute("ROLLBACK")
                 except duckdb.Error:
@@ -319,6 +332,8 @@ class DuckDBWarehouse(Warehouse):
             except duckdb.Error:
                 pass
         self._schemas.update(schemas.items())
+        if self._tables is not None:
+            self._tables.update(schemas)
         self._maybe_prune()
         return results
 
