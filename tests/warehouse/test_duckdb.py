@@ -581,6 +581,25 @@ def test_tables_new_to_the_file_cost_no_catalog_query_and_known_ones_are_read_on
         wh.close()
 
 
+def test_a_stream_over_many_small_tables_does_not_fill_the_memory_limit(tmp_path):
+    # DuckDB keeps each table's rows written since the last checkpoint in memory it cannot
+    # evict (~90 KB a table): 400 tables overflow 16 MB unless the file is reopened.
+    settings = Settings(data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=50)
+    wh = DuckDBWarehouse(settings)
+    try:
+        cols = [("v", "integer"), ("s", "string")]
+        tables = [f"t{i}" for i in range(400)]
+        for start in range(0, len(tables), 10):
+            outcomes = wh.apply_many([(t, [env(t, ins(t, cols, [1, "x"]))]) for t in tables[start : start + 10]])
+            assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+        assert wh.count_rows(tables) == {t: 1 for t in tables}
+        wh._con = recording = _RecordingConnection(wh._con)  # the caches outlive a reopen
+        wh.apply_many([(t, [env(t, ins(t, cols, [2, "y"]))]) for t in tables[:3]])
+        assert not [sql for sql in recording.statements if "information_schema" in sql]
+    finally:
+        wh.close()
+
+
 # --- keys (upserts) ---
 
 

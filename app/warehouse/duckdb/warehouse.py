@@ -76,6 +76,8 @@ class DuckDBWarehouse(Warehouse):
         self.path = Path(settings.duckdb_file)
         self._memory_limit = settings.duckdb_memory_limit
         self._threads = settings.duckdb_threads
+        self._reopen_after_tables = settings.duckdb_reopen_after_tables
+        self._tables_written = 0  # table applies committed on this connection
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = None
         # Whether geography is GEOMETRY (spatial loads) or WKT text; refined on connect and
@@ -139,6 +141,10 @@ class DuckDBWarehouse(Warehouse):
 
     def _drop_connection(self) -> None:
         self._forget_catalog()
+        self._close_connection()
+
+    def _close_connection(self) -> None:
+        self._tables_written = 0
         con, self._con = self._con, None
         if con is not None:
             try:
@@ -334,8 +340,32 @@ class DuckDBWarehouse(Warehouse):
         self._schemas.update(schemas.items())
         if self._tables is not None:
             self._tables.update(schemas)
+        self._tables_written += len(group)
+        self._maybe_reopen()
         self._maybe_prune()
         return results
+
+    def _maybe_reopen(self) -> None:
+        """Close and reopen the file after `DUCKDB_REOPEN_AFTER_TABLES` table applies.
+
+        DuckDB 1.5 keeps each table's rows written since the last checkpoint in memory it
+        cannot evict (~90 KB a table however few rows; its own checkpoint waits for 16 MB of
+        WAL), and ~30 KB a table it touched until the database closes: a stream over
+        thousands of small tables filled `DUCKDB_MEMORY_LIMIT` and every apply then failed.
+        Closing checkpoints and frees both; reopening loads tables lazily. The caches stay:
+        the file lock is let go only between the close and the open, in this call.
+        """
+        if self._tables_written < self._reopen_after_tables:
+            return
+        schemas, tables = self._schemas, self._tables
+        self._close_connection()
+        try:
+            self._connection(spatial=self._spatial_loaded)
+        except TransientWarehouseError as exc:
+            log.warning("reopening the DuckDB file failed (the next apply tries again): %s", exc)
+            self._forget_catalog()
+            return
+        self._schemas, self._tables = schemas, tables
 
     def _maybe_prune(self) -> None:
         """Forget dedup_ids older than the redelivery window (at most once per hour)."""
