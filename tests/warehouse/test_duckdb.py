@@ -600,6 +600,25 @@ def test_a_stream_over_many_small_tables_does_not_fill_the_memory_limit(tmp_path
         wh.close()
 
 
+def test_inserts_staged_together_land_in_their_own_tables_in_order(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("s", "string")]
+    other = [("id", "integer"), ("ts", "timestamp")]
+    wh._connection()
+    wh._con = recording = _RecordingConnection(wh._con)
+    outcomes = wh.apply_many([
+        ("a", [env("a", ins("a", cols, [1, "a1"]), ins("a", cols, [2, "a2"]), dele("a", [("id", "integer")], [1]),
+                   ins("a", cols, [1, "a3"]))]),  # two runs of inserts around a delete, both staged
+        ("b", [env("b", ins("b", cols, [1, "b1"]))]),
+        ("c", [env("c", ins("c", other, [1, "2024-01-01T00:00:00Z"]))]),  # columns of its own: inserted alone
+    ])
+    assert [o.rows_inserted for o in outcomes] == [3, 1, 1]
+    assert len([sql for sql in recording.statements if sql.startswith("CREATE TEMP TABLE")]) == 1
+    assert wh.query('SELECT id, s FROM "a" ORDER BY s')[1] == [(2, "a2"), (1, "a3")]
+    assert wh.query('SELECT id, s FROM "b"')[1] == [(1, "b1")]
+    assert wh.query('SELECT id FROM "c"')[1] == [(1,)]
+    assert wh.query("SELECT count(*) FROM duckdb_tables() WHERE temporary")[1] == [(0,)]  # dropped before COMMIT
+
+
 # --- keys (upserts) ---
 
 

@@ -22,6 +22,7 @@ APPLIED_TABLE = INTERNAL_PREFIX + "applied"
 COLUMNS_TABLE = INTERNAL_PREFIX + "columns"
 KEYS_TABLE = INTERNAL_PREFIX + "keys"
 STAGE_VIEW = INTERNAL_PREFIX + "stage"  # connection-local Arrow view used while applying
+STAGE_TABLE = "temp." + INTERNAL_PREFIX + "staged"  # + a number: temporary tables of one apply's inserts
 _COUNTS_PER_QUERY = 50
 
 

@@ -45,7 +45,7 @@ from app.warehouse.base import (
 )
 from app.warehouse.cache import LruCache
 from app.warehouse.duckdb import catalog
-from app.warehouse.duckdb.apply import SeenBefore, SpatialNeeded, Writer, first_of_new
+from app.warehouse.duckdb.apply import SeenBefore, SpatialNeeded, TablePlan, Writer, first_of_new
 from app.warehouse.duckdb.capabilities import duckdb_capabilities
 from app.warehouse.duckdb.catalog import APPLIED_TABLE, STAGE_VIEW
 from app.warehouse.duckdb.connection import open_connection, spatial_extension_path
@@ -300,16 +300,26 @@ class DuckDBWarehouse(Warehouse):
                 existing = self._table_names(con)
                 unknown = [table for table, _ in group if table.lower() not in self._schemas and table.lower() in existing]
                 read = catalog.read_schemas(con, unknown) if unknown else {}
-                for position, (table, envelopes) in enumerate(group):
-                    result = results[position]
+                known: list[Schema | None] = []
+                plans: list[TablePlan | None] = []
+                for position, (table, envelopes) in enumerate(group):  # plan every table first
+                    known.append(self._schemas.get(table.lower()) or read.get(table.lower()))
                     try:
-                        schema = writer.apply_table(
+                        plans.append(writer.plan_table(
                             table,
-                            first_of_new(envelopes, new_ids, result),
-                            self._schemas.get(table.lower()) or read.get(table.lower()),
-                            result,
+                            first_of_new(envelopes, new_ids, results[position]),
+                            known[position],
+                            results[position],
                             spatial_missing=self._spatial and not self._spatial_loaded,
-                        )
+                        ))
+                    except SpatialNeeded:
+                        raise
+                    except Exception as exc:
+                        raise _TableFailed(position) from exc
+                writer.stage([planned for planned in plans if planned is not None])
+                for position, ((table, _), planned) in enumerate(zip(group, plans)):
+                    try:
+                        schema = known[position] if planned is None else writer.execute(table, planned, results[position])
                     except (SpatialNeeded, SeenBefore):
                         raise
                     except Exception as exc:
