@@ -600,6 +600,28 @@ def test_a_stream_over_many_small_tables_does_not_fill_the_memory_limit(tmp_path
         wh.close()
 
 
+def test_an_apply_that_ran_out_of_memory_reopens_the_file_and_the_stream_goes_on(tmp_path):
+    settings = Settings(data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=100_000)
+    wh = DuckDBWarehouse(settings)
+    try:
+        cols = [("v", "integer"), ("s", "string")]
+        tables = [f"t{i}" for i in range(600)]
+        failures = 0
+        for start in range(0, len(tables), 10):
+            for _ in range(3):  # the subscriber retries a transient error
+                outcomes = wh.apply_many([(t, [env(t, ins(t, cols, [1, "x"]))]) for t in tables[start : start + 10]])
+                if not any(isinstance(o, Exception) for o in outcomes):
+                    break
+                assert all(isinstance(o, TransientWarehouseError) for o in outcomes)
+                failures += 1
+            else:
+                pytest.fail(f"stuck at {tables[start]}: {outcomes[0]}")
+        assert failures >= 1  # the limit was reached (else this test shows nothing)
+        assert wh.count_rows(tables) == {t: 1 for t in tables}
+    finally:
+        wh.close()
+
+
 def test_inserts_staged_together_land_in_their_own_tables_in_order(wh: DuckDBWarehouse) -> None:
     cols = [("id", "integer"), ("s", "string")]
     other = [("id", "integer"), ("ts", "timestamp")]
