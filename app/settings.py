@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     duckdb_path: Path | None = Field(None, description="DuckDB file; default `$DATA_DIR/warehouse.duckdb`.")
     duckdb_memory_limit: str = Field("512MB", description="Cap on DuckDB's buffer pool in the subscriber (e.g. 128MB, 1GB).")
     duckdb_threads: int = Field(1, ge=1, description="DuckDB worker threads in the subscriber (appends gain nothing from more).")
+    duckdb_reopen_after_tables: int = Field(
+        2000, ge=1, description="The subscriber closes and reopens the DuckDB file after this many table applies (DuckDB frees per-table memory only then)."
+    )
     broker_path: Path | None = Field(None, description="Local broker file; default `$DATA_DIR/broker.sqlite`.")
     dead_letter_path: Path | None = Field(None, description="Dead-letter store; default `$DATA_DIR/dead_letters.sqlite`.")
     receipts_path: Path | None = Field(None, description="Delivery receipts; default `receipts.sqlite` next to the broker file.")

@@ -7,7 +7,7 @@ client for the end-to-end test), each bounded in time.
 
     .venv/bin/python -m scripts.bench            # full run (~5 minutes), from the repo root
     .venv/bin/python -m scripts.bench --quick    # smoke version (~2 minutes)
-    options: --only api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables,gcp_upsert  --backlog N  --seconds S  --keep
+    options: --only api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables,gcp_upsert  --backlog N  --seconds S  --wide-tables N  --keep
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--only", default="api,keys,drain,many_tables,upsert,e2e,bigquery,gcp,gcp_tables,gcp_upsert", help="comma-separated sections")
     p.add_argument("--seconds", type=float, help="duration of each load (default 8, quick 3)")
     p.add_argument("--backlog", type=int, help="activities in the drain backlog (default 1,000,000, quick 200,000)")
+    p.add_argument("--wide-tables", type=int, help="many_tables: also drain its rows over this many tables (default 10,000, quick 0)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs, data)")
@@ -54,6 +55,7 @@ def main() -> int:
         return 0
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     backlog = args.backlog or (200_000 if args.quick else 1_000_000)
+    wide_tables = args.wide_tables if args.wide_tables is not None else (0 if args.quick else 10_000)
     only = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     results: dict[str, Any] = {}
@@ -63,7 +65,8 @@ def main() -> int:
         ("api", lambda: bench_api(tmp, seconds, results, 1 if args.quick else 2)),
         ("keys", lambda: bench_keys(results, 5 if args.quick else 15)),
         ("drain", lambda: bench_drain(tmp, backlog, 5_000 if args.quick else 20_000, results)),
-        ("many_tables", lambda: bench_many_tables(tmp, results, requests=100 if args.quick else 500, log=log)),
+        ("many_tables", lambda: bench_many_tables(tmp, results, requests=100 if args.quick else 500, log=log,
+                                                  wide_tables=wide_tables)),
         ("upsert", lambda: bench_upsert(tmp, results, rows=20_000 if args.quick else 100_000,
                                         keys=2_000 if args.quick else 10_000, rounds=1 if args.quick else 3, log=log)),
         ("e2e", lambda: bench_e2e(tmp, seconds * 2, e2e_rate(results), results)),

@@ -114,12 +114,16 @@ def drain_seconds(log_path: Path) -> float:
 
 
 def bench_many_tables(tmp: Path, results: dict[str, Any], requests: int = 500, per_request: int = 100,
-                      tables: int = 1000, tables_per_request: int = 100, log=print) -> None:
-    """One table against `tables` tables, the same rows (issue 20's shape by default)."""
+                      tables: int = 1000, tables_per_request: int = 100, wide_tables: int = 0, log=print) -> None:
+    """One table against `tables` tables, the same rows (issue 20's shape by default); with
+    `wide_tables`, the same rows once more over that many tables (its peak RSS is a target)."""
     one = drain(tmp, "one_table", requests, per_request, 1, 1, log)
     many = drain(tmp, "many_tables", requests, per_request, tables, tables_per_request, log)
     results["many_tables"] = {"one_table": one, "many_tables": many, "slowdown": many["seconds"] / one["seconds"]}
     log(f"  many tables / one table: {many['seconds'] / one['seconds']:.2f}x the time")
+    if wide_tables:
+        wide = drain(tmp, "wide_tables", requests, per_request, wide_tables, tables_per_request, log)
+        results["many_tables"]["wide_tables"] = wide
 
 
 if __name__ == "__main__":
@@ -131,8 +135,10 @@ if __name__ == "__main__":
     parser.add_argument("--per-request", type=int, default=100)
     parser.add_argument("--tables", type=int, default=1000)
     parser.add_argument("--tables-per-request", type=int, default=100)
+    parser.add_argument("--wide-tables", type=int, default=0, help="also drain the rows over this many tables")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out: dict[str, Any] = {}
-        bench_many_tables(Path(tmp), out, args.requests, args.per_request, args.tables, args.tables_per_request)
+        bench_many_tables(Path(tmp), out, args.requests, args.per_request, args.tables, args.tables_per_request,
+                          args.wide_tables)
         print(json.dumps(out, indent=2))

@@ -79,7 +79,8 @@ METHOD = """
 - **7 many tables.** The same 50,000 one-row activities (500 requests of 100) are published as the API
   would, once all to one table (500 messages) and once over 1,000 tables, each request spread over 100 of
   them (50,000 messages); a real subscriber drains each backlog, timed by its own log ("subscriber
-  started" to the last "applied"), with its peak RSS sampled (`scripts/bench/many_tables.py`).
+  started" to the last "applied"), with its peak RSS sampled (`scripts/bench/many_tables.py`). A full run
+  drains the same rows once more over 10,000 tables (`--wide-tables`) for the RSS target.
 - **8 upsert drain.** 100,000 activities over 10,000 random keys (500 per request, one table) are
   published as the API would, once as inserts and once as upserts of the same rows; a real subscriber
   drains each into DuckDB, timed by its own log as in 7; alternating rounds, medians

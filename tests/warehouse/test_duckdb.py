@@ -20,6 +20,7 @@ from app.warehouse import open_read_only
 from app.warehouse.base import TerminalWarehouseError, TransientWarehouseError, WarehouseQueryError
 from app.warehouse.duckdb import (
     APPLIED_TABLE,
+    COLUMNS_TABLE,
     COLUMN_TYPES,
     DuckDBFileLocked,
     DuckDBFileReader,
@@ -173,6 +174,29 @@ def test_bignumeric_76_digits_lossless(wh: DuckDBWarehouse) -> None:
     # bignumeric does not silently merge with string
     r = wh.apply("t", [env("t", ins("t", [("b", "string")], ["1"]))])
     assert r.rejections[0].reason == "column 'b' is bignumeric in table t, activity sends string"
+
+
+def test_only_columns_whose_stored_type_is_ambiguous_are_recorded_and_a_recreated_table_forgets_old_ones(
+    settings: Settings,
+) -> None:
+    wh = DuckDBWarehouse(settings)
+    try:
+        wh.apply("t", [env("t", ins("t", [("id", "integer"), ("b", "bignumeric"), ("s", "string")], [1, "1.5", "x"]))])
+        recorded = wh.query(f"SELECT table_name, column_name, activity_type FROM {COLUMNS_TABLE} ORDER BY 2")[1]
+        assert recorded == [("t", "b", "bignumeric")]  # integer and string read back from BIGINT and VARCHAR
+    finally:
+        wh.close()
+    con = duckdb.connect(str(settings.duckdb_file))  # dropped outside the pipeline
+    con.execute('DROP TABLE "t"')
+    con.close()
+    wh = DuckDBWarehouse(settings)
+    try:
+        wh.apply("t", [env("t", ins("t", [("id", "integer"), ("b", "string")], [2, "two"]))])
+        assert wh.table_schema("t") == {"id": "integer", "b": "string"}  # not the old bignumeric row
+        r = wh.apply("t", [env("t", ins("t", [("b", "string")], ["three"]))])
+        assert r.rejections == [] and r.rows_inserted == 1
+    finally:
+        wh.close()
 
 
 def test_numeric_is_exact_decimal_38_9(wh: DuckDBWarehouse) -> None:
@@ -524,6 +548,97 @@ def test_the_schema_cache_is_bounded_and_a_dropped_schema_is_read_again(tmp_path
         assert wh.query("SELECT v, w FROM t1 ORDER BY v")[1] == [(1, None), (2, "x")]
     finally:
         wh.close()
+
+
+class _RecordingConnection:
+    """The warehouse's connection, recording each statement it runs."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con, self.statements = con, []
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.statements.append(sql)
+        return self._con.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+def test_tables_new_to_the_file_cost_no_catalog_query_and_known_ones_are_read_once(tmp_path):
+    wh = DuckDBWarehouse(Settings(data_dir=tmp_path, table_cache_size=10))
+    try:
+        wh._connection()
+        wh._con = recording = _RecordingConnection(wh._con)
+        cols = [("v", "integer")]
+        assert all(not isinstance(o, Exception) for o in wh.apply_many([(t, [env(t, ins(t, cols, [1]))]) for t in ("a", "b", "c")]))
+        assert not [sql for sql in recording.statements if "information_schema" in sql]
+        wh._schemas.clear()  # as if evicted: the existing tables' schemas are read, in one query
+        recording.statements.clear()
+        assert all(not isinstance(o, Exception) for o in wh.apply_many([(t, [env(t, ins(t, cols, [2]))]) for t in ("a", "b", "c")]))
+        assert len([sql for sql in recording.statements if "information_schema" in sql]) == 1
+        assert wh.query("SELECT count(*) FROM a")[1] == [(2,)]
+    finally:
+        wh.close()
+
+
+def test_a_stream_over_many_small_tables_does_not_fill_the_memory_limit(tmp_path):
+    # DuckDB keeps each table's rows written since the last checkpoint in memory it cannot
+    # evict (~90 KB a table): 400 tables overflow 16 MB unless the file is reopened.
+    settings = Settings(data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=50)
+    wh = DuckDBWarehouse(settings)
+    try:
+        cols = [("v", "integer"), ("s", "string")]
+        tables = [f"t{i}" for i in range(400)]
+        for start in range(0, len(tables), 10):
+            outcomes = wh.apply_many([(t, [env(t, ins(t, cols, [1, "x"]))]) for t in tables[start : start + 10]])
+            assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+        assert wh.count_rows(tables) == {t: 1 for t in tables}
+        wh._con = recording = _RecordingConnection(wh._con)  # the caches outlive a reopen
+        wh.apply_many([(t, [env(t, ins(t, cols, [2, "y"]))]) for t in tables[:3]])
+        assert not [sql for sql in recording.statements if "information_schema" in sql]
+    finally:
+        wh.close()
+
+
+def test_an_apply_that_ran_out_of_memory_reopens_the_file_and_the_stream_goes_on(tmp_path):
+    settings = Settings(data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=100_000)
+    wh = DuckDBWarehouse(settings)
+    try:
+        cols = [("v", "integer"), ("s", "string")]
+        tables = [f"t{i}" for i in range(600)]
+        failures = 0
+        for start in range(0, len(tables), 10):
+            for _ in range(3):  # the subscriber retries a transient error
+                outcomes = wh.apply_many([(t, [env(t, ins(t, cols, [1, "x"]))]) for t in tables[start : start + 10]])
+                if not any(isinstance(o, Exception) for o in outcomes):
+                    break
+                assert all(isinstance(o, TransientWarehouseError) for o in outcomes)
+                failures += 1
+            else:
+                pytest.fail(f"stuck at {tables[start]}: {outcomes[0]}")
+        assert failures >= 1  # the limit was reached (else this test shows nothing)
+        assert wh.count_rows(tables) == {t: 1 for t in tables}
+    finally:
+        wh.close()
+
+
+def test_inserts_staged_together_land_in_their_own_tables_in_order(wh: DuckDBWarehouse) -> None:
+    cols = [("id", "integer"), ("s", "string")]
+    other = [("id", "integer"), ("ts", "timestamp")]
+    wh._connection()
+    wh._con = recording = _RecordingConnection(wh._con)
+    outcomes = wh.apply_many([
+        ("a", [env("a", ins("a", cols, [1, "a1"]), ins("a", cols, [2, "a2"]), dele("a", [("id", "integer")], [1]),
+                   ins("a", cols, [1, "a3"]))]),  # two runs of inserts around a delete, both staged
+        ("b", [env("b", ins("b", cols, [1, "b1"]))]),
+        ("c", [env("c", ins("c", other, [1, "2024-01-01T00:00:00Z"]))]),  # columns of its own: inserted alone
+    ])
+    assert [o.rows_inserted for o in outcomes] == [3, 1, 1]
+    assert len([sql for sql in recording.statements if sql.startswith("CREATE TEMP TABLE")]) == 1
+    assert wh.query('SELECT id, s FROM "a" ORDER BY s')[1] == [(2, "a2"), (1, "a3")]
+    assert wh.query('SELECT id, s FROM "b"')[1] == [(1, "b1")]
+    assert wh.query('SELECT id FROM "c"')[1] == [(1,)]
+    assert wh.query("SELECT count(*) FROM duckdb_tables() WHERE temporary")[1] == [(0,)]  # dropped before COMMIT
 
 
 # --- keys (upserts) ---

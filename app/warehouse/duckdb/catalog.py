@@ -1,7 +1,8 @@
 """What the DuckDB file holds: the pipeline's bookkeeping tables, user tables, their schemas.
 
 The activity types of the columns are kept in `_ingest_columns` (VARCHAR is ambiguous
-between string and bignumeric); a column missing there reads through the type mapper.
+between string and bignumeric); a column missing there reads through the type mapper, so
+a created table records only its ambiguous columns (`Writer.needs_record`).
 A table's key (fixed by its first upsert) is kept in `_ingest_keys`, for every keyed
 table: only a table created by an upsert also declares it as its PRIMARY KEY (one that
 existed before may hold rows sharing a key, until upserts replace them).
@@ -21,6 +22,7 @@ APPLIED_TABLE = INTERNAL_PREFIX + "applied"
 COLUMNS_TABLE = INTERNAL_PREFIX + "columns"
 KEYS_TABLE = INTERNAL_PREFIX + "keys"
 STAGE_VIEW = INTERNAL_PREFIX + "stage"  # connection-local Arrow view used while applying
+STAGE_TABLE = "temp." + INTERNAL_PREFIX + "staged"  # + a number: temporary tables of one apply's inserts
 _COUNTS_PER_QUERY = 50
 
 
@@ -80,6 +82,12 @@ def read_schemas(con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> dict[
         for table, key in keys:
             schemas[table].key = tuple(key)
     return schemas
+
+
+def table_names(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Lower-case names of every table in the file (the pipeline's own included)."""
+    rows = con.execute("SELECT lower(table_name) FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
+    return {name for (name,) in rows}
 
 
 def list_tables(con: duckdb.DuckDBPyConnection) -> list[str]:

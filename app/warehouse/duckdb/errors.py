@@ -24,8 +24,16 @@ _TRANSIENT = (
     duckdb.OutOfMemoryException,
     TransientWarehouseError,
 )
-# After these the connection is not trusted: reconnect on the next apply.
-_CONNECTION_LOST = (duckdb.IOException, duckdb.FatalException, duckdb.ConnectionException)
+# After these the connection is not trusted, or holds memory only closing it frees (rows
+# not checkpointed cannot be evicted; a commit failing to pin a block is a TransactionException):
+# reconnect on the next apply.
+_CONNECTION_LOST = (
+    duckdb.IOException,
+    duckdb.FatalException,
+    duckdb.ConnectionException,
+    duckdb.OutOfMemoryException,
+    duckdb.TransactionException,
+)
 
 
 class DuckDBFileLocked(WarehouseLocked):
