@@ -103,11 +103,10 @@ class IngestHandler:
                 self.in_flight -= 1
         except ApiError as exc:
             response = error_response(exc.status, exc.message, exc.details, exc.headers)
-        if self.keys.enabled:
             key = request.scope.get("api_key")
-            if key is not None:  # per-key metrics (`metrics.INGEST`: the label takes configured ids only)
-                pair, requests = (key.id, response.status_code), metrics.INGEST.key_requests
-                requests[pair] = requests.get(pair, 0) + 1
+            if key is not None:  # refused after the key was known: its count, and its id on the log line
+                metrics.INGEST.count_key_request(key.id, exc.status)
+                request.scope["log_extra"] = {"key": key.id}
         return response
 
     def admit(self) -> None:
@@ -123,8 +122,7 @@ class IngestHandler:
     async def ingest(self, request: Request, headers: dict[bytes, bytes], traceparent: str) -> Response:
         key = self.keys.authenticate(headers) if self.keys.enabled else None  # 401
         if key is not None:
-            request.scope["api_key"] = key  # for the per-key metrics in `handle_in_trace`
-            request.scope["log_extra"] = {"key": key.id}  # the request's log line names it, even on a refusal
+            request.scope["api_key"] = key  # for `handle_in_trace`, if the request is refused
         idempotency_key = self.checked_headers(headers)
         raw = await self.read_body(request, headers)
         body = self.parse(raw)
@@ -155,9 +153,7 @@ class IngestHandler:
         }
         if key is not None:
             fields["key"] = key_id
-            if not result.duplicate:
-                accepted = metrics.INGEST.key_accepted
-                accepted[key_id] = accepted.get(key_id, 0) + count
+            metrics.INGEST.count_key_answer(key_id, 0 if result.duplicate else count)
         request.scope["log_extra"] = fields
         if not result.duplicate:
             self.state.receipts.accepted(

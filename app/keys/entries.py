@@ -8,6 +8,7 @@ which re-reads it on change, sees either the old or the new file, never half of 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -15,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,17 @@ class KeysFileError(ValueError):
     """The keys file cannot be used as it is; the message says which entry and why."""
 
 
+_TABLE_AND_OPERATION = attrgetter("table", "operation")  # of an Activity or an ActivityRun
+SCOPE_ANSWERS = 4096  # remembered (table, operation) answers per key: bounded, table names come from requests
+
+
 @dataclass(frozen=True)
 class ApiKey:
-    """What one key may do. `tables` are names or globs (`orders*`); `rate` is activities per second."""
+    """What one key may do. `tables` are names or globs (`orders*`); `rate` is activities per second.
+
+    A key is never changed: a reload of the file makes new ones, so the answers a key
+    remembers (`allows`) are forgotten with it.
+    """
 
     id: str
     digest: bytes
@@ -49,30 +59,36 @@ class ApiKey:
     expires: datetime | None = None
     disabled: bool = False
     from_env: bool = False  # an `API_KEYS` key: every scope, no client identity
-    _allowed: dict[tuple[str, str], bool] = field(default_factory=dict, compare=False, repr=False)
+    # Unix time from which the key is refused: `disabled` and `expires` as one number, so
+    # a request compares two floats instead of converting a datetime.
+    usable_until: float = field(init=False, compare=False, repr=False)
+    _answers: dict[tuple[str, str], bool] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _allowed: set[tuple[str, str]] = field(default_factory=set, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        until = -math.inf if self.disabled else math.inf if self.expires is None else self.expires.timestamp()
+        object.__setattr__(self, "usable_until", until)
 
     def usable(self, now: float) -> bool:
-        return not self.disabled and (self.expires is None or now < self.expires.timestamp())
+        return now < self.usable_until
 
     def allows_all(self, items: Any) -> bool:
         """Whether this key may apply every item's (`table`, `operation`): activities or runs."""
-        allowed = self._allowed
-        for item in items:
-            answer = allowed.get((item.table, item.operation))
-            if answer is None:
-                answer = self.allows(item.table, item.operation)
-            if not answer:
-                return False
-        return True
+        # The common case in one C loop: every pair already answered yes.
+        if self._allowed.issuperset(map(_TABLE_AND_OPERATION, items)):
+            return True
+        return all(self.allows(table, operation) for table, operation in map(_TABLE_AND_OPERATION, items))
 
     def allows(self, table: str, operation: str) -> bool:
-        """Whether this key may apply `operation` to `table` (answers cached per pair)."""
+        """Whether this key may apply `operation` to `table` (answers remembered per pair)."""
         pair = (table, operation)
-        allowed = self._allowed.get(pair)
+        allowed = self._answers.get(pair)
         if allowed is None:
             allowed = operation in self.operations and any(fnmatchcase(table, p) for p in self.tables)
-            if len(self._allowed) < 4096:  # a bound: table names come from requests
-                self._allowed[pair] = allowed
+            if len(self._answers) < SCOPE_ANSWERS:
+                self._answers[pair] = allowed
+                if allowed:
+                    self._allowed.add(pair)
         return allowed
 
     @property
@@ -127,7 +143,7 @@ def write_keys_file(path: Path, keys: list[ApiKey]) -> None:
 
 
 def revoked(key: ApiKey) -> ApiKey:
-    return replace(key, disabled=True, _allowed={})
+    return replace(key, disabled=True)  # a new key: its remembered answers start empty
 
 
 def _entry(raw: dict[str, Any], index: int) -> ApiKey:
