@@ -72,12 +72,6 @@ class IngestTallies:
         pair, requests = (key_id, status), self.key_requests
         requests[pair] = requests.get(pair, 0) + 1
 
-    def count_key_answer(self, key_id: str, accepted: int) -> None:
-        """A 200 for this key, which made `accepted` activities durable (0 for a duplicate)."""
-        ok = self.key_ok
-        ok[key_id] = ok.get(key_id, 0) + 1
-        self.key_accepted[key_id] = self.key_accepted.get(key_id, 0) + accepted
-
     def observe_publish(self, seconds: float) -> None:
         self.publish_buckets[bisect_left(PUBLISH_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
         self.publish_sum += seconds

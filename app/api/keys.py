@@ -40,10 +40,7 @@ class KeyGate:
             return None
         key = self.ring.authenticate_request(headers)
         if key is None:
-            raise ApiError(
-                401, "missing, wrong, expired or revoked API key: send Authorization: Bearer <key> or X-API-Key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise unauthorized()
         return key
 
     def authorize(self, key: ApiKey, body: dict, validated: list[Activity] | list[ActivityRun], count: int) -> None:
@@ -64,6 +61,13 @@ class KeyGate:
     def close(self) -> None:
         if self.ring.usage is not None:
             self.ring.usage.save(self.ring.clock())
+
+
+def unauthorized() -> ApiError:
+    return ApiError(
+        401, "missing, wrong, expired or revoked API key: send Authorization: Bearer <key> or X-API-Key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def out_of_scope(key: ApiKey, body: dict) -> ApiError:

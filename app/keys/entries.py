@@ -16,7 +16,6 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,7 @@ class KeysFileError(ValueError):
     """The keys file cannot be used as it is; the message says which entry and why."""
 
 
-_TABLE_AND_OPERATION = attrgetter("table", "operation")  # of an Activity or an ActivityRun
-SCOPE_ANSWERS = 4096  # remembered (table, operation) answers per key: bounded, table names come from requests
+SCOPE_ANSWERS = 4096  # tables remembered per key: bounded, table names come from requests
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class ApiKey:
     """What one key may do. `tables` are names or globs (`orders*`); `rate` is activities per second.
 
     A key is never changed: a reload of the file makes new ones, so the answers a key
-    remembers (`allows`) are forgotten with it.
+    remembers (`operations_in`) are forgotten with it.
     """
 
     id: str
@@ -62,8 +60,7 @@ class ApiKey:
     # Unix time from which the key is refused: `disabled` and `expires` as one number, so
     # a request compares two floats instead of converting a datetime.
     usable_until: float = field(init=False, compare=False, repr=False)
-    _answers: dict[tuple[str, str], bool] = field(default_factory=dict, init=False, compare=False, repr=False)
-    _allowed: set[tuple[str, str]] = field(default_factory=set, init=False, compare=False, repr=False)
+    _operations_in: dict[str, frozenset[str]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         until = -math.inf if self.disabled else math.inf if self.expires is None else self.expires.timestamp()
@@ -74,22 +71,24 @@ class ApiKey:
 
     def allows_all(self, items: Any) -> bool:
         """Whether this key may apply every item's (`table`, `operation`): activities or runs."""
-        # The common case in one C loop: every pair already answered yes.
-        if self._allowed.issuperset(map(_TABLE_AND_OPERATION, items)):
-            return True
-        return all(self.allows(table, operation) for table, operation in map(_TABLE_AND_OPERATION, items))
+        remembered = self._operations_in  # read first: a dict lookup and a set test per item
+        for item in items:
+            operations = remembered.get(item.table)
+            if (operations is None or item.operation not in operations) and not self.allows(item.table, item.operation):
+                return False
+        return True
 
     def allows(self, table: str, operation: str) -> bool:
-        """Whether this key may apply `operation` to `table` (answers remembered per pair)."""
-        pair = (table, operation)
-        allowed = self._answers.get(pair)
-        if allowed is None:
-            allowed = operation in self.operations and any(fnmatchcase(table, p) for p in self.tables)
-            if len(self._answers) < SCOPE_ANSWERS:
-                self._answers[pair] = allowed
-                if allowed:
-                    self._allowed.add(pair)
-        return allowed
+        return operation in self.operations_in(table)
+
+    def operations_in(self, table: str) -> frozenset[str]:
+        """The operations this key may apply to `table` (remembered per table, up to SCOPE_ANSWERS)."""
+        operations = self._operations_in.get(table)
+        if operations is None:
+            operations = self.operations if any(fnmatchcase(table, p) for p in self.tables) else frozenset()
+            if len(self._operations_in) < SCOPE_ANSWERS:
+                self._operations_in[table] = operations
+        return operations
 
     @property
     def capacity(self) -> float | None:
