@@ -24,6 +24,7 @@ from app.api.auth import request_headers
 from app.api.contracts import EdgeContracts
 from app.api.errors import ApiError, error_response
 from app.api.keys import KeyGate, unauthorized
+from app.api.middleware import HEADERS_BY_NAME
 from app.broker import BrokerUnavailable, IdempotencyConflict, OutgoingMessage, PublishResult
 from app.logs import batch_id_var, trace_id_var
 from app.messages.codec import SMALL_BATCH_ACTIVITIES, encode_runs, encode_small_batch, new_batch_id
@@ -80,7 +81,7 @@ class IngestHandler:
 
     async def handle(self, request: Request) -> Response:
         """The answer in the request's trace: the `ingest` span, its `traceparent` on the answer."""
-        headers = request_headers(request.scope)
+        headers = request.scope.get(HEADERS_BY_NAME) or request_headers(request.scope)  # read by the middleware
         incoming = headers.get(b"traceparent")
         traceparent = untraced_ingest(incoming)  # the common case: no export, no span to open
         if traceparent is not None:
