@@ -47,18 +47,23 @@ class KeyGate:
         """Raises 403 for the first activity out of scope, then 429 over the rate."""
         # Runs are grouped by table, so check the few (table, operation) pairs there and
         # find the offending activity's index in the request only when there is one.
-        remembered = key._operations_in  # `ApiKey.allows_all`, inlined
+        remembered = key.scope_answers  # `ApiKey.allows_all`, inlined
         for item in validated:
             operations = remembered.get(item.table)
             if (operations is None or item.operation not in operations) and not key.allows(item.table, item.operation):
                 raise out_of_scope(key, body)
         rate = key.rate
         if rate is not None:
-            limiter = self.limiter  # `RateLimiter.take`'s common case, inlined: a bucket with room
-            now, full_at = limiter.clock(), limiter._full_at
-            ahead = full_at.get(key.id, now) - now
-            if ahead <= 0.0 or ahead * rate <= (key.burst or rate) - count:
-                full_at[key.id] = now + ahead + count / rate if ahead > 0.0 else now + count / rate
+            # `RateLimiter.take`'s two passing cases, inlined (it runs on every request); a
+            # refusal goes through `take` itself.
+            limiter = self.limiter
+            now, full = limiter.clock(), limiter.full_at
+            full_at = full.get(key.id, now)
+            if full_at <= now:
+                full[key.id] = now + count / rate
+                return
+            if (full_at - now) * rate <= (key.burst or rate) - count:
+                full[key.id] = full_at + count / rate
                 return
             wait = limiter.take(key.id, rate, key.burst or rate, count)
             if wait is not None:

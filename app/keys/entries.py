@@ -60,7 +60,7 @@ class ApiKey:
     # Unix time from which the key is refused: `disabled` and `expires` as one number, so
     # a request compares two floats instead of converting a datetime.
     usable_until: float = field(init=False, compare=False, repr=False)
-    _operations_in: dict[str, frozenset[str]] = field(default_factory=dict, init=False, compare=False, repr=False)
+    scope_answers: dict[str, frozenset[str]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         until = -math.inf if self.disabled else math.inf if self.expires is None else self.expires.timestamp()
@@ -71,7 +71,7 @@ class ApiKey:
 
     def allows_all(self, items: Any) -> bool:
         """Whether this key may apply every item's (`table`, `operation`): activities or runs."""
-        remembered = self._operations_in  # read first: a dict lookup and a set test per item
+        remembered = self.scope_answers  # read first: a dict lookup and a set test per item
         for item in items:
             operations = remembered.get(item.table)
             if (operations is None or item.operation not in operations) and not self.allows(item.table, item.operation):
@@ -83,11 +83,11 @@ class ApiKey:
 
     def operations_in(self, table: str) -> frozenset[str]:
         """The operations this key may apply to `table` (remembered per table, up to SCOPE_ANSWERS)."""
-        operations = self._operations_in.get(table)
+        operations = self.scope_answers.get(table)
         if operations is None:
             operations = self.operations if any(fnmatchcase(table, p) for p in self.tables) else frozenset()
-            if len(self._operations_in) < SCOPE_ANSWERS:
-                self._operations_in[table] = operations
+            if len(self.scope_answers) < SCOPE_ANSWERS:
+                self.scope_answers[table] = operations
         return operations
 
     @property

@@ -17,7 +17,7 @@ from typing import Callable
 class RateLimiter:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self._full_at: dict[str, float] = {}  # key id -> when its bucket is full again
+        self.full_at: dict[str, float] = {}  # key id -> when its bucket is full again
 
     def take(self, key_id: str, rate: float, capacity: float, count: int) -> float | None:
         """Takes `count` tokens; None when allowed, else the seconds to wait before retrying.
@@ -26,13 +26,13 @@ class RateLimiter:
         debt, so a large batch is slowed by the rate, not refused forever.
         """
         now = self.clock()
-        full_at = self._full_at.get(key_id, now)  # a bucket not seen yet is full
+        full_at = self.full_at.get(key_id, now)  # a bucket not seen yet is full
         if full_at <= now:  # full: any batch passes (a larger one leaves debt)
-            self._full_at[key_id] = now + count / rate
+            self.full_at[key_id] = now + count / rate
             return None
         missing = (full_at - now) * rate  # capacity minus the tokens there are
         if missing <= capacity - count:
-            self._full_at[key_id] = full_at + count / rate
+            self.full_at[key_id] = full_at + count / rate
             return None
         return ((count if count < capacity else capacity) - (capacity - missing)) / rate
 
