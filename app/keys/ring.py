@@ -83,8 +83,9 @@ class KeyRing:
             if found is None:
                 return None
             authorization = headers.get(b"authorization")
-            if authorization is not None and len(self._by_authorization) < VERIFIED_SECRETS:
-                self._by_authorization[authorization] = found  # it held the secret that matched
+            if (authorization and authorization[:7].lower() == b"bearer "  # it held the secret (`presented_key`)
+                    and len(self._by_authorization) < VERIFIED_SECRETS):
+                self._by_authorization[authorization] = found
         now = self.wall_clock()
         if now >= found.usable_until:  # disabled or expired, checked on every request
             return None

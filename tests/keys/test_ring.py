@@ -105,6 +105,9 @@ def test_a_remembered_authorization_header_still_sees_revocation_and_a_narrowed_
     assert ring.authenticate_request({b"x-api-key": secret.encode()}).id == "k"  # the other header
     assert ring.authenticate_request(_bearer("not-" + secret)) is None
     assert ring.authenticate_request({b"authorization": b"Basic " + secret.encode()}) is None
+    other_scheme = {b"authorization": b"Basic dXNlcjpwYXNz"}  # not the header that held the key: not remembered
+    assert ring.authenticate_request({**other_scheme, b"x-api-key": secret.encode()}).id == "k"
+    assert ring.authenticate_request(other_scheme) is None
 
     narrowed, _ = new_key("k", ["orders"], ["insert"])
     write_keys_file(path, [replace(narrowed, digest=key.digest)])  # same secret, fewer tables
