@@ -69,15 +69,6 @@ class ApiKey:
     def usable(self, now: float) -> bool:
         return now < self.usable_until
 
-    def allows_all(self, items: Any) -> bool:
-        """Whether this key may apply every item's (`table`, `operation`): activities or runs."""
-        remembered = self.scope_answers  # read first: a dict lookup and a set test per item
-        for item in items:
-            operations = remembered.get(item.table)
-            if (operations is None or item.operation not in operations) and not self.allows(item.table, item.operation):
-                return False
-        return True
-
     def allows(self, table: str, operation: str) -> bool:
         return operation in self.operations_in(table)
 

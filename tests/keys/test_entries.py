@@ -78,17 +78,3 @@ def test_expires_may_be_a_toml_datetime_or_an_rfc3339_string(tmp_path):
 def test_a_bad_entry_is_refused_with_why(tmp_path, entry, problem):
     with pytest.raises(KeysFileError, match=problem):
         load_keys_file(_file(tmp_path, "[[keys]]\n" + entry + "\n"))
-
-
-class _Item:  # an Activity or an ActivityRun, as `allows_all` reads them
-    def __init__(self, table: str, operation: str) -> None:
-        self.table, self.operation = table, operation
-
-
-def test_allows_all_answers_the_same_once_its_answers_are_remembered():
-    key, _ = new_key("k", ["orders*"], ["insert"])
-    good, bad = [_Item("orders", "insert"), _Item("orders_eu", "insert")], [_Item("orders", "insert"), _Item("orders", "delete")]
-    for _ in range(2):  # the second time from the remembered answers
-        assert key.allows_all(good) and not key.allows_all(bad) and not key.allows_all([_Item("users", "insert")])
-    narrowed, _ = new_key("k", ["orders"], ["insert"])  # a reload makes new keys: nothing remembered carries over
-    assert narrowed.allows_all(good[:1]) and not narrowed.allows_all(good)
