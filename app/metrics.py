@@ -65,7 +65,12 @@ class IngestTallies:
         self.publish_buckets = [0] * (len(PUBLISH_BUCKETS) + 1)  # the last one: above every bound
         self.publish_sum = 0.0
         self.key_requests: dict[tuple[str, int], int] = {}  # (key id, HTTP status) -> requests
+        self.key_ok: dict[str, int] = {}  # key id -> 200 answers (kept apart: no tuple per request)
         self.key_accepted: dict[str, int] = {}  # key id -> activities
+
+    def count_key_request(self, key_id: str, status: int) -> None:
+        pair, requests = (key_id, status), self.key_requests
+        requests[pair] = requests.get(pair, 0) + 1
 
     def observe_publish(self, seconds: float) -> None:
         self.publish_buckets[bisect_left(PUBLISH_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
@@ -92,6 +97,8 @@ class IngestTallies:
         )
         for (key, status), count in list(self.key_requests.items()):
             key_requests.add_metric([key, str(status)], count)
+        for key, count in list(self.key_ok.items()):
+            key_requests.add_metric([key, "200"], count)
         key_accepted = CounterMetricFamily(
             "ingest_key_activities_accepted", "Activities accepted (durably published), by key id.", labels=["key"],
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import threading
 from typing import Iterator, NamedTuple, Sequence
 
@@ -21,8 +20,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-_TRACEPARENT = re.compile(r"[ \t]*00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})[ \t]*\Z")  # OWS around it
-_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+# A version-00 header, `00-<32 hex>-<16 hex>-<2 hex>` in lower case, checked without a regex:
+# `translate` turns each lower-case hex digit into "x" (and any other byte but "-" into "?"),
+# so one comparison with its shape checks every position.
+_SHAPE_TABLE = bytes(ord("x") if chr(b) in "0123456789abcdef" else b if b == ord("-") else ord("?") for b in range(256))
+_SHAPE = b"xx-" + b"x" * 32 + b"-" + b"x" * 16 + b"-xx"
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 ATTRIBUTE = "traceparent"  # the message attribute, named as the header
 
 _tracer: trace.Tracer | None = None
@@ -71,17 +74,27 @@ class TraceParent(NamedTuple):  # a tuple: cheaper to make than a frozen datacla
                            trace_flags=TraceFlags(int(self.flags, 16)))
 
 
+def checked(value: bytes) -> bytes | None:
+    """`value` without the optional white space around it if it is a valid version-00
+    `traceparent` (ids not all zeros), else None."""
+    if len(value) != 55:
+        value = value.strip(b" \t")
+    if value.translate(_SHAPE_TABLE) == _SHAPE and value[:2] == b"00" and value[3:35] != _ZERO_TRACE and value[36:52] != _ZERO_SPAN:
+        return value
+    return None
+
+
 def parse(value: str | bytes | None) -> TraceParent | None:
     """A valid version-00 `traceparent`, else None (then a fresh trace starts, as the spec says)."""
     if value is None:
         return None
-    match = _TRACEPARENT.match(value.decode("latin-1") if value.__class__ is bytes else value)  # type: ignore[union-attr]
-    if match is None:
+    if value.__class__ is not bytes:
+        value = value.encode("latin-1", "replace")  # type: ignore[union-attr]  # any other character: not valid
+    valid = checked(value)  # type: ignore[arg-type]
+    if valid is None:
         return None
-    trace_id, span_id, flags = match.groups()
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-        return None
-    return TraceParent(trace_id, span_id, flags)
+    text = valid.decode("ascii")
+    return TraceParent(text[3:35], text[36:52], text[53:])
 
 
 def _of(span_context: SpanContext) -> TraceParent:
@@ -93,7 +106,7 @@ _SPAN_BITS = (1 << 64) - 1
 
 
 def untraced_ingest(incoming: bytes | None) -> str | None:
-    """Without export, the request's own `traceparent`, at the cost of matching a header
+    """Without export, the request's own `traceparent`, at the cost of checking a header
     and drawing random bits (no span, no objects); None when exporting (use `ingest_span`).
 
     Written flat on purpose: it runs on every request, where each call costs."""
@@ -101,9 +114,9 @@ def untraced_ingest(incoming: bytes | None) -> str | None:
         return None
     # Ids need to be unique, not secret: the SDK draws them the same way.
     if incoming is not None:
-        match = _TRACEPARENT.match(incoming.decode("latin-1"))
-        if match is not None and match[1] != _ZERO_TRACE and match[2] != _ZERO_SPAN:
-            return f"00-{match[1]}-{random.getrandbits(64):016x}-{match[3]}"  # the caller's trace continues
+        valid = checked(incoming)
+        if valid is not None:  # the caller's trace continues: its trace id and flags, our span id
+            return f"{valid[:36].decode()}{random.getrandbits(64):016x}{valid[52:].decode()}"
     ids = random.getrandbits(192)  # a fresh trace: trace id and span id in one draw
     return f"00-{ids >> 64:032x}-{ids & _SPAN_BITS:016x}-00"
 
@@ -117,7 +130,7 @@ def trace_id_of(header: str) -> str:
 def ingest_span(incoming: str | bytes | None) -> Iterator[str]:
     """The `ingest` span in the caller's trace (or a fresh one); yields its own `traceparent`."""
     if _tracer is None:
-        yield untraced_ingest(incoming.encode("latin-1") if isinstance(incoming, str) else incoming)  # type: ignore[misc]
+        yield untraced_ingest(incoming.encode("latin-1", "replace") if isinstance(incoming, str) else incoming)  # type: ignore[misc]
         return
     parent = parse(incoming)
     ctx = trace.set_span_in_context(NonRecordingSpan(parent.span_context())) if parent else otel_context.Context()

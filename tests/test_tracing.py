@@ -20,13 +20,14 @@ BODY = {"user_activities": [
     "header, valid",
     [(PARENT, True), (PARENT.encode(), True), (PARENT.upper(), False), ("01" + PARENT[2:], False),
      ("00-" + "0" * 32 + "-00f067aa0ba902b7-01", False), ("00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", False),
-     ("garbage", False), (None, False)],
+     ("garbage", False), (None, False), (" \t" + PARENT + " ", True), (PARENT[:34] + "-" + PARENT[34] + PARENT[36:], False),
+     (PARENT[:-1] + "\u00e9", False), (PARENT[:-1] + " ", False), (PARENT + "-00", False), (PARENT.replace("-", "_"), False)],
 )
 def test_parse_accepts_only_a_valid_version_00_traceparent(header, valid):
     parsed = tracing.parse(header)
     assert (parsed is not None) is valid
     if valid:
-        assert parsed.header == PARENT
+        assert parsed.header == PARENT and tracing.parse(parsed.header) == parsed
 
 
 def test_without_an_exporter_the_caller_trace_continues_or_a_fresh_one_starts():

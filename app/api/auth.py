@@ -34,12 +34,3 @@ def request_headers(scope: dict) -> dict[bytes, bytes]:
     """A request's raw headers by (lowercase) name, read in one pass; the first of a repeated one wins."""
     raw = scope["headers"]
     return dict(reversed(raw if isinstance(raw, list) else list(raw)))
-
-
-def presented_key(headers: dict[bytes, bytes]) -> str | None:
-    """The key sent as `Authorization: Bearer <key>` or `X-API-Key`, from `request_headers`."""
-    auth = headers.get(b"authorization")
-    if auth and auth[:7].lower() == b"bearer ":
-        return auth[7:].strip().decode("latin-1") or None
-    key = headers.get(b"x-api-key")
-    return key.decode("latin-1") if key else None

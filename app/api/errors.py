@@ -17,6 +17,7 @@ class ApiError(Exception):
         self.message = message
         self.details = details or []
         self.headers = headers or {}
+        self.key_id: str | None = None  # set by the ingest handler when the request presented a valid key
 
 
 def error_response(status: int, message: str, details: list[Any] | None = None, headers: dict[str, str] | None = None) -> Response:

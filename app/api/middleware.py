@@ -7,6 +7,7 @@
   path counts (200, the handlers' 4xx, FastAPI's validation 422, 404/405, and 500).
 - Unexpected exceptions become the usual 500 error body here (inside Starlette's
   outermost error middleware), so even a 500 carries the request id.
+- The raw headers by name, read once into `scope[HEADERS_BY_NAME]` for the handlers.
 - One `request finished` line per request (method, path, status, duration); probes and
   scrapes (`/healthz`, `/readyz`, `/metrics`, `/status`) log it at debug only.
 """
@@ -19,6 +20,7 @@ import time
 from typing import Any, Awaitable, Callable, Iterable
 
 from app import metrics
+from app.api.auth import request_headers
 from app.api.errors import error_response
 from app.messages.ids import random_hex_id
 from app.logs import batch_id_var, log_event, request_id_var, trace_id_var
@@ -27,6 +29,8 @@ log = logging.getLogger("app.api")
 
 REQUEST_ID_HEADER = b"x-request-id"  # ASGI servers send header names lowercased (Starlette relies on it too)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}\Z")
+# The scope key of the request's raw headers by lower-case name (`auth.request_headers`).
+HEADERS_BY_NAME = "app.headers_by_name"
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/status", "/favicon.ico"})
 
 Scope = dict[str, Any]
@@ -35,14 +39,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The caller's X-Request-ID if it is a plain token of at most 128 chars, else a new one."""
-    for name, value in headers:
-        if name == REQUEST_ID_HEADER:
-            candidate = value.decode("latin-1").strip()
-            if _REQUEST_ID_OK.match(candidate):
-                return candidate
-            break
+def request_id_from(headers: dict[bytes, bytes]) -> str:
+    """The caller's X-Request-ID (raw headers by name) if it is a plain token of at most 128 chars, else a new one."""
+    value = headers.get(REQUEST_ID_HEADER)
+    if value is not None:
+        candidate = value.decode("latin-1").strip()
+        if _REQUEST_ID_OK.match(candidate):
+            return candidate
     return random_hex_id()  # 32 hex digits like uuid4().hex, without a system call per id
 
 
@@ -55,7 +58,8 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope.get("headers") or ())
+        headers = scope[HEADERS_BY_NAME] = request_headers(scope)  # read once, for the handler too
+        request_id = request_id_from(headers)
         rid_token = request_id_var.set(request_id)
         batch_token = batch_id_var.set(None)
         trace_token = trace_id_var.set(None)

@@ -8,6 +8,7 @@ which re-reads it on change, sees either the old or the new file, never half of 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -36,9 +37,16 @@ class KeysFileError(ValueError):
     """The keys file cannot be used as it is; the message says which entry and why."""
 
 
+SCOPE_ANSWERS = 4096  # tables remembered per key: bounded, table names come from requests
+
+
 @dataclass(frozen=True)
 class ApiKey:
-    """What one key may do. `tables` are names or globs (`orders*`); `rate` is activities per second."""
+    """What one key may do. `tables` are names or globs (`orders*`); `rate` is activities per second.
+
+    A key is never changed: a reload of the file makes new ones, so the answers a key
+    remembers (`operations_in`) are forgotten with it.
+    """
 
     id: str
     digest: bytes
@@ -49,31 +57,29 @@ class ApiKey:
     expires: datetime | None = None
     disabled: bool = False
     from_env: bool = False  # an `API_KEYS` key: every scope, no client identity
-    _allowed: dict[tuple[str, str], bool] = field(default_factory=dict, compare=False, repr=False)
+    # Unix time from which the key is refused: `disabled` and `expires` as one number, so
+    # a request compares two floats instead of converting a datetime.
+    usable_until: float = field(init=False, compare=False, repr=False)
+    scope_answers: dict[str, frozenset[str]] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        until = -math.inf if self.disabled else math.inf if self.expires is None else self.expires.timestamp()
+        object.__setattr__(self, "usable_until", until)
 
     def usable(self, now: float) -> bool:
-        return not self.disabled and (self.expires is None or now < self.expires.timestamp())
-
-    def allows_all(self, items: Any) -> bool:
-        """Whether this key may apply every item's (`table`, `operation`): activities or runs."""
-        allowed = self._allowed
-        for item in items:
-            answer = allowed.get((item.table, item.operation))
-            if answer is None:
-                answer = self.allows(item.table, item.operation)
-            if not answer:
-                return False
-        return True
+        return now < self.usable_until
 
     def allows(self, table: str, operation: str) -> bool:
-        """Whether this key may apply `operation` to `table` (answers cached per pair)."""
-        pair = (table, operation)
-        allowed = self._allowed.get(pair)
-        if allowed is None:
-            allowed = operation in self.operations and any(fnmatchcase(table, p) for p in self.tables)
-            if len(self._allowed) < 4096:  # a bound: table names come from requests
-                self._allowed[pair] = allowed
-        return allowed
+        return operation in self.operations_in(table)
+
+    def operations_in(self, table: str) -> frozenset[str]:
+        """The operations this key may apply to `table` (remembered per table, up to SCOPE_ANSWERS)."""
+        operations = self.scope_answers.get(table)
+        if operations is None:
+            operations = self.operations if any(fnmatchcase(table, p) for p in self.tables) else frozenset()
+            if len(self.scope_answers) < SCOPE_ANSWERS:
+                self.scope_answers[table] = operations
+        return operations
 
     @property
     def capacity(self) -> float | None:
@@ -127,7 +133,7 @@ def write_keys_file(path: Path, keys: list[ApiKey]) -> None:
 
 
 def revoked(key: ApiKey) -> ApiKey:
-    return replace(key, disabled=True, _allowed={})
+    return replace(key, disabled=True)  # a new key: its remembered answers start empty
 
 
 def _entry(raw: dict[str, Any], index: int) -> ApiKey:

@@ -24,6 +24,15 @@ CHECK_EVERY_SECONDS = 1.0
 VERIFIED_SECRETS = 1024  # remembered matches: bounded, as the keys are
 
 
+def presented_key(headers: dict[bytes, bytes]) -> str | None:
+    """The key sent as `Authorization: Bearer <key>` or `X-API-Key`, from raw headers by lower-case name."""
+    auth = headers.get(b"authorization")
+    if auth and auth[:7].lower() == b"bearer ":
+        return auth[7:].strip().decode("latin-1") or None
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1") if key else None
+
+
 class KeyRing:
     def __init__(
         self,
@@ -36,7 +45,7 @@ class KeyRing:
         self.env_keys = env_keys
         self.path = Path(path) if path is not None else None
         self.usage = usage
-        self.last_used = None if usage is None else usage.last_used
+        self.last_used: dict[str, float] = {} if usage is None else usage.last_used
         self.clock = clock
         self.wall_clock = wall_clock
         self._file_keys: list[ApiKey] = []
@@ -48,6 +57,7 @@ class KeyRing:
         self._checked_at = self.clock()
         self.keys: list[ApiKey] = [*env_keys, *self._file_keys]
         self._verified: dict[str, ApiKey] = {}  # secrets that matched a key of `keys`
+        self._by_authorization: dict[bytes, ApiKey] = {}  # raw Authorization values that held one
 
     @property
     def enabled(self) -> bool:
@@ -57,8 +67,48 @@ class KeyRing:
     def ids(self) -> list[str]:
         return [k.id for k in self.keys]
 
+    def authenticate_request(self, headers: dict[bytes, bytes]) -> ApiKey | None:
+        """The usable key a request presents (raw headers by lower-case name), else None.
+
+        The key is sent as `Authorization: Bearer <key>` or `X-API-Key` (`presented_key`).
+        A raw Authorization value whose secret matched is remembered too (bounded, forgotten
+        on reload, as `authenticate` remembers secrets), so a known key costs one dict lookup
+        of the header as sent, with no parsing. Flat on purpose: it runs on every request.
+        """
+        if self.clock() - self._checked_at >= CHECK_EVERY_SECONDS:
+            self.refresh()
+        found = self._by_authorization.get(headers.get(b"authorization"))  # type: ignore[arg-type]
+        if found is None:
+            found = self._match(presented_key(headers))
+            if found is None:
+                return None
+            authorization = headers.get(b"authorization")
+            if (authorization and authorization[:7].lower() == b"bearer "  # it held the secret (`presented_key`)
+                    and len(self._by_authorization) < VERIFIED_SECRETS):
+                self._by_authorization[authorization] = found
+        now = self.wall_clock()
+        if now >= found.usable_until:  # disabled or expired, checked on every request
+            return None
+        self.last_used[found.id] = now  # `usage`'s dict: saved every few seconds by `refresh`
+        return found
+
     def authenticate(self, secret: str | None) -> ApiKey | None:
-        """The usable key whose secret this is, else None.
+        """The usable key whose secret this is, else None."""
+        if self.clock() - self._checked_at >= CHECK_EVERY_SECONDS:
+            self.refresh()
+        found = self._match(secret)
+        return None if found is None else self._usable(found)
+
+    def _usable(self, found: ApiKey) -> ApiKey | None:
+        """`found` unless it is disabled or expired now (`authenticate_request` does this inline)."""
+        now = self.wall_clock()
+        if now >= found.usable_until:
+            return None
+        self.last_used[found.id] = now
+        return found
+
+    def _match(self, secret: str | None) -> ApiKey | None:
+        """The key whose secret this is, usable or not.
 
         A secret not seen before is hashed and compared with every digest in constant
         time, with no early exit, so timing tells nothing about which matched. One that
@@ -66,11 +116,8 @@ class KeyRing:
         finding it again is a dict lookup, which compares the presented string with a
         remembered one only when their 64-bit keyed hashes (SipHash, a per-process random
         key) are equal, so its timing tells nothing about a secret either. Expiry and
-        revocation are checked on every request all the same. Flat on purpose: it runs on
-        every request.
+        revocation are checked by the callers on every request all the same.
         """
-        if self.clock() - self._checked_at >= CHECK_EVERY_SECONDS:
-            self.refresh()
         if secret is None:
             return None
         found = self._verified.get(secret)
@@ -79,15 +126,8 @@ class KeyRing:
             for key in self.keys:
                 if hmac.compare_digest(candidate, key.digest):
                     found = key
-            if found is None:
-                return None
-            if len(self._verified) < VERIFIED_SECRETS:
+            if found is not None and len(self._verified) < VERIFIED_SECRETS:
                 self._verified[secret] = found
-        now = self.wall_clock()
-        if found.disabled or (found.expires is not None and now >= found.expires.timestamp()):
-            return None
-        if self.last_used is not None:
-            self.last_used[found.id] = now  # `usage`'s dict: saved every few seconds by `refresh`
         return found
 
     def refresh(self) -> None:
@@ -110,7 +150,8 @@ class KeyRing:
             return
         self._file_keys, self._signature = file_keys, signature
         self.keys = [*self.env_keys, *file_keys]
-        self._verified = {}  # a revoked or disabled key is found again the slow way, and refused
+        # A revoked or disabled key is found again the slow way (a new ApiKey), and refused.
+        self._verified, self._by_authorization = {}, {}
         log.info("keys file reloaded", extra={"keys": len(file_keys)})
 
     def _stat(self) -> tuple[int, int, int] | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import datetime, timezone
+
 from app.keys import ApiKey, KeyRing, new_key, write_keys_file
 from app.keys.entries import digest_of, revoked
 from app.keys.ring import CHECK_EVERY_SECONDS
@@ -85,3 +88,45 @@ def test_a_remembered_secret_still_expires_and_a_removed_key_is_forgotten(tmp_pa
     write_keys_file(path, [key])  # `other` removed from the file, not just disabled
     clock.now += CHECK_EVERY_SECONDS
     assert ring.authenticate(other_secret) is None
+
+
+def _bearer(secret: str) -> dict[bytes, bytes]:
+    return {b"authorization": f"Bearer {secret}".encode()}
+
+
+def test_a_remembered_authorization_header_still_sees_revocation_and_a_narrowed_scope(tmp_path):
+    path, clock = tmp_path / "keys.toml", Clock()
+    key, secret = new_key("k", ["orders*"], ["insert"])
+    write_keys_file(path, [key])
+    ring = KeyRing([], path, clock=clock)
+    for _ in range(2):  # the second time from the remembered header
+        found = ring.authenticate_request(_bearer(secret))
+        assert found.id == "k" and found.allows("orders_eu", "insert")
+    assert ring.authenticate_request({b"x-api-key": secret.encode()}).id == "k"  # the other header
+    assert ring.authenticate_request(_bearer("not-" + secret)) is None
+    assert ring.authenticate_request({b"authorization": b"Basic " + secret.encode()}) is None
+    other_scheme = {b"authorization": b"Basic dXNlcjpwYXNz"}  # not the header that held the key: not remembered
+    assert ring.authenticate_request({**other_scheme, b"x-api-key": secret.encode()}).id == "k"
+    assert ring.authenticate_request(other_scheme) is None
+
+    narrowed, _ = new_key("k", ["orders"], ["insert"])
+    write_keys_file(path, [replace(narrowed, digest=key.digest)])  # same secret, fewer tables
+    clock.now += CHECK_EVERY_SECONDS
+    found = ring.authenticate_request(_bearer(secret))
+    assert found.allows("orders", "insert") and not found.allows("orders_eu", "insert")
+
+    write_keys_file(path, [revoked(replace(narrowed, digest=key.digest))])
+    clock.now += CHECK_EVERY_SECONDS
+    assert ring.authenticate_request(_bearer(secret)) is None
+    assert ring.authenticate_request({b"x-api-key": secret.encode()}) is None
+
+
+def test_a_remembered_authorization_header_still_expires(tmp_path):
+    path, wall = tmp_path / "keys.toml", Clock()
+    key, secret = new_key("k", ["*"], ["insert"], expires=datetime(2030, 1, 1, tzinfo=timezone.utc))
+    write_keys_file(path, [key])
+    ring = KeyRing([], path, clock=Clock(), wall_clock=wall)
+    wall.now = key.expires.timestamp() - 1
+    assert ring.authenticate_request(_bearer(secret)).id == "k" and ring.authenticate_request(_bearer(secret)).id == "k"
+    wall.now = key.expires.timestamp()
+    assert ring.authenticate_request(_bearer(secret)) is None
