@@ -26,6 +26,9 @@ from app.broker.base import OutgoingMessage  # noqa: E402
 from app.broker.local.broker import LocalBroker  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
+COUNT = "--no-count" not in sys.argv
+if not COUNT:
+    sys.argv.remove("--no-count")
 ACTIVITY = b'{"activity":"page_view","user":"u-000001","ts":"2026-01-01T00:00:00Z","n":1}'
 
 
@@ -39,14 +42,23 @@ async def publish_all(broker: LocalBroker, messages: int, keys: int, concurrency
     await asyncio.gather(*pending)
 
 
-def drain(broker: LocalBroker, pull: int) -> tuple[int, float, float]:
+def drain(broker: LocalBroker, pull: int) -> tuple[int, float, float, int]:
+    """(pulls, seconds pulling, seconds acking, SQL statements run by the pulls)."""
     pulls, pull_seconds, ack_seconds = 0, 0.0, 0.0
+    statements = [0]
+    conn = broker.leases._conn()
+
+    def count(_sql: str) -> None:
+        statements[0] += 1
+
     while True:
+        conn.set_trace_callback(count if COUNT else None)
         started = time.perf_counter()
         got = broker.pull(pull, timeout=0.0)
         pull_seconds += time.perf_counter() - started
+        conn.set_trace_callback(None)
         if not got:
-            return pulls, pull_seconds, ack_seconds
+            return pulls, pull_seconds, ack_seconds, statements[0]
         pulls += 1
         started = time.perf_counter()
         broker.ack(got)
@@ -72,12 +84,15 @@ def main() -> None:
         publish_seconds = time.perf_counter() - started
         if args.profile == "drain":
             profiler.enable()
-        pulls, pull_seconds, ack_seconds = drain(broker, args.pull)
+        pulls, pull_seconds, ack_seconds, statements = drain(broker, args.pull)
         profiler.disable()
         broker.close()
     per = 1e6 / args.messages
-    print(f"messages={args.messages} keys={args.keys} pulls={pulls}")
-    print(f"publish {publish_seconds * per:.1f} us/msg  pull {pull_seconds * per:.1f} us/msg  ack {ack_seconds * per:.1f} us/msg")
+    print(f"messages={args.messages} keys={args.keys} pulls={pulls} statements/pull={statements / max(1, pulls):.1f}")
+    print(
+        f"publish {publish_seconds * per:.1f} us/msg  pull {pull_seconds * per:.1f} us/msg"
+        f" ({pull_seconds * 1e6 / max(1, pulls):.0f} us/pull)  ack {ack_seconds * per:.1f} us/msg"
+    )
     if args.profile:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
