@@ -63,7 +63,8 @@ DROP INDEX IF EXISTS messages_key_not_before;
 """
 
 # Version 3: per key, its head and when it unblocks, kept by triggers (see the docstring).
-# Any lease change recomputes its key's max(not_before): one probe of leases_key_not_before.
+# Any lease change recomputes its key's max(not_before) (a probe of leases_key_not_before)
+# and rewrites the key's row only if it changed (an ack of a run: once, not per message).
 _KEY_HEADS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS key_heads (
     ordering_key  TEXT    PRIMARY KEY,
@@ -86,14 +87,16 @@ CREATE TRIGGER IF NOT EXISTS key_heads_on_lease AFTER INSERT ON leases BEGIN
     UPDATE key_heads SET blocked_until = max(blocked_until, new.not_before) WHERE ordering_key = new.ordering_key;
 END;
 CREATE TRIGGER IF NOT EXISTS key_heads_on_lease_update AFTER UPDATE OF not_before ON leases BEGIN
-    UPDATE key_heads
-        SET blocked_until = coalesce((SELECT max(not_before) FROM leases WHERE ordering_key = new.ordering_key), 0)
-        WHERE ordering_key = new.ordering_key;
+    UPDATE key_heads SET blocked_until = coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = new.ordering_key), 0)
+        WHERE ordering_key = new.ordering_key AND blocked_until IS NOT coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = new.ordering_key), 0);
 END;
 CREATE TRIGGER IF NOT EXISTS key_heads_on_lease_delete AFTER DELETE ON leases BEGIN
-    UPDATE key_heads
-        SET blocked_until = coalesce((SELECT max(not_before) FROM leases WHERE ordering_key = old.ordering_key), 0)
-        WHERE ordering_key = old.ordering_key;
+    UPDATE key_heads SET blocked_until = coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = old.ordering_key), 0)
+        WHERE ordering_key = old.ordering_key AND blocked_until IS NOT coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = old.ordering_key), 0);
 END;
 """
 
