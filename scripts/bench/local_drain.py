@@ -3,9 +3,10 @@
 Publishes N one-activity messages over K ordering keys (one request per message,
 `--concurrency` at a time, the way the API does), then pulls and acks them all in pulls
 of `--pull` messages. Prints microseconds per message for each phase and how many pulls
-it took. No assertions: it prints numbers. `--profile PHASE` wraps one phase in cProfile.
+it took, and the SQL statements per pull (their tracing slows the pulls: `--no-count` for times).
+No assertions: it prints numbers. `--profile PHASE` wraps one phase in cProfile.
 
-usage: local_drain.py [--messages N] [--keys K] [--pull P] [--concurrency C] [--profile publish|drain]
+usage: local_drain.py [--messages N] [--keys K] [--pull P] [--concurrency C] [--profile publish|drain] [--no-count]
 """
 
 from __future__ import annotations
