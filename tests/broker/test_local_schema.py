@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from app.broker.base import ReceivedMessage
-from app.broker.local import LocalBroker
+from app.broker.local import LocalBroker, store
 from app.settings import Settings
 
 from tests.support.local_broker import count_rows, datas, msg, publish
@@ -74,7 +74,7 @@ def test_a_version_1_file_is_migrated_on_open_keeping_leases_attempts_and_order(
 
     conn = sqlite3.connect(tmp_path / "broker.sqlite")
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
     finally:
         conn.close()
 
@@ -139,7 +139,12 @@ def test_leasing_nacking_and_redelivery_never_rewrite_a_message_row(make_broker)
 
 
 def _statements_during(broker: LocalBroker, action) -> tuple[object, list[str]]:
-    """Run `action`; its result and the data statements the lease connection executed."""
+    """Run `action`; its result and the data statements the lease connection executed.
+
+    Trigger bodies (keeping `key_heads`) run per row inside a statement and are traced
+    with its text again: a repeat of the statement just before is not another one (a
+    statement run per key would show other bound values).
+    """
     statements: list[str] = []
     conn = broker.leases._conn()
     conn.set_trace_callback(statements.append)
@@ -147,7 +152,8 @@ def _statements_during(broker: LocalBroker, action) -> tuple[object, list[str]]:
         result = action()
     finally:
         conn.set_trace_callback(None)
-    return result, [s for s in statements if not s.startswith(("PRAGMA", "BEGIN", "COMMIT"))]
+    distinct = [s for i, s in enumerate(statements) if i == 0 or s != statements[i - 1]]
+    return result, [s for s in distinct if not s.startswith(("PRAGMA", "BEGIN", "COMMIT"))]
 
 
 def test_a_pull_and_its_ack_over_many_keys_take_a_few_statements_not_one_per_key(broker):
@@ -156,8 +162,78 @@ def test_a_pull_and_its_ack_over_many_keys_take_a_few_statements_not_one_per_key
 
     got, pull_statements = _statements_during(broker, lambda: broker.pull(2 * keys, timeout=5))
     assert sorted(datas(got)) == sorted(f"m{i}" for i in range(2 * keys))
-    assert len(pull_statements) <= 6, pull_statements  # keys (twice when idle), runs, fill, lease, bodies
+    # keys when idle; keys and runs for a few keys, then for the rest; lease; bodies
+    assert len(pull_statements) <= 7, pull_statements
 
     _, ack_statements = _statements_during(broker, lambda: broker.ack(got))
     assert len(ack_statements) <= 2, ack_statements
     assert count_rows(broker.path) == 0
+
+
+def _key_heads(path: Path) -> tuple[list[tuple], list[tuple]]:
+    """The key_heads rows, and what they should be recomputed from messages and leases."""
+    conn = sqlite3.connect(path)
+    try:
+        kept = conn.execute("SELECT ordering_key, head_id, blocked_until FROM key_heads ORDER BY 1").fetchall()
+        expected = conn.execute(
+            "SELECT ordering_key, min(id),"
+            " coalesce((SELECT max(not_before) FROM leases AS l WHERE l.ordering_key = m.ordering_key), 0)"
+            " FROM messages AS m GROUP BY ordering_key ORDER BY 1"
+        ).fetchall()
+    finally:
+        conn.close()
+    return kept, expected
+
+
+def test_key_heads_follow_publish_lease_nack_ack_and_expiry(make_broker):
+    broker = make_broker(ack_deadline_seconds=0.2)
+    publish(broker, *[msg(f"m{i}", f"k{i % 4}") for i in range(12)])
+    first = broker.pull(5, timeout=5)  # k0's run m0 m4 m8, then m1 m5 of k1
+    kept, expected = _key_heads(broker.path)
+    assert kept == expected and len(kept) == 4
+
+    broker.nack(first[:1], delay_seconds=60)
+    broker.ack(first[3:])
+    kept, expected = _key_heads(broker.path)
+    assert kept == expected
+    assert [key for key, _, blocked in kept if blocked > time.time()] == ["k0"]
+
+    time.sleep(0.3)  # the leases of k0's tail expire; its nacked head still waits
+    again = broker.pull(12, timeout=5)
+    assert datas(again) == ["m2", "m6", "m10", "m3", "m7", "m11", "m9"]  # oldest heads first: k2, k3, k1
+    broker.ack(again)
+    kept, expected = _key_heads(broker.path)
+    assert kept == expected and [key for key, _, _ in kept] == ["k0"]
+
+
+def test_a_version_2_file_gets_its_key_heads_on_open_keeping_leases(tmp_path, make_broker):
+    old = make_broker()
+    publish(old, msg("a0", "a"), msg("b0", "b"), msg("a1", "a"))
+    leased = old.pull(1, timeout=5)
+    assert datas(leased) == ["a0"]
+    conn = sqlite3.connect(tmp_path / "broker.sqlite")
+    try:  # back to version 2: no key_heads, no triggers
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+        for name in names:
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("DROP TABLE key_heads")
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    finally:
+        conn.close()
+
+    broker = make_broker()
+    assert datas(broker.pull(10, timeout=5)) == ["b0"]  # a stays blocked by its lease
+    kept, expected = _key_heads(tmp_path / "broker.sqlite")
+    assert kept == expected and len(kept) == 2
+    old.ack(leased)
+    assert datas(broker.pull(10, timeout=5)) == ["a1"]
+
+
+def test_a_key_whose_lease_expired_comes_before_keys_with_newer_heads(make_broker):
+    broker = make_broker(ack_deadline_seconds=0.2)
+    publish(broker, msg("a0", "a"))
+    publish(broker, msg("b0", "b"), batch_id="b2")
+    assert datas(broker.pull(1, timeout=5)) == ["a0"]
+    time.sleep(0.3)
+    assert datas(broker.pull(1, timeout=5)) == ["a0"]

@@ -88,17 +88,17 @@ class _Lease:
     def full(self) -> bool:
         return self.total >= self.max_messages or self.nbytes >= self.max_bytes
 
-    def take_runs(self, starts: list[tuple[str, int]], limit: int) -> list[str]:
-        """Take up to `limit` messages of each key following its start id, keys in the given order.
+    def take_runs(self, starts: list[tuple[str, int]]) -> None:
+        """Take the messages of each key following its start id, keys in the given order.
 
         A key's run stops at the first message over the byte budget (FIFO: no later one is
         taken). The budget may be exceeded only by the first message of the whole pull, so a
-        message bigger than the budget is still delivered. Returns the keys that gave `limit`.
+        message bigger than the budget is still delivered.
         """
-        if not starts:
-            return []
-        params = (orjson.dumps(starts).decode(), limit, self.max_messages - self.total)
-        counts: dict[str, int] = {}
+        room = self.max_messages - self.total
+        if not starts or room <= 0:
+            return
+        params = (orjson.dumps(starts).decode(), room, room)
         stopped: set[str] = set()
         for message_id, key, size, attributes, attempts in self.conn.execute(_RUNS_SQL, params).fetchall():
             if self.full():
@@ -110,10 +110,8 @@ class _Lease:
                 continue
             self.nbytes += size
             self.total += 1
-            counts[key] = counts.get(key, 0) + 1
             self.last_id[key] = message_id
             self.taken.setdefault(key, []).append((message_id, attributes, attempts))
-        return [key for key, _ in starts if counts.get(key) == limit]
 
     def mark_leased(self, expiry: float) -> list[ReceivedMessage]:
         """Lease every taken message (token, expiry, attempt) in one statement, then read their bodies in one."""
@@ -211,7 +209,7 @@ class LeaseStore:
                 conn = self._conn()
                 if not self._last_pull_found:
                     # Idle: look without taking the write lock first (publishers keep going).
-                    ready, next_due = store.deliverable_keys(conn, time.time())
+                    ready, next_due = store.deliverable_keys(conn, time.time(), 1)
                     if not ready:
                         return [], next_due
                 with store.immediate_transaction(conn, self.busy_timeout, busy_timeout=self.busy_timeout):
@@ -233,16 +231,19 @@ class LeaseStore:
         pull starts with the keys waiting longest.
         """
         now = time.time()
-        keys, _ = store.deliverable_keys(conn, now)
-        if not keys:
-            return []
         lease = _Lease(conn, secrets.randbits(62), max_messages, self.max_pull_bytes)
-        starts = [(key, head - 1) for key, head in keys[:max_messages]]
-        # The first keys usually fill the pull: a statement reads only the runs of the keys
-        # it is given, so ask for a few keys first, then all the rest at once.
-        lease.take_runs(starts[:_FIRST_KEYS], max_messages)
-        if not lease.full() and len(starts) > _FIRST_KEYS:
-            lease.take_runs(starts[_FIRST_KEYS:], max_messages)
+        # The first keys usually fill the pull, and a statement reads the runs of every key
+        # it is given: ask for a few keys first, then for about as many more as the runs
+        # seen so far say will fill the rest (at least _FIRST_KEYS more each round).
+        seen, limit = 0, _FIRST_KEYS
+        while True:
+            keys, _ = store.deliverable_keys(conn, now, limit)
+            lease.take_runs([(key, head - 1) for key, head in keys[seen:]])
+            if lease.full() or len(keys) < limit or limit >= max_messages:
+                break
+            per_key = max(1.0, lease.total / len(keys))
+            more = int((max_messages - lease.total) / per_key * 1.25) + 1
+            seen, limit = len(keys), min(len(keys) + max(_FIRST_KEYS, more), max_messages)
         expiry = now + self.ack_deadline
         messages = lease.mark_leased(expiry)
         if messages:

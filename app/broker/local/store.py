@@ -4,10 +4,14 @@ A message row is written once by the publisher and deleted once on ack; delivery
 lives in ``leases`` (one row per message delivered at least once), so leasing never
 rewrites a message's body. A lease row's ``not_before`` is the lease expiry while leased,
 ``now + delay`` after a nack. A key is deliverable iff no lease row of it has
-``not_before > now`` (one index probe on ``leases (ordering_key, not_before)``), which
-blocks the key while any of its messages is leased or delayed and so keeps FIFO per key.
-Keys are enumerated with a skip-scan over the ``(ordering_key, id)`` index, so finding
-them costs O(keys * log n), not O(n), in one statement.
+``not_before > now``, which blocks the key while any of its messages is leased or delayed
+and so keeps FIFO per key.
+
+``key_heads`` holds one row per key with messages: its oldest message and the largest
+``not_before`` of its leases (0: none). Triggers keep it in the same transaction as the
+rows it summarizes, so it is as crash-safe as they are. Finding the deliverable keys is
+then an index range on ``(blocked_until, head_id)`` with a LIMIT: a pull's cost does not
+grow with the number of keys that have nothing to deliver.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from typing import Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -58,20 +62,70 @@ INSERT INTO leases (message_id, ordering_key, not_before, attempts, lease_token)
 DROP INDEX IF EXISTS messages_key_not_before;
 """
 
-# Skip-scan over the ordering keys: per key its oldest message id and the largest lease
-# not_before (> now means: leased or delayed, the key is blocked; 0: no lease).
-_KEYS_SQL = """
-WITH RECURSIVE keys(k) AS (
-    SELECT (SELECT min(ordering_key) FROM messages)
-    UNION ALL
-    SELECT (SELECT min(ordering_key) FROM messages WHERE ordering_key > keys.k)
-    FROM keys WHERE keys.k IS NOT NULL
-)
-SELECT k,
-       (SELECT min(id) FROM messages WHERE ordering_key = k),
-       coalesce((SELECT max(not_before) FROM leases WHERE ordering_key = k), 0)
-FROM keys WHERE k IS NOT NULL
+# Version 3: per key, its head and when it unblocks, kept by triggers (see the docstring).
+# Any lease change recomputes its key's max(not_before) (a probe of leases_key_not_before)
+# and rewrites the key's row only if it changed (an ack of a run: once, not per message).
+_KEY_HEADS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS key_heads (
+    ordering_key  TEXT    PRIMARY KEY,
+    head_id       INTEGER NOT NULL,                  -- the key's oldest message
+    blocked_until REAL    NOT NULL                   -- max not_before of its leases, 0 if none
+);
+CREATE INDEX IF NOT EXISTS key_heads_blocked_head ON key_heads (blocked_until, head_id);
+CREATE TRIGGER IF NOT EXISTS key_heads_on_publish AFTER INSERT ON messages BEGIN
+    INSERT INTO key_heads (ordering_key, head_id, blocked_until) VALUES (new.ordering_key, new.id, 0)
+    ON CONFLICT (ordering_key) DO NOTHING;
+END;
+CREATE TRIGGER IF NOT EXISTS key_heads_on_delete AFTER DELETE ON messages
+WHEN old.id = (SELECT head_id FROM key_heads WHERE ordering_key = old.ordering_key) BEGIN
+    DELETE FROM key_heads WHERE ordering_key = old.ordering_key
+        AND NOT EXISTS (SELECT 1 FROM messages WHERE ordering_key = old.ordering_key);
+    UPDATE key_heads SET head_id = (SELECT min(id) FROM messages WHERE ordering_key = old.ordering_key)
+        WHERE ordering_key = old.ordering_key;
+END;
+CREATE TRIGGER IF NOT EXISTS key_heads_on_lease AFTER INSERT ON leases BEGIN
+    UPDATE key_heads SET blocked_until = max(blocked_until, new.not_before) WHERE ordering_key = new.ordering_key;
+END;
+CREATE TRIGGER IF NOT EXISTS key_heads_on_lease_update AFTER UPDATE OF not_before ON leases BEGIN
+    UPDATE key_heads SET blocked_until = coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = new.ordering_key), 0)
+        WHERE ordering_key = new.ordering_key AND blocked_until IS NOT coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = new.ordering_key), 0);
+END;
+CREATE TRIGGER IF NOT EXISTS key_heads_on_lease_delete AFTER DELETE ON leases BEGIN
+    UPDATE key_heads SET blocked_until = coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = old.ordering_key), 0)
+        WHERE ordering_key = old.ordering_key AND blocked_until IS NOT coalesce(
+            (SELECT max(not_before) FROM leases WHERE ordering_key = old.ordering_key), 0);
+END;
 """
+
+# Fill key_heads from the rows of an older file (a new file has none).
+_FILL_KEY_HEADS = """
+INSERT INTO key_heads (ordering_key, head_id, blocked_until)
+    SELECT ordering_key, min(id), 0 FROM messages GROUP BY ordering_key;
+UPDATE key_heads SET blocked_until = coalesce(
+    (SELECT max(not_before) FROM leases WHERE leases.ordering_key = key_heads.ordering_key), 0);
+"""
+
+_MIGRATIONS = {
+    0: _SCHEMA + _LEASES_SCHEMA + _KEY_HEADS_SCHEMA,
+    1: _MIGRATE_FROM_1 + _KEY_HEADS_SCHEMA + _FILL_KEY_HEADS,
+    2: _KEY_HEADS_SCHEMA + _FILL_KEY_HEADS,
+    SCHEMA_VERSION: "",
+}
+
+# The deliverable keys, oldest head first: those with no lease row, and those whose
+# leases or delays ran out (few); each part is a range of key_heads_blocked_head.
+_READY_KEYS_SQL = """
+SELECT * FROM (SELECT ordering_key, head_id FROM key_heads WHERE blocked_until = 0 ORDER BY head_id LIMIT ?2)
+UNION ALL
+SELECT * FROM (
+    SELECT ordering_key, head_id FROM key_heads WHERE blocked_until > 0 AND blocked_until <= ?1
+    ORDER BY head_id LIMIT ?2)
+ORDER BY head_id LIMIT ?2
+"""
+_NEXT_DUE_SQL = "SELECT min(blocked_until) FROM key_heads WHERE blocked_until > ?1"
 
 BUSY_RETRY_SECONDS = 0.0002
 
@@ -118,15 +172,24 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"broker file schema {version} is newer than this code's {SCHEMA_VERSION}")
-        script = "" if version == SCHEMA_VERSION else _MIGRATE_FROM_1 if version == 1 else _SCHEMA + _LEASES_SCHEMA
-        for statement in script.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+        for statement in _statements(_MIGRATIONS[version]):
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         rollback_quietly(conn)
         raise
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The script's statements one by one (a trigger body's semicolons do not end one)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 @contextlib.contextmanager
@@ -200,16 +263,11 @@ def close_quietly(conn: sqlite3.Connection | None) -> None:
             pass
 
 
-def deliverable_keys(conn: sqlite3.Connection, now: float) -> tuple[list[tuple[str, int]], float | None]:
-    """(key, head id) of keys that can deliver now, oldest head first; and when the next blocked key frees."""
-    ready: list[tuple[str, int]] = []
-    next_due: float | None = None
-    for key, head, not_before in conn.execute(_KEYS_SQL):
-        if head is None:
-            continue
-        if not_before <= now:
-            ready.append((key, head))
-        elif next_due is None or not_before < next_due:
-            next_due = not_before
-    ready.sort(key=lambda kh: kh[1])
-    return ready, next_due
+def deliverable_keys(
+    conn: sqlite3.Connection, now: float, limit: int
+) -> tuple[list[tuple[str, int]], float | None]:
+    """Up to `limit` (key, head id) that can deliver now, oldest head first; if none, when the next blocked key frees."""
+    ready = conn.execute(_READY_KEYS_SQL, (now, limit)).fetchall()
+    if ready:
+        return ready, None
+    return [], conn.execute(_NEXT_DUE_SQL, (now,)).fetchone()[0]
