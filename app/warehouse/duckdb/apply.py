@@ -139,20 +139,6 @@ class Writer:
         """Record the envelopes' dedup_ids (of any tables) in one statement; those new."""
         return self._claim_ids(list(dict.fromkeys(env.dedup_id for env in envelopes)), all_new)
 
-    def apply_table(
-        self,
-        table: str,
-        todo: list[Envelope],
-        schema: Schema | None,
-        result: ApplyResult,
-        spatial_missing: bool,
-    ) -> Schema | None:
-        """Apply envelopes already claimed (`claim`) to one table, inside the open
-        transaction; returns its schema after it (for the cache). `plan_table`, then
-        `execute`; a many-table apply plans every table first and `stage`s their inserts."""
-        planned = self.plan_table(table, todo, schema, result, spatial_missing)
-        return schema if planned is None else self.execute(table, planned, result)
-
     def plan_table(
         self,
         table: str,
@@ -161,7 +147,9 @@ class Writer:
         result: ApplyResult,
         spatial_missing: bool,
     ) -> TablePlan | None:
-        """The statements for one table's envelopes (None: nothing to do).
+        """The statements for one table's envelopes (None: nothing to do), claimed
+        already (`claim`); `execute` runs them inside the open transaction, after `stage`
+        has copied the inserts of tables alike into temporary tables.
 
         `schema`: the table's (None: it does not exist; the caller read the catalog).
         `spatial_missing`: raise `SpatialNeeded` if the plan names a geography column.
