@@ -49,6 +49,16 @@ COLUMNS_DROPPED = Counter(
 PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class KeyTally:
+    """One key's 200 answers and activities accepted: two slots a request adds to, no dict."""
+
+    __slots__ = ("ok", "accepted")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.accepted = 0
+
+
 class IngestTallies:
     """The counts every ingest request updates, as plain numbers, turned into metric
     families only when scraped.
@@ -65,8 +75,14 @@ class IngestTallies:
         self.publish_buckets = [0] * (len(PUBLISH_BUCKETS) + 1)  # the last one: above every bound
         self.publish_sum = 0.0
         self.key_requests: dict[tuple[str, int], int] = {}  # (key id, HTTP status) -> requests
-        self.key_ok: dict[str, int] = {}  # key id -> 200 answers (kept apart: no tuple per request)
-        self.key_accepted: dict[str, int] = {}  # key id -> activities
+        self.key_tallies: dict[str, KeyTally] = {}  # key id -> its 200 answers and activities accepted
+
+    def tally_of(self, key_id: str) -> KeyTally:
+        """The tally of a key id, kept across reloads of the keys file (a key object carries it)."""
+        tally = self.key_tallies.get(key_id)
+        if tally is None:
+            tally = self.key_tallies[key_id] = KeyTally()
+        return tally
 
     def count_key_request(self, key_id: str, status: int) -> None:
         pair, requests = (key_id, status), self.key_requests
@@ -97,13 +113,13 @@ class IngestTallies:
         )
         for (key, status), count in list(self.key_requests.items()):
             key_requests.add_metric([key, str(status)], count)
-        for key, count in list(self.key_ok.items()):
-            key_requests.add_metric([key, "200"], count)
         key_accepted = CounterMetricFamily(
             "ingest_key_activities_accepted", "Activities accepted (durably published), by key id.", labels=["key"],
         )
-        for key, count in list(self.key_accepted.items()):
-            key_accepted.add_metric([key], count)
+        for key, tally in list(self.key_tallies.items()):
+            if tally.ok:  # keys that answered a 200: as before, no series for a key never used
+                key_requests.add_metric([key, "200"], tally.ok)
+                key_accepted.add_metric([key], tally.accepted)
         return [requests, accepted, publish, key_requests, key_accepted]
 
 

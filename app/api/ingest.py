@@ -157,10 +157,10 @@ class IngestHandler:
             }
             if key is not None:  # per-key metrics (`metrics.INGEST`: the label takes configured ids only)
                 fields["key"] = key_id
-                tallies = metrics.INGEST
-                tallies.key_ok[key_id] = tallies.key_ok.get(key_id, 0) + 1
+                tally = key.tally
+                tally.ok += 1
                 if not result.duplicate:
-                    tallies.key_accepted[key_id] = tallies.key_accepted.get(key_id, 0) + count
+                    tally.accepted += count
             request.scope["log_extra"] = fields
             if not result.duplicate:
                 self.state.receipts.accepted(

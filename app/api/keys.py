@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from app import metrics
 from app.api.auth import parse_api_keys
 from app.api.errors import ApiError
 from app.keys import ApiKey, KeyRing
@@ -25,7 +26,10 @@ from app.settings import Settings
 def key_ring(settings: Settings, clock: Callable[[], float] = time.monotonic) -> KeyRing:
     """`API_KEYS` as keys with every scope, plus the entries of `API_KEYS_FILE`."""
     env_keys = [ApiKey(id=f"{ENV_KEY_PREFIX}{i}", digest=d, from_env=True) for i, d in enumerate(parse_api_keys(settings.api_keys), 1)]
-    return KeyRing(env_keys, settings.api_keys_file, UsageLog(usage_file(settings.data_dir)), clock)
+    return KeyRing(
+        env_keys, settings.api_keys_file, UsageLog(usage_file(settings.data_dir)), clock,
+        tally_of=metrics.INGEST.tally_of,
+    )
 
 
 class KeyGate:

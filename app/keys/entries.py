@@ -61,6 +61,8 @@ class ApiKey:
     # a request compares two floats instead of converting a datetime.
     usable_until: float = field(init=False, compare=False, repr=False)
     scope_answers: dict[str, frozenset[str]] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # Its request counts (`app.metrics.KeyTally`), kept by id across reloads; set by the key ring.
+    tally: Any = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         until = -math.inf if self.disabled else math.inf if self.expires is None else self.expires.timestamp()

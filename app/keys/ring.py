@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from app.keys.entries import ApiKey, KeysFileError, load_keys_file
 from app.keys.usage import UsageLog
@@ -41,8 +41,10 @@ class KeyRing:
         usage: UsageLog | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        tally_of: Callable[[str], Any] | None = None,
     ) -> None:
-        self.env_keys = env_keys
+        self.tally_of = tally_of  # key id -> its counts object, attached to each key (`ApiKey.tally`)
+        self.env_keys = self._with_tallies(env_keys)
         self.path = Path(path) if path is not None else None
         self.usage = usage
         self.last_used: dict[str, float] = {} if usage is None else usage.last_used
@@ -52,7 +54,7 @@ class KeyRing:
         self._signature: tuple[int, int, int] | None = None
         self._checked_at = float("-inf")
         if self.path is not None:
-            self._file_keys = load_keys_file(self.path)  # a bad file at start-up is an error, not a warning
+            self._file_keys = self._with_tallies(load_keys_file(self.path))  # a bad file at start-up is an error, not a warning
             self._signature = self._stat()
         self._checked_at = self.clock()
         self.keys: list[ApiKey] = [*env_keys, *self._file_keys]
@@ -143,7 +145,7 @@ class KeyRing:
         if signature == self._signature:
             return
         try:
-            file_keys = load_keys_file(self.path)
+            file_keys = self._with_tallies(load_keys_file(self.path))
         except KeysFileError as exc:
             log.error("keys file not reloaded, keeping the last good keys: %s", exc)
             self._signature = signature  # logged once per change, not per second
@@ -153,6 +155,12 @@ class KeyRing:
         # A revoked or disabled key is found again the slow way (a new ApiKey), and refused.
         self._verified, self._by_authorization = {}, {}
         log.info("keys file reloaded", extra={"keys": len(file_keys)})
+
+    def _with_tallies(self, keys: list[ApiKey]) -> list[ApiKey]:
+        if self.tally_of is not None:
+            for key in keys:
+                object.__setattr__(key, "tally", self.tally_of(key.id))  # frozen: set once, before use
+        return keys
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:

@@ -7,6 +7,7 @@ on a shared machine is not counted) per README-body request, best of several bat
     .venv/bin/python -m scripts.bench.api_inprocess --broker local  # the real local broker, 32 concurrent
     .venv/bin/python -m scripts.bench.api_inprocess --activities 500  # README-shaped batches of 500
     .venv/bin/python -m scripts.bench.api_inprocess --scoped  # + a scoped key and a traceparent, vs neither
+    .venv/bin/python -m scripts.bench.api_inprocess --scoped --server  # the same through uvicorn's HTTP protocol
     .venv/bin/python -m scripts.bench.api_inprocess --frozen        # against a frozen, declared table
     .venv/bin/python -m scripts.bench.api_inprocess --contract  # + the table declared and frozen, vs no tables file
 
@@ -25,12 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import uvloop
+
 from app.api.app import create_app
 from app.keys import new_key, write_keys_file
 from app.logs import configure_logging
 from app.runtime import freeze_startup_heap
 from app.settings import Settings
 from scripts.bench import workload
+from scripts.bench.inprocess_server import ServedConnection, raw_request
 from tests.support.brokers import StubBroker  # accepts at once: only the API's own work is measured
 
 
@@ -57,6 +61,8 @@ def main() -> None:
     p.add_argument("--frozen", action="store_true", help="TABLES_FILE declaring the README table, contract freeze")
     p.add_argument("--contract", action="store_true",
                    help="also the README table declared and frozen (TABLES_FILE) vs no tables file; batches interleaved")
+    p.add_argument("--server", action="store_true",
+                   help="whole requests: raw HTTP bytes through uvicorn's httptools protocol on uvloop, as the API runs")
     p.add_argument("--json", action="store_true", help="print one JSON line instead (for `make bench`)")
     args = p.parse_args()
     if (args.scoped or args.contract) and args.broker != "stub":
@@ -99,6 +105,12 @@ def main() -> None:
     scoped_scope = {**scope, "headers": scope["headers"] + scoped_headers}
 
     async def worker(target, request_scope, n: int) -> None:
+        if args.server:  # one keep-alive connection per worker, the request as a client sends it
+            connection = ServedConnection(target)
+            raw = raw_request(request_scope["path"], request_scope["headers"], body)
+            for _ in range(n):
+                statuses.add(int((await connection.request(raw)).split(b" ")[1]))
+            return
         for _ in range(n):
             await target(dict(request_scope), receive, send)
 
@@ -120,14 +132,19 @@ def main() -> None:
                     best[i] = min(best[i], await batch(target, request_scope, per_worker))
         return best[0], best[-1]
 
-    plain, scoped = asyncio.run(run())
+    if args.server:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as `app.runtime.run_api`
+            plain, scoped = runner.run(run())
+    else:
+        plain, scoped = asyncio.run(run())
     assert statuses == {200}, statuses
     if args.json:
         other = "frozen_us" if args.contract else "scoped_us"
         print(json.dumps({"plain_us": round(plain * 1e6, 2), other: round(scoped * 1e6, 2), "batches": args.batches,
-                          "requests": args.requests}))
+                          "requests": args.requests, "server": args.server}))
         return
     what = f"{args.activities} activities" if args.activities else "README body"
+    what += " through uvicorn's protocol" if args.server else ""
     print(f"{plain * 1e6:.1f} us main-thread CPU per request of {what} (broker {args.broker}, log level {args.level}, "
           f"best of {args.batches} batches)")
     if args.scoped:

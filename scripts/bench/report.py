@@ -85,10 +85,12 @@ METHOD = """
   published as the API would, once as inserts and once as upserts of the same rows; a real subscriber
   drains each into DuckDB, timed by its own log as in 7; alternating rounds, medians
   (`scripts/bench/upsert_drain.py`). The upsert table ends with 10,000 rows, the insert one with 100,000.
-- **18, 19 per-request cost.** `scripts/bench/api_inprocess.py` calls the ASGI app directly (no sockets)
-  and measures the main thread's CPU per README request, best of interleaved batches: with a scoped key and
-  a `traceparent` against neither (19), and with the README table declared and frozen in a tables file
-  against no tables file (18).
+- **18, 19 per-request cost.** `scripts/bench/api_inprocess.py` measures the main thread's CPU per README
+  request, best of interleaved batches: with a scoped key and a `traceparent` against neither (19), and with
+  the README table declared and frozen in a tables file against no tables file (18). For 19 the request's raw
+  bytes go through uvicorn's httptools protocol on uvloop, as `python -m app api` serves them (in memory: no
+  socket calls, `scripts/bench/inprocess_server.py`); the ASGI app called directly is shown beside it. 18
+  calls the ASGI app directly.
 """
 
 

@@ -36,6 +36,9 @@ def test_the_scoped_key_verdict_is_the_ratio_of_cpu_per_request_against_the_targ
     [passed] = evaluate({"keys": {"plain_us": 38.0, "scoped_us": 40.0}})  # 0.95x
     [missed] = evaluate({"keys": {"plain_us": 38.0, "scoped_us": 42.0}})
     assert (passed["verdict"], passed["ratio"], missed["verdict"]) == ("PASS", "0.950x", "MISS")
+    # The app's own share is shown beside the whole request's, unjudged.
+    _, app_only = evaluate({"keys": {"plain_us": 60.0, "scoped_us": 61.0}, "keys_app": {"plain_us": 38.0, "scoped_us": 42.0}})
+    assert (app_only["verdict"], app_only["ratio"]) == ("n/a", "0.905x")
 
 
 def test_missing_sections_give_no_rows_and_errors_are_reported_unjudged():
