@@ -149,6 +149,12 @@ class IngestHandler:
                 attributes["traceparent"] = traceparent  # the apply joins the request's trace
                 if key_id is not None:
                     attributes["key_id"] = key_id  # the key id (never the secret) travels with the batch
+            quarantined = checked.quarantined_by_table() if checked.quarantined else ()
+            answer_fields = checked.answer_fields()
+            # The parsed body and its columns go before the wait: kept alive by 32 waiting
+            # requests, a 500-activity body's ~11,500 objects were walked by every garbage
+            # collection meanwhile, ~40% of such a request's CPU (docs/benchmarks.md, issue 20).
+            del body, validated, checked
             result, publish_seconds = await self.publish(count, messages, batch_id, idempotency_key, fingerprint)
             # One INFO line per request: the middleware's `request finished` carries these.
             fields = {
@@ -163,10 +169,8 @@ class IngestHandler:
                     tallies.key_accepted[key_id] = tallies.key_accepted.get(key_id, 0) + count
             request.scope["log_extra"] = fields
             if not result.duplicate:
-                self.state.receipts.accepted(
-                    batch_id, key_id, messages, checked.quarantined_by_table() if checked.quarantined else ()
-                )
-            return self.answer(count, result, checked.answer_fields())
+                self.state.receipts.accepted(batch_id, key_id, messages, quarantined)
+            return self.answer(count, result, answer_fields)
         except ApiError as exc:
             exc.key_id = None if key is None else key.id  # a refusal after the key was known names it
             raise

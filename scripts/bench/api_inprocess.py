@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--frozen", action="store_true", help="TABLES_FILE declaring the README table, contract freeze")
     p.add_argument("--contract", action="store_true",
                    help="also the README table declared and frozen (TABLES_FILE) vs no tables file; batches interleaved")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="requests in flight (default: 1 with the stub broker, 32 with the local one)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead (for `make bench`)")
     args = p.parse_args()
     if (args.scoped or args.contract) and args.broker != "stub":
@@ -94,7 +96,8 @@ def main() -> None:
         if message["type"] == "http.response.start":
             statuses.add(message["status"])
 
-    concurrency = 1 if args.broker == "stub" else 32  # the local broker commits groups: keep it busy
+    # The local broker commits groups: keep it busy.
+    concurrency = args.concurrency or (1 if args.broker == "stub" else 32)
 
     scoped_scope = {**scope, "headers": scope["headers"] + scoped_headers}
 
