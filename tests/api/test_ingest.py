@@ -175,3 +175,17 @@ def test_the_parsed_body_is_let_go_before_the_publish_wait(tmp_path, monkeypatch
     with TestClient(create_app(Settings(data_dir=tmp_path), broker=WatchingBroker())) as client:
         assert client.post(PATH, json=body).status_code == 200
     assert len(holders) == 2 and holders == [[], []]
+
+
+def test_the_body_is_parsed_and_validated_with_the_collector_paused_and_it_runs_again_after(tmp_path, monkeypatch):
+    import gc
+
+    from app.api.ingest import IngestHandler
+
+    seen: list[bool] = []
+    parse = IngestHandler.parse
+    monkeypatch.setattr(IngestHandler, "parse", staticmethod(lambda raw: seen.append(gc.isenabled()) or parse(raw)))
+    with TestClient(create_app(Settings(data_dir=tmp_path))) as client:
+        assert client.post(PATH, json=README_BODY).status_code == 200
+        assert client.post(PATH, content=b"{oops", headers=JSON).status_code == 400  # refused inside
+        assert seen == [False, False] and gc.isenabled()
