@@ -143,7 +143,7 @@ class IngestHandler:
         try:  # costs nothing until something raises
             idempotency_key = self.checked_headers(headers)
             raw = await self.read_body(request, headers)
-            with collector_paused():
+            with collector_paused():  # the body's objects are freed inside, uncollected (app.heap)
                 batch = self.prepare(raw, key, idempotency_key, traceparent)
             count, messages, batch_id = batch.count, batch.messages, batch.batch_id
             key_id = None if key is None else key.id
