@@ -63,6 +63,8 @@ def main() -> None:
                    help="also the README table declared and frozen (TABLES_FILE) vs no tables file; batches interleaved")
     p.add_argument("--server", action="store_true",
                    help="whole requests: raw HTTP bytes through uvicorn's httptools protocol on uvloop, as the API runs")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="requests in flight (default: 1 with the stub broker, 32 with the local one)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead (for `make bench`)")
     args = p.parse_args()
     if (args.scoped or args.contract) and args.broker != "stub":
@@ -100,7 +102,8 @@ def main() -> None:
         if message["type"] == "http.response.start":
             statuses.add(message["status"])
 
-    concurrency = 1 if args.broker == "stub" else 32  # the local broker commits groups: keep it busy
+    # The local broker commits groups: keep it busy.
+    concurrency = args.concurrency or (1 if args.broker == "stub" else 32)
 
     scoped_scope = {**scope, "headers": scope["headers"] + scoped_headers}
 
