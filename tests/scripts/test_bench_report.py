@@ -39,6 +39,9 @@ def test_the_scoped_key_verdict_is_the_ratio_of_cpu_per_request_against_the_targ
     # The app's own share is shown beside the whole request's, unjudged.
     _, app_only = evaluate({"keys": {"plain_us": 60.0, "scoped_us": 61.0}, "keys_app": {"plain_us": 38.0, "scoped_us": 42.0}})
     assert (app_only["verdict"], app_only["ratio"]) == ("n/a", "0.905x")
+    # Measured in several processes: the median of their paired ratios is the figure, each one shown.
+    [median] = evaluate({"keys": {"plain_us": 60.0, "scoped_us": 58.0, "ratio": 0.94, "ratios": [0.93, 0.94, 0.97]}})
+    assert (median["verdict"], median["ratio"]) == ("MISS", "0.940x") and "0.930, 0.940, 0.970x" in median["baseline"]
 
 
 def test_missing_sections_give_no_rows_and_errors_are_reported_unjudged():
