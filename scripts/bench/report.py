@@ -89,8 +89,10 @@ METHOD = """
   request, best of interleaved batches: with a scoped key and a `traceparent` against neither (19), and with
   the README table declared and frozen in a tables file against no tables file (18). For 19 the request's raw
   bytes go through uvicorn's httptools protocol on uvloop, as `python -m app api` serves them (in memory: no
-  socket calls, `scripts/bench/inprocess_server.py`); the ASGI app called directly is shown beside it. 18
-  calls the ASGI app directly.
+  socket calls, `scripts/bench/inprocess_server.py`); the ASGI app called directly is shown beside it. Two
+  app objects differ by ~2% in one process however alike they are (memory layout), so 19 runs in 5
+  processes; each gives the median of its rounds' paired ratios (who goes first alternates), and the
+  figure is their median, every process's shown. 18 calls the ASGI app directly, best batches.
 """
 
 
