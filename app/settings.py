@@ -6,6 +6,7 @@ place to look up a name, its default and its meaning.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -52,6 +53,13 @@ class Settings(BaseSettings):
     duckdb_path: Path | None = Field(None, description="DuckDB file; default `$DATA_DIR/warehouse.duckdb`.")
     duckdb_memory_limit: str = Field("512MB", description="Cap on DuckDB's buffer pool in the subscriber (e.g. 128MB, 1GB).")
     duckdb_threads: int = Field(1, ge=1, description="DuckDB worker threads in the subscriber (appends gain nothing from more).")
+    duckdb_block_size: int = Field(
+        16384, ge=16384, le=262144,
+        description="Block size of a DuckDB file the warehouse creates (a power of two, 16384-262144); existing files keep theirs.",
+    )
+    duckdb_storage_version: str = Field(
+        "v1.2.0", description="DuckDB storage format of a file the warehouse creates (`storage_compatibility_version`); existing files keep theirs.",
+    )
     duckdb_reopen_after_tables: int = Field(
         2000, ge=1, description="The subscriber closes and reopens the DuckDB file after this many table applies (DuckDB frees per-table memory only then)."
     )
@@ -147,6 +155,20 @@ class Settings(BaseSettings):
         from app.broker.registry import check_name  # the registry imports backends lazily
 
         return check_name(name)
+
+    @field_validator("duckdb_block_size")
+    @classmethod
+    def _power_of_two(cls, size: int) -> int:
+        if size & (size - 1):
+            raise ValueError(f"DUCKDB_BLOCK_SIZE must be a power of two, got {size}")
+        return size
+
+    @field_validator("duckdb_storage_version")
+    @classmethod
+    def _storage_version(cls, version: str) -> str:
+        if not re.fullmatch(r"v\d+\.\d+\.\d+|latest", version):
+            raise ValueError(f"DUCKDB_STORAGE_VERSION must look like v1.2.0, got {version!r}")
+        return version
 
     @property
     def duckdb_file(self) -> Path:

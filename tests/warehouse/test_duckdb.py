@@ -583,8 +583,11 @@ def test_tables_new_to_the_file_cost_no_catalog_query_and_known_ones_are_read_on
 
 def test_a_stream_over_many_small_tables_does_not_fill_the_memory_limit(tmp_path):
     # DuckDB keeps each table's rows written since the last checkpoint in memory it cannot
-    # evict (~90 KB a table): 400 tables overflow 16 MB unless the file is reopened.
-    settings = Settings(data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=50)
+    # evict (~90 KB a table at its own block size): 400 tables overflow 16 MB unless the file
+    # is reopened.
+    settings = Settings(
+        data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=50, duckdb_block_size=262144
+    )
     wh = DuckDBWarehouse(settings)
     try:
         cols = [("v", "integer"), ("s", "string")]
@@ -601,7 +604,10 @@ def test_a_stream_over_many_small_tables_does_not_fill_the_memory_limit(tmp_path
 
 
 def test_an_apply_that_ran_out_of_memory_reopens_the_file_and_the_stream_goes_on(tmp_path):
-    settings = Settings(data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=100_000)
+    # DuckDB's own block size keeps the most per table, so 600 tables reach the limit.
+    settings = Settings(
+        data_dir=tmp_path, duckdb_memory_limit="16MB", duckdb_reopen_after_tables=100_000, duckdb_block_size=262144
+    )
     wh = DuckDBWarehouse(settings)
     try:
         cols = [("v", "integer"), ("s", "string")]
@@ -685,3 +691,44 @@ def test_null_keys_in_a_run_reject_those_rows_only(wh: DuckDBWarehouse) -> None:
     assert [r.index for r in result.rejections] == [2, 5]
     assert all(r.reason == "key column 'id' is null" and r.activity.col_values[1] == str(r.index + 1) for r in result.rejections)
     assert sorted(wh.query('SELECT id FROM "n"')[1]) == [(0,), (1,), (2,), (4,), (5,), (7,)]
+
+
+def _block_size(path: Path) -> int:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+
+
+def test_a_new_file_gets_the_configured_block_size(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, duckdb_block_size=32768)
+    DuckDBWarehouse(settings).close()
+    assert _block_size(settings.duckdb_file) == 32768
+
+
+def test_a_file_in_duckdbs_default_format_stays_readable_and_writable(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    with duckdb.connect(str(settings.duckdb_file)) as con:  # DuckDB's defaults: 256 KB blocks, old format
+        default_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    assert default_size != settings.duckdb_block_size  # else this test shows nothing
+    cols = [("v", "integer"), ("s", "string")]
+    wh = DuckDBWarehouse(settings)
+    try:
+        outcomes = wh.apply_many([("t", [env("t", ins("t", cols, [1, "x"]))])])
+        assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+        assert wh.count_rows(["t"]) == {"t": 1}
+    finally:
+        wh.close()
+    assert _block_size(settings.duckdb_file) == default_size
+    wh = DuckDBWarehouse(settings)
+    try:
+        outcomes = wh.apply_many([("t", [env("t", ins("t", cols, [2, "y"]))])])
+        assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+        assert wh.count_rows(["t"]) == {"t": 2}
+    finally:
+        wh.close()
+
+
+def test_settings_refuse_a_block_size_duckdb_cannot_use() -> None:
+    with pytest.raises(ValueError):
+        Settings(duckdb_block_size=20000)
+    with pytest.raises(ValueError):
+        Settings(duckdb_storage_version="1.2")

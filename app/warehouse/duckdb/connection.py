@@ -66,6 +66,8 @@ def open_connection(
     memory_limit: str | None = None,
     spatial: bool | None = None,
     threads: int | None = None,
+    block_size: int | None = None,
+    storage_version: str | None = None,
 ) -> tuple[duckdb.DuckDBPyConnection, bool | None]:
     """Connect; load spatial if `spatial`, or (None) if some table has a GEOMETRY column.
 
@@ -73,7 +75,16 @@ def open_connection(
     (not needed, but available). It cannot be loaded later on this connection: loading is
     external access, switched off here.
     """
-    con = duckdb.connect(str(path), read_only=read_only)
+    # Both apply only when this call creates the file; an existing file keeps the block
+    # size and format in its header. Small blocks and a format from v1.2 on keep far less
+    # memory per table: a checkpoint writes a block per column segment, and opening
+    # 10,000 tables holds 101 MB instead of 215-267 MB (docs/benchmarks.md, issue 20).
+    config = {}
+    if block_size:
+        config["default_block_size"] = str(block_size)
+    if storage_version:
+        config["storage_compatibility_version"] = storage_version
+    con = duckdb.connect(str(path), read_only=read_only, config=config)
     loaded: bool | None = None
     try:
         if memory_limit:

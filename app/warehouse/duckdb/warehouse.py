@@ -76,6 +76,8 @@ class DuckDBWarehouse(Warehouse):
         self.path = Path(settings.duckdb_file)
         self._memory_limit = settings.duckdb_memory_limit
         self._threads = settings.duckdb_threads
+        self._block_size = settings.duckdb_block_size
+        self._storage_version = settings.duckdb_storage_version
         self._reopen_after_tables = settings.duckdb_reopen_after_tables
         self._tables_written = 0  # table applies committed on this connection
         self._lock = threading.RLock()
@@ -120,6 +122,8 @@ class DuckDBWarehouse(Warehouse):
                     memory_limit=self._memory_limit,
                     spatial=True if spatial else None,
                     threads=self._threads,
+                    block_size=self._block_size,
+                    storage_version=self._storage_version,
                 )
             except duckdb.Error as exc:
                 raise TransientWarehouseError(f"cannot open DuckDB file {self.path}: {exc}") from exc
