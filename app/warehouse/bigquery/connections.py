@@ -11,6 +11,8 @@ its own takes a free slot, or the least recently used idle connection (closed fi
 or waits for one with the caller's deadline.
 
 The pool's lock guards its bookkeeping only; opening, sending and closing happen outside it.
+A connection being closed keeps its slot until its close returns, so a successor never
+opens beside it and the bound holds at every moment, not only between calls.
 Connections idle longer than `idle_seconds` are closed by a daemon reaper.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -47,6 +50,7 @@ class ConnectionPool:
         self.idle_seconds = idle_seconds
         self._close = close
         self._connections: list[Connection] = []  # idle ones in order of last use
+        self._closing = 0  # connections out of the list whose close has not returned: still slots
         self._cond = threading.Condition()
         self._closed = False
         self._reaper: threading.Thread | None = None  # runs while connections are alive
@@ -57,6 +61,9 @@ class ConnectionPool:
     def alive(self) -> int:
         with self._cond:
             return len(self._connections)
+
+    def _taken(self) -> int:
+        return len(self._connections) + self._closing
 
     def acquire(self, stream_name: str, deadline: float) -> Connection:
         """A connection for `stream_name`, held until `release`/`discard`.
@@ -74,14 +81,15 @@ class ConnectionPool:
                 if own is not None:
                     own.busy = True
                     return own
-                if len(self._connections) >= self.size and idle:
+                if self._taken() >= self.size and idle:
+                    # its slot passes to us, and it is closed before we return (and open)
                     evicted = min(idle, key=lambda c: c.last_used)
                     self._connections.remove(evicted)
-                if len(self._connections) < self.size:
+                if self._taken() < self.size:
                     conn = Connection(stream_name)
                     self._connections.append(conn)
                     self.opened += 1
-                    self.peak = max(self.peak, len(self._connections))
+                    self.peak = max(self.peak, self._taken())
                     if self._reaper is None:
                         self._reaper = threading.Thread(target=self._reap_idle, name="storage-write-reaper", daemon=True)
                         self._reaper.start()
@@ -103,13 +111,21 @@ class ConnectionPool:
             conn.last_used = time.monotonic()
             self._cond.notify_all()
 
-    def discard(self, conn: Connection) -> None:
-        """Drop a connection that failed (its answers may be out of step); closed outside the lock."""
+    def discard(self, conn: Connection, closed: Future | None = None) -> None:
+        """Drop a connection that failed (its answers may be out of step); closed outside the lock.
+
+        `closed`, when given, is the close of a stream that cannot be closed yet (an open
+        still waiting on the server): the slot stays taken until it is done.
+        """
         with self._cond:
-            if conn in self._connections:
-                self._connections.remove(conn)
-            self._cond.notify_all()
-        self._close_stream(conn)
+            if conn not in self._connections:
+                return
+            self._connections.remove(conn)
+            self._closing += 1
+        if closed is None:
+            self._close_taken([conn])
+        else:
+            closed.add_done_callback(lambda _: self._free_slots(1))
 
     def close(self) -> None:
         with self._cond:
@@ -118,6 +134,20 @@ class ConnectionPool:
             self._cond.notify_all()
         for conn in connections:
             self._close_stream(conn)
+
+    def _close_taken(self, connections: list[Connection]) -> None:
+        """Close connections counted in `_closing` (out of the list under the lock), then free their slots."""
+        try:
+            for conn in connections:
+                self._close_stream(conn)
+        finally:
+            self._free_slots(len(connections))
+
+    def _free_slots(self, count: int) -> None:
+        if count:
+            with self._cond:
+                self._closing -= count
+                self._cond.notify_all()
 
     def _close_stream(self, conn: Connection) -> None:
         stream, conn.stream = conn.stream, None
@@ -135,5 +165,5 @@ class ConnectionPool:
                 stale = [c for c in self._connections if not c.busy and now - c.last_used >= self.idle_seconds]
                 for conn in stale:
                     self._connections.remove(conn)
-            for conn in stale:
-                self._close_stream(conn)
+                self._closing += len(stale)
+            self._close_taken(stale)

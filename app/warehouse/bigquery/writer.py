@@ -271,7 +271,7 @@ class StorageWriter:
                 future.result(timeout=_remaining(deadline), polling=_RESULT_POLLING)
                 first_row += request.rows
         except Exception as exc:
-            self.pool.discard(conn)
+            self.pool.discard(conn, closed=exc.closed if isinstance(exc, OpenPastDeadline) else None)
             error = errors.translate(exc, what)
             if isinstance(error, errors.RowsRefusedError):  # row numbers across all of `requests`
                 error = errors.RowsRefusedError(str(error), {first_row + i: r for i, r in error.row_errors.items()})
@@ -340,8 +340,23 @@ def _open_within(stream: AppendRowsStream, first: storage_types.AppendRowsReques
     try:
         return opened.result(timeout=_remaining(deadline))
     except concurrent.futures.TimeoutError:
-        opened.add_done_callback(lambda _: _close_quietly(stream))
-        raise TransientWarehouseError(f"{what}: no connection within our deadline") from None
+        closed: concurrent.futures.Future = concurrent.futures.Future()
+
+        def close_when_opened(_: concurrent.futures.Future) -> None:
+            _close_quietly(stream)
+            closed.set_result(None)
+
+        opened.add_done_callback(close_when_opened)
+        raise OpenPastDeadline(f"{what}: no connection within our deadline", closed) from None
+
+
+class OpenPastDeadline(TransientWarehouseError):
+    """An AppendRows open that outlived our deadline; `closed` is done once the stream,
+    still opening, has been closed (the pool keeps its slot taken until then)."""
+
+    def __init__(self, message: str, closed: concurrent.futures.Future) -> None:
+        super().__init__(message)
+        self.closed = closed
 
 
 def _close_quietly(stream: AppendRowsStream) -> None:

@@ -151,6 +151,19 @@ class StorageWriteFaults:
             self.streams += 1
             self.open_now += 1
             self.peak_open = max(self.peak_open, self.open_now)
+        # A connection counts as closed when its RPC ends (the client's cancel, or our last
+        # answer), as Google counts it, not when this thread gets round to its clean-up:
+        # that can wait behind the emulator's baton while the client's next call is open.
+        ended: list[bool] = []
+
+        def rpc_ended() -> None:
+            with self._lock:
+                if not ended:
+                    ended.append(True)
+                    self.open_now -= 1
+
+        if not context.add_callback(rpc_ended):
+            rpc_ended()
         upstream = _Upstream(channel, md, context)
         stream_name = ""
         schema: tuple[str, Any] | None = None  # ("arrow_rows"|"proto_rows", writer schema message)
@@ -197,8 +210,7 @@ class StorageWriteFaults:
                 yield upstream.send(raw)
         finally:
             upstream.close()
-            with self._lock:
-                self.open_now -= 1
+            rpc_ended()  # a handler returning before gRPC calls back
 
 
 class _Upstream:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
 from app.warehouse.base import TransientWarehouseError
 from app.warehouse.bigquery.connections import ConnectionPool
-from app.warehouse.bigquery.writer import _open_within
+from app.warehouse.bigquery.writer import OpenPastDeadline, _open_within
 from tests.support.processes import wait_until
 
 FAR = 3600.0  # a deadline no test reaches
@@ -128,3 +129,45 @@ def test_an_open_within_the_deadline_hands_back_the_first_answer() -> None:
     stream.release.set()
     assert _open_within(stream, object(), time.monotonic() + FAR, what="open") == "future"  # type: ignore[arg-type]
     assert not stream.closed.is_set()
+
+
+def test_a_discarded_connection_keeps_its_slot_until_its_close_returns() -> None:
+    closing, may_return = threading.Event(), threading.Event()
+
+    def slow_close(stream: FakeStream) -> None:
+        closing.set()
+        may_return.wait()
+
+    pool = ConnectionPool(1, idle_seconds=FAR, close=slow_close)
+    conn = take(pool, "a")
+    discarding = threading.Thread(target=pool.discard, args=(conn,))
+    discarding.start()
+    assert closing.wait(FAR)
+    with pytest.raises(TransientWarehouseError, match="no Storage Write connection free"):
+        pool.acquire("b", time.monotonic())  # the server may still count the old connection
+    may_return.set()
+    discarding.join(FAR)
+    assert take(pool, "b").stream_name == "b" and pool.peak == 1
+    pool.close()
+
+
+def test_an_open_past_our_deadline_keeps_its_slot_until_the_stream_is_closed() -> None:
+    pool, _ = pool_of(1)
+    conn = pool.acquire("a", time.monotonic() + FAR)  # its open hangs: no stream yet
+    closed: Future = Future()
+    pool.discard(conn, closed=closed)
+    with pytest.raises(TransientWarehouseError, match="no Storage Write connection free"):
+        pool.acquire("b", time.monotonic())
+    closed.set_result(None)  # the open returned, and the stream was closed
+    assert take(pool, "b").stream_name == "b"
+    pool.close()
+
+
+def test_the_writer_hands_the_pool_the_close_of_an_open_past_its_deadline() -> None:
+    stream = HangingOpen()
+    with pytest.raises(OpenPastDeadline) as raised:
+        _open_within(stream, object(), time.monotonic(), what="opening AppendRows to t")  # type: ignore[arg-type]
+    assert not raised.value.closed.done()
+    stream.release.set()
+    raised.value.closed.result(timeout=FAR)
+    assert stream.closed.is_set()
