@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         "v1.2.0", description="DuckDB storage format of a file the warehouse creates (`storage_compatibility_version`); existing files keep theirs.",
     )
     duckdb_reopen_after_tables: int = Field(
-        2000, ge=1, description="The subscriber closes and reopens the DuckDB file after this many table applies (DuckDB frees per-table memory only then)."
+        250, ge=1, description="The subscriber closes and reopens the DuckDB file once it has written this many distinct tables (DuckDB frees per-table memory only then)."
     )
     broker_path: Path | None = Field(None, description="Local broker file; default `$DATA_DIR/broker.sqlite`.")
     dead_letter_path: Path | None = Field(None, description="Dead-letter store; default `$DATA_DIR/dead_letters.sqlite`.")

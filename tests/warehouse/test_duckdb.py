@@ -732,3 +732,20 @@ def test_settings_refuse_a_block_size_duckdb_cannot_use() -> None:
         Settings(duckdb_block_size=20000)
     with pytest.raises(ValueError):
         Settings(duckdb_storage_version="1.2")
+
+
+def test_a_stream_over_fewer_tables_than_the_reopen_bound_never_reopens(tmp_path):
+    # the bound counts distinct tables written, not applies: three tables applied 40 times each
+    wh = DuckDBWarehouse(Settings(data_dir=tmp_path, duckdb_reopen_after_tables=4))
+    try:
+        cols = [("v", "integer")]
+        tables = ["a", "b", "c"]
+        wh.apply_many([(t, [env(t, ins(t, cols, [0]))]) for t in tables])
+        con = wh._con
+        for i in range(1, 40):
+            assert all(not isinstance(o, Exception) for o in wh.apply_many([(t, [env(t, ins(t, cols, [i]))]) for t in tables]))
+        assert wh._con is con
+        wh.apply_many([("d", [env("d", ins("d", cols, [1]))])])  # the fourth distinct table
+        assert wh._con is not con and wh.count_rows(tables + ["d"]) == {"a": 40, "b": 40, "c": 40, "d": 1}
+    finally:
+        wh.close()

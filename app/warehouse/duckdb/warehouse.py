@@ -79,7 +79,7 @@ class DuckDBWarehouse(Warehouse):
         self._block_size = settings.duckdb_block_size
         self._storage_version = settings.duckdb_storage_version
         self._reopen_after_tables = settings.duckdb_reopen_after_tables
-        self._tables_written = 0  # table applies committed on this connection
+        self._tables_written: set[str] = set()  # tables written on this connection
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = None
         # Whether geography is GEOMETRY (spatial loads) or WKT text; refined on connect and
@@ -148,7 +148,7 @@ class DuckDBWarehouse(Warehouse):
         self._close_connection()
 
     def _close_connection(self) -> None:
-        self._tables_written = 0
+        self._tables_written = set()
         con, self._con = self._con, None
         if con is not None:
             try:
@@ -354,13 +354,15 @@ class DuckDBWarehouse(Warehouse):
         self._schemas.update(schemas.items())
         if self._tables is not None:
             self._tables.update(schemas)
-        self._tables_written += len(group)
+        self._tables_written.update(schemas)
         self._maybe_reopen()
         self._maybe_prune()
         return results
 
     def _maybe_reopen(self) -> None:
-        """Close and reopen the file after `DUCKDB_REOPEN_AFTER_TABLES` table applies.
+        """Close and reopen the file once `DUCKDB_REOPEN_AFTER_TABLES` distinct tables were
+        written on this connection: memory grows with the tables touched, not the applies,
+        so a stream over a few tables never reopens.
 
         DuckDB 1.5 keeps each table's rows written since the last checkpoint in memory it
         cannot evict (~90 KB a table however few rows; its own checkpoint waits for 16 MB of
@@ -369,7 +371,7 @@ class DuckDBWarehouse(Warehouse):
         Closing checkpoints and frees both; reopening loads tables lazily. The caches stay:
         the file lock is let go only between the close and the open, in this call.
         """
-        if self._tables_written < self._reopen_after_tables:
+        if len(self._tables_written) < self._reopen_after_tables:
             return
         schemas, tables = self._schemas, self._tables
         self._close_connection()
