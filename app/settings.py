@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         "storage_write", description="`storage_write` (PENDING streams for rows, default stream for markers) or legacy `insert_all`."
     )
     bigquery_write_connections: int = Field(
-        4, ge=1, le=64, description="Storage Write connections one subscriber keeps open at most, shared by all tables (closed after 60 s idle)."
+        8, ge=1, le=64, description="Storage Write connections one subscriber keeps open at most, shared by all tables (closed after 60 s idle)."
     )
     bigquery_write_timeout_seconds: float = Field(
         60.0, gt=0, description="Our deadline for one Storage Write call (append, stream create, finalize, commit), connection wait included."

@@ -1,6 +1,7 @@
 """Run the BigQuery emulator (`bqemulator` from PyPI) for tests.
 
-`running_bqemulator()` starts `.venv-bqemulator/bin/bqemulator start` on two free ports
+`running_bqemulator()` starts `bqemulator start` (through `bqemulator_main.py`, which gives
+its gRPC handlers as many threads as Google has room for connections) on two free ports
 (REST and Storage Read/Write gRPC), in-memory, with its working directory and data dir
 in a temp dir, waits until both ports answer, yields a `BqEmulator` (rest "host:port",
 grpc "host:port", project) and kills the process afterwards. The venv is built with
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("BQEMULATOR_VENV", ROOT / ".venv-bqemulator"))
+LAUNCHER = Path(__file__).with_name("bqemulator_main.py")  # its command line, with threads for open streams
 BINARY = VENV / "bin" / "bqemulator"
 SETUP_SCRIPT = ROOT / "scripts" / "emulators" / "setup_bqemulator.sh"
 REQUIREMENTS = ROOT / "requirements-bqemulator.txt"
@@ -136,7 +138,7 @@ def running_bqemulator(project: str = PROJECT) -> Iterator[BqEmulator]:
         # No inherited BQEMU_* variables, and a cwd without a stray .bqemu.toml.
         env = {k: v for k, v in os.environ.items() if not k.startswith("BQEMU_")}
         cmd = [
-            str(binary), "start",
+            str(binary.parent / "python"), "-P", str(LAUNCHER), "start",  # -P: not its folder, where bqemulator.py would shadow the package
             "--rest-host", "127.0.0.1", "--rest-port", str(rest_port),
             "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
             "--project", project, "--ephemeral",
