@@ -709,22 +709,15 @@ def test_a_file_in_duckdbs_default_format_stays_readable_and_writable(tmp_path: 
     with duckdb.connect(str(settings.duckdb_file)) as con:  # DuckDB's defaults: 256 KB blocks, old format
         default_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
     assert default_size != settings.duckdb_block_size  # else this test shows nothing
-    cols = [("v", "integer"), ("s", "string")]
-    wh = DuckDBWarehouse(settings)
-    try:
-        outcomes = wh.apply_many([("t", [env("t", ins("t", cols, [1, "x"]))])])
-        assert not any(isinstance(o, Exception) for o in outcomes), outcomes
-        assert wh.count_rows(["t"]) == {"t": 1}
-    finally:
-        wh.close()
-    assert _block_size(settings.duckdb_file) == default_size
-    wh = DuckDBWarehouse(settings)
-    try:
-        outcomes = wh.apply_many([("t", [env("t", ins("t", cols, [2, "y"]))])])
-        assert not any(isinstance(o, Exception) for o in outcomes), outcomes
-        assert wh.count_rows(["t"]) == {"t": 2}
-    finally:
-        wh.close()
+    for rows, value in ((1, [1, "x"]), (2, [2, "y"])):  # written, closed, then opened again
+        wh = DuckDBWarehouse(settings)
+        try:
+            outcomes = wh.apply_many([("t", [env("t", ins("t", [("v", "integer"), ("s", "string")], value))])])
+            assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+            assert wh.count_rows(["t"]) == {"t": rows}
+        finally:
+            wh.close()
+        assert _block_size(settings.duckdb_file) == default_size
 
 
 def test_settings_refuse_a_block_size_duckdb_cannot_use() -> None:
