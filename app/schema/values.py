@@ -32,6 +32,10 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
+import shapely
+import shapely.wkb
+import shapely.wkt
+from shapely.geometry import shape as _geojson_shape
 
 __all__ = [
     "JsonNumber",
@@ -720,10 +724,8 @@ def _geometry_from_geojson(obj: dict) -> Any:
             _geometry_from_geojson(member)  # validate members' shape recursively
     elif type(obj.get("coordinates")) is not list:
         raise ValueError(f"GeoJSON {gtype} needs a 'coordinates' list")
-    from shapely.geometry import shape
-
     try:
-        return shape(obj)
+        return _geojson_shape(obj)
     except ValueError as exc:
         raise ValueError(f"invalid GeoJSON {gtype}: {_first_line(exc)}") from None
     except Exception as exc:  # shapely raises KeyError/TypeError/GEOSException on malformed input
@@ -731,11 +733,6 @@ def _geometry_from_geojson(obj: dict) -> Any:
 
 
 def normalize_geography(value: Any) -> str:
-    # shapely (and numpy under it) load on the first geography: ~35 MB a process without one keeps
-    import shapely
-    import shapely.wkb
-    import shapely.wkt
-
     t = type(value)
     if t is dict:
         geom = _geometry_from_geojson(value)
