@@ -706,8 +706,8 @@ def test_a_new_file_gets_the_configured_block_size(tmp_path: Path) -> None:
 
 def test_a_file_in_duckdbs_default_format_stays_readable_and_writable(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    with duckdb.connect(str(settings.duckdb_file)) as con:  # DuckDB's defaults: 256 KB blocks, old format
-        default_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    duckdb.connect(str(settings.duckdb_file)).close()  # DuckDB's defaults: 256 KB blocks, old format
+    default_size = _block_size(settings.duckdb_file)
     assert default_size != settings.duckdb_block_size  # else this test shows nothing
     for rows, value in ((1, [1, "x"]), (2, [2, "y"])):  # written, closed, then opened again
         wh = DuckDBWarehouse(settings)
